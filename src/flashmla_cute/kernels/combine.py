@@ -1,0 +1,104 @@
+"""Merges the partial results of split sequences into ``out`` and ``lse``.
+
+The decode kernel writes, for every fragment of a sequence that the scheduler split
+over several SM parts, the fragment's normalized fp32 output ``O_k`` and its
+log-sum-exp ``L_k`` (``-inf`` when the fragment saw no key of that row). The merged
+result is ``out = sum_k exp(L_k - L) O_k`` with ``L = log(sum_k exp(L_k))``. Sequences
+with a single fragment were written by the decode kernel and are skipped.
+
+Grid: (batch, KV head, groups of ROWS_PER_CTA query rows); one warp per query row,
+each lane owning 16 of the 512 output columns in 4 coalesced 16-byte pieces.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32
+
+ROWS_PER_CTA = 8
+VEC = 4  # fp32 values per 16-byte load
+
+
+class MlaCombine:
+    """Static configuration: output dtype and ``head_dim_v``."""
+
+    def __init__(self, dtype, head_dim_v: int = 512):
+        if head_dim_v % (32 * VEC) != 0:
+            raise ValueError(f"head_dim_v must be a multiple of {32 * VEC}, got {head_dim_v}")
+        self.dtype = dtype
+        self.head_dim_v = head_dim_v
+
+    @cute.jit
+    def __call__(
+        self,
+        mOAccum: cute.Tensor,  # (b + num_parts, h_kv, rows, dv) fp32
+        mLseAccum: cute.Tensor,  # (b + num_parts, h_kv, rows) fp32
+        mNumSplits: cute.Tensor,  # (b + 1,) int32
+        mO: cute.Tensor,  # (b, s_q, h_q, dv)
+        mLse: cute.Tensor,  # (b, h_q, s_q) fp32
+        heads_per_kv: Int32,
+        stream,
+    ):
+        rows = mOAccum.shape[2]
+        grid = [mO.shape[0], mOAccum.shape[1], (rows + ROWS_PER_CTA - 1) // ROWS_PER_CTA]
+        self.kernel(mOAccum, mLseAccum, mNumSplits, mO, mLse, heads_per_kv).launch(
+            grid=grid, block=[32 * ROWS_PER_CTA, 1, 1], stream=stream
+        )
+
+    @cute.kernel
+    def kernel(
+        self,
+        mOAccum: cute.Tensor,
+        mLseAccum: cute.Tensor,
+        mNumSplits: cute.Tensor,
+        mO: cute.Tensor,
+        mLse: cute.Tensor,
+        heads_per_kv: Int32,
+    ):
+        tidx, _, _ = cute.arch.thread_idx()
+        batch, kv_head, row_group = cute.arch.block_idx()
+        lane = tidx % 32
+        row = row_group * ROWS_PER_CTA + cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        first = mNumSplits[batch]
+        num_frags = mNumSplits[batch + 1] - first
+        if num_frags > 1 and row < mOAccum.shape[2]:
+            lse_max = -Float32.inf
+            for k in cutlass.range(num_frags, unroll=1):
+                lse_max = cute.arch.fmax(lse_max, mLseAccum[first + k, kv_head, row])
+            # Every fragment empty for this row: it sees no key (FlashMLA: out 0, lse +inf).
+            lse_ref = lse_max
+            if lse_max == -Float32.inf:
+                lse_ref = Float32(0.0)
+            total = Float32(0.0)
+            for k in cutlass.range(num_frags, unroll=1):
+                total = total + cute.math.exp(mLseAccum[first + k, kv_head, row] - lse_ref, fastmath=True)
+            inv_total = Float32(0.0)
+            lse = Float32.inf
+            if total > 0.0:
+                inv_total = 1.0 / total
+                lse = lse_ref + cute.math.log(total, fastmath=False)
+
+            num_vecs = self.head_dim_v // (32 * VEC)
+            acc = cute.make_rmem_tensor((VEC, num_vecs), Float32)
+            acc.fill(0.0)
+            for k in cutlass.range(num_frags, unroll=1):
+                weight = cute.math.exp(mLseAccum[first + k, kv_head, row] - lse_ref, fastmath=True) * inv_total
+                o_row = mOAccum[first + k, kv_head, row, None]
+                for v in cutlass.range_constexpr(num_vecs):
+                    piece = cute.local_tile(o_row, (VEC,), (v * 32 + lane,)).load()
+                    for e in cutlass.range_constexpr(VEC):
+                        acc[e, v] = acc[e, v] + weight * piece[e]
+
+            s = row // heads_per_kv
+            head = kv_head * heads_per_kv + (row - s * heads_per_kv)
+            out_row = mO[batch, s, head, None]
+            for v in cutlass.range_constexpr(num_vecs):
+                out_piece = cute.make_rmem_tensor((VEC,), self.dtype)
+                for e in cutlass.range_constexpr(VEC):
+                    out_piece[e] = acc[e, v].to(self.dtype)
+                cute.autovec_copy(out_piece, cute.local_tile(out_row, (VEC,), (v * 32 + lane,)))
+            if lane == 0:
+                mLse[batch, head, s] = lse

@@ -1,0 +1,41 @@
+"""Small device-side helpers shared by the kernels."""
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32
+
+# L2 eviction-priority hint for TMA loads that are read once (CUTLASS's
+# CacheHintSm90::EVICT_FIRST): the KV cache streams through L2 without evicting
+# what is reused (the query tiles, the block table).
+TMA_EVICT_FIRST = 0x12F0000000000000
+
+
+def acc_as_rows_cols(acc: cute.Tensor) -> cute.Tensor:
+    """View a WGMMA accumulator fragment ``((2, 2, N/8), M, N)`` as ``(rows, cols)``.
+
+    In the m64nNk16 accumulator a thread holds, for each of its two rows (``r`` and
+    ``r + 8``), pairs of adjacent columns spaced 8 apart. Mode 0 of the result
+    indexes the thread's rows, mode 1 the thread's columns of that row.
+    """
+    shape, stride = acc.layout.shape, acc.layout.stride
+    layout = cute.make_layout(
+        ((shape[0][1], shape[1]), (shape[0][0], shape[0][2], shape[2])),
+        stride=((stride[0][1], stride[1]), (stride[0][0], stride[0][2], stride[2])),
+    )
+    return cute.make_tensor(acc.iterator, layout)
+
+
+@cute.jit
+def quad_max(x: Float32) -> Float32:
+    """Max over the 4 threads of a quad (the threads that share an accumulator row)."""
+    for offset in cutlass.range_constexpr(1, 3):
+        x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=offset))
+    return x
+
+
+@cute.jit
+def quad_sum(x: Float32) -> Float32:
+    """Sum over the 4 threads of a quad."""
+    for offset in cutlass.range_constexpr(1, 3):
+        x = x + cute.arch.shuffle_sync_bfly(x, offset=offset)
+    return x

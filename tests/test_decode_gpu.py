@@ -1,0 +1,129 @@
+"""The decode kernel against the float32 reference, on fresh random inputs with NaN in
+every cache slot no sequence uses and block tables that map to random pages.
+
+Pass criterion (FlashMLA's own): cosine distance < 1e-5 for out and lse."""
+
+import math
+
+import pytest
+import torch
+
+from flashmla_cute.reference import flash_mla_reference
+from flashmla_cute.testing import cosine_distance, make_decode_inputs
+
+pytestmark = pytest.mark.gpu
+
+TOL = 1e-5
+
+
+def run_and_check(inputs, h_q, s_q, causal, softmax_scale=None, dv=512):
+    import flashmla_cute
+
+    h_kv = inputs.k_cache.shape[2]
+    meta, num_splits = flashmla_cute.get_mla_metadata(inputs.cache_seqlens, s_q * h_q // h_kv, h_kv)
+    out, lse = flashmla_cute.flash_mla_with_kvcache(
+        inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, dv, meta, num_splits,
+        softmax_scale=softmax_scale, causal=causal,
+    )
+    ref_out, ref_lse = flash_mla_reference(
+        inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, dv,
+        softmax_scale=softmax_scale, causal=causal,
+    )
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert out.dtype == inputs.q.dtype and lse.dtype == torch.float32
+    assert not torch.isnan(out).any(), "NaN in out"
+    d_out = cosine_distance(out.float(), ref_out.float())
+    d_lse = cosine_distance(lse, ref_lse)
+    assert d_out < TOL, f"out cosine distance {d_out}"
+    assert d_lse < TOL, f"lse cosine distance {d_lse}"
+    return out, lse
+
+
+GRID = [
+    (seqlen, h_q, s_q, varlen)
+    for seqlen in (4096, 8192)
+    for h_q in (16, 32, 64, 128)
+    for s_q in (1, 2)
+    for varlen in (False, True)
+]
+
+
+@pytest.mark.parametrize("seqlen,h_q,s_q,varlen", GRID)
+def test_flashmla_grid(requires_hopper, seqlen, h_q, s_q, varlen):
+    inputs = make_decode_inputs(128, s_q, h_q, seqlen=seqlen, varlen=varlen, device="cuda")
+    run_and_check(inputs, h_q, s_q, causal=True)
+
+
+@pytest.mark.parametrize("seqlen", [1, 2, 63, 64, 65, 127, 128, 4095, 4097])
+@pytest.mark.parametrize("s_q,h_q", [(1, 16), (2, 64), (1, 128)])
+def test_sequence_lengths(requires_hopper, seqlen, s_q, h_q):
+    inputs = make_decode_inputs(9, s_q, h_q, seqlens=[seqlen] * 9, device="cuda")
+    run_and_check(inputs, h_q, s_q, causal=True)
+
+
+def test_mixed_lengths_including_empty(requires_hopper):
+    lens = [0, 1, 63, 64, 65, 4095, 4097, 0, 300, 1]
+    inputs = make_decode_inputs(len(lens), 2, 32, seqlens=lens, device="cuda")
+    out, lse = run_and_check(inputs, 32, 2, causal=True)
+    assert (out[0] == 0).all() and torch.isposinf(lse[0]).all()
+
+
+def test_one_long_sequence(requires_hopper):
+    inputs = make_decode_inputs(1, 1, 128, seqlens=[65536], device="cuda")
+    run_and_check(inputs, 128, 1, causal=False)
+
+
+def test_many_short_sequences(requires_hopper):
+    gen = torch.Generator().manual_seed(7)
+    lens = torch.randint(1, 300, (2048,), generator=gen).tolist()
+    inputs = make_decode_inputs(2048, 1, 16, seqlens=lens, device="cuda")
+    run_and_check(inputs, 16, 1, causal=False)
+
+
+@pytest.mark.parametrize("s_q,h_q,causal", [(1, 16, False), (2, 128, True), (2, 32, False)])
+def test_float16(requires_hopper, s_q, h_q, causal):
+    inputs = make_decode_inputs(32, s_q, h_q, seqlen=2000, varlen=True, dtype=torch.float16, device="cuda")
+    run_and_check(inputs, h_q, s_q, causal=causal)
+
+
+@pytest.mark.parametrize("h_q,h_kv", [(32, 2), (16, 4)])
+def test_several_kv_heads(requires_hopper, h_q, h_kv):
+    inputs = make_decode_inputs(16, 2, h_q, h_kv=h_kv, seqlen=1500, varlen=True, device="cuda")
+    run_and_check(inputs, h_q, 2, causal=True)
+
+
+def test_noncausal_mtp(requires_hopper):
+    inputs = make_decode_inputs(64, 2, 64, seqlen=3000, varlen=True, device="cuda")
+    run_and_check(inputs, 64, 2, causal=False)
+
+
+def test_custom_scale(requires_hopper):
+    inputs = make_decode_inputs(32, 1, 64, seqlen=2000, varlen=True, device="cuda")
+    run_and_check(inputs, 64, 1, causal=False, softmax_scale=0.3 / math.sqrt(576))
+
+
+def test_bitwise_deterministic(requires_hopper):
+    import flashmla_cute
+
+    inputs = make_decode_inputs(64, 2, 128, seqlen=3000, varlen=True, device="cuda")
+    meta, num_splits = flashmla_cute.get_mla_metadata(inputs.cache_seqlens, 2 * 128, 1)
+    args = (inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512, meta, num_splits)
+    out1, lse1 = flashmla_cute.flash_mla_with_kvcache(*args, causal=True)
+    out2, lse2 = flashmla_cute.flash_mla_with_kvcache(*args, causal=True)
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+
+
+def test_runs_on_a_side_stream(requires_hopper):
+    import flashmla_cute
+
+    inputs = make_decode_inputs(16, 1, 16, seqlen=1000, varlen=True, device="cuda")
+    ref_out, _ = flash_mla_reference(inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512)
+    stream = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        meta, num_splits = flashmla_cute.get_mla_metadata(inputs.cache_seqlens, 16, 1)
+        out, _ = flashmla_cute.flash_mla_with_kvcache(
+            inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512, meta, num_splits
+        )
+    stream.synchronize()
+    assert cosine_distance(out.float(), ref_out.float()) < TOL
