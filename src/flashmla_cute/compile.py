@@ -51,11 +51,16 @@ def _i32():
     return cute.sym_int32()
 
 
-def _stride():
-    # Strides of big tensors may pass 2**31 elements; TMA needs them 16-byte aligned.
+def _stride(divisibility: int = 1):
+    # Strides of big tensors may pass 2**31 elements. TMA sources and vectorized
+    # accesses need theirs in multiples of 8 elements (16 bytes).
     import cutlass.cute as cute
 
-    return cute.sym_int64(divisibility=8)
+    return cute.sym_int64(divisibility=divisibility)
+
+
+def _s16():
+    return _stride(8)
 
 
 def _stream():
@@ -75,15 +80,15 @@ def decode_variant(dtype: str, causal: bool, head_dim: int = 576, head_dim_v: in
         b, h_kv, rows, s_q, h_q, n_acc = (_i32() for _ in range(6))
         d, dv = head_dim, head_dim_v
         args = (
-            _fake(dt, (b, h_kv, rows, d), (_stride(), _stride(), _stride(), 1), 16),  # q rows
-            _fake(dt, (_i32(), 64, h_kv, d), (_stride(), _stride(), _stride(), 1), 16),  # k_cache
+            _fake(dt, (b, h_kv, rows, d), (_s16(), _s16(), _s16(), 1), 16),  # q rows
+            _fake(dt, (_i32(), 64, h_kv, d), (_s16(), _s16(), _s16(), 1), 16),  # k_cache
             _fake(cutlass.Int32, (b, _i32()), (_stride(), 1)),  # block_table
             _fake(cutlass.Int32, (b,), (1,)),  # cache_seqlens
             _fake(cutlass.Int32, (_i32(), 8), (8, 1)),  # tile_scheduler_metadata
             _fake(cutlass.Int32, (_i32(),), (1,)),  # num_splits
-            _fake(dt, (b, s_q, h_q, dv), (_stride(), _stride(), _stride(), 1), 16),  # out
+            _fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), 16),  # out
             _fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),  # lse
-            _fake(cutlass.Float32, (n_acc, h_kv, rows, dv), (_stride(), _stride(), _stride(), 1), 16),
+            _fake(cutlass.Float32, (n_acc, h_kv, rows, dv), (_s16(), _s16(), _s16(), 1), 16),
             _fake(cutlass.Float32, (n_acc, h_kv, rows), (_stride(), _stride(), 1)),
             Float32(1.0),  # softmax_scale
             Int32(1),  # heads per KV head
@@ -106,10 +111,10 @@ def combine_variant(dtype: str, head_dim_v: int = 512) -> Variant:
         b, h_kv, rows, s_q, h_q, n_acc = (_i32() for _ in range(6))
         dv = head_dim_v
         args = (
-            _fake(cutlass.Float32, (n_acc, h_kv, rows, dv), (_stride(), _stride(), _stride(), 1), 16),
+            _fake(cutlass.Float32, (n_acc, h_kv, rows, dv), (_s16(), _s16(), _s16(), 1), 16),
             _fake(cutlass.Float32, (n_acc, h_kv, rows), (_stride(), _stride(), 1)),
             _fake(cutlass.Int32, (_i32(),), (1,)),
-            _fake(dt, (b, s_q, h_q, dv), (_stride(), _stride(), _stride(), 1), 16),
+            _fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), 16),
             _fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
             Int32(1),
             _stream(),

@@ -425,6 +425,7 @@ class MlaDecodeSm90:
 
                 # O += P V over this consumer's 256 columns.
                 warpgroup.fence()
+                tiled_mma_o.set(warpgroup.Field.ACCUMULATE, True)
                 for k in cutlass.range_constexpr(cute.size(tOrP, mode=[2])):
                     cute.gemm(tiled_mma_o, acc_o, tOrP[None, None, k, 0], tOrV[None, None, k, stage], acc_o)
                 warpgroup.commit_group()
