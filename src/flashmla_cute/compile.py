@@ -1,21 +1,42 @@
-"""Compile-on-first-use for every kernel variant.
+"""Compile-on-first-use for every kernel variant, with an on-disk cache.
 
 A *variant* is one static configuration of a kernel (dtype, causal, head dims). Each is
-compiled once per process with ``cute.compile`` against fake tensors whose dynamic
-extents and strides are symbolic, so one compiled function serves every batch size,
-head count, sequence length and cache size. Compilation needs no GPU: with
-``CUTE_DSL_ARCH=sm_90a`` it runs on any machine (``python -m flashmla_cute.precompile``).
+compiled with ``cute.compile`` against fake tensors whose dynamic extents and strides
+are symbolic, so one compiled function serves every batch size, head count, sequence
+length and cache size. Compilation needs no GPU: with ``CUTE_DSL_ARCH=sm_90a`` it runs
+on any machine (``python -m flashmla_cute.precompile``).
 
 The compiled functions use the DSL's TVM-FFI calling convention: they take torch
 tensors directly and launch on torch's current CUDA stream.
+
+Caching, fastest first:
+
+1. in this process: a dict from variant name to function;
+2. on disk: ``$FLASHMLA_CUTE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/flashmla_cute`` or
+   ``~/.cache/flashmla_cute``) holds each compiled variant as a shared library (linked
+   with the system C compiler; where there is none, as the object file, which loads
+   slower). The file name carries the variant, the GPU arch, the DSL version and a hash
+   of the kernel sources, so editing a kernel file recompiles it on the next run, and
+   files are written under a temporary name and renamed into place, so processes that
+   fill the cache at the same time never see a partial file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import os
+import shutil
+import subprocess
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any, Callable
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# Files whose content decides what the kernels compile to.
+_KERNEL_SOURCES = ("compile.py", "scheduler.py", "kernels/*.py")
 
 DTYPES = ("bfloat16", "float16")
 HEAD_DIMS = ((576, 512),)
@@ -160,14 +181,128 @@ def compile_variant(variant: Variant, extra_options: str = "") -> Any:
     return cute.compile(fn, *args, options=("--enable-tvm-ffi " + extra_options).strip())
 
 
+def cache_dir() -> Path:
+    """Where compiled variants are kept between processes."""
+    explicit = os.environ.get("FLASHMLA_CUTE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "flashmla_cute"
+
+
+def source_hash(package_dir: Path = _PACKAGE_DIR) -> str:
+    """Hash of the kernel sources (see ``_KERNEL_SOURCES``) under ``package_dir``."""
+    digest = hashlib.sha256()
+    for pattern in _KERNEL_SOURCES:
+        for path in sorted(package_dir.glob(pattern)):
+            digest.update(path.relative_to(package_dir).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def _source_hash_cached() -> str:
+    return source_hash()
+
+
+def target_arch() -> str:
+    """The architecture kernels are compiled for: ``CUTE_DSL_ARCH`` if set, else the
+    current CUDA device's (``sm_90a`` on Hopper)."""
+    arch = os.environ.get("CUTE_DSL_ARCH")
+    if arch:
+        return arch
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
+
+
+def cache_key(variant: Variant, arch: str) -> str:
+    """File stem of ``variant`` in the disk cache."""
+    from importlib.metadata import version
+
+    dsl = version("nvidia-cutlass-dsl")
+    return f"{variant.name}-{arch}-dsl{dsl}-{_source_hash_cached()}"
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Run ``write(tmp_path)`` then rename the result to ``path`` (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _link_shared(obj: Path, so: Path) -> bool:
+    """Link an exported object into a shared library with the system C compiler."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return False
+    import cutlass.cute as cute
+
+    libs = cute.runtime.find_runtime_libraries(enable_tvm_ffi=True)
+    # The runtime libraries' folders go into the library's run path, so that loading
+    # it needs neither the DSL imported nor LD_LIBRARY_PATH.
+    rpaths = [f"-Wl,-rpath,{os.path.dirname(lib)}" for lib in libs]
+
+    def link(tmp: str) -> None:
+        subprocess.run([compiler, "-shared", "-o", tmp, str(obj), *libs, *rpaths], check=True, capture_output=True)
+
+    try:
+        _atomic_write(so, link)
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return True
+
+
+def _load(path: Path, function_name: str) -> Any:
+    if path.suffix == ".so":
+        # A linked library loads in milliseconds through TVM-FFI alone.
+        import tvm_ffi
+
+        return tvm_ffi.load_module(str(path))[function_name]
+    import cutlass.cute as cute  # an object file is linked in memory by the DSL (~1 s)
+
+    return getattr(cute.runtime.load_module(str(path), enable_tvm_ffi=True), function_name)
+
+
+def load_or_compile(variant: Variant, directory: Path | None = None, arch: str | None = None) -> Any:
+    """The compiled function of ``variant`` from the disk cache, compiling and storing
+    it first if it is not there."""
+    directory = cache_dir() if directory is None else directory
+    arch = target_arch() if arch is None else arch
+    stem = cache_key(variant, arch)
+    so, obj = directory / f"{stem}.so", directory / f"{stem}.o"
+    for path in (so, obj):
+        if path.exists():
+            try:
+                return _load(path, variant.name)
+            except Exception:  # a corrupt or foreign file: rebuild it below
+                pass
+    compiled = compile_variant(variant, f"--gpu-arch={arch}")
+    try:
+        _atomic_write(obj, lambda tmp: compiled.export_to_c(tmp, function_name=variant.name))
+        if _link_shared(obj, so):
+            return _load(so, variant.name)
+    except OSError:
+        pass  # unwritable cache: use the in-process compile
+    return compiled
+
+
 def get(variant: Variant) -> Any:
-    """The compiled function of ``variant``, compiling it on first use in this process."""
+    """The compiled function of ``variant``: from this process, else from the disk
+    cache, else compiled now (and stored in the disk cache)."""
     fn = _compiled.get(variant.name)
     if fn is None:
         with _lock:
             fn = _compiled.get(variant.name)
             if fn is None:
-                fn = compile_variant(variant)
+                fn = load_or_compile(variant)
                 _compiled[variant.name] = fn
     return fn
 
@@ -175,8 +310,6 @@ def get(variant: Variant) -> Any:
 def write_cubin(variant: Variant, out_dir: str, arch: str = "sm_90a") -> str:
     """Compile ``variant`` for ``arch`` and write ``<out_dir>/<variant.name>.cubin``."""
     import glob
-    import shutil
-    import tempfile
 
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

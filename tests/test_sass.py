@@ -1,0 +1,60 @@
+"""Every shipped kernel variant compiles for sm_90a on a machine without a GPU, and its
+machine code is what the design needs: decode kernels use WGMMA (HGMMA) and TMA loads
+(UTMALDG); no kernel touches local memory (LDL/STL: register spills or stack arrays)."""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flashmla_cute import compile as compile_mod
+
+
+def nvdisasm() -> str | None:
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    for entry in sys.path:
+        hits = glob.glob(os.path.join(entry, "nvidia", "*", "bin", "nvdisasm"))
+        if hits:
+            return hits[0]
+    return None
+
+
+@pytest.fixture(scope="module")
+def cubins(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cubins")
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a")
+    subprocess.run(
+        [sys.executable, "-m", "flashmla_cute.precompile", "--arch", "sm_90a", "--out", str(out)],
+        check=True, env=env, capture_output=True, text=True,
+    )
+    return {Path(p).stem: Path(p) for p in glob.glob(str(out / "*.cubin"))}
+
+
+def test_precompile_writes_one_cubin_per_variant(cubins):
+    expected = {v.name for v in compile_mod.all_variants()}
+    assert set(cubins) == expected
+    assert any(name.startswith("decode") for name in cubins)
+    assert any(name.startswith("combine") for name in cubins)
+
+
+def sass_of(path: Path) -> str:
+    tool = nvdisasm()
+    if tool is None:
+        pytest.skip("nvdisasm not installed (pip install nvidia-cuda-nvdisasm)")
+    return subprocess.run([tool, "-c", str(path)], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("name", [v.name for v in compile_mod.all_variants()])
+def test_machine_code(cubins, name):
+    sass = sass_of(cubins[name])
+    assert not re.search(r"\b(LDL|STL)\b", sass), f"{name} uses local memory"
+    if name.startswith("decode"):
+        assert "HGMMA" in sass, f"{name} has no WGMMA"
+        assert "UTMALDG" in sass, f"{name} has no TMA load"
