@@ -12,8 +12,6 @@ each lane owning 16 of the 512 output columns in 4 coalesced 16-byte pieces.
 
 from __future__ import annotations
 
-import math
-
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
@@ -45,7 +43,7 @@ class MlaCombine:
         rows = mOAccum.shape[2]
         grid = [mO.shape[0], mOAccum.shape[1], (rows + ROWS_PER_CTA - 1) // ROWS_PER_CTA]
         self.kernel(mOAccum, mLseAccum, mNumSplits, mO, mLse, heads_per_kv).launch(
-            grid=grid, block=[32 * ROWS_PER_CTA, 1, 1], stream=stream
+            grid=grid, block=[32 * ROWS_PER_CTA, 1, 1], stream=stream, use_pdl=True
         )
 
     @cute.kernel
@@ -58,6 +56,9 @@ class MlaCombine:
         mLse: cute.Tensor,
         heads_per_kv: Int32,
     ):
+        # Launched as a programmatic dependent of the decode kernel: wait for all of
+        # its partial results to be written.
+        cute.arch.griddepcontrol_wait()
         tidx, _, _ = cute.arch.thread_idx()
         batch, kv_head, row_group = cute.arch.block_idx()
         lane = tidx % 32

@@ -205,6 +205,9 @@ class MlaDecodeSm90:
         )
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
+        # The combine kernel may be scheduled as soon as CTAs of this grid retire
+        # (it waits for the whole grid before reading the partial results).
+        cute.arch.griddepcontrol_launch_dependents()
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
@@ -265,16 +268,29 @@ class MlaDecodeSm90:
         evict_first = Int64(utils.TMA_EVICT_FIRST)
         for batch in cutlass.range(begin_batch, end_batch + 1, unroll=1):
             seqlen, first, last = self.blocks_of(mSeqlens, batch, begin_batch, begin_block, end_batch, end_block)
+            # Q goes after the batch's first K tile: its buffer frees up only when the
+            # previous batch's last block is done, and that K load need not wait for it.
+            # (Loops of 0 or 1 trips rather than branches: pipeline states are advanced
+            # in loop bodies.)
+            split = cutlass.min(first + 1, last)
+            for block in cutlass.range(first, split, unroll=1):
+                self.load_k(tma_k, tKgK, tKsK, kv_pipe, kv_state, mBlockTable, kv_head, batch, block, evict_first)
+                kv_state.advance()
             q_pipe.producer_acquire(q_state)
             cute.copy(tma_q, tQgQ[None, m_tile, 0, kv_head, batch], tQsQ[None, 0],
                       tma_bar_ptr=q_pipe.producer_get_barrier(q_state))
             q_state.advance()
-            for block in cutlass.range(first, last, unroll=1):
-                page = mBlockTable[batch, block]
-                kv_pipe.producer_acquire(kv_state)
-                cute.copy(tma_k, tKgK[None, 0, 0, kv_head, page], tKsK[None, kv_state.index],
-                          tma_bar_ptr=kv_pipe.producer_get_barrier(kv_state), cache_policy=evict_first)
+            for block in cutlass.range(split, last, unroll=1):
+                self.load_k(tma_k, tKgK, tKsK, kv_pipe, kv_state, mBlockTable, kv_head, batch, block, evict_first)
                 kv_state.advance()
+
+    @cute.jit
+    def load_k(self, tma_k, tKgK, tKsK, kv_pipe, kv_state, mBlockTable, kv_head, batch, block, evict_first):
+        """TMA of one 64-token page of K (and V, its first 512 columns) into the next stage."""
+        page = mBlockTable[batch, block]
+        kv_pipe.producer_acquire(kv_state)
+        cute.copy(tma_k, tKgK[None, 0, 0, kv_head, page], tKsK[None, kv_state.index],
+                  tma_bar_ptr=kv_pipe.producer_get_barrier(kv_state), cache_policy=evict_first)
 
     @cute.jit
     def consume(
