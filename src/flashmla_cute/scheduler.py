@@ -60,6 +60,9 @@ ROWS_PER_TILE = 64
 FIXED_OVERHEAD_BLOCKS = 5
 """Cost of one sequence fragment beyond its blocks, in units of one block."""
 
+DEFAULT_NUM_SMS = 132
+"""SM count assumed where there is no GPU to ask (an H100 SXM has 132)."""
+
 METADATA_INTS = 8
 BEGIN_BATCH, BEGIN_BLOCK, END_BATCH, END_BLOCK, BEGIN_SPLIT = range(5)
 

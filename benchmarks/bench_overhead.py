@@ -1,0 +1,108 @@
+"""Host overhead per call of get_mla_metadata and flash_mla_with_kvcache.
+
+    python benchmarks/bench_overhead.py [--calls 500] [--batches 10]
+
+On a tiny problem (b = 1, seqlen 100, h_q 16, s_q 1, bf16) the GPU work per call is a few
+microseconds, so a tight loop of calls measures what the host spends per call: argument
+checks, output allocation and kernel launches. Each function is called ``--calls`` times
+in a row, the device is synchronized only at the end of each such batch, and the median
+over ``--batches`` batches of (wall time / calls) is reported. The enqueue-only time (the
+loop before the final synchronize) and, for scale, the same loop around one tiny torch
+kernel (``x.add_(1)``) are reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+B, SEQLEN, H_Q, S_Q, H_KV = 1, 100, 16, 1, 1
+D, DV = 576, 512
+
+
+def import_package():
+    """Import flashmla_cute from this checkout's src/ when there is one, else as installed."""
+    src = Path(__file__).resolve().parent.parent / "src"
+    if (src / "flashmla_cute" / "__init__.py").exists() and str(src) not in sys.path:
+        sys.path.insert(0, str(src))
+    import flashmla_cute
+
+    return flashmla_cute
+
+
+def per_call_us(fn, calls: int, batches: int) -> dict:
+    import torch
+
+    for _ in range(max(10, calls // 10)):  # warm up (and compile on first use)
+        fn()
+    torch.cuda.synchronize()
+    wall, enqueue = [], []
+    for _ in range(batches):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        enqueue.append((t1 - t0) / calls * 1e6)
+        wall.append((t2 - t0) / calls * 1e6)
+    return {
+        "us_per_call": statistics.median(wall),
+        "us_enqueue_per_call": statistics.median(enqueue),
+        "us_per_call_min": min(wall),
+        "calls": calls,
+        "batches": batches,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=500, help="calls per batch (default: 500)")
+    parser.add_argument("--batches", type=int, default=10, help="batches (default: 10)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        print("bench_overhead.py needs a Hopper (sm_90) GPU.", file=sys.stderr)
+        return 2
+
+    fm = import_package()
+    from flashmla_cute.testing import make_decode_inputs
+
+    inp = make_decode_inputs(B, S_Q, H_Q, h_kv=H_KV, seqlen=SEQLEN, d=D, dtype=torch.bfloat16,
+                             device="cuda", seed=args.seed)
+    hpk = S_Q * H_Q // H_KV
+    meta, num_splits = fm.get_mla_metadata(inp.cache_seqlens, hpk, H_KV)
+
+    def metadata():
+        fm.get_mla_metadata(inp.cache_seqlens, hpk, H_KV)
+
+    def decode():
+        fm.flash_mla_with_kvcache(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, DV,
+                                  meta, num_splits, causal=True)
+
+    x = torch.zeros(16, device="cuda")
+
+    def tiny_torch_op():
+        x.add_(1)
+
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"{args.batches} batches of {args.calls} calls, sync at the end of each batch")
+    print(f"problem: b={B} seqlen={SEQLEN} h_q={H_Q} s_q={S_Q} h_kv={H_KV} bf16")
+    print(f"{'function':<26} {'us/call':>9} {'enqueue us':>11} {'min us':>8}")
+    for name, fn in (("get_mla_metadata", metadata), ("flash_mla_with_kvcache", decode),
+                     ("torch x.add_(1) (scale)", tiny_torch_op)):
+        r = per_call_us(fn, args.calls, args.batches)
+        print(f"{name:<26} {r['us_per_call']:>9.1f} {r['us_enqueue_per_call']:>11.1f} {r['us_per_call_min']:>8.1f}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""FlashMLA's MLA decoding kernel for Hopper GPUs, written with CUTLASS's CuTe DSL.
+
+``get_mla_metadata`` plans the split of the decode work over the SMs, once per decoding
+step; ``flash_mla_with_kvcache`` computes multi-head latent attention over a paged KV
+cache. Both take the arguments of FlashMLA's functions of the same names. Importing the
+package is light: CUTLASS is loaded on the first call with CUDA tensors.
+"""
+
+from .interface import flash_mla_with_kvcache, get_mla_metadata
+
+__version__ = "0.1.0"
+
+__all__ = ["flash_mla_with_kvcache", "get_mla_metadata", "__version__"]

@@ -1,0 +1,266 @@
+"""Argument validation for the public functions.
+
+Every bad argument raises ``TypeError`` (wrong Python type or tensor dtype) or
+``ValueError`` (bad value, shape, layout or device) with a message that names the
+argument and says what was expected. The checks look only at tensor metadata (shapes,
+dtypes, strides, devices, data pointers): they never read tensor contents, so they cause
+no host synchronization and work during CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import torch
+
+from . import scheduler
+
+PAGE_SIZE = scheduler.BLOCK_SIZE
+"""Tokens per page of the paged KV cache."""
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+"""dtypes of ``q`` and ``k_cache``."""
+
+SUPPORTED_HEAD_DIMS = frozenset({(576, 512)})
+"""``(d, head_dim_v)`` pairs the GPU kernel is built for (the CPU reference takes any)."""
+
+TMA_ALIGN_BYTES = 16
+"""TMA needs 16-byte aligned base addresses and strides that are multiples of 16 bytes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeProblem:
+    """The sizes and options of one validated ``flash_mla_with_kvcache`` call."""
+
+    b: int
+    s_q: int
+    h_q: int
+    h_kv: int
+    d: int
+    dv: int
+    num_blocks: int
+    max_blocks: int
+    heads_per_kv: int  # h_q // h_kv
+    rows_per_kv: int  # s_q * heads_per_kv: query rows that share one KV head
+    num_parts: int  # tile_scheduler_metadata.shape[0]
+    softmax_scale: float
+    causal: bool  # False whenever s_q == 1
+
+
+def _dtype_names(dtypes) -> str:
+    names = [str(t) for t in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _check_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_dtype(name: str, x: torch.Tensor, dtypes) -> None:
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {_dtype_names(dtypes)}, got {x.dtype}")
+
+
+def _check_rank(name: str, x: torch.Tensor, rank: int, dims: str) -> None:
+    if x.dim() != rank:
+        plural = "s" if rank > 1 else ""
+        raise ValueError(f"{name} must have {rank} dimension{plural} {dims}, got shape {tuple(x.shape)}")
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_last_dim_contiguous(name: str, x: torch.Tensor) -> None:
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {tuple(x.stride())}")
+
+
+def _check_contiguous(name: str, x: torch.Tensor) -> None:
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {tuple(x.stride())} for shape {tuple(x.shape)}")
+
+
+def _check_device(name: str, x: torch.Tensor, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {x.device}")
+
+
+def check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k) -> tuple[int, int]:
+    """Validate ``get_mla_metadata``'s arguments; returns the two ints."""
+    _check_tensor("cache_seqlens", cache_seqlens)
+    _check_dtype("cache_seqlens", cache_seqlens, (torch.int32,))
+    _check_rank("cache_seqlens", cache_seqlens, 1, "[b]")
+    if cache_seqlens.shape[0] < 1:
+        raise ValueError("cache_seqlens must hold at least one sequence (b >= 1), got shape (0,)")
+    _check_contiguous("cache_seqlens", cache_seqlens)
+    num_heads_per_head_k = _check_int("num_heads_per_head_k", num_heads_per_head_k)
+    num_heads_k = _check_int("num_heads_k", num_heads_k)
+    return num_heads_per_head_k, num_heads_k
+
+
+def check_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor, head_dim_v: int) -> None:
+    """What the GPU kernel needs beyond ``check_decode_args``: a supported ``(d,
+    head_dim_v)`` pair, at least one cache page, and TMA-compatible ``q`` and ``k_cache``
+    (strides in multiples of 16 bytes, 16-byte aligned data pointers).
+
+    ``check_decode_args`` calls this for CUDA tensors; it looks only at metadata, so it
+    can be tried on CPU tensors too.
+    """
+    d = q.shape[-1]
+    if (d, head_dim_v) not in SUPPORTED_HEAD_DIMS:
+        pairs = ", ".join(f"(d={a}, head_dim_v={c})" for a, c in sorted(SUPPORTED_HEAD_DIMS))
+        raise ValueError(
+            f"q.shape[3] (d) and head_dim_v must be one of {pairs} on the GPU, "
+            f"got d={d}, head_dim_v={head_dim_v}"
+        )
+    if k_cache.shape[0] < 1:
+        raise ValueError("k_cache must hold at least one page (k_cache.shape[0] >= 1) on the GPU, got 0")
+    for name, x in (("q", q), ("k_cache", k_cache)):
+        multiple = TMA_ALIGN_BYTES // x.element_size()
+        strides = x.stride()
+        if any(s % multiple != 0 for s in strides[:-1]):
+            raise ValueError(
+                f"{name} strides must be multiples of {multiple} elements ({TMA_ALIGN_BYTES} bytes, "
+                f"a TMA requirement) in all but the last dimension, got strides {tuple(strides)}"
+            )
+        if x.data_ptr() % TMA_ALIGN_BYTES != 0:
+            raise ValueError(
+                f"{name} data pointer must be {TMA_ALIGN_BYTES}-byte aligned (a TMA requirement), "
+                f"got address {x.data_ptr():#x}"
+            )
+
+
+def check_decode_args(
+    q,
+    k_cache,
+    block_table,
+    cache_seqlens,
+    head_dim_v,
+    tile_scheduler_metadata,
+    num_splits,
+    softmax_scale=None,
+    causal=False,
+) -> DecodeProblem:
+    """Validate ``flash_mla_with_kvcache``'s arguments and return the problem's sizes."""
+    for name, x in (
+        ("q", q),
+        ("k_cache", k_cache),
+        ("block_table", block_table),
+        ("cache_seqlens", cache_seqlens),
+        ("tile_scheduler_metadata", tile_scheduler_metadata),
+        ("num_splits", num_splits),
+    ):
+        _check_tensor(name, x)
+
+    # q and k_cache
+    _check_dtype("q", q, SUPPORTED_DTYPES)
+    if k_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache must have q's dtype {q.dtype}, got {k_cache.dtype}")
+    _check_rank("q", q, 4, "[b, s_q, h_q, d]")
+    _check_rank("k_cache", k_cache, 4, "[num_blocks, 64, h_kv, d]")
+    b, s_q, h_q, d = q.shape
+    num_blocks, page, h_kv, d_k = k_cache.shape
+    if b < 1:
+        raise ValueError(f"q.shape[0] (batch size b) must be >= 1, got {b}")
+    if s_q < 1:
+        raise ValueError(f"q.shape[1] (s_q) must be >= 1, got {s_q}")
+    if h_q < 1:
+        raise ValueError(f"q.shape[2] (h_q) must be >= 1, got {h_q}")
+    if d < 1:
+        raise ValueError(f"q.shape[3] (d) must be >= 1, got {d}")
+    if page != PAGE_SIZE:
+        raise ValueError(f"k_cache.shape[1] (page block size) must be {PAGE_SIZE}, got {page}")
+    if h_kv < 1:
+        raise ValueError(f"k_cache.shape[2] (h_kv) must be >= 1, got {h_kv}")
+    if d_k != d:
+        raise ValueError(f"k_cache.shape[3] must equal q.shape[3] (d = {d}), got {d_k}")
+    if h_q % h_kv != 0:
+        raise ValueError(f"q.shape[2] (h_q = {h_q}) must be a multiple of k_cache.shape[2] (h_kv = {h_kv})")
+    _check_last_dim_contiguous("q", q)
+    _check_last_dim_contiguous("k_cache", k_cache)
+
+    dv = _check_int("head_dim_v", head_dim_v)
+    if dv > d:
+        raise ValueError(f"head_dim_v must be <= d = {d} (V is the first head_dim_v columns of K), got {dv}")
+
+    # Paging
+    _check_dtype("block_table", block_table, (torch.int32,))
+    _check_rank("block_table", block_table, 2, "[b, max_blocks]")
+    if block_table.shape[0] != b:
+        raise ValueError(f"block_table.shape[0] must equal the batch size b = {b}, got {block_table.shape[0]}")
+    _check_last_dim_contiguous("block_table", block_table)
+    _check_dtype("cache_seqlens", cache_seqlens, (torch.int32,))
+    _check_rank("cache_seqlens", cache_seqlens, 1, "[b]")
+    if cache_seqlens.shape[0] != b:
+        raise ValueError(f"cache_seqlens.shape[0] must equal the batch size b = {b}, got {cache_seqlens.shape[0]}")
+    _check_contiguous("cache_seqlens", cache_seqlens)
+
+    # Scheduler plan
+    meta = tile_scheduler_metadata
+    _check_dtype("tile_scheduler_metadata", meta, (torch.int32,))
+    _check_rank("tile_scheduler_metadata", meta, 2, f"[num_sm_parts, {scheduler.METADATA_INTS}]")
+    if meta.shape[1] != scheduler.METADATA_INTS or meta.shape[0] < 1:
+        raise ValueError(
+            f"tile_scheduler_metadata must have shape [num_sm_parts >= 1, {scheduler.METADATA_INTS}] "
+            f"(as returned by get_mla_metadata), got {tuple(meta.shape)}"
+        )
+    _check_contiguous("tile_scheduler_metadata", meta)
+    _check_dtype("num_splits", num_splits, (torch.int32,))
+    if tuple(num_splits.shape) != (b + 1,):
+        raise ValueError(
+            f"num_splits must have shape [b + 1] = [{b + 1}] (as returned by get_mla_metadata), "
+            f"got {tuple(num_splits.shape)}"
+        )
+    _check_contiguous("num_splits", num_splits)
+
+    # Options
+    if softmax_scale is None:
+        scale = d ** -0.5
+    else:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        scale = float(softmax_scale)
+        if not (math.isfinite(scale) and scale > 0.0):
+            raise ValueError(f"softmax_scale must be a finite positive float, got {scale}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+    # Devices
+    device = q.device
+    for name, x in (
+        ("k_cache", k_cache),
+        ("block_table", block_table),
+        ("cache_seqlens", cache_seqlens),
+        ("tile_scheduler_metadata", meta),
+        ("num_splits", num_splits),
+    ):
+        _check_device(name, x, device)
+
+    if q.is_cuda:
+        check_kernel_layout(q, k_cache, dv)
+
+    heads_per_kv = h_q // h_kv
+    return DecodeProblem(
+        b=b,
+        s_q=s_q,
+        h_q=h_q,
+        h_kv=h_kv,
+        d=d,
+        dv=dv,
+        num_blocks=num_blocks,
+        max_blocks=block_table.shape[1],
+        heads_per_kv=heads_per_kv,
+        rows_per_kv=s_q * heads_per_kv,
+        num_parts=meta.shape[0],
+        softmax_scale=scale,
+        causal=causal and s_q > 1,
+    )

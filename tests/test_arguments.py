@@ -1,0 +1,362 @@
+"""Argument checking: every bad argument raises TypeError (wrong type or dtype) or
+ValueError (bad value, shape, layout or device) naming the argument; good CPU inputs
+run through the float32 reference."""
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import flashmla_cute
+from flashmla_cute import checks, interface, scheduler
+from flashmla_cute.reference import flash_mla_reference
+from flashmla_cute.testing import make_decode_inputs
+
+B, S_Q, H_Q, H_KV, D, DV = 3, 2, 4, 1, 64, 32
+
+
+def good_args(d=D, dv=DV, dtype=torch.bfloat16):
+    inp = make_decode_inputs(B, S_Q, H_Q, h_kv=H_KV, d=d, dtype=dtype, seqlens=[0, 70, 130], seed=0)
+    meta, num_splits = flashmla_cute.get_mla_metadata(inp.cache_seqlens, S_Q * H_Q // H_KV, H_KV)
+    return dict(
+        q=inp.q,
+        k_cache=inp.k_cache,
+        block_table=inp.block_table,
+        cache_seqlens=inp.cache_seqlens,
+        head_dim_v=dv,
+        tile_scheduler_metadata=meta,
+        num_splits=num_splits,
+        softmax_scale=None,
+        causal=True,
+    )
+
+
+def strided(x, step=2):
+    """A copy of ``x`` whose last dimension has stride ``step``."""
+    wide = torch.zeros(*x.shape[:-1], x.shape[-1] * step, dtype=x.dtype)
+    view = wide[..., ::step]
+    view.copy_(x)
+    return view
+
+
+def every_other(x):
+    """A copy of 1-D ``x`` with stride 2."""
+    wide = torch.zeros(2 * x.shape[0], dtype=x.dtype)
+    wide[::2] = x
+    return wide[::2]
+
+
+def with_shape(name, shape, dtype=None):
+    def mutate(a):
+        a[name] = torch.zeros(shape, dtype=dtype or a[name].dtype)
+
+    return mutate
+
+
+def setter(name, fn):
+    def mutate(a):
+        a[name] = fn(a[name])
+
+    return mutate
+
+
+BAD = {
+    # name: (mutation, exception, text the message must contain)
+    "q_list": (setter("q", lambda x: x.tolist()), TypeError, "q must be a torch.Tensor"),
+    "k_cache_numpy": (setter("k_cache", lambda x: x.float().numpy()), TypeError, "k_cache must be a torch.Tensor"),
+    "block_table_numpy": (setter("block_table", lambda x: x.numpy()), TypeError, "block_table must be a torch.Tensor"),
+    "cache_seqlens_list": (setter("cache_seqlens", lambda x: x.tolist()), TypeError, "cache_seqlens must be a torch.Tensor"),
+    "metadata_none": (setter("tile_scheduler_metadata", lambda x: None), TypeError, "tile_scheduler_metadata must be a torch.Tensor"),
+    "num_splits_none": (setter("num_splits", lambda x: None), TypeError, "num_splits must be a torch.Tensor"),
+    "q_float32": (setter("q", lambda x: x.float()), TypeError, "q must have dtype torch.bfloat16 or torch.float16, got torch.float32"),
+    "q_int": (setter("q", lambda x: x.to(torch.int32)), TypeError, "q must have dtype"),
+    "k_cache_other_dtype": (setter("k_cache", lambda x: x.half()), TypeError, "k_cache must have q's dtype torch.bfloat16, got torch.float16"),
+    "q_rank3": (setter("q", lambda x: x[:, 0]), ValueError, "q must have 4 dimensions"),
+    "k_cache_rank5": (setter("k_cache", lambda x: x[None]), ValueError, "k_cache must have 4 dimensions"),
+    "q_batch0": (setter("q", lambda x: x[:0]), ValueError, "q.shape[0]"),
+    "q_s_q0": (setter("q", lambda x: x[:, :0]), ValueError, "q.shape[1] (s_q)"),
+    "q_h_q0": (setter("q", lambda x: x[:, :, :0]), ValueError, "q.shape[2] (h_q)"),
+    "page_size_32": (setter("k_cache", lambda x: x[:, :32]), ValueError, "k_cache.shape[1] (page block size) must be 64"),
+    "h_kv0": (setter("k_cache", lambda x: x[:, :, :0]), ValueError, "k_cache.shape[2] (h_kv)"),
+    "d_mismatch": (setter("k_cache", lambda x: x[..., :48]), ValueError, "k_cache.shape[3] must equal q.shape[3]"),
+    "h_q_not_multiple": (setter("k_cache", lambda x: x.expand(-1, -1, 3, -1).contiguous()), ValueError, "must be a multiple of k_cache.shape[2]"),
+    "q_strided_last_dim": (setter("q", strided), ValueError, "q must have a contiguous last dimension"),
+    "k_cache_strided_last_dim": (setter("k_cache", strided), ValueError, "k_cache must have a contiguous last dimension"),
+    "head_dim_v_float": (setter("head_dim_v", float), TypeError, "head_dim_v must be an int"),
+    "head_dim_v_bool": (setter("head_dim_v", lambda x: True), TypeError, "head_dim_v must be an int"),
+    "head_dim_v_tensor": (setter("head_dim_v", torch.tensor), TypeError, "head_dim_v must be an int"),
+    "head_dim_v_0": (setter("head_dim_v", lambda x: 0), ValueError, "head_dim_v must be >= 1"),
+    "head_dim_v_above_d": (setter("head_dim_v", lambda x: D + 1), ValueError, "head_dim_v must be <= d"),
+    "block_table_int64": (setter("block_table", lambda x: x.long()), TypeError, "block_table must have dtype torch.int32"),
+    "block_table_rank1": (setter("block_table", lambda x: x[:, 0].contiguous()), ValueError, "block_table must have 2 dimensions"),
+    "block_table_rows": (setter("block_table", lambda x: torch.cat([x, x[:1]])), ValueError, "block_table.shape[0] must equal the batch size b = 3"),
+    "block_table_strided": (setter("block_table", strided), ValueError, "block_table must have a contiguous last dimension"),
+    "cache_seqlens_int64": (setter("cache_seqlens", lambda x: x.long()), TypeError, "cache_seqlens must have dtype torch.int32, got torch.int64"),
+    "cache_seqlens_rank2": (setter("cache_seqlens", lambda x: x[:, None]), ValueError, "cache_seqlens must have 1 dimension"),
+    "cache_seqlens_length": (setter("cache_seqlens", lambda x: x[:2]), ValueError, "cache_seqlens.shape[0] must equal the batch size b = 3"),
+    "cache_seqlens_strided": (setter("cache_seqlens", every_other), ValueError, "cache_seqlens must be contiguous"),
+    "metadata_int64": (setter("tile_scheduler_metadata", lambda x: x.long()), TypeError, "tile_scheduler_metadata must have dtype torch.int32"),
+    "metadata_rank1": (setter("tile_scheduler_metadata", lambda x: x.flatten()), ValueError, "tile_scheduler_metadata must have 2 dimensions"),
+    "metadata_width": (setter("tile_scheduler_metadata", lambda x: x[:, :7].contiguous()), ValueError, "tile_scheduler_metadata must have shape [num_sm_parts >= 1, 8]"),
+    "metadata_no_parts": (setter("tile_scheduler_metadata", lambda x: x[:0]), ValueError, "tile_scheduler_metadata must have shape"),
+    "metadata_transposed": (setter("tile_scheduler_metadata", lambda x: x.t().contiguous().t()), ValueError, "tile_scheduler_metadata must be contiguous"),
+    "num_splits_int64": (setter("num_splits", lambda x: x.long()), TypeError, "num_splits must have dtype torch.int32"),
+    "num_splits_length": (setter("num_splits", lambda x: x[:-1]), ValueError, "num_splits must have shape [b + 1] = [4]"),
+    "num_splits_rank2": (setter("num_splits", lambda x: x[None]), ValueError, "num_splits must have shape [b + 1]"),
+    "num_splits_strided": (setter("num_splits", every_other), ValueError, "num_splits must be contiguous"),
+    "scale_string": (setter("softmax_scale", lambda x: "0.1"), TypeError, "softmax_scale must be a float or None"),
+    "scale_bool": (setter("softmax_scale", lambda x: True), TypeError, "softmax_scale must be a float or None"),
+    "scale_tensor": (setter("softmax_scale", lambda x: torch.tensor(0.1)), TypeError, "softmax_scale must be a float or None"),
+    "scale_zero": (setter("softmax_scale", lambda x: 0.0), ValueError, "softmax_scale must be a finite positive float"),
+    "scale_negative": (setter("softmax_scale", lambda x: -0.1), ValueError, "softmax_scale must be a finite positive float"),
+    "scale_nan": (setter("softmax_scale", lambda x: math.nan), ValueError, "softmax_scale must be a finite positive float"),
+    "scale_inf": (setter("softmax_scale", lambda x: math.inf), ValueError, "softmax_scale must be a finite positive float"),
+    "causal_int": (setter("causal", lambda x: 1), TypeError, "causal must be a bool"),
+    "causal_none": (setter("causal", lambda x: None), TypeError, "causal must be a bool"),
+    "k_cache_other_device": (setter("k_cache", lambda x: x.to("meta")), ValueError, "k_cache must be on q's device cpu"),
+    "block_table_other_device": (setter("block_table", lambda x: x.to("meta")), ValueError, "block_table must be on q's device"),
+    "cache_seqlens_other_device": (setter("cache_seqlens", lambda x: x.to("meta")), ValueError, "cache_seqlens must be on q's device"),
+    "metadata_other_device": (setter("tile_scheduler_metadata", lambda x: x.to("meta")), ValueError, "tile_scheduler_metadata must be on q's device"),
+    "num_splits_other_device": (setter("num_splits", lambda x: x.to("meta")), ValueError, "num_splits must be on q's device"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_decode_argument(case):
+    mutate, error, text = BAD[case]
+    args = good_args()
+    mutate(args)
+    with pytest.raises(error) as info:
+        flashmla_cute.flash_mla_with_kvcache(**args)
+    assert type(info.value) is error
+    assert text in str(info.value), str(info.value)
+
+
+def test_bad_arguments_by_position():
+    args = good_args()
+    positional = [args[k] for k in ("q", "k_cache", "block_table", "cache_seqlens", "head_dim_v",
+                                    "tile_scheduler_metadata", "num_splits")]
+    positional[4] = "512"
+    with pytest.raises(TypeError, match="head_dim_v"):
+        flashmla_cute.flash_mla_with_kvcache(*positional)
+
+
+BAD_METADATA = {
+    "seqlens_list": (lambda s: ([1, 2], 16, 1), TypeError, "cache_seqlens must be a torch.Tensor"),
+    "seqlens_int64": (lambda s: (s.long(), 16, 1), TypeError, "cache_seqlens must have dtype torch.int32, got torch.int64"),
+    "seqlens_float": (lambda s: (s.float(), 16, 1), TypeError, "cache_seqlens must have dtype torch.int32"),
+    "seqlens_rank2": (lambda s: (s[None], 16, 1), ValueError, "cache_seqlens must have 1 dimension"),
+    "seqlens_empty": (lambda s: (s[:0], 16, 1), ValueError, "cache_seqlens must hold at least one sequence"),
+    "seqlens_strided": (lambda s: (every_other(s), 16, 1), ValueError, "cache_seqlens must be contiguous"),
+    "heads_per_k_zero": (lambda s: (s, 0, 1), ValueError, "num_heads_per_head_k must be >= 1, got 0"),
+    "heads_per_k_float": (lambda s: (s, 16.0, 1), TypeError, "num_heads_per_head_k must be an int"),
+    "heads_per_k_bool": (lambda s: (s, True, 1), TypeError, "num_heads_per_head_k must be an int"),
+    "heads_k_zero": (lambda s: (s, 16, 0), ValueError, "num_heads_k must be >= 1"),
+    "heads_k_none": (lambda s: (s, 16, None), TypeError, "num_heads_k must be an int"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_METADATA))
+def test_bad_metadata_argument(case):
+    make, error, text = BAD_METADATA[case]
+    seqlens = torch.tensor([5, 100, 0], dtype=torch.int32)
+    with pytest.raises(error) as info:
+        flashmla_cute.get_mla_metadata(*make(seqlens))
+    assert type(info.value) is error
+    assert text in str(info.value), str(info.value)
+
+
+def test_numpy_ints_are_accepted():
+    seqlens = torch.tensor([5, 100], dtype=torch.int32)
+    meta, _ = flashmla_cute.get_mla_metadata(seqlens, np.int64(16), np.int32(1))
+    assert meta.shape == (132, 8)
+
+
+# ---------------------------------------------------------------- GPU-only constraints
+# The kernel's extra requirements, checked for CUDA tensors; check_kernel_layout looks
+# only at metadata, so it is exercised here on CPU tensors.
+
+
+def kernel_inputs():
+    inp = make_decode_inputs(2, 1, 16, seqlens=[10, 100], seed=1)
+    return inp.q, inp.k_cache
+
+
+def misaligned(x):
+    """A copy of ``x`` whose data pointer is 2 bytes past a 16-byte boundary."""
+    flat = torch.zeros(x.numel() + 8, dtype=x.dtype)
+    offset = next(k for k in range(1, 8) if (flat.data_ptr() + k * x.element_size()) % 16 == 2)
+    view = flat[offset:offset + x.numel()].view(x.shape)
+    view.copy_(x)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+def padded_rows(x, pad=4):
+    """A copy of ``x`` whose rows are ``pad`` elements apart from the next (stride not a
+    multiple of 8)."""
+    wide = torch.zeros(*x.shape[:-1], x.shape[-1] + pad, dtype=x.dtype)
+    view = wide[..., : x.shape[-1]]
+    view.copy_(x)
+    return view
+
+
+def test_kernel_layout_accepts_good_inputs():
+    q, k_cache = kernel_inputs()
+    checks.check_kernel_layout(q, k_cache, 512)
+
+
+def test_kernel_layout_rejects_unsupported_head_dims():
+    q, k_cache = kernel_inputs()
+    with pytest.raises(ValueError, match=r"head_dim_v must be one of \(d=576, head_dim_v=512\)"):
+        checks.check_kernel_layout(q, k_cache, 448)
+    q2 = torch.zeros(2, 1, 16, 128, dtype=torch.bfloat16)
+    k2 = torch.zeros(4, 64, 1, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"q.shape\[3\] \(d\)"):
+        checks.check_kernel_layout(q2, k2, 128)
+
+
+def test_kernel_layout_rejects_empty_cache():
+    q, k_cache = kernel_inputs()
+    with pytest.raises(ValueError, match="k_cache must hold at least one page"):
+        checks.check_kernel_layout(q, k_cache[:0], 512)
+
+
+@pytest.mark.parametrize("name", ["q", "k_cache"])
+def test_kernel_layout_rejects_unaligned_strides(name):
+    tensors = dict(zip(("q", "k_cache"), kernel_inputs()))
+    tensors[name] = padded_rows(tensors[name])
+    with pytest.raises(ValueError, match=f"{name} strides must be multiples of 8 elements"):
+        checks.check_kernel_layout(tensors["q"], tensors["k_cache"], 512)
+
+
+@pytest.mark.parametrize("name", ["q", "k_cache"])
+def test_kernel_layout_rejects_unaligned_pointers(name):
+    tensors = dict(zip(("q", "k_cache"), kernel_inputs()))
+    tensors[name] = misaligned(tensors[name])
+    with pytest.raises(ValueError, match=f"{name} data pointer must be 16-byte aligned"):
+        checks.check_kernel_layout(tensors["q"], tensors["k_cache"], 512)
+
+
+def test_cpu_path_skips_kernel_constraints():
+    # Any head dims, unaligned strides and pointers are fine for the reference.
+    args = good_args()
+    args["q"] = misaligned(padded_rows(args["q"]).contiguous())
+    out, lse = flashmla_cute.flash_mla_with_kvcache(**args)
+    assert out.shape == (B, S_Q, H_Q, DV)
+
+
+def test_non_hopper_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(interface, "_device_capability", lambda index: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Fake A100")
+    with pytest.raises(RuntimeError, match=r"Hopper GPU \(compute capability 9.0, sm_90\).*Fake A100.*8\.0"):
+        interface._require_hopper(torch.device("cuda", 0))
+
+
+# ---------------------------------------------------------------- good inputs
+
+
+def test_checks_read_no_tensor_values():
+    # Tensors on the meta device have no data: any read (.item(), .tolist()) would fail.
+    args = good_args(d=576, dv=512)
+    for key, value in args.items():
+        if isinstance(value, torch.Tensor):
+            args[key] = value.to("meta")
+    problem = checks.check_decode_args(**args)
+    assert problem.b == B
+
+
+def test_decode_problem_fields():
+    args = good_args()
+    args["softmax_scale"] = 0.25
+    p = checks.check_decode_args(**args)
+    num_parts = args["tile_scheduler_metadata"].shape[0]
+    assert p == checks.DecodeProblem(
+        b=B, s_q=S_Q, h_q=H_Q, h_kv=H_KV, d=D, dv=DV, num_blocks=args["k_cache"].shape[0],
+        max_blocks=args["block_table"].shape[1], heads_per_kv=H_Q // H_KV, rows_per_kv=S_Q * H_Q // H_KV,
+        num_parts=num_parts, softmax_scale=0.25, causal=True,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.b = 5
+
+
+def test_default_scale_and_causal_with_one_token():
+    inp = make_decode_inputs(2, 1, 8, h_kv=2, d=40, seqlens=[3, 70], seed=2)
+    meta, num_splits = flashmla_cute.get_mla_metadata(inp.cache_seqlens, 4, 2)
+    p = checks.check_decode_args(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, 40, meta, num_splits,
+                                 None, True)
+    assert p.softmax_scale == 40 ** -0.5
+    assert p.causal is False  # no effect with s_q == 1
+    assert (p.heads_per_kv, p.rows_per_kv) == (4, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_call_is_the_reference(dtype, causal):
+    args = good_args(dtype=dtype)
+    args["causal"] = causal
+    args["softmax_scale"] = 0.2
+    out, lse = flashmla_cute.flash_mla_with_kvcache(**args)
+    ref_out, ref_lse = flash_mla_reference(
+        args["q"], args["k_cache"], args["block_table"], args["cache_seqlens"], DV, softmax_scale=0.2, causal=causal
+    )
+    assert out.dtype == dtype and out.shape == (B, S_Q, H_Q, DV)
+    assert lse.dtype == torch.float32 and lse.shape == (B, H_Q, S_Q)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert (out[0] == 0).all() and torch.isposinf(lse[0]).all()  # the empty sequence
+    assert not torch.isnan(out).any()
+
+
+def test_full_size_cpu_call_accepts_integer_scale():
+    inp = make_decode_inputs(2, 2, 16, seqlens=[1, 200], seed=3)
+    meta, num_splits = flashmla_cute.get_mla_metadata(inp.cache_seqlens, 32, 1)
+    out, lse = flashmla_cute.flash_mla_with_kvcache(
+        inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, 512, meta, num_splits, 1, True
+    )
+    assert out.shape == (2, 2, 16, 512) and torch.isfinite(lse[1]).all()
+
+
+@pytest.mark.parametrize("s_q,h_q,h_kv", [(1, 16, 1), (2, 64, 1), (1, 128, 1), (2, 128, 1), (2, 32, 4)])
+def test_cpu_metadata(s_q, h_q, h_kv):
+    seqlens = torch.tensor([0, 1, 64, 5000, 300], dtype=torch.int32)
+    hpk = s_q * h_q // h_kv
+    meta, num_splits = flashmla_cute.get_mla_metadata(seqlens, hpk, h_kv)
+    parts = scheduler.num_sm_parts(scheduler.DEFAULT_NUM_SMS, hpk, h_kv)
+    assert meta.dtype == torch.int32 and meta.shape == (parts, scheduler.METADATA_INTS)
+    assert num_splits.dtype == torch.int32 and num_splits.shape == (seqlens.numel() + 1,)
+    assert meta.device == seqlens.device and num_splits.device == seqlens.device
+    ref_meta, ref_splits = scheduler.plan_torch(seqlens, parts)
+    assert torch.equal(meta, ref_meta) and torch.equal(num_splits, ref_splits)
+
+
+def test_version():
+    assert flashmla_cute.__version__ == "0.1.0"
+    assert set(flashmla_cute.__all__) >= {"get_mla_metadata", "flash_mla_with_kvcache"}
+
+
+def test_import_and_cpu_calls_stay_light():
+    # Neither importing the package nor a CPU call loads CUTLASS or the GPU runtime.
+    code = (
+        "import sys, torch\n"
+        "before = {m for m in sys.modules if m.startswith('cutlass')}\n"
+        "import flashmla_cute\n"
+        "from flashmla_cute.testing import make_decode_inputs\n"
+        "inp = make_decode_inputs(2, 1, 4, d=32, seqlens=[3, 90], seed=0)\n"
+        "meta, ns = flashmla_cute.get_mla_metadata(inp.cache_seqlens, 4, 1)\n"
+        "flashmla_cute.flash_mla_with_kvcache(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, 16, meta, ns)\n"
+        "new = {m for m in sys.modules if m.startswith('cutlass')} - before\n"
+        "assert not new, sorted(new)\n"
+        "assert 'flashmla_cute.runtime' not in sys.modules\n"
+        "assert 'flashmla_cute.compile' not in sys.modules\n"
+    )
+    package_root = str(Path(flashmla_cute.__file__).resolve().parent.parent)
+    path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": path})
+    assert result.returncode == 0, result.stderr

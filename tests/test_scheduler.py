@@ -1,0 +1,197 @@
+"""Invariants of the split-KV plan (scheduler.plan_torch), the specification the GPU
+metadata kernel is tested against.
+
+For sequence lengths L_i the work list is every (batch i, block k) with
+k < n_i = max(ceil(L_i / 64), 1), batch-major; F = FIXED_OVERHEAD_BLOCKS, the total
+cost T = sum(n_i + F), and each of P parts gets a contiguous piece of the list."""
+
+import random
+
+import pytest
+import torch
+
+from flashmla_cute import scheduler
+from flashmla_cute.scheduler import (
+    BEGIN_BATCH,
+    BEGIN_BLOCK,
+    BEGIN_SPLIT,
+    END_BATCH,
+    END_BLOCK,
+    FIXED_OVERHEAD_BLOCKS as F,
+    METADATA_INTS,
+)
+
+
+def num_blocks(seqlens):
+    return [max(-(-int(x) // 64), 1) for x in seqlens]
+
+
+def part_fragments(row, blocks):
+    """The (batch, first block, end block) pieces of one part's range, in order."""
+    bb, bk, eb, ek = int(row[BEGIN_BATCH]), int(row[BEGIN_BLOCK]), int(row[END_BATCH]), int(row[END_BLOCK])
+    if bb > eb:
+        return []
+    if bb == eb:
+        return [(bb, bk, ek)]
+    pieces = [(bb, bk, blocks[bb])]
+    pieces += [(i, 0, blocks[i]) for i in range(bb + 1, eb)]
+    pieces.append((eb, 0, ek))
+    return pieces
+
+
+def check_plan(seqlens, num_parts):
+    seqlens = torch.as_tensor(seqlens, dtype=torch.int32)
+    meta, num_splits = scheduler.plan_torch(seqlens, num_parts)
+    b = seqlens.numel()
+    blocks = num_blocks(seqlens.tolist())
+    total = sum(blocks) + F * b
+    payload = -(-total // num_parts)
+
+    assert meta.dtype == torch.int32 and meta.shape == (num_parts, METADATA_INTS)
+    assert num_splits.dtype == torch.int32 and num_splits.shape == (b + 1,)
+    assert (meta[:, BEGIN_SPLIT + 1:] == 0).all()  # reserved columns
+
+    # Walk the parts in order: the pieces must chain through every block of every
+    # sequence exactly once, in order.
+    next_batch, next_block = 0, 0
+    touching = [0] * b  # parts that touch each sequence so far
+    for p in range(num_parts):
+        row = meta[p].tolist()
+        pieces = part_fragments(row, blocks)
+        if not pieces:
+            assert row == [b, 0, b - 1, 0, 0, 0, 0, 0], (p, row)
+            continue
+        assert 0 <= row[BEGIN_BATCH] <= row[END_BATCH] < b, (p, row)
+        assert row[BEGIN_SPLIT] == touching[row[BEGIN_BATCH]], (p, row)
+        for batch, lo, hi in pieces:
+            assert lo < hi <= blocks[batch], (p, row)
+            assert (batch, lo) == (next_batch, next_block), (p, row, next_batch, next_block)
+            next_batch, next_block = (batch + 1, 0) if hi == blocks[batch] else (batch, hi)
+            touching[batch] += 1
+        work_blocks = sum(hi - lo for _, lo, hi in pieces)
+        assert work_blocks <= payload, (p, work_blocks, payload)
+        assert work_blocks + F * len(pieces) <= payload + F, (p, work_blocks, len(pieces), payload)
+    assert (next_batch, next_block) == (b, 0), "some blocks are not covered"
+
+    splits = num_splits.tolist()
+    assert splits[0] == 0
+    counts = [splits[i + 1] - splits[i] for i in range(b)]
+    assert counts == touching
+    assert min(counts) >= 1
+    assert splits[-1] <= b + num_parts - 1
+    return meta, num_splits
+
+
+def block_list(seqlens, meta):
+    """Every (batch, block) pair the plan assigns, in part order."""
+    blocks = num_blocks(seqlens)
+    out = []
+    for row in meta.tolist():
+        for batch, lo, hi in part_fragments(row, blocks):
+            out.extend((batch, k) for k in range(lo, hi))
+    return out
+
+
+def test_hand_worked_example():
+    # n = [1, 1, 2, 10], costs n + 5 = [6, 6, 7, 15], T = 34, P = 4: payload 9.
+    # Cost intervals: seq 0 [0, 6), seq 1 [6, 12), seq 2 [12, 19), seq 3 [19, 34), each
+    # starting with 5 units of overhead. Parts start at cost 0, 9, 18, 27:
+    # 0 -> (0, 0); 9 -> seq 1's overhead -> (1, 0); 18 -> (2, 18 - 12 - 5 = 1);
+    # 27 -> (3, 27 - 19 - 5 = 3).
+    meta, num_splits = scheduler.plan_torch(torch.tensor([0, 64, 65, 640], dtype=torch.int32), 4)
+    assert meta.tolist() == [
+        [0, 0, 0, 1, 0, 0, 0, 0],
+        [1, 0, 2, 1, 0, 0, 0, 0],
+        [2, 1, 3, 3, 1, 0, 0, 0],
+        [3, 3, 3, 10, 1, 0, 0, 0],
+    ]
+    assert num_splits.tolist() == [0, 1, 2, 4, 6]
+
+
+def test_more_parts_than_work():
+    # One sequence of one block: cost 6, P = 8, payload 1. Only the part whose start
+    # (cost 5) falls on the block does anything.
+    meta, num_splits = scheduler.plan_torch(torch.tensor([10], dtype=torch.int32), 8)
+    empty = [1, 0, 0, 0, 0, 0, 0, 0]
+    assert meta.tolist() == [empty] * 5 + [[0, 0, 0, 1, 0, 0, 0, 0]] + [empty] * 2
+    assert num_splits.tolist() == [0, 1]
+
+
+def test_one_part_takes_everything():
+    meta, num_splits = scheduler.plan_torch(torch.tensor([5, 0, 200], dtype=torch.int32), 1)
+    assert meta.tolist() == [[0, 0, 2, 4, 0, 0, 0, 0]]
+    assert num_splits.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "seqlens",
+    [[0], [1], [64], [65], [0, 0, 0], [1, 0, 1], [4097, 1, 0, 63, 64, 65], [128] * 7],
+)
+@pytest.mark.parametrize("num_parts", [1, 2, 3, 5, 8, 13, 40])
+def test_small_plans_cover_each_block_once_in_order(seqlens, num_parts):
+    meta, _ = check_plan(seqlens, num_parts)
+    expected = [(i, k) for i, n in enumerate(num_blocks(seqlens)) for k in range(n)]
+    assert block_list(seqlens, meta) == expected
+
+
+def random_lengths(rng, b):
+    kind = rng.randrange(6)
+    if kind == 0:
+        return [rng.randrange(0, 3) for _ in range(b)]  # 0, 1 and 2 tokens
+    if kind == 1:
+        return [rng.randrange(0, 300) for _ in range(b)]
+    if kind == 2:
+        return [rng.randrange(0, 20000) for _ in range(b)]
+    if kind == 3:
+        return [rng.choice([0, 1, 63, 64, 65, 8192]) for _ in range(b)]
+    if kind == 4:
+        return [max(int(rng.gauss(4096, 2048)), 1) for _ in range(b)]
+    return [rng.randrange(1, 10)] * b  # all equal
+
+
+def test_random_plans():
+    rng = random.Random(1234)
+    for _ in range(150):
+        b = rng.choice([1, 2, 3, 7, 31, 64, 128, 500])
+        check_plan(random_lengths(rng, b), rng.randint(1, 200))
+
+
+@pytest.mark.parametrize("num_parts", [1, 66, 132, 200])
+def test_large_batch(num_parts):
+    rng = random.Random(num_parts)
+    check_plan([rng.randrange(0, 5000) for _ in range(10000)], num_parts)
+
+
+@pytest.mark.parametrize("num_parts", [1, 2, 7, 132, 200])
+def test_one_huge_sequence(num_parts):
+    # 2**31 - 1 tokens, the most an int32 length can say: 33554432 blocks, split across
+    # every part; the first part pays the sequence's overhead, the last takes the rest.
+    length = 2**31 - 1
+    meta, num_splits = check_plan([length], num_parts)
+    assert num_splits.tolist() == [0, num_parts]
+    n = num_blocks([length])
+    payload = -(-(n[0] + F) // num_parts)
+    sizes = [hi - lo for row in meta.tolist() for _, lo, hi in part_fragments(row, n)]
+    assert len(sizes) == num_parts
+    if num_parts > 1:
+        assert sizes[0] == payload - F
+        assert all(size == payload for size in sizes[1:-1])
+        assert 0 < sizes[-1] <= payload
+
+
+def test_huge_sequence_among_short_ones():
+    check_plan([1, 0, 3_000_000, 5, 64, 0], 132)
+
+
+def test_plan_follows_the_tensor_device_and_dtype():
+    seqlens = torch.tensor([100, 200], dtype=torch.int32)
+    meta, num_splits = scheduler.plan_torch(seqlens, 3)
+    assert meta.device == seqlens.device and num_splits.device == seqlens.device
+
+
+@pytest.mark.parametrize(
+    "num_sms,rows,h_kv,expected",
+    [(132, 16, 1, 132), (132, 64, 1, 132), (132, 128, 1, 66), (132, 256, 1, 33), (132, 16, 4, 33), (132, 64, 200, 1)],
+)
+def test_num_sm_parts(num_sms, rows, h_kv, expected):
+    assert scheduler.num_sm_parts(num_sms, rows, h_kv) == expected
