@@ -37,6 +37,20 @@ def _require_hopper(device: torch.device) -> int:
     return index
 
 
+def num_sm_parts_for(device: torch.device, num_heads_per_head_k: int, num_heads_k: int) -> int:
+    """How many SM parts ``get_mla_metadata`` plans for on ``device``."""
+    if device.type == "cuda":
+        index = _require_hopper(device)
+        from . import runtime
+
+        return scheduler.num_sm_parts(runtime.num_sms(index), num_heads_per_head_k, num_heads_k)
+    return scheduler.num_sm_parts(scheduler.DEFAULT_NUM_SMS, num_heads_per_head_k, num_heads_k)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def get_mla_metadata(
     cache_seqlens: torch.Tensor,
     num_heads_per_head_k: int,
@@ -64,16 +78,23 @@ def get_mla_metadata(
     number of parts follows the GPU's SM count. On CPU tensors it is computed with torch
     for an H100 SXM's ``scheduler.DEFAULT_NUM_SMS`` SMs (the CPU path of
     ``flash_mla_with_kvcache`` does not use the plan's contents).
+
+    Under ``torch.compile`` this is the custom op ``torch.ops.flashmla_cute.get_mla_metadata``.
     """
+    if _compiling():
+        from . import ops
+
+        return ops.get_mla_metadata_op(cache_seqlens, num_heads_per_head_k, num_heads_k)
+    return _get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
+
+
+def _get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k):
     num_heads_per_head_k, num_heads_k = checks.check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k)
-    device = cache_seqlens.device
-    if device.type == "cuda":
-        index = _require_hopper(device)
+    num_parts = num_sm_parts_for(cache_seqlens.device, num_heads_per_head_k, num_heads_k)
+    if cache_seqlens.device.type == "cuda":
         from . import runtime
 
-        num_parts = scheduler.num_sm_parts(runtime.num_sms(index), num_heads_per_head_k, num_heads_k)
         return runtime.gpu_metadata(cache_seqlens, num_parts)
-    num_parts = scheduler.num_sm_parts(scheduler.DEFAULT_NUM_SMS, num_heads_per_head_k, num_heads_k)
     return scheduler.plan_torch(cache_seqlens, num_parts)
 
 
@@ -123,7 +144,25 @@ def flash_mla_with_kvcache(
     contents) and RuntimeError for CUDA tensors on a GPU that is not sm_90. On a
     Hopper GPU the kernels need ``(d, head_dim_v) = (576, 512)``; on the CPU the float32
     reference computes the result, for any head dimensions.
+
+    Under ``torch.compile`` this is the custom op
+    ``torch.ops.flashmla_cute.flash_mla_with_kvcache``.
     """
+    if _compiling():
+        from . import ops
+
+        return ops.flash_mla_with_kvcache_op(
+            q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+            softmax_scale, causal,
+        )
+    return _flash_mla_with_kvcache(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
+    )
+
+
+def _flash_mla_with_kvcache(
+    q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
+):
     problem = checks.check_decode_args(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
         softmax_scale, causal,

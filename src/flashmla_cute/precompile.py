@@ -2,9 +2,10 @@
 
     python -m flashmla_cute.precompile --arch sm_90a [--out DIR]
 
-Without ``--out`` this checks that every variant compiles; with it, one
-``<variant>.cubin`` per variant is written into DIR (``decode_*``, ``combine_*``,
-``metadata``).
+Without ``--out`` every variant is compiled into the on-disk cache (see
+``flashmla_cute.compile``), so that later processes load instead of compiling; with it,
+one ``<variant>.cubin`` per variant is written into DIR instead (``decode_*``,
+``combine_*``, ``metadata``).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             where = compile_mod.write_cubin(variant, args.out, args.arch)
         else:
-            compile_mod.compile_variant(variant, f"--gpu-arch={args.arch}")
-            where = "ok"
+            compile_mod.load_or_compile(variant, arch=args.arch)
+            where = str(compile_mod.cache_dir() / compile_mod.cache_key(variant, args.arch)) + ".*"
         print(f"{variant.name}: {time.perf_counter() - start:.1f} s -> {where}", flush=True)
     return 0
 

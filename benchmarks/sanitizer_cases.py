@@ -1,0 +1,27 @@
+"""Two small decode problems for ``compute-sanitizer --tool memcheck``: one with split
+sequences (the combine kernel runs), causal MTP and an empty sequence; one with several
+KV heads and partial last pages."""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+import flashmla_cute  # noqa: E402
+from flashmla_cute.testing import make_decode_inputs  # noqa: E402
+
+
+def run(b, s_q, h_q, h_kv, seqlens, causal):
+    x = make_decode_inputs(b, s_q, h_q, h_kv=h_kv, seqlens=seqlens, device="cuda", seed=0)
+    meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, s_q * h_q // h_kv, h_kv)
+    out, lse = flashmla_cute.flash_mla_with_kvcache(
+        x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits, causal=causal
+    )
+    torch.cuda.synchronize()
+    print(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv}: out finite={bool(torch.isfinite(out).all())}")
+
+
+if __name__ == "__main__":
+    run(4, 2, 64, 1, [0, 1, 700, 3000], causal=True)
+    run(3, 1, 32, 2, [65, 129, 1000], causal=False)

@@ -1,0 +1,61 @@
+"""``torch.library`` custom ops for the two public functions, so that a decode step
+compiled with ``torch.compile(fullgraph=True)`` calls our kernels.
+
+The public functions call these ops only while torch.compile traces (eager calls go
+straight to the implementation and skip the dispatcher's per-call cost). The fake
+implementations give output shapes and dtypes without running anything.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import scheduler
+
+NAMESPACE = "flashmla_cute"
+
+
+@torch.library.custom_op(f"{NAMESPACE}::get_mla_metadata", mutates_args=())
+def get_mla_metadata_op(
+    cache_seqlens: torch.Tensor, num_heads_per_head_k: int, num_heads_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from .interface import _get_mla_metadata
+
+    return _get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
+
+
+@get_mla_metadata_op.register_fake
+def _(cache_seqlens, num_heads_per_head_k, num_heads_k):
+    from .interface import num_sm_parts_for
+
+    parts = num_sm_parts_for(cache_seqlens.device, num_heads_per_head_k, num_heads_k)
+    meta = cache_seqlens.new_empty((parts, scheduler.METADATA_INTS), dtype=torch.int32)
+    return meta, cache_seqlens.new_empty((cache_seqlens.shape[0] + 1,), dtype=torch.int32)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::flash_mla_with_kvcache", mutates_args=())
+def flash_mla_with_kvcache_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor,
+    num_splits: torch.Tensor,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from .interface import _flash_mla_with_kvcache
+
+    return _flash_mla_with_kvcache(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
+    )
+
+
+@flash_mla_with_kvcache_op.register_fake
+def _(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+      softmax_scale=None, causal=False):
+    b, s_q, h_q, _ = q.shape
+    return q.new_empty((b, s_q, h_q, head_dim_v)), q.new_empty((b, h_q, s_q), dtype=torch.float32)
