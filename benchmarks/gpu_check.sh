@@ -8,6 +8,9 @@ mkdir -p "$LOG_DIR"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export FLASHMLA_CUTE_CACHE_DIR=${FLASHMLA_CUTE_CACHE_DIR:-/tmp/flashmla_cute_cache}
 
+export FLASHMLA_CUTE_CACHE_DIR=/tmp/flashmla_cute_startup_cache
+rm -rf "$FLASHMLA_CUTE_CACHE_DIR"
+{ python3 benchmarks/startup.py; python3 benchmarks/startup.py; } > "$LOG_DIR/startup.log" 2>&1
 python3 -m pytest tests -q -x -m "${PYTEST_MARK:-gpu}" -p no:cacheprovider > "$LOG_DIR/tests.log" 2>&1
 tests_rc=$?
 python3 benchmarks/bench_decode.py --cases "${BENCH_CASES:-quick}" --check --json "$LOG_DIR/bench.json" > "$LOG_DIR/bench.log" 2>&1
@@ -18,5 +21,6 @@ memcheck_rc=$?
 
 echo "== tests (rc $tests_rc)"; tail -n 15 "$LOG_DIR/tests.log"
 echo "== memcheck (rc $memcheck_rc)"; grep -E "ERROR SUMMARY|out finite" "$LOG_DIR/memcheck.log"
+echo "== startup (cold cache, then cached)"; cat "$LOG_DIR/startup.log"
 echo "== overhead"; tail -n 6 "$LOG_DIR/overhead.log"
 echo "== bench (rc $bench_rc)"; tail -n 25 "$LOG_DIR/bench.log"
