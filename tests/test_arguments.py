@@ -2,7 +2,6 @@
 ValueError (bad value, shape, layout or device) naming the argument; good CPU inputs
 run through the float32 reference."""
 
-import dataclasses
 import math
 import os
 import subprocess
@@ -282,7 +281,7 @@ def test_decode_problem_fields():
         max_blocks=args["block_table"].shape[1], heads_per_kv=H_Q // H_KV, rows_per_kv=S_Q * H_Q // H_KV,
         num_parts=num_parts, softmax_scale=0.25, causal=True,
     )
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         p.b = 5
 
 

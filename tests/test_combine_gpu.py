@@ -49,7 +49,9 @@ def test_combine_matches_torch_merge(requires_hopper, dtype, s_q, h_q, h_kv):
     out = torch.full((b, s_q, h_q, 512), sentinel, dtype=dtype, device=dev)
     lse = torch.full((b, h_q, s_q), sentinel, dtype=torch.float32, device=dev)
 
-    runtime._combine_fn(dtype, 512)(o_accum, lse_accum, num_splits, out, lse, hpk)
+    accum = torch.cat([o_accum.flatten(), lse_accum.flatten()])  # the decode kernel's workspace layout
+    assert accum.numel() == scheduler.accumulator_elems(n_acc, h_kv, rows, 512)
+    runtime._combine_fn(dtype, 512)(accum, num_splits, out, lse, hpk)
     torch.cuda.synchronize()
 
     ref_out, ref_lse = torch_merge(o_accum.cpu(), lse_accum.cpu(), num_splits.cpu(), b)

@@ -9,9 +9,9 @@ no host synchronization and work during CUDA-graph capture.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
@@ -30,9 +30,9 @@ TMA_ALIGN_BYTES = 16
 """TMA needs 16-byte aligned base addresses and strides that are multiples of 16 bytes."""
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeProblem:
-    """The sizes and options of one validated ``flash_mla_with_kvcache`` call."""
+class DecodeProblem(NamedTuple):
+    """The sizes and options of one validated ``flash_mla_with_kvcache`` call
+    (immutable; a NamedTuple because one is built on every call)."""
 
     b: int
     s_q: int
@@ -89,9 +89,15 @@ def _check_contiguous(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous, got strides {tuple(x.stride())} for shape {tuple(x.shape)}")
 
 
-def _check_device(name: str, x: torch.Tensor, device: torch.device) -> None:
-    if x.device != device:
-        raise ValueError(f"{name} must be on q's device {device}, got {x.device}")
+def _check_device(name: str, x: torch.Tensor, q: torch.Tensor) -> None:
+    # get_device() (an int; -1 on the CPU) is much cheaper than building torch.device
+    # objects, and this runs on every call.
+    if (
+        x.get_device() != q.get_device()
+        or x.is_cuda != q.is_cuda
+        or (not q.is_cuda and x.device != q.device)  # CPU vs. meta and the like
+    ):
+        raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
 
 
 def check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k) -> tuple[int, int]:
@@ -235,7 +241,6 @@ def check_decode_args(
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
 
     # Devices
-    device = q.device
     for name, x in (
         ("k_cache", k_cache),
         ("block_table", block_table),
@@ -243,7 +248,7 @@ def check_decode_args(
         ("tile_scheduler_metadata", meta),
         ("num_splits", num_splits),
     ):
-        _check_device(name, x, device)
+        _check_device(name, x, q)
 
     if q.is_cuda:
         check_kernel_layout(q, k_cache, dv)

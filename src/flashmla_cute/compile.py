@@ -98,7 +98,7 @@ def decode_variant(dtype: str, causal: bool, head_dim: int = 576, head_dim_v: in
         from .kernels.decode_sm90 import MlaDecodeSm90
 
         dt = _cutlass_dtype(dtype)
-        b, h_kv, rows, s_q, h_q, n_acc = (_i32() for _ in range(6))
+        b, h_kv, rows, s_q, h_q = (_i32() for _ in range(5))
         d, dv = head_dim, head_dim_v
         args = (
             _fake(dt, (b, h_kv, rows, d), (_s16(), _s16(), _s16(), 1), 16),  # q rows
@@ -109,8 +109,7 @@ def decode_variant(dtype: str, causal: bool, head_dim: int = 576, head_dim_v: in
             _fake(cutlass.Int32, (_i32(),), (1,)),  # num_splits
             _fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), 16),  # out
             _fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),  # lse
-            _fake(cutlass.Float32, (n_acc, h_kv, rows, dv), (_s16(), _s16(), _s16(), 1), 16),
-            _fake(cutlass.Float32, (n_acc, h_kv, rows), (_stride(), _stride(), 1)),
+            _fake(cutlass.Float32, (_i32(),), (1,), 16),  # split-partials workspace
             Float32(1.0),  # softmax_scale
             Int32(1),  # heads per KV head
             _stream(),
@@ -129,11 +128,10 @@ def combine_variant(dtype: str, head_dim_v: int = 512) -> Variant:
         from .kernels.combine import MlaCombine
 
         dt = _cutlass_dtype(dtype)
-        b, h_kv, rows, s_q, h_q, n_acc = (_i32() for _ in range(6))
+        b, s_q, h_q = (_i32() for _ in range(3))
         dv = head_dim_v
         args = (
-            _fake(cutlass.Float32, (n_acc, h_kv, rows, dv), (_s16(), _s16(), _s16(), 1), 16),
-            _fake(cutlass.Float32, (n_acc, h_kv, rows), (_stride(), _stride(), 1)),
+            _fake(cutlass.Float32, (_i32(),), (1,), 16),  # split-partials workspace
             _fake(cutlass.Int32, (_i32(),), (1,)),
             _fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), 16),
             _fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),

@@ -37,14 +37,23 @@ def _require_hopper(device: torch.device) -> int:
     return index
 
 
+_parts_cache: dict[tuple[int, int, int], int] = {}
+
+
 def num_sm_parts_for(device: torch.device, num_heads_per_head_k: int, num_heads_k: int) -> int:
     """How many SM parts ``get_mla_metadata`` plans for on ``device``."""
-    if device.type == "cuda":
-        index = _require_hopper(device)
+    if device.type != "cuda":
+        return scheduler.num_sm_parts(scheduler.DEFAULT_NUM_SMS, num_heads_per_head_k, num_heads_k)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, num_heads_per_head_k, num_heads_k)
+    parts = _parts_cache.get(key)
+    if parts is None:
+        _require_hopper(device)
         from . import runtime
 
-        return scheduler.num_sm_parts(runtime.num_sms(index), num_heads_per_head_k, num_heads_k)
-    return scheduler.num_sm_parts(scheduler.DEFAULT_NUM_SMS, num_heads_per_head_k, num_heads_k)
+        parts = scheduler.num_sm_parts(runtime.num_sms(index), num_heads_per_head_k, num_heads_k)
+        _parts_cache[key] = parts
+    return parts
 
 
 def _compiling() -> bool:

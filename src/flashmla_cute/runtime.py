@@ -12,7 +12,7 @@ import functools
 import torch
 
 from . import compile as compile_mod
-from .scheduler import METADATA_INTS
+from .scheduler import METADATA_INTS, accumulator_elems
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -51,8 +51,13 @@ def query_rows(q: torch.Tensor, h_kv: int) -> torch.Tensor:
     """``q [b, s_q, h_q, d]`` as ``[b, h_kv, s_q * h_q / h_kv, d]``: the query rows that
     share each KV head, row ``s * heads_per_kv + h``. A view when ``s_q == 1``."""
     b, s_q, h_q, d = q.shape
+    if s_q == 1:
+        return q.view(b, h_kv, h_q // h_kv, d)
     rows = q.view(b, s_q, h_kv, h_q // h_kv, d).transpose(1, 2)
     return rows.reshape(b, h_kv, s_q * (h_q // h_kv), d)
+
+
+_INT32_MAX = 2**31 - 1
 
 
 def gpu_decode(problem, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits):
@@ -61,12 +66,16 @@ def gpu_decode(problem, q, k_cache, block_table, cache_seqlens, tile_scheduler_m
     q_rows = query_rows(q, p.h_kv)
     out = torch.empty(p.b, p.s_q, p.h_q, p.dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(p.b, p.h_q, p.s_q, dtype=torch.float32, device=q.device)
-    num_acc = p.b + p.num_parts
-    o_accum = torch.empty(num_acc, p.h_kv, p.rows_per_kv, p.dv, dtype=torch.float32, device=q.device)
-    lse_accum = torch.empty(num_acc, p.h_kv, p.rows_per_kv, dtype=torch.float32, device=q.device)
+    accum_elems = accumulator_elems(p.b + p.num_parts, p.h_kv, p.rows_per_kv, p.dv)
+    if accum_elems > _INT32_MAX:
+        raise ValueError(
+            f"the split-KV workspace for b={p.b}, {p.num_parts} SM parts and s_q * h_q = {p.s_q * p.h_q} "
+            f"would hold {accum_elems} floats, more than the kernels index (2**31 - 1): split the batch"
+        )
+    accum = torch.empty(accum_elems, dtype=torch.float32, device=q.device)
     _decode_fn(q.dtype, p.causal, p.d, p.dv)(
         q_rows, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-        out, lse, o_accum, lse_accum, p.softmax_scale, p.heads_per_kv,
+        out, lse, accum, p.softmax_scale, p.heads_per_kv,
     )
-    _combine_fn(q.dtype, p.dv)(o_accum, lse_accum, num_splits, out, lse, p.heads_per_kv)
+    _combine_fn(q.dtype, p.dv)(accum, num_splits, out, lse, p.heads_per_kv)
     return out, lse

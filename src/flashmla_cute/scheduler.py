@@ -67,6 +67,14 @@ METADATA_INTS = 8
 BEGIN_BATCH, BEGIN_BLOCK, END_BATCH, END_BLOCK, BEGIN_SPLIT = range(5)
 
 
+def accumulator_elems(num_acc: int, h_kv: int, rows_per_kv: int, dv: int) -> int:
+    """fp32 elements of the workspace holding the split fragments' partial results:
+    ``num_acc = b + num_parts`` rows of partial outputs ``[h_kv, rows_per_kv, dv]``,
+    then as many rows of their log-sum-exps ``[h_kv, rows_per_kv]``
+    (``kernels/decode_sm90.accumulators`` makes the two views)."""
+    return num_acc * h_kv * rows_per_kv * (dv + 1)
+
+
 def num_query_tiles(num_heads_per_head_k: int) -> int:
     """Number of 64-row query tiles for ``s_q * h_q / h_kv`` rows per KV head."""
     return -(-num_heads_per_head_k // ROWS_PER_TILE)

@@ -47,6 +47,23 @@ BAR_CONSUMERS = 1  # both consumer warpgroups (256 threads)
 BAR_WG_BASE = 2  # + consumer index: one consumer warpgroup (128 threads)
 
 
+@cute.jit
+def accumulators(mAccum: cute.Tensor, num_acc, h_kv, rows, dv: cutlass.Constexpr):
+    """Views of the one fp32 workspace (one allocation per call instead of two) as the
+    partial outputs ``(num_acc, h_kv, rows, dv)`` followed by their log-sum-exps
+    ``(num_acc, h_kv, rows)``; ``num_acc = b + num_parts`` bounds the fragments."""
+    o_elems = num_acc * h_kv * rows * dv
+    o_accum = cute.make_tensor(
+        mAccum.iterator,
+        cute.make_layout((num_acc, h_kv, rows, dv), stride=(h_kv * rows * dv, rows * dv, dv, 1)),
+    )
+    lse_accum = cute.make_tensor(
+        mAccum.iterator + o_elems,
+        cute.make_layout((num_acc, h_kv, rows), stride=(h_kv * rows, rows, 1)),
+    )
+    return o_accum, lse_accum
+
+
 class MlaDecodeSm90:
     """Static configuration of one decode kernel variant.
 
@@ -78,8 +95,7 @@ class MlaDecodeSm90:
         mNumSplits: cute.Tensor,  # (b + 1,) int32
         mO: cute.Tensor,  # (b, s_q, h_q, dv) in q's dtype
         mLse: cute.Tensor,  # (b, h_q, s_q) fp32
-        mOAccum: cute.Tensor,  # (b + num_parts, h_kv, rows, dv) fp32
-        mLseAccum: cute.Tensor,  # (b + num_parts, h_kv, rows) fp32
+        mAccum: cute.Tensor,  # fp32 workspace for split partials, see accumulators()
         softmax_scale: Float32,
         heads_per_kv: Int32,
         stream,
@@ -87,6 +103,7 @@ class MlaDecodeSm90:
         dtype = self.dtype
         d, dv = self.head_dim, self.head_dim_v
         rows_per_kv = mQ.shape[2]
+        mOAccum, mLseAccum = accumulators(mAccum, mO.shape[0] + mMeta.shape[0], mK.shape[2], rows_per_kv, dv)
 
         # TMA views: (rows, d, h_kv, b) for Q and (token, d, h_kv, page) for K.
         q_tma_src = cute.make_tensor(mQ.iterator, cute.select(mQ.layout, mode=[2, 3, 1, 0]))
