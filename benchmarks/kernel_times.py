@@ -36,7 +36,7 @@ def main():
             if evt.device_type.name == "CUDA" or getattr(evt, "device_time_total", 0) > 0:
                 t = getattr(evt, "device_time_total", 0) / max(evt.count, 1)
                 if t > 0:
-                    times[evt.key[:40]] = (t, evt.count)
+                    times[evt.key.replace("kernel_cutlass_kernel_flashmla_cutekernels", "")[:48]] = (t, evt.count)
         parts = ", ".join(f"{k}: {t:.1f} us x{c}" for k, (t, c) in sorted(times.items(), key=lambda kv: -kv[1][0]))
         print(f"sk{seqlen} h{h_q} s{s_q}: {parts}", flush=True)
 

@@ -439,6 +439,7 @@ class MlaDecodeSm90:
                     if m_new == -Float32.inf:
                         m_scaled = Float32(0.0)
                     alpha = cute.math.exp2(row_max[i] * scale_log2 - m_scaled, fastmath=True)
+                    max_grew = m_new != row_max[i]
                     row_max[i] = m_new
                     psum = Float32(0.0)
                     for j in cutlass.range_constexpr(cute.size(s_rc, mode=[1])):
@@ -446,8 +447,11 @@ class MlaDecodeSm90:
                         s_rc[i, j] = p
                         psum = psum + p
                     row_sum[i] = row_sum[i] * alpha + psum
-                    for j in cutlass.range_constexpr(cute.size(o_rc, mode=[1])):
-                        o_rc[i, j] = o_rc[i, j] * alpha
+                    # After the first blocks a row's maximum rarely grows; when it does
+                    # not, alpha is exactly 1 and the 128 multiplies of O can be skipped.
+                    if max_grew:
+                        for j in cutlass.range_constexpr(cute.size(o_rc, mode=[1])):
+                            o_rc[i, j] = o_rc[i, j] * alpha
 
                 # P (in the input dtype) to shared memory for both consumers' P V.
                 p_regs = cute.make_rmem_tensor_like(acc_s, dtype)
