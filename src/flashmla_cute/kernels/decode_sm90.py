@@ -11,14 +11,32 @@ Warp roles (384 threads):
 - warpgroup 0, warp 0: the producer. Issues TMA bulk-tensor loads of Q (once per
   batch) and of K tiles straight out of the paged cache (the page index read from the
   block table) into a 2-stage ring completing on mbarriers.
-- warpgroups 1 and 2: the consumers. Consumer ``c`` computes ``S_c = Q K_c^T`` for the
-  32 tokens ``[32c, 32c + 32)`` of the tile (so no MMA work is duplicated), the two
-  exchange their row maxima through shared memory, each writes its half of
-  ``P = exp(S - m)`` to shared memory, and then each computes ``O_c += P V_c`` for its
-  256 of the 512 output columns. V is the first 512 columns of the same shared-memory
-  K tile, read as an MN-major operand: K/V are loaded once.
+- warpgroups 1 and 2: the consumers, "left" and "right". The 64x512 fp32 output O is
+  split by columns: left owns ``O_L = O[:, :256]``, right ``O_R = O[:, 256:]``. Blocks
+  are taken in pairs ``(K0, K1)`` and the two consumers run FlashMLA's "seesaw"
+  schedule (its 2025-04 deep-dive), so that one consumer's softmax overlaps the other's
+  MMAs and no MMA is duplicated:
 
-Shared memory: Q 72 KB + two K stages of 72 KB + P 8 KB + row statistics.
+  ====  ======================================  ======================================
+  step  left                                    right
+  ====  ======================================  ======================================
+  1     ``S0 = Q K0^T``                         ``S1 = Q K1^T``
+  2     ``m0 = max(m, rowmax S0)``,
+        ``s0 = exp(m - m0)``, ``P0 = exp(S0 - m0)``
+        -> m0, s0 to right
+  3     ``O_L = O_L s0 + P0 V0_L``              ``m1 = max(m0, rowmax S1)``, ``s1 = exp(m0 - m1)``,
+                                                ``P1 = exp(S1 - m1)`` -> s1, m1, P1 to left
+  4                                             ``O_R = O_R s0 s1 + P1 V1_R``
+  5     ``P0 *= s1`` -> P0 to right
+  6     ``O_L = O_L s1 + P1 V1_L``              ``O_R += P0 V0_R``
+  ====  ======================================  ======================================
+
+  A consumer multiplies by its own P from registers; the other's P comes through shared
+  memory, written into the 64 rope columns (512..575) of that block's K stage, which
+  nothing reads once S of the block is done. V is the first 512 columns of the same
+  shared-memory K tile, read as an MN-major operand: K/V are loaded once.
+
+Shared memory: Q 72 KB + two K stages of 72 KB + row statistics.
 """
 
 from __future__ import annotations
@@ -42,9 +60,17 @@ THREADS = 128 * (1 + NUM_CONSUMER_WARPGROUPS)
 PRODUCER_REGS = 40
 CONSUMER_REGS = 232
 
-# Named barriers (0 is __syncthreads).
-BAR_CONSUMERS = 1  # both consumer warpgroups (256 threads)
-BAR_WG_BASE = 2  # + consumer index: one consumer warpgroup (128 threads)
+# Named barriers (0 is __syncthreads). The first four synchronize the two consumer
+# warpgroups (256 threads): one of them arrives, the other waits.
+BAR_LEFT_STATS = 1  # left -> right: m0 and s0 are in shared memory
+BAR_RIGHT_STATS = 2  # right -> left: m1, s1 and P1 are in shared memory
+BAR_LEFT_P = 3  # left -> right: P0 is in shared memory
+BAR_SUMS = 4  # both: row sums exchanged at the end of a batch
+BAR_WG_BASE = 5  # + consumer index: one consumer warpgroup (128 threads)
+ROPE_CHUNK = 8  # the K tile's 64-column chunk past the 512 value columns: holds P
+
+# Row statistics in shared memory, each TILE_M floats.
+STAT_M0, STAT_S0, STAT_M1, STAT_S1, STAT_SUM_L, STAT_SUM_R = range(6)
 
 
 @cute.jit
@@ -79,7 +105,6 @@ class MlaDecodeSm90:
         self.head_dim = head_dim
         self.head_dim_v = head_dim_v
         self.causal = causal
-        self.n_per_wg = BLOCK_N // NUM_CONSUMER_WARPGROUPS  # S columns per consumer
         self.dv_per_wg = head_dim_v // NUM_CONSUMER_WARPGROUPS  # O columns per consumer
         self.k_chunks = head_dim // 64  # 64-column (128-byte) swizzle atoms per row
 
@@ -110,15 +135,19 @@ class MlaDecodeSm90:
         k_tma_src = cute.make_tensor(mK.iterator, cute.select(mK.layout, mode=[1, 3, 2, 0]))
 
         tiled_mma_s = sm90_utils.make_trivial_tiled_mma(
-            dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1), (TILE_M, self.n_per_wg)
+            dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1), (TILE_M, BLOCK_N)
         )
-        tiled_mma_o = sm90_utils.make_trivial_tiled_mma(
+        # O += P V with this consumer's own P in registers, and with the other's from smem.
+        tiled_mma_o_rs = sm90_utils.make_trivial_tiled_mma(
+            dtype, dtype, OperandMajorMode.K, OperandMajorMode.MN, Float32, (1, 1, 1), (TILE_M, self.dv_per_wg),
+            sm90_utils.OperandSource.RMEM,
+        )
+        tiled_mma_o_ss = sm90_utils.make_trivial_tiled_mma(
             dtype, dtype, OperandMajorMode.K, OperandMajorMode.MN, Float32, (1, 1, 1), (TILE_M, self.dv_per_wg)
         )
 
         sQ_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (TILE_M, BLOCK_N, d), dtype, 1)
         sK_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (TILE_M, BLOCK_N, d), dtype, NUM_STAGES)
-        sP_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (TILE_M, dv, BLOCK_N), dtype, 1)
 
         tma_q, tma_q_tensor = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileG2SOp(), q_tma_src, cute.select(sQ_layout, mode=[0, 1]), (TILE_M, d)
@@ -133,11 +162,9 @@ class MlaDecodeSm90:
         class SharedStorage:
             kv_mbar: cute.struct.MemRange[Int64, NUM_STAGES * 2]
             q_mbar: cute.struct.MemRange[Int64, 2]
-            row_max: cute.struct.MemRange[Float32, NUM_CONSUMER_WARPGROUPS * TILE_M]
-            row_sum: cute.struct.MemRange[Float32, NUM_CONSUMER_WARPGROUPS * TILE_M]
+            stats: cute.struct.MemRange[Float32, 6 * TILE_M]
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
-            sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
 
         self.shared_storage = SharedStorage
 
@@ -146,7 +173,8 @@ class MlaDecodeSm90:
         num_m_tiles = (rows_per_kv + TILE_M - 1) // TILE_M
         self.kernel(
             tiled_mma_s,
-            tiled_mma_o,
+            tiled_mma_o_rs,
+            tiled_mma_o_ss,
             tma_q,
             tma_q_tensor,
             tma_k,
@@ -163,7 +191,6 @@ class MlaDecodeSm90:
             heads_per_kv,
             sQ_layout,
             sK_layout,
-            sP_layout,
         ).launch(
             grid=[num_parts, num_kv_heads, num_m_tiles],
             block=[THREADS, 1, 1],
@@ -176,7 +203,8 @@ class MlaDecodeSm90:
     def kernel(
         self,
         tiled_mma_s: cute.TiledMma,
-        tiled_mma_o: cute.TiledMma,
+        tiled_mma_o_rs: cute.TiledMma,
+        tiled_mma_o_ss: cute.TiledMma,
         tma_q: cute.CopyAtom,
         mQ_tma: cute.Tensor,
         tma_k: cute.CopyAtom,
@@ -193,7 +221,6 @@ class MlaDecodeSm90:
         heads_per_kv: Int32,
         sQ_layout: cute.ComposedLayout,
         sK_layout: cute.ComposedLayout,
-        sP_layout: cute.ComposedLayout,
     ):
         tidx, _, _ = cute.arch.thread_idx()
         part, kv_head, m_tile = cute.arch.block_idx()
@@ -228,7 +255,11 @@ class MlaDecodeSm90:
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
-        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+
+        # All MMAs accumulate (S is zeroed before its first k-step): the flag is set once,
+        # before any of the data-dependent branches that issue MMAs.
+        for tiled_mma in (tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss):
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
 
         if warpgroup_idx == 0:
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
@@ -239,11 +270,15 @@ class MlaDecodeSm90:
                 )
         else:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
-            self.consume(
-                warpgroup_idx - 1, tidx % 128, tiled_mma_s, tiled_mma_o, sQ, sK, sP, storage, kv_pipe, q_pipe,
+            args = (
+                tidx % 128, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv_pipe, q_pipe,
                 mSeqlens, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale, heads_per_kv,
                 part, kv_head, m_tile,
             )
+            if warpgroup_idx == 1:
+                self.consume(0, *args)
+            else:
+                self.consume(1, *args)
 
     @cute.jit
     def blocks_of(self, mSeqlens: cute.Tensor, batch: Int32, begin_batch: Int32, begin_block: Int32,
@@ -309,73 +344,83 @@ class MlaDecodeSm90:
         cute.copy(tma_k, tKgK[None, 0, 0, kv_head, page], tKsK[None, kv_state.index],
                   tma_bar_ptr=kv_pipe.producer_get_barrier(kv_state), cache_policy=evict_first)
 
+    @staticmethod
+    def kv_stage(count: Int32) -> pipeline.PipelineState:
+        """Consumer state of the ``count``-th K tile this CTA receives (both consumers
+        see every tile; the ring's stage and phase follow from the count)."""
+        return pipeline.PipelineState(NUM_STAGES, count, count % NUM_STAGES, (count // NUM_STAGES) % 2)
+
     @cute.jit
     def consume(
-        self, wg: Int32, wg_tidx: Int32, tiled_mma_s, tiled_mma_o, sQ, sK, sP, storage, kv_pipe, q_pipe,
-        mSeqlens, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale, heads_per_kv,
+        self, wg: cutlass.Constexpr, wg_tidx: Int32, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
+        kv_pipe, q_pipe, mSeqlens, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale, heads_per_kv,
         part, kv_head, m_tile,
     ):
+        """One consumer warpgroup: ``wg`` 0 is the left one, 1 the right one."""
         begin_batch, begin_block, end_batch, end_block, begin_split = (mMeta[part, i] for i in range(5))
         dtype = self.dtype
-        n_per_wg, dv_per_wg = self.n_per_wg, self.dv_per_wg
+        dv_per_wg = self.dv_per_wg
         rows_per_kv = mOAccum.shape[2]
         s_q = rows_per_kv // heads_per_kv
         scale_log2 = softmax_scale * math.log2(math.e)
+        stage_elems = BLOCK_N * self.head_dim
 
-        # This consumer's tokens of the K tile: rows [32 wg, 32 wg + 32) of every stage.
-        # The K-major tile is (8-row groups x 64-column chunks) of 1 KB swizzle atoms,
-        # so a 32-row slice starts 4 groups (2048 elements) further on.
-        sK_mine = cute.make_tensor(
-            sK.iterator + wg * (n_per_wg * 64),
-            cute.make_layout(
-                ((8, n_per_wg // 8), (64, self.k_chunks), (1, NUM_STAGES)),
-                stride=((64, 512), (1, BLOCK_N * 64), (0, BLOCK_N * self.head_dim)),
-            ),
-        )
-        # V: this consumer's 256 output columns of the same tile, as an MN-major operand
-        # (N = columns, K = tokens): 64-column chunks 4 wg .. 4 wg + 3.
+        # V: this consumer's output columns of every K stage (64-column chunks
+        # 4 wg .. 4 wg + 3) as an MN-major operand: N = column, K = token.
         sV_mine = cute.make_tensor(
             sK.iterator + wg * (dv_per_wg * BLOCK_N),
             cute.make_layout(
                 ((64, dv_per_wg // 64), (8, BLOCK_N // 8), (1, NUM_STAGES)),
-                stride=((1, BLOCK_N * 64), (64, 512), (0, BLOCK_N * self.head_dim)),
+                stride=((1, BLOCK_N * 64), (64, 512), (0, stage_elems)),
             ),
         )
-        # This consumer's 32 columns of P.
-        sP_mine = cute.local_tile(sP[None, None, 0], (TILE_M, n_per_wg), (0, wg))
+        # P of each stage's block, kept in that stage's rope chunk: a K-major
+        # (query row, token) tile with the same 1 KB swizzle atoms as the K tile.
+        sP = cute.make_tensor(
+            sK.iterator + ROPE_CHUNK * (BLOCK_N * 64),
+            cute.make_layout(
+                ((8, TILE_M // 8), (BLOCK_N, 1), (1, NUM_STAGES)),
+                stride=((64, 512), (1, 0), (0, stage_elems)),
+            ),
+        )
 
         thr_mma_s = tiled_mma_s.get_slice(wg_tidx)
-        thr_mma_o = tiled_mma_o.get_slice(wg_tidx)
+        thr_mma_rs = tiled_mma_o_rs.get_slice(wg_tidx)
+        thr_mma_ss = tiled_mma_o_ss.get_slice(wg_tidx)
         tSrQ = thr_mma_s.make_fragment_A(thr_mma_s.partition_A(sQ))
-        tSrK = thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sK_mine))
-        tOrP = thr_mma_o.make_fragment_A(thr_mma_o.partition_A(sP))
-        tOrV = thr_mma_o.make_fragment_B(thr_mma_o.partition_B(sV_mine))
-        acc_s = thr_mma_s.make_fragment_C(thr_mma_s.partition_shape_C((TILE_M, n_per_wg)))
-        acc_o = thr_mma_o.make_fragment_C(thr_mma_o.partition_shape_C((TILE_M, dv_per_wg)))
+        tSrK = thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sK))
+        tOrV_rs = thr_mma_rs.make_fragment_B(thr_mma_rs.partition_B(sV_mine))
+        tOrV_ss = thr_mma_ss.make_fragment_B(thr_mma_ss.partition_B(sV_mine))
+        tOrP_ss = thr_mma_ss.make_fragment_A(thr_mma_ss.partition_A(sP))
+        acc_s = thr_mma_s.make_fragment_C(thr_mma_s.partition_shape_C((TILE_M, BLOCK_N)))
+        acc_o = thr_mma_rs.make_fragment_C(thr_mma_rs.partition_shape_C((TILE_M, dv_per_wg)))
         s_rc = utils.acc_as_rows_cols(acc_s)
         o_rc = utils.acc_as_rows_cols(acc_o)
-        # Coordinates (row, col) of each accumulator element.
-        coord_s = utils.acc_as_rows_cols(thr_mma_s.partition_C(cute.make_identity_tensor((TILE_M, n_per_wg))))
-        coord_o = utils.acc_as_rows_cols(thr_mma_o.partition_C(cute.make_identity_tensor((TILE_M, dv_per_wg))))
+        coord_s = utils.acc_as_rows_cols(thr_mma_s.partition_C(cute.make_identity_tensor((TILE_M, BLOCK_N))))
+        coord_o = utils.acc_as_rows_cols(thr_mma_rs.partition_C(cute.make_identity_tensor((TILE_M, dv_per_wg))))
         num_rows = cute.size(s_rc, mode=[0])
-
+        # This consumer's P, in the input dtype, as the register A operand of P V.
+        p_regs = cute.make_rmem_tensor_like(acc_s, dtype)
+        p_operand = cute.make_tensor(p_regs.iterator, utils.acc_as_operand_a(acc_s.layout))
         p_store = cute.make_tiled_copy_C(
             cute.make_copy_atom(warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), dtype), tiled_mma_s
         ).get_slice(wg_tidx)
-        tPsP = p_store.partition_D(sP_mine)
+        tPsP = p_store.partition_D(sP)
 
-        row_max_mine = storage.row_max.get_tensor(cute.make_layout((TILE_M, NUM_CONSUMER_WARPGROUPS), stride=(1, TILE_M)))
-        row_sum_mine = storage.row_sum.get_tensor(cute.make_layout((TILE_M, NUM_CONSUMER_WARPGROUPS), stride=(1, TILE_M)))
+        stats = storage.stats.get_tensor(cute.make_layout((TILE_M, 6), stride=(1, TILE_M)))
         lane_writes_row = wg_tidx % 4 == 0
-
-        consumers = pipeline.NamedBarrier(barrier_id=BAR_CONSUMERS, num_threads=256)
         my_warpgroup = pipeline.NamedBarrier(barrier_id=BAR_WG_BASE + wg, num_threads=128)
+        left_stats = pipeline.NamedBarrier(barrier_id=BAR_LEFT_STATS, num_threads=256)
+        right_stats = pipeline.NamedBarrier(barrier_id=BAR_RIGHT_STATS, num_threads=256)
+        left_p = pipeline.NamedBarrier(barrier_id=BAR_LEFT_P, num_threads=256)
+        sums = pipeline.NamedBarrier(barrier_id=BAR_SUMS, num_threads=256)
 
-        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, NUM_STAGES)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
-        row_max = cute.make_rmem_tensor((num_rows,), Float32)
-        row_sum = cute.make_rmem_tensor((num_rows,), Float32)
+        row_max = cute.make_rmem_tensor((num_rows,), Float32)  # the running maximum m
+        row_sum = cute.make_rmem_tensor((num_rows,), Float32)  # this consumer's share of the sum
         row_limit = cute.make_rmem_tensor((num_rows,), Int32)
+        block_max = cute.make_rmem_tensor((num_rows,), Float32)
+        tiles_seen = Int32(0)
 
         for batch in cutlass.range(begin_batch, end_batch + 1, unroll=1):
             seqlen, first, last = self.blocks_of(mSeqlens, batch, begin_batch, begin_block, end_batch, end_block)
@@ -389,95 +434,113 @@ class MlaDecodeSm90:
                 row_max[i] = -Float32.inf
                 row_sum[i] = 0.0
             acc_o.fill(0.0)
-            # Blocks at or past this position need masking for some row.
-            mask_from = seqlen
+            mask_from = seqlen  # blocks reaching past this need masking for some row
             if const_expr(self.causal):
                 mask_from = seqlen - (s_q - 1)
+            scores = (tiled_mma_s, acc_s, s_rc, tSrQ, tSrK, sK, coord_s, row_limit, seqlen, mask_from,
+                      wg_tidx, my_warpgroup)
 
             q_pipe.consumer_wait(q_state)
-            for block in cutlass.range(first, last, unroll=1):
-                kv_pipe.consumer_wait(kv_state)
-                stage = kv_state.index
-                block_start = block * BLOCK_N
-                if block_start + BLOCK_N > seqlen:
-                    # Cache slots past the sequence end hold anything (NaN in the tests):
-                    # zero my rows of them so that 0 * slot cannot poison O through P V.
-                    self.zero_tail_rows(sK_mine, stage, seqlen - block_start - wg * n_per_wg, wg_tidx)
-                    cute.arch.fence_view_async_shared()
-                    my_warpgroup.arrive_and_wait()
-
-                # S = Q K^T over this consumer's 32 tokens.
-                warpgroup.fence()
-                tiled_mma_s.set(warpgroup.Field.ACCUMULATE, False)
-                for k in cutlass.range_constexpr(cute.size(tSrQ, mode=[2])):
-                    cute.gemm(tiled_mma_s, acc_s, tSrQ[None, None, k, 0], tSrK[None, None, k, stage], acc_s)
-                    tiled_mma_s.set(warpgroup.Field.ACCUMULATE, True)
-                warpgroup.commit_group()
-                warpgroup.wait_group(0)
-
-                if block_start + BLOCK_N > mask_from:
+            for pair in cutlass.range(first, last, 2, unroll=1):
+                has_second = pair + 1 < last
+                first_state = self.kv_stage(tiles_seen)
+                second_state = self.kv_stage(tiles_seen + 1)
+                if const_expr(wg == 0):
+                    # ---- left: S0, P0 V0_L, then P1 V1_L --------------------------------
+                    kv_pipe.consumer_wait(first_state)
+                    self.block_scores(pair, first_state.index, *scores)
                     for i in cutlass.range_constexpr(num_rows):
+                        m0 = cute.arch.fmax(row_max[i], self.quad_row_max(s_rc, i))
+                        m0_scaled = self.scaled_max(m0, scale_log2)
+                        s0 = cute.math.exp2(row_max[i] * scale_log2 - m0_scaled, fastmath=True)
+                        row_sum[i] = row_sum[i] * s0 + self.exponentiate_row(s_rc, i, scale_log2, m0_scaled)
+                        if lane_writes_row:
+                            stats[coord_s[i, 0][0], STAT_M0] = m0
+                            stats[coord_s[i, 0][0], STAT_S0] = s0
+                        self.rescale_row(o_rc, i, s0)
+                    left_stats.arrive()
+                    p_regs.store(acc_s.load().to(dtype))
+                    warpgroup.fence()
+                    self.pv(tiled_mma_o_rs, acc_o, p_operand, None, tOrV_rs, first_state.index)
+                    warpgroup.commit_group()
+
+                    right_stats.arrive_and_wait()
+                    warpgroup.wait_group(0)
+                    for i in cutlass.range_constexpr(num_rows):
+                        r = coord_s[i, 0][0]
+                        s1 = stats[r, STAT_S1]
+                        row_max[i] = stats[r, STAT_M1]
+                        row_sum[i] = row_sum[i] * s1
                         for j in cutlass.range_constexpr(cute.size(s_rc, mode=[1])):
-                            token = block_start + wg * n_per_wg + coord_s[i, j][1]
-                            if token >= row_limit[i]:
-                                s_rc[i, j] = -Float32.inf
-
-                # Row maxima, exchanged between the two consumers.
-                for i in cutlass.range_constexpr(num_rows):
-                    m = s_rc[i, 0]
-                    for j in cutlass.range_constexpr(1, cute.size(s_rc, mode=[1])):
-                        m = cute.arch.fmax(m, s_rc[i, j])
-                    m = utils.quad_max(m)
-                    if lane_writes_row:
-                        row_max_mine[coord_s[i, 0][0], wg] = m
-                consumers.arrive_and_wait()
-
-                for i in cutlass.range_constexpr(num_rows):
-                    row = coord_s[i, 0][0]
-                    m_new = cute.arch.fmax(row_max[i], cute.arch.fmax(row_max_mine[row, 0], row_max_mine[row, 1]))
-                    m_scaled = m_new * scale_log2
-                    if m_new == -Float32.inf:
-                        m_scaled = Float32(0.0)
-                    alpha = cute.math.exp2(row_max[i] * scale_log2 - m_scaled, fastmath=True)
-                    max_grew = m_new != row_max[i]
-                    row_max[i] = m_new
-                    psum = Float32(0.0)
-                    for j in cutlass.range_constexpr(cute.size(s_rc, mode=[1])):
-                        p = cute.math.exp2(s_rc[i, j] * scale_log2 - m_scaled, fastmath=True)
-                        s_rc[i, j] = p
-                        psum = psum + p
-                    row_sum[i] = row_sum[i] * alpha + psum
-                    # After the first blocks a row's maximum rarely grows; when it does
-                    # not, alpha is exactly 1 and the 128 multiplies of O can be skipped.
-                    if max_grew:
-                        for j in cutlass.range_constexpr(cute.size(o_rc, mode=[1])):
-                            o_rc[i, j] = o_rc[i, j] * alpha
-
-                # P (in the input dtype) to shared memory for both consumers' P V.
-                p_regs = cute.make_rmem_tensor_like(acc_s, dtype)
-                p_regs.store(acc_s.load().to(dtype))
-                cute.copy(p_store, p_store.retile(p_regs), tPsP)
-                cute.arch.fence_view_async_shared()
-                consumers.arrive_and_wait()
-
-                # O += P V over this consumer's 256 columns.
-                warpgroup.fence()
-                tiled_mma_o.set(warpgroup.Field.ACCUMULATE, True)
-                for k in cutlass.range_constexpr(cute.size(tOrP, mode=[2])):
-                    cute.gemm(tiled_mma_o, acc_o, tOrP[None, None, k, 0], tOrV[None, None, k, stage], acc_o)
-                warpgroup.commit_group()
-                warpgroup.wait_group(0)
-                kv_pipe.consumer_release(kv_state)
-                kv_state.advance()
+                            s_rc[i, j] = s_rc[i, j] * s1
+                        self.rescale_row(o_rc, i, s1)
+                    # P0, now relative to m1, to the rope chunk of its stage for the right consumer.
+                    p_regs.store(acc_s.load().to(dtype))
+                    cute.copy(p_store, p_store.retile(p_regs), tPsP[None, None, None, first_state.index])
+                    cute.arch.fence_view_async_shared()
+                    left_p.arrive()
+                    kv_pipe.consumer_release(first_state)
+                    if has_second:
+                        kv_pipe.consumer_wait(second_state)
+                        warpgroup.fence()
+                        self.pv(tiled_mma_o_ss, acc_o, tOrP_ss, second_state.index, tOrV_ss, second_state.index)
+                        warpgroup.commit_group()
+                        warpgroup.wait_group(0)
+                        kv_pipe.consumer_release(second_state)
+                else:
+                    # ---- right: S1, P1 V1_R, then P0 V0_R --------------------------------
+                    for i in cutlass.range_constexpr(num_rows):
+                        block_max[i] = -Float32.inf
+                    if has_second:
+                        kv_pipe.consumer_wait(second_state)
+                        self.block_scores(pair + 1, second_state.index, *scores)
+                        for i in cutlass.range_constexpr(num_rows):
+                            block_max[i] = self.quad_row_max(s_rc, i)
+                    left_stats.arrive_and_wait()
+                    for i in cutlass.range_constexpr(num_rows):
+                        r = coord_s[i, 0][0]
+                        m0 = stats[r, STAT_M0]
+                        s0 = stats[r, STAT_S0]
+                        m1 = cute.arch.fmax(m0, block_max[i])
+                        m1_scaled = self.scaled_max(m1, scale_log2)
+                        s1 = cute.math.exp2(m0 * scale_log2 - m1_scaled, fastmath=True)
+                        row_sum[i] = row_sum[i] * (s0 * s1)
+                        if has_second:
+                            row_sum[i] = row_sum[i] + self.exponentiate_row(s_rc, i, scale_log2, m1_scaled)
+                        if lane_writes_row:
+                            stats[r, STAT_M1] = m1
+                            stats[r, STAT_S1] = s1
+                        row_max[i] = m1
+                        self.rescale_row(o_rc, i, s0 * s1)
+                    if has_second:
+                        # P1 to the rope chunk of its stage for the left consumer.
+                        p_regs.store(acc_s.load().to(dtype))
+                        cute.copy(p_store, p_store.retile(p_regs), tPsP[None, None, None, second_state.index])
+                        cute.arch.fence_view_async_shared()
+                    right_stats.arrive()
+                    if has_second:
+                        warpgroup.fence()
+                        self.pv(tiled_mma_o_rs, acc_o, p_operand, None, tOrV_rs, second_state.index)
+                        warpgroup.commit_group()
+                    left_p.arrive_and_wait()
+                    kv_pipe.consumer_wait(first_state)
+                    warpgroup.fence()
+                    self.pv(tiled_mma_o_ss, acc_o, tOrP_ss, first_state.index, tOrV_ss, first_state.index)
+                    warpgroup.commit_group()
+                    warpgroup.wait_group(0)
+                    kv_pipe.consumer_release(first_state)
+                    if has_second:
+                        kv_pipe.consumer_release(second_state)
+                tiles_seen = tiles_seen + cutlass.min(last - pair, 2)
             q_pipe.consumer_release(q_state)
             q_state.advance()
 
-            # Epilogue: total row sums (each consumer summed its own tokens), normalize, store.
+            # Epilogue: total row sums (each consumer summed its own blocks), normalize, store.
             for i in cutlass.range_constexpr(num_rows):
                 total = utils.quad_sum(row_sum[i])
                 if lane_writes_row:
-                    row_sum_mine[coord_s[i, 0][0], wg] = total
-            consumers.arrive_and_wait()
+                    stats[coord_s[i, 0][0], STAT_SUM_L + wg] = total
+            sums.arrive_and_wait()
             num_frags = mNumSplits[batch + 1] - mNumSplits[batch]
             split_idx = mNumSplits[batch]
             if batch == begin_batch:
@@ -485,7 +548,7 @@ class MlaDecodeSm90:
             for i in cutlass.range_constexpr(num_rows):
                 r = coord_s[i, 0][0]
                 row = m_tile * TILE_M + r
-                total = row_sum_mine[r, 0] + row_sum_mine[r, 1]
+                total = stats[r, STAT_SUM_L] + stats[r, STAT_SUM_R]
                 inv = Float32(0.0)
                 lse = -Float32.inf
                 if total > 0.0:
@@ -506,15 +569,86 @@ class MlaDecodeSm90:
                             mOAccum[split_idx, kv_head, row, wg * dv_per_wg + coord_o[i, j][1]] = o_rc[i, j] * inv
                         if wg == 0 and lane_writes_row:
                             mLseAccum[split_idx, kv_head, row] = lse
-            # Nobody may overwrite row_sum before both consumers read it.
-            consumers.arrive_and_wait()
+            # Nobody may overwrite the sums before both consumers read them.
+            sums.arrive_and_wait()
 
     @cute.jit
-    def zero_tail_rows(self, sK_mine: cute.Tensor, stage: Int32, first_invalid: Int32, wg_tidx: Int32):
-        """Zero rows ``[max(first_invalid, 0), 32)`` of this consumer's slice of a K stage."""
-        num_elems = self.n_per_wg * self.head_dim
+    def block_scores(self, block, stage, tiled_mma_s, acc_s, s_rc, tSrQ, tSrK, sK, coord_s, row_limit, seqlen,
+                     mask_from, wg_tidx, my_warpgroup):
+        """``S = Q K^T`` of one block into ``acc_s``, with keys a row may not see at -inf."""
+        block_start = block * BLOCK_N
+        if block_start + BLOCK_N > seqlen:
+            # Cache slots past the sequence end hold anything (NaN in the tests): zero
+            # them, so that 0 * slot cannot poison O through P V.
+            self.zero_tail_rows(sK, stage, seqlen - block_start, wg_tidx)
+            cute.arch.fence_view_async_shared()
+            my_warpgroup.arrive_and_wait()
+        acc_s.fill(0.0)
+        warpgroup.fence()
+        for k in cutlass.range_constexpr(cute.size(tSrQ, mode=[2])):
+            cute.gemm(tiled_mma_s, acc_s, tSrQ[None, None, k, 0], tSrK[None, None, k, stage], acc_s)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+        if block_start + BLOCK_N > mask_from:
+            for i in cutlass.range_constexpr(cute.size(s_rc, mode=[0])):
+                for j in cutlass.range_constexpr(cute.size(s_rc, mode=[1])):
+                    if block_start + coord_s[i, j][1] >= row_limit[i]:
+                        s_rc[i, j] = -Float32.inf
+
+    @cute.jit
+    def pv(self, tiled_mma, acc_o, p, p_stage, tOrV, v_stage):
+        """``O += P V`` over the 64 tokens of one block (P from registers when
+        ``p_stage`` is None, else from that stage's shared memory)."""
+        for k in cutlass.range_constexpr(cute.size(tOrV, mode=[2])):
+            if const_expr(p_stage is None):
+                a = p[None, None, k]
+            else:
+                a = p[None, None, k, p_stage]
+            cute.gemm(tiled_mma, acc_o, a, tOrV[None, None, k, v_stage], acc_o)
+
+    @staticmethod
+    @cute.jit
+    def quad_row_max(s_rc: cute.Tensor, i: cutlass.Constexpr) -> Float32:
+        m = s_rc[i, 0]
+        for j in cutlass.range_constexpr(1, cute.size(s_rc, mode=[1])):
+            m = cute.arch.fmax(m, s_rc[i, j])
+        return utils.quad_max(m)
+
+    @staticmethod
+    @cute.jit
+    def scaled_max(m: Float32, scale_log2: Float32) -> Float32:
+        """``m * scale_log2``, or 0 for a row that has seen no key yet (avoids inf - inf)."""
+        scaled = m * scale_log2
+        if m == -Float32.inf:
+            scaled = Float32(0.0)
+        return scaled
+
+    @staticmethod
+    @cute.jit
+    def exponentiate_row(s_rc: cute.Tensor, i: cutlass.Constexpr, scale_log2: Float32, m_scaled: Float32) -> Float32:
+        """``S[i, :] = exp2(S[i, :] * scale_log2 - m_scaled)`` in place; returns this
+        thread's part of the row sum."""
+        total = Float32(0.0)
+        for j in cutlass.range_constexpr(cute.size(s_rc, mode=[1])):
+            p = cute.math.exp2(s_rc[i, j] * scale_log2 - m_scaled, fastmath=True)
+            s_rc[i, j] = p
+            total = total + p
+        return total
+
+    @staticmethod
+    @cute.jit
+    def rescale_row(o_rc: cute.Tensor, i: cutlass.Constexpr, factor: Float32):
+        # Once the running maximum settles, factors are exactly 1: skip the multiplies.
+        if factor != 1.0:
+            for j in cutlass.range_constexpr(cute.size(o_rc, mode=[1])):
+                o_rc[i, j] = o_rc[i, j] * factor
+
+    @cute.jit
+    def zero_tail_rows(self, sK: cute.Tensor, stage: Int32, first_invalid: Int32, wg_tidx: Int32):
+        """Zero token rows ``[max(first_invalid, 0), 64)`` of one K stage."""
+        num_elems = BLOCK_N * self.head_dim
         for idx in cutlass.range(wg_tidx, num_elems, 128, unroll=4):
             row = idx // self.head_dim
             col = idx - row * self.head_dim
             if row >= first_invalid:
-                sK_mine[row, col, stage] = self.dtype(0.0)
+                sK[row, col, stage] = self.dtype(0.0)

@@ -39,3 +39,13 @@ def quad_sum(x: Float32) -> Float32:
     for offset in cutlass.range_constexpr(1, 3):
         x = x + cute.arch.shuffle_sync_bfly(x, offset=offset)
     return x
+
+
+def acc_as_operand_a(acc_layout: cute.Layout) -> cute.Layout:
+    """Layout that reads a (converted) ``m64nN`` accumulator fragment ``((2, 2, N/8), 1, 1)``
+    as the register A operand of ``m64k16`` MMAs, ``((2, 2, 2), 1, N/16)``: on Hopper a
+    thread's accumulator columns ``[16k, 16k + 16)`` are exactly its A values of k-step k."""
+    (v0, v1, v2), m, n = acc_layout.shape
+    (d0, d1, d2), dm, _ = acc_layout.stride
+    assert n == 1 and v2 % 2 == 0
+    return cute.make_layout(((v0, v1, 2), m, v2 // 2), stride=((d0, d1, d2), dm, 2 * d2))
