@@ -10,7 +10,10 @@ Warp roles (384 threads):
 
 - warpgroup 0, warp 0: the producer. Issues TMA bulk-tensor loads of Q (once per
   batch) and of K tiles straight out of the paged cache (the page index read from the
-  block table) into a 2-stage ring completing on mbarriers.
+  block table) into a 2-stage ring, one 64-column chunk per copy. Each stage completes on
+  two mbarriers, for its "lo" chunks (the left consumer's 256 value columns) and its
+  "hi" chunks (the rest), which are also released separately, so that the next block's
+  first chunks load while the current pair of blocks is still being finished.
 - warpgroups 1 and 2: the consumers, "left" and "right". The 64x512 fp32 output O is
   split by columns: left owns ``O_L = O[:, :256]``, right ``O_R = O[:, 256:]``. Blocks
   are taken in pairs ``(K0, K1)`` and the two consumers run FlashMLA's "seesaw"
@@ -68,6 +71,7 @@ BAR_LEFT_P = 3  # left -> right: P0 is in shared memory
 BAR_SUMS = 4  # both: row sums exchanged at the end of a batch
 BAR_WG_BASE = 5  # + consumer index: one consumer warpgroup (128 threads)
 ROPE_CHUNK = 8  # the K tile's 64-column chunk past the 512 value columns: holds P
+CHUNK = 64  # columns per TMA copy and per 128-byte swizzle atom
 
 # Row statistics in shared memory, each TILE_M floats.
 STAT_M0, STAT_S0, STAT_M1, STAT_S1, STAT_SUM_L, STAT_SUM_R = range(6)
@@ -107,6 +111,7 @@ class MlaDecodeSm90:
         self.causal = causal
         self.dv_per_wg = head_dim_v // NUM_CONSUMER_WARPGROUPS  # O columns per consumer
         self.k_chunks = head_dim // 64  # 64-column (128-byte) swizzle atoms per row
+        self.lo_chunks = self.dv_per_wg // 64  # chunks of the left consumer's value columns
 
     # ------------------------------------------------------------------ host side
     @cute.jit
@@ -152,15 +157,19 @@ class MlaDecodeSm90:
         tma_q, tma_q_tensor = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileG2SOp(), q_tma_src, cute.select(sQ_layout, mode=[0, 1]), (TILE_M, d)
         )
+        # K is loaded one 64-column chunk per TMA, so that its two halves can be released
+        # and refilled separately (see KvHalves).
+        chunk_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (TILE_M, BLOCK_N, CHUNK), dtype, 1)
         tma_k, tma_k_tensor = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(), k_tma_src, cute.select(sK_layout, mode=[0, 1]), (BLOCK_N, d)
+            cpasync.CopyBulkTensorTileG2SOp(), k_tma_src, cute.select(chunk_layout, mode=[0, 1]), (BLOCK_N, CHUNK)
         )
         self.q_bytes = cute.size_in_bytes(dtype, cute.select(sQ_layout, mode=[0, 1]))
-        self.k_bytes = cute.size_in_bytes(dtype, cute.select(sK_layout, mode=[0, 1]))
+        self.chunk_bytes = cute.size_in_bytes(dtype, cute.select(chunk_layout, mode=[0, 1]))
 
         @cute.struct
         class SharedStorage:
-            kv_mbar: cute.struct.MemRange[Int64, NUM_STAGES * 2]
+            kv_lo_mbar: cute.struct.MemRange[Int64, NUM_STAGES * 2]
+            kv_hi_mbar: cute.struct.MemRange[Int64, NUM_STAGES * 2]
             q_mbar: cute.struct.MemRange[Int64, 2]
             stats: cute.struct.MemRange[Float32, 6 * TILE_M]
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
@@ -231,12 +240,25 @@ class MlaDecodeSm90:
         storage = smem.allocate(self.shared_storage)
 
         consumer_warps = pipeline.CooperativeGroup(pipeline.Agent.Thread, 4 * NUM_CONSUMER_WARPGROUPS)
-        kv_pipe = pipeline.PipelineTmaAsync.create(
+        # Each K stage is two pipelines over the same ring: "lo" holds the left consumer's
+        # value columns (chunks 0..3), "hi" the rest (the right consumer's value columns
+        # and the rope chunk). The left consumer is done with "lo" of its block well
+        # before the pair ends, so the next block's first chunks load early and its S
+        # starts on them while "hi" is still arriving.
+        kv_lo = pipeline.PipelineTmaAsync.create(
             num_stages=NUM_STAGES,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
             consumer_group=consumer_warps,
-            tx_count=self.k_bytes,
-            barrier_storage=storage.kv_mbar.data_ptr(),
+            tx_count=self.lo_chunks * self.chunk_bytes,
+            barrier_storage=storage.kv_lo_mbar.data_ptr(),
+            defer_sync=True,
+        )
+        kv_hi = pipeline.PipelineTmaAsync.create(
+            num_stages=NUM_STAGES,
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
+            consumer_group=consumer_warps,
+            tx_count=(self.k_chunks - self.lo_chunks) * self.chunk_bytes,
+            barrier_storage=storage.kv_hi_mbar.data_ptr(),
             defer_sync=True,
         )
         q_pipe = pipeline.PipelineTmaAsync.create(
@@ -265,13 +287,13 @@ class MlaDecodeSm90:
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             if warp_idx == 0:
                 self.produce(
-                    tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv_pipe, q_pipe, mBlockTable, mSeqlens, mMeta,
+                    tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv_lo, kv_hi, q_pipe, mBlockTable, mSeqlens, mMeta,
                     part, kv_head, m_tile,
                 )
         else:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             args = (
-                tidx % 128, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv_pipe, q_pipe,
+                tidx % 128, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv_lo, kv_hi, q_pipe,
                 mSeqlens, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale, heads_per_kv,
                 part, kv_head, m_tile,
             )
@@ -300,7 +322,7 @@ class MlaDecodeSm90:
 
     @cute.jit
     def produce(
-        self, tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv_pipe, q_pipe, mBlockTable, mSeqlens, mMeta,
+        self, tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv_lo, kv_hi, q_pipe, mBlockTable, mSeqlens, mMeta,
         part, kv_head, m_tile,
     ):
         begin_batch, begin_block, end_batch, end_block = (mMeta[part, i] for i in range(4))
@@ -308,12 +330,20 @@ class MlaDecodeSm90:
         cpasync.prefetch_descriptor(tma_k)
         # (TMA, tiles_m, 1, h_kv, b) and (TMA, 1, 1, h_kv, pages)
         gQ = cute.flat_divide(mQ_tma, (TILE_M, self.head_dim))
-        gK = cute.flat_divide(mK_tma, (BLOCK_N, self.head_dim))
+        gK = cute.flat_divide(mK_tma, (BLOCK_N, CHUNK))  # (64, 64, 1, chunks, h_kv, pages)
         tQsQ, tQgQ = cpasync.tma_partition(
             tma_q, 0, cute.make_layout(1), cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2)
         )
+        # The stages as (token, column-in-chunk, chunk, stage).
+        sK_chunks = cute.make_tensor(
+            sK.iterator,
+            cute.make_layout(
+                ((8, BLOCK_N // 8), CHUNK, self.k_chunks, NUM_STAGES),
+                stride=((64, 512), 1, BLOCK_N * CHUNK, BLOCK_N * self.head_dim),
+            ),
+        )
         tKsK, tKgK = cpasync.tma_partition(
-            tma_k, 0, cute.make_layout(1), cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2)
+            tma_k, 0, cute.make_layout(1), cute.group_modes(sK_chunks, 0, 2), cute.group_modes(gK, 0, 2)
         )
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, NUM_STAGES)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
@@ -326,23 +356,31 @@ class MlaDecodeSm90:
             # in loop bodies.)
             split = cutlass.min(first + 1, last)
             for block in cutlass.range(first, split, unroll=1):
-                self.load_k(tma_k, tKgK, tKsK, kv_pipe, kv_state, mBlockTable, kv_head, batch, block, evict_first)
+                self.load_k(tma_k, tKgK, tKsK, kv_lo, kv_hi, kv_state, mBlockTable, kv_head, batch, block, evict_first)
                 kv_state.advance()
             q_pipe.producer_acquire(q_state)
             cute.copy(tma_q, tQgQ[None, m_tile, 0, kv_head, batch], tQsQ[None, 0],
                       tma_bar_ptr=q_pipe.producer_get_barrier(q_state))
             q_state.advance()
             for block in cutlass.range(split, last, unroll=1):
-                self.load_k(tma_k, tKgK, tKsK, kv_pipe, kv_state, mBlockTable, kv_head, batch, block, evict_first)
+                self.load_k(tma_k, tKgK, tKsK, kv_lo, kv_hi, kv_state, mBlockTable, kv_head, batch, block, evict_first)
                 kv_state.advance()
 
     @cute.jit
-    def load_k(self, tma_k, tKgK, tKsK, kv_pipe, kv_state, mBlockTable, kv_head, batch, block, evict_first):
-        """TMA of one 64-token page of K (and V, its first 512 columns) into the next stage."""
+    def load_k(self, tma_k, tKgK, tKsK, kv_lo, kv_hi, kv_state, mBlockTable, kv_head, batch, block, evict_first):
+        """TMA of one 64-token page of K (and V, its first 512 columns) into the next
+        stage, chunk by chunk: the "lo" chunks as soon as their half of the stage is
+        free, then the "hi" ones."""
         page = mBlockTable[batch, block]
-        kv_pipe.producer_acquire(kv_state)
-        cute.copy(tma_k, tKgK[None, 0, 0, kv_head, page], tKsK[None, kv_state.index],
-                  tma_bar_ptr=kv_pipe.producer_get_barrier(kv_state), cache_policy=evict_first)
+        stage = kv_state.index
+        kv_lo.producer_acquire(kv_state)
+        for c in cutlass.range_constexpr(self.lo_chunks):
+            cute.copy(tma_k, tKgK[None, 0, c, kv_head, page], tKsK[None, c, stage],
+                      tma_bar_ptr=kv_lo.producer_get_barrier(kv_state), cache_policy=evict_first)
+        kv_hi.producer_acquire(kv_state)
+        for c in cutlass.range_constexpr(self.lo_chunks, self.k_chunks):
+            cute.copy(tma_k, tKgK[None, 0, c, kv_head, page], tKsK[None, c, stage],
+                      tma_bar_ptr=kv_hi.producer_get_barrier(kv_state), cache_policy=evict_first)
 
     @staticmethod
     def kv_stage(count: Int32) -> pipeline.PipelineState:
@@ -353,7 +391,7 @@ class MlaDecodeSm90:
     @cute.jit
     def consume(
         self, wg: cutlass.Constexpr, wg_tidx: Int32, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
-        kv_pipe, q_pipe, mSeqlens, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale, heads_per_kv,
+        kv_lo, kv_hi, q_pipe, mSeqlens, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale, heads_per_kv,
         part, kv_head, m_tile,
     ):
         """One consumer warpgroup: ``wg`` 0 is the left one, 1 the right one."""
@@ -447,8 +485,7 @@ class MlaDecodeSm90:
                 second_state = self.kv_stage(tiles_seen + 1)
                 if const_expr(wg == 0):
                     # ---- left: S0, P0 V0_L, then P1 V1_L --------------------------------
-                    kv_pipe.consumer_wait(first_state)
-                    self.block_scores(pair, first_state.index, *scores)
+                    self.block_scores(pair, first_state, kv_lo, kv_hi, *scores)
                     for i in cutlass.range_constexpr(num_rows):
                         m0 = cute.arch.fmax(row_max[i], self.quad_row_max(s_rc, i))
                         m0_scaled = self.scaled_max(m0, scale_log2)
@@ -466,6 +503,7 @@ class MlaDecodeSm90:
 
                     right_stats.arrive_and_wait()
                     warpgroup.wait_group(0)
+                    kv_lo.consumer_release(first_state)  # V0_L read: the next block's lo may load
                     for i in cutlass.range_constexpr(num_rows):
                         r = coord_s[i, 0][0]
                         s1 = stats[r, STAT_S1]
@@ -479,24 +517,29 @@ class MlaDecodeSm90:
                     cute.copy(p_store, p_store.retile(p_regs), tPsP[None, None, None, first_state.index])
                     cute.arch.fence_view_async_shared()
                     left_p.arrive()
-                    kv_pipe.consumer_release(first_state)
+                    kv_hi.consumer_release(first_state)
                     if has_second:
-                        kv_pipe.consumer_wait(second_state)
+                        kv_lo.consumer_wait(second_state)
+                        kv_hi.consumer_wait(second_state)
                         warpgroup.fence()
                         self.pv(tiled_mma_o_ss, acc_o, tOrP_ss, second_state.index, tOrV_ss, second_state.index)
                         warpgroup.commit_group()
                         warpgroup.wait_group(0)
-                        kv_pipe.consumer_release(second_state)
+                        kv_lo.consumer_release(second_state)
+                        kv_hi.consumer_release(second_state)
                 else:
                     # ---- right: S1, P1 V1_R, then P0 V0_R --------------------------------
                     for i in cutlass.range_constexpr(num_rows):
                         block_max[i] = -Float32.inf
                     if has_second:
-                        kv_pipe.consumer_wait(second_state)
-                        self.block_scores(pair + 1, second_state.index, *scores)
+                        self.block_scores(pair + 1, second_state, kv_lo, kv_hi, *scores)
+                        kv_lo.consumer_release(second_state)  # the left consumer still reads V1_L
                         for i in cutlass.range_constexpr(num_rows):
                             block_max[i] = self.quad_row_max(s_rc, i)
                     left_stats.arrive_and_wait()
+                    # This consumer never reads lo of the first block: release it at once.
+                    kv_lo.consumer_wait(first_state)
+                    kv_lo.consumer_release(first_state)
                     for i in cutlass.range_constexpr(num_rows):
                         r = coord_s[i, 0][0]
                         m0 = stats[r, STAT_M0]
@@ -523,14 +566,14 @@ class MlaDecodeSm90:
                         self.pv(tiled_mma_o_rs, acc_o, p_operand, None, tOrV_rs, second_state.index)
                         warpgroup.commit_group()
                     left_p.arrive_and_wait()
-                    kv_pipe.consumer_wait(first_state)
+                    kv_hi.consumer_wait(first_state)
                     warpgroup.fence()
                     self.pv(tiled_mma_o_ss, acc_o, tOrP_ss, first_state.index, tOrV_ss, first_state.index)
                     warpgroup.commit_group()
                     warpgroup.wait_group(0)
-                    kv_pipe.consumer_release(first_state)
+                    kv_hi.consumer_release(first_state)
                     if has_second:
-                        kv_pipe.consumer_release(second_state)
+                        kv_hi.consumer_release(second_state)
                 tiles_seen = tiles_seen + cutlass.min(last - pair, 2)
             q_pipe.consumer_release(q_state)
             q_state.advance()
@@ -573,19 +616,27 @@ class MlaDecodeSm90:
             sums.arrive_and_wait()
 
     @cute.jit
-    def block_scores(self, block, stage, tiled_mma_s, acc_s, s_rc, tSrQ, tSrK, sK, coord_s, row_limit, seqlen,
-                     mask_from, wg_tidx, my_warpgroup):
-        """``S = Q K^T`` of one block into ``acc_s``, with keys a row may not see at -inf."""
+    def block_scores(self, block, state, kv_lo, kv_hi, tiled_mma_s, acc_s, s_rc, tSrQ, tSrK, sK, coord_s,
+                     row_limit, seqlen, mask_from, wg_tidx, my_warpgroup):
+        """``S = Q K^T`` of one block into ``acc_s``, with keys a row may not see at -inf.
+        The MMAs over the "lo" chunks are issued as soon as those have landed."""
+        stage = state.index
         block_start = block * BLOCK_N
+        kv_lo.consumer_wait(state)
         if block_start + BLOCK_N > seqlen:
             # Cache slots past the sequence end hold anything (NaN in the tests): zero
             # them, so that 0 * slot cannot poison O through P V.
+            kv_hi.consumer_wait(state)
             self.zero_tail_rows(sK, stage, seqlen - block_start, wg_tidx)
             cute.arch.fence_view_async_shared()
             my_warpgroup.arrive_and_wait()
         acc_s.fill(0.0)
         warpgroup.fence()
-        for k in cutlass.range_constexpr(cute.size(tSrQ, mode=[2])):
+        lo_steps = self.lo_chunks * (CHUNK // 16)
+        for k in cutlass.range_constexpr(lo_steps):
+            cute.gemm(tiled_mma_s, acc_s, tSrQ[None, None, k, 0], tSrK[None, None, k, stage], acc_s)
+        kv_hi.consumer_wait(state)
+        for k in cutlass.range_constexpr(lo_steps, cute.size(tSrQ, mode=[2])):
             cute.gemm(tiled_mma_s, acc_s, tSrQ[None, None, k, 0], tSrK[None, None, k, stage], acc_s)
         warpgroup.commit_group()
         warpgroup.wait_group(0)
