@@ -70,16 +70,22 @@ class MlaCombine:
         first = mNumSplits[batch]
         num_frags = mNumSplits[batch + 1] - first
         if num_frags > 1 and row < mOAccum.shape[2]:
+            # Log-sum-exp over the fragments: lane k reads fragment k (32 at a time), so
+            # the reads are one round trip rather than one per fragment.
             lse_max = -Float32.inf
-            for k in cutlass.range(num_frags, unroll=1):
-                lse_max = cute.arch.fmax(lse_max, mLseAccum[first + k, kv_head, row])
+            for base in cutlass.range(0, num_frags, 32, unroll=1):
+                if base + lane < num_frags:
+                    lse_max = cute.arch.fmax(lse_max, mLseAccum[first + base + lane, kv_head, row])
+            lse_max = cute.arch.warp_reduction(lse_max, cute.arch.fmax)
             # Every fragment empty for this row: it sees no key (FlashMLA: out 0, lse +inf).
             lse_ref = lse_max
             if lse_max == -Float32.inf:
                 lse_ref = Float32(0.0)
             total = Float32(0.0)
-            for k in cutlass.range(num_frags, unroll=1):
-                total = total + cute.math.exp(mLseAccum[first + k, kv_head, row] - lse_ref, fastmath=True)
+            for base in cutlass.range(0, num_frags, 32, unroll=1):
+                if base + lane < num_frags:
+                    total = total + cute.math.exp(mLseAccum[first + base + lane, kv_head, row] - lse_ref, fastmath=True)
+            total = cute.arch.warp_reduction(total, lambda x, y: x + y)
             inv_total = Float32(0.0)
             lse = Float32.inf
             if total > 0.0:
@@ -89,7 +95,7 @@ class MlaCombine:
             num_vecs = self.head_dim_v // (32 * VEC)
             acc = cute.make_rmem_tensor((VEC, num_vecs), Float32)
             acc.fill(0.0)
-            for k in cutlass.range(num_frags, unroll=1):
+            for k in cutlass.range(num_frags, unroll=2):
                 weight = cute.math.exp(mLseAccum[first + k, kv_head, row] - lse_ref, fastmath=True) * inv_total
                 o_row = mOAccum[first + k, kv_head, row, None]
                 for v in cutlass.range_constexpr(num_vecs):

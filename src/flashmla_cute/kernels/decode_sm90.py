@@ -603,17 +603,30 @@ class MlaDecodeSm90:
                             lse = Float32.inf  # no visible key: FlashMLA's convention
                         s = row // heads_per_kv
                         head = kv_head * heads_per_kv + (row - s * heads_per_kv)
-                        for j in cutlass.range_constexpr(cute.size(o_rc, mode=[1])):
-                            mO[batch, s, head, wg * dv_per_wg + coord_o[i, j][1]] = (o_rc[i, j] * inv).to(dtype)
+                        self.store_row(o_rc, coord_o, i, inv, mO[batch, s, head, None], wg * dv_per_wg, dtype)
                         if wg == 0 and lane_writes_row:
                             mLse[batch, head, s] = lse
                     else:
-                        for j in cutlass.range_constexpr(cute.size(o_rc, mode=[1])):
-                            mOAccum[split_idx, kv_head, row, wg * dv_per_wg + coord_o[i, j][1]] = o_rc[i, j] * inv
+                        self.store_row(
+                            o_rc, coord_o, i, inv, mOAccum[split_idx, kv_head, row, None], wg * dv_per_wg, Float32
+                        )
                         if wg == 0 and lane_writes_row:
                             mLseAccum[split_idx, kv_head, row] = lse
             # Nobody may overwrite the sums before both consumers read them.
             sums.arrive_and_wait()
+
+    @staticmethod
+    @cute.jit
+    def store_row(o_rc, coord_o, i: cutlass.Constexpr, scale, dst_row: cute.Tensor, col0, dtype: cutlass.Constexpr):
+        """Write this thread's values of accumulator row ``i``, times ``scale``, into
+        ``dst_row`` (one output row, contiguous) from column ``col0`` on. A thread's
+        values come in pairs of adjacent columns: one 2-element store per pair."""
+        for jj in cutlass.range_constexpr(cute.size(o_rc, mode=[1]) // 2):
+            pair = cute.make_rmem_tensor((2,), dtype)
+            pair[0] = (o_rc[i, 2 * jj] * scale).to(dtype)
+            pair[1] = (o_rc[i, 2 * jj + 1] * scale).to(dtype)
+            col = col0 + coord_o[i, 2 * jj][1]
+            cute.autovec_copy(pair, cute.local_tile(dst_row, (2,), (col // 2,)))
 
     @cute.jit
     def block_scores(self, block, state, kv_lo, kv_hi, tiled_mma_s, acc_s, s_rc, tSrQ, tSrK, sK, coord_s,
