@@ -127,3 +127,21 @@ def test_runs_on_a_side_stream(requires_hopper):
         )
     stream.synchronize()
     assert cosine_distance(out.float(), ref_out.float()) < TOL
+
+
+def test_length_past_the_block_table_gives_nan_not_a_read_out_of_bounds(requires_hopper):
+    import flashmla_cute
+
+    inputs = make_decode_inputs(4, 1, 16, seqlens=[100, 700, 300, 64], device="cuda", seed=3)
+    width = inputs.block_table.shape[1]
+    ok_seqlens = inputs.cache_seqlens.clone()
+    inputs.cache_seqlens[1] = width * 64 + 1  # one token more than the table can hold
+    meta, num_splits = flashmla_cute.get_mla_metadata(inputs.cache_seqlens, 16, 1)
+    out, lse = flashmla_cute.flash_mla_with_kvcache(
+        inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512, meta, num_splits
+    )
+    assert torch.isnan(out[1]).all()
+    keep = [0, 2, 3]
+    ref_out, ref_lse = flash_mla_reference(inputs.q, inputs.k_cache, inputs.block_table, ok_seqlens, 512)
+    assert cosine_distance(out[keep].float(), ref_out[keep].float()) < TOL
+    assert cosine_distance(lse[keep], ref_lse[keep]) < TOL

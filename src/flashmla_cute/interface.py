@@ -131,7 +131,10 @@ def flash_mla_with_kvcache(
             ``ceil(cache_seqlens[i] / 64)`` entries of a row are read.
         cache_seqlens: int32 ``[b]``: tokens in the cache of each sequence (they include
             the ``s_q`` new tokens). Cache slots at or past a sequence's length are never
-            read.
+            read. The values are not checked on the host (that would need a
+            synchronization): on the GPU a length over ``64 * max_blocks`` makes that
+            sequence's output NaN (nothing is read past the table), and page indices
+            outside ``[0, num_blocks)`` read as zeros.
         head_dim_v: width of the values and of the output (512 for DeepSeek's MLA).
         tile_scheduler_metadata, num_splits: the plan from ``get_mla_metadata``, which
             must have been called on the same ``cache_seqlens`` (same values) with

@@ -294,8 +294,8 @@ class MlaDecodeSm90:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             args = (
                 tidx % 128, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv_lo, kv_hi, q_pipe,
-                mSeqlens, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale, heads_per_kv,
-                part, kv_head, m_tile,
+                mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale,
+                heads_per_kv, part, kv_head, m_tile,
             )
             if warpgroup_idx == 1:
                 self.consume(0, *args)
@@ -303,15 +303,17 @@ class MlaDecodeSm90:
                 self.consume(1, *args)
 
     @cute.jit
-    def blocks_of(self, mSeqlens: cute.Tensor, batch: Int32, begin_batch: Int32, begin_block: Int32,
-                  end_batch: Int32, end_block: Int32):
+    def blocks_of(self, mSeqlens: cute.Tensor, mBlockTable: cute.Tensor, batch: Int32, begin_batch: Int32,
+                  begin_block: Int32, end_batch: Int32, end_block: Int32):
         """(seqlen, first block, one past the last block) that this part loads for ``batch``.
 
         Blocks at or past ``ceil(seqlen / 64)`` are never loaded (a sequence of length 0
-        has a block slot in the plan, but nothing to read).
+        has a block slot in the plan, but nothing to read), nor past the block table's
+        width: a length the table cannot hold is never read out of bounds (the epilogue
+        writes NaN for such a sequence instead of a silently truncated result).
         """
         seqlen = mSeqlens[batch]
-        num_blocks = (seqlen + BLOCK_N - 1) // BLOCK_N
+        num_blocks = cutlass.min((seqlen + BLOCK_N - 1) // BLOCK_N, mBlockTable.shape[1])
         first = Int32(0)
         if batch == begin_batch:
             first = begin_block
@@ -349,7 +351,7 @@ class MlaDecodeSm90:
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
         evict_first = Int64(utils.TMA_EVICT_FIRST)
         for batch in cutlass.range(begin_batch, end_batch + 1, unroll=1):
-            seqlen, first, last = self.blocks_of(mSeqlens, batch, begin_batch, begin_block, end_batch, end_block)
+            seqlen, first, last = self.blocks_of(mSeqlens, mBlockTable, batch, begin_batch, begin_block, end_batch, end_block)
             # Q goes after the batch's first K tile: its buffer frees up only when the
             # previous batch's last block is done, and that K load need not wait for it.
             # (Loops of 0 or 1 trips rather than branches: pipeline states are advanced
@@ -391,10 +393,11 @@ class MlaDecodeSm90:
     @cute.jit
     def consume(
         self, wg: cutlass.Constexpr, wg_tidx: Int32, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
-        kv_lo, kv_hi, q_pipe, mSeqlens, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale, heads_per_kv,
-        part, kv_head, m_tile,
+        kv_lo, kv_hi, q_pipe, mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum,
+        softmax_scale, heads_per_kv, part, kv_head, m_tile,
     ):
         """One consumer warpgroup: ``wg`` 0 is the left one, 1 the right one."""
+        table_tokens = mBlockTable.shape[1] * BLOCK_N
         begin_batch, begin_block, end_batch, end_block, begin_split = (mMeta[part, i] for i in range(5))
         dtype = self.dtype
         dv_per_wg = self.dv_per_wg
@@ -461,7 +464,7 @@ class MlaDecodeSm90:
         tiles_seen = Int32(0)
 
         for batch in cutlass.range(begin_batch, end_batch + 1, unroll=1):
-            seqlen, first, last = self.blocks_of(mSeqlens, batch, begin_batch, begin_block, end_batch, end_block)
+            seqlen, first, last = self.blocks_of(mSeqlens, mBlockTable, batch, begin_batch, begin_block, end_batch, end_block)
             # Per-row limit on visible kv positions (causal: query token s sees < seqlen - (s_q - 1 - s)).
             for i in cutlass.range_constexpr(num_rows):
                 row = m_tile * TILE_M + coord_s[i, 0][0]
@@ -597,6 +600,9 @@ class MlaDecodeSm90:
                 if total > 0.0:
                     inv = cute.arch.rcp_approx(total)
                     lse = row_max[i] * softmax_scale + cute.math.log(total, fastmath=False)
+                if seqlen > table_tokens:
+                    inv = Float32.nan
+                    lse = Float32.nan
                 if row < rows_per_kv:
                     if num_frags == 1:
                         if total == 0.0:
