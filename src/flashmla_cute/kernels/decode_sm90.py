@@ -16,9 +16,9 @@ Warp roles (384 threads):
   first chunks load while the current pair of blocks is still being finished.
 - warpgroups 1 and 2: the consumers, "left" and "right". The 64x512 fp32 output O is
   split by columns: left owns ``O_L = O[:, :256]``, right ``O_R = O[:, 256:]``. Blocks
-  are taken in pairs ``(K0, K1)`` and the two consumers run FlashMLA's "seesaw"
-  schedule (its 2025-04 deep-dive), so that one consumer's softmax overlaps the other's
-  MMAs and no MMA is duplicated:
+  are taken in pairs ``(K0, K1)`` and the two consumers run a variant of FlashMLA's
+  "seesaw" schedule (its 2025-04 deep-dive), so that one consumer's softmax overlaps the
+  other's MMAs and no MMA is duplicated:
 
   ====  ======================================  ======================================
   step  left                                    right
@@ -26,14 +26,16 @@ Warp roles (384 threads):
   1     ``S0 = Q K0^T``                         ``S1 = Q K1^T``
   2     ``m0 = max(m, rowmax S0)``,
         ``s0 = exp(m - m0)``, ``P0 = exp(S0 - m0)``
-        -> m0, s0 to right
+        -> m0, s0, P0 to right
   3     ``O_L = O_L s0 + P0 V0_L``              ``m1 = max(m0, rowmax S1)``, ``s1 = exp(m0 - m1)``,
-                                                ``P1 = exp(S1 - m1)`` -> s1, m1, P1 to left
-  4                                             ``O_R = O_R s0 s1 + P1 V1_R``
-  5     ``P0 *= s1`` -> P0 to right
-  6     ``O_L = O_L s1 + P1 V1_L``              ``O_R += P0 V0_R``
+                                                ``P1 = exp(S1 - m1)`` -> m1, s1, P1 to left
+  4                                             ``O_R = O_R s0 + P0 V0_R``
+  5     ``O_L = O_L s1 + P1 V1_L``              ``O_R = O_R s1 + P1 V1_R``
   ====  ======================================  ======================================
 
+  Unlike FlashMLA's order, P0 travels unscaled (relative to m0) and the right consumer
+  applies ``s1`` to O between its two MMAs, so P0 leaves the left consumer right after
+  its softmax and the right consumer never waits on a second message from it.
   A consumer multiplies by its own P from registers; the other's P comes through shared
   memory, written into the 64 rope columns (512..575) of that block's K stage, which
   nothing reads once S of the block is done. V is the first 512 columns of the same
@@ -65,11 +67,10 @@ CONSUMER_REGS = 232
 
 # Named barriers (0 is __syncthreads). The first four synchronize the two consumer
 # warpgroups (256 threads): one of them arrives, the other waits.
-BAR_LEFT_STATS = 1  # left -> right: m0 and s0 are in shared memory
+BAR_LEFT_STATS = 1  # left -> right: m0, s0 and P0 are in shared memory
 BAR_RIGHT_STATS = 2  # right -> left: m1, s1 and P1 are in shared memory
-BAR_LEFT_P = 3  # left -> right: P0 is in shared memory
-BAR_SUMS = 4  # both: row sums exchanged at the end of a batch
-BAR_WG_BASE = 5  # + consumer index: one consumer warpgroup (128 threads)
+BAR_SUMS = 3  # both: row sums exchanged at the end of a batch
+BAR_WG_BASE = 4  # + consumer index: one consumer warpgroup (128 threads)
 ROPE_CHUNK = 8  # the K tile's 64-column chunk past the 512 value columns: holds P
 CHUNK = 64  # columns per TMA copy and per 128-byte swizzle atom
 
@@ -453,7 +454,6 @@ class MlaDecodeSm90:
         my_warpgroup = pipeline.NamedBarrier(barrier_id=BAR_WG_BASE + wg, num_threads=128)
         left_stats = pipeline.NamedBarrier(barrier_id=BAR_LEFT_STATS, num_threads=256)
         right_stats = pipeline.NamedBarrier(barrier_id=BAR_RIGHT_STATS, num_threads=256)
-        left_p = pipeline.NamedBarrier(barrier_id=BAR_LEFT_P, num_threads=256)
         sums = pipeline.NamedBarrier(barrier_id=BAR_SUMS, num_threads=256)
 
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
@@ -461,6 +461,7 @@ class MlaDecodeSm90:
         row_sum = cute.make_rmem_tensor((num_rows,), Float32)  # this consumer's share of the sum
         row_limit = cute.make_rmem_tensor((num_rows,), Int32)
         block_max = cute.make_rmem_tensor((num_rows,), Float32)
+        next_scale = cute.make_rmem_tensor((num_rows,), Float32)
         tiles_seen = Int32(0)
 
         for batch in cutlass.range(begin_batch, end_batch + 1, unroll=1):
@@ -498,8 +499,13 @@ class MlaDecodeSm90:
                             stats[coord_s[i, 0][0], STAT_M0] = m0
                             stats[coord_s[i, 0][0], STAT_S0] = s0
                         self.rescale_row(o_rc, i, s0)
-                    left_stats.arrive()
+                    # P0 (relative to m0) to the rope chunk of its stage, with m0 and s0,
+                    # for the right consumer: it needs nothing else from this pair.
                     p_regs.store(acc_s.load().to(dtype))
+                    cute.copy(p_store, p_store.retile(p_regs), tPsP[None, None, None, first_state.index])
+                    cute.arch.fence_view_async_shared()
+                    left_stats.arrive()
+                    kv_hi.consumer_release(first_state)
                     warpgroup.fence()
                     self.pv(tiled_mma_o_rs, acc_o, p_operand, None, tOrV_rs, first_state.index)
                     warpgroup.commit_group()
@@ -512,15 +518,7 @@ class MlaDecodeSm90:
                         s1 = stats[r, STAT_S1]
                         row_max[i] = stats[r, STAT_M1]
                         row_sum[i] = row_sum[i] * s1
-                        for j in cutlass.range_constexpr(cute.size(s_rc, mode=[1])):
-                            s_rc[i, j] = s_rc[i, j] * s1
                         self.rescale_row(o_rc, i, s1)
-                    # P0, now relative to m1, to the rope chunk of its stage for the right consumer.
-                    p_regs.store(acc_s.load().to(dtype))
-                    cute.copy(p_store, p_store.retile(p_regs), tPsP[None, None, None, first_state.index])
-                    cute.arch.fence_view_async_shared()
-                    left_p.arrive()
-                    kv_hi.consumer_release(first_state)
                     if has_second:
                         kv_lo.consumer_wait(second_state)
                         kv_hi.consumer_wait(second_state)
@@ -531,7 +529,7 @@ class MlaDecodeSm90:
                         kv_lo.consumer_release(second_state)
                         kv_hi.consumer_release(second_state)
                 else:
-                    # ---- right: S1, P1 V1_R, then P0 V0_R --------------------------------
+                    # ---- right: S1, then P0 V0_R, then P1 V1_R ---------------------------
                     for i in cutlass.range_constexpr(num_rows):
                         block_max[i] = -Float32.inf
                     if has_second:
@@ -557,25 +555,28 @@ class MlaDecodeSm90:
                             stats[r, STAT_M1] = m1
                             stats[r, STAT_S1] = s1
                         row_max[i] = m1
-                        self.rescale_row(o_rc, i, s0 * s1)
+                        next_scale[i] = s1
+                        self.rescale_row(o_rc, i, s0)
                     if has_second:
                         # P1 to the rope chunk of its stage for the left consumer.
                         p_regs.store(acc_s.load().to(dtype))
                         cute.copy(p_store, p_store.retile(p_regs), tPsP[None, None, None, second_state.index])
                         cute.arch.fence_view_async_shared()
                     right_stats.arrive()
-                    if has_second:
-                        warpgroup.fence()
-                        self.pv(tiled_mma_o_rs, acc_o, p_operand, None, tOrV_rs, second_state.index)
-                        warpgroup.commit_group()
-                    left_p.arrive_and_wait()
+                    # O_R = (O_R s0 + P0 V0_R) s1 + P1 V1_R: P0 is still relative to m0.
                     kv_hi.consumer_wait(first_state)
                     warpgroup.fence()
                     self.pv(tiled_mma_o_ss, acc_o, tOrP_ss, first_state.index, tOrV_ss, first_state.index)
                     warpgroup.commit_group()
                     warpgroup.wait_group(0)
                     kv_hi.consumer_release(first_state)
+                    for i in cutlass.range_constexpr(num_rows):
+                        self.rescale_row(o_rc, i, next_scale[i])
                     if has_second:
+                        warpgroup.fence()
+                        self.pv(tiled_mma_o_rs, acc_o, p_operand, None, tOrV_rs, second_state.index)
+                        warpgroup.commit_group()
+                        warpgroup.wait_group(0)
                         kv_hi.consumer_release(second_state)
                 tiles_seen = tiles_seen + cutlass.min(last - pair, 2)
             q_pipe.consumer_release(q_state)
