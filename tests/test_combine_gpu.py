@@ -51,7 +51,7 @@ def test_combine_matches_torch_merge(requires_hopper, dtype, s_q, h_q, h_kv):
 
     accum = torch.cat([o_accum.flatten(), lse_accum.flatten()])  # the decode kernel's workspace layout
     assert accum.numel() == scheduler.accumulator_elems(n_acc, h_kv, rows, 512)
-    runtime._combine_fn(dtype, 512)(accum, num_splits, out, lse, hpk)
+    runtime.combine_fn(dtype, 512)(accum, num_splits, out, lse, hpk)
     torch.cuda.synchronize()
 
     ref_out, ref_lse = torch_merge(o_accum.cpu(), lse_accum.cpu(), num_splits.cpu(), b)

@@ -98,10 +98,12 @@ def decode_variant(dtype: str, causal: bool, head_dim: int = 576, head_dim_v: in
         from .kernels.decode_sm90 import MlaDecodeSm90
 
         dt = _cutlass_dtype(dtype)
-        b, h_kv, rows, s_q, h_q = (_i32() for _ in range(5))
+        # One name per extent that several tensors share: the compiled function checks
+        # at every call that they agree.
+        b, h_kv, q_rows, s_q, h_q = (_i32() for _ in range(5))
         d, dv = head_dim, head_dim_v
         args = (
-            _fake(dt, (b, h_kv, rows, d), (_s16(), _s16(), _s16(), 1), 16),  # q rows
+            _fake(dt, (b, 1, q_rows, d), (_s16(), _s16(), _s16(), 1), 16),  # q, [b, 1, h_kv * rows, d]
             _fake(dt, (_i32(), 64, h_kv, d), (_s16(), _s16(), _s16(), 1), 16),  # k_cache
             _fake(cutlass.Int32, (b, _i32()), (_stride(), 1)),  # block_table
             _fake(cutlass.Int32, (b,), (1,)),  # cache_seqlens

@@ -3,8 +3,13 @@
 On a Hopper GPU (compute capability 9.0) they launch the CuTe DSL kernels on torch's
 current CUDA stream, without host synchronization (they can be captured in a CUDA
 graph). On CPU tensors the same calls compute through the float32 PyTorch reference,
-so code written against them runs anywhere. The GPU runtime (and with it CUTLASS) is
-imported only when CUDA tensors are passed.
+so code written against them runs anywhere. CUTLASS is imported only when a kernel
+is first compiled, and not at all when the compiled kernels come from the disk cache.
+
+Each call on CUDA tensors first tries ``runtime``'s fast path, which leaves most
+argument checks to the compiled function; anything unusual (including every bad
+argument) goes through ``checks.py`` and the checked path, so errors read the same
+either way.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import functools
 
 import torch
 
-from . import checks, scheduler
+from . import checks, runtime, scheduler
 
 REQUIRED_CAPABILITY = (9, 0)
 """The kernels use Hopper-only instructions (TMA, WGMMA): sm_90."""
@@ -49,8 +54,6 @@ def num_sm_parts_for(device: torch.device, num_heads_per_head_k: int, num_heads_
     parts = _parts_cache.get(key)
     if parts is None:
         _require_hopper(device)
-        from . import runtime
-
         parts = scheduler.num_sm_parts(runtime.num_sms(index), num_heads_per_head_k, num_heads_k)
         _parts_cache[key] = parts
     return parts
@@ -98,12 +101,16 @@ def get_mla_metadata(
 
 
 def _get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k):
+    try:
+        return runtime.fast_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
+    except Exception:
+        pass  # first call of this configuration, CPU tensors, or a bad argument
     num_heads_per_head_k, num_heads_k = checks.check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k)
     num_parts = num_sm_parts_for(cache_seqlens.device, num_heads_per_head_k, num_heads_k)
     if cache_seqlens.device.type == "cuda":
-        from . import runtime
-
-        return runtime.gpu_metadata(cache_seqlens, num_parts)
+        result = runtime.gpu_metadata(cache_seqlens, num_parts)
+        runtime.remember_metadata_call(cache_seqlens.get_device(), num_heads_per_head_k, num_heads_k, num_parts)
+        return result
     return scheduler.plan_torch(cache_seqlens, num_parts)
 
 
@@ -175,14 +182,19 @@ def flash_mla_with_kvcache(
 def _flash_mla_with_kvcache(
     q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
 ):
+    try:
+        return runtime.fast_decode(
+            q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
+            softmax_scale, causal,
+        )
+    except Exception:
+        pass  # first call of this variant, CPU tensors, or a bad argument
     problem = checks.check_decode_args(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
         softmax_scale, causal,
     )
     if q.device.type == "cuda":
         _require_hopper(q.device)
-        from . import runtime
-
         return runtime.gpu_decode(problem, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits)
     if q.device.type != "cpu":
         raise RuntimeError(f"q must be a CUDA (sm_90) or CPU tensor, got device {q.device}")

@@ -71,7 +71,7 @@ def accumulator_elems(num_acc: int, h_kv: int, rows_per_kv: int, dv: int) -> int
     """fp32 elements of the workspace holding the split fragments' partial results:
     ``num_acc = b + num_parts`` rows of partial outputs ``[h_kv, rows_per_kv, dv]``,
     then as many rows of their log-sum-exps ``[h_kv, rows_per_kv]``
-    (``kernels/decode_sm90.accumulators`` makes the two views)."""
+    (``kernels/utils.accumulators`` makes the two views)."""
     return num_acc * h_kv * rows_per_kv * (dv + 1)
 
 

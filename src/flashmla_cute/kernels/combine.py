@@ -16,7 +16,7 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
-from .decode_sm90 import accumulators
+from .utils import accumulators
 
 ROWS_PER_CTA = 8
 VEC = 4  # fp32 values per 16-byte load
@@ -34,17 +34,35 @@ class MlaCombine:
     @cute.jit
     def __call__(
         self,
-        mAccum: cute.Tensor,  # the decode kernel's fp32 workspace (decode_sm90.accumulators)
+        mAccum: cute.Tensor,  # the decode kernel's fp32 workspace (utils.accumulators)
         mNumSplits: cute.Tensor,  # (b + 1,) int32
         mO: cute.Tensor,  # (b, s_q, h_q, dv)
         mLse: cute.Tensor,  # (b, h_q, s_q) fp32
         heads_per_kv: Int32,
         stream,
     ):
+        """The combine alone, on a workspace passed in as one flat tensor (the decode
+        kernel's host function calls ``launch`` directly)."""
         rows = mO.shape[1] * heads_per_kv
         h_kv = mO.shape[2] // heads_per_kv
         num_acc = mAccum.shape[0] // (h_kv * rows * (self.head_dim_v + 1))
         mOAccum, mLseAccum = accumulators(mAccum, num_acc, h_kv, rows, self.head_dim_v)
+        self.launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, heads_per_kv, stream)
+
+    @cute.jit
+    def launch(
+        self,
+        mOAccum: cute.Tensor,  # (num_acc, h_kv, rows, dv) fp32 partial outputs
+        mLseAccum: cute.Tensor,  # (num_acc, h_kv, rows) fp32 partial log-sum-exps
+        mNumSplits: cute.Tensor,
+        mO: cute.Tensor,
+        mLse: cute.Tensor,
+        heads_per_kv: Int32,
+        stream,
+    ):
+        """Launch the merge as a programmatic dependent of the kernel before it on
+        ``stream`` (the decode kernel), so that its launch overlaps that kernel's tail."""
+        rows = mOAccum.shape[2]
         grid = [mO.shape[0], mOAccum.shape[1], (rows + ROWS_PER_CTA - 1) // ROWS_PER_CTA]
         self.kernel(mOAccum, mLseAccum, mNumSplits, mO, mLse, heads_per_kv).launch(
             grid=grid, block=[32 * ROWS_PER_CTA, 1, 1], stream=stream, use_pdl=True

@@ -4,7 +4,8 @@ One CTA per (SM part, KV head, 64-row query tile). A CTA walks the contiguous ra
 (batch, 64-token block) work that the scheduler gave its part (see ``scheduler.py``),
 and for each batch in that range runs flash-attention's online softmax over its blocks,
 then writes either the final output or, when the sequence was split across parts, an
-fp32 partial (O, LSE) that ``combine.py`` merges.
+fp32 partial (O, LSE) that ``combine.py``'s kernel merges; the host function launches
+both kernels, the merge as a programmatic dependent of the decode kernel.
 
 Warp roles (384 threads):
 
@@ -56,6 +57,8 @@ from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from . import utils
+from .combine import MlaCombine
+from .utils import accumulators
 
 BLOCK_N = 64  # tokens per KV tile (== page size)
 TILE_M = 64  # query rows per CTA (the WGMMA's M)
@@ -76,23 +79,6 @@ CHUNK = 64  # columns per TMA copy and per 128-byte swizzle atom
 
 # Row statistics in shared memory, each TILE_M floats.
 STAT_M0, STAT_S0, STAT_M1, STAT_S1, STAT_SUM_L, STAT_SUM_R = range(6)
-
-
-@cute.jit
-def accumulators(mAccum: cute.Tensor, num_acc, h_kv, rows, dv: cutlass.Constexpr):
-    """Views of the one fp32 workspace (one allocation per call instead of two) as the
-    partial outputs ``(num_acc, h_kv, rows, dv)`` followed by their log-sum-exps
-    ``(num_acc, h_kv, rows)``; ``num_acc = b + num_parts`` bounds the fragments."""
-    o_elems = num_acc * h_kv * rows * dv
-    o_accum = cute.make_tensor(
-        mAccum.iterator,
-        cute.make_layout((num_acc, h_kv, rows, dv), stride=(h_kv * rows * dv, rows * dv, dv, 1)),
-    )
-    lse_accum = cute.make_tensor(
-        mAccum.iterator + o_elems,
-        cute.make_layout((num_acc, h_kv, rows), stride=(h_kv * rows, rows, 1)),
-    )
-    return o_accum, lse_accum
 
 
 class MlaDecodeSm90:
@@ -118,7 +104,7 @@ class MlaDecodeSm90:
     @cute.jit
     def __call__(
         self,
-        mQ: cute.Tensor,  # (b, h_kv, rows, d): query rows of each KV head
+        mQ: cute.Tensor,  # (b, 1, h_kv * rows, d): the query rows of each KV head in turn
         mK: cute.Tensor,  # (num_blocks, 64, h_kv, d): the paged cache
         mBlockTable: cute.Tensor,  # (b, max_blocks) int32
         mSeqlens: cute.Tensor,  # (b,) int32
@@ -126,18 +112,28 @@ class MlaDecodeSm90:
         mNumSplits: cute.Tensor,  # (b + 1,) int32
         mO: cute.Tensor,  # (b, s_q, h_q, dv) in q's dtype
         mLse: cute.Tensor,  # (b, h_q, s_q) fp32
-        mAccum: cute.Tensor,  # fp32 workspace for split partials, see accumulators()
+        mAccum: cute.Tensor,  # fp32 workspace for split partials, see utils.accumulators()
         softmax_scale: Float32,
         heads_per_kv: Int32,
         stream,
     ):
         dtype = self.dtype
         d, dv = self.head_dim, self.head_dim_v
-        rows_per_kv = mQ.shape[2]
-        mOAccum, mLseAccum = accumulators(mAccum, mO.shape[0] + mMeta.shape[0], mK.shape[2], rows_per_kv, dv)
+        # q arrives as [b, 1, h_kv * rows, d]: with s_q == 1 that is q itself (h_q rows,
+        # head h attending to KV head h // heads_per_kv), so the host makes no view.
+        num_kv_heads = mK.shape[2]
+        rows_per_kv = mQ.shape[2] // num_kv_heads
+        row_stride = mQ.layout.stride[2]
+        mOAccum, mLseAccum = accumulators(mAccum, mO.shape[0] + mMeta.shape[0], num_kv_heads, rows_per_kv, dv)
 
         # TMA views: (rows, d, h_kv, b) for Q and (token, d, h_kv, page) for K.
-        q_tma_src = cute.make_tensor(mQ.iterator, cute.select(mQ.layout, mode=[2, 3, 1, 0]))
+        q_tma_src = cute.make_tensor(
+            mQ.iterator,
+            cute.make_layout(
+                (rows_per_kv, d, num_kv_heads, mQ.shape[0]),
+                stride=(row_stride, 1, rows_per_kv * row_stride, mQ.layout.stride[0]),
+            ),
+        )
         k_tma_src = cute.make_tensor(mK.iterator, cute.select(mK.layout, mode=[1, 3, 2, 0]))
 
         tiled_mma_s = sm90_utils.make_trivial_tiled_mma(
@@ -179,7 +175,6 @@ class MlaDecodeSm90:
         self.shared_storage = SharedStorage
 
         num_parts = mMeta.shape[0]
-        num_kv_heads = mK.shape[2]
         num_m_tiles = (rows_per_kv + TILE_M - 1) // TILE_M
         self.kernel(
             tiled_mma_s,
@@ -207,6 +202,9 @@ class MlaDecodeSm90:
             stream=stream,
             min_blocks_per_mp=1,
         )
+        # The merge of split sequences is launched from the same host call: one call
+        # (one argument conversion, one stream lookup) per decode step and layer.
+        MlaCombine(dtype, dv).launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, heads_per_kv, stream)
 
     # ---------------------------------------------------------------- device side
     @cute.kernel

@@ -49,3 +49,20 @@ def acc_as_operand_a(acc_layout: cute.Layout) -> cute.Layout:
     (d0, d1, d2), dm, _ = acc_layout.stride
     assert n == 1 and v2 % 2 == 0
     return cute.make_layout(((v0, v1, 2), m, v2 // 2), stride=((d0, d1, d2), dm, 2 * d2))
+
+
+@cute.jit
+def accumulators(mAccum: cute.Tensor, num_acc, h_kv, rows, dv: cutlass.Constexpr):
+    """Views of the one fp32 workspace (one allocation per call instead of two) as the
+    partial outputs ``(num_acc, h_kv, rows, dv)`` followed by their log-sum-exps
+    ``(num_acc, h_kv, rows)``; ``num_acc = b + num_parts`` bounds the fragments."""
+    o_elems = num_acc * h_kv * rows * dv
+    o_accum = cute.make_tensor(
+        mAccum.iterator,
+        cute.make_layout((num_acc, h_kv, rows, dv), stride=(h_kv * rows * dv, rows * dv, dv, 1)),
+    )
+    lse_accum = cute.make_tensor(
+        mAccum.iterator + o_elems,
+        cute.make_layout((num_acc, h_kv, rows), stride=(h_kv * rows, rows, 1)),
+    )
+    return o_accum, lse_accum

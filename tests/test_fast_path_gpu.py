@@ -1,0 +1,160 @@
+"""On the GPU, calls first take a fast path that leaves most argument checks to the
+compiled function; these tests hold it to the checked path's behaviour: every bad
+argument fails with the same exception and message as ``checks.py`` gives, and a valid
+call gives the same result either way."""
+
+import pytest
+import torch
+
+import flashmla_cute
+from flashmla_cute import checks, runtime
+from flashmla_cute.reference import flash_mla_reference
+from flashmla_cute.testing import cosine_distance, make_decode_inputs
+from test_arguments import BAD, BAD_METADATA, every_other, misaligned, padded_rows, setter
+
+pytestmark = pytest.mark.gpu
+
+B, S_Q, H_Q = 3, 2, 16
+
+GPU_BAD = {
+    **{name: case[0] for name, case in BAD.items()},
+    # The kernel's own requirements (check_kernel_layout).
+    "head_dim_v_448": setter("head_dim_v", lambda x: 448),
+    "k_cache_no_pages": setter("k_cache", lambda x: x[:0]),
+    "q_padded_rows": setter("q", padded_rows),
+    "k_cache_padded_rows": setter("k_cache", padded_rows),
+    "q_misaligned": setter("q", misaligned),
+    "k_cache_misaligned": setter("k_cache", misaligned),
+    "fp16_q_bf16_cache": setter("q", lambda x: x.half()),
+}
+
+
+def gpu_args():
+    inp = make_decode_inputs(B, S_Q, H_Q, seqlens=[0, 70, 130], device="cuda", seed=0)
+    meta, num_splits = flashmla_cute.get_mla_metadata(inp.cache_seqlens, S_Q * H_Q, 1)
+    return dict(q=inp.q, k_cache=inp.k_cache, block_table=inp.block_table, cache_seqlens=inp.cache_seqlens,
+                head_dim_v=512, tile_scheduler_metadata=meta, num_splits=num_splits, softmax_scale=None,
+                causal=True)
+
+
+def reference(args):
+    return flash_mla_reference(args["q"], args["k_cache"], args["block_table"], args["cache_seqlens"], 512)
+
+
+def raised(fn, *args, **kwargs) -> BaseException:
+    with pytest.raises(Exception) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+@pytest.mark.parametrize("case", sorted(GPU_BAD))
+def test_bad_decode_argument_fails_as_the_checks_say(requires_hopper, case):
+    args = gpu_args()
+    flashmla_cute.flash_mla_with_kvcache(**args)  # the fast path now serves this configuration
+    GPU_BAD[case](args)
+    expected = raised(checks.check_decode_args, **args)
+    actual = raised(flashmla_cute.flash_mla_with_kvcache, **args)
+    assert (type(actual), str(actual)) == (type(expected), str(expected))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_METADATA))
+def test_bad_metadata_argument_fails_as_the_checks_say(requires_hopper, case):
+    seqlens = torch.tensor([5, 100, 0], dtype=torch.int32, device="cuda")
+    flashmla_cute.get_mla_metadata(seqlens, 16, 1)
+    make, _, _ = BAD_METADATA[case]
+    args = make(seqlens)
+    expected = raised(checks.check_metadata_args, *args)
+    actual = raised(flashmla_cute.get_mla_metadata, *args)
+    assert (type(actual), str(actual)) == (type(expected), str(expected))
+
+
+def test_metadata_of_strided_lengths_is_refused(requires_hopper):
+    seqlens = torch.tensor([5, 100, 0], dtype=torch.int32, device="cuda")
+    flashmla_cute.get_mla_metadata(seqlens, 16, 1)
+    with pytest.raises(ValueError, match="cache_seqlens must be contiguous"):
+        flashmla_cute.get_mla_metadata(every_other(seqlens), 16, 1)
+
+
+def test_valid_calls_skip_the_python_checks(requires_hopper, monkeypatch):
+    args = gpu_args()
+    expected = flashmla_cute.flash_mla_with_kvcache(**args)
+
+    def refuse(*a, **k):
+        raise AssertionError("the checked path ran")
+
+    monkeypatch.setattr(checks, "check_decode_args", refuse)
+    monkeypatch.setattr(checks, "check_metadata_args", refuse)
+    meta, num_splits = flashmla_cute.get_mla_metadata(args["cache_seqlens"], S_Q * H_Q, 1)
+    assert torch.equal(meta, args["tile_scheduler_metadata"]) and torch.equal(num_splits, args["num_splits"])
+    for scale in (None, 0.05):
+        args["softmax_scale"] = scale
+        flashmla_cute.flash_mla_with_kvcache(**args)
+    args["softmax_scale"] = None
+    out, lse = flashmla_cute.flash_mla_with_kvcache(**args)
+    assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+
+
+def test_fast_and_checked_paths_agree(requires_hopper):
+    args = gpu_args()
+    args["softmax_scale"] = 0.04
+    fast = runtime.fast_decode(**args)
+    problem = checks.check_decode_args(**args)
+    checked = runtime.gpu_decode(problem, args["q"], args["k_cache"], args["block_table"], args["cache_seqlens"],
+                                 args["tile_scheduler_metadata"], args["num_splits"])
+    assert torch.equal(fast[0], checked[0]) and torch.equal(fast[1], checked[1])
+
+
+# ------------------------------------------------------------ the split workspace
+# All layers of a step share one plan: the first call with a plan allocates the fp32
+# workspace for split partial results and keeps it on the plan's tensor for the calls
+# after it on the same stream; a call on another stream allocates its own.
+
+
+def split_heavy_args():
+    """A batch whose long sequence is split over many SM parts (the workspace is used)."""
+    inp = make_decode_inputs(2, 1, 64, seqlens=[8000, 50], device="cuda")
+    meta, num_splits = flashmla_cute.get_mla_metadata(inp.cache_seqlens, 64, 1)
+    assert int(num_splits[1] - num_splits[0]) > 1
+    return dict(q=inp.q, k_cache=inp.k_cache, block_table=inp.block_table, cache_seqlens=inp.cache_seqlens,
+                head_dim_v=512, tile_scheduler_metadata=meta, num_splits=num_splits)
+
+
+def kept_workspace(meta):
+    return getattr(meta, runtime._WORKSPACE_ATTR)[1]
+
+
+def test_workspace_is_kept_for_the_plans_next_calls(requires_hopper):
+    args = split_heavy_args()
+    first = flashmla_cute.flash_mla_with_kvcache(**args)
+    workspace = kept_workspace(args["tile_scheduler_metadata"])
+    args["q"] = torch.randn_like(args["q"]) / 10  # the next layer's queries
+    second = flashmla_cute.flash_mla_with_kvcache(**args)
+    assert kept_workspace(args["tile_scheduler_metadata"]) is workspace
+    ref = reference(args)
+    assert cosine_distance(second[0], ref[0]) < 1e-5 and cosine_distance(second[1], ref[1]) < 1e-5
+    assert not torch.equal(first[0], second[0])
+
+
+def test_other_streams_get_their_own_workspace(requires_hopper):
+    args = split_heavy_args()
+    meta = args["tile_scheduler_metadata"]
+    flashmla_cute.flash_mla_with_kvcache(**args)
+    on_default = kept_workspace(meta)
+    queries = [torch.randn_like(args["q"]) / 10 for _ in range(4)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    results = []
+    # Calls on two streams at once, sharing the plan: each stream's calls must have a
+    # workspace of their own.
+    with torch.cuda.stream(side):
+        for q in queries[:2]:
+            results.append(flashmla_cute.flash_mla_with_kvcache(**{**args, "q": q}))
+    on_side = kept_workspace(meta)
+    for q in queries[2:]:
+        results.append(flashmla_cute.flash_mla_with_kvcache(**{**args, "q": q}))
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert on_side is not on_default and on_side.data_ptr() != on_default.data_ptr()
+    for q, (out, lse) in zip(queries, results):
+        ref = reference({**args, "q": q})
+        assert cosine_distance(out, ref[0]) < 1e-5 and cosine_distance(lse, ref[1]) < 1e-5
