@@ -102,9 +102,8 @@ def main() -> int:
     q_rows = runtime.query_rows(inp.q, 1)
     out = torch.empty(1, 1, 16, 512, dtype=torch.bfloat16, device=dev)
     lse = torch.empty(1, 16, 1, dtype=torch.float32, device=dev)
-    accum = torch.empty(1 << 20, dtype=torch.float32, device=dev)
+    accum = torch.zeros(1 << 20, dtype=torch.float32, device=dev)  # counters start at zero
     decode_fn = runtime.decode_fn(torch.bfloat16, False, 576, 512)
-    combine_fn = runtime.combine_fn(torch.bfloat16, 512)
     metadata_fn = runtime.metadata_fn()
     buf = torch.empty(1000, dtype=torch.int32, device=dev)
     size4 = torch.Size((1, 1, 16, 512))
@@ -138,9 +137,8 @@ def main() -> int:
         ("trivial kernel, 9 tensors", lambda: k_nine(*ts)),
         ("trivial kernels x2, 9 tensors", lambda: k_nine_two(*ts)),
         ("metadata kernel call", lambda: metadata_fn(inp.cache_seqlens, meta, num_splits)),
-        ("decode step call (decode + combine)", lambda: decode_fn(q_rows, inp.k_cache, inp.block_table, inp.cache_seqlens, meta,
+        ("decode kernel call", lambda: decode_fn(q_rows, inp.k_cache, inp.block_table, inp.cache_seqlens, meta,
                                                  num_splits, out, lse, accum, problem.softmax_scale, 16)),
-        ("combine kernel call alone", lambda: combine_fn(accum, num_splits, out, lse, 16)),
         ("runtime.fast_metadata", lambda: runtime.fast_metadata(inp.cache_seqlens, 16, 1)),
         ("runtime.fast_decode", lambda: runtime.fast_decode(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens,
                                                             512, meta, num_splits, None, True)),

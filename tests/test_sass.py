@@ -41,7 +41,7 @@ def test_precompile_writes_one_cubin_per_variant(cubins):
     expected = {v.name for v in compile_mod.all_variants()}
     assert set(cubins) == expected
     assert any(name.startswith("decode") for name in cubins)
-    assert any(name.startswith("combine") for name in cubins)
+    assert "metadata" in cubins
 
 
 def sass_of(path: Path) -> str:

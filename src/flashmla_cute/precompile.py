@@ -4,8 +4,8 @@
 
 Without ``--out`` every variant is compiled into the on-disk cache (see
 ``flashmla_cute.compile``), so that later processes load instead of compiling; with it,
-one ``<variant>.cubin`` per variant is written into DIR instead (``decode_*``,
-``combine_*``, ``metadata``).
+one ``<variant>.cubin`` per variant is written into DIR instead (``decode_*`` and
+``metadata``).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import math
 import torch
 
 from . import compile as compile_mod
-from .scheduler import METADATA_INTS, accumulator_elems
+from .scheduler import METADATA_INTS, split_workspace_elems
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _INT32_MAX = 2**31 - 1
@@ -47,7 +47,7 @@ _hopper_devices: set[int] = set()
 
 
 def decode_fn(dtype: torch.dtype, causal: bool, d: int, dv: int):
-    """The compiled decode step (decode kernel, then the combine kernel) of a variant."""
+    """The compiled decode kernel of a variant (it merges split sequences itself)."""
     key = (dtype, causal, d, dv)
     fn = _decode_fns.get(key)
     if fn is None:
@@ -58,7 +58,8 @@ def decode_fn(dtype: torch.dtype, causal: bool, d: int, dv: int):
 
 @functools.lru_cache(maxsize=None)
 def combine_fn(dtype: torch.dtype, dv: int):
-    """The combine kernel alone (the decode step launches its own; this is for tests)."""
+    """The merge of split partials as a kernel of its own (the decode kernel merges
+    in-kernel; this tests the merge alone)."""
     return compile_mod.get(compile_mod.combine_variant(_DTYPE_NAMES[dtype], dv))
 
 
@@ -116,22 +117,26 @@ def query_rows(q: torch.Tensor, h_kv: int) -> torch.Tensor:
 _WORKSPACE_ATTR = "_flashmla_cute_split_workspace"
 
 
-def _split_workspace(tile_scheduler_metadata: torch.Tensor, elems: int, device_index: int) -> torch.Tensor:
-    """The fp32 workspace for the split sequences' partial results.
+def _split_workspace(tile_scheduler_metadata: torch.Tensor, elems: int, counters_at: int,
+                     device_index: int) -> torch.Tensor:
+    """The decode kernel's split workspace (``scheduler.split_workspace_elems``): the
+    split sequences' partial results, then arrival counters that must be zero.
 
     All layers of a decoding step share one plan and run one after another on one
-    stream, so the workspace is allocated by the first call with a plan and kept on
-    the plan's tensor for the next calls (saving an allocation per call). It is reused
-    only by calls on the stream it was made for: work on one stream runs in order, so
-    no two kernels ever use it at once, and the caching allocator hands its memory to
-    nothing else while the plan lives. A call on another stream, or one that needs a
-    larger workspace, allocates its own (and keeps that instead).
+    stream, so the workspace is allocated (and its counters zeroed) by the first call
+    with a plan and kept on the plan's tensor for the next calls: the kernel leaves the
+    counters zero, and the next calls save an allocation and a memset. It is reused
+    only by calls on the stream it was made for, with the same size: work on one stream
+    runs in order, so no two kernels ever use it at once, and the caching allocator
+    hands its memory to nothing else while the plan lives. A call on another stream or
+    of another size makes its own (and keeps that instead).
     """
     stream = torch._C._cuda_getCurrentRawStream(device_index)
     kept = getattr(tile_scheduler_metadata, _WORKSPACE_ATTR, None)
-    if kept is not None and kept[0] == stream and kept[1].numel() >= elems:
+    if kept is not None and kept[0] == stream and kept[1].numel() == elems:
         return kept[1]
     workspace = tile_scheduler_metadata.new_empty(elems, dtype=torch.float32)
+    workspace[counters_at:].zero_()
     try:
         setattr(tile_scheduler_metadata, _WORKSPACE_ATTR, (stream, workspace))
     except (AttributeError, RuntimeError):  # a tensor type without attributes: not kept
@@ -142,13 +147,13 @@ def _split_workspace(tile_scheduler_metadata: torch.Tensor, elems: int, device_i
 def _launch_decode(fn, q, k_cache, block_table, cache_seqlens, meta, num_splits, b, s_q, h_q, h_kv, dv, scale):
     """Allocate the outputs, find the split workspace, and run the compiled decode step."""
     heads_per_kv = h_q // h_kv
-    accum_elems = accumulator_elems(b + meta.shape[0], h_kv, s_q * heads_per_kv, dv)
-    if accum_elems > _INT32_MAX:
+    elems, counters_at = split_workspace_elems(b, meta.shape[0], h_kv, s_q * heads_per_kv, dv)
+    if elems > _INT32_MAX:
         raise ValueError(
             f"the split-KV workspace for b={b}, {meta.shape[0]} SM parts and s_q * h_q = {s_q * h_q} "
-            f"would hold {accum_elems} floats, more than the kernels index (2**31 - 1): split the batch"
+            f"would hold {elems} values, more than the kernels index (2**31 - 1): split the batch"
         )
-    accum = _split_workspace(meta, accum_elems, q.get_device())
+    accum = _split_workspace(meta, elems, counters_at, q.get_device())
     out = q.new_empty((b, s_q, h_q, dv))
     lse = accum.new_empty((b, h_q, s_q))
     fn(query_rows(q, h_kv), k_cache, block_table, cache_seqlens, meta, num_splits, out, lse, accum, scale,

@@ -4,8 +4,10 @@ One CTA per (SM part, KV head, 64-row query tile). A CTA walks the contiguous ra
 (batch, 64-token block) work that the scheduler gave its part (see ``scheduler.py``),
 and for each batch in that range runs flash-attention's online softmax over its blocks,
 then writes either the final output or, when the sequence was split across parts, an
-fp32 partial (O, LSE) that ``combine.py``'s kernel merges; the host function launches
-both kernels, the merge as a programmatic dependent of the decode kernel.
+fp32 partial (O, LSE). The CTA whose partial of a (sequence, KV head, query tile) is the
+last to arrive (an atomic counter per tile in the workspace) merges all of them into the
+output (``combine.merge_row``), so one kernel does the whole step: one launch per call,
+and the merges overlap other CTAs' work instead of waiting for the whole grid.
 
 Warp roles (384 threads):
 
@@ -57,8 +59,8 @@ from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from . import utils
-from .combine import MlaCombine
-from .utils import accumulators
+from .combine import merge_row
+from .utils import accumulators, arrival_counters
 
 BLOCK_N = 64  # tokens per KV tile (== page size)
 TILE_M = 64  # query rows per CTA (the WGMMA's M)
@@ -112,7 +114,7 @@ class MlaDecodeSm90:
         mNumSplits: cute.Tensor,  # (b + 1,) int32
         mO: cute.Tensor,  # (b, s_q, h_q, dv) in q's dtype
         mLse: cute.Tensor,  # (b, h_q, s_q) fp32
-        mAccum: cute.Tensor,  # fp32 workspace for split partials, see utils.accumulators()
+        mAccum: cute.Tensor,  # the split workspace: utils.accumulators, then utils.arrival_counters
         softmax_scale: Float32,
         heads_per_kv: Int32,
         stream,
@@ -124,7 +126,11 @@ class MlaDecodeSm90:
         num_kv_heads = mK.shape[2]
         rows_per_kv = mQ.shape[2] // num_kv_heads
         row_stride = mQ.layout.stride[2]
-        mOAccum, mLseAccum = accumulators(mAccum, mO.shape[0] + mMeta.shape[0], num_kv_heads, rows_per_kv, dv)
+        num_acc = mO.shape[0] + mMeta.shape[0]
+        num_m_tiles = (rows_per_kv + TILE_M - 1) // TILE_M
+        mOAccum, mLseAccum = accumulators(mAccum, num_acc, num_kv_heads, rows_per_kv, dv)
+        mCounters = arrival_counters(mAccum, num_acc, num_kv_heads, rows_per_kv, dv,
+                                     mO.shape[0] * num_kv_heads * num_m_tiles)
 
         # TMA views: (rows, d, h_kv, b) for Q and (token, d, h_kv, page) for K.
         q_tma_src = cute.make_tensor(
@@ -169,13 +175,13 @@ class MlaDecodeSm90:
             kv_hi_mbar: cute.struct.MemRange[Int64, NUM_STAGES * 2]
             q_mbar: cute.struct.MemRange[Int64, 2]
             stats: cute.struct.MemRange[Float32, 6 * TILE_M]
+            last_fragment: cute.struct.MemRange[Int32, 1]  # this CTA merges the sequence
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
 
         self.shared_storage = SharedStorage
 
         num_parts = mMeta.shape[0]
-        num_m_tiles = (rows_per_kv + TILE_M - 1) // TILE_M
         self.kernel(
             tiled_mma_s,
             tiled_mma_o_rs,
@@ -192,6 +198,7 @@ class MlaDecodeSm90:
             mLse,
             mOAccum,
             mLseAccum,
+            mCounters,
             softmax_scale,
             heads_per_kv,
             sQ_layout,
@@ -202,9 +209,6 @@ class MlaDecodeSm90:
             stream=stream,
             min_blocks_per_mp=1,
         )
-        # The merge of split sequences is launched from the same host call: one call
-        # (one argument conversion, one stream lookup) per decode step and layer.
-        MlaCombine(dtype, dv).launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, heads_per_kv, stream)
 
     # ---------------------------------------------------------------- device side
     @cute.kernel
@@ -225,6 +229,7 @@ class MlaDecodeSm90:
         mLse: cute.Tensor,
         mOAccum: cute.Tensor,
         mLseAccum: cute.Tensor,
+        mCounters: cute.Tensor,
         softmax_scale: Float32,
         heads_per_kv: Int32,
         sQ_layout: cute.ComposedLayout,
@@ -270,9 +275,6 @@ class MlaDecodeSm90:
         )
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
-        # The combine kernel may be scheduled as soon as CTAs of this grid retire
-        # (it waits for the whole grid before reading the partial results).
-        cute.arch.griddepcontrol_launch_dependents()
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
@@ -293,7 +295,7 @@ class MlaDecodeSm90:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             args = (
                 tidx % 128, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv_lo, kv_hi, q_pipe,
-                mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale,
+                mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, mCounters, softmax_scale,
                 heads_per_kv, part, kv_head, m_tile,
             )
             if warpgroup_idx == 1:
@@ -392,7 +394,7 @@ class MlaDecodeSm90:
     @cute.jit
     def consume(
         self, wg: cutlass.Constexpr, wg_tidx: Int32, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
-        kv_lo, kv_hi, q_pipe, mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum,
+        kv_lo, kv_hi, q_pipe, mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, mCounters,
         softmax_scale, heads_per_kv, part, kv_head, m_tile,
     ):
         """One consumer warpgroup: ``wg`` 0 is the left one, 1 the right one."""
@@ -617,8 +619,50 @@ class MlaDecodeSm90:
                         )
                         if wg == 0 and lane_writes_row:
                             mLseAccum[split_idx, kv_head, row] = lse
+            if num_frags > 1:
+                cute.arch.fence_acq_rel_gpu()  # this thread's partial, before the arrival below
             # Nobody may overwrite the sums before both consumers read them.
             sums.arrive_and_wait()
+            if num_frags > 1:
+                self.merge_if_last(wg, wg_tidx, storage, sums, mNumSplits, mO, mLse, mOAccum, mLseAccum, mCounters,
+                                   heads_per_kv, batch, kv_head, m_tile, num_frags)
+
+    @cute.jit
+    def merge_if_last(self, wg: cutlass.Constexpr, wg_tidx, storage, consumers, mNumSplits, mO, mLse, mOAccum,
+                      mLseAccum, mCounters, heads_per_kv, batch, kv_head, m_tile, num_frags):
+        """Count this CTA's partial of (batch, kv_head, m_tile) as arrived; the CTA whose
+        partial is the sequence's last to arrive merges all of them into the output.
+
+        Every consumer thread has fenced its partial's stores and passed the
+        ``consumers`` barrier; one thread then adds to the tile's counter (acquire and
+        release at GPU scope). The last one resets the counter to 0 for the next kernel
+        on this workspace and, after the barrier that shares the verdict, each consumer
+        warp merges rows ``warp, warp + 8, ...`` of the tile.
+        """
+        flag = storage.last_fragment.get_tensor(cute.make_layout((1,)))
+        if const_expr(wg == 0):
+            if wg_tidx == 0:
+                num_m_tiles = cute.size(mCounters) // (mO.shape[0] * mOAccum.shape[1])
+                counter = (batch * mOAccum.shape[1] + kv_head) * num_m_tiles + m_tile
+                arrived = cute.arch.atomic_add(
+                    (mCounters.iterator + counter).llvm_ptr, Int32(1), sem="acq_rel", scope="gpu"
+                )
+                is_last = arrived == num_frags - 1
+                if is_last:
+                    mCounters[counter] = 0
+                flag[0] = Int32(is_last)
+        consumers.arrive_and_wait()
+        if flag[0] != 0:
+            cute.arch.fence_acq_rel_gpu()  # the other CTAs' partials, after their arrivals
+            lane = wg_tidx % 32
+            warp = wg * 4 + wg_tidx // 32
+            first = mNumSplits[batch]
+            rows_per_kv = mOAccum.shape[2]
+            for r in cutlass.range(warp, TILE_M, 4 * NUM_CONSUMER_WARPGROUPS, unroll=1):
+                row = m_tile * TILE_M + r
+                if row < rows_per_kv:
+                    merge_row(mOAccum, mLseAccum, mO, mLse, batch, kv_head, row, first, num_frags, lane,
+                              heads_per_kv, self.dtype, self.head_dim_v)
 
     @staticmethod
     @cute.jit

@@ -53,8 +53,8 @@ def acc_as_operand_a(acc_layout: cute.Layout) -> cute.Layout:
 
 @cute.jit
 def accumulators(mAccum: cute.Tensor, num_acc, h_kv, rows, dv: cutlass.Constexpr):
-    """Views of the one fp32 workspace (one allocation per call instead of two) as the
-    partial outputs ``(num_acc, h_kv, rows, dv)`` followed by their log-sum-exps
+    """Views of the one fp32 split workspace (``scheduler.split_workspace_elems``) as
+    the partial outputs ``(num_acc, h_kv, rows, dv)`` followed by their log-sum-exps
     ``(num_acc, h_kv, rows)``; ``num_acc = b + num_parts`` bounds the fragments."""
     o_elems = num_acc * h_kv * rows * dv
     o_accum = cute.make_tensor(
@@ -66,3 +66,11 @@ def accumulators(mAccum: cute.Tensor, num_acc, h_kv, rows, dv: cutlass.Constexpr
         cute.make_layout((num_acc, h_kv, rows), stride=(h_kv * rows, rows, 1)),
     )
     return o_accum, lse_accum
+
+
+@cute.jit
+def arrival_counters(mAccum: cute.Tensor, num_acc, h_kv, rows, dv: cutlass.Constexpr, num_counters):
+    """The int32 tail of the split workspace, after ``accumulators``: one counter per
+    (batch, KV head, query tile), zero between kernels."""
+    start = mAccum.iterator + num_acc * h_kv * rows * (dv + 1)
+    return cute.make_tensor(cute.recast_ptr(start, dtype=cutlass.Int32), cute.make_layout((num_counters,)))
