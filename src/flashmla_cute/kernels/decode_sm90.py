@@ -59,7 +59,7 @@ from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from . import utils
-from .combine import merge_row
+from .combine import merge_tile
 from .utils import accumulators, arrival_counters
 
 BLOCK_N = 64  # tokens per KV tile (== page size)
@@ -636,8 +636,8 @@ class MlaDecodeSm90:
         Every consumer thread has fenced its partial's stores and passed the
         ``consumers`` barrier; one thread then adds to the tile's counter (acquire and
         release at GPU scope). The last one resets the counter to 0 for the next kernel
-        on this workspace and, after the barrier that shares the verdict, each consumer
-        warp merges rows ``warp, warp + 8, ...`` of the tile.
+        on this workspace and, after the barrier that shares the verdict, the two
+        consumer warpgroups merge the tile (``combine.merge_tile``).
         """
         flag = storage.last_fragment.get_tensor(cute.make_layout((1,)))
         if const_expr(wg == 0):
@@ -654,15 +654,10 @@ class MlaDecodeSm90:
         consumers.arrive_and_wait()
         if flag[0] != 0:
             cute.arch.fence_acq_rel_gpu()  # the other CTAs' partials, after their arrivals
-            lane = wg_tidx % 32
-            warp = wg * 4 + wg_tidx // 32
-            first = mNumSplits[batch]
-            rows_per_kv = mOAccum.shape[2]
-            for r in cutlass.range(warp, TILE_M, 4 * NUM_CONSUMER_WARPGROUPS, unroll=1):
-                row = m_tile * TILE_M + r
-                if row < rows_per_kv:
-                    merge_row(mOAccum, mLseAccum, mO, mLse, batch, kv_head, row, first, num_frags, lane,
-                              heads_per_kv, self.dtype, self.head_dim_v)
+            # Row statistics of the merge go where m0 and s0 of the pairs were.
+            row_stats = storage.stats.get_tensor(cute.make_layout((TILE_M, 2), stride=(1, TILE_M)))
+            merge_tile(mOAccum, mLseAccum, mO, mLse, row_stats, consumers, wg * 128 + wg_tidx, batch, kv_head,
+                       m_tile, mNumSplits[batch], num_frags, heads_per_kv, self.dtype, self.head_dim_v)
 
     @staticmethod
     @cute.jit
