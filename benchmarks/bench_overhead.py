@@ -1,6 +1,6 @@
 """Host overhead per call of get_mla_metadata and flash_mla_with_kvcache.
 
-    python benchmarks/bench_overhead.py [--calls 500] [--batches 10]
+    python benchmarks/bench_overhead.py [--calls 500] [--batches 10] [--pin]
 
 On a tiny problem (b = 1, seqlen 100, h_q 16, s_q 1, bf16) the GPU work per call is a few
 microseconds, so a tight loop of calls measures what the host spends per call: argument
@@ -8,12 +8,16 @@ checks, output allocation and kernel launches. Each function is called ``--calls
 in a row, the device is synchronized only at the end of each such batch, and the median
 over ``--batches`` batches of (wall time / calls) is reported. The enqueue-only time (the
 loop before the final synchronize) and, for scale, the same loop around one tiny torch
-kernel (``x.add_(1)``) are reported beside it.
+kernel (``x.add_(1)``) are reported beside it, and so is the GPU time per call (the same
+calls replayed from a CUDA graph, with no host work): a loop cannot run faster than the
+GPU, so where that is close to the host time the loop measures the GPU. ``--pin`` keeps
+the process on one CPU core (less scheduling noise between runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -59,12 +63,37 @@ def per_call_us(fn, calls: int, batches: int) -> dict:
     }
 
 
+def graph_us(fn, calls: int = 100, replays: int = 20) -> float:
+    """GPU microseconds per call of ``fn``: ``calls`` calls captured in one CUDA graph,
+    replayed ``replays`` times."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (calls * replays)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=500, help="calls per batch (default: 500)")
     parser.add_argument("--batches", type=int, default=10, help="batches (default: 10)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pin", action="store_true", help="run on one CPU core")
     args = parser.parse_args(argv)
+    if args.pin:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
     import torch
 
@@ -93,14 +122,15 @@ def main(argv=None) -> int:
         x.add_(1)
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"{args.batches} batches of {args.calls} calls, sync at the end of each batch")
+          f"{args.batches} batches of {args.calls} calls, sync at the end of each batch"
+          + (f", pinned to CPU {min(os.sched_getaffinity(0))}" if args.pin else ""))
     print(f"problem: b={B} seqlen={SEQLEN} h_q={H_Q} s_q={S_Q} h_kv={H_KV} bf16")
-    print(f"{'function':<26} {'us/call':>9} {'enqueue us':>11} {'min us':>8}")
+    print(f"{'function':<26} {'us/call':>9} {'enqueue us':>11} {'min us':>8} {'GPU us':>8}")
     for name, fn in (("get_mla_metadata", metadata), ("flash_mla_with_kvcache", decode),
                      ("torch x.add_(1) (scale)", tiny_torch_op)):
         r = per_call_us(fn, args.calls, args.batches)
-        print(f"{name:<26} {r['us_per_call']:>9.1f} {r['us_enqueue_per_call']:>11.1f} {r['us_per_call_min']:>8.1f}",
-              flush=True)
+        print(f"{name:<26} {r['us_per_call']:>9.1f} {r['us_enqueue_per_call']:>11.1f} {r['us_per_call_min']:>8.1f}"
+              f" {graph_us(fn):>8.1f}", flush=True)
     return 0
 
 

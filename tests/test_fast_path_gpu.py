@@ -100,7 +100,7 @@ def test_fast_and_checked_paths_agree(requires_hopper):
     fast = runtime.fast_decode(**args)
     problem = checks.check_decode_args(**args)
     checked = runtime.gpu_decode(problem, args["q"], args["k_cache"], args["block_table"], args["cache_seqlens"],
-                                 args["tile_scheduler_metadata"], args["num_splits"])
+                                 args["tile_scheduler_metadata"], args["num_splits"], 512, True)
     assert torch.equal(fast[0], checked[0]) and torch.equal(fast[1], checked[1])
 
 

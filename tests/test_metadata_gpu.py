@@ -27,7 +27,7 @@ def test_gpu_plan_equals_torch_plan(requires_hopper, b):
     gen = torch.Generator().manual_seed(b)
     for num_parts in (1, 7, 33, 66, 132, 500):
         seqlens = random_seqlens(gen, b)
-        meta, num_splits = runtime.gpu_metadata(seqlens.cuda(), num_parts)
+        meta, num_splits = runtime.plan_on_gpu(seqlens.cuda(), num_parts)
         ref_meta, ref_splits = scheduler.plan_torch(seqlens, num_parts)
         assert torch.equal(num_splits.cpu(), ref_splits), (b, num_parts)
         assert torch.equal(meta.cpu(), ref_meta), (b, num_parts)

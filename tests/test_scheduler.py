@@ -45,7 +45,7 @@ def check_plan(seqlens, num_parts):
     b = seqlens.numel()
     blocks = num_blocks(seqlens.tolist())
     total = sum(blocks) + F * b
-    payload = -(-total // num_parts)
+    payload = scheduler.payload_of(total, num_parts)
 
     assert meta.dtype == torch.int32 and meta.shape == (num_parts, METADATA_INTS)
     assert num_splits.dtype == torch.int32 and num_splits.shape == (b + 1,)
@@ -93,28 +93,30 @@ def block_list(seqlens, meta):
 
 
 def test_hand_worked_example():
-    # n = [1, 1, 2, 10], costs n + 5 = [6, 6, 7, 15], T = 34, P = 4: payload 9.
-    # Cost intervals: seq 0 [0, 6), seq 1 [6, 12), seq 2 [12, 19), seq 3 [19, 34), each
-    # starting with 5 units of overhead. Parts start at cost 0, 9, 18, 27:
-    # 0 -> (0, 0); 9 -> seq 1's overhead -> (1, 0); 18 -> (2, 18 - 12 - 5 = 1);
-    # 27 -> (3, 27 - 19 - 5 = 3).
-    meta, num_splits = scheduler.plan_torch(torch.tensor([0, 64, 65, 640], dtype=torch.int32), 4)
+    # n = [1, 1, 2, 30], costs n + 5 = [6, 6, 7, 35], T = 54, P = 4: payload 14.
+    # Cost intervals: seq 0 [0, 6), seq 1 [6, 12), seq 2 [12, 19), seq 3 [19, 54), each
+    # starting with 5 units of overhead. Parts start at cost 0, 14, 28, 42:
+    # 0 -> (0, 0); 14 -> (2, 14 - 12 - 5 < 0 -> 0); 28 -> (3, 28 - 19 - 5 = 4);
+    # 42 -> (3, 42 - 19 - 5 = 18). Seq 3 is cut at blocks 4 and 18: three fragments.
+    meta, num_splits = scheduler.plan_torch(torch.tensor([0, 64, 65, 1920], dtype=torch.int32), 4)
     assert meta.tolist() == [
-        [0, 0, 0, 1, 0, 0, 0, 0],
-        [1, 0, 2, 1, 0, 0, 0, 0],
-        [2, 1, 3, 3, 1, 0, 0, 0],
-        [3, 3, 3, 10, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0, 0, 0],
+        [2, 0, 3, 4, 0, 0, 0, 0],
+        [3, 4, 3, 18, 1, 0, 0, 0],
+        [3, 18, 3, 30, 2, 0, 0, 0],
     ]
-    assert num_splits.tolist() == [0, 1, 2, 4, 6]
+    assert num_splits.tolist() == [0, 1, 2, 3, 6]
 
 
-def test_more_parts_than_work():
-    # One sequence of one block: cost 6, P = 8, payload 1. Only the part whose start
-    # (cost 5) falls on the block does anything.
-    meta, num_splits = scheduler.plan_torch(torch.tensor([10], dtype=torch.int32), 8)
-    empty = [1, 0, 0, 0, 0, 0, 0, 0]
-    assert meta.tolist() == [empty] * 5 + [[0, 0, 0, 1, 0, 0, 0, 0]] + [empty] * 2
-    assert num_splits.tolist() == [0, 1]
+def test_little_work_is_not_spread_thin():
+    # n = [2, 1], costs [7, 6], T = 13 over P = 8 parts: ceil(T / P) would be 2 and cut
+    # the first sequence in two, but a part takes at least MIN_PAYLOAD = 10. Parts
+    # start at cost 0 -> (0, 0) and 10 -> (1, 10 - 7 - 5 < 0 -> 0); the rest are empty.
+    assert scheduler.MIN_PAYLOAD == 10
+    meta, num_splits = scheduler.plan_torch(torch.tensor([100, 10], dtype=torch.int32), 8)
+    empty = [2, 0, 1, 0, 0, 0, 0, 0]
+    assert meta.tolist() == [[0, 0, 0, 2, 0, 0, 0, 0], [1, 0, 1, 1, 0, 0, 0, 0]] + [empty] * 6
+    assert num_splits.tolist() == [0, 1, 2]
 
 
 def test_one_part_takes_everything():
@@ -170,7 +172,7 @@ def test_one_huge_sequence(num_parts):
     meta, num_splits = check_plan([length], num_parts)
     assert num_splits.tolist() == [0, num_parts]
     n = num_blocks([length])
-    payload = -(-(n[0] + F) // num_parts)
+    payload = scheduler.payload_of(n[0] + F, num_parts)
     sizes = [hi - lo for row in meta.tolist() for _, lo, hi in part_fragments(row, n)]
     assert len(sizes) == num_parts
     if num_parts > 1:

@@ -105,12 +105,12 @@ def _get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k):
         return runtime.fast_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
     except Exception:
         pass  # first call of this configuration, CPU tensors, or a bad argument
-    num_heads_per_head_k, num_heads_k = checks.check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k)
+    args = (cache_seqlens, num_heads_per_head_k, num_heads_k)
+    num_heads_per_head_k, num_heads_k = checks.check_metadata_args(*args)
     num_parts = num_sm_parts_for(cache_seqlens.device, num_heads_per_head_k, num_heads_k)
     if cache_seqlens.device.type == "cuda":
-        result = runtime.gpu_metadata(cache_seqlens, num_parts)
-        runtime.remember_metadata_call(cache_seqlens.get_device(), num_heads_per_head_k, num_heads_k, num_parts)
-        return result
+        # The ints as the caller passed them: the fast path keys on them, types included.
+        return runtime.gpu_metadata(cache_seqlens, args[1], args[2], num_parts)
     return scheduler.plan_torch(cache_seqlens, num_parts)
 
 
@@ -195,7 +195,8 @@ def _flash_mla_with_kvcache(
     )
     if q.device.type == "cuda":
         _require_hopper(q.device)
-        return runtime.gpu_decode(problem, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits)
+        return runtime.gpu_decode(problem, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                                  head_dim_v, causal)
     if q.device.type != "cpu":
         raise RuntimeError(f"q must be a CUDA (sm_90) or CPU tensor, got device {q.device}")
 

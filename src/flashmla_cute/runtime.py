@@ -3,17 +3,21 @@
 Two ways in, for each public function:
 
 - the *checked* path (``gpu_metadata``, ``gpu_decode``) takes arguments that
-  ``checks.py`` has validated, and works for every valid call;
+  ``checks.py`` has validated, works for every valid call, and then remembers the
+  call's configuration for the fast path;
 - the *fast* path (``fast_metadata``, ``fast_decode``) is tried first on every CUDA
-  call. It reads only the few sizes it needs to allocate the outputs and leaves the
-  rest of the validation to the compiled function itself: its TVM-FFI entry checks, in
-  C, every tensor's type, dtype, rank, device, 16-byte alignment, the static extents
-  (576, 64, 8, ...), the strides it was compiled for (unit and multiples of 8) and that
-  extents with one name (``b``, ``h_kv``, ...) agree across tensors, before it launches
-  anything. The fast path raises on anything it does not handle itself, and the caller
-  then takes the checked path, whose checks say what is wrong in our own words. So the
-  fast path never changes what a call computes or which calls fail, only what a valid
-  call costs on the host.
+  call. It serves only configurations the checked path has seen: the key of a call is
+  everything its validity and its launch depend on besides what the compiled function
+  checks itself (the shapes of q, k_cache and the plan, dtype, device, head_dim_v and
+  causal, with their Python types), and the table entry holds what the launch needs
+  (the compiled function, output shapes, workspace size). The compiled function's
+  TVM-FFI entry checks, in C, every tensor's type, dtype, rank, device, 16-byte
+  alignment, the static extents (576, 64, 8, ...), the strides it was compiled for
+  (unit and multiples of 8) and that extents with one name (``b``, ``h_kv``, ...)
+  agree across tensors, before it launches anything. The fast path raises on anything
+  else, and the caller then takes the checked path, whose checks say what is wrong in
+  our own words. So the fast path never changes what a call computes or which calls
+  fail, only what a valid call costs on the host.
 
 Outputs and workspaces are allocated with torch, so both paths work under CUDA-graph
 capture.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, NamedTuple
 
 import torch
 
@@ -31,6 +36,7 @@ from .scheduler import METADATA_INTS, split_workspace_elems
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _INT32_MAX = 2**31 - 1
+_MAX_REMEMBERED = 4096  # configurations per table; the tables are cleared when full
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,21 +45,10 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# The fast path's tables, filled by the checked path: a key is present only once a
-# call with it has passed every check (including "this device is an sm_90 GPU").
-_decode_fns: dict[tuple, object] = {}  # (dtype, causal, d, dv) -> compiled decode step
-_metadata_parts: dict[tuple, int] = {}  # (device index, num_heads_per_head_k, num_heads_k) -> parts
-_hopper_devices: set[int] = set()
-
-
+@functools.lru_cache(maxsize=None)
 def decode_fn(dtype: torch.dtype, causal: bool, d: int, dv: int):
     """The compiled decode kernel of a variant (it merges split sequences itself)."""
-    key = (dtype, causal, d, dv)
-    fn = _decode_fns.get(key)
-    if fn is None:
-        fn = compile_mod.get(compile_mod.decode_variant(_DTYPE_NAMES[dtype], causal, d, dv))
-        _decode_fns[key] = fn
-    return fn
+    return compile_mod.get(compile_mod.decode_variant(_DTYPE_NAMES[dtype], causal, d, dv))
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,37 +63,77 @@ def metadata_fn():
     return compile_mod.get(compile_mod.metadata_variant())
 
 
-def gpu_metadata(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split-KV plan for ``cache_seqlens`` computed on its GPU (no host sync);
-    checked path."""
-    b = cache_seqlens.shape[0]
-    meta = cache_seqlens.new_empty((num_parts, METADATA_INTS))
-    num_splits = cache_seqlens.new_empty(b + 1)
+def _remember(table: dict, key, value) -> None:
+    if len(table) >= _MAX_REMEMBERED:
+        table.clear()
+    table[key] = value
+
+
+# ---------------------------------------------------------------- get_mla_metadata
+
+# (device index, num_heads_per_head_k and its type, num_heads_k and its type) -> parts
+_metadata_parts: dict[tuple, int] = {}
+
+
+def _metadata_key(device_index, num_heads_per_head_k, num_heads_k) -> tuple:
+    # With the types: 16.0 and True hash like 16 and 1, and the checks refuse them.
+    return (device_index, num_heads_per_head_k, type(num_heads_per_head_k), num_heads_k, type(num_heads_k))
+
+
+def plan_on_gpu(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-KV plan of ``num_parts`` parts for ``cache_seqlens``, computed on its
+    GPU (no host sync)."""
+    # new_empty keeps cache_seqlens' dtype and device; the compiled function rejects
+    # a cache_seqlens that is not int32 before it writes anything.
+    meta = cache_seqlens.new_empty(num_parts, METADATA_INTS)
+    num_splits = cache_seqlens.new_empty(cache_seqlens.shape[0] + 1)
     metadata_fn()(cache_seqlens, meta, num_splits)
     return meta, num_splits
 
 
-def remember_metadata_call(device_index: int, num_heads_per_head_k: int, num_heads_k: int, num_parts: int) -> None:
-    """Let ``fast_metadata`` serve calls like this checked one."""
-    _hopper_devices.add(device_index)
-    _metadata_parts[(device_index, num_heads_per_head_k, num_heads_k)] = num_parts
+def gpu_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k, num_heads_k,
+                 num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``get_mla_metadata`` for validated arguments (checked path); remembers the
+    configuration for ``fast_metadata``."""
+    result = plan_on_gpu(cache_seqlens, num_parts)
+    key = _metadata_key(cache_seqlens.get_device(), num_heads_per_head_k, num_heads_k)
+    _remember(_metadata_parts, key, num_parts)
+    return result
 
 
 def fast_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k) -> tuple[torch.Tensor, torch.Tensor]:
     """``get_mla_metadata`` for a configuration the checked path has seen; raises
     (anything) where the checked path must decide."""
-    num_parts = _metadata_parts[(cache_seqlens.get_device(), num_heads_per_head_k, num_heads_k)]
-    if type(num_heads_per_head_k) is not int or type(num_heads_k) is not int:
-        raise TypeError  # 16.0 hashes like 16: let the checks reject it
-    b = cache_seqlens.shape[0]
-    if b < 1:
+    num_parts = _metadata_parts[_metadata_key(cache_seqlens.get_device(), num_heads_per_head_k, num_heads_k)]
+    if cache_seqlens.shape[0] < 1:
         raise ValueError
-    # new_empty keeps cache_seqlens' dtype and device; the compiled function rejects
-    # a cache_seqlens that is not int32 before it writes anything.
-    meta = cache_seqlens.new_empty((num_parts, METADATA_INTS))
-    num_splits = cache_seqlens.new_empty(b + 1)
-    metadata_fn()(cache_seqlens, meta, num_splits)
-    return meta, num_splits
+    return plan_on_gpu(cache_seqlens, num_parts)
+
+
+# ---------------------------------------------------------- flash_mla_with_kvcache
+
+
+class _DecodeLaunch(NamedTuple):
+    """What a decode call of one configuration needs, worked out once."""
+
+    fn: Any  # the compiled decode kernel
+    device_index: int
+    out_shape: tuple  # (b, s_q, h_q, dv)
+    lse_shape: tuple  # (b, h_q, s_q)
+    workspace_elems: int
+    counters_at: int
+    h_kv: int
+    heads_per_kv: int
+    gather_rows: bool  # s_q > 1: q goes through query_rows
+    default_scale: float
+
+
+_decode_launches: dict[tuple, _DecodeLaunch] = {}
+
+
+def _decode_key(q, k_cache, tile_scheduler_metadata, num_splits, head_dim_v, causal) -> tuple:
+    return (q.shape, q.dtype, q.get_device(), k_cache.shape, tile_scheduler_metadata.shape[0], num_splits.shape[0],
+            head_dim_v, type(head_dim_v), causal, type(causal))
 
 
 def query_rows(q: torch.Tensor, h_kv: int) -> torch.Tensor:
@@ -144,58 +179,57 @@ def _split_workspace(tile_scheduler_metadata: torch.Tensor, elems: int, counters
     return workspace
 
 
-def _launch_decode(fn, q, k_cache, block_table, cache_seqlens, meta, num_splits, b, s_q, h_q, h_kv, dv, scale):
-    """Allocate the outputs, find the split workspace, and run the compiled decode step."""
-    heads_per_kv = h_q // h_kv
-    elems, counters_at = split_workspace_elems(b, meta.shape[0], h_kv, s_q * heads_per_kv, dv)
-    if elems > _INT32_MAX:
-        raise ValueError(
-            f"the split-KV workspace for b={b}, {meta.shape[0]} SM parts and s_q * h_q = {s_q * h_q} "
-            f"would hold {elems} values, more than the kernels index (2**31 - 1): split the batch"
-        )
-    accum = _split_workspace(meta, elems, counters_at, q.get_device())
-    out = q.new_empty((b, s_q, h_q, dv))
-    lse = accum.new_empty((b, h_q, s_q))
-    fn(query_rows(q, h_kv), k_cache, block_table, cache_seqlens, meta, num_splits, out, lse, accum, scale,
-       heads_per_kv)
+def _run(launch: _DecodeLaunch, q, k_cache, block_table, cache_seqlens, meta, num_splits, scale):
+    workspace = _split_workspace(meta, launch.workspace_elems, launch.counters_at, launch.device_index)
+    out = q.new_empty(launch.out_shape)
+    lse = workspace.new_empty(launch.lse_shape)
+    rows = query_rows(q, launch.h_kv) if launch.gather_rows else q
+    launch.fn(rows, k_cache, block_table, cache_seqlens, meta, num_splits, out, lse, workspace, scale,
+              launch.heads_per_kv)
     return out, lse
 
 
-def gpu_decode(problem, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits):
-    """Run the decode step for validated arguments (checked path); returns ``(out, lse)``."""
+def gpu_decode(problem, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+               head_dim_v, causal):
+    """Run the decode kernel for validated arguments (checked path; ``head_dim_v`` and
+    ``causal`` as the caller passed them) and remember the configuration for
+    ``fast_decode``. Returns ``(out, lse)``."""
     p = problem
-    fn = decode_fn(q.dtype, p.causal, p.d, p.dv)
-    _hopper_devices.add(q.get_device())
-    return _launch_decode(fn, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                          p.b, p.s_q, p.h_q, p.h_kv, p.dv, p.softmax_scale)
+    elems, counters_at = split_workspace_elems(p.b, p.num_parts, p.h_kv, p.rows_per_kv, p.dv)
+    if elems > _INT32_MAX:
+        raise ValueError(
+            f"the split-KV workspace for b={p.b}, {p.num_parts} SM parts and s_q * h_q = {p.s_q * p.h_q} "
+            f"would hold {elems} values, more than the kernels index (2**31 - 1): split the batch"
+        )
+    launch = _DecodeLaunch(
+        fn=decode_fn(q.dtype, p.causal, p.d, p.dv),
+        device_index=q.get_device(),
+        out_shape=(p.b, p.s_q, p.h_q, p.dv),
+        lse_shape=(p.b, p.h_q, p.s_q),
+        workspace_elems=elems,
+        counters_at=counters_at,
+        h_kv=p.h_kv,
+        heads_per_kv=p.heads_per_kv,
+        gather_rows=p.s_q > 1,
+        default_scale=p.d**-0.5,
+    )
+    result = _run(launch, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+                  p.softmax_scale)
+    key = _decode_key(q, k_cache, tile_scheduler_metadata, num_splits, head_dim_v, causal)
+    _remember(_decode_launches, key, launch)
+    return result
 
 
 def fast_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
                 softmax_scale, causal):
-    """``flash_mla_with_kvcache`` on CUDA tensors with the compiled function's own
-    argument checks; raises (anything) where the checked path must decide.
-
-    What the compiled function cannot check is checked here: the sizes the outputs are
-    allocated with and the grids launched with (``b``, ``s_q``, ``h_q``, SM parts >= 1,
-    a non-empty cache, ``h_kv`` dividing ``h_q``),
-    ``num_splits``' length (``b + 1``: the kernels index it by batch) and the Python
-    scalars.
-    """
-    if q.get_device() not in _hopper_devices or type(causal) is not bool or type(head_dim_v) is not int:
-        raise TypeError
-    b, s_q, h_q, d = q.shape
-    num_blocks, _, h_kv, _ = k_cache.shape
-    fn = _decode_fns[(q.dtype, causal and s_q > 1, d, head_dim_v)]
-    # (An empty grid would fail at launch; CUDA then keeps that error for the next call
-    # that asks, so sizes that make one are refused here.)
-    if (b < 1 or s_q < 1 or h_q < 1 or h_q % h_kv or num_blocks < 1 or tile_scheduler_metadata.shape[0] < 1
-            or num_splits.shape[0] != b + 1):
-        raise ValueError
+    """``flash_mla_with_kvcache`` for a configuration the checked path has seen, with
+    the compiled function's own argument checks; raises (anything) where the checked
+    path must decide."""
+    launch = _decode_launches[_decode_key(q, k_cache, tile_scheduler_metadata, num_splits, head_dim_v, causal)]
     if softmax_scale is None:
-        scale = d**-0.5
+        scale = launch.default_scale
     elif type(softmax_scale) is float and 0.0 < softmax_scale < math.inf:
         scale = softmax_scale
     else:
         raise TypeError
-    return _launch_decode(fn, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                          b, s_q, h_q, h_kv, head_dim_v, scale)
+    return _run(launch, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, scale)

@@ -12,8 +12,8 @@ Cost model
 A block costs 1 and every sequence costs ``FIXED_OVERHEAD_BLOCKS`` more (its Q load,
 epilogue and, when split, its combine). Sequence ``i`` occupies the cost interval
 ``[C_i, C_i + F + n_i)`` where ``C_i`` is the exclusive prefix sum of ``F + n_j`` and the
-first ``F`` units are its overhead. With total cost ``T`` and ``payload = ceil(T / P)``,
-part ``p`` covers cost ``[p * payload, (p + 1) * payload)``; a cost point ``x`` inside
+first ``F`` units are its overhead. With total cost ``T`` and ``payload = max(ceil(T /
+P), MIN_PAYLOAD)`` (``payload_of``), part ``p`` covers cost ``[p * payload, (p + 1) * payload)``; a cost point ``x`` inside
 sequence ``i`` maps to block ``clamp(x - C_i - F, 0, n_i)`` of it. Every part therefore
 does at most ``payload`` blocks, and at most ``payload + F`` units of work counting one
 overhead per sequence fragment it touches. Each part is computed independently in closed
@@ -60,6 +60,16 @@ ROWS_PER_TILE = 64
 
 FIXED_OVERHEAD_BLOCKS = 5
 """Cost of one sequence fragment beyond its blocks, in units of one block."""
+
+MIN_PAYLOAD = 2 * FIXED_OVERHEAD_BLOCKS
+"""Least cost a part is given: when there is little work, a part takes at least a
+fragment's overhead in blocks, rather than splitting short sequences into fragments of
+one block each whose merge costs more than the blocks it spreads out."""
+
+
+def payload_of(total_cost: int, num_parts: int) -> int:
+    """Cost per part for a total cost ``T``: ``max(ceil(T / P), MIN_PAYLOAD)``."""
+    return max(-(-total_cost // num_parts), MIN_PAYLOAD)
 
 DEFAULT_NUM_SMS = 132
 """SM count assumed where there is no GPU to ask (an H100 SXM has 132)."""
@@ -112,7 +122,7 @@ def plan_torch(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
     cost_end = torch.cumsum(cost, 0)  # C_i + cost_i
     cost_begin = cost_end - cost  # C_i
     total = int(cost_end[-1]) if b > 0 else 0
-    payload = -(-total // num_parts)
+    payload = payload_of(total, num_parts)
 
     # Fragments of sequence i: 1 + the multiples of payload in [C_i + F + 1, C_i + F + n_i - 1].
     lo = cost_begin + F

@@ -23,6 +23,7 @@ from ..scheduler import (
     END_BLOCK,
     FIXED_OVERHEAD_BLOCKS,
     METADATA_INTS,
+    MIN_PAYLOAD,
 )
 
 
@@ -68,7 +69,7 @@ class MlaMetadata:
             if i < b:
                 total = total + self.num_blocks(mSeqlens, i) + F
         total = cute.arch.warp_reduction(total, lambda x, y: x + y)
-        payload = (total + num_parts - 1) // num_parts
+        payload = cutlass.max((total + num_parts - 1) // num_parts, MIN_PAYLOAD)  # scheduler.payload_of
 
         if lane == 0:
             mNumSplits[0] = 0
