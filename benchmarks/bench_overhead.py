@@ -1,12 +1,14 @@
 """Host overhead per call of get_mla_metadata and flash_mla_with_kvcache.
 
-    python benchmarks/bench_overhead.py [--calls 500] [--batches 10] [--pin]
+    python benchmarks/bench_overhead.py [--calls 500] [--batches 20] [--pin]
 
 On a tiny problem (b = 1, seqlen 100, h_q 16, s_q 1, bf16) the GPU work per call is a few
 microseconds, so a tight loop of calls measures what the host spends per call: argument
 checks, output allocation and kernel launches. Each function is called ``--calls`` times
 in a row, the device is synchronized only at the end of each such batch, and the median
-over ``--batches`` batches of (wall time / calls) is reported. The enqueue-only time (the
+over ``--batches`` batches of (wall time / calls) is reported. The functions take turns
+batch by batch, after a second of warm-up, so that all see the host in the same state
+(clock speeds drift over a run). The enqueue-only time (the
 loop before the final synchronize) and, for scale, the same loop around one tiny torch
 kernel (``x.add_(1)``) are reported beside it, and so is the GPU time per call (the same
 calls replayed from a CUDA graph, with no host work): a loop cannot run faster than the
@@ -37,29 +39,39 @@ def import_package():
     return flashmla_cute
 
 
-def per_call_us(fn, calls: int, batches: int) -> dict:
+def per_call_us(fns: dict, calls: int, batches: int, warmup_s: float = 1.0) -> dict:
+    """For each named function: median and min over batches of the wall time per call,
+    and the median enqueue time per call (before the batch's synchronize)."""
     import torch
 
-    for _ in range(max(10, calls // 10)):  # warm up (and compile on first use)
+    for fn in fns.values():  # compile on first use
         fn()
-    torch.cuda.synchronize()
-    wall, enqueue = [], []
+    deadline = time.perf_counter() + warmup_s
+    while time.perf_counter() < deadline:
+        for fn in fns.values():
+            for _ in range(10):
+                fn()
+        torch.cuda.synchronize()
+    wall = {name: [] for name in fns}
+    enqueue = {name: [] for name in fns}
     for _ in range(batches):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        enqueue.append((t1 - t0) / calls * 1e6)
-        wall.append((t2 - t0) / calls * 1e6)
+        for name, fn in fns.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            enqueue[name].append((t1 - t0) / calls * 1e6)
+            wall[name].append((t2 - t0) / calls * 1e6)
     return {
-        "us_per_call": statistics.median(wall),
-        "us_enqueue_per_call": statistics.median(enqueue),
-        "us_per_call_min": min(wall),
-        "calls": calls,
-        "batches": batches,
+        name: {
+            "us_per_call": statistics.median(wall[name]),
+            "us_enqueue_per_call": statistics.median(enqueue[name]),
+            "us_per_call_min": min(wall[name]),
+        }
+        for name in fns
     }
 
 
@@ -88,12 +100,12 @@ def graph_us(fn, calls: int = 100, replays: int = 20) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=500, help="calls per batch (default: 500)")
-    parser.add_argument("--batches", type=int, default=10, help="batches (default: 10)")
+    parser.add_argument("--batches", type=int, default=20, help="batches (default: 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pin", action="store_true", help="run on one CPU core")
     args = parser.parse_args(argv)
     if args.pin:
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
 
     import torch
 
@@ -123,12 +135,13 @@ def main(argv=None) -> int:
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"{args.batches} batches of {args.calls} calls, sync at the end of each batch"
-          + (f", pinned to CPU {min(os.sched_getaffinity(0))}" if args.pin else ""))
+          + (f", pinned to CPU {max(os.sched_getaffinity(0))}" if args.pin else ""))
     print(f"problem: b={B} seqlen={SEQLEN} h_q={H_Q} s_q={S_Q} h_kv={H_KV} bf16")
+    fns = {"get_mla_metadata": metadata, "flash_mla_with_kvcache": decode, "torch x.add_(1) (scale)": tiny_torch_op}
+    results = per_call_us(fns, args.calls, args.batches)
     print(f"{'function':<26} {'us/call':>9} {'enqueue us':>11} {'min us':>8} {'GPU us':>8}")
-    for name, fn in (("get_mla_metadata", metadata), ("flash_mla_with_kvcache", decode),
-                     ("torch x.add_(1) (scale)", tiny_torch_op)):
-        r = per_call_us(fn, args.calls, args.batches)
+    for name, fn in fns.items():
+        r = results[name]
         print(f"{name:<26} {r['us_per_call']:>9.1f} {r['us_enqueue_per_call']:>11.1f} {r['us_per_call_min']:>8.1f}"
               f" {graph_us(fn):>8.1f}", flush=True)
     return 0

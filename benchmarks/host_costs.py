@@ -97,6 +97,8 @@ def main() -> int:
     ts = [torch.zeros(64, device=dev) for _ in range(9)]
     nop = tvm_ffi.get_global_func("testing.nop")
     k_one, k_nine, k_nine_two = trivial_kernels()
+    fm.flash_mla_with_kvcache(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, 512, meta, num_splits,
+                              causal=True)  # the fast path now knows this configuration
     problem = checks.check_decode_args(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, 512, meta,
                                        num_splits, None, True)
     q_rows = runtime.query_rows(inp.q, 1)

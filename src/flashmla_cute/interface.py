@@ -59,10 +59,6 @@ def num_sm_parts_for(device: torch.device, num_heads_per_head_k: int, num_heads_
     return parts
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def get_mla_metadata(
     cache_seqlens: torch.Tensor,
     num_heads_per_head_k: int,
@@ -93,18 +89,18 @@ def get_mla_metadata(
 
     Under ``torch.compile`` this is the custom op ``torch.ops.flashmla_cute.get_mla_metadata``.
     """
-    if _compiling():
+    if torch.compiler.is_compiling():
         from . import ops
 
         return ops.get_mla_metadata_op(cache_seqlens, num_heads_per_head_k, num_heads_k)
-    return _get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
-
-
-def _get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k):
     try:
         return runtime.fast_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
     except Exception:
         pass  # first call of this configuration, CPU tensors, or a bad argument
+    return _checked_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
+
+
+def _checked_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k):
     args = (cache_seqlens, num_heads_per_head_k, num_heads_k)
     num_heads_per_head_k, num_heads_k = checks.check_metadata_args(*args)
     num_parts = num_sm_parts_for(cache_seqlens.device, num_heads_per_head_k, num_heads_k)
@@ -167,28 +163,28 @@ def flash_mla_with_kvcache(
     Under ``torch.compile`` this is the custom op
     ``torch.ops.flashmla_cute.flash_mla_with_kvcache``.
     """
-    if _compiling():
+    if torch.compiler.is_compiling():
         from . import ops
 
         return ops.flash_mla_with_kvcache_op(
             q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
             softmax_scale, causal,
         )
-    return _flash_mla_with_kvcache(
-        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
-    )
-
-
-def _flash_mla_with_kvcache(
-    q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
-):
     try:
         return runtime.fast_decode(
             q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
             softmax_scale, causal,
         )
     except Exception:
-        pass  # first call of this variant, CPU tensors, or a bad argument
+        pass  # first call of this configuration, CPU tensors, or a bad argument
+    return _checked_decode(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
+    )
+
+
+def _checked_decode(
+    q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
+):
     problem = checks.check_decode_args(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
         softmax_scale, causal,

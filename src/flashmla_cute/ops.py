@@ -2,8 +2,9 @@
 compiled with ``torch.compile(fullgraph=True)`` calls our kernels.
 
 The public functions call these ops only while torch.compile traces (eager calls go
-straight to the implementation and skip the dispatcher's per-call cost). The fake
-implementations give output shapes and dtypes without running anything.
+straight to the implementation and skip the dispatcher's per-call cost); the ops run
+the public functions, which, outside tracing, do the work. The fake implementations
+give output shapes and dtypes without running anything.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ NAMESPACE = "flashmla_cute"
 def get_mla_metadata_op(
     cache_seqlens: torch.Tensor, num_heads_per_head_k: int, num_heads_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from .interface import _get_mla_metadata
+    from .interface import get_mla_metadata
 
-    return _get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
+    return get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
 
 
 @get_mla_metadata_op.register_fake
@@ -47,9 +48,9 @@ def flash_mla_with_kvcache_op(
     softmax_scale: Optional[float] = None,
     causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from .interface import _flash_mla_with_kvcache
+    from .interface import flash_mla_with_kvcache
 
-    return _flash_mla_with_kvcache(
+    return flash_mla_with_kvcache(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
     )
 
