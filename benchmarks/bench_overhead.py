@@ -1,14 +1,16 @@
 """Host overhead per call of get_mla_metadata and flash_mla_with_kvcache.
 
-    python benchmarks/bench_overhead.py [--calls 500] [--batches 20] [--pin]
+    python benchmarks/bench_overhead.py [--calls 500] [--batches 20] [--warmup 5] [--pin]
 
 On a tiny problem (b = 1, seqlen 100, h_q 16, s_q 1, bf16) the GPU work per call is a few
 microseconds, so a tight loop of calls measures what the host spends per call: argument
 checks, output allocation and kernel launches. Each function is called ``--calls`` times
 in a row, the device is synchronized only at the end of each such batch, and the median
 over ``--batches`` batches of (wall time / calls) is reported. The functions take turns
-batch by batch, after a second of warm-up, so that all see the host in the same state
-(clock speeds drift over a run). The enqueue-only time (the
+batch by batch, after ``--warmup`` seconds of calling them all, so that all see the
+host in the same state: on the machines measured, the host takes seconds of steady work
+to reach its steady speed (a trivial torch op costs 10 us in the first second and 7 us
+after ten). The enqueue-only time (the
 loop before the final synchronize) and, for scale, the same loop around one tiny torch
 kernel (``x.add_(1)``) are reported beside it, and so is the GPU time per call (the same
 calls replayed from a CUDA graph, with no host work): a loop cannot run faster than the
@@ -102,6 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=500, help="calls per batch (default: 500)")
     parser.add_argument("--batches", type=int, default=20, help="batches (default: 20)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up calls (default: 5)")
     parser.add_argument("--pin", action="store_true", help="run on one CPU core")
     args = parser.parse_args(argv)
     if args.pin:
@@ -134,11 +137,11 @@ def main(argv=None) -> int:
         x.add_(1)
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"{args.batches} batches of {args.calls} calls, sync at the end of each batch"
+          f"{args.batches} batches of {args.calls} calls after {args.warmup:g} s of warm-up, sync after each batch"
           + (f", pinned to CPU {max(os.sched_getaffinity(0))}" if args.pin else ""))
     print(f"problem: b={B} seqlen={SEQLEN} h_q={H_Q} s_q={S_Q} h_kv={H_KV} bf16")
     fns = {"get_mla_metadata": metadata, "flash_mla_with_kvcache": decode, "torch x.add_(1) (scale)": tiny_torch_op}
-    results = per_call_us(fns, args.calls, args.batches)
+    results = per_call_us(fns, args.calls, args.batches, args.warmup)
     print(f"{'function':<26} {'us/call':>9} {'enqueue us':>11} {'min us':>8} {'GPU us':>8}")
     for name, fn in fns.items():
         r = results[name]
