@@ -49,3 +49,23 @@ def test_metadata_is_graph_capturable(requires_hopper):
     ref_meta, ref_splits = scheduler.plan_torch(new, meta.shape[0])
     assert torch.equal(meta.cpu(), ref_meta)
     assert torch.equal(num_splits.cpu(), ref_splits)
+
+
+def test_every_plan_has_memory_of_its_own(requires_hopper):
+    # Plans of one configuration asked for again and again, more of them than one slab
+    # of outputs holds (see runtime._plan_outputs): every call's tensors hold its own
+    # plan, overlap no other call's, and a plan's two tensors share no storage.
+    import flashmla_cute
+    from flashmla_cute import runtime
+
+    gen = torch.Generator().manual_seed(7)
+    lengths = [torch.randint(0, 5000, (9,), generator=gen, dtype=torch.int32) for _ in range(2 * runtime.PLAN_SLAB + 3)]
+    plans = [flashmla_cute.get_mla_metadata(s.cuda(), 64, 1) for s in lengths]
+    spans = []
+    for s, (meta, num_splits) in zip(lengths, plans):
+        ref_meta, ref_splits = scheduler.plan_torch(s, meta.shape[0])
+        assert torch.equal(meta.cpu(), ref_meta) and torch.equal(num_splits.cpu(), ref_splits)
+        assert meta.untyped_storage().data_ptr() != num_splits.untyped_storage().data_ptr()
+        spans += [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in (meta, num_splits)]
+    spans.sort()
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
