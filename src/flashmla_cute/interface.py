@@ -155,6 +155,12 @@ def flash_mla_with_kvcache(
         or with ``causal`` a sequence shorter than ``s_q``) gets ``out = 0`` and
         ``softmax_lse = +inf``.
 
+    On the GPU, split sequences need an fp32 workspace (partial results, about
+    ``(b + num_sm_parts) * s_q * h_q * 2 KB``). The first call with a given
+    ``tile_scheduler_metadata`` allocates it and keeps it on that tensor for the
+    following calls with it on the same CUDA stream (the layers of one decoding step);
+    it is freed with the metadata. A call on another stream allocates its own.
+
     Raises TypeError or ValueError for bad arguments (checked without reading tensor
     contents) and RuntimeError for CUDA tensors on a GPU that is not sm_90. On a
     Hopper GPU the kernels need ``(d, head_dim_v) = (576, 512)``; on the CPU the float32
