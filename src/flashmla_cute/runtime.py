@@ -63,8 +63,8 @@ def metadata_fn():
     return compile_mod.get(compile_mod.metadata_variant())
 
 
-def _remember(table: dict, key, value) -> None:
-    if len(table) >= _MAX_REMEMBERED:
+def _remember(table: dict, key, value, limit: int = _MAX_REMEMBERED) -> None:
+    if len(table) >= limit:
         table.clear()
     table[key] = value
 
@@ -82,6 +82,7 @@ def _metadata_key(device_index, num_heads_per_head_k, num_heads_k) -> tuple:
 
 PLAN_SLAB = 32
 """Plans whose outputs one allocation holds once a plan configuration repeats."""
+_MAX_PLAN_SLABS = 8  # configurations with unused slots kept (GPU memory: slabs hold b + 1 ints a plan)
 
 # (device, stream, num_parts, b) -> output pairs not handed out yet
 _plan_slabs: dict[tuple, list] = {}
@@ -117,7 +118,7 @@ def _plan_outputs(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Te
     splits = cache_seqlens.new_empty(PLAN_SLAB, b + 1).unbind(0)
     free = list(zip(metas, splits))
     result = free.pop()
-    _remember(_plan_slabs, key, free)
+    _remember(_plan_slabs, key, free, _MAX_PLAN_SLABS)
     return result
 
 
