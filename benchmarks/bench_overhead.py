@@ -41,6 +41,21 @@ def import_package():
     return flashmla_cute
 
 
+def time_batch(fn, calls: int) -> tuple[float, float]:
+    """Microseconds per call of ``calls`` back-to-back calls of ``fn``, started on an
+    idle device: (enqueue time, before the closing synchronize; wall time, with it)."""
+    import torch
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
+
+
 def per_call_us(fns: dict, calls: int, batches: int, warmup_s: float = 1.0) -> dict:
     """For each named function: median and min over batches of the wall time per call,
     and the median enqueue time per call (before the batch's synchronize)."""
@@ -58,15 +73,9 @@ def per_call_us(fns: dict, calls: int, batches: int, warmup_s: float = 1.0) -> d
     enqueue = {name: [] for name in fns}
     for _ in range(batches):
         for name, fn in fns.items():
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            t1 = time.perf_counter()
-            torch.cuda.synchronize()
-            t2 = time.perf_counter()
-            enqueue[name].append((t1 - t0) / calls * 1e6)
-            wall[name].append((t2 - t0) / calls * 1e6)
+            batch_enqueue, batch_wall = time_batch(fn, calls)
+            enqueue[name].append(batch_enqueue)
+            wall[name].append(batch_wall)
     return {
         name: {
             "us_per_call": statistics.median(wall[name]),

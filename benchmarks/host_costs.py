@@ -15,11 +15,10 @@ cost) and with it ("wall").
 
 import statistics
 import sys
-import time
 
 import torch
 
-from bench_overhead import import_package
+from bench_overhead import import_package, time_batch
 
 
 def per_call_us(fn, calls: int = 200, batches: int = 50) -> tuple[float, float]:
@@ -27,17 +26,7 @@ def per_call_us(fn, calls: int = 200, batches: int = 50) -> tuple[float, float]:
     for _ in range(200):
         fn()
     torch.cuda.synchronize()
-    enqueue, wall = [], []
-    for _ in range(batches):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        enqueue.append((t1 - t0) / calls * 1e6)
-        wall.append((t2 - t0) / calls * 1e6)
+    enqueue, wall = zip(*(time_batch(fn, calls) for _ in range(batches)))
     return statistics.median(enqueue), statistics.median(wall)
 
 

@@ -16,7 +16,7 @@ from bench_overhead import graph_us, import_package
 
 def main() -> int:
     fm = import_package()
-    from flashmla_cute import runtime, scheduler
+    from flashmla_cute import scheduler
     from flashmla_cute.testing import make_decode_inputs
 
     x = make_decode_inputs(1, 1, 16, seqlens=[100], device="cuda", seed=0)

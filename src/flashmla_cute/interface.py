@@ -101,12 +101,11 @@ def get_mla_metadata(
 
 
 def _checked_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k):
-    args = (cache_seqlens, num_heads_per_head_k, num_heads_k)
-    num_heads_per_head_k, num_heads_k = checks.check_metadata_args(*args)
-    num_parts = num_sm_parts_for(cache_seqlens.device, num_heads_per_head_k, num_heads_k)
+    heads_per_k, heads_k = checks.check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k)
+    num_parts = num_sm_parts_for(cache_seqlens.device, heads_per_k, heads_k)
     if cache_seqlens.device.type == "cuda":
         # The ints as the caller passed them: the fast path keys on them, types included.
-        return runtime.gpu_metadata(cache_seqlens, args[1], args[2], num_parts)
+        return runtime.gpu_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k, num_parts)
     return scheduler.plan_torch(cache_seqlens, num_parts)
 
 

@@ -143,9 +143,7 @@ def gpu_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k, num_heads_k,
 def fast_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k) -> tuple[torch.Tensor, torch.Tensor]:
     """``get_mla_metadata`` for a configuration the checked path has seen; raises
     (anything) where the checked path must decide."""
-    key = (cache_seqlens.get_device(), num_heads_per_head_k, type(num_heads_per_head_k), num_heads_k,
-           type(num_heads_k))  # _metadata_key, inline: this runs on every call
-    num_parts = _metadata_parts[key]
+    num_parts = _metadata_parts[_metadata_key(cache_seqlens.get_device(), num_heads_per_head_k, num_heads_k)]
     if cache_seqlens.shape[0] < 1:
         raise ValueError
     return plan_on_gpu(cache_seqlens, num_parts)

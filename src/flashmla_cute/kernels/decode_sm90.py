@@ -6,7 +6,7 @@ and for each batch in that range runs flash-attention's online softmax over its 
 then writes either the final output or, when the sequence was split across parts, an
 fp32 partial (O, LSE). The CTA whose partial of a (sequence, KV head, query tile) is the
 last to arrive (an atomic counter per tile in the workspace) merges all of them into the
-output (``combine.merge_row``), so one kernel does the whole step: one launch per call,
+output (``combine.merge_tile``), so one kernel does the whole step: one launch per call,
 and the merges overlap other CTAs' work instead of waiting for the whole grid.
 
 Warp roles (384 threads):
