@@ -7,7 +7,8 @@ package is light: CUTLASS is loaded on the first call with CUDA tensors.
 """
 
 from .interface import flash_mla_with_kvcache, get_mla_metadata
+from .merge import merge_attention_states
 
 __version__ = "0.1.0"
 
-__all__ = ["flash_mla_with_kvcache", "get_mla_metadata", "__version__"]
+__all__ = ["flash_mla_with_kvcache", "get_mla_metadata", "merge_attention_states", "__version__"]

@@ -1,0 +1,102 @@
+"""Merging two attention results computed over disjoint parts of the same keys.
+
+Attention over keys ``K = K_a ∪ K_b`` (disjoint) follows from the two halves' results:
+with ``w_x = exp(lse_x - lse)`` and ``lse = log(exp(lse_a) + exp(lse_b))``::
+
+    out = w_a * out_a + w_b * out_b
+
+This is what context parallelism needs (each GPU attends to its part of a long context,
+then the parts are merged), and what ``flash_mla_with_kvcache`` returns ``lse`` for.
+
+A half that sees no key contributes nothing. FlashMLA marks such a row with
+``lse = +inf`` (and ``out = 0``); the mathematical log-sum-exp of nothing is ``-inf``.
+Both are read as "empty" here, whatever the row's ``out`` holds. Two empty halves give
+``out = 0`` and ``lse = +inf``, FlashMLA's convention.
+
+Plain torch: runs on any device, without host synchronization (it can be captured in a
+CUDA graph).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def merge_attention_states(
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the attention results of two disjoint sets of keys into the result over both.
+
+    Args:
+        out_a, out_b: ``[b, s_q, h_q, dv]``, the same floating dtype and device, as
+            ``flash_mla_with_kvcache`` returns them.
+        lse_a, lse_b: float32 ``[b, h_q, s_q]``, natural-log log-sum-exp of the scaled
+            scores; ``+inf`` or ``-inf`` for a row that saw no key.
+
+    Returns:
+        ``(out, lse)``: ``out [b, s_q, h_q, dv]`` in ``out_a``'s dtype and ``lse
+        [b, h_q, s_q]`` float32. Computed in float32. Where one half is empty the result
+        is the other half's; where both are, ``out = 0`` and ``lse = +inf``.
+
+    Raises TypeError or ValueError, naming the argument, for mismatched shapes, dtypes
+    or devices.
+    """
+    _check(out_a, lse_a, out_b, lse_b)
+
+    # lse is [b, h_q, s_q]; out is [b, s_q, h_q, dv]: bring lse to out's row order.
+    lse_a_rows = lse_a.transpose(1, 2)  # [b, s_q, h_q]
+    lse_b_rows = lse_b.transpose(1, 2)
+    empty_a = torch.isinf(lse_a_rows)
+    empty_b = torch.isinf(lse_b_rows)
+
+    # Subtract the larger lse so that both exponentials are <= 1. Empty rows are replaced
+    # by -inf, which gives weight exactly 0; if both are empty the shift is 0 (not -inf,
+    # which would make inf - inf = NaN).
+    neg_inf = torch.full((), -math.inf, dtype=torch.float32, device=lse_a.device)
+    la = torch.where(empty_a, neg_inf, lse_a_rows)
+    lb = torch.where(empty_b, neg_inf, lse_b_rows)
+    both_empty = empty_a & empty_b
+    shift = torch.where(both_empty, torch.zeros_like(la), torch.maximum(la, lb))
+    wa = torch.exp(la - shift)
+    wb = torch.exp(lb - shift)
+    total = wa + wb  # in [1, 2] unless both are empty (then 0)
+    safe_total = torch.where(both_empty, torch.ones_like(total), total)
+
+    # An empty half's out is ignored even if it is not 0 (NaN included).
+    contrib_a = torch.where(empty_a[..., None], 0.0, out_a.float() * (wa / safe_total)[..., None])
+    contrib_b = torch.where(empty_b[..., None], 0.0, out_b.float() * (wb / safe_total)[..., None])
+    out = (contrib_a + contrib_b).to(out_a.dtype)
+
+    lse = torch.where(both_empty, torch.full_like(shift, math.inf), shift + torch.log(safe_total))
+    return out, lse.transpose(1, 2).contiguous()
+
+
+def _check(out_a, lse_a, out_b, lse_b) -> None:
+    args = {"out_a": out_a, "lse_a": lse_a, "out_b": out_b, "lse_b": lse_b}
+    for name, t in args.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if out_a.dim() != 4:
+        raise ValueError(f"out_a must be [b, s_q, h_q, dv], got shape {tuple(out_a.shape)}")
+    if not out_a.dtype.is_floating_point:
+        raise TypeError(f"out_a must have a floating dtype, got {out_a.dtype}")
+    b, s_q, h_q, _ = out_a.shape
+    if out_b.shape != out_a.shape:
+        raise ValueError(f"out_b must have out_a's shape {tuple(out_a.shape)}, got {tuple(out_b.shape)}")
+    if out_b.dtype != out_a.dtype:
+        raise TypeError(f"out_b must have out_a's dtype {out_a.dtype}, got {out_b.dtype}")
+    lse_shape = (b, h_q, s_q)
+    for name in ("lse_a", "lse_b"):
+        t = args[name]
+        if tuple(t.shape) != lse_shape:
+            raise ValueError(f"{name} must be [b, h_q, s_q] = {lse_shape} (from out_a), got {tuple(t.shape)}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+    for name in ("lse_a", "out_b", "lse_b"):
+        if args[name].device != out_a.device:
+            raise ValueError(f"{name} must be on out_a's device {out_a.device}, got {args[name].device}")
