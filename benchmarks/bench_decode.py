@@ -1,27 +1,47 @@
-"""Decode benchmark on the FlashMLA grid, with the machine's two ceilings from the same run.
+"""Decode benchmark on FlashMLA's case grids, with the machine's two ceilings from the same run
+and, when they can be imported, FlashMLA itself timed on the same inputs.
 
-    python benchmarks/bench_decode.py [--cases all|quick] [--check] [--json PATH] [--dtype bfloat16]
+    python benchmarks/bench_decode.py [--cases all|quick|serving] [--check] [--json PATH] [--csv PATH]
+                                      [--plot FILE.png] [--dtype bfloat16] [--no-peers]
+    python benchmarks/bench_decode.py --plot-from results.json --plot FILE.png   # no GPU needed
 
 Measures, in one process:
 
 1. copy bandwidth: a large device-to-device ``copy_`` (bytes read + written per second);
 2. matmul rate: a bf16 8192 x 8192 x 8192 ``torch.matmul``;
-3. ``flash_mla_with_kvcache`` on the grid b = 128, h_kv = 1, d = 576, dv = 512, causal,
-   seqlen 4096 / 8192, h_q 16 / 32 / 64 / 128, s_q 1 / 2, fixed and varied lengths
-   (varied: Normal(seqlen, seqlen / 2), clamped to >= s_q).
+3. ``flash_mla_with_kvcache`` (h_kv = 1, d = 576, dv = 512, causal, 64-token pages) on one
+   of three case sets:
+
+   - ``all``: the grid b = 128, seqlen 4096 / 8192, h_q 16 / 32 / 64 / 128, s_q 1 / 2,
+     fixed and varied lengths (varied: Normal(seqlen, seqlen / 2), clamped to >= s_q);
+   - ``quick``: the 5 cases of that grid with FlashMLA anchors in benchmarks/NOTES.md;
+   - ``serving``: small batches, b 1 / 8 / 32 x seqlen 1024 / 16384 x h_q 16 / 128 (s_q 1),
+     b 4 at seqlen 32768 with h_q 16, and b 64 at mean seqlen 2048 (varied) with h_q 32, s_q 2.
+
+Peers: FlashMLA's Feb-2025 release (``import flash_mla``) and its current version (``import
+flash_mla_head``), built from source, are timed on the same inputs in the same run when they
+import (``--no-peers`` leaves them out). Each case then reports ``ratio`` = the faster peer's
+time / ours (above 1: ours is faster), and the run the geometric mean of the ratios.
 
 Each case reports its median time, GB/s (``decode_bytes`` / time), TFLOPS
 (``decode_flops`` / time) and both as fractions of the same run's ceilings: timings on one
-machine drift by several percent between runs, ratios taken in one run drift much less.
+machine drift by several percent between runs, ratios taken in one run drift much less
+(benchmarks/NOTES.md describes the method and keeps the measurements).
 Metadata is computed once per case, outside the timed region. Times come from
 ``triton.testing.do_bench`` (median; it flushes L2 before each run) or, without triton,
 from CUDA events around single calls after an L2 flush. Cases whose inputs are smaller
 than 4x L2 rotate between several input sets.
+
+``--json`` and ``--csv`` write every number (device, date, ceilings, every column of every
+case); ``--plot`` draws GB/s and TFLOPS per case and implementation with the ceilings
+(needs matplotlib), from this run or, with ``--plot-from``, from a saved JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import importlib
 import json
 import math
 import os
@@ -30,48 +50,85 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-BATCH = 128
 H_KV = 1
 D, DV = 576, 512
 BLOCK_SIZE = 64
-SEQLENS = (4096, 8192)
-HEADS = (16, 32, 64, 128)
-S_QS = (1, 2)
 
-# (seqlen, h_q, s_q, varlen): the cases DESIGN.md's anchor table has numbers for.
-QUICK = [
-    (8192, 16, 1, False),
-    (8192, 64, 1, False),
-    (8192, 128, 1, False),
-    (8192, 128, 2, False),
-    (4096, 16, 1, True),
-]
 
-# The anchors measured with FlashMLA (Feb 2025 build) on this project's H100, for reference
-# in the printed table: (ms, GB/s, TFLOPS) where known. Same run: copy 3020 GB/s, cuBLAS 715.
-ANCHORS = {
-    (8192, 16, 1, False): "0.414 ms 2931 GB/s",
-    (8192, 64, 1, False): "0.421 ms 347 TF",
-    (8192, 128, 1, False): "0.561 ms 521 TF",
-    (8192, 128, 2, False): "1.048 ms 557 TF",
-    (4096, 16, 1, True): "0.233 ms 2621 GB/s",
+class Case(NamedTuple):
+    """One benchmark case: ``b`` sequences of ``seqlen`` tokens (mean, with ``varlen``),
+    ``h_q`` query heads, ``s_q`` query tokens."""
+
+    b: int
+    seqlen: int
+    h_q: int
+    s_q: int = 1
+    varlen: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"b{self.b} sk{self.seqlen} h{self.h_q} s{self.s_q}" + (" var" if self.varlen else "")
+
+    @classmethod
+    def of_row(cls, row: dict) -> "Case":
+        """The case a result row (of this script's JSON) was measured on."""
+        return cls(*(row[field] for field in cls._fields))
+
+
+GRID_BATCH = 128
+GRID_SEQLENS = (4096, 8192)
+GRID_HEADS = (16, 32, 64, 128)
+GRID_S_QS = (1, 2)
+
+CASE_SETS = {
+    "all": [
+        Case(GRID_BATCH, seqlen, h_q, s_q, varlen)
+        for seqlen in GRID_SEQLENS
+        for h_q in GRID_HEADS
+        for s_q in GRID_S_QS
+        for varlen in (False, True)
+    ],
+    # The cases benchmarks/NOTES.md's anchor table has numbers for.
+    "quick": [
+        Case(GRID_BATCH, 8192, 16),
+        Case(GRID_BATCH, 8192, 64),
+        Case(GRID_BATCH, 8192, 128),
+        Case(GRID_BATCH, 8192, 128, 2),
+        Case(GRID_BATCH, 4096, 16, 1, True),
+    ],
+    # Serving: small batches, as an engine sees them between batch-128 peaks.
+    "serving": [
+        Case(b, seqlen, h_q) for b in (1, 8, 32) for seqlen in (1024, 16384) for h_q in (16, 128)
+    ] + [
+        Case(4, 32768, 16),
+        Case(64, 2048, 32, 2, True),
+    ],
 }
+
+# FlashMLA (Feb 2025 build) measured on this project's H100, for reference in the printed
+# table (benchmarks/NOTES.md). Same run: copy 3020 GB/s, cuBLAS 715.
+ANCHORS = {
+    Case(GRID_BATCH, 8192, 16): "0.414 ms 2931 GB/s",
+    Case(GRID_BATCH, 8192, 64): "0.421 ms 347 TF",
+    Case(GRID_BATCH, 8192, 128): "0.561 ms 521 TF",
+    Case(GRID_BATCH, 8192, 128, 2): "1.048 ms 557 TF",
+    Case(GRID_BATCH, 4096, 16, 1, True): "0.233 ms 2621 GB/s",
+    Case(1, 1024, 16): "0.015 ms",
+    Case(1, 16384, 128): "0.031 ms",
+    Case(8, 1024, 128): "0.024 ms",
+    Case(32, 16384, 128): "0.281 ms",
+}
+
+OURS = "flashmla_cute"
+PEER_LABELS = {"flash_mla": "FlashMLA Feb 2025", "flash_mla_head": "FlashMLA current"}
+"""Importable FlashMLA builds timed beside this package, and how the report names them."""
 
 DEFAULT_L2_BYTES = 50 * 1024 * 1024
 COPY_BYTES = 2 * 1024**3
 MATMUL_N = 8192
 MAX_INPUT_SETS = 32
-
-
-def all_cases():
-    return [
-        (seqlen, h_q, s_q, varlen)
-        for seqlen in SEQLENS
-        for h_q in HEADS
-        for s_q in S_QS
-        for varlen in (False, True)
-    ]
 
 
 def import_package():
@@ -83,6 +140,19 @@ def import_package():
     import flashmla_cute
 
     return flashmla_cute
+
+
+def import_peers(wanted: bool) -> dict:
+    """The FlashMLA modules that import here, by name; says which do not and why."""
+    peers = {}
+    if not wanted:
+        return peers
+    for name in PEER_LABELS:
+        try:
+            peers[name] = importlib.import_module(name)
+        except Exception as error:  # not built, or built for another torch: leave it out
+            print(f"peer {name} ({PEER_LABELS[name]}) not timed: {type(error).__name__}: {error}")
+    return peers
 
 
 # --------------------------------------------------------------------------- timing
@@ -174,131 +244,297 @@ def measure_matmul(timer: Timer) -> dict:
     return {"n": n, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12}
 
 
-# --------------------------------------------------------------------------- decode grid
+# --------------------------------------------------------------------------- implementations
+# Each returns ``call(inputs) -> (out, lse)`` for one case, its plan made once, outside the
+# timed region, and reused for every input set (they share the sequence lengths).
 
 
-def case_seqlens(seqlen: int, s_q: int, varlen: bool, seed: int):
-    import torch
-
-    if not varlen:
-        return torch.full((BATCH,), seqlen, dtype=torch.int32)
-    gen = torch.Generator().manual_seed(seed)
-    lens = torch.normal(float(seqlen), seqlen / 2, (BATCH,), generator=gen)
-    return lens.round().clamp(min=s_q).to(torch.int32)
-
-
-def case_name(case) -> str:
-    seqlen, h_q, s_q, varlen = case
-    return f"sk{seqlen} h{h_q} s{s_q}" + (" var" if varlen else "")
-
-
-def run_case(fm, testing, case, dtype, timer: Timer, l2: int, check: bool, seed: int) -> dict:
-    import torch
-
-    seqlen, h_q, s_q, varlen = case
-    seqlens = case_seqlens(seqlen, s_q, varlen, seed)
-    first = testing.make_decode_inputs(
-        BATCH, s_q, h_q, h_kv=H_KV, seqlen=seqlen, varlen=varlen, d=D, dtype=dtype,
-        device="cuda", seed=seed, seqlens=seqlens,
+def ours_caller(fm, first, case: Case):
+    meta, num_splits = fm.get_mla_metadata(first.cache_seqlens, case.s_q * case.h_q // H_KV, H_KV)
+    return lambda inp: fm.flash_mla_with_kvcache(
+        inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, DV, meta, num_splits, causal=True
     )
-    # Bytes one call reads and writes. Under 4x L2, a repeated call could find part of its
-    # inputs still in L2, so such cases cycle through several input sets.
-    per_set = testing.decode_bytes(seqlens, s_q, h_q, H_KV, D, DV, element_size=first.q.element_size())
-    n_sets = 1 if per_set >= 4 * l2 else min(MAX_INPUT_SETS, max(2, math.ceil(4 * l2 / per_set)))
-    sets = [first] + [
-        testing.make_decode_inputs(
-            BATCH, s_q, h_q, h_kv=H_KV, seqlen=seqlen, varlen=varlen, d=D, dtype=dtype,
-            device="cuda", seed=seed + i, seqlens=seqlens,
-        )
-        for i in range(1, n_sets)
-    ]
-    cache_seqlens = first.cache_seqlens
-    meta, num_splits = fm.get_mla_metadata(cache_seqlens, s_q * h_q // H_KV, H_KV)
+
+
+def feb2025_caller(flash_mla, first, case: Case):
+    meta, num_splits = flash_mla.get_mla_metadata(first.cache_seqlens, case.s_q * case.h_q // H_KV, H_KV)
+    return lambda inp: flash_mla.flash_mla_with_kvcache(
+        inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, DV, meta, num_splits, causal=True
+    )
+
+
+def head_caller(flash_mla_head, first, case: Case):
+    sched, _ = flash_mla_head.get_mla_metadata()
 
     def call(inp):
-        return fm.flash_mla_with_kvcache(
-            inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, DV, meta, num_splits, causal=True
+        return flash_mla_head.flash_mla_with_kvcache(
+            inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, DV, sched, None, causal=True
         )
 
-    # Compile (first use) and check outside the timed region.
-    out, lse = call(first)
-    torch.cuda.synchronize()
+    call(first)  # the first call plans into ``sched``; later calls reuse the plan
+    return call
+
+
+CALLERS = {OURS: ours_caller, "flash_mla": feb2025_caller, "flash_mla_head": head_caller}
+
+
+# --------------------------------------------------------------------------- decode cases
+
+
+def column(impl: str, key: str) -> str:
+    """The result-row key of ``impl``'s ``key`` (``ms``, ``gbps``, ...): ours unprefixed."""
+    return key if impl == OURS else f"{impl}_{key}"
+
+
+def run_case(modules: dict, testing, case: Case, dtype, timer: Timer, l2: int, check: bool, seed: int,
+             device: str = "cuda") -> dict:
+    """Times every implementation in ``modules`` (ours first) on the same inputs."""
+    import torch
+
+    seqlens = testing.random_seqlens(case.b, case.seqlen, case.s_q, case.varlen, seed)
+
+    def inputs(set_seed):
+        return testing.make_decode_inputs(
+            case.b, case.s_q, case.h_q, h_kv=H_KV, seqlen=case.seqlen, d=D, dtype=dtype,
+            device=device, seed=set_seed, seqlens=seqlens,
+        )
+
+    first = inputs(seed)
+    # Bytes one call reads and writes. Under 4x L2, a repeated call could find part of its
+    # inputs still in L2, so such cases cycle through several input sets.
+    nbytes = testing.decode_bytes(seqlens, case.s_q, case.h_q, H_KV, D, DV, element_size=first.q.element_size())
+    flops = testing.decode_flops(seqlens, case.s_q, case.h_q, D, DV)
+    n_sets = 1 if nbytes >= 4 * l2 else min(MAX_INPUT_SETS, max(2, math.ceil(4 * l2 / nbytes)))
+    sets = [first] + [inputs(seed + i) for i in range(1, n_sets)]
+
     result = {
-        "seqlen": seqlen, "h_q": h_q, "s_q": s_q, "varlen": varlen, "b": BATCH, "h_kv": H_KV,
-        "total_kv_tokens": int(seqlens.sum()), "input_sets": n_sets,
+        **case._asdict(), "h_kv": H_KV, "total_kv_tokens": int(seqlens.sum()), "input_sets": n_sets,
+        "flops": float(flops), "bytes": float(nbytes),
     }
-    if check:
-        from flashmla_cute.reference import flash_mla_reference
+    ours_out = ours_lse = None
+    for impl, module in modules.items():
+        call = CALLERS[impl](module, first, case)
+        # Compile (first use) and check outside the timed region.
+        out, lse = call(first)
+        torch.cuda.synchronize()
+        if impl == OURS:
+            ours_out, ours_lse = out, lse
+            if check:
+                from flashmla_cute.reference import flash_mla_reference
 
-        ref_out, ref_lse = flash_mla_reference(
-            first.q, first.k_cache, first.block_table, first.cache_seqlens, DV, causal=True
-        )
-        result["cos_out"] = float(testing.cosine_distance(out.float(), ref_out.float()))
-        result["cos_lse"] = float(testing.cosine_distance(lse, ref_lse))
-        del ref_out, ref_lse
-    del out, lse
+                ref_out, ref_lse = flash_mla_reference(
+                    first.q, first.k_cache, first.block_table, first.cache_seqlens, DV, causal=True
+                )
+                result["cos_out"] = float(testing.cosine_distance(out.float(), ref_out.float()))
+                result["cos_lse"] = float(testing.cosine_distance(lse, ref_lse))
+                del ref_out, ref_lse
+        elif check:  # a peer, against ours
+            result[column(impl, "cos_out")] = float(testing.cosine_distance(out.float(), ours_out.float()))
+            result[column(impl, "cos_lse")] = float(testing.cosine_distance(lse, ours_lse))
+        del out, lse
 
-    counter = [0]
+        counter = [0]
 
-    def fn():
-        inp = sets[counter[0] % n_sets]
-        counter[0] += 1
-        call(inp)
+        def fn():
+            inp = sets[counter[0] % n_sets]
+            counter[0] += 1
+            call(inp)
 
-    ms = timer(fn)
-    flops = float(testing.decode_flops(seqlens, s_q, h_q, D, DV))
-    nbytes = float(testing.decode_bytes(seqlens, s_q, h_q, H_KV, D, DV, element_size=first.q.element_size()))
-    result.update(ms=ms, flops=flops, bytes=nbytes, gbps=nbytes / (ms * 1e-3) / 1e9, tflops=flops / (ms * 1e-3) / 1e12)
-    del sets, first, meta, num_splits
+        ms = timer(fn)
+        result[column(impl, "ms")] = ms
+        result[column(impl, "gbps")] = nbytes / (ms * 1e-3) / 1e9
+        result[column(impl, "tflops")] = flops / (ms * 1e-3) / 1e12
+    result.update(compare_with_peers(result, [impl for impl in modules if impl != OURS]))
+    del sets, first, ours_out, ours_lse
     torch.cuda.empty_cache()
     return result
+
+
+def compare_with_peers(row: dict, peers: list[str]) -> dict:
+    """``ratio``: the faster peer's time over ours (above 1: ours is faster), and which
+    peer that is; nothing without peers."""
+    if not peers:
+        return {}
+    faster = min(peers, key=lambda peer: row[column(peer, "ms")])
+    return {"ratio": row[column(faster, "ms")] / row["ms"], "faster_peer": faster}
+
+
+def geometric_mean(values) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    if not values:
+        return float("nan")
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def ratio_summary(rows: list[dict], peers: list[str]) -> dict:
+    """Geometric means over the cases: of ``ratio`` (the faster peer per case) and of each
+    peer's time over ours."""
+    if not peers:
+        return {}
+    summary = {"ratio": geometric_mean(r["ratio"] for r in rows)}
+    for peer in peers:
+        summary[peer] = geometric_mean(r[column(peer, "ms")] / r["ms"] for r in rows)
+    return summary
 
 
 # --------------------------------------------------------------------------- report
 
 
-def print_table(rows, copy, matmul, check: bool) -> None:
-    head = f"{'case':<20} {'ms':>8} {'GB/s':>7} {'TFLOPS':>7} {'%copy':>6} {'%mm':>6}"
+def print_table(rows, copy, matmul, check: bool, peers: list[str], summary: dict, case_set: str) -> None:
+    head = f"{'case':<24} {'ms':>8} {'GB/s':>7} {'TFLOPS':>7} {'%copy':>6} {'%mm':>6}"
+    for peer in peers:
+        head += f" {peer + ' ms':>18}"
+    if peers:
+        head += f" {'ratio':>6}"
     if check:
         head += f" {'cos out':>9} {'cos lse':>9}"
+        for peer in peers:
+            head += f" {peer + ' cos':>20}"
     head += "  FlashMLA anchor"
     print()
     print(f"ceilings: copy {copy['gbps']:.0f} GB/s, bf16 matmul {matmul['tflops']:.0f} TFLOPS")
+    if peers:
+        print("ratio = faster peer's ms / ours (above 1: ours is faster); peer cos = cosine distance of its out to ours")
     print(head)
     print("-" * len(head))
     for r in rows:
-        case = (r["seqlen"], r["h_q"], r["s_q"], r["varlen"])
+        case = Case.of_row(r)
         line = (
-            f"{case_name(case):<20} {r['ms']:>8.3f} {r['gbps']:>7.0f} {r['tflops']:>7.1f}"
+            f"{case.name:<24} {r['ms']:>8.3f} {r['gbps']:>7.0f} {r['tflops']:>7.1f}"
             f" {100 * r['gbps_vs_copy']:>5.1f}% {100 * r['tflops_vs_matmul']:>5.1f}%"
         )
+        for peer in peers:
+            line += f" {r[column(peer, 'ms')]:>18.3f}"
+        if peers:
+            line += f" {r['ratio']:>6.2f}"
         if check:
             line += f" {r.get('cos_out', float('nan')):>9.2e} {r.get('cos_lse', float('nan')):>9.2e}"
+            for peer in peers:
+                line += f" {r.get(column(peer, 'cos_out'), float('nan')):>20.2e}"
         line += "  " + ANCHORS.get(case, "")
         print(line)
+    if peers:
+        per_peer = ", ".join(f"{peer} {summary[peer]:.3f}" for peer in peers)
+        print(f"geometric mean over the {len(rows)} '{case_set}' cases: ratio {summary['ratio']:.3f} "
+              f"(each peer's ms / ours: {per_peer})")
+
+
+def write_json(record: dict, path: str) -> None:
+    path = Path(path)
+    if path.parent != Path(""):
+        os.makedirs(path.parent, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    print(f"wrote {path}")
+
+
+RUN_COLUMNS = ("device", "time", "dtype", "case_set", "copy_gbps", "matmul_tflops")
+"""Columns of every CSV row that describe the run rather than the case."""
+
+
+def write_csv(record: dict, path: str) -> None:
+    """One row per case: the run's columns, the case's name, then every column of the case."""
+    rows = record["cases"]
+    case_columns = []
+    for row in rows:
+        case_columns += [key for key in row if key not in case_columns]
+    run = {
+        "device": record["device"], "time": record["time"], "dtype": record["dtype"],
+        "case_set": record["case_set"], "copy_gbps": record["copy"]["gbps"],
+        "matmul_tflops": record["matmul"]["tflops"],
+    }
+    path = Path(path)
+    if path.parent != Path(""):
+        os.makedirs(path.parent, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*RUN_COLUMNS, "case", *case_columns])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**run, "case": Case.of_row(row).name, **row})
+    print(f"wrote {path}")
+
+
+def import_pyplot():
+    """matplotlib's pyplot on a file-only backend, or SystemExit saying how to get it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(record: dict, path: str) -> None:
+    """Two panels, GB/s and TFLOPS per case, one bar per implementation, the run's copy and
+    matmul ceilings as horizontal lines."""
+    plt = import_pyplot()
+    rows = record["cases"]
+    impls = [OURS, *record.get("peers", [])]
+    labels = {OURS: "flashmla_cute", **PEER_LABELS}
+    width = 0.8 / len(impls)
+    fig, (ax_bw, ax_tf) = plt.subplots(2, 1, figsize=(max(9.0, 0.55 * len(rows) + 5), 8.5), sharex=True)
+    for k, impl in enumerate(impls):
+        xs = [i + (k - (len(impls) - 1) / 2) * width for i in range(len(rows))]
+        label = labels.get(impl, impl)
+        ax_bw.bar(xs, [r.get(column(impl, "gbps"), float("nan")) for r in rows], width, label=label)
+        ax_tf.bar(xs, [r.get(column(impl, "tflops"), float("nan")) for r in rows], width, label=label)
+    for ax, ceiling, unit, what in (
+        (ax_bw, record["copy"].get("gbps"), "GB/s", "copy"),
+        (ax_tf, record["matmul"].get("tflops"), "TFLOPS", "bf16 matmul"),
+    ):
+        if ceiling is not None and math.isfinite(ceiling):
+            ax.axhline(ceiling, color="black", linestyle="--", linewidth=1, label=f"{what} {ceiling:.0f} {unit}")
+        ax.set_ylabel(unit)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not over, the bars
+    ax_tf.set_xticks(range(len(rows)))
+    ax_tf.set_xticklabels([Case.of_row(r).name for r in rows], rotation=60, ha="right", fontsize="small")
+    fig.suptitle(f"MLA decode ({record.get('dtype', 'bfloat16')}, causal, '{record.get('case_set', '')}' cases) "
+                 f"on {record['device']}, {record['time'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Time flash_mla_with_kvcache on the FlashMLA grid, with copy and matmul ceilings "
-        "from the same run. Needs a Hopper (sm_90) GPU.",
+        description="Time flash_mla_with_kvcache on FlashMLA's case grids, beside FlashMLA when it imports, "
+        "with copy and matmul ceilings from the same run. Needs a Hopper (sm_90) GPU, except --plot-from.",
     )
-    parser.add_argument("--cases", choices=("all", "quick"), default="all",
-                        help="all: the 32-case grid; quick: the 5 cases with FlashMLA anchors (default: all)")
+    parser.add_argument("--cases", choices=tuple(CASE_SETS), default="all",
+                        help="all: the 32-case b = 128 grid; quick: its 5 cases with FlashMLA anchors; "
+                        "serving: 14 small-batch cases (default: all)")
     parser.add_argument("--check", action="store_true",
-                        help="compare each case once with the float32 reference (cosine distance)")
+                        help="compare each case once with the float32 reference (cosine distance), "
+                        "and each peer's output with ours")
+    parser.add_argument("--no-peers", action="store_true", help="do not time flash_mla / flash_mla_head even if they import")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write every number to this JSON file")
+    parser.add_argument("--csv", metavar="PATH", default=None, help="also write every number to this CSV file")
+    parser.add_argument("--plot", metavar="FILE.png", default=None,
+                        help="draw GB/s and TFLOPS per case with the ceilings into this image (needs matplotlib)")
+    parser.add_argument("--plot-from", metavar="JSON", default=None,
+                        help="with --plot: draw from a JSON this script wrote, instead of running (no GPU needed)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
                         help="dtype of q and the KV cache (default: bfloat16)")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per measurement (default: 25)")
     parser.add_argument("--rep-ms", type=float, default=200.0, help="timed time per measurement (default: 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the copy and matmul measurements")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.plot_from and not args.plot:
+        parser.error("--plot-from needs --plot FILE.png (where to draw)")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plot_from:
+        plot(json.loads(Path(args.plot_from).read_text()), args.plot)
+        return 0
+    if args.plot:
+        import_pyplot()  # fail now, not after the whole run
     import torch
 
     if not torch.cuda.is_available():
@@ -314,12 +550,17 @@ def main(argv=None) -> int:
     fm = import_package()
     from flashmla_cute import testing
 
+    peer_modules = import_peers(not args.no_peers)
+    modules = {OURS: fm, **peer_modules}
+    peers = list(peer_modules)
     dtype = getattr(torch, args.dtype)
     timer = Timer(args.warmup_ms, args.rep_ms)
     l2 = l2_bytes()
     device_name = torch.cuda.get_device_name()
     print(f"device: {device_name}, L2 {l2 / 2**20:.0f} MiB, torch {torch.__version__}, "
           f"flashmla_cute from {Path(fm.__file__).parent}")
+    for peer in peers:
+        print(f"peer: {peer} ({PEER_LABELS[peer]}) from {Path(peer_modules[peer].__file__).parent}")
     print(f"timing: {timer.name}, warmup {args.warmup_ms} ms, rep {args.rep_ms} ms")
 
     if args.no_ceilings:
@@ -332,41 +573,47 @@ def main(argv=None) -> int:
         matmul = measure_matmul(timer)
         print(f"matmul: bf16 {MATMUL_N}^3 in {matmul['ms']:.3f} ms: {matmul['tflops']:.0f} TFLOPS", flush=True)
 
-    cases = QUICK if args.cases == "quick" else all_cases()
+    cases = CASE_SETS[args.cases]
     rows = []
     for i, case in enumerate(cases):
         start = time.perf_counter()
-        r = run_case(fm, testing, case, dtype, timer, l2, args.check, args.seed + 1000 * i)
+        r = run_case(modules, testing, case, dtype, timer, l2, args.check, args.seed + 1000 * i)
         r["gbps_vs_copy"] = r["gbps"] / copy["gbps"]
         r["tflops_vs_matmul"] = r["tflops"] / matmul["tflops"]
         rows.append(r)
         extra = f", cos out {r['cos_out']:.2e} lse {r['cos_lse']:.2e}" if args.check else ""
-        print(f"[{i + 1}/{len(cases)}] {case_name(case)}: {r['ms']:.3f} ms, {r['gbps']:.0f} GB/s, "
+        extra += "".join(f", {peer} {r[column(peer, 'ms')]:.3f} ms" for peer in peers)
+        extra += f", ratio {r['ratio']:.2f}" if peers else ""
+        print(f"[{i + 1}/{len(cases)}] {case.name}: {r['ms']:.3f} ms, {r['gbps']:.0f} GB/s, "
               f"{r['tflops']:.1f} TFLOPS{extra} ({time.perf_counter() - start:.1f} s)", flush=True)
 
+    summary = ratio_summary(rows, peers)
+    record = {
+        "device": device_name,
+        "capability": list(cap),
+        "l2_bytes": l2,
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "dtype": args.dtype,
+        "case_set": args.cases,
+        "timing": timer.name,
+        "warmup_ms": args.warmup_ms,
+        "rep_ms": args.rep_ms,
+        "copy": copy,
+        "matmul": matmul,
+        "peers": peers,
+        "geomean": summary,
+        "cases": rows,
+    }
     if args.json:
-        record = {
-            "device": device_name,
-            "capability": list(cap),
-            "l2_bytes": l2,
-            "torch": torch.__version__,
-            "host": platform.node(),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "dtype": args.dtype,
-            "timing": timer.name,
-            "warmup_ms": args.warmup_ms,
-            "rep_ms": args.rep_ms,
-            "copy": copy,
-            "matmul": matmul,
-            "cases": rows,
-        }
-        path = Path(args.json)
-        if path.parent != Path(""):
-            os.makedirs(path.parent, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2))
-        print(f"wrote {path}")
+        write_json(record, args.json)
+    if args.csv:
+        write_csv(record, args.csv)
+    if args.plot:
+        plot(record, args.plot)
 
-    print_table(rows, copy, matmul, args.check)
+    print_table(rows, copy, matmul, args.check, peers, summary, args.cases)
     return 0
 
 
