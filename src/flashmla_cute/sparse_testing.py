@@ -85,11 +85,15 @@ def make_sparse_decode_inputs(
         topk_length = torch.randint(0, topk + 1, (b,), generator=gen)
         used = indices.masked_fill(torch.arange(topk) >= topk_length[:, None, None], -1)
 
-    kv = (torch.randn(num_blocks, page_size, 1, d, generator=gen) / 10).clamp(-1, 1).to(torch.bfloat16)
+    # The cache is the big tensor: drawn and quantized where it will be used.
+    cache_gen = torch.Generator(device=device).manual_seed(seed)
+    kv = torch.randn(num_blocks, page_size, 1, d, generator=cache_gen, device=device)
+    kv = (kv / 10).clamp(-1, 1).to(torch.bfloat16)
     k_cache = fp8_cache.quantize_v32_kv_cache(kv).view(torch.uint8)
+    del kv
     unused = torch.ones(num_blocks * page_size, dtype=torch.bool)
     unused[used[used >= 0]] = False
-    k_cache.view(-1, fp8_cache.BYTES_PER_TOKEN)[unused] = NAN_BYTE
+    k_cache.view(-1, fp8_cache.BYTES_PER_TOKEN)[unused.to(device)] = NAN_BYTE
 
     q = torch.randn(b, s_q, h_q, d, generator=gen).clamp(-1, 1).to(torch.bfloat16)
     attn_sink = None
@@ -104,7 +108,7 @@ def make_sparse_decode_inputs(
 
     return SparseDecodeInputs(
         q=to_device(q),
-        k_cache=to_device(k_cache.view(torch.float8_e4m3fn)),
+        k_cache=k_cache.view(torch.float8_e4m3fn),
         indices=to_device(indices, torch.int32),
         topk_length=to_device(topk_length, torch.int32),
         attn_sink=to_device(attn_sink, torch.float32),
