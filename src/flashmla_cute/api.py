@@ -1,0 +1,198 @@
+"""FlashMLA's current API: code written for it changes only its import, to
+``from flashmla_cute.api import get_mla_metadata, flash_mla_with_kvcache, FlashMLASchedMeta``.
+
+Differences from the Feb-2025 API at the package's top level (which stays as it was):
+
+- ``get_mla_metadata(*args, **kwargs)`` ignores its arguments and returns
+  ``(FlashMLASchedMeta(), None)``: an empty plan, made by the first
+  ``flash_mla_with_kvcache`` call that uses it and reused by later calls, which must have
+  the same configuration (shapes and options; a call with another is refused, naming
+  what changed). Reuse one plan only while ``cache_seqlens`` and ``topk_length`` also keep
+  their values, e.g. across the layers of one decoding step: values are not checked
+  (that would need a host synchronization).
+- ``flash_mla_with_kvcache`` takes the plan object and ``num_splits=None``,
+  ``softmax_scale`` defaults to ``q.shape[-1] ** -0.5``, and with ``indices`` it does
+  sparse (top-k) decoding over DeepSeek-V3.2's FP8 KV cache (``fp8_cache``).
+
+Dense calls run the package's dense kernel (``flashmla_cute.flash_mla_with_kvcache``)
+with a plan from ``flashmla_cute.get_mla_metadata``. Sparse calls run the sparse kernel
+on a Hopper GPU and the float32 reference (``sparse_reference``) on CPU tensors, after
+the same checks (``sparse_checks``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import interface, sparse_checks
+from .sparse_reference import sparse_mla_reference
+
+__all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache"]
+
+
+@dataclasses.dataclass
+class FlashMLASchedMeta:
+    """The work plan of one configuration, filled in by the first ``flash_mla_with_kvcache``
+    call that is given it (FlashMLA's class of the same name and fields)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        b: int
+        s_q: int
+        h_q: int
+        page_block_size: int
+        h_k: int
+        causal: bool
+        is_fp8_kvcache: bool
+        topk: int | None
+        extra_page_block_size: int | None
+        extra_topk: int | None
+
+    have_initialized: bool = False
+    config: Config | None = None
+    tile_scheduler_metadata: torch.Tensor | None = None  # dense: int32 [num_sm_parts, 8]
+    num_splits: torch.Tensor | None = None  # dense: int32 [b + 1]
+
+
+def get_mla_metadata(*args, **kwargs) -> tuple[FlashMLASchedMeta, None]:
+    """An empty plan (the arguments, which FlashMLA's older API needed, are ignored).
+    Returns ``(FlashMLASchedMeta(), None)``; only the first element is used."""
+    return FlashMLASchedMeta(), None
+
+
+def flash_mla_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor | None,
+    cache_seqlens: torch.Tensor | None,
+    head_dim_v: int,
+    tile_scheduler_metadata: FlashMLASchedMeta,
+    num_splits: None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    is_fp8_kvcache: bool = False,
+    indices: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
+    extra_k_cache: torch.Tensor | None = None,
+    extra_indices_in_kvcache: torch.Tensor | None = None,
+    topk_length: torch.Tensor | None = None,
+    extra_topk_length: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA decoding, dense or sparse, with FlashMLA's current arguments.
+
+    Dense (``indices`` None): as ``flashmla_cute.flash_mla_with_kvcache``: ``q [b, s_q,
+    h_q, 576]`` bf16/fp16, ``k_cache [num_blocks, 64, h_kv, 576]``, ``block_table`` and
+    ``cache_seqlens`` int32, ``head_dim_v`` 512, ``causal`` allowed.
+
+    Sparse (``indices`` given): ``q [b, s_q, h_q, 576]`` bf16 with ``s_q`` 1 to 4 and
+    ``h_q`` 1 to 128 (one latent KV head); ``k_cache [num_blocks, page_block_size, 1, 656]``
+    in the V3.2 FP8 layout (float8_e4m3fn, int8 or uint8; any page size; tokens back to
+    back within a page); ``is_fp8_kvcache=True``; ``causal=False``; ``indices`` int32
+    ``[b, s_q, topk]`` with ``topk`` a multiple of 64 up to 16384, each entry
+    ``page * page_block_size + slot`` (``-1``, any negative value or one past the cache:
+    no token); optional ``topk_length`` int32 ``[b]`` (only the first ``topk_length[i]``
+    entries of batch ``i`` count) and ``attn_sink`` float32 ``[h_q]`` (out is scaled by
+    ``exp(lse) / (exp(lse) + exp(attn_sink))``, lse is not). ``block_table`` and
+    ``cache_seqlens`` are not used and may be None. ``extra_k_cache``,
+    ``extra_indices_in_kvcache`` and ``extra_topk_length`` belong to the MODEL1 layout,
+    which is not supported: they must be None.
+
+    Returns ``(out, lse)``: ``out [b, s_q, h_q, 512]`` (bf16 for sparse calls, q's dtype
+    for dense ones) and ``lse [b, h_q, s_q]`` float32, natural log; a row that sees no
+    token gets ``out = 0`` and ``lse = +inf``.
+    """
+    plan = tile_scheduler_metadata
+    if not isinstance(plan, FlashMLASchedMeta):
+        raise TypeError(
+            f"tile_scheduler_metadata must be the FlashMLASchedMeta from flashmla_cute.api.get_mla_metadata(), "
+            f"got {type(plan).__name__}"
+        )
+    if num_splits is not None:
+        raise ValueError("num_splits must be None (the plan lives in tile_scheduler_metadata)")
+    if softmax_scale is None and isinstance(q, torch.Tensor):
+        softmax_scale = q.shape[-1] ** -0.5
+    if indices is None:
+        return _dense(q, k_cache, block_table, cache_seqlens, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache,
+                      attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
+
+    problem = sparse_checks.check_sparse_decode_args(
+        q, k_cache, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
+        extra_indices_in_kvcache, topk_length, extra_topk_length,
+    )
+    config = FlashMLASchedMeta.Config(
+        b=problem.b, s_q=problem.s_q, h_q=problem.h_q, page_block_size=problem.page_size, h_k=1, causal=False,
+        is_fp8_kvcache=True, topk=problem.topk, extra_page_block_size=None, extra_topk=None,
+    )
+    _check_plan(plan, config)
+    if q.is_cuda:
+        interface._require_hopper(q.device)
+        from .sparse_runtime import gpu_sparse_decode
+
+        result = gpu_sparse_decode(problem, q, k_cache, indices, topk_length, attn_sink)
+    else:
+        result = sparse_mla_reference(q, k_cache, indices, topk_length, attn_sink, problem.softmax_scale)
+    _record_plan(plan, config)
+    return result
+
+
+def _dense(q, k_cache, block_table, cache_seqlens, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache,
+           attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length):
+    for name, x in (("attn_sink", attn_sink), ("extra_k_cache", extra_k_cache),
+                    ("extra_indices_in_kvcache", extra_indices_in_kvcache), ("topk_length", topk_length),
+                    ("extra_topk_length", extra_topk_length)):
+        if x is not None:
+            raise ValueError(f"{name} must be None without indices (it is an argument of sparse decoding)")
+    if not isinstance(is_fp8_kvcache, bool):
+        raise TypeError(f"is_fp8_kvcache must be a bool, got {type(is_fp8_kvcache).__name__}")
+    if is_fp8_kvcache:
+        raise ValueError("is_fp8_kvcache must be False without indices: FP8 caches are supported for sparse decoding only")
+    for name, x in (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor for dense decoding (indices None), got {type(x).__name__}")
+    for name, x, dims in (("q", q, "[b, s_q, h_q, d]"), ("k_cache", k_cache, "[num_blocks, 64, h_kv, d]")):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions {dims}, got shape {tuple(x.shape)}")
+    b, s_q, h_q, _ = q.shape
+    h_kv = k_cache.shape[2]
+    if h_kv < 1 or h_q % h_kv != 0:
+        raise ValueError(f"q.shape[2] (h_q = {h_q}) must be a multiple of k_cache.shape[2] (h_kv = {h_kv} >= 1)")
+    config = FlashMLASchedMeta.Config(
+        b=b, s_q=s_q, h_q=h_q, page_block_size=k_cache.shape[1], h_k=h_kv, causal=causal, is_fp8_kvcache=False,
+        topk=None, extra_page_block_size=None, extra_topk=None,
+    )
+    _check_plan(plan, config)
+    if plan.have_initialized:
+        metadata, splits = plan.tile_scheduler_metadata, plan.num_splits
+    else:
+        metadata, splits = interface.get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)
+    out = interface.flash_mla_with_kvcache(
+        q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, splits, softmax_scale, causal
+    )
+    plan.tile_scheduler_metadata, plan.num_splits = metadata, splits
+    _record_plan(plan, config)
+    return out
+
+
+def _check_plan(plan: FlashMLASchedMeta, config: FlashMLASchedMeta.Config) -> None:
+    """ValueError naming every field in which ``config`` differs from the plan's."""
+    if not plan.have_initialized:
+        return
+    changed = [
+        f"{field.name} {getattr(plan.config, field.name)!r} -> {getattr(config, field.name)!r}"
+        for field in dataclasses.fields(config)
+        if getattr(plan.config, field.name) != getattr(config, field.name)
+    ]
+    if changed:
+        raise ValueError(
+            "tile_scheduler_metadata was planned for another configuration (planned -> this call): "
+            + ", ".join(changed)
+            + ". Use one get_mla_metadata() per configuration and decoding step."
+        )
+
+
+def _record_plan(plan: FlashMLASchedMeta, config: FlashMLASchedMeta.Config) -> None:
+    # Only a call that succeeded fixes the plan's configuration.
+    plan.config = config
+    plan.have_initialized = True

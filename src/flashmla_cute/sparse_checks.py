@@ -1,0 +1,185 @@
+"""Argument checks for sparse (top-k) decoding over a V3.2 FP8 KV cache.
+
+As in ``checks.py``: a bad argument raises ``TypeError`` (Python type or dtype) or
+``ValueError`` (value, shape, layout, device) naming the argument and what was
+expected; only tensor metadata is read (no host synchronization), and CPU and GPU calls
+are refused alike. The GPU adds only alignment needs (``check_sparse_kernel_layout``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from . import fp8_cache
+from .checks import _check_contiguous, _check_device, _check_dtype, _check_last_dim_contiguous, _check_rank, _check_tensor
+
+HEAD_DIM_V = fp8_cache.LATENT_DIM
+"""Values are the 512 latent columns."""
+
+TOPK_MULTIPLE = 64
+"""topk must be a multiple of this (the kernel takes indices 64 at a time)."""
+
+MAX_TOPK = 16384
+MAX_S_Q = 4
+"""Query tokens per sequence (1, or more with multi-token prediction)."""
+
+HEAD_TILE = 64
+"""Query heads per CTA of the sparse kernel (its WGMMA M); fewer heads are padded."""
+
+MAX_HEADS = 2 * HEAD_TILE
+"""Query heads sharing the one latent KV head: up to 128."""
+
+VECTOR_BYTES = 16
+"""The kernel reads the cache, q and the output 16 bytes at a time."""
+
+
+class SparseDecodeProblem(NamedTuple):
+    """The sizes and options of one validated sparse ``flash_mla_with_kvcache`` call."""
+
+    b: int
+    s_q: int
+    h_q: int
+    topk: int
+    num_blocks: int
+    page_size: int
+    head_tiles: int  # ceil(h_q / HEAD_TILE)
+    softmax_scale: float
+
+
+def check_sparse_decode_args(
+    q,
+    k_cache,
+    head_dim_v,
+    softmax_scale,
+    causal,
+    is_fp8_kvcache,
+    indices,
+    attn_sink=None,
+    extra_k_cache=None,
+    extra_indices_in_kvcache=None,
+    topk_length=None,
+    extra_topk_length=None,
+) -> SparseDecodeProblem:
+    """Validate a sparse call (``indices`` given) and return its sizes. ``block_table``
+    and ``cache_seqlens`` play no part in sparse decoding and are not looked at."""
+    for name, x in (("q", q), ("k_cache", k_cache), ("indices", indices)):
+        _check_tensor(name, x)
+    for name, x in (
+        ("extra_k_cache", extra_k_cache),
+        ("extra_indices_in_kvcache", extra_indices_in_kvcache),
+        ("extra_topk_length", extra_topk_length),
+    ):
+        if x is not None:
+            raise ValueError(
+                f"{name} must be None: a second cache is part of the MODEL1 layout (d_qk = 512), "
+                f"and only the V3.2 layout (d_qk = 576) is supported"
+            )
+    if not isinstance(is_fp8_kvcache, bool):
+        raise TypeError(f"is_fp8_kvcache must be a bool, got {type(is_fp8_kvcache).__name__}")
+    if not is_fp8_kvcache:
+        raise ValueError("is_fp8_kvcache must be True with indices: sparse decoding reads an FP8 KV cache")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal:
+        raise ValueError("causal must be False with indices: the indices say which tokens each query sees")
+
+    # q
+    _check_dtype("q", q, (torch.bfloat16,))
+    _check_rank("q", q, 4, "[b, s_q, h_q, 576]")
+    b, s_q, h_q, d = q.shape
+    if b < 1:
+        raise ValueError(f"q.shape[0] (batch size b) must be >= 1, got {b}")
+    if not 1 <= s_q <= MAX_S_Q:
+        raise ValueError(f"q.shape[1] (s_q) must be in [1, {MAX_S_Q}], got {s_q}")
+    if not 1 <= h_q <= MAX_HEADS:
+        raise ValueError(f"q.shape[2] (h_q) must be in [1, {MAX_HEADS}] (heads per KV head), got {h_q}")
+    if d != fp8_cache.HEAD_DIM:
+        raise ValueError(
+            f"q.shape[3] (d_qk) must be {fp8_cache.HEAD_DIM} (the V3.2 layout; MODEL1's 512 is not supported), got {d}"
+        )
+    _check_last_dim_contiguous("q", q)
+
+    # k_cache: [num_blocks, page_size, 1, 656], tokens back to back within a page
+    fp8_cache.v32_cache_bytes(k_cache)  # dtype and shape, naming k_cache
+    num_blocks, page_size = k_cache.shape[:2]
+    if page_size < 1:
+        raise ValueError(f"k_cache.shape[1] (page block size) must be >= 1, got {page_size}")
+    if k_cache.stride(3) != 1 or (page_size > 1 and k_cache.stride(1) != fp8_cache.BYTES_PER_TOKEN):
+        raise ValueError(
+            f"k_cache must hold each page's tokens back to back: strides (any, {fp8_cache.BYTES_PER_TOKEN}, any, 1), "
+            f"got {tuple(k_cache.stride())}"
+        )
+
+    dv = head_dim_v
+    if isinstance(dv, bool) or not isinstance(dv, numbers.Integral):
+        raise TypeError(f"head_dim_v must be an int, got {type(dv).__name__}")
+    if dv != HEAD_DIM_V:
+        raise ValueError(f"head_dim_v must be {HEAD_DIM_V} for sparse decoding, got {dv}")
+
+    # indices [b, s_q, topk] int32
+    _check_dtype("indices", indices, (torch.int32,))
+    _check_rank("indices", indices, 3, "[b, s_q, topk]")
+    if tuple(indices.shape[:2]) != (b, s_q):
+        raise ValueError(f"indices must have shape [b, s_q, topk] = [{b}, {s_q}, topk], got {tuple(indices.shape)}")
+    topk = indices.shape[2]
+    if topk < TOPK_MULTIPLE or topk % TOPK_MULTIPLE != 0 or topk > MAX_TOPK:
+        raise ValueError(
+            f"indices.shape[2] (topk) must be a multiple of {TOPK_MULTIPLE} in [{TOPK_MULTIPLE}, {MAX_TOPK}], got {topk}"
+        )
+    _check_last_dim_contiguous("indices", indices)
+
+    if topk_length is not None:
+        _check_tensor("topk_length", topk_length)
+        _check_dtype("topk_length", topk_length, (torch.int32,))
+        if tuple(topk_length.shape) != (b,):
+            raise ValueError(f"topk_length must have shape [b] = [{b}], got {tuple(topk_length.shape)}")
+        _check_contiguous("topk_length", topk_length)
+    if attn_sink is not None:
+        _check_tensor("attn_sink", attn_sink)
+        _check_dtype("attn_sink", attn_sink, (torch.float32,))
+        if tuple(attn_sink.shape) != (h_q,):
+            raise ValueError(f"attn_sink must have shape [h_q] = [{h_q}], got {tuple(attn_sink.shape)}")
+        _check_contiguous("attn_sink", attn_sink)
+
+    if softmax_scale is None:
+        scale = d ** -0.5
+    else:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        scale = float(softmax_scale)
+        if not (math.isfinite(scale) and scale > 0.0):
+            raise ValueError(f"softmax_scale must be a finite positive float, got {scale}")
+
+    for name, x in (("k_cache", k_cache), ("indices", indices), ("topk_length", topk_length),
+                    ("attn_sink", attn_sink)):
+        if x is not None:
+            _check_device(name, x, q)
+    if q.is_cuda:
+        check_sparse_kernel_layout(q, k_cache)
+
+    return SparseDecodeProblem(
+        b=b, s_q=s_q, h_q=h_q, topk=topk, num_blocks=num_blocks, page_size=page_size,
+        head_tiles=-(-h_q // HEAD_TILE), softmax_scale=scale,
+    )
+
+
+def check_sparse_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """What the GPU kernel needs beyond ``check_sparse_decode_args``: 16-byte aligned
+    data pointers and strides in whole 16-byte units for ``q`` and ``k_cache``."""
+    for name, x in (("q", q), ("k_cache", k_cache)):
+        multiple = VECTOR_BYTES // x.element_size()
+        strides = x.stride()
+        # The stride of a dimension of size 1 is never used.
+        if any(s % multiple != 0 for s, n in zip(strides[:-1], x.shape[:-1]) if n > 1):
+            raise ValueError(
+                f"{name} strides must be multiples of {multiple} elements ({VECTOR_BYTES} bytes) on the GPU "
+                f"in all but the last dimension, got strides {tuple(strides)}"
+            )
+        if x.data_ptr() % VECTOR_BYTES != 0:
+            raise ValueError(
+                f"{name} data pointer must be {VECTOR_BYTES}-byte aligned on the GPU, got address {x.data_ptr():#x}"
+            )

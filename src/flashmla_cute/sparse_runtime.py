@@ -1,0 +1,48 @@
+"""Launches the sparse decode kernel on torch's current CUDA stream, for arguments that
+``sparse_checks`` has validated. Outputs are allocated with torch; there is no host
+synchronization, so a call can be captured in a CUDA graph (after a first call outside
+the capture has compiled the kernel)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import sparse_compile
+from .fp8_cache import BYTES_PER_TOKEN, LATENT_DIM
+from .sparse_checks import SparseDecodeProblem
+
+_placeholders: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _absent(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-element stand-ins for an absent ``topk_length`` and ``attn_sink`` (the kernel
+    reads them only when told they are present)."""
+    key = (device.type, device.index)
+    pair = _placeholders.get(key)
+    if pair is None:
+        pair = (torch.zeros(1, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.float32, device=device))
+        _placeholders[key] = pair
+    return pair
+
+
+def cache_as_token_rows(k_cache: torch.Tensor, problem: SparseDecodeProblem) -> torch.Tensor:
+    """The cache as uint8 ``[num_blocks, page_size, 656]`` with token stride 656 (the
+    stride of a dimension of size 1 is set to what the kernel expects, as it is never used)."""
+    raw = k_cache.view(torch.uint8)
+    page_stride = raw.stride(0) if problem.num_blocks > 1 else problem.page_size * BYTES_PER_TOKEN
+    return raw.as_strided((problem.num_blocks, problem.page_size, BYTES_PER_TOKEN), (page_stride, BYTES_PER_TOKEN, 1))
+
+
+def gpu_sparse_decode(problem: SparseDecodeProblem, q, k_cache, indices, topk_length, attn_sink):
+    b, s_q, h_q = problem.b, problem.s_q, problem.h_q
+    out = torch.empty(b, s_q, h_q, LATENT_DIM, dtype=torch.bfloat16, device=q.device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    no_length, no_sink = _absent(q.device)
+    kernel = sparse_compile.get_sparse_decode()
+    kernel(
+        q, cache_as_token_rows(k_cache, problem), indices,
+        no_length if topk_length is None else topk_length,
+        no_sink if attn_sink is None else attn_sink,
+        out, lse, problem.softmax_scale, int(topk_length is not None), int(attn_sink is not None),
+    )
+    return out, lse

@@ -1,0 +1,179 @@
+"""FlashMLA's current API (``flashmla_cute.api``) on CPU tensors: dense calls give the
+Feb-2025 API's results, sparse calls the sparse reference's; the plan object is filled
+by its first call and refuses a later call with another configuration; every bad sparse
+argument is refused with a message naming it."""
+
+import math
+
+import pytest
+import torch
+
+import flashmla_cute
+from flashmla_cute import api
+from flashmla_cute.api import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata
+from flashmla_cute.sparse_reference import sparse_mla_reference
+from flashmla_cute.sparse_testing import make_sparse_decode_inputs
+from flashmla_cute.testing import make_decode_inputs
+
+
+def sparse_call(inp, plan=None, **overrides):
+    args = dict(
+        q=inp.q, k_cache=inp.k_cache, block_table=None, cache_seqlens=None, head_dim_v=512,
+        tile_scheduler_metadata=plan if plan is not None else get_mla_metadata()[0], num_splits=None,
+        softmax_scale=inp.softmax_scale, causal=False, is_fp8_kvcache=True, indices=inp.indices,
+        attn_sink=inp.attn_sink, topk_length=inp.topk_length,
+    )
+    args.update(overrides)
+    return flash_mla_with_kvcache(**args)
+
+
+@pytest.fixture
+def inp():
+    return make_sparse_decode_inputs(2, 2, 16, 200, 128, 16, seed=11, with_sink=True, with_topk_length=True)
+
+
+def test_get_mla_metadata_ignores_its_arguments():
+    plan, nothing = get_mla_metadata(torch.zeros(3, dtype=torch.int32), 128, 1, anything="at all")
+    assert isinstance(plan, FlashMLASchedMeta) and nothing is None
+    assert not plan.have_initialized and plan.config is None
+
+
+def test_sparse_call_is_the_reference(inp):
+    plan, _ = get_mla_metadata()
+    out, lse = sparse_call(inp, plan)
+    exp_out, exp_lse = sparse_mla_reference(inp.q, inp.k_cache, inp.indices, inp.topk_length, inp.attn_sink,
+                                            inp.softmax_scale)
+    assert torch.equal(out, exp_out) and torch.equal(lse, exp_lse)
+    assert plan.have_initialized
+    assert plan.config == FlashMLASchedMeta.Config(2, 2, 16, 16, 1, False, True, 128, None, None)
+    # The same plan serves the next layer.
+    out2, _ = sparse_call(inp, plan)
+    assert torch.equal(out2, out)
+
+
+def test_sparse_default_scale_is_d_to_the_minus_half(inp):
+    out, lse = sparse_call(inp, softmax_scale=None)
+    exp_out, exp_lse = sparse_mla_reference(inp.q, inp.k_cache, inp.indices, inp.topk_length, inp.attn_sink,
+                                            576 ** -0.5)
+    assert torch.equal(out, exp_out) and torch.equal(lse, exp_lse)
+
+
+def test_dense_call_is_the_feb_2025_api():
+    d = make_decode_inputs(3, 2, 8, h_kv=1, d=576, dtype=torch.bfloat16, seqlens=[5, 70, 130], seed=3)
+    plan, _ = get_mla_metadata()
+    out, lse = flash_mla_with_kvcache(d.q, d.k_cache, d.block_table, d.cache_seqlens, 512, plan, causal=True)
+    meta, splits = flashmla_cute.get_mla_metadata(d.cache_seqlens, 2 * 8, 1)
+    exp_out, exp_lse = flashmla_cute.flash_mla_with_kvcache(
+        d.q, d.k_cache, d.block_table, d.cache_seqlens, 512, meta, splits, causal=True
+    )
+    assert torch.equal(out, exp_out) and torch.equal(lse, exp_lse)
+    assert torch.equal(plan.tile_scheduler_metadata, meta) and torch.equal(plan.num_splits, splits)
+    assert plan.config == FlashMLASchedMeta.Config(3, 2, 8, 64, 1, True, False, None, None, None)
+    kept = plan.tile_scheduler_metadata
+    flash_mla_with_kvcache(d.q, d.k_cache, d.block_table, d.cache_seqlens, 512, plan, causal=True)
+    assert plan.tile_scheduler_metadata is kept, "later calls reuse the plan"
+
+
+def test_plan_refuses_another_configuration(inp):
+    plan, _ = get_mla_metadata()
+    sparse_call(inp, plan)
+    with pytest.raises(ValueError, match=r"planned for another configuration.*h_q 16 -> 8"):
+        sparse_call(inp, plan, q=inp.q[:, :, :8], attn_sink=None)
+    with pytest.raises(ValueError, match=r"topk 128 -> 64"):
+        sparse_call(inp, plan, indices=inp.indices[..., :64].contiguous())
+    d = make_decode_inputs(2, 2, 16, h_kv=1, d=576, dtype=torch.bfloat16, seqlens=[5, 9], seed=1)
+    with pytest.raises(ValueError, match=r"page_block_size 16 -> 64.*is_fp8_kvcache True -> False.*topk 128 -> None"):
+        flash_mla_with_kvcache(d.q, d.k_cache, d.block_table, d.cache_seqlens, 512, plan)
+
+
+def test_a_refused_first_call_leaves_the_plan_empty(inp):
+    plan, _ = get_mla_metadata()
+    with pytest.raises(ValueError):
+        sparse_call(inp, plan, causal=True)
+    assert not plan.have_initialized
+    sparse_call(inp, plan, q=inp.q[:, :, :8], attn_sink=None)
+    assert plan.config.h_q == 8
+
+
+BAD_SPARSE = {
+    "plan type": (dict(tile_scheduler_metadata=torch.zeros(1, 8, dtype=torch.int32)), TypeError,
+                  "tile_scheduler_metadata must be the FlashMLASchedMeta"),
+    "num_splits": (dict(num_splits=torch.zeros(3, dtype=torch.int32)), ValueError, "num_splits must be None"),
+    "causal": (dict(causal=True), ValueError, "causal must be False with indices"),
+    "not fp8": (dict(is_fp8_kvcache=False), ValueError, "is_fp8_kvcache must be True with indices"),
+    "indices dtype": ("indices int64", TypeError, "indices must have dtype torch.int32"),
+    "indices rank": ("indices rank", ValueError, r"indices must have 3 dimensions \[b, s_q, topk\]"),
+    "indices batch": ("indices batch", ValueError, r"indices must have shape \[b, s_q, topk\] = \[2, 2, topk\]"),
+    "topk multiple": ("topk 100", ValueError, "topk.*multiple of 64"),
+    "topk too big": ("topk 16448", ValueError, r"topk.*\[64, 16384\], got 16448"),
+    "bytes per token": ("cache 584", ValueError, r"k_cache must have shape \[num_blocks, page_size, 1, 656\]"),
+    "cache dtype": ("cache bf16", TypeError, "k_cache must have dtype torch.float8_e4m3fn, torch.int8 or torch.uint8"),
+    "cache token stride": ("cache strided", ValueError, r"k_cache must hold each page's tokens back to back"),
+    "q dtype": ("q fp16", TypeError, "q must have dtype torch.bfloat16"),
+    "d_qk": ("q 512", ValueError, r"q.shape\[3\] \(d_qk\) must be 576"),
+    "s_q": ("s_q 5", ValueError, r"q.shape\[1\] \(s_q\) must be in \[1, 4\], got 5"),
+    "h_q": ("h_q 192", ValueError, r"q.shape\[2\] \(h_q\) must be in \[1, 128\]"),
+    "head_dim_v": (dict(head_dim_v=576), ValueError, "head_dim_v must be 512"),
+    "sink dtype": ("sink bf16", TypeError, "attn_sink must have dtype torch.float32"),
+    "sink shape": ("sink 8", ValueError, r"attn_sink must have shape \[h_q\] = \[16\], got \(8,\)"),
+    "topk_length dtype": ("topk_length int64", TypeError, "topk_length must have dtype torch.int32"),
+    "topk_length shape": ("topk_length 3", ValueError, r"topk_length must have shape \[b\] = \[2\], got \(3,\)"),
+    "extra cache": ("extra", ValueError, "extra_k_cache must be None: a second cache is part of the MODEL1 layout"),
+    "scale": (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be a finite positive float"),
+}
+
+
+def bad_overrides(inp, what):
+    if isinstance(what, dict):
+        return what
+    q, cache, idx = inp.q, inp.k_cache, inp.indices
+    return {
+        "indices int64": lambda: dict(indices=idx.long()),
+        "indices rank": lambda: dict(indices=idx[0]),
+        "indices batch": lambda: dict(indices=idx[:1]),
+        "topk 100": lambda: dict(indices=torch.zeros(2, 2, 100, dtype=torch.int32)),
+        "topk 16448": lambda: dict(indices=torch.zeros(2, 2, 16448, dtype=torch.int32)),
+        "cache 584": lambda: dict(k_cache=cache.view(torch.uint8)[..., :584]),
+        "cache bf16": lambda: dict(k_cache=torch.zeros(4, 16, 1, 656, dtype=torch.bfloat16)),
+        "cache strided": lambda: dict(k_cache=torch.zeros(4, 16, 1, 672, dtype=torch.uint8)[..., :656]),
+        "q fp16": lambda: dict(q=q.half()),
+        "q 512": lambda: dict(q=q[..., :512]),
+        "s_q 5": lambda: dict(q=torch.zeros(2, 5, 16, 576, dtype=torch.bfloat16)),
+        "h_q 192": lambda: dict(q=torch.zeros(2, 2, 192, 576, dtype=torch.bfloat16), attn_sink=None),
+        "sink bf16": lambda: dict(attn_sink=inp.attn_sink.bfloat16()),
+        "sink 8": lambda: dict(attn_sink=inp.attn_sink[:8]),
+        "topk_length int64": lambda: dict(topk_length=inp.topk_length.long()),
+        "topk_length 3": lambda: dict(topk_length=torch.zeros(3, dtype=torch.int32)),
+        "extra": lambda: dict(extra_k_cache=cache),
+    }[what]()
+
+
+@pytest.mark.parametrize("case", list(BAD_SPARSE))
+def test_bad_sparse_arguments(inp, case):
+    what, error, message = BAD_SPARSE[case]
+    with pytest.raises(error, match=message):
+        sparse_call(inp, **bad_overrides(inp, what))
+
+
+def test_dense_refuses_sparse_arguments():
+    d = make_decode_inputs(1, 1, 8, h_kv=1, d=576, dtype=torch.bfloat16, seqlens=[5], seed=1)
+    plan, _ = get_mla_metadata()
+    with pytest.raises(ValueError, match="attn_sink must be None without indices"):
+        flash_mla_with_kvcache(d.q, d.k_cache, d.block_table, d.cache_seqlens, 512, plan,
+                               attn_sink=torch.zeros(8))
+    with pytest.raises(ValueError, match="is_fp8_kvcache must be False without indices"):
+        flash_mla_with_kvcache(d.q, d.k_cache, d.block_table, d.cache_seqlens, 512, plan, is_fp8_kvcache=True)
+    with pytest.raises(TypeError, match="block_table must be a torch.Tensor for dense decoding"):
+        flash_mla_with_kvcache(d.q, d.k_cache, None, d.cache_seqlens, 512, plan)
+    assert not plan.have_initialized
+
+
+def test_fewer_heads_are_the_reference():
+    inp = make_sparse_decode_inputs(2, 1, 5, 100, 64, 8, seed=12, with_sink=True)
+    out, lse = sparse_call(inp)
+    assert out.shape == (2, 1, 5, 512) and lse.shape == (2, 5, 1)
+    assert not math.isnan(float(out.float().sum()))
+
+
+def test_api_module_exports():
+    assert set(api.__all__) == {"FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache"}

@@ -1,0 +1,46 @@
+"""The sparse decode kernel compiles for sm_90a without a GPU, and its machine code is
+what its design needs: WGMMA (HGMMA) for both products, 16-byte gathers from the cache
+(LDG.128) and 16-byte stores of the dequantized tile (STS.128), the FP8 conversion
+instruction, and no local memory (LDL/STL: register spills or stack arrays)."""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flashmla_cute import sparse_compile
+from test_sass import sass_of
+
+WRITE_CUBINS = (
+    "import sys\n"
+    "from flashmla_cute import compile, sparse_compile\n"
+    "for v in sparse_compile.sparse_variants():\n"
+    "    compile.write_cubin(v, sys.argv[1], 'sm_90a')\n"
+)
+
+
+@pytest.fixture(scope="module")
+def cubins(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sparse_cubins")
+    # The DSL reads the target architecture when it is imported: a fresh process.
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a")
+    subprocess.run([sys.executable, "-c", WRITE_CUBINS, str(out)], check=True, env=env, capture_output=True, text=True)
+    return {Path(p).stem: Path(p) for p in glob.glob(str(out / "*.cubin"))}
+
+
+def test_one_cubin_per_sparse_variant(cubins):
+    assert set(cubins) == {v.name for v in sparse_compile.sparse_variants()}
+
+
+@pytest.mark.parametrize("name", [v.name for v in sparse_compile.sparse_variants()])
+def test_sparse_machine_code(cubins, name):
+    sass = sass_of(cubins[name])
+    assert not re.search(r"\b(LDL|STL)\b", sass), f"{name} uses local memory"
+    assert "HGMMA" in sass, f"{name} has no WGMMA"
+    assert re.search(r"\bLDG\.E\.128\b", sass), f"{name} does not gather the cache 16 bytes at a time"
+    assert re.search(r"\bSTS\.128\b", sass), f"{name} does not store the K tile 16 bytes at a time"
+    assert "E4M3" in sass, f"{name} does not convert FP8 with the hardware instruction"

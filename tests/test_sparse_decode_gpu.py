@@ -1,0 +1,144 @@
+"""The sparse decode kernel against the float32 reference on FlashMLA's V3.2 test grid
+(with sinks, some of them +-inf), corner cases (every index invalid, empty sequences,
+topk_length), fewer heads than 64/128, a padded page stride, and the API's refusals on
+CUDA tensors. Every cache token no index uses holds NaN bytes, so a kernel that reads
+one shows it; results are compared as FlashMLA does (cosine distance, plus elementwise
+bounds), with +inf lse at the same places."""
+
+import math
+
+import pytest
+import torch
+
+from flashmla_cute.api import flash_mla_with_kvcache, get_mla_metadata
+from flashmla_cute.sparse_reference import sparse_mla_reference
+from flashmla_cute.sparse_testing import make_sparse_decode_inputs
+from flashmla_cute.testing import cosine_distance
+
+pytestmark = pytest.mark.gpu
+
+# (seqlen, topk, page size) of FlashMLA's sparse-decoding correctness grid.
+V32_GRID = [
+    (512, 64, 2), (512, 64, 64), (512, 64, 69),
+    (1024, 576, 2), (1024, 576, 61),
+    (2046, 2048, 2), (2046, 2048, 64), (2046, 2048, 576),
+]
+
+
+def run_kernel(inp):
+    plan, _ = get_mla_metadata()
+    return flash_mla_with_kvcache(
+        inp.q, inp.k_cache, None, None, 512, plan, softmax_scale=inp.softmax_scale, is_fp8_kvcache=True,
+        indices=inp.indices, attn_sink=inp.attn_sink, topk_length=inp.topk_length,
+    )
+
+
+def check(inp):
+    out, lse = run_kernel(inp)
+    torch.cuda.synchronize()
+    exp_out, exp_lse = sparse_mla_reference(inp.q, inp.k_cache, inp.indices, inp.topk_length, inp.attn_sink,
+                                            inp.softmax_scale)
+    assert not out.isnan().any(), "NaN in out"
+    assert not lse.isnan().any(), "NaN in lse"
+    assert torch.equal(torch.isposinf(lse), torch.isposinf(exp_lse)), "+inf lse (rows without a token) differ"
+    assert cosine_distance(out, exp_out) < 1e-5
+    torch.testing.assert_close(out.float(), exp_out.float(), atol=1e-3, rtol=2.01 / 128)
+    finite = torch.isfinite(exp_lse)
+    torch.testing.assert_close(lse[finite], exp_lse[finite], atol=1e-6, rtol=8.01 / 65536)
+
+
+def grid_params():
+    for b in (4, 74, 321):
+        for s_q in (1, 3):
+            for h_q in (64, 128):
+                for seqlen, topk, page in V32_GRID:
+                    marks = [pytest.mark.slow] if b == 321 and topk == 2048 else []
+                    yield pytest.param(b, s_q, h_q, seqlen, topk, page, marks=marks,
+                                       id=f"b{b}-sq{s_q}-h{h_q}-len{seqlen}-topk{topk}-page{page}")
+
+
+@pytest.mark.parametrize("b,s_q,h_q,seqlen,topk,page", list(grid_params()))
+def test_v32_grid(requires_hopper, b, s_q, h_q, seqlen, topk, page):
+    check(make_sparse_decode_inputs(b, s_q, h_q, seqlen, topk, page, seed=b + topk + page + s_q, with_sink=True,
+                                    device=requires_hopper))
+
+
+@pytest.mark.parametrize("b", [4, 74])
+@pytest.mark.parametrize("seqlen,topk,page", [(512, 64, 61), (650, 576, 53)])
+@pytest.mark.parametrize("all_invalid,zero_lengths,with_sink", [
+    (True, False, False), (True, True, True), (False, True, False), (False, True, True), (False, False, True),
+])
+def test_corner_cases(requires_hopper, b, seqlen, topk, page, all_invalid, zero_lengths, with_sink):
+    check(make_sparse_decode_inputs(b, 3, 128, seqlen, topk, page, seed=b + page, all_invalid=all_invalid,
+                                    zero_lengths=zero_lengths, with_sink=with_sink, device=requires_hopper))
+
+
+@pytest.mark.parametrize("h_q", [1, 16, 100, 127])
+def test_fewer_heads_are_padded(requires_hopper, h_q):
+    check(make_sparse_decode_inputs(5, 2, h_q, 300, 128, 16, seed=h_q, with_sink=True, device=requires_hopper))
+
+
+@pytest.mark.parametrize("topk,page", [(64, 8), (576, 64), (2048, 2)])
+def test_topk_length(requires_hopper, topk, page):
+    check(make_sparse_decode_inputs(17, 2, 64, 1000, topk, page, seed=topk, with_sink=True, with_topk_length=True,
+                                    device=requires_hopper))
+
+
+def test_sinks_of_both_infinities(requires_hopper):
+    inp = make_sparse_decode_inputs(3, 1, 64, 200, 64, 16, seed=3, device=requires_hopper)
+    inp.attn_sink = torch.zeros(64, device=requires_hopper)
+    inp.attn_sink[::3] = math.inf
+    inp.attn_sink[1::3] = -math.inf
+    check(inp)
+    out, _ = run_kernel(inp)
+    assert bool((out[:, :, ::3] == 0).all())
+
+
+def test_padded_page_stride_and_byte_dtypes(requires_hopper):
+    inp = make_sparse_decode_inputs(6, 2, 128, 400, 128, 32, seed=9, with_sink=True, device=requires_hopper)
+    blocks = inp.k_cache.shape[0]
+    padded = torch.full((blocks, 33, 1, 656), 0xFF, dtype=torch.uint8, device=requires_hopper)[:, :32]
+    padded.copy_(inp.k_cache.view(torch.uint8))
+    expected = run_kernel(inp)
+    for view in (padded, padded.view(torch.int8), padded.view(torch.float8_e4m3fn)):
+        inp.k_cache = view
+        out, lse = run_kernel(inp)
+        assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+
+
+def test_out_of_range_indices_are_ignored(requires_hopper):
+    inp = make_sparse_decode_inputs(4, 1, 64, 300, 128, 16, seed=4, varlen=False, device=requires_hopper)
+    num_tokens = inp.k_cache.shape[0] * inp.k_cache.shape[1]
+    inp.indices[..., 64:80] = num_tokens
+    inp.indices[..., 80:96] = 2**31 - 1
+    inp.indices[..., 96:112] = -(2**31)
+    check(inp)
+
+
+def test_same_refusals_as_on_the_cpu(requires_hopper):
+    for device in ("cpu", requires_hopper):
+        inp = make_sparse_decode_inputs(2, 1, 64, 100, 64, 8, seed=1, device=device)
+        plan, _ = get_mla_metadata()
+        with pytest.raises(ValueError, match="causal must be False with indices"):
+            flash_mla_with_kvcache(inp.q, inp.k_cache, None, None, 512, plan, causal=True, is_fp8_kvcache=True,
+                                   indices=inp.indices)
+        with pytest.raises(TypeError, match="indices must have dtype torch.int32"):
+            flash_mla_with_kvcache(inp.q, inp.k_cache, None, None, 512, plan, is_fp8_kvcache=True,
+                                   indices=inp.indices.long())
+
+
+def test_cuda_graph_capture(requires_hopper):
+    inp = make_sparse_decode_inputs(8, 2, 128, 500, 256, 64, seed=8, with_sink=True, device=requires_hopper)
+    plan, _ = get_mla_metadata()
+
+    def step():
+        return flash_mla_with_kvcache(inp.q, inp.k_cache, None, None, 512, plan, softmax_scale=inp.softmax_scale,
+                                      is_fp8_kvcache=True, indices=inp.indices, attn_sink=inp.attn_sink)
+
+    eager = step()  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
