@@ -1,7 +1,15 @@
-"""Per-kernel GPU time (metadata, decode) of the anchor cases, from the torch
-profiler: where a case's time goes. The last case is the tiny problem that
-``bench_overhead.py`` calls in a loop: its kernel time bounds that loop from below."""
+"""GPU time per call of decode cases (CUDA-graph replays) and each kernel's time (torch
+profiler): where a case's time goes,
+for this package and, when they import, FlashMLA's two builds (``flash_mla``, Feb 2025,
+and ``flash_mla_head``, its current API) on the same inputs.
 
+    python benchmarks/kernel_times.py [--cases anchors|serving|all]
+
+``anchors`` are the b = 128 anchor cases and the tiny problem that ``bench_overhead.py``
+calls in a loop; ``serving`` the small-batch cases of the kernel work (b 1..64).
+"""
+
+import argparse
 import os
 import sys
 
@@ -10,36 +18,122 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 import flashmla_cute  # noqa: E402
-from flashmla_cute.testing import make_decode_inputs  # noqa: E402
+from flashmla_cute.testing import make_decode_inputs, random_seqlens  # noqa: E402
 
-CASES = [(128, 8192, 16, 1), (128, 8192, 64, 1), (128, 8192, 128, 1), (128, 8192, 128, 2), (1, 100, 16, 1)]
+# (b, seqlen, h_q, s_q, varlen)
+ANCHORS = [(128, 8192, 16, 1, False), (128, 8192, 64, 1, False), (128, 8192, 128, 1, False),
+           (128, 8192, 128, 2, False), (1, 100, 16, 1, False)]
+SERVING = [(b, seqlen, h_q, 1, False) for b in (1, 8, 32) for seqlen in (1024, 16384) for h_q in (16, 128)]
+SERVING += [(4, 32768, 16, 1, False), (64, 2048, 32, 2, True)]
+CALLS = 10
+
+
+def peers():
+    """Callables ``make(x, s_q, h_q) -> step`` for each FlashMLA build that imports."""
+    found = {}
+    try:
+        import flash_mla
+
+        def feb2025(x, s_q, h_q):
+            meta, splits = flash_mla.get_mla_metadata(x.cache_seqlens, s_q * h_q, 1)
+            return lambda: flash_mla.flash_mla_with_kvcache(
+                x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits, causal=s_q > 1)
+
+        found["flashmla-feb2025"] = feb2025
+    except ImportError:
+        pass
+    try:
+        import flash_mla_head
+
+        def head(x, s_q, h_q):
+            sched, _ = flash_mla_head.get_mla_metadata()
+            return lambda: flash_mla_head.flash_mla_with_kvcache(
+                x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, sched, None, causal=s_q > 1)
+
+        found["flashmla-head"] = head
+    except ImportError:
+        pass
+    return found
+
+
+def ours(x, s_q, h_q):
+    meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, s_q * h_q, 1)
+    return lambda: flashmla_cute.flash_mla_with_kvcache(
+        x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits, causal=s_q > 1)
+
+
+def graph_time(step, calls: int = CALLS, replays: int = 20) -> float:
+    """Device microseconds per call, from a CUDA graph of ``calls`` calls replayed
+    ``replays`` times (the median replay): the wall time a serving engine's graph sees,
+    launch gaps included, whatever kernels overlap (a programmatic dependent launch
+    makes per-kernel times add up to more than the call)."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # on the capture stream: per-stream workspaces exist before capture
+            step()
+        stream.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def kernel_times(step):
+    """{kernel name: mean device microseconds per call}, over CALLS calls after a warm-up."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(CALLS):
+            step()
+        torch.cuda.synchronize()
+    times = {}
+    for evt in prof.key_averages():
+        total = getattr(evt, "device_time_total", 0)
+        if total > 0 and evt.key not in ("Memset (Device)",):
+            name = evt.key.replace("kernel_cutlass_kernel_flashmla_cutekernels", "")
+            times[name[:40]] = total / CALLS
+    return times
+
+
+def case_name(b, seqlen, h_q, s_q, varlen):
+    return f"b{b} sk{seqlen} h{h_q} s{s_q}" + (" var" if varlen else "")
 
 
 def main():
-    for b, seqlen, h_q, s_q in CASES:
-        x = make_decode_inputs(b, s_q, h_q, seqlens=[seqlen] * b, device="cuda", seed=0)
-        meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, s_q * h_q, 1)
-
-        def step():
-            return flashmla_cute.flash_mla_with_kvcache(
-                x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits, causal=s_q > 1
-            )
-
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                step()
-            torch.cuda.synchronize()
-        times = {}
-        for evt in prof.key_averages():
-            if evt.device_type.name == "CUDA" or getattr(evt, "device_time_total", 0) > 0:
-                t = getattr(evt, "device_time_total", 0) / max(evt.count, 1)
-                if t > 0:
-                    times[evt.key.replace("kernel_cutlass_kernel_flashmla_cutekernels", "")[:48]] = (t, evt.count)
-        parts = ", ".join(f"{k}: {t:.1f} us x{c}" for k, (t, c) in sorted(times.items(), key=lambda kv: -kv[1][0]))
-        print(f"b{b} sk{seqlen} h{h_q} s{s_q}: {parts}", flush=True)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", choices=("anchors", "serving", "all"), default="anchors")
+    parser.add_argument("--only", metavar="NAME", help="only the case with this name, e.g. 'b1 sk100 h16 s1'")
+    parser.add_argument("--no-peers", action="store_true", help="time this package only")
+    args = parser.parse_args()
+    cases = {"anchors": ANCHORS, "serving": SERVING, "all": ANCHORS + SERVING}[args.cases]
+    if args.only:
+        cases = [c for c in cases if case_name(*c) == args.only]
+    impls = {"ours": ours, **({} if args.no_peers else peers())}
+    for b, seqlen, h_q, s_q, varlen in cases:
+        lens = random_seqlens(b, seqlen, s_q, varlen=varlen, seed=0)
+        x = make_decode_inputs(b, s_q, h_q, seqlens=lens.tolist(), device="cuda", seed=0)
+        line = []
+        for name, make in impls.items():
+            step = make(x, s_q, h_q)
+            times = kernel_times(step)
+            wall = graph_time(step)
+            parts = " + ".join(f"{k.split('(')[0][-28:]} {t:.1f}" for k, t in sorted(times.items(), key=lambda kv: -kv[1]))
+            line.append(f"  {name:<17} {wall:8.1f} us per call in a graph  [kernels: {parts}]")
+        print(case_name(b, seqlen, h_q, s_q, varlen), *line, sep="\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_combine_matches_torch_merge(requires_hopper, dtype, s_q, h_q, h_kv):
     b = 37
     seqlens = torch.randint(0, 3000, (b,), generator=gen, dtype=torch.int32)
     num_parts = 50
-    _, num_splits = scheduler.plan_torch(seqlens, num_parts)
+    meta, num_splits = scheduler.plan_torch(seqlens, num_parts)
     hpk = h_q // h_kv
     rows = s_q * hpk
     n_acc = b + num_parts
@@ -44,14 +44,14 @@ def test_combine_matches_torch_merge(requires_hopper, dtype, s_q, h_q, h_kv):
     lse_accum[torch.rand(lse_accum.shape, generator=gen).to(dev) < 0.2] = float("-inf")
     lse_accum[:, :, 0] = float("-inf")
     o_accum[torch.isneginf(lse_accum)] = 0.0
-    num_splits = num_splits.to(dev)
+    meta, num_splits = meta.to(dev), num_splits.to(dev)
     sentinel = 7.0
     out = torch.full((b, s_q, h_q, 512), sentinel, dtype=dtype, device=dev)
     lse = torch.full((b, h_q, s_q), sentinel, dtype=torch.float32, device=dev)
 
     accum = torch.cat([o_accum.flatten(), lse_accum.flatten()])  # the decode kernel's workspace layout
     assert accum.numel() == scheduler.accumulator_elems(n_acc, h_kv, rows, 512)
-    runtime.combine_fn(dtype, 512)(accum, num_splits, out, lse, hpk)
+    runtime.combine_fn(dtype, 512)(accum, meta, num_splits, out, lse, hpk)
     torch.cuda.synchronize()
 
     ref_out, ref_lse = torch_merge(o_accum.cpu(), lse_accum.cpu(), num_splits.cpu(), b)

@@ -134,13 +134,15 @@ def combine_variant(dtype: str, head_dim_v: int = 512) -> Variant:
         dv = head_dim_v
         args = (
             _fake(cutlass.Float32, (_i32(),), (1,), 16),  # split-partials workspace
-            _fake(cutlass.Int32, (_i32(),), (1,)),
+            _fake(cutlass.Int32, (_i32(), 8), (8, 1)),  # tile_scheduler_metadata
+            _fake(cutlass.Int32, (_i32(),), (1,)),  # num_splits
             _fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), 16),
             _fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
             Int32(1),
             _stream(),
         )
-        return MlaCombine(dt, head_dim_v), args
+        # The merge alone, of every split sequence (the decode kernel merges some itself).
+        return MlaCombine(dt, head_dim_v, min_fragments=2), args
 
     return Variant(f"combine_{dtype}_dv{head_dim_v}", build)
 

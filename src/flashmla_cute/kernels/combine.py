@@ -5,10 +5,17 @@ over several SM parts, the fragment's normalized fp32 output ``O_k`` and its
 log-sum-exp ``L_k`` (``-inf`` when the fragment saw no key of that row). The merged
 result is ``out = sum_k exp(L_k - L) O_k`` with ``L = log(sum_k exp(L_k))``.
 
-``merge_tile`` is that merge for one query tile (up to 64 rows) of one sequence and KV
-head, by 256 threads. The decode kernel runs it in the CTA that finishes the tile's
-last fragment. ``MlaCombine`` runs the same merge as a kernel of its own (one CTA per
-tile; sequences with a single fragment are skipped); it tests the merge alone.
+``merge_rows`` is that merge for a range of query rows of one sequence and KV head,
+by a group of threads. Who runs it depends on how many fragments a sequence has:
+
+- up to ``MAX_FRAGMENTS_MERGED_IN_DECODE``: the decode kernel's CTA that finishes the
+  sequence's last fragment merges the 64-row tile (large batches, where nearly every
+  sequence is cut at most once: the merge overlaps other CTAs' work);
+- more (small batches, where one sequence is spread over many SMs): ``MlaCombine``, a
+  kernel launched right after the decode kernel as its programmatic dependent, spreads
+  the merge over ``COMBINE_ROWS``-row groups, so that the many fragments are read by
+  many SMs at once instead of one (a lone CTA reads them at a few tens of GB/s: 35 us
+  for 16 fragments of a 64-row tile).
 """
 
 from __future__ import annotations
@@ -17,93 +24,113 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, pipeline
 
+from ..scheduler import BEGIN_BATCH, BEGIN_SPLIT
 from .utils import accumulators
 
-TILE_ROWS = 64  # query rows per tile (the decode kernel's TILE_M)
-MERGE_THREADS = 256
+MAX_FRAGMENTS_MERGED_IN_DECODE = 2
+"""Split sequences with at most this many fragments are merged inside the decode kernel."""
 VEC = 4  # fp32 values per 16-byte load
-ROWS_IN_FLIGHT = 8  # rows whose loads one thread has in flight at once
+COMBINE_THREADS = 128  # one row's 512 values, as 16-byte pieces
+COMBINE_ROWS = 2  # query rows per combine CTA: many CTAs share a sequence's merge
+COMBINE_FRAGS_IN_FLIGHT = 8  # fragments whose loads a combine thread has in flight
+DECODE_MERGE_ROWS_IN_FLIGHT = 8  # rows whose loads a decode thread has in flight (2 fragments at most)
 
 
 @cute.jit
-def merge_tile(
+def merge_rows(
     mOAccum: cute.Tensor,  # (num_acc, h_kv, rows, dv) fp32 partial outputs
     mLseAccum: cute.Tensor,  # (num_acc, h_kv, rows) fp32 partial log-sum-exps
     mO: cute.Tensor,  # (b, s_q, h_q, dv)
     mLse: cute.Tensor,  # (b, h_q, s_q) fp32
-    sRowStats: cute.Tensor,  # (TILE_ROWS, 2) fp32 shared memory
-    barrier: pipeline.NamedBarrier,  # the MERGE_THREADS threads that call this
-    tidx: Int32,  # 0 .. MERGE_THREADS - 1
+    sRowStats: cute.Tensor,  # (>= max_rows, 2) fp32 shared memory
+    barrier: pipeline.NamedBarrier,  # the num_threads threads that call this
+    tidx: Int32,  # 0 .. num_threads - 1
     batch: Int32,
     kv_head: Int32,
-    m_tile: Int32,
-    first: Int32,  # the tile's fragments are first, first + 1, ...
+    row0: Int32,  # the rows row0 .. row0 + max_rows - 1 (those below rows_per_kv)
+    first: Int32,  # the sequence's fragments are first, first + 1, ...
     num_frags: Int32,
     heads_per_kv: Int32,
+    max_rows: cutlass.Constexpr,
+    num_threads: cutlass.Constexpr,
+    rows_in_flight: cutlass.Constexpr,
+    frags_in_flight: cutlass.Constexpr,
     dtype: cutlass.Constexpr,
     head_dim_v: cutlass.Constexpr,
 ):
-    """Merge the ``num_frags`` partial results of query tile ``m_tile`` of ``(batch,
-    kv_head)`` into ``mO`` and ``mLse``.
+    """Merge the ``num_frags`` partial results of up to ``max_rows`` query rows from
+    ``row0`` on, of ``(batch, kv_head)``, into ``mO`` and ``mLse``.
 
-    First, thread ``r`` works out row ``r``'s merged log-sum-exp and keeps, in
-    ``sRowStats``, the reference and the normalization of the fragment weights. Then
-    each thread accumulates 4 columns (one 16-byte piece) of rows ``ROWS_IN_FLIGHT`` at
-    a time, so that a thread has that many independent loads in flight per fragment:
-    the merge is bound by load latency, not by the few FLOPs.
+    First, each row's merged log-sum-exp, the reference and the normalization of
+    the fragment weights (kept in ``sRowStats``); then the weighted sum of the
+    fragments' outputs. A thread has ``rows_in_flight * frags_in_flight`` loads in
+    flight: many rows for tiles of few fragments (in the decode kernel), many
+    fragments for the few rows of a combine CTA.
     """
     rows_per_kv = mOAccum.shape[2]
-    row0 = m_tile * TILE_ROWS
-    tile_rows = cutlass.min(rows_per_kv - row0, TILE_ROWS)
+    tile_rows = cutlass.min(rows_per_kv - row0, max_rows)
 
-    if tidx < tile_rows:
-        row = row0 + tidx
+    # Row statistics, one warp per row: lanes read the fragments' log-sum-exps side by side.
+    lane = tidx % 32
+    for r in cutlass.range(tidx // 32, tile_rows, num_threads // 32, unroll=1):
+        row = row0 + r
         lse_max = -Float32.inf
-        for k in cutlass.range(num_frags, unroll=4):
+        for k in cutlass.range(lane, num_frags, 32, unroll=1):
             lse_max = cute.arch.fmax(lse_max, mLseAccum[first + k, kv_head, row])
+        lse_max = cute.arch.warp_reduction(lse_max, cute.arch.fmax)
         # Every fragment empty for this row: it sees no key (FlashMLA: out 0, lse +inf).
         lse_ref = lse_max
         if lse_max == -Float32.inf:
             lse_ref = Float32(0.0)
         total = Float32(0.0)
-        for k in cutlass.range(num_frags, unroll=4):
+        for k in cutlass.range(lane, num_frags, 32, unroll=1):
             total = total + cute.math.exp(mLseAccum[first + k, kv_head, row] - lse_ref, fastmath=True)
+        total = cute.arch.warp_reduction(total, lambda x, y: x + y)
         inv_total = Float32(0.0)
         lse = Float32.inf
         if total > 0.0:
             inv_total = 1.0 / total
             lse = lse_ref + cute.math.log(total, fastmath=False)
-        sRowStats[tidx, 0] = lse_ref
-        sRowStats[tidx, 1] = inv_total
-        s = row // heads_per_kv
-        mLse[batch, kv_head * heads_per_kv + (row - s * heads_per_kv), s] = lse
+        if lane == 0:
+            sRowStats[r, 0] = lse_ref
+            sRowStats[r, 1] = inv_total
+            s = row // heads_per_kv
+            mLse[batch, kv_head * heads_per_kv + (row - s * heads_per_kv), s] = lse
     barrier.arrive_and_wait()
 
+    # Each thread accumulates one 16-byte piece of ``rows_in_flight`` rows, reading
+    # ``frags_in_flight`` fragments at a time: all those loads are issued before the
+    # first is used (the merge is bound by load latency, not by its few FLOPs).
     threads_per_row = head_dim_v // VEC
-    rows_per_step = MERGE_THREADS // threads_per_row
+    rows_per_step = num_threads // threads_per_row
     piece_idx = tidx % threads_per_row
     row_in_step = tidx // threads_per_row
-    rows_per_pass = rows_per_step * ROWS_IN_FLIGHT
+    rows_per_pass = rows_per_step * rows_in_flight
     for pass_start in cutlass.range(0, tile_rows, rows_per_pass, unroll=1):
-        acc = cute.make_rmem_tensor((ROWS_IN_FLIGHT, VEC), Float32)
+        acc = cute.make_rmem_tensor((rows_in_flight, VEC), Float32)
         acc.fill(0.0)
-        for k in cutlass.range(num_frags, unroll=2):
-            # All loads of the pass first (rows past the tile load the tile's last row,
-            # unused), then the arithmetic: ROWS_IN_FLIGHT loads in flight at once.
-            pieces = cute.make_rmem_tensor((ROWS_IN_FLIGHT, VEC), Float32)
-            partial_lse = cute.make_rmem_tensor((ROWS_IN_FLIGHT,), Float32)
-            for j in cutlass.range_constexpr(ROWS_IN_FLIGHT):
-                row = row0 + cutlass.min(pass_start + row_in_step + j * rows_per_step, tile_rows - 1)
-                partial_lse[j] = mLseAccum[first + k, kv_head, row]
-                piece = cute.local_tile(mOAccum[first + k, kv_head, row, None], (VEC,), (piece_idx,)).load()
-                for e in cutlass.range_constexpr(VEC):
-                    pieces[j, e] = piece[e]
-            for j in cutlass.range_constexpr(ROWS_IN_FLIGHT):
-                r = cutlass.min(pass_start + row_in_step + j * rows_per_step, tile_rows - 1)
-                weight = cute.math.exp(partial_lse[j] - sRowStats[r, 0], fastmath=True) * sRowStats[r, 1]
-                for e in cutlass.range_constexpr(VEC):
-                    acc[j, e] = acc[j, e] + weight * pieces[j, e]
-        for j in cutlass.range_constexpr(ROWS_IN_FLIGHT):
+        for k0 in cutlass.range(0, num_frags, frags_in_flight, unroll=1):
+            # Rows past the range load its last row, fragments past the last load the
+            # last one: both unused.
+            pieces = cute.make_rmem_tensor((frags_in_flight, rows_in_flight, VEC), Float32)
+            partial_lse = cute.make_rmem_tensor((frags_in_flight, rows_in_flight), Float32)
+            for f in cutlass.range_constexpr(frags_in_flight):
+                k = first + cutlass.min(k0 + f, num_frags - 1)
+                for j in cutlass.range_constexpr(rows_in_flight):
+                    row = row0 + cutlass.min(pass_start + row_in_step + j * rows_per_step, tile_rows - 1)
+                    partial_lse[f, j] = mLseAccum[k, kv_head, row]
+                    piece = cute.local_tile(mOAccum[k, kv_head, row, None], (VEC,), (piece_idx,)).load()
+                    for e in cutlass.range_constexpr(VEC):
+                        pieces[f, j, e] = piece[e]
+            for f in cutlass.range_constexpr(frags_in_flight):
+                for j in cutlass.range_constexpr(rows_in_flight):
+                    r = cutlass.min(pass_start + row_in_step + j * rows_per_step, tile_rows - 1)
+                    weight = cute.math.exp(partial_lse[f, j] - sRowStats[r, 0], fastmath=True) * sRowStats[r, 1]
+                    if k0 + f >= num_frags:
+                        weight = Float32(0.0)
+                    for e in cutlass.range_constexpr(VEC):
+                        acc[j, e] = acc[j, e] + weight * pieces[f, j, e]
+        for j in cutlass.range_constexpr(rows_in_flight):
             r = pass_start + row_in_step + j * rows_per_step
             if r < tile_rows:
                 row = row0 + r
@@ -118,32 +145,54 @@ def merge_tile(
 
 
 class MlaCombine:
-    """The merge as a kernel of its own. Static configuration: output dtype and
-    ``head_dim_v``."""
+    """The merge of sequences with many fragments, as a kernel of its own.
 
-    def __init__(self, dtype, head_dim_v: int = 512):
-        if MERGE_THREADS % (head_dim_v // VEC) != 0:
-            raise ValueError(f"head_dim_v must divide {MERGE_THREADS * VEC}, got {head_dim_v}")
+    One CTA per (SM part, KV head, group of ``COMBINE_ROWS`` query rows). The part that
+    holds a split sequence's last fragment (its plan row begins inside the sequence, at
+    the last fragment) merges that sequence, so every split sequence is merged once.
+    Launched as the decode kernel's programmatic dependent, its CTAs start while the
+    decode kernel drains and wait for it (``griddepcontrol.wait``).
+
+    Static configuration: output dtype, ``head_dim_v`` and ``min_fragments``, the least
+    fragment count of a sequence it merges (fewer are the decode kernel's).
+    """
+
+    def __init__(self, dtype, head_dim_v: int = 512, min_fragments: int = MAX_FRAGMENTS_MERGED_IN_DECODE + 1):
+        if COMBINE_THREADS * VEC != head_dim_v:
+            raise ValueError(f"head_dim_v must be {COMBINE_THREADS * VEC}, got {head_dim_v}")
         self.dtype = dtype
         self.head_dim_v = head_dim_v
+        if min_fragments < 2:
+            raise ValueError(f"min_fragments must be >= 2 (a sequence of one fragment is never merged), got {min_fragments}")
+        self.min_fragments = min_fragments
 
     @cute.jit
     def __call__(
         self,
         mAccum: cute.Tensor,  # partial results as utils.accumulators lays them out
+        mMeta: cute.Tensor,  # (num_parts, 8) int32, see scheduler.py
         mNumSplits: cute.Tensor,  # (b + 1,) int32
         mO: cute.Tensor,  # (b, s_q, h_q, dv)
         mLse: cute.Tensor,  # (b, h_q, s_q) fp32
         heads_per_kv: Int32,
         stream,
     ):
+        """The merge alone, over a workspace in the decode kernel's layout (for tests)."""
         rows = mO.shape[1] * heads_per_kv
         h_kv = mO.shape[2] // heads_per_kv
-        num_acc = mAccum.shape[0] // (h_kv * rows * (self.head_dim_v + 1))
+        num_acc = mO.shape[0] + mMeta.shape[0]
         mOAccum, mLseAccum = accumulators(mAccum, num_acc, h_kv, rows, self.head_dim_v)
-        grid = [mO.shape[0], h_kv, (rows + TILE_ROWS - 1) // TILE_ROWS]
-        self.kernel(mOAccum, mLseAccum, mNumSplits, mO, mLse, heads_per_kv).launch(
-            grid=grid, block=[MERGE_THREADS, 1, 1], stream=stream
+        self.launch(mOAccum, mLseAccum, mMeta, mNumSplits, mO, mLse, heads_per_kv, stream, False)
+
+    @cute.jit
+    def launch(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mMeta: cute.Tensor, mNumSplits: cute.Tensor,
+               mO: cute.Tensor, mLse: cute.Tensor, heads_per_kv: Int32, stream, after_decode: cutlass.Constexpr):
+        """Launch on ``stream``; ``after_decode``: as the decode kernel's programmatic
+        dependent, right after it."""
+        rows = mOAccum.shape[2]
+        grid = [mMeta.shape[0], mOAccum.shape[1], (rows + COMBINE_ROWS - 1) // COMBINE_ROWS]
+        self.kernel(mOAccum, mLseAccum, mMeta, mNumSplits, mO, mLse, heads_per_kv).launch(
+            grid=grid, block=[COMBINE_THREADS, 1, 1], stream=stream, use_pdl=after_decode
         )
 
     @cute.kernel
@@ -151,23 +200,31 @@ class MlaCombine:
         self,
         mOAccum: cute.Tensor,
         mLseAccum: cute.Tensor,
+        mMeta: cute.Tensor,
         mNumSplits: cute.Tensor,
         mO: cute.Tensor,
         mLse: cute.Tensor,
         heads_per_kv: Int32,
     ):
         tidx, _, _ = cute.arch.thread_idx()
-        batch, kv_head, m_tile = cute.arch.block_idx()
+        part, kv_head, row_group = cute.arch.block_idx()
 
         @cute.struct
         class Storage:
-            row_stats: cute.struct.MemRange[Float32, 2 * TILE_ROWS]
+            row_stats: cute.struct.MemRange[Float32, 2 * COMBINE_ROWS]
 
         storage = cutlass.utils.SmemAllocator().allocate(Storage)
-        row_stats = storage.row_stats.get_tensor(cute.make_layout((TILE_ROWS, 2), stride=(1, TILE_ROWS)))
-        first = mNumSplits[batch]
-        num_frags = mNumSplits[batch + 1] - first
-        if num_frags > 1:
-            merge_tile(mOAccum, mLseAccum, mO, mLse, row_stats,
-                       pipeline.NamedBarrier(barrier_id=1, num_threads=MERGE_THREADS), tidx, batch, kv_head,
-                       m_tile, first, num_frags, heads_per_kv, self.dtype, self.head_dim_v)
+        row_stats = storage.row_stats.get_tensor(cute.make_layout((COMBINE_ROWS, 2), stride=(1, COMBINE_ROWS)))
+        # Every CTA waits for the decode kernel, also those with nothing to merge: the
+        # kernel then never completes before the one it depends on.
+        cute.arch.griddepcontrol_wait()
+        batch = mMeta[part, BEGIN_BATCH]
+        fragment = mMeta[part, BEGIN_SPLIT]
+        if batch < mO.shape[0]:
+            first = mNumSplits[batch]
+            num_frags = mNumSplits[batch + 1] - first
+            if fragment == num_frags - 1 and num_frags >= self.min_fragments:
+                merge_rows(mOAccum, mLseAccum, mO, mLse, row_stats,
+                           pipeline.NamedBarrier(barrier_id=1, num_threads=COMBINE_THREADS), tidx, batch, kv_head,
+                           row_group * COMBINE_ROWS, first, num_frags, heads_per_kv, COMBINE_ROWS, COMBINE_THREADS,
+                           1, COMBINE_FRAGS_IN_FLIGHT, self.dtype, self.head_dim_v)

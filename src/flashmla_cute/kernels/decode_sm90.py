@@ -4,10 +4,13 @@ One CTA per (SM part, KV head, 64-row query tile). A CTA walks the contiguous ra
 (batch, 64-token block) work that the scheduler gave its part (see ``scheduler.py``),
 and for each batch in that range runs flash-attention's online softmax over its blocks,
 then writes either the final output or, when the sequence was split across parts, an
-fp32 partial (O, LSE). The CTA whose partial of a (sequence, KV head, query tile) is the
-last to arrive (an atomic counter per tile in the workspace) merges all of them into the
-output (``combine.merge_tile``), so one kernel does the whole step: one launch per call,
-and the merges overlap other CTAs' work instead of waiting for the whole grid.
+fp32 partial (O, LSE). A sequence cut into few fragments (large batches) is merged here:
+the CTA whose partial of a (sequence, KV head, query tile) is the last to arrive (an
+atomic counter per tile in the workspace) merges all of them into the output
+(``combine.merge_rows``), overlapping other CTAs' work. A sequence cut into many (small
+batches) is merged by the combine kernel, launched by the same host call as this
+kernel's programmatic dependent, which spreads the merge over many SMs (see
+``combine.py``).
 
 Warp roles (384 threads):
 
@@ -59,7 +62,7 @@ from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from . import utils
-from .combine import merge_tile
+from .combine import DECODE_MERGE_ROWS_IN_FLIGHT, MAX_FRAGMENTS_MERGED_IN_DECODE, MlaCombine, merge_rows
 from .utils import accumulators, arrival_counters
 
 BLOCK_N = 64  # tokens per KV tile (== page size)
@@ -209,6 +212,8 @@ class MlaDecodeSm90:
             stream=stream,
             min_blocks_per_mp=1,
         )
+        # Sequences split into more fragments than the decode kernel merges itself.
+        MlaCombine(dtype, dv).launch(mOAccum, mLseAccum, mMeta, mNumSplits, mO, mLse, heads_per_kv, stream, True)
 
     # ---------------------------------------------------------------- device side
     @cute.kernel
@@ -240,6 +245,9 @@ class MlaDecodeSm90:
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         warpgroup_idx = warp_idx // 4
 
+        # The combine kernel may start now: its CTAs wait for this grid's end, on SMs
+        # that CTAs of this grid with little or no work leave early.
+        cute.arch.griddepcontrol_launch_dependents()
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(self.shared_storage)
 
@@ -619,11 +627,12 @@ class MlaDecodeSm90:
                         )
                         if wg == 0 and lane_writes_row:
                             mLseAccum[split_idx, kv_head, row] = lse
-            if num_frags > 1:
+            merged_here = num_frags > 1 and num_frags <= MAX_FRAGMENTS_MERGED_IN_DECODE
+            if merged_here:
                 cute.arch.fence_acq_rel_gpu()  # this thread's partial, before the arrival below
             # Nobody may overwrite the sums before both consumers read them.
             sums.arrive_and_wait()
-            if num_frags > 1:
+            if merged_here:
                 self.merge_if_last(wg, wg_tidx, storage, sums, mNumSplits, mO, mLse, mOAccum, mLseAccum, mCounters,
                                    heads_per_kv, batch, kv_head, m_tile, num_frags)
 
@@ -637,7 +646,7 @@ class MlaDecodeSm90:
         ``consumers`` barrier; one thread then adds to the tile's counter (acquire and
         release at GPU scope). The last one resets the counter to 0 for the next kernel
         on this workspace and, after the barrier that shares the verdict, the two
-        consumer warpgroups merge the tile (``combine.merge_tile``).
+        consumer warpgroups merge the tile (``combine.merge_rows``).
         """
         flag = storage.last_fragment.get_tensor(cute.make_layout((1,)))
         if const_expr(wg == 0):
@@ -656,8 +665,10 @@ class MlaDecodeSm90:
             cute.arch.fence_acq_rel_gpu()  # the other CTAs' partials, after their arrivals
             # Row statistics of the merge go where m0 and s0 of the pairs were.
             row_stats = storage.stats.get_tensor(cute.make_layout((TILE_M, 2), stride=(1, TILE_M)))
-            merge_tile(mOAccum, mLseAccum, mO, mLse, row_stats, consumers, wg * 128 + wg_tidx, batch, kv_head,
-                       m_tile, mNumSplits[batch], num_frags, heads_per_kv, self.dtype, self.head_dim_v)
+            merge_rows(mOAccum, mLseAccum, mO, mLse, row_stats, consumers, wg * 128 + wg_tidx, batch, kv_head,
+                       m_tile * TILE_M, mNumSplits[batch], num_frags, heads_per_kv, TILE_M,
+                       128 * NUM_CONSUMER_WARPGROUPS, DECODE_MERGE_ROWS_IN_FLIGHT, MAX_FRAGMENTS_MERGED_IN_DECODE,
+                       self.dtype, self.head_dim_v)
 
     @staticmethod
     @cute.jit
@@ -753,10 +764,33 @@ class MlaDecodeSm90:
 
     @cute.jit
     def zero_tail_rows(self, sK: cute.Tensor, stage: Int32, first_invalid: Int32, wg_tidx: Int32):
-        """Zero token rows ``[max(first_invalid, 0), 64)`` of one K stage."""
-        num_elems = BLOCK_N * self.head_dim
-        for idx in cutlass.range(wg_tidx, num_elems, 128, unroll=4):
-            row = idx // self.head_dim
-            col = idx - row * self.head_dim
-            if row >= first_invalid:
-                sK[row, col, stage] = self.dtype(0.0)
+        """Zero the value columns (``0 .. dv``) of token rows ``[max(first_invalid, 0), 64)``
+        of one K stage, with 16-byte stores.
+
+        With 128-byte swizzle atoms, the 64 columns of one chunk of one token are one
+        128-byte line of shared memory (the swizzle only permutes the 16-byte pieces
+        inside it), so a token's chunk is cleared by writing its whole line, wherever
+        the swizzle put each piece. The rope chunk is left alone: its scores are masked
+        to -inf after S, and nothing multiplies it with P.
+        """
+        elems_per_piece = 128 // self.dtype.width  # 16 bytes
+        pieces_per_line = CHUNK // elems_per_piece
+        value_chunks = self.head_dim_v // CHUNK
+        first_row = cutlass.max(first_invalid, 0)
+        # (element, piece, token, chunk, stage), unswizzled: token t's line of chunk c
+        # starts at element c * 64 * 64 + t * 64 of its stage (the producer's layout).
+        lines = cute.make_tensor(
+            sK.iterator,
+            cute.make_layout(
+                (elems_per_piece, pieces_per_line, BLOCK_N, value_chunks, NUM_STAGES),
+                stride=(1, elems_per_piece, CHUNK, BLOCK_N * CHUNK, BLOCK_N * self.head_dim),
+            ),
+        )
+        zeros = cute.make_rmem_tensor((elems_per_piece,), self.dtype)
+        zeros.fill(0.0)
+        per_row = pieces_per_line * value_chunks
+        for idx in cutlass.range(wg_tidx, (BLOCK_N - first_row) * per_row, 128, unroll=2):
+            row = first_row + idx // per_row
+            rest = idx - (row - first_row) * per_row
+            chunk = rest // pieces_per_line
+            cute.autovec_copy(zeros, lines[None, rest - chunk * pieces_per_line, row, chunk, stage])
