@@ -90,6 +90,7 @@ def main() -> int:
                               causal=True)  # the fast path now knows this configuration
     problem = checks.check_decode_args(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, 512, meta,
                                        num_splits, None, True)
+    launch = runtime.decode_launch(problem, inp.q.dtype, inp.q.get_device())
     q_rows = runtime.query_rows(inp.q, 1)
     out = torch.empty(1, 1, 16, 512, dtype=torch.bfloat16, device=dev)
     lse = torch.empty(1, 16, 1, dtype=torch.float32, device=dev)
@@ -130,9 +131,10 @@ def main() -> int:
         ("metadata kernel call", lambda: metadata_fn(inp.cache_seqlens, meta, num_splits)),
         ("decode kernel call", lambda: decode_fn(q_rows, inp.k_cache, inp.block_table, inp.cache_seqlens, meta,
                                                  num_splits, out, lse, accum, problem.softmax_scale, 16)),
-        ("runtime.fast_metadata", lambda: runtime.fast_metadata(inp.cache_seqlens, 16, 1)),
-        ("runtime.fast_decode", lambda: runtime.fast_decode(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens,
-                                                            512, meta, num_splits, None, True)),
+        ("runtime.plan_on_gpu", lambda: runtime.plan_on_gpu(inp.cache_seqlens, meta.shape[0])),
+        ("runtime.launch_decode", lambda: runtime.launch_decode(launch, inp.q, inp.k_cache, inp.block_table,
+                                                                inp.cache_seqlens, meta, num_splits,
+                                                                problem.softmax_scale)),
         ("get_mla_metadata", lambda: fm.get_mla_metadata(inp.cache_seqlens, 16, 1)),
         ("flash_mla_with_kvcache", lambda: fm.flash_mla_with_kvcache(inp.q, inp.k_cache, inp.block_table,
                                                                      inp.cache_seqlens, 512, meta, num_splits,

@@ -1,6 +1,8 @@
 """Argument checking: every bad argument raises TypeError (wrong type or dtype) or
 ValueError (bad value, shape, layout or device) naming the argument; good CPU inputs
-run through the float32 reference."""
+run through the float32 reference. These calls use CPU tensors, which go through the
+same checks as CUDA tensors: everything refused here is refused on the GPU with the
+same message (``test_fast_path_gpu.py`` holds the GPU to that)."""
 
 import math
 import os
@@ -13,22 +15,23 @@ import pytest
 import torch
 
 import flashmla_cute
-from flashmla_cute import checks, interface, scheduler
+from flashmla_cute import checks, runtime, scheduler
 from flashmla_cute.reference import flash_mla_reference
 from flashmla_cute.testing import make_decode_inputs
 
-B, S_Q, H_Q, H_KV, D, DV = 3, 2, 4, 1, 64, 32
+B, S_Q, H_Q, H_KV, D, DV = 3, 2, 16, 1, 576, 512
+SEQLENS = [0, 70, 130]
 
 
-def good_args(d=D, dv=DV, dtype=torch.bfloat16):
-    inp = make_decode_inputs(B, S_Q, H_Q, h_kv=H_KV, d=d, dtype=dtype, seqlens=[0, 70, 130], seed=0)
+def good_args(dtype=torch.bfloat16):
+    inp = make_decode_inputs(B, S_Q, H_Q, h_kv=H_KV, d=D, dtype=dtype, seqlens=SEQLENS, seed=0)
     meta, num_splits = flashmla_cute.get_mla_metadata(inp.cache_seqlens, S_Q * H_Q // H_KV, H_KV)
     return dict(
         q=inp.q,
         k_cache=inp.k_cache,
         block_table=inp.block_table,
         cache_seqlens=inp.cache_seqlens,
-        head_dim_v=dv,
+        head_dim_v=DV,
         tile_scheduler_metadata=meta,
         num_splits=num_splits,
         softmax_scale=None,
@@ -51,11 +54,36 @@ def every_other(x):
     return wide[::2]
 
 
+def misaligned(x):
+    """A copy of ``x`` whose data pointer is 2 bytes past a 16-byte boundary."""
+    flat = torch.zeros(x.numel() + 8, dtype=x.dtype, device=x.device)
+    offset = next(k for k in range(1, 8) if (flat.data_ptr() + k * x.element_size()) % 16 == 2)
+    view = flat[offset:offset + x.numel()].view(x.shape)
+    view.copy_(x)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+def padded_rows(x, pad=4):
+    """A copy of ``x`` whose rows are ``pad`` elements apart from the next (stride not a
+    multiple of 8)."""
+    wide = torch.zeros(*x.shape[:-1], x.shape[-1] + pad, dtype=x.dtype, device=x.device)
+    view = wide[..., : x.shape[-1]]
+    view.copy_(x)
+    return view
+
+
 def setter(name, fn):
     def mutate(a):
         a[name] = fn(a[name])
 
     return mutate
+
+
+def plan_for_first_two(a):
+    """The plan of another batch: the first two of the three sequences."""
+    first_two = a["cache_seqlens"][:2].contiguous()
+    a["tile_scheduler_metadata"], a["num_splits"] = flashmla_cute.get_mla_metadata(first_two, S_Q * H_Q // H_KV, H_KV)
 
 
 BAD = {
@@ -72,11 +100,14 @@ BAD = {
     "q_rank3": (setter("q", lambda x: x[:, 0]), ValueError, "q must have 4 dimensions"),
     "k_cache_rank5": (setter("k_cache", lambda x: x[None]), ValueError, "k_cache must have 4 dimensions"),
     "q_batch0": (setter("q", lambda x: x[:0]), ValueError, "q.shape[0]"),
-    "q_s_q0": (setter("q", lambda x: x[:, :0]), ValueError, "q.shape[1] (s_q)"),
+    "q_s_q0": (setter("q", lambda x: x[:, :0]), ValueError, "q.shape[1] (s_q"),
+    "q_s_q_above_max": (setter("q", lambda x: x[:, :1].expand(-1, checks.MAX_S_Q + 1, -1, -1).contiguous()),
+                        ValueError, f"q.shape[1] (s_q, query tokens per sequence) must be in [1, {checks.MAX_S_Q}], got {checks.MAX_S_Q + 1}"),
+    "q_d_512": (setter("q", lambda x: x[..., :512].contiguous()), ValueError, "q.shape[3] (d) must be 576, got 512"),
     "q_h_q0": (setter("q", lambda x: x[:, :, :0]), ValueError, "q.shape[2] (h_q)"),
     "page_size_32": (setter("k_cache", lambda x: x[:, :32]), ValueError, "k_cache.shape[1] (page block size) must be 64"),
     "h_kv0": (setter("k_cache", lambda x: x[:, :, :0]), ValueError, "k_cache.shape[2] (h_kv)"),
-    "d_mismatch": (setter("k_cache", lambda x: x[..., :48]), ValueError, "k_cache.shape[3] must equal q.shape[3]"),
+    "d_mismatch": (setter("k_cache", lambda x: x[..., :512].contiguous()), ValueError, "k_cache.shape[3] must equal q.shape[3] (d = 576), got 512"),
     "h_q_not_multiple": (setter("k_cache", lambda x: x.expand(-1, -1, 3, -1).contiguous()), ValueError, "must be a multiple of k_cache.shape[2]"),
     "q_strided_last_dim": (setter("q", strided), ValueError, "q must have a contiguous last dimension"),
     "k_cache_strided_last_dim": (setter("k_cache", strided), ValueError, "k_cache must have a contiguous last dimension"),
@@ -84,7 +115,9 @@ BAD = {
     "head_dim_v_bool": (setter("head_dim_v", lambda x: True), TypeError, "head_dim_v must be an int"),
     "head_dim_v_tensor": (setter("head_dim_v", torch.tensor), TypeError, "head_dim_v must be an int"),
     "head_dim_v_0": (setter("head_dim_v", lambda x: 0), ValueError, "head_dim_v must be >= 1"),
-    "head_dim_v_above_d": (setter("head_dim_v", lambda x: D + 1), ValueError, "head_dim_v must be <= d"),
+    "head_dim_v_above_d": (setter("head_dim_v", lambda x: D + 1), ValueError, "head_dim_v must be 512 with d = 576, got 577"),
+    "head_dim_v_256": (setter("head_dim_v", lambda x: 256), ValueError, "head_dim_v must be 512 with d = 576, got 256"),
+    "head_dim_v_448": (setter("head_dim_v", lambda x: 448), ValueError, "head_dim_v must be 512 with d = 576, got 448"),
     "block_table_int64": (setter("block_table", lambda x: x.long()), TypeError, "block_table must have dtype torch.int32"),
     "block_table_rank1": (setter("block_table", lambda x: x[:, 0].contiguous()), ValueError, "block_table must have 2 dimensions"),
     "block_table_rows": (setter("block_table", lambda x: torch.cat([x, x[:1]])), ValueError, "block_table.shape[0] must equal the batch size b = 3"),
@@ -102,6 +135,7 @@ BAD = {
     "num_splits_length": (setter("num_splits", lambda x: x[:-1]), ValueError, "num_splits must have shape [b + 1] = [4]"),
     "num_splits_rank2": (setter("num_splits", lambda x: x[None]), ValueError, "num_splits must have shape [b + 1]"),
     "num_splits_strided": (setter("num_splits", every_other), ValueError, "num_splits must be contiguous"),
+    "plan_for_other_batch_size": (plan_for_first_two, ValueError, "num_splits must have shape [b + 1] = [4] (as returned by get_mla_metadata), got (3,)"),
     "scale_string": (setter("softmax_scale", lambda x: "0.1"), TypeError, "softmax_scale must be a float or None"),
     "scale_bool": (setter("softmax_scale", lambda x: True), TypeError, "softmax_scale must be a float or None"),
     "scale_tensor": (setter("softmax_scale", lambda x: torch.tensor(0.1)), TypeError, "softmax_scale must be a float or None"),
@@ -116,6 +150,13 @@ BAD = {
     "cache_seqlens_other_device": (setter("cache_seqlens", lambda x: x.to("meta")), ValueError, "cache_seqlens must be on q's device"),
     "metadata_other_device": (setter("tile_scheduler_metadata", lambda x: x.to("meta")), ValueError, "tile_scheduler_metadata must be on q's device"),
     "num_splits_other_device": (setter("num_splits", lambda x: x.to("meta")), ValueError, "num_splits must be on q's device"),
+    # What the kernel's TMA loads need.
+    "k_cache_no_pages": (setter("k_cache", lambda x: x[:0]), ValueError, "k_cache must hold at least one page"),
+    "q_padded_rows": (setter("q", padded_rows), ValueError, "q strides must be multiples of 8 elements"),
+    "k_cache_padded_rows": (setter("k_cache", padded_rows), ValueError, "k_cache strides must be multiples of 8 elements"),
+    "q_misaligned": (setter("q", misaligned), ValueError, "q data pointer must be 16-byte aligned"),
+    "k_cache_misaligned": (setter("k_cache", misaligned), ValueError, "k_cache data pointer must be 16-byte aligned"),
+    "fp16_q_bf16_cache": (setter("q", lambda x: x.half()), TypeError, "k_cache must have q's dtype torch.float16, got torch.bfloat16"),
 }
 
 
@@ -153,10 +194,16 @@ BAD_METADATA = {
     "heads_k_none": (lambda s: (s, 16, None), TypeError, "num_heads_k must be an int"),
 }
 
+BAD_METADATA_ON_HOST = {
+    # Refused only for CPU tensors: on CUDA, reading the values would need a host sync.
+    "seqlens_negative": (lambda s: (torch.tensor([5, -3, 0], dtype=s.dtype, device=s.device), 16, 1), ValueError,
+                         "cache_seqlens must be >= 0, got cache_seqlens[1] = -3"),
+}
 
-@pytest.mark.parametrize("case", sorted(BAD_METADATA))
+
+@pytest.mark.parametrize("case", sorted(BAD_METADATA) + sorted(BAD_METADATA_ON_HOST))
 def test_bad_metadata_argument(case):
-    make, error, text = BAD_METADATA[case]
+    make, error, text = {**BAD_METADATA, **BAD_METADATA_ON_HOST}[case]
     seqlens = torch.tensor([5, 100, 0], dtype=torch.int32)
     with pytest.raises(error) as info:
         flashmla_cute.get_mla_metadata(*make(seqlens))
@@ -170,9 +217,8 @@ def test_numpy_ints_are_accepted():
     assert meta.shape == (132, 8)
 
 
-# ---------------------------------------------------------------- GPU-only constraints
-# The kernel's extra requirements, checked for CUDA tensors; check_kernel_layout looks
-# only at metadata, so it is exercised here on CPU tensors.
+# ---------------------------------------------------------------- the kernel's layout
+# check_kernel_layout looks only at metadata; check_decode_args runs it on every device.
 
 
 def kernel_inputs():
@@ -180,75 +226,32 @@ def kernel_inputs():
     return inp.q, inp.k_cache
 
 
-def misaligned(x):
-    """A copy of ``x`` whose data pointer is 2 bytes past a 16-byte boundary."""
-    flat = torch.zeros(x.numel() + 8, dtype=x.dtype, device=x.device)
-    offset = next(k for k in range(1, 8) if (flat.data_ptr() + k * x.element_size()) % 16 == 2)
-    view = flat[offset:offset + x.numel()].view(x.shape)
-    view.copy_(x)
-    assert view.data_ptr() % 16 != 0
-    return view
-
-
-def padded_rows(x, pad=4):
-    """A copy of ``x`` whose rows are ``pad`` elements apart from the next (stride not a
-    multiple of 8)."""
-    wide = torch.zeros(*x.shape[:-1], x.shape[-1] + pad, dtype=x.dtype, device=x.device)
-    view = wide[..., : x.shape[-1]]
-    view.copy_(x)
-    return view
-
-
 def test_kernel_layout_accepts_good_inputs():
-    q, k_cache = kernel_inputs()
-    checks.check_kernel_layout(q, k_cache, 512)
-
-
-def test_kernel_layout_rejects_unsupported_head_dims():
-    q, k_cache = kernel_inputs()
-    with pytest.raises(ValueError, match=r"head_dim_v must be one of \(d=576, head_dim_v=512\)"):
-        checks.check_kernel_layout(q, k_cache, 448)
-    q2 = torch.zeros(2, 1, 16, 128, dtype=torch.bfloat16)
-    k2 = torch.zeros(4, 64, 1, 128, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"q.shape\[3\] \(d\)"):
-        checks.check_kernel_layout(q2, k2, 128)
-
-
-def test_kernel_layout_rejects_empty_cache():
-    q, k_cache = kernel_inputs()
-    with pytest.raises(ValueError, match="k_cache must hold at least one page"):
-        checks.check_kernel_layout(q, k_cache[:0], 512)
+    checks.check_kernel_layout(*kernel_inputs())
 
 
 @pytest.mark.parametrize("name", ["q", "k_cache"])
-def test_kernel_layout_rejects_unaligned_strides(name):
+@pytest.mark.parametrize("spoil,text", [(padded_rows, "strides must be multiples of 8 elements"),
+                                        (misaligned, "data pointer must be 16-byte aligned")])
+def test_kernel_layout_names_the_tensor(name, spoil, text):
     tensors = dict(zip(("q", "k_cache"), kernel_inputs()))
-    tensors[name] = padded_rows(tensors[name])
-    with pytest.raises(ValueError, match=f"{name} strides must be multiples of 8 elements"):
-        checks.check_kernel_layout(tensors["q"], tensors["k_cache"], 512)
+    tensors[name] = spoil(tensors[name])
+    with pytest.raises(ValueError, match=f"{name} {text}"):
+        checks.check_kernel_layout(tensors["q"], tensors["k_cache"])
 
 
-@pytest.mark.parametrize("name", ["q", "k_cache"])
-def test_kernel_layout_rejects_unaligned_pointers(name):
-    tensors = dict(zip(("q", "k_cache"), kernel_inputs()))
-    tensors[name] = misaligned(tensors[name])
-    with pytest.raises(ValueError, match=f"{name} data pointer must be 16-byte aligned"):
-        checks.check_kernel_layout(tensors["q"], tensors["k_cache"], 512)
-
-
-def test_cpu_path_skips_kernel_constraints():
-    # Any head dims, unaligned strides and pointers are fine for the reference.
+def test_negative_length_is_refused_on_the_cpu():
     args = good_args()
-    args["q"] = misaligned(padded_rows(args["q"]).contiguous())
-    out, lse = flashmla_cute.flash_mla_with_kvcache(**args)
-    assert out.shape == (B, S_Q, H_Q, DV)
+    args["cache_seqlens"] = torch.tensor([0, -1, 130], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cache_seqlens must be >= 0, got cache_seqlens\[1\] = -1"):
+        flashmla_cute.flash_mla_with_kvcache(**args)
 
 
 def test_non_hopper_gpu_is_refused(monkeypatch):
-    monkeypatch.setattr(interface, "_device_capability", lambda index: (8, 0))
+    monkeypatch.setattr(runtime, "device_capability", lambda index: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Fake A100")
     with pytest.raises(RuntimeError, match=r"Hopper GPU \(compute capability 9.0, sm_90\).*Fake A100.*8\.0"):
-        interface._require_hopper(torch.device("cuda", 0))
+        runtime.require_hopper(torch.device("cuda", 0))
 
 
 # ---------------------------------------------------------------- good inputs
@@ -256,7 +259,7 @@ def test_non_hopper_gpu_is_refused(monkeypatch):
 
 def test_checks_read_no_tensor_values():
     # Tensors on the meta device have no data: any read (.item(), .tolist()) would fail.
-    args = good_args(d=576, dv=512)
+    args = good_args()
     for key, value in args.items():
         if isinstance(value, torch.Tensor):
             args[key] = value.to("meta")
@@ -279,11 +282,11 @@ def test_decode_problem_fields():
 
 
 def test_default_scale_and_causal_with_one_token():
-    inp = make_decode_inputs(2, 1, 8, h_kv=2, d=40, seqlens=[3, 70], seed=2)
+    inp = make_decode_inputs(2, 1, 8, h_kv=2, seqlens=[3, 70], seed=2)
     meta, num_splits = flashmla_cute.get_mla_metadata(inp.cache_seqlens, 4, 2)
-    p = checks.check_decode_args(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, 40, meta, num_splits,
+    p = checks.check_decode_args(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, 512, meta, num_splits,
                                  None, True)
-    assert p.softmax_scale == 40 ** -0.5
+    assert p.softmax_scale == 576 ** -0.5
     assert p.causal is False  # no effect with s_q == 1
     assert (p.heads_per_kv, p.rows_per_kv) == (4, 4)
 
@@ -327,8 +330,7 @@ def test_cpu_metadata(s_q, h_q, h_kv):
     assert torch.equal(meta, ref_meta) and torch.equal(num_splits, ref_splits)
 
 
-def test_version():
-    assert flashmla_cute.__version__ == "0.1.0"
+def test_public_names():
     assert set(flashmla_cute.__all__) >= {"get_mla_metadata", "flash_mla_with_kvcache"}
 
 
@@ -340,9 +342,9 @@ def test_import_and_cpu_calls_stay_light():
         "before = {m for m in sys.modules if m.startswith('cutlass')}\n"
         "import flashmla_cute\n"
         "from flashmla_cute.testing import make_decode_inputs\n"
-        "inp = make_decode_inputs(2, 1, 4, d=32, seqlens=[3, 90], seed=0)\n"
+        "inp = make_decode_inputs(2, 1, 4, seqlens=[3, 90], seed=0)\n"
         "meta, ns = flashmla_cute.get_mla_metadata(inp.cache_seqlens, 4, 1)\n"
-        "flashmla_cute.flash_mla_with_kvcache(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, 16, meta, ns)\n"
+        "flashmla_cute.flash_mla_with_kvcache(inp.q, inp.k_cache, inp.block_table, inp.cache_seqlens, 512, meta, ns)\n"
         "new = {m for m in sys.modules if m.startswith('cutlass')} - before\n"
         "assert not new, sorted(new)\n"
     )

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from flashmla_cute.checks import MAX_S_Q
 from flashmla_cute.reference import flash_mla_reference
 from flashmla_cute.testing import cosine_distance, make_decode_inputs
 
@@ -80,7 +81,23 @@ def test_many_short_sequences(requires_hopper):
     run_and_check(inputs, 16, 1, causal=False)
 
 
-@pytest.mark.parametrize("s_q,h_q,causal", [(1, 16, False), (2, 128, True), (2, 32, False)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("h_q", [16, 64, 128])
+@pytest.mark.parametrize("s_q", range(3, MAX_S_Q + 1))
+def test_more_query_tokens(requires_hopper, s_q, h_q, causal):
+    # s_q up to MAX_S_Q, the most a call takes (multi-token prediction with more tokens).
+    inputs = make_decode_inputs(16, s_q, h_q, seqlen=2000, varlen=True, device="cuda")
+    run_and_check(inputs, h_q, s_q, causal=causal)
+
+
+@pytest.mark.parametrize("s_q", [3, MAX_S_Q])
+def test_more_query_tokens_short_sequences_and_kv_heads(requires_hopper, s_q):
+    # Lengths below s_q leave causal rows with nothing to see; two KV heads.
+    inputs = make_decode_inputs(6, s_q, 32, h_kv=2, seqlens=[0, 1, 2, 3, 65, 700], device="cuda")
+    run_and_check(inputs, 32, s_q, causal=True)
+
+
+@pytest.mark.parametrize("s_q,h_q,causal", [(1, 16, False), (2, 128, True), (2, 32, False), (MAX_S_Q, 64, True)])
 def test_float16(requires_hopper, s_q, h_q, causal):
     inputs = make_decode_inputs(32, s_q, h_q, seqlen=2000, varlen=True, dtype=torch.float16, device="cuda")
     run_and_check(inputs, h_q, s_q, causal=causal)

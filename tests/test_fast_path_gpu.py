@@ -7,31 +7,18 @@ import pytest
 import torch
 
 import flashmla_cute
-from flashmla_cute import checks, runtime
+from flashmla_cute import checks, interface, runtime
 from flashmla_cute.reference import flash_mla_reference
 from flashmla_cute.testing import cosine_distance, make_decode_inputs
-from test_arguments import BAD, BAD_METADATA, every_other, misaligned, padded_rows, setter
+from test_arguments import BAD, BAD_METADATA, H_KV, H_Q, S_Q, SEQLENS, every_other
 
 pytestmark = pytest.mark.gpu
 
-B, S_Q, H_Q = 3, 2, 16
-
-GPU_BAD = {
-    **{name: case[0] for name, case in BAD.items()},
-    # The kernel's own requirements (check_kernel_layout).
-    "head_dim_v_448": setter("head_dim_v", lambda x: 448),
-    "k_cache_no_pages": setter("k_cache", lambda x: x[:0]),
-    "q_padded_rows": setter("q", padded_rows),
-    "k_cache_padded_rows": setter("k_cache", padded_rows),
-    "q_misaligned": setter("q", misaligned),
-    "k_cache_misaligned": setter("k_cache", misaligned),
-    "fp16_q_bf16_cache": setter("q", lambda x: x.half()),
-}
-
 
 def gpu_args():
-    inp = make_decode_inputs(B, S_Q, H_Q, seqlens=[0, 70, 130], device="cuda", seed=0)
-    meta, num_splits = flashmla_cute.get_mla_metadata(inp.cache_seqlens, S_Q * H_Q, 1)
+    """test_arguments' good arguments (the ones its BAD cases spoil), on the GPU."""
+    inp = make_decode_inputs(len(SEQLENS), S_Q, H_Q, h_kv=H_KV, seqlens=SEQLENS, device="cuda", seed=0)
+    meta, num_splits = flashmla_cute.get_mla_metadata(inp.cache_seqlens, S_Q * H_Q // H_KV, H_KV)
     return dict(q=inp.q, k_cache=inp.k_cache, block_table=inp.block_table, cache_seqlens=inp.cache_seqlens,
                 head_dim_v=512, tile_scheduler_metadata=meta, num_splits=num_splits, softmax_scale=None,
                 causal=True)
@@ -47,25 +34,28 @@ def raised(fn, *args, **kwargs) -> BaseException:
     return info.value
 
 
-@pytest.mark.parametrize("case", sorted(GPU_BAD))
-def test_bad_decode_argument_fails_as_the_checks_say(requires_hopper, case):
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_decode_argument_fails_as_on_the_cpu(requires_hopper, case):
     args = gpu_args()
     flashmla_cute.flash_mla_with_kvcache(**args)  # the fast path now serves this configuration
-    GPU_BAD[case](args)
+    mutate, error, text = BAD[case]
+    mutate(args)
     expected = raised(checks.check_decode_args, **args)
     actual = raised(flashmla_cute.flash_mla_with_kvcache, **args)
     assert (type(actual), str(actual)) == (type(expected), str(expected))
+    assert type(actual) is error and text in str(actual)  # test_arguments' expectation on the CPU
 
 
 @pytest.mark.parametrize("case", sorted(BAD_METADATA))
 def test_bad_metadata_argument_fails_as_the_checks_say(requires_hopper, case):
     seqlens = torch.tensor([5, 100, 0], dtype=torch.int32, device="cuda")
     flashmla_cute.get_mla_metadata(seqlens, 16, 1)
-    make, _, _ = BAD_METADATA[case]
+    make, error, text = BAD_METADATA[case]
     args = make(seqlens)
     expected = raised(checks.check_metadata_args, *args)
     actual = raised(flashmla_cute.get_mla_metadata, *args)
     assert (type(actual), str(actual)) == (type(expected), str(expected))
+    assert type(actual) is error and text in str(actual)
 
 
 def test_metadata_of_strided_lengths_is_refused(requires_hopper):
@@ -84,7 +74,7 @@ def test_valid_calls_skip_the_python_checks(requires_hopper, monkeypatch):
 
     monkeypatch.setattr(checks, "check_decode_args", refuse)
     monkeypatch.setattr(checks, "check_metadata_args", refuse)
-    meta, num_splits = flashmla_cute.get_mla_metadata(args["cache_seqlens"], S_Q * H_Q, 1)
+    meta, num_splits = flashmla_cute.get_mla_metadata(args["cache_seqlens"], S_Q * H_Q // H_KV, H_KV)
     assert torch.equal(meta, args["tile_scheduler_metadata"]) and torch.equal(num_splits, args["num_splits"])
     for scale in (None, 0.05):
         args["softmax_scale"] = scale
@@ -94,14 +84,18 @@ def test_valid_calls_skip_the_python_checks(requires_hopper, monkeypatch):
     assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
 
 
-def test_fast_and_checked_paths_agree(requires_hopper):
+def test_fast_and_checked_paths_agree(requires_hopper, monkeypatch):
     args = gpu_args()
     args["softmax_scale"] = 0.04
-    fast = runtime.fast_decode(**args)
-    problem = checks.check_decode_args(**args)
-    checked = runtime.gpu_decode(problem, args["q"], args["k_cache"], args["block_table"], args["cache_seqlens"],
-                                 args["tile_scheduler_metadata"], args["num_splits"], 512, True)
+    checked = interface._checked_decode(**args)  # remembers the configuration
+
+    def refuse(*a, **k):
+        raise AssertionError("the checked path ran")
+
+    monkeypatch.setattr(interface, "_checked_decode", refuse)
+    fast = flashmla_cute.flash_mla_with_kvcache(**args)
     assert torch.equal(fast[0], checked[0]) and torch.equal(fast[1], checked[1])
+
 
 
 # ------------------------------------------------------------ the split workspace

@@ -4,7 +4,12 @@ Every bad argument raises ``TypeError`` (wrong Python type or tensor dtype) or
 ``ValueError`` (bad value, shape, layout or device) with a message that names the
 argument and says what was expected. The checks look only at tensor metadata (shapes,
 dtypes, strides, devices, data pointers): they never read tensor contents, so they cause
-no host synchronization and work during CUDA-graph capture.
+no host synchronization and work during CUDA-graph capture. The one exception,
+``check_lengths_on_host``, is used only for CPU tensors.
+
+The same checks run for CPU and CUDA tensors, so a call that works on the CPU (where the
+float32 reference computes it) works on a Hopper GPU and a call the GPU refuses is refused
+on the CPU with the same message.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from . import scheduler
+from .compile import HEAD_DIMS
 
 PAGE_SIZE = scheduler.BLOCK_SIZE
 """Tokens per page of the paged KV cache."""
@@ -23,8 +29,14 @@ PAGE_SIZE = scheduler.BLOCK_SIZE
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 """dtypes of ``q`` and ``k_cache``."""
 
-SUPPORTED_HEAD_DIMS = frozenset({(576, 512)})
-"""``(d, head_dim_v)`` pairs the GPU kernel is built for (the CPU reference takes any)."""
+SUPPORTED_HEAD_DIMS = frozenset(HEAD_DIMS)
+"""``(d, head_dim_v)`` pairs the kernels are built for (CPU tensors are held to them too)."""
+
+MAX_S_Q = 4
+"""The most query tokens per sequence (``q.shape[1]``) a call takes: the largest ``s_q``
+the GPU tests check against the reference."""
+
+_INT32_MAX = 2**31 - 1
 
 TMA_ALIGN_BYTES = 16
 """TMA needs 16-byte aligned base addresses and strides that are multiples of 16 bytes."""
@@ -49,8 +61,9 @@ class DecodeProblem(NamedTuple):
     causal: bool  # False whenever s_q == 1
 
 
-def _dtype_names(dtypes) -> str:
-    names = [str(t) for t in dtypes]
+def _one_of(values) -> str:
+    """``"a"``, ``"a or b"``, ``"a, b or c"``."""
+    names = [str(v) for v in values]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
@@ -61,7 +74,7 @@ def _check_tensor(name: str, x) -> None:
 
 def _check_dtype(name: str, x: torch.Tensor, dtypes) -> None:
     if x.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype {_dtype_names(dtypes)}, got {x.dtype}")
+        raise TypeError(f"{name} must have dtype {_one_of(dtypes)}, got {x.dtype}")
 
 
 def _check_rank(name: str, x: torch.Tensor, rank: int, dims: str) -> None:
@@ -113,23 +126,23 @@ def check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k) -> tup
     return num_heads_per_head_k, num_heads_k
 
 
-def check_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor, head_dim_v: int) -> None:
-    """What the GPU kernel needs beyond ``check_decode_args``: a supported ``(d,
-    head_dim_v)`` pair, at least one cache page, and TMA-compatible ``q`` and ``k_cache``
-    (strides in multiples of 16 bytes, 16-byte aligned data pointers).
+def check_lengths_on_host(cache_seqlens: torch.Tensor) -> None:
+    """Refuse negative lengths by reading ``cache_seqlens``: only for CPU tensors, where
+    reading costs no synchronization. On CUDA the values stay unchecked (FlashMLA does
+    the same), and a negative length gives a meaningless plan."""
+    negative = (cache_seqlens < 0).nonzero()
+    if negative.numel():
+        i = int(negative[0, 0])
+        raise ValueError(f"cache_seqlens must be >= 0, got cache_seqlens[{i}] = {int(cache_seqlens[i])}")
 
-    ``check_decode_args`` calls this for CUDA tensors; it looks only at metadata, so it
-    can be tried on CPU tensors too.
-    """
-    d = q.shape[-1]
-    if (d, head_dim_v) not in SUPPORTED_HEAD_DIMS:
-        pairs = ", ".join(f"(d={a}, head_dim_v={c})" for a, c in sorted(SUPPORTED_HEAD_DIMS))
-        raise ValueError(
-            f"q.shape[3] (d) and head_dim_v must be one of {pairs} on the GPU, "
-            f"got d={d}, head_dim_v={head_dim_v}"
-        )
+
+def check_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """What the kernel's TMA loads need beyond shapes and dtypes: at least one cache page,
+    and ``q`` and ``k_cache`` with strides in multiples of 16 bytes and 16-byte aligned
+    data pointers. ``check_decode_args`` calls this on every device; it looks only at
+    metadata."""
     if k_cache.shape[0] < 1:
-        raise ValueError("k_cache must hold at least one page (k_cache.shape[0] >= 1) on the GPU, got 0")
+        raise ValueError("k_cache must hold at least one page (k_cache.shape[0] >= 1), got 0")
     for name, x in (("q", q), ("k_cache", k_cache)):
         multiple = TMA_ALIGN_BYTES // x.element_size()
         strides = x.stride()
@@ -177,12 +190,13 @@ def check_decode_args(
     num_blocks, page, h_kv, d_k = k_cache.shape
     if b < 1:
         raise ValueError(f"q.shape[0] (batch size b) must be >= 1, got {b}")
-    if s_q < 1:
-        raise ValueError(f"q.shape[1] (s_q) must be >= 1, got {s_q}")
+    if not 1 <= s_q <= MAX_S_Q:
+        raise ValueError(f"q.shape[1] (s_q, query tokens per sequence) must be in [1, {MAX_S_Q}], got {s_q}")
     if h_q < 1:
         raise ValueError(f"q.shape[2] (h_q) must be >= 1, got {h_q}")
-    if d < 1:
-        raise ValueError(f"q.shape[3] (d) must be >= 1, got {d}")
+    supported_d = {pair[0] for pair in SUPPORTED_HEAD_DIMS}
+    if d not in supported_d:
+        raise ValueError(f"q.shape[3] (d) must be {_one_of(sorted(supported_d))}, got {d}")
     if page != PAGE_SIZE:
         raise ValueError(f"k_cache.shape[1] (page block size) must be {PAGE_SIZE}, got {page}")
     if h_kv < 1:
@@ -195,8 +209,9 @@ def check_decode_args(
     _check_last_dim_contiguous("k_cache", k_cache)
 
     dv = _check_int("head_dim_v", head_dim_v)
-    if dv > d:
-        raise ValueError(f"head_dim_v must be <= d = {d} (V is the first head_dim_v columns of K), got {dv}")
+    if (d, dv) not in SUPPORTED_HEAD_DIMS:
+        supported_dv = {pair[1] for pair in SUPPORTED_HEAD_DIMS if pair[0] == d}
+        raise ValueError(f"head_dim_v must be {_one_of(sorted(supported_dv))} with d = {d}, got {dv}")
 
     # Paging
     _check_dtype("block_table", block_table, (torch.int32,))
@@ -250,10 +265,16 @@ def check_decode_args(
     ):
         _check_device(name, x, q)
 
-    if q.is_cuda:
-        check_kernel_layout(q, k_cache, dv)
+    check_kernel_layout(q, k_cache)
 
     heads_per_kv = h_q // h_kv
+    num_parts = meta.shape[0]
+    elems, _ = scheduler.split_workspace_elems(b, num_parts, h_kv, s_q * heads_per_kv, dv)
+    if elems > _INT32_MAX:
+        raise ValueError(
+            f"the split-KV workspace for b={b}, {num_parts} SM parts and s_q * h_q = {s_q * h_q} "
+            f"would hold {elems} values, more than the kernels index (2**31 - 1): split the batch"
+        )
     return DecodeProblem(
         b=b,
         s_q=s_q,
@@ -265,7 +286,7 @@ def check_decode_args(
         max_blocks=block_table.shape[1],
         heads_per_kv=heads_per_kv,
         rows_per_kv=s_q * heads_per_kv,
-        num_parts=meta.shape[0],
+        num_parts=num_parts,
         softmax_scale=scale,
         causal=causal and s_q > 1,
     )

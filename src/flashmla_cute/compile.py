@@ -15,10 +15,16 @@ Caching, fastest first:
 2. on disk: ``$FLASHMLA_CUTE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/flashmla_cute`` or
    ``~/.cache/flashmla_cute``) holds each compiled variant as a shared library (linked
    with the system C compiler; where there is none, as the object file, which loads
-   slower). The file name carries the variant, the GPU arch, the DSL version and a hash
-   of the kernel sources, so editing a kernel file recompiles it on the next run, and
-   files are written under a temporary name and renamed into place, so processes that
-   fill the cache at the same time never see a partial file.
+   slower), and its machine code as a ``.cubin`` (for ``precompile --out``). The file
+   name carries the variant, the GPU arch, the DSL version and a hash of the kernel
+   sources, so editing a kernel file recompiles it on the next run, and files are
+   written under a temporary name and renamed into place, so processes that fill the
+   cache at the same time never see a partial file.
+
+Where a cold start goes (one decode variant; ``benchmarks/cold_start.py``): the DSL
+traces the kernel's Python into MLIR, then runs its MLIR pipeline, which ends in ptxas;
+that pipeline holds the GIL, so variants compile in parallel only in separate processes
+(``precompile --jobs``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ from typing import Any, Callable
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Files whose content decides what the kernels compile to.
 _KERNEL_SOURCES = ("compile.py", "scheduler.py", "kernels/*.py")
+
+ARCHS = ("sm_90a",)
+"""GPU architectures the kernels can be compiled for (they use Hopper-only TMA and WGMMA)."""
 
 DTYPES = ("bfloat16", "float16")
 HEAD_DIMS = ((576, 512),)
@@ -273,27 +282,58 @@ def _load(path: Path, function_name: str) -> Any:
     return getattr(cute.runtime.load_module(str(path), enable_tvm_ffi=True), function_name)
 
 
+def cache_paths(variant: Variant, arch: str, directory: Path | None = None) -> dict[str, Path]:
+    """The disk cache's files for ``variant``: ``{"so": ..., "o": ..., "cubin": ...}``."""
+    directory = cache_dir() if directory is None else directory
+    stem = cache_key(variant, arch)
+    return {kind: directory / f"{stem}.{kind}" for kind in ("so", "o", "cubin")}
+
+
+def compile_into_cache(variant: Variant, directory: Path | None = None, arch: str | None = None) -> Any:
+    """Compile ``variant`` now and store it in the disk cache (object file, shared
+    library where a C compiler is found, and cubin); returns the in-process compiled
+    function. An unwritable cache leaves files out, silently: callers look for them."""
+    arch = target_arch() if arch is None else arch
+    paths = cache_paths(variant, arch, directory)
+    with tempfile.TemporaryDirectory() as dump:
+        compiled = compile_variant(variant, f"--gpu-arch={arch} --keep-cubin --dump-dir={dump}")
+        cubins = list(Path(dump).glob("*.cubin"))
+        if len(cubins) != 1:
+            raise RuntimeError(f"expected one cubin for {variant.name}, found {cubins}")
+        try:
+            _atomic_write(paths["cubin"], lambda tmp: shutil.copyfile(cubins[0], tmp))
+            _atomic_write(paths["o"], lambda tmp: compiled.export_to_c(tmp, function_name=variant.name))
+            _link_shared(paths["o"], paths["so"])
+        except OSError:
+            pass
+    return compiled
+
+
 def load_or_compile(variant: Variant, directory: Path | None = None, arch: str | None = None) -> Any:
     """The compiled function of ``variant`` from the disk cache, compiling and storing
     it first if it is not there."""
-    directory = cache_dir() if directory is None else directory
     arch = target_arch() if arch is None else arch
-    stem = cache_key(variant, arch)
-    so, obj = directory / f"{stem}.so", directory / f"{stem}.o"
-    for path in (so, obj):
+    paths = cache_paths(variant, arch, directory)
+    for path in (paths["so"], paths["o"]):
         if path.exists():
             try:
                 return _load(path, variant.name)
             except Exception:  # a corrupt or foreign file: rebuild it below
                 pass
-    compiled = compile_variant(variant, f"--gpu-arch={arch}")
-    try:
-        _atomic_write(obj, lambda tmp: compiled.export_to_c(tmp, function_name=variant.name))
-        if _link_shared(obj, so):
-            return _load(so, variant.name)
-    except OSError:
-        pass  # unwritable cache: use the in-process compile
+    compiled = compile_into_cache(variant, directory, arch)
+    if paths["so"].exists():
+        return _load(paths["so"], variant.name)
     return compiled
+
+
+def cached_cubin(variant: Variant, arch: str, directory: Path | None = None) -> Path:
+    """The disk cache's ``.cubin`` of ``variant``, compiling it first if it is not there."""
+    path = cache_paths(variant, arch, directory)["cubin"]
+    if not path.exists():
+        compile_into_cache(variant, directory, arch)
+        if not path.exists():
+            raise OSError(f"could not write {path}: set FLASHMLA_CUTE_CACHE_DIR to a writable folder")
+    return path
 
 
 def get(variant: Variant) -> Any:
@@ -310,15 +350,9 @@ def get(variant: Variant) -> Any:
 
 
 def write_cubin(variant: Variant, out_dir: str, arch: str = "sm_90a") -> str:
-    """Compile ``variant`` for ``arch`` and write ``<out_dir>/<variant.name>.cubin``."""
-    import glob
-
+    """Write ``<out_dir>/<variant.name>.cubin``, from the disk cache (compiled first if
+    it is not there)."""
     os.makedirs(out_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        compile_variant(variant, f"--gpu-arch={arch} --keep-cubin --dump-dir={tmp}")
-        found = glob.glob(os.path.join(tmp, "*.cubin"))
-        if len(found) != 1:
-            raise RuntimeError(f"expected one cubin for {variant.name}, found {found}")
-        dest = os.path.join(out_dir, f"{variant.name}.cubin")
-        shutil.move(found[0], dest)
+    dest = os.path.join(out_dir, f"{variant.name}.cubin")
+    shutil.copyfile(cached_cubin(variant, arch), dest)
     return dest

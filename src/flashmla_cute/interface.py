@@ -6,40 +6,36 @@ graph). On CPU tensors the same calls compute through the float32 PyTorch refere
 so code written against them runs anywhere. CUTLASS is imported only when a kernel
 is first compiled, and not at all when the compiled kernels come from the disk cache.
 
-Each call on CUDA tensors first tries ``runtime``'s fast path, which leaves most
-argument checks to the compiled function; anything unusual (including every bad
-argument) goes through ``checks.py`` and the checked path, so errors read the same
-either way.
+Calls flow one way: this module -> ``checks.py`` (or the fast path) -> ``runtime.py``
+(launches). The *checked* path validates every argument with ``checks.py`` (the same
+checks for CPU and CUDA tensors) and, on CUDA, remembers the call's configuration in a
+table here. The *fast* path serves configurations in that table: the key of a call is
+everything its validity and its launch depend on besides what the compiled function
+checks itself (see ``runtime``): the shapes of q, k_cache and the plan, dtype, device,
+head_dim_v and causal, with their Python types. Anything it does not serve, and any
+argument the compiled function refuses, goes through the checked path, whose checks
+say what is wrong in our own words; so the fast path never changes what a call
+computes or which calls fail, only what a valid call costs on the host.
+
+While ``torch.compile`` traces, the functions dispatch to the custom ops of ``ops.py``
+(looked up on ``torch.ops``, so this module does not import that one).
 """
 
 from __future__ import annotations
 
-import functools
+import math
 
 import torch
 
 from . import checks, runtime, scheduler
 
-REQUIRED_CAPABILITY = (9, 0)
-"""The kernels use Hopper-only instructions (TMA, WGMMA): sm_90."""
+_MAX_REMEMBERED = 4096  # configurations per table; a full table is cleared
 
 
-@functools.lru_cache(maxsize=None)
-def _device_capability(index: int) -> tuple[int, int]:
-    return tuple(torch.cuda.get_device_capability(index))
-
-
-def _require_hopper(device: torch.device) -> int:
-    """The CUDA device index of ``device``; RuntimeError unless it is an sm_90 GPU."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    capability = _device_capability(index)
-    if capability != REQUIRED_CAPABILITY:
-        raise RuntimeError(
-            f"flashmla_cute's kernels need a Hopper GPU (compute capability 9.0, sm_90); "
-            f"cuda:{index} is {torch.cuda.get_device_name(index)} with compute capability "
-            f"{capability[0]}.{capability[1]}. Pass CPU tensors to compute with the float32 reference."
-        )
-    return index
+def _remember(table: dict, key, value) -> None:
+    if len(table) >= _MAX_REMEMBERED:
+        table.clear()
+    table[key] = value
 
 
 _parts_cache: dict[tuple[int, int, int], int] = {}
@@ -53,10 +49,19 @@ def num_sm_parts_for(device: torch.device, num_heads_per_head_k: int, num_heads_
     key = (index, num_heads_per_head_k, num_heads_k)
     parts = _parts_cache.get(key)
     if parts is None:
-        _require_hopper(device)
+        runtime.require_hopper(device)
         parts = scheduler.num_sm_parts(runtime.num_sms(index), num_heads_per_head_k, num_heads_k)
         _parts_cache[key] = parts
     return parts
+
+
+# (device index, num_heads_per_head_k and its type, num_heads_k and its type) -> parts
+_known_plans: dict[tuple, int] = {}
+
+
+def _plan_key(device_index, num_heads_per_head_k, num_heads_k) -> tuple:
+    # With the types: 16.0 and True hash like 16 and 1, and the checks refuse them.
+    return (device_index, num_heads_per_head_k, type(num_heads_per_head_k), num_heads_k, type(num_heads_k))
 
 
 def get_mla_metadata(
@@ -72,6 +77,9 @@ def get_mla_metadata(
 
     Args:
         cache_seqlens: int32 ``[b]``, tokens in the KV cache of each sequence (>= 0).
+            On CPU tensors a negative length raises ValueError; on CUDA the values are
+            not read (that would need a host synchronization) and a negative length
+            gives a meaningless plan.
         num_heads_per_head_k: query rows that share one KV head,
             ``s_q * h_q // h_kv``.
         num_heads_k: number of KV heads ``h_kv`` (1 for DeepSeek's MLA).
@@ -90,11 +98,11 @@ def get_mla_metadata(
     Under ``torch.compile`` this is the custom op ``torch.ops.flashmla_cute.get_mla_metadata``.
     """
     if torch.compiler.is_compiling():
-        from . import ops
-
-        return ops.get_mla_metadata_op(cache_seqlens, num_heads_per_head_k, num_heads_k)
-    try:
-        return runtime.fast_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
+        return torch.ops.flashmla_cute.get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
+    try:  # the fast path
+        num_parts = _known_plans[_plan_key(cache_seqlens.get_device(), num_heads_per_head_k, num_heads_k)]
+        if cache_seqlens.shape[0] >= 1:
+            return runtime.plan_on_gpu(cache_seqlens, num_parts)
     except Exception:
         pass  # first call of this configuration, CPU tensors, or a bad argument
     return _checked_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
@@ -104,9 +112,21 @@ def _checked_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k):
     heads_per_k, heads_k = checks.check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k)
     num_parts = num_sm_parts_for(cache_seqlens.device, heads_per_k, heads_k)
     if cache_seqlens.device.type == "cuda":
+        result = runtime.plan_on_gpu(cache_seqlens, num_parts)
         # The ints as the caller passed them: the fast path keys on them, types included.
-        return runtime.gpu_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k, num_parts)
+        key = _plan_key(cache_seqlens.get_device(), num_heads_per_head_k, num_heads_k)
+        _remember(_known_plans, key, num_parts)
+        return result
+    checks.check_lengths_on_host(cache_seqlens)
     return scheduler.plan_torch(cache_seqlens, num_parts)
+
+
+_known_decodes: dict[tuple, runtime.DecodeLaunch] = {}
+
+
+def _decode_key(q, k_cache, tile_scheduler_metadata, num_splits, head_dim_v, causal) -> tuple:
+    return (q.shape, q.dtype, q.get_device(), k_cache.shape, tile_scheduler_metadata.shape[0], num_splits.shape[0],
+            head_dim_v, type(head_dim_v), causal, type(causal))
 
 
 def flash_mla_with_kvcache(
@@ -123,8 +143,9 @@ def flash_mla_with_kvcache(
     """Multi-head latent attention decoding over a paged KV cache.
 
     Args:
-        q: ``[b, s_q, h_q, d]``, bfloat16 or float16: the queries of ``s_q`` new tokens
-            (1, or 2 with multi-token prediction) of each of ``b`` sequences.
+        q: ``[b, s_q, h_q, d]``, bfloat16 or float16, ``d = 576``: the queries of ``s_q``
+            new tokens (1, or up to ``checks.MAX_S_Q = 4`` with multi-token prediction)
+            of each of ``b`` sequences.
         k_cache: ``[num_blocks, 64, h_kv, d]``, q's dtype: the paged cache, pages of 64
             tokens. Keys are whole rows; values are the first ``head_dim_v`` columns of
             the same rows (K and V share one buffer).
@@ -133,14 +154,20 @@ def flash_mla_with_kvcache(
             ``ceil(cache_seqlens[i] / 64)`` entries of a row are read.
         cache_seqlens: int32 ``[b]``: tokens in the cache of each sequence (they include
             the ``s_q`` new tokens). Cache slots at or past a sequence's length are never
-            read. The values are not checked on the host (that would need a
-            synchronization): on the GPU a length over ``64 * max_blocks`` makes that
-            sequence's output NaN (nothing is read past the table), and page indices
-            outside ``[0, num_blocks)`` read as zeros.
-        head_dim_v: width of the values and of the output (512 for DeepSeek's MLA).
+            read. On the GPU the values are not checked (that would need a host
+            synchronization): a length over ``64 * max_blocks`` makes that sequence's
+            output NaN (nothing is read past the table), and page indices outside
+            ``[0, num_blocks)`` read as zeros. On CPU tensors the reference reads them
+            and raises ValueError for a length or a used page index that does not fit.
+        head_dim_v: width of the values and of the output: 512.
         tile_scheduler_metadata, num_splits: the plan from ``get_mla_metadata``, which
             must have been called on the same ``cache_seqlens`` (same values) with
             ``num_heads_per_head_k = s_q * h_q // h_kv`` and ``num_heads_k = h_kv``.
+            A plan for another batch size (``num_splits`` not of length ``b + 1``) is
+            refused; a plan made for other lengths of the same batch size cannot be told
+            apart without a host synchronization and is the caller's contract, as in
+            FlashMLA (the GPU result is then wrong; the CPU reference does not use the
+            plan's contents).
         softmax_scale: scale of the scores ``q . k``; default ``d ** -0.5``.
         causal: with ``s_q > 1``, query token ``j`` (0-based) sees only the first
             ``cache_seqlens[i] - (s_q - 1 - j)`` tokens; no effect when ``s_q == 1``.
@@ -161,25 +188,28 @@ def flash_mla_with_kvcache(
     it is freed with the metadata. A call on another stream allocates its own.
 
     Raises TypeError or ValueError for bad arguments (checked without reading tensor
-    contents) and RuntimeError for CUDA tensors on a GPU that is not sm_90. On a
-    Hopper GPU the kernels need ``(d, head_dim_v) = (576, 512)``; on the CPU the float32
-    reference computes the result, for any head dimensions.
+    contents, the same checks and messages for CPU and CUDA tensors: whatever the GPU
+    refuses, the CPU refuses too) and RuntimeError for CUDA tensors on a GPU that is not
+    sm_90. On CPU tensors the float32 reference computes the result.
 
     Under ``torch.compile`` this is the custom op
     ``torch.ops.flashmla_cute.flash_mla_with_kvcache``.
     """
     if torch.compiler.is_compiling():
-        from . import ops
-
-        return ops.flash_mla_with_kvcache_op(
+        return torch.ops.flashmla_cute.flash_mla_with_kvcache(
             q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
             softmax_scale, causal,
         )
-    try:
-        return runtime.fast_decode(
-            q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
-            softmax_scale, causal,
-        )
+    try:  # the fast path
+        launch = _known_decodes[_decode_key(q, k_cache, tile_scheduler_metadata, num_splits, head_dim_v, causal)]
+        if softmax_scale is None:
+            scale = launch.default_scale
+        elif type(softmax_scale) is float and 0.0 < softmax_scale < math.inf:
+            scale = softmax_scale
+        else:
+            raise TypeError  # the checks decide
+        return runtime.launch_decode(launch, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
+                                     num_splits, scale)
     except Exception:
         pass  # first call of this configuration, CPU tensors, or a bad argument
     return _checked_decode(
@@ -195,14 +225,19 @@ def _checked_decode(
         softmax_scale, causal,
     )
     if q.device.type == "cuda":
-        _require_hopper(q.device)
-        return runtime.gpu_decode(problem, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                                  head_dim_v, causal)
+        launch = runtime.decode_launch(problem, q.dtype, runtime.require_hopper(q.device))
+        result = runtime.launch_decode(launch, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
+                                       num_splits, problem.softmax_scale)
+        # head_dim_v and causal as the caller passed them: the fast path keys on them, types included.
+        key = _decode_key(q, k_cache, tile_scheduler_metadata, num_splits, head_dim_v, causal)
+        _remember(_known_decodes, key, launch)
+        return result
     if q.device.type != "cpu":
         raise RuntimeError(f"q must be a CUDA (sm_90) or CPU tensor, got device {q.device}")
 
     from .reference import flash_mla_reference
 
+    checks.check_lengths_on_host(cache_seqlens)
     return flash_mla_reference(
         q, k_cache, block_table, cache_seqlens, problem.dv, softmax_scale=problem.softmax_scale, causal=problem.causal,
     )

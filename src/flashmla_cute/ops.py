@@ -1,10 +1,12 @@
 """``torch.library`` custom ops for the two public functions, so that a decode step
 compiled with ``torch.compile(fullgraph=True)`` calls our kernels.
 
-The public functions call these ops only while torch.compile traces (eager calls go
-straight to the implementation and skip the dispatcher's per-call cost); the ops run
-the public functions, which, outside tracing, do the work. The fake implementations
-give output shapes and dtypes without running anything.
+This module sits on top of ``interface``: the ops run the public functions (which,
+outside tracing, do the work), and nothing in the package imports this module back.
+The package's ``__init__`` imports it last, which registers the ops; while
+torch.compile traces, the public functions look them up on ``torch.ops`` (eager calls
+go straight to the implementation and skip the dispatcher's per-call cost). The fake
+implementations give output shapes and dtypes without running anything.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import scheduler
+from . import interface, scheduler
 
 NAMESPACE = "flashmla_cute"
 
@@ -22,16 +24,12 @@ NAMESPACE = "flashmla_cute"
 def get_mla_metadata_op(
     cache_seqlens: torch.Tensor, num_heads_per_head_k: int, num_heads_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from .interface import get_mla_metadata
-
-    return get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
+    return interface.get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
 
 
 @get_mla_metadata_op.register_fake
 def _(cache_seqlens, num_heads_per_head_k, num_heads_k):
-    from .interface import num_sm_parts_for
-
-    parts = num_sm_parts_for(cache_seqlens.device, num_heads_per_head_k, num_heads_k)
+    parts = interface.num_sm_parts_for(cache_seqlens.device, num_heads_per_head_k, num_heads_k)
     meta = cache_seqlens.new_empty((parts, scheduler.METADATA_INTS), dtype=torch.int32)
     return meta, cache_seqlens.new_empty((cache_seqlens.shape[0] + 1,), dtype=torch.int32)
 
@@ -48,9 +46,7 @@ def flash_mla_with_kvcache_op(
     softmax_scale: Optional[float] = None,
     causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from .interface import flash_mla_with_kvcache
-
-    return flash_mla_with_kvcache(
+    return interface.flash_mla_with_kvcache(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
     )
 

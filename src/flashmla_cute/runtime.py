@@ -1,32 +1,26 @@
 """Launches the compiled kernels on torch's current CUDA stream.
 
-Two ways in, for each public function:
+Everything here takes arguments that are already known to be valid (``interface``
+decides that, through ``checks.py`` or its table of configurations the checks have
+accepted) and only works out what a launch needs and launches:
 
-- the *checked* path (``gpu_metadata``, ``gpu_decode``) takes arguments that
-  ``checks.py`` has validated, works for every valid call, and then remembers the
-  call's configuration for the fast path;
-- the *fast* path (``fast_metadata``, ``fast_decode``) is tried first on every CUDA
-  call. It serves only configurations the checked path has seen: the key of a call is
-  everything its validity and its launch depend on besides what the compiled function
-  checks itself (the shapes of q, k_cache and the plan, dtype, device, head_dim_v and
-  causal, with their Python types), and the table entry holds what the launch needs
-  (the compiled function, output shapes, workspace size). The compiled function's
-  TVM-FFI entry checks, in C, every tensor's type, dtype, rank, device, 16-byte
-  alignment, the static extents (576, 64, 8, ...), the strides it was compiled for
-  (unit and multiples of 8) and that extents with one name (``b``, ``h_kv``, ...)
-  agree across tensors, before it launches anything. The fast path raises on anything
-  else, and the caller then takes the checked path, whose checks say what is wrong in
-  our own words. So the fast path never changes what a call computes or which calls
-  fail, only what a valid call costs on the host.
+- ``plan_on_gpu``: the metadata kernel, into freshly handed-out output tensors;
+- ``decode_launch``: what a decode call of one configuration needs (the compiled
+  function, output shapes, workspace size), worked out once from a ``DecodeProblem``;
+  ``launch_decode`` runs it for one call.
 
-Outputs and workspaces are allocated with torch, so both paths work under CUDA-graph
+The compiled functions' TVM-FFI entries check, in C, every tensor's type, dtype, rank,
+device, 16-byte alignment, the static extents (576, 64, 8, ...), the strides they were
+compiled for (unit and multiples of 8) and that extents with one name (``b``, ``h_kv``,
+...) agree across tensors, before they launch anything; they raise on anything else.
+
+Outputs and workspaces are allocated with torch, so launches work under CUDA-graph
 capture.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import torch
@@ -35,8 +29,27 @@ from . import compile as compile_mod
 from .scheduler import METADATA_INTS, split_workspace_elems
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_INT32_MAX = 2**31 - 1
-_MAX_REMEMBERED = 4096  # configurations per table; the tables are cleared when full
+
+REQUIRED_CAPABILITY = (9, 0)
+"""The kernels use Hopper-only instructions (TMA, WGMMA): sm_90."""
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def require_hopper(device: torch.device) -> int:
+    """The CUDA device index of ``device``; RuntimeError unless it is an sm_90 GPU."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = device_capability(index)
+    if capability != REQUIRED_CAPABILITY:
+        raise RuntimeError(
+            f"flashmla_cute's kernels need a Hopper GPU (compute capability 9.0, sm_90); "
+            f"cuda:{index} is {torch.cuda.get_device_name(index)} with compute capability "
+            f"{capability[0]}.{capability[1]}. Pass CPU tensors to compute with the float32 reference."
+        )
+    return index
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,22 +76,7 @@ def metadata_fn():
     return compile_mod.get(compile_mod.metadata_variant())
 
 
-def _remember(table: dict, key, value, limit: int = _MAX_REMEMBERED) -> None:
-    if len(table) >= limit:
-        table.clear()
-    table[key] = value
-
-
 # ---------------------------------------------------------------- get_mla_metadata
-
-# (device index, num_heads_per_head_k and its type, num_heads_k and its type) -> parts
-_metadata_parts: dict[tuple, int] = {}
-
-
-def _metadata_key(device_index, num_heads_per_head_k, num_heads_k) -> tuple:
-    # With the types: 16.0 and True hash like 16 and 1, and the checks refuse them.
-    return (device_index, num_heads_per_head_k, type(num_heads_per_head_k), num_heads_k, type(num_heads_k))
-
 
 PLAN_SLAB = 32
 """Plans whose outputs one allocation holds once a plan configuration repeats."""
@@ -118,7 +116,9 @@ def _plan_outputs(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Te
     splits = cache_seqlens.new_empty(PLAN_SLAB, b + 1).unbind(0)
     free = list(zip(metas, splits))
     result = free.pop()
-    _remember(_plan_slabs, key, free, _MAX_PLAN_SLABS)
+    if len(_plan_slabs) >= _MAX_PLAN_SLABS:
+        _plan_slabs.clear()
+    _plan_slabs[key] = free
     return result
 
 
@@ -130,29 +130,10 @@ def plan_on_gpu(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tens
     return meta, num_splits
 
 
-def gpu_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k, num_heads_k,
-                 num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``get_mla_metadata`` for validated arguments (checked path); remembers the
-    configuration for ``fast_metadata``."""
-    result = plan_on_gpu(cache_seqlens, num_parts)
-    key = _metadata_key(cache_seqlens.get_device(), num_heads_per_head_k, num_heads_k)
-    _remember(_metadata_parts, key, num_parts)
-    return result
-
-
-def fast_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k) -> tuple[torch.Tensor, torch.Tensor]:
-    """``get_mla_metadata`` for a configuration the checked path has seen; raises
-    (anything) where the checked path must decide."""
-    num_parts = _metadata_parts[_metadata_key(cache_seqlens.get_device(), num_heads_per_head_k, num_heads_k)]
-    if cache_seqlens.shape[0] < 1:
-        raise ValueError
-    return plan_on_gpu(cache_seqlens, num_parts)
-
-
 # ---------------------------------------------------------- flash_mla_with_kvcache
 
 
-class _DecodeLaunch(NamedTuple):
+class DecodeLaunch(NamedTuple):
     """What a decode call of one configuration needs, worked out once."""
 
     fn: Any  # the compiled decode kernel
@@ -165,14 +146,6 @@ class _DecodeLaunch(NamedTuple):
     heads_per_kv: int
     gather_rows: bool  # s_q > 1: q goes through query_rows
     default_scale: float
-
-
-_decode_launches: dict[tuple, _DecodeLaunch] = {}
-
-
-def _decode_key(q, k_cache, tile_scheduler_metadata, num_splits, head_dim_v, causal) -> tuple:
-    return (q.shape, q.dtype, q.get_device(), k_cache.shape, tile_scheduler_metadata.shape[0], num_splits.shape[0],
-            head_dim_v, type(head_dim_v), causal, type(causal))
 
 
 def query_rows(q: torch.Tensor, h_kv: int) -> torch.Tensor:
@@ -218,31 +191,14 @@ def _split_workspace(tile_scheduler_metadata: torch.Tensor, elems: int, counters
     return workspace
 
 
-def _run(launch: _DecodeLaunch, q, k_cache, block_table, cache_seqlens, meta, num_splits, scale):
-    workspace = _split_workspace(meta, launch.workspace_elems, launch.counters_at, launch.device_index)
-    out = q.new_empty(launch.out_shape)
-    lse = workspace.new_empty(launch.lse_shape)
-    rows = query_rows(q, launch.h_kv) if launch.gather_rows else q
-    launch.fn(rows, k_cache, block_table, cache_seqlens, meta, num_splits, out, lse, workspace, scale,
-              launch.heads_per_kv)
-    return out, lse
-
-
-def gpu_decode(problem, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-               head_dim_v, causal):
-    """Run the decode kernel for validated arguments (checked path; ``head_dim_v`` and
-    ``causal`` as the caller passed them) and remember the configuration for
-    ``fast_decode``. Returns ``(out, lse)``."""
+def decode_launch(problem, dtype: torch.dtype, device_index: int) -> DecodeLaunch:
+    """What a decode call of a validated ``problem`` (``checks.DecodeProblem``) needs;
+    compiles the kernel variant on first use."""
     p = problem
     elems, counters_at = split_workspace_elems(p.b, p.num_parts, p.h_kv, p.rows_per_kv, p.dv)
-    if elems > _INT32_MAX:
-        raise ValueError(
-            f"the split-KV workspace for b={p.b}, {p.num_parts} SM parts and s_q * h_q = {p.s_q * p.h_q} "
-            f"would hold {elems} values, more than the kernels index (2**31 - 1): split the batch"
-        )
-    launch = _DecodeLaunch(
-        fn=decode_fn(q.dtype, p.causal, p.d, p.dv),
-        device_index=q.get_device(),
+    return DecodeLaunch(
+        fn=decode_fn(dtype, p.causal, p.d, p.dv),
+        device_index=device_index,
         out_shape=(p.b, p.s_q, p.h_q, p.dv),
         lse_shape=(p.b, p.h_q, p.s_q),
         workspace_elems=elems,
@@ -252,23 +208,16 @@ def gpu_decode(problem, q, k_cache, block_table, cache_seqlens, tile_scheduler_m
         gather_rows=p.s_q > 1,
         default_scale=p.d**-0.5,
     )
-    result = _run(launch, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-                  p.softmax_scale)
-    key = _decode_key(q, k_cache, tile_scheduler_metadata, num_splits, head_dim_v, causal)
-    _remember(_decode_launches, key, launch)
-    return result
 
 
-def fast_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
-                softmax_scale, causal):
-    """``flash_mla_with_kvcache`` for a configuration the checked path has seen, with
-    the compiled function's own argument checks; raises (anything) where the checked
-    path must decide."""
-    launch = _decode_launches[_decode_key(q, k_cache, tile_scheduler_metadata, num_splits, head_dim_v, causal)]
-    if softmax_scale is None:
-        scale = launch.default_scale
-    elif type(softmax_scale) is float and 0.0 < softmax_scale < math.inf:
-        scale = softmax_scale
-    else:
-        raise TypeError
-    return _run(launch, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, scale)
+def launch_decode(launch: DecodeLaunch, q, k_cache, block_table, cache_seqlens, meta, num_splits,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the decode kernel; returns ``(out, lse)``. The compiled function raises (and
+    launches nothing) on arguments that do not match what it was compiled for."""
+    workspace = _split_workspace(meta, launch.workspace_elems, launch.counters_at, launch.device_index)
+    out = q.new_empty(launch.out_shape)
+    lse = workspace.new_empty(launch.lse_shape)
+    rows = query_rows(q, launch.h_kv) if launch.gather_rows else q
+    launch.fn(rows, k_cache, block_table, cache_seqlens, meta, num_splits, out, lse, workspace, scale,
+              launch.heads_per_kv)
+    return out, lse
