@@ -26,7 +26,7 @@ import dataclasses
 
 import torch
 
-from . import interface, sparse_checks
+from . import interface, runtime, sparse_checks
 from .sparse_reference import sparse_mla_reference
 
 __all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache"]
@@ -127,7 +127,7 @@ def flash_mla_with_kvcache(
     )
     _check_plan(plan, config)
     if q.is_cuda:
-        interface._require_hopper(q.device)
+        runtime.require_hopper(q.device)
         from .sparse_runtime import gpu_sparse_decode
 
         result = gpu_sparse_decode(problem, q, k_cache, indices, topk_length, attn_sink)
