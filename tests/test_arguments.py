@@ -145,7 +145,7 @@ BAD = {
     "scale_inf": (setter("softmax_scale", lambda x: math.inf), ValueError, "softmax_scale must be a finite positive float"),
     "causal_int": (setter("causal", lambda x: 1), TypeError, "causal must be a bool"),
     "causal_none": (setter("causal", lambda x: None), TypeError, "causal must be a bool"),
-    "k_cache_other_device": (setter("k_cache", lambda x: x.to("meta")), ValueError, "k_cache must be on q's device cpu"),
+    "k_cache_other_device": (setter("k_cache", lambda x: x.to("meta")), ValueError, "k_cache must be on q's device"),
     "block_table_other_device": (setter("block_table", lambda x: x.to("meta")), ValueError, "block_table must be on q's device"),
     "cache_seqlens_other_device": (setter("cache_seqlens", lambda x: x.to("meta")), ValueError, "cache_seqlens must be on q's device"),
     "metadata_other_device": (setter("tile_scheduler_metadata", lambda x: x.to("meta")), ValueError, "tile_scheduler_metadata must be on q's device"),
