@@ -110,9 +110,9 @@ def test_hand_worked_example():
 
 def test_little_work_is_not_spread_thin():
     # n = [2, 1], costs [7, 6], T = 13 over P = 8 parts: ceil(T / P) would be 2 and cut
-    # the first sequence in two, but a part takes at least MIN_PAYLOAD = 10. Parts
-    # start at cost 0 -> (0, 0) and 10 -> (1, 10 - 7 - 5 < 0 -> 0); the rest are empty.
-    assert scheduler.MIN_PAYLOAD == 10
+    # the first sequence in two, but a part takes at least MIN_PAYLOAD = 7. Parts
+    # start at cost 0 -> (0, 0) and 7 -> (1, 7 - 7 - 5 < 0 -> 0); the rest are empty.
+    assert scheduler.MIN_PAYLOAD == 7
     meta, num_splits = scheduler.plan_torch(torch.tensor([100, 10], dtype=torch.int32), 8)
     empty = [2, 0, 1, 0, 0, 0, 0, 0]
     assert meta.tolist() == [[0, 0, 0, 2, 0, 0, 0, 0], [1, 0, 1, 1, 0, 0, 0, 0]] + [empty] * 6
