@@ -1,0 +1,90 @@
+"""The ring of K tiles in shared memory, with barriers per group of 64-column chunks.
+
+A stage holds one 64-token block of K (V is its first 512 columns), loaded by one TMA
+copy per 64-column chunk (a 128-byte swizzle atom). The chunks are cut into groups, and
+each group of each stage has its own pair of mbarriers ("full": its copies landed;
+"empty": both consumers are done with it):
+
+- ``S = Q K^T`` issues a chunk's k-steps as soon as that chunk's group has landed;
+- the consumers release groups (the left consumer's value columns, the right one's, the
+  rope chunk) as soon as they are done with them, and the producer refills a group as
+  soon as it is free.
+
+With one chunk per group, the first MMAs of a block start after 8 KB have arrived
+(FlashMLA's 2025-04 kernel waits per chunk: "fine-grained TMA copy - GEMM pipelining" in
+its deep-dive); with the left consumer's value columns and the rest as two groups, there
+are fewer barrier operations per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cutlass.cute as cute
+from cutlass import pipeline
+
+NUM_STAGES = 2  # K tiles in flight (Q and two stages fill the shared memory)
+BARRIERS_PER_PIPELINE_STAGE = 2  # full and empty
+
+
+@dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
+class KvStages:
+    """The K ring of one CTA: one pipeline of ``NUM_STAGES`` stages per chunk group.
+
+    ``chunks`` arguments are Python ranges (compile-time). ``wait`` waits for every
+    group that holds one of them; ``release`` must name whole groups (each group is
+    released once per block by every consumer warp). A ``pipeline.PipelineState`` names
+    the stage and phase, the same for every group of a block.
+    """
+
+    groups: tuple  # (first chunk, one past the last) of each group, in order
+    pipes: tuple
+
+    @staticmethod
+    def barrier_count(groups: tuple) -> int:
+        """Int64 mbarriers the ring needs in shared memory."""
+        return len(groups) * NUM_STAGES * BARRIERS_PER_PIPELINE_STAGE
+
+    @staticmethod
+    def create(barrier_storage, groups: tuple, chunk_bytes: int, consumer_group) -> "KvStages":
+        """The ring over ``barrier_count(groups)`` mbarriers at ``barrier_storage``
+        (initialized here; the caller fences and synchronizes before first use)."""
+        pipes = tuple(
+            pipeline.PipelineTmaAsync.create(
+                num_stages=NUM_STAGES,
+                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
+                consumer_group=consumer_group,
+                tx_count=(end - begin) * chunk_bytes,
+                barrier_storage=barrier_storage + g * NUM_STAGES * BARRIERS_PER_PIPELINE_STAGE,
+                defer_sync=True,
+            )
+            for g, (begin, end) in enumerate(groups)
+        )
+        return KvStages(groups, pipes)
+
+    # The methods hold no data-dependent control flow: plain Python, traced inline.
+    def _groups_of(self, chunks: range) -> list:
+        return [g for g, (begin, end) in enumerate(self.groups) if begin < chunks.stop and chunks.start < end]
+
+    def wait(self, state: pipeline.PipelineState, chunks: range):
+        """Consumer: wait until ``chunks`` of the stage have landed."""
+        for g in self._groups_of(chunks):
+            self.pipes[g].consumer_wait(state)
+
+    def release(self, state: pipeline.PipelineState, chunks: range):
+        """Consumer: this warp is done with ``chunks`` (whole groups) of the stage."""
+        groups = self._groups_of(chunks)
+        assert all(chunks.start <= self.groups[g][0] and self.groups[g][1] <= chunks.stop for g in groups), (
+            f"chunks {chunks} do not cover whole groups of {self.groups}"
+        )
+        for g in groups:
+            self.pipes[g].consumer_release(state)
+
+    def load(self, state: pipeline.PipelineState, tma_k, src: cute.Tensor, dst: cute.Tensor, cache_policy):
+        """Producer: copy chunk ``c`` of ``src`` (``(TMA, chunk)``) into chunk ``c`` of
+        ``dst`` (``(TMA, chunk)``, the stage's), each group as soon as it is free."""
+        for g, (begin, end) in enumerate(self.groups):
+            self.pipes[g].producer_acquire(state)
+            for c in range(begin, end):
+                cute.copy(tma_k, src[None, c], dst[None, c], tma_bar_ptr=self.pipes[g].producer_get_barrier(state),
+                          cache_policy=cache_policy)
