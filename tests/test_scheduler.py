@@ -45,7 +45,7 @@ def check_plan(seqlens, num_parts):
     b = seqlens.numel()
     blocks = num_blocks(seqlens.tolist())
     total = sum(blocks) + F * b
-    payload = scheduler.payload_of(total, num_parts)
+    payload = scheduler.payload_of(total, num_parts, b)
 
     assert meta.dtype == torch.int32 and meta.shape == (num_parts, METADATA_INTS)
     assert num_splits.dtype == torch.int32 and num_splits.shape == (b + 1,)
@@ -110,13 +110,31 @@ def test_hand_worked_example():
 
 def test_little_work_is_not_spread_thin():
     # n = [2, 1], costs [7, 6], T = 13 over P = 8 parts: ceil(T / P) would be 2 and cut
-    # the first sequence in two, but a part takes at least MIN_PAYLOAD = 7. Parts
-    # start at cost 0 -> (0, 0) and 7 -> (1, 7 - 7 - 5 < 0 -> 0); the rest are empty.
-    assert scheduler.MIN_PAYLOAD == 7
+    # the first sequence in two, but a part takes at least MIN_PAYLOAD = 4. Part 0
+    # covers cost [0, 4), the first sequence's overhead only: empty. Part 1 [4, 8) takes
+    # both its blocks (cost 5 and 6), part 2 [8, 12) the second sequence's overhead and
+    # part 3 [12, 16) its block (cost 12).
+    assert scheduler.MIN_PAYLOAD == 4
     meta, num_splits = scheduler.plan_torch(torch.tensor([100, 10], dtype=torch.int32), 8)
     empty = [2, 0, 1, 0, 0, 0, 0, 0]
-    assert meta.tolist() == [[0, 0, 0, 2, 0, 0, 0, 0], [1, 0, 1, 1, 0, 0, 0, 0]] + [empty] * 6
+    assert meta.tolist() == [empty, [0, 0, 0, 2, 0, 0, 0, 0], empty, [1, 0, 1, 1, 0, 0, 0, 0]] + [empty] * 4
     assert num_splits.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "total,parts,batch,payload",
+    [(21, 132, 1, 4), (261, 132, 1, 9), (2068, 132, 4, 16), (168, 66, 8, 4), (17024, 132, 128, 129), (7, 132, 1, 4)],
+)
+def test_payload_fills_the_parts_or_balances_blocks_against_merges(total, parts, batch, payload):
+    # max(ceil(T / P), ceil(sqrt(ceil(T / 4b))), 4): b = 1 with 16 blocks (T = 21) takes
+    # 4 a part; with 256 blocks (T = 261), 9; larger batches fill the parts.
+    assert scheduler.payload_of(total, parts, batch) == payload
+
+
+@pytest.mark.parametrize("x", list(range(0, 200)) + [2**24 - 1, 2**24, 2**24 + 1, 2**31 - 1])
+def test_isqrt_ceil(x):
+    s = scheduler.isqrt_ceil(x)
+    assert s * s >= x and (s == 0 or (s - 1) * (s - 1) < x)
 
 
 def test_one_part_takes_everything():
@@ -172,7 +190,7 @@ def test_one_huge_sequence(num_parts):
     meta, num_splits = check_plan([length], num_parts)
     assert num_splits.tolist() == [0, num_parts]
     n = num_blocks([length])
-    payload = scheduler.payload_of(n[0] + F, num_parts)
+    payload = scheduler.payload_of(n[0] + F, num_parts, 1)
     sizes = [hi - lo for row in meta.tolist() for _, lo, hi in part_fragments(row, n)]
     assert len(sizes) == num_parts
     if num_parts > 1:

@@ -12,8 +12,8 @@ Cost model
 A block costs 1 and every sequence costs ``FIXED_OVERHEAD_BLOCKS`` more (its Q load,
 epilogue and, when split, its combine). Sequence ``i`` occupies the cost interval
 ``[C_i, C_i + F + n_i)`` where ``C_i`` is the exclusive prefix sum of ``F + n_j`` and the
-first ``F`` units are its overhead. With total cost ``T`` and ``payload = max(ceil(T /
-P), MIN_PAYLOAD)`` (``payload_of``), part ``p`` covers cost ``[p * payload, (p + 1) * payload)``; a cost point ``x`` inside
+first ``F`` units are its overhead. With total cost ``T`` and ``payload`` from
+``payload_of`` (at least ``ceil(T / P)``; more for small batches), part ``p`` covers cost ``[p * payload, (p + 1) * payload)``; a cost point ``x`` inside
 sequence ``i`` maps to block ``clamp(x - C_i - F, 0, n_i)`` of it. Every part therefore
 does at most ``payload`` blocks, and at most ``payload + F`` units of work counting one
 overhead per sequence fragment it touches. Each part is computed independently in closed
@@ -50,6 +50,8 @@ fragments in all.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 BLOCK_SIZE = 64
@@ -61,18 +63,33 @@ ROWS_PER_TILE = 64
 FIXED_OVERHEAD_BLOCKS = 5
 """Cost of one sequence fragment beyond its blocks, in units of one block."""
 
-MIN_PAYLOAD = FIXED_OVERHEAD_BLOCKS + 2
-"""Least cost a part is given. A sequence of up to 2 blocks is never split (its merge
-would cost more than the block it moves); longer ones of a small batch are cut into
-fragments of at most 7 blocks, which a lone CTA streams in about 10 us, and the merge of
-their many partial results is spread over many SMs (``kernels/combine.py``). Measured on
-an H100 (``benchmarks/plan_probe.py``): b = 1, 1024 tokens, h_q 16 takes 20.5 us per call
-with 7, 24.9 with 10 and 16.2 with 4, where 4 costs 10-20% at 16384 tokens."""
+MIN_PAYLOAD = 4
+"""Least cost a part is given. With the first ``FIXED_OVERHEAD_BLOCKS`` units of every
+sequence being overhead, a sequence of up to 2 blocks still lands whole in one part."""
+
+BLOCKS_PER_FRAGMENT_MERGE = 4
+"""Merging 4 more fragments of a sequence costs about as much as one more block on a
+part's critical path (a lone CTA streams a block in about 1.5 us; the combine kernel
+reads a fragment's partial rows on many SMs at once)."""
 
 
-def payload_of(total_cost: int, num_parts: int) -> int:
-    """Cost per part for a total cost ``T``: ``max(ceil(T / P), MIN_PAYLOAD)``."""
-    return max(-(-total_cost // num_parts), MIN_PAYLOAD)
+def isqrt_ceil(x: int) -> int:
+    """``ceil(sqrt(x))`` for ``x >= 0``, exactly."""
+    s = math.isqrt(x)
+    return s if s * s == x else s + 1
+
+
+def payload_of(total_cost: int, num_parts: int, batch: int) -> int:
+    """Cost per part for a total cost ``T`` of ``b`` sequences:
+    ``max(ceil(T / P), ceil(sqrt(ceil(T / (4 b)))), MIN_PAYLOAD)``.
+
+    The first term fills the ``P`` parts. When there is less work than that (small
+    batches), a part of payload ``p`` takes about ``p`` blocks and leaves each sequence
+    about ``(T / b) / p`` fragments to merge; ``p + (T / b) / (4 p)`` is least at
+    ``p = sqrt(T / (4 b))`` (``BLOCKS_PER_FRAGMENT_MERGE``). Measured on an H100,
+    b = 1 (``benchmarks/plan_probe.py``): 1024 tokens best at 4, 16384 at 8-10."""
+    per_sequence = -(-total_cost // (BLOCKS_PER_FRAGMENT_MERGE * max(batch, 1)))
+    return max(-(-total_cost // num_parts), isqrt_ceil(per_sequence), MIN_PAYLOAD)
 
 DEFAULT_NUM_SMS = 132
 """SM count assumed where there is no GPU to ask (an H100 SXM has 132)."""
@@ -125,7 +142,7 @@ def plan_torch(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
     cost_end = torch.cumsum(cost, 0)  # C_i + cost_i
     cost_begin = cost_end - cost  # C_i
     total = int(cost_end[-1]) if b > 0 else 0
-    payload = payload_of(total, num_parts)
+    payload = payload_of(total, num_parts, b)
 
     # Fragments of sequence i: 1 + the multiples of payload in [C_i + F + 1, C_i + F + n_i - 1].
     lo = cost_begin + F

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Int32
+from cutlass import Float32, Int32
 
 from ..scheduler import (
     BEGIN_BATCH,
     BEGIN_BLOCK,
     BEGIN_SPLIT,
     BLOCK_SIZE,
+    BLOCKS_PER_FRAGMENT_MERGE,
     END_BATCH,
     END_BLOCK,
     FIXED_OVERHEAD_BLOCKS,
@@ -48,6 +49,20 @@ class MlaMetadata:
         return cutlass.max((mSeqlens[i] + BLOCK_SIZE - 1) // BLOCK_SIZE, 1)
 
     @cute.jit
+    def payload(self, total: Int32, num_parts: Int32, b: Int32) -> Int32:
+        """``scheduler.payload_of``, with the same integer result."""
+        per_sequence = (total + BLOCKS_PER_FRAGMENT_MERGE * b - 1) // (BLOCKS_PER_FRAGMENT_MERGE * b)
+        # ceil(sqrt(x)) exactly: the float estimate is off by at most one either way.
+        root = Int32(cute.math.sqrt(Float32(per_sequence)))
+        if root * root < per_sequence:
+            root = root + 1
+        if (root - 1) * (root - 1) >= per_sequence:
+            root = root - 1
+        if root * root < per_sequence:
+            root = root + 1
+        return cutlass.max((total + num_parts - 1) // num_parts, root, MIN_PAYLOAD)
+
+    @cute.jit
     def write_empty(self, mMeta: cute.Tensor, p: Int32, b: Int32):
         mMeta[p, BEGIN_BATCH] = b
         mMeta[p, BEGIN_BLOCK] = 0
@@ -69,7 +84,7 @@ class MlaMetadata:
             if i < b:
                 total = total + self.num_blocks(mSeqlens, i) + F
         total = cute.arch.warp_reduction(total, lambda x, y: x + y)
-        payload = cutlass.max((total + num_parts - 1) // num_parts, MIN_PAYLOAD)  # scheduler.payload_of
+        payload = self.payload(total, num_parts, b)
 
         if lane == 0:
             mNumSplits[0] = 0
