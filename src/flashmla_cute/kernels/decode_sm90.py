@@ -48,11 +48,18 @@ Warp roles (384 threads):
   shared-memory K tile, read as an MN-major operand: K/V are loaded once.
 
 Shared memory: Q 72 KB + two K stages of 72 KB + row statistics.
+
+Where things are: ``produce`` is the producer warp; ``left_pair`` and ``right_pair`` are
+the two columns of the table above, ``finish_batch`` the epilogue (and the in-kernel
+merge), ``consume`` the loop over a part's batches and pairs that calls them. The K ring
+is ``kv_stages.KvStages``, the online-softmax steps are in ``softmax.py``, the named
+barriers in ``consumer_barriers.py``, the merge in ``combine.py``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cutlass
 import cutlass.cute as cute
@@ -61,7 +68,9 @@ from cutlass import Float32, Int32, Int64, const_expr, pipeline
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
-from . import utils
+from . import softmax, utils
+from ..scheduler import BEGIN_BATCH, BEGIN_SPLIT
+from .consumer_barriers import ConsumerBarriers
 from .kv_stages import NUM_STAGES, KvStages
 from .combine import DECODE_MERGE_ROWS_IN_FLIGHT, MAX_FRAGMENTS_MERGED_IN_DECODE, MlaCombine, merge_rows
 from .utils import accumulators, arrival_counters
@@ -73,17 +82,45 @@ THREADS = 128 * (1 + NUM_CONSUMER_WARPGROUPS)
 PRODUCER_REGS = 40
 CONSUMER_REGS = 232
 
-# Named barriers (0 is __syncthreads). The first four synchronize the two consumer
-# warpgroups (256 threads): one of them arrives, the other waits.
-BAR_LEFT_STATS = 1  # left -> right: m0, s0 and P0 are in shared memory
-BAR_RIGHT_STATS = 2  # right -> left: m1, s1 and P1 are in shared memory
-BAR_SUMS = 3  # both: row sums exchanged at the end of a batch
-BAR_WG_BASE = 4  # + consumer index: one consumer warpgroup (128 threads)
 ROPE_CHUNK = 8  # the K tile's 64-column chunk past the 512 value columns: holds P
 CHUNK = 64  # columns per TMA copy and per 128-byte swizzle atom
 
 # Row statistics in shared memory, each TILE_M floats.
 STAT_M0, STAT_S0, STAT_M1, STAT_S1, STAT_SUM_L, STAT_SUM_R = range(6)
+NUM_STATS = 6
+
+
+@dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
+class ConsumerTensors:
+    """What one consumer thread works with (``MlaDecodeSm90.consumer_tensors``)."""
+
+    tiled_mma_s: cute.TiledMma  # S = Q K^T
+    tiled_mma_o_rs: cute.TiledMma  # O += P V, P from registers (this consumer's)
+    tiled_mma_o_ss: cute.TiledMma  # O += P V, P from shared memory (the other's)
+    sK: cute.Tensor  # the K stages
+    tSrQ: cute.Tensor
+    tSrK: cute.Tensor
+    tOrV_rs: cute.Tensor
+    tOrV_ss: cute.Tensor
+    tOrP_ss: cute.Tensor
+    acc_s: cute.Tensor  # S of the current block, then P
+    acc_o: cute.Tensor  # this consumer's 64 x 256 half of O
+    s_rc: cute.Tensor  # acc_s as (row, column) of this thread
+    o_rc: cute.Tensor
+    coord_s: cute.Tensor  # (row, column) in the tile of each of those
+    coord_o: cute.Tensor
+    p_regs: cute.Tensor  # P in the input dtype
+    p_operand: cute.Tensor  # p_regs as the A operand of P V
+    p_store: object  # stmatrix copy of P into shared memory
+    tPsP: cute.Tensor
+    stats: cute.Tensor  # (TILE_M, NUM_STATS) row statistics shared by the consumers
+    row_max: cute.Tensor  # the running maximum m of each of this thread's rows
+    row_sum: cute.Tensor  # this consumer's share of each row's sum
+    row_limit: cute.Tensor  # each row's first key it may not see
+    block_max: cute.Tensor  # right consumer: the max of S1's rows
+    next_scale: cute.Tensor  # right consumer: s1, applied after P0 V0_R
+    wg_tidx: object  # thread index in the warpgroup
+    lane_writes_row: object  # the thread of its quad that writes row statistics
 
 
 class MlaDecodeSm90:
@@ -183,7 +220,7 @@ class MlaDecodeSm90:
         class SharedStorage:
             kv_mbar: cute.struct.MemRange[Int64, KvStages.barrier_count(self.kv_groups)]
             q_mbar: cute.struct.MemRange[Int64, 2]
-            stats: cute.struct.MemRange[Float32, 6 * TILE_M]
+            stats: cute.struct.MemRange[Float32, NUM_STATS * TILE_M]
             last_fragment: cute.struct.MemRange[Int32, 1]  # this CTA merges the sequence
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
@@ -381,21 +418,11 @@ class MlaDecodeSm90:
         return pipeline.PipelineState(NUM_STAGES, count, count % NUM_STAGES, (count // NUM_STAGES) % 2)
 
     @cute.jit
-    def consume(
-        self, wg: cutlass.Constexpr, wg_tidx: Int32, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
-        kv, q_pipe, mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, mCounters,
-        softmax_scale, heads_per_kv, part, kv_head, m_tile,
-    ):
-        """One consumer warpgroup: ``wg`` 0 is the left one, 1 the right one."""
-        table_tokens = mBlockTable.shape[1] * BLOCK_N
-        begin_batch, begin_block, end_batch, end_block, begin_split = (mMeta[part, i] for i in range(5))
-        dtype = self.dtype
+    def consumer_tensors(self, wg: cutlass.Constexpr, wg_tidx: Int32, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss,
+                         sQ, sK, storage) -> "ConsumerTensors":
+        """This consumer thread's MMA fragments, shared-memory views and row state."""
         dv_per_wg = self.dv_per_wg
-        rows_per_kv = mOAccum.shape[2]
-        s_q = rows_per_kv // heads_per_kv
-        scale_log2 = softmax_scale * math.log2(math.e)
         stage_elems = BLOCK_N * self.head_dim
-
         # V: this consumer's output columns of every K stage (64-column chunks
         # 4 wg .. 4 wg + 3) as an MN-major operand: N = column, K = token.
         sV_mine = cute.make_tensor(
@@ -414,62 +441,82 @@ class MlaDecodeSm90:
                 stride=((64, 512), (1, 0), (0, stage_elems)),
             ),
         )
-
         thr_mma_s = tiled_mma_s.get_slice(wg_tidx)
         thr_mma_rs = tiled_mma_o_rs.get_slice(wg_tidx)
         thr_mma_ss = tiled_mma_o_ss.get_slice(wg_tidx)
-        tSrQ = thr_mma_s.make_fragment_A(thr_mma_s.partition_A(sQ))
-        tSrK = thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sK))
-        tOrV_rs = thr_mma_rs.make_fragment_B(thr_mma_rs.partition_B(sV_mine))
-        tOrV_ss = thr_mma_ss.make_fragment_B(thr_mma_ss.partition_B(sV_mine))
-        tOrP_ss = thr_mma_ss.make_fragment_A(thr_mma_ss.partition_A(sP))
         acc_s = thr_mma_s.make_fragment_C(thr_mma_s.partition_shape_C((TILE_M, BLOCK_N)))
         acc_o = thr_mma_rs.make_fragment_C(thr_mma_rs.partition_shape_C((TILE_M, dv_per_wg)))
         s_rc = utils.acc_as_rows_cols(acc_s)
-        o_rc = utils.acc_as_rows_cols(acc_o)
-        coord_s = utils.acc_as_rows_cols(thr_mma_s.partition_C(cute.make_identity_tensor((TILE_M, BLOCK_N))))
-        coord_o = utils.acc_as_rows_cols(thr_mma_rs.partition_C(cute.make_identity_tensor((TILE_M, dv_per_wg))))
         num_rows = cute.size(s_rc, mode=[0])
         # This consumer's P, in the input dtype, as the register A operand of P V.
-        p_regs = cute.make_rmem_tensor_like(acc_s, dtype)
-        p_operand = cute.make_tensor(p_regs.iterator, utils.acc_as_operand_a(acc_s.layout))
+        p_regs = cute.make_rmem_tensor_like(acc_s, self.dtype)
         p_store = cute.make_tiled_copy_C(
-            cute.make_copy_atom(warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), dtype), tiled_mma_s
+            cute.make_copy_atom(warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype), tiled_mma_s
         ).get_slice(wg_tidx)
-        tPsP = p_store.partition_D(sP)
+        return ConsumerTensors(
+            tiled_mma_s=tiled_mma_s,
+            tiled_mma_o_rs=tiled_mma_o_rs,
+            tiled_mma_o_ss=tiled_mma_o_ss,
+            sK=sK,
+            tSrQ=thr_mma_s.make_fragment_A(thr_mma_s.partition_A(sQ)),
+            tSrK=thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sK)),
+            tOrV_rs=thr_mma_rs.make_fragment_B(thr_mma_rs.partition_B(sV_mine)),
+            tOrV_ss=thr_mma_ss.make_fragment_B(thr_mma_ss.partition_B(sV_mine)),
+            tOrP_ss=thr_mma_ss.make_fragment_A(thr_mma_ss.partition_A(sP)),
+            acc_s=acc_s,
+            acc_o=acc_o,
+            s_rc=s_rc,
+            o_rc=utils.acc_as_rows_cols(acc_o),
+            coord_s=utils.acc_as_rows_cols(thr_mma_s.partition_C(cute.make_identity_tensor((TILE_M, BLOCK_N)))),
+            coord_o=utils.acc_as_rows_cols(thr_mma_rs.partition_C(cute.make_identity_tensor((TILE_M, dv_per_wg)))),
+            p_regs=p_regs,
+            p_operand=cute.make_tensor(p_regs.iterator, utils.acc_as_operand_a(acc_s.layout)),
+            p_store=p_store,
+            tPsP=p_store.partition_D(sP),
+            stats=storage.stats.get_tensor(cute.make_layout((TILE_M, NUM_STATS), stride=(1, TILE_M))),
+            row_max=cute.make_rmem_tensor((num_rows,), Float32),
+            row_sum=cute.make_rmem_tensor((num_rows,), Float32),
+            row_limit=cute.make_rmem_tensor((num_rows,), Int32),
+            block_max=cute.make_rmem_tensor((num_rows,), Float32),
+            next_scale=cute.make_rmem_tensor((num_rows,), Float32),
+            wg_tidx=wg_tidx,
+            lane_writes_row=wg_tidx % 4 == 0,
+        )
 
-        stats = storage.stats.get_tensor(cute.make_layout((TILE_M, 6), stride=(1, TILE_M)))
-        lane_writes_row = wg_tidx % 4 == 0
-        my_warpgroup = pipeline.NamedBarrier(barrier_id=BAR_WG_BASE + wg, num_threads=128)
-        left_stats = pipeline.NamedBarrier(barrier_id=BAR_LEFT_STATS, num_threads=256)
-        right_stats = pipeline.NamedBarrier(barrier_id=BAR_RIGHT_STATS, num_threads=256)
-        sums = pipeline.NamedBarrier(barrier_id=BAR_SUMS, num_threads=256)
-
+    @cute.jit
+    def consume(
+        self, wg: cutlass.Constexpr, wg_tidx: Int32, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
+        kv, q_pipe, mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, mCounters,
+        softmax_scale, heads_per_kv, part, kv_head, m_tile,
+    ):
+        """One consumer warpgroup (``wg`` 0 the left one, 1 the right one): for each
+        batch of the part's range, the pairs of blocks (``left_pair`` / ``right_pair``,
+        the schedule table of the module docstring), then ``finish_batch``."""
+        begin_batch, begin_block, end_batch, end_block = (mMeta[part, i] for i in range(4))
+        rows_per_kv = mOAccum.shape[2]
+        s_q = rows_per_kv // heads_per_kv
+        scale_log2 = softmax_scale * math.log2(math.e)
+        t = self.consumer_tensors(wg, wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage)
+        bars = ConsumerBarriers.create(wg)
+        num_rows = cute.size(t.s_rc, mode=[0])
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
-        row_max = cute.make_rmem_tensor((num_rows,), Float32)  # the running maximum m
-        row_sum = cute.make_rmem_tensor((num_rows,), Float32)  # this consumer's share of the sum
-        row_limit = cute.make_rmem_tensor((num_rows,), Int32)
-        block_max = cute.make_rmem_tensor((num_rows,), Float32)
-        next_scale = cute.make_rmem_tensor((num_rows,), Float32)
         tiles_seen = Int32(0)
 
         for batch in cutlass.range(begin_batch, end_batch + 1, unroll=1):
             seqlen, first, last = self.blocks_of(mSeqlens, mBlockTable, batch, begin_batch, begin_block, end_batch, end_block)
             # Per-row limit on visible kv positions (causal: query token s sees < seqlen - (s_q - 1 - s)).
             for i in cutlass.range_constexpr(num_rows):
-                row = m_tile * TILE_M + coord_s[i, 0][0]
+                row = m_tile * TILE_M + t.coord_s[i, 0][0]
                 limit = seqlen
                 if const_expr(self.causal):
                     limit = cutlass.min(seqlen - (s_q - 1 - row // heads_per_kv), seqlen)
-                row_limit[i] = limit
-                row_max[i] = -Float32.inf
-                row_sum[i] = 0.0
-            acc_o.fill(0.0)
+                t.row_limit[i] = limit
+                t.row_max[i] = -Float32.inf
+                t.row_sum[i] = 0.0
+            t.acc_o.fill(0.0)
             mask_from = seqlen  # blocks reaching past this need masking for some row
             if const_expr(self.causal):
                 mask_from = seqlen - (s_q - 1)
-            scores = (tiled_mma_s, acc_s, s_rc, tSrQ, tSrK, sK, coord_s, row_limit, seqlen, mask_from,
-                      wg_tidx, my_warpgroup)
 
             q_pipe.consumer_wait(q_state)
             for pair in cutlass.range(first, last, 2, unroll=1):
@@ -477,143 +524,172 @@ class MlaDecodeSm90:
                 first_state = self.kv_stage(tiles_seen)
                 second_state = self.kv_stage(tiles_seen + 1)
                 if const_expr(wg == 0):
-                    # ---- left: S0, P0 V0_L, then P1 V1_L --------------------------------
-                    self.block_scores(pair, first_state, kv, *scores)
-                    for i in cutlass.range_constexpr(num_rows):
-                        m0 = cute.arch.fmax(row_max[i], self.quad_row_max(s_rc, i))
-                        m0_scaled = self.scaled_max(m0, scale_log2)
-                        s0 = cute.math.exp2(row_max[i] * scale_log2 - m0_scaled, fastmath=True)
-                        row_sum[i] = row_sum[i] * s0 + self.exponentiate_row(s_rc, i, scale_log2, m0_scaled)
-                        if lane_writes_row:
-                            stats[coord_s[i, 0][0], STAT_M0] = m0
-                            stats[coord_s[i, 0][0], STAT_S0] = s0
-                        self.rescale_row(o_rc, i, s0)
-                    # P0 (relative to m0) to the rope chunk of its stage, with m0 and s0,
-                    # for the right consumer: it needs nothing else from this pair.
-                    p_regs.store(acc_s.load().to(dtype))
-                    cute.copy(p_store, p_store.retile(p_regs), tPsP[None, None, None, first_state.index])
-                    cute.arch.fence_view_async_shared()
-                    left_stats.arrive()
-                    kv.release(first_state, self.hi)
-                    warpgroup.fence()
-                    self.pv(tiled_mma_o_rs, acc_o, p_operand, None, tOrV_rs, first_state.index)
-                    warpgroup.commit_group()
-
-                    right_stats.arrive_and_wait()
-                    warpgroup.wait_group(0)
-                    kv.release(first_state, self.lo)  # V0_L read: the next block's lo may load
-                    for i in cutlass.range_constexpr(num_rows):
-                        r = coord_s[i, 0][0]
-                        s1 = stats[r, STAT_S1]
-                        row_max[i] = stats[r, STAT_M1]
-                        row_sum[i] = row_sum[i] * s1
-                        self.rescale_row(o_rc, i, s1)
-                    if has_second:
-                        kv.wait(second_state, self.all_chunks)
-                        warpgroup.fence()
-                        self.pv(tiled_mma_o_ss, acc_o, tOrP_ss, second_state.index, tOrV_ss, second_state.index)
-                        warpgroup.commit_group()
-                        warpgroup.wait_group(0)
-                        kv.release(second_state, self.all_chunks)
+                    self.left_pair(t, bars, kv, pair, first_state, second_state, has_second, seqlen, mask_from,
+                                   scale_log2)
                 else:
-                    # ---- right: S1, then P0 V0_R, then P1 V1_R ---------------------------
-                    for i in cutlass.range_constexpr(num_rows):
-                        block_max[i] = -Float32.inf
-                    if has_second:
-                        self.block_scores(pair + 1, second_state, kv, *scores)
-                        kv.release(second_state, self.lo)  # the left consumer still reads V1_L
-                        for i in cutlass.range_constexpr(num_rows):
-                            block_max[i] = self.quad_row_max(s_rc, i)
-                    left_stats.arrive_and_wait()
-                    # This consumer never reads lo of the first block: release it at once.
-                    kv.wait(first_state, self.lo)
-                    kv.release(first_state, self.lo)
-                    for i in cutlass.range_constexpr(num_rows):
-                        r = coord_s[i, 0][0]
-                        m0 = stats[r, STAT_M0]
-                        s0 = stats[r, STAT_S0]
-                        m1 = cute.arch.fmax(m0, block_max[i])
-                        m1_scaled = self.scaled_max(m1, scale_log2)
-                        s1 = cute.math.exp2(m0 * scale_log2 - m1_scaled, fastmath=True)
-                        row_sum[i] = row_sum[i] * (s0 * s1)
-                        if has_second:
-                            row_sum[i] = row_sum[i] + self.exponentiate_row(s_rc, i, scale_log2, m1_scaled)
-                        if lane_writes_row:
-                            stats[r, STAT_M1] = m1
-                            stats[r, STAT_S1] = s1
-                        row_max[i] = m1
-                        next_scale[i] = s1
-                        self.rescale_row(o_rc, i, s0)
-                    if has_second:
-                        # P1 to the rope chunk of its stage for the left consumer.
-                        p_regs.store(acc_s.load().to(dtype))
-                        cute.copy(p_store, p_store.retile(p_regs), tPsP[None, None, None, second_state.index])
-                        cute.arch.fence_view_async_shared()
-                    right_stats.arrive()
-                    # O_R = (O_R s0 + P0 V0_R) s1 + P1 V1_R: P0 is still relative to m0.
-                    kv.wait(first_state, self.hi)
-                    warpgroup.fence()
-                    self.pv(tiled_mma_o_ss, acc_o, tOrP_ss, first_state.index, tOrV_ss, first_state.index)
-                    warpgroup.commit_group()
-                    warpgroup.wait_group(0)
-                    kv.release(first_state, self.hi)
-                    for i in cutlass.range_constexpr(num_rows):
-                        self.rescale_row(o_rc, i, next_scale[i])
-                    if has_second:
-                        warpgroup.fence()
-                        self.pv(tiled_mma_o_rs, acc_o, p_operand, None, tOrV_rs, second_state.index)
-                        warpgroup.commit_group()
-                        warpgroup.wait_group(0)
-                        kv.release(second_state, self.hi)
+                    self.right_pair(t, bars, kv, pair, first_state, second_state, has_second, seqlen, mask_from,
+                                    scale_log2)
                 tiles_seen = tiles_seen + cutlass.min(last - pair, 2)
             q_pipe.consumer_release(q_state)
             q_state.advance()
+            self.finish_batch(wg, t, bars, storage, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum,
+                              mCounters, softmax_scale, heads_per_kv, part, kv_head, m_tile, batch, seqlen)
 
-            # Epilogue: total row sums (each consumer summed its own blocks), normalize, store.
+    @cute.jit
+    def left_pair(self, t, bars, kv, pair, first_state, second_state, has_second, seqlen, mask_from, scale_log2):
+        """The left consumer's part of a pair of blocks (K0, K1): ``S0 = Q K0^T``; the
+        softmax of S0 against the running maximum (m0, s0, P0 to the right consumer);
+        ``O_L = O_L s0 + P0 V0_L``; then, with m1 and s1 from the right consumer,
+        ``O_L = O_L s1 + P1 V1_L``."""
+        num_rows = cute.size(t.s_rc, mode=[0])
+        self.block_scores(pair, first_state, kv, t, bars, seqlen, mask_from)
+        for i in cutlass.range_constexpr(num_rows):
+            m0 = cute.arch.fmax(t.row_max[i], softmax.row_max(t.s_rc, i))
+            m0_scaled = softmax.scaled_max(m0, scale_log2)
+            s0 = softmax.rescale_factor(t.row_max[i], m0_scaled, scale_log2)
+            t.row_sum[i] = t.row_sum[i] * s0 + softmax.exponentiate_row(t.s_rc, i, scale_log2, m0_scaled)
+            if t.lane_writes_row:
+                t.stats[t.coord_s[i, 0][0], STAT_M0] = m0
+                t.stats[t.coord_s[i, 0][0], STAT_S0] = s0
+            softmax.rescale_row(t.o_rc, i, s0)
+        # P0 (relative to m0) to the rope chunk of its stage, with m0 and s0, for the
+        # right consumer: it needs nothing else from this pair.
+        self.share_p(t, first_state)
+        bars.left_stats.arrive()
+        kv.release(first_state, self.hi)
+        warpgroup.fence()
+        self.pv(t.tiled_mma_o_rs, t.acc_o, t.p_operand, None, t.tOrV_rs, first_state.index)
+        warpgroup.commit_group()
+
+        bars.right_stats.arrive_and_wait()
+        warpgroup.wait_group(0)
+        kv.release(first_state, self.lo)  # V0_L read: the next block's lo may load
+        for i in cutlass.range_constexpr(num_rows):
+            r = t.coord_s[i, 0][0]
+            s1 = t.stats[r, STAT_S1]
+            t.row_max[i] = t.stats[r, STAT_M1]
+            t.row_sum[i] = t.row_sum[i] * s1
+            softmax.rescale_row(t.o_rc, i, s1)
+        if has_second:
+            kv.wait(second_state, self.all_chunks)
+            warpgroup.fence()
+            self.pv(t.tiled_mma_o_ss, t.acc_o, t.tOrP_ss, second_state.index, t.tOrV_ss, second_state.index)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            kv.release(second_state, self.all_chunks)
+
+    @cute.jit
+    def right_pair(self, t, bars, kv, pair, first_state, second_state, has_second, seqlen, mask_from, scale_log2):
+        """The right consumer's part of a pair of blocks (K0, K1): ``S1 = Q K1^T``; with
+        m0 and s0 from the left consumer, the softmax of S1 (m1, s1, P1 to the left
+        consumer); ``O_R = (O_R s0 + P0 V0_R) s1 + P1 V1_R``, P0 still relative to m0."""
+        num_rows = cute.size(t.s_rc, mode=[0])
+        for i in cutlass.range_constexpr(num_rows):
+            t.block_max[i] = -Float32.inf
+        if has_second:
+            self.block_scores(pair + 1, second_state, kv, t, bars, seqlen, mask_from)
+            kv.release(second_state, self.lo)  # the left consumer still reads V1_L
             for i in cutlass.range_constexpr(num_rows):
-                total = utils.quad_sum(row_sum[i])
-                if lane_writes_row:
-                    stats[coord_s[i, 0][0], STAT_SUM_L + wg] = total
-            sums.arrive_and_wait()
-            num_frags = mNumSplits[batch + 1] - mNumSplits[batch]
-            split_idx = mNumSplits[batch]
-            if batch == begin_batch:
-                split_idx = split_idx + begin_split
-            for i in cutlass.range_constexpr(num_rows):
-                r = coord_s[i, 0][0]
-                row = m_tile * TILE_M + r
-                total = stats[r, STAT_SUM_L] + stats[r, STAT_SUM_R]
-                inv = Float32(0.0)
-                lse = -Float32.inf
-                if total > 0.0:
-                    inv = cute.arch.rcp_approx(total)
-                    lse = row_max[i] * softmax_scale + cute.math.log(total, fastmath=False)
-                if seqlen > table_tokens:
-                    inv = Float32.nan
-                    lse = Float32.nan
-                if row < rows_per_kv:
-                    if num_frags == 1:
-                        if total == 0.0:
-                            lse = Float32.inf  # no visible key: FlashMLA's convention
-                        s = row // heads_per_kv
-                        head = kv_head * heads_per_kv + (row - s * heads_per_kv)
-                        self.store_row(o_rc, coord_o, i, inv, mO[batch, s, head, None], wg * dv_per_wg, dtype)
-                        if wg == 0 and lane_writes_row:
-                            mLse[batch, head, s] = lse
-                    else:
-                        self.store_row(
-                            o_rc, coord_o, i, inv, mOAccum[split_idx, kv_head, row, None], wg * dv_per_wg, Float32
-                        )
-                        if wg == 0 and lane_writes_row:
-                            mLseAccum[split_idx, kv_head, row] = lse
-            merged_here = num_frags > 1 and num_frags <= MAX_FRAGMENTS_MERGED_IN_DECODE
-            if merged_here:
-                cute.arch.fence_acq_rel_gpu()  # this thread's partial, before the arrival below
-            # Nobody may overwrite the sums before both consumers read them.
-            sums.arrive_and_wait()
-            if merged_here:
-                self.merge_if_last(wg, wg_tidx, storage, sums, mNumSplits, mO, mLse, mOAccum, mLseAccum, mCounters,
-                                   heads_per_kv, batch, kv_head, m_tile, num_frags)
+                t.block_max[i] = softmax.row_max(t.s_rc, i)
+        bars.left_stats.arrive_and_wait()
+        # This consumer never reads lo of the first block: release it at once.
+        kv.wait(first_state, self.lo)
+        kv.release(first_state, self.lo)
+        for i in cutlass.range_constexpr(num_rows):
+            r = t.coord_s[i, 0][0]
+            m0 = t.stats[r, STAT_M0]
+            s0 = t.stats[r, STAT_S0]
+            m1 = cute.arch.fmax(m0, t.block_max[i])
+            m1_scaled = softmax.scaled_max(m1, scale_log2)
+            s1 = softmax.rescale_factor(m0, m1_scaled, scale_log2)
+            t.row_sum[i] = t.row_sum[i] * (s0 * s1)
+            if has_second:
+                t.row_sum[i] = t.row_sum[i] + softmax.exponentiate_row(t.s_rc, i, scale_log2, m1_scaled)
+            if t.lane_writes_row:
+                t.stats[r, STAT_M1] = m1
+                t.stats[r, STAT_S1] = s1
+            t.row_max[i] = m1
+            t.next_scale[i] = s1
+            softmax.rescale_row(t.o_rc, i, s0)
+        if has_second:
+            self.share_p(t, second_state)  # P1 for the left consumer
+        bars.right_stats.arrive()
+        kv.wait(first_state, self.hi)
+        warpgroup.fence()
+        self.pv(t.tiled_mma_o_ss, t.acc_o, t.tOrP_ss, first_state.index, t.tOrV_ss, first_state.index)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+        kv.release(first_state, self.hi)
+        for i in cutlass.range_constexpr(num_rows):
+            softmax.rescale_row(t.o_rc, i, t.next_scale[i])
+        if has_second:
+            warpgroup.fence()
+            self.pv(t.tiled_mma_o_rs, t.acc_o, t.p_operand, None, t.tOrV_rs, second_state.index)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            kv.release(second_state, self.hi)
+
+    @cute.jit
+    def share_p(self, t, state):
+        """This consumer's P (in the input dtype, also kept in registers for its own
+        P V) into the rope chunk of ``state``'s stage, for the other consumer."""
+        t.p_regs.store(t.acc_s.load().to(self.dtype))
+        cute.copy(t.p_store, t.p_store.retile(t.p_regs), t.tPsP[None, None, None, state.index])
+        cute.arch.fence_view_async_shared()
+
+    @cute.jit
+    def finish_batch(self, wg: cutlass.Constexpr, t, bars, storage, mBlockTable, mMeta, mNumSplits, mO, mLse,
+                     mOAccum, mLseAccum, mCounters, softmax_scale, heads_per_kv, part, kv_head, m_tile, batch, seqlen):
+        """The batch's epilogue: total row sums (each consumer summed its own blocks),
+        normalize, store the output (or the fragment's fp32 partial), and merge the
+        sequence here when this CTA's fragment is its last to arrive."""
+        num_rows = cute.size(t.s_rc, mode=[0])
+        rows_per_kv = mOAccum.shape[2]
+        table_tokens = mBlockTable.shape[1] * BLOCK_N
+        for i in cutlass.range_constexpr(num_rows):
+            total = utils.quad_sum(t.row_sum[i])
+            if t.lane_writes_row:
+                t.stats[t.coord_s[i, 0][0], STAT_SUM_L + wg] = total
+        bars.sums.arrive_and_wait()
+        num_frags = mNumSplits[batch + 1] - mNumSplits[batch]
+        split_idx = mNumSplits[batch]
+        if batch == mMeta[part, BEGIN_BATCH]:
+            split_idx = split_idx + mMeta[part, BEGIN_SPLIT]
+        for i in cutlass.range_constexpr(num_rows):
+            r = t.coord_s[i, 0][0]
+            row = m_tile * TILE_M + r
+            total = t.stats[r, STAT_SUM_L] + t.stats[r, STAT_SUM_R]
+            inv = Float32(0.0)
+            lse = -Float32.inf
+            if total > 0.0:
+                inv = cute.arch.rcp_approx(total)
+                lse = t.row_max[i] * softmax_scale + cute.math.log(total, fastmath=False)
+            if seqlen > table_tokens:
+                inv = Float32.nan
+                lse = Float32.nan
+            if row < rows_per_kv:
+                if num_frags == 1:
+                    if total == 0.0:
+                        lse = Float32.inf  # no visible key: FlashMLA's convention
+                    s = row // heads_per_kv
+                    head = kv_head * heads_per_kv + (row - s * heads_per_kv)
+                    self.store_row(t.o_rc, t.coord_o, i, inv, mO[batch, s, head, None], wg * self.dv_per_wg,
+                                   self.dtype)
+                    if wg == 0 and t.lane_writes_row:
+                        mLse[batch, head, s] = lse
+                else:
+                    self.store_row(t.o_rc, t.coord_o, i, inv, mOAccum[split_idx, kv_head, row, None],
+                                   wg * self.dv_per_wg, Float32)
+                    if wg == 0 and t.lane_writes_row:
+                        mLseAccum[split_idx, kv_head, row] = lse
+        merged_here = num_frags > 1 and num_frags <= MAX_FRAGMENTS_MERGED_IN_DECODE
+        if merged_here:
+            cute.arch.fence_acq_rel_gpu()  # this thread's partial, before the arrival below
+        # Nobody may overwrite the sums before both consumers read them.
+        bars.sums.arrive_and_wait()
+        if merged_here:
+            self.merge_if_last(wg, t.wg_tidx, storage, bars.sums, mNumSplits, mO, mLse, mOAccum, mLseAccum,
+                               mCounters, heads_per_kv, batch, kv_head, m_tile, num_frags)
 
     @cute.jit
     def merge_if_last(self, wg: cutlass.Constexpr, wg_tidx, storage, consumers, mNumSplits, mO, mLse, mOAccum,
@@ -663,33 +739,29 @@ class MlaDecodeSm90:
             cute.autovec_copy(pair, cute.local_tile(dst_row, (2,), (col // 2,)))
 
     @cute.jit
-    def block_scores(self, block, state, kv, tiled_mma_s, acc_s, s_rc, tSrQ, tSrK, sK, coord_s,
-                     row_limit, seqlen, mask_from, wg_tidx, my_warpgroup):
-        """``S = Q K^T`` of one block into ``acc_s``, with keys a row may not see at -inf.
-        Each chunk's k-steps are issued as soon as that chunk has landed."""
+    def block_scores(self, block, state, kv, t, bars, seqlen, mask_from):
+        """``S = Q K^T`` of one block into ``t.acc_s``, with keys a row may not see at
+        -inf. Each chunk's k-steps are issued as soon as that chunk has landed."""
         stage = state.index
         block_start = block * BLOCK_N
         if block_start + BLOCK_N > seqlen:
             # Cache slots past the sequence end hold anything (NaN in the tests): zero
             # them, so that 0 * slot cannot poison O through P V.
             kv.wait(state, self.all_chunks)
-            self.zero_tail_rows(sK, stage, seqlen - block_start, wg_tidx)
+            self.zero_tail_rows(t.sK, stage, seqlen - block_start, t.wg_tidx)
             cute.arch.fence_view_async_shared()
-            my_warpgroup.arrive_and_wait()
-        acc_s.fill(0.0)
+            bars.mine.arrive_and_wait()
+        t.acc_s.fill(0.0)
         warpgroup.fence()
         steps_per_chunk = CHUNK // 16
         for c in cutlass.range_constexpr(self.k_chunks):
             kv.wait(state, range(c, c + 1))
             for k in cutlass.range_constexpr(c * steps_per_chunk, (c + 1) * steps_per_chunk):
-                cute.gemm(tiled_mma_s, acc_s, tSrQ[None, None, k, 0], tSrK[None, None, k, stage], acc_s)
+                cute.gemm(t.tiled_mma_s, t.acc_s, t.tSrQ[None, None, k, 0], t.tSrK[None, None, k, stage], t.acc_s)
         warpgroup.commit_group()
         warpgroup.wait_group(0)
         if block_start + BLOCK_N > mask_from:
-            for i in cutlass.range_constexpr(cute.size(s_rc, mode=[0])):
-                for j in cutlass.range_constexpr(cute.size(s_rc, mode=[1])):
-                    if block_start + coord_s[i, j][1] >= row_limit[i]:
-                        s_rc[i, j] = -Float32.inf
+            softmax.mask_scores(t.s_rc, t.coord_s, block_start, t.row_limit)
 
     @cute.jit
     def pv(self, tiled_mma, acc_o, p, p_stage, tOrV, v_stage):
@@ -701,45 +773,6 @@ class MlaDecodeSm90:
             else:
                 a = p[None, None, k, p_stage]
             cute.gemm(tiled_mma, acc_o, a, tOrV[None, None, k, v_stage], acc_o)
-
-    @staticmethod
-    @cute.jit
-    def quad_row_max(s_rc: cute.Tensor, i: cutlass.Constexpr) -> Float32:
-        m = s_rc[i, 0]
-        for j in cutlass.range_constexpr(1, cute.size(s_rc, mode=[1])):
-            m = cute.arch.fmax(m, s_rc[i, j])
-        return utils.quad_max(m)
-
-    @staticmethod
-    @cute.jit
-    def scaled_max(m: Float32, scale_log2: Float32) -> Float32:
-        """``m * scale_log2``, or 0 for a row that has seen no key yet (avoids inf - inf)."""
-        scaled = m * scale_log2
-        if m == -Float32.inf:
-            scaled = Float32(0.0)
-        return scaled
-
-    @staticmethod
-    @cute.jit
-    def exponentiate_row(s_rc: cute.Tensor, i: cutlass.Constexpr, scale_log2: Float32, m_scaled: Float32) -> Float32:
-        """``S[i, :] = exp2(S[i, :] * scale_log2 - m_scaled)`` in place; returns this
-        thread's part of the row sum."""
-        total = Float32(0.0)
-        for j in cutlass.range_constexpr(cute.size(s_rc, mode=[1])):
-            p = cute.math.exp2(s_rc[i, j] * scale_log2 - m_scaled, fastmath=True)
-            s_rc[i, j] = p
-            total = total + p
-        return total
-
-    @staticmethod
-    @cute.jit
-    def rescale_row(o_rc: cute.Tensor, i: cutlass.Constexpr, factor: Float32):
-        # Once the running maximum settles, factors are exactly 1: skip the multiplies,
-        # where the whole warp may (a warp-uniform branch: the barriers and MMAs that
-        # follow need the warp converged).
-        if cute.arch.vote_any_sync(factor != 1.0):
-            for j in cutlass.range_constexpr(cute.size(o_rc, mode=[1])):
-                o_rc[i, j] = o_rc[i, j] * factor
 
     @cute.jit
     def zero_tail_rows(self, sK: cute.Tensor, stage: Int32, first_invalid: Int32, wg_tidx: Int32):

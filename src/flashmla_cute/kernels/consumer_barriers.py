@@ -1,0 +1,36 @@
+"""The named barriers the decode kernel's two consumer warpgroups share (0 is the CTA's
+``__syncthreads``). Each pair barrier counts both warpgroups (256 threads): in the
+row-statistics exchanges one side arrives and the other waits; the row sums (and the
+in-kernel merge) make both wait."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cutlass import pipeline
+
+CONSUMER_THREADS = 256  # the two consumer warpgroups
+WARPGROUP_THREADS = 128
+
+LEFT_STATS = 1  # left -> right: m0, s0 and P0 are in shared memory
+RIGHT_STATS = 2  # right -> left: m1, s1 and P1 are in shared memory
+SUMS = 3  # both: a batch's row sums (and the in-kernel merge's steps)
+WARPGROUP_BASE = 4  # + consumer index: one consumer warpgroup alone
+
+
+@dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
+class ConsumerBarriers:
+    mine: pipeline.NamedBarrier  # this consumer warpgroup alone
+    left_stats: pipeline.NamedBarrier
+    right_stats: pipeline.NamedBarrier
+    sums: pipeline.NamedBarrier
+
+    @staticmethod
+    def create(consumer: int) -> "ConsumerBarriers":
+        """The barriers as consumer ``consumer`` (0 left, 1 right) uses them."""
+        return ConsumerBarriers(
+            mine=pipeline.NamedBarrier(barrier_id=WARPGROUP_BASE + consumer, num_threads=WARPGROUP_THREADS),
+            left_stats=pipeline.NamedBarrier(barrier_id=LEFT_STATS, num_threads=CONSUMER_THREADS),
+            right_stats=pipeline.NamedBarrier(barrier_id=RIGHT_STATS, num_threads=CONSUMER_THREADS),
+            sums=pipeline.NamedBarrier(barrier_id=SUMS, num_threads=CONSUMER_THREADS),
+        )
