@@ -142,12 +142,12 @@ def import_package():
     return flashmla_cute
 
 
-def import_peers(wanted: bool) -> dict:
-    """The FlashMLA modules that import here, by name; says which do not and why."""
+def import_peers(wanted: bool, names=tuple(PEER_LABELS)) -> dict:
+    """The FlashMLA modules of ``names`` that import here, by name; says which do not and why."""
     peers = {}
     if not wanted:
         return peers
-    for name in PEER_LABELS:
+    for name in names:
         try:
             peers[name] = importlib.import_module(name)
         except Exception as error:  # not built, or built for another torch: leave it out
@@ -205,6 +205,19 @@ class Timer:
             ends[i].record()
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def no_hopper_reason(script: str) -> str | None:
+    """Why ``script`` cannot run here (no CUDA GPU, or not a Hopper one), or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"{script} needs a CUDA GPU (Hopper, sm_90): torch.cuda.is_available() is False."
+    cap = torch.cuda.get_device_capability()
+    if cap != (9, 0):
+        return (f"{script} needs a Hopper (sm_90) GPU; found {torch.cuda.get_device_name()} "
+                f"(compute capability {cap[0]}.{cap[1]}).")
+    return None
 
 
 def l2_bytes() -> int:
@@ -286,6 +299,12 @@ def column(impl: str, key: str) -> str:
     return key if impl == OURS else f"{impl}_{key}"
 
 
+def input_sets(nbytes: int, l2: int) -> int:
+    """How many input sets a case cycles through: one when a call moves at least 4x L2
+    (``nbytes``), else enough that consecutive calls of the cycle cannot share L2."""
+    return 1 if nbytes >= 4 * l2 else min(MAX_INPUT_SETS, max(2, math.ceil(4 * l2 / nbytes)))
+
+
 def run_case(modules: dict, testing, case: Case, dtype, timer: Timer, l2: int, check: bool, seed: int,
              device: str = "cuda") -> dict:
     """Times every implementation in ``modules`` (ours first) on the same inputs."""
@@ -304,7 +323,7 @@ def run_case(modules: dict, testing, case: Case, dtype, timer: Timer, l2: int, c
     # inputs still in L2, so such cases cycle through several input sets.
     nbytes = testing.decode_bytes(seqlens, case.s_q, case.h_q, H_KV, D, DV, element_size=first.q.element_size())
     flops = testing.decode_flops(seqlens, case.s_q, case.h_q, D, DV)
-    n_sets = 1 if nbytes >= 4 * l2 else min(MAX_INPUT_SETS, max(2, math.ceil(4 * l2 / nbytes)))
+    n_sets = input_sets(nbytes, l2)
     sets = [first] + [inputs(seed + i) for i in range(1, n_sets)]
 
     result = {
@@ -537,15 +556,11 @@ def main(argv=None) -> int:
         import_pyplot()  # fail now, not after the whole run
     import torch
 
-    if not torch.cuda.is_available():
-        print("bench_decode.py needs a CUDA GPU (Hopper, sm_90): torch.cuda.is_available() is False.",
-              file=sys.stderr)
+    reason = no_hopper_reason("bench_decode.py")
+    if reason:
+        print(reason, file=sys.stderr)
         return 2
     cap = torch.cuda.get_device_capability()
-    if cap != (9, 0):
-        print(f"bench_decode.py needs a Hopper (sm_90) GPU; found {torch.cuda.get_device_name()} "
-              f"(compute capability {cap[0]}.{cap[1]}).", file=sys.stderr)
-        return 2
 
     fm = import_package()
     from flashmla_cute import testing

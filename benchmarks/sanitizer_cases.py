@@ -5,7 +5,11 @@ length past the block table's width, page indices past the cache and negative), 
 not make the kernels touch memory out of bounds.
 
 ``python benchmarks/sanitizer_cases.py race`` runs only the first small split case, for
-racecheck and synccheck."""
+racecheck and synccheck.
+
+``python benchmarks/sanitizer_cases.py sparse`` runs only a small sparse (V3.2 FP8) call
+whose indices the kernel must skip without reading the cache: ``-1``, past the cache, and
+past a ``topk_length`` shorter than topk (those name NaN tokens), with an attention sink."""
 
 import os
 import sys
@@ -14,6 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 import flashmla_cute  # noqa: E402
+from flashmla_cute import api  # noqa: E402
+from flashmla_cute.sparse_testing import NAN_BYTE, make_sparse_decode_inputs  # noqa: E402
 from flashmla_cute.testing import make_decode_inputs  # noqa: E402
 
 
@@ -31,7 +37,34 @@ def run(b, s_q, h_q, h_kv, seqlens, causal, corrupt=False):
     print(f"b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} corrupt={corrupt}: out finite={bool(torch.isfinite(out).all())}")
 
 
+def run_sparse(b=3, s_q=2, h_q=64, topk=128, page=64):
+    x = make_sparse_decode_inputs(b, s_q, h_q, 300, topk, page, seed=0, with_sink=True, device="cuda")
+    num_tokens = x.k_cache.shape[0] * page
+    indices = x.indices
+    indices[0, 0, :16] = -1
+    indices[2, 1, :] = -1  # a query row that sees no token
+    indices[0, 1, 3:6] = torch.tensor([num_tokens, num_tokens + page, 2**31 - 1], dtype=torch.int32)
+    # Sequence 1 uses only its first half; the rest names a token no index uses, which
+    # holds NaN bytes: out stays finite only if the kernel stops at topk_length.
+    short = topk // 2
+    nan_token = int(torch.nonzero(x.k_cache.view(torch.uint8).view(num_tokens, -1)[:, 0] == NAN_BYTE)[0])
+    indices[1, :, short:] = nan_token
+    topk_length = torch.full((b,), topk, dtype=torch.int32, device="cuda")
+    topk_length[1] = short
+    plan, _ = api.get_mla_metadata()
+    out, lse = api.flash_mla_with_kvcache(
+        x.q, x.k_cache, None, None, 512, plan, None, is_fp8_kvcache=True, indices=indices,
+        attn_sink=x.attn_sink, topk_length=topk_length,
+    )
+    torch.cuda.synchronize()
+    print(f"sparse b={b} s_q={s_q} h_q={h_q} topk={topk} page={page} (-1, past the cache, topk_length, sink): "
+          f"out finite={bool(torch.isfinite(out).all())}")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["sparse"]:
+        run_sparse()
+        sys.exit(0)
     if sys.argv[1:] == ["race"]:
         # One small split, causal case: racecheck and synccheck are slow on larger ones.
         run(3, 2, 32, 1, [700, 130, 2000], causal=True)
