@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Files whose content decides what the kernels compile to.
-_KERNEL_SOURCES = ("compile.py", "scheduler.py", "kernels/*.py")
+_KERNEL_SOURCES = ("compile.py", "scheduler.py", "fp8_cache.py", "kernels/*.py")
 
 ARCHS = ("sm_90a",)
 """GPU architectures the kernels can be compiled for (they use Hopper-only TMA and WGMMA)."""
@@ -173,6 +173,35 @@ def metadata_variant() -> Variant:
     return Variant("metadata", build)
 
 
+def sparse_decode_variant() -> Variant:
+    def build():
+        import cutlass
+        from cutlass import Float32, Int32
+
+        from .fp8_cache import BYTES_PER_TOKEN, HEAD_DIM, LATENT_DIM
+        from .kernels.sparse_decode_sm90 import SparseDecodeSm90
+
+        b, s_q, h_q = (_i32() for _ in range(3))
+        args = (
+            _fake(cutlass.BFloat16, (b, s_q, h_q, HEAD_DIM), (_s16(), _s16(), _s16(), 1), 16),  # q
+            _fake(cutlass.Uint8, (_i32(), _i32(), BYTES_PER_TOKEN), (_stride(16), BYTES_PER_TOKEN, 1), 16),  # k_cache
+            _fake(cutlass.Int32, (b, s_q, _i32()), (_stride(), _stride(), 1)),  # indices
+            _fake(cutlass.Int32, (_i32(),), (1,)),  # topk_length
+            _fake(cutlass.Float32, (_i32(),), (1,)),  # attn_sink
+            _fake(cutlass.BFloat16, (b, s_q, h_q, LATENT_DIM), (_s16(), _s16(), _s16(), 1), 16),  # out
+            _fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),  # lse
+            Float32(1.0),  # softmax_scale
+            Int32(0),  # has_topk_length
+            Int32(0),  # has_sink
+            _stream(),
+        )
+        return SparseDecodeSm90(), args
+
+    from .fp8_cache import HEAD_DIM, LATENT_DIM
+
+    return Variant(f"sparse_decode_sm90_v32_d{HEAD_DIM}_dv{LATENT_DIM}", build)
+
+
 def all_variants() -> list[Variant]:
     """Every kernel variant the package ships (the standalone combine kernel, which only
     tests the merge on its own, is not one of them)."""
@@ -181,6 +210,7 @@ def all_variants() -> list[Variant]:
         for d, dv in HEAD_DIMS:
             for causal in (False, True):
                 variants.append(decode_variant(dtype, causal, d, dv))
+    variants.append(sparse_decode_variant())  # every option of it is a runtime value
     return variants
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import sparse_compile
+from . import compile as compile_mod
 from .fp8_cache import BYTES_PER_TOKEN, LATENT_DIM
 from .sparse_checks import SparseDecodeProblem
 
@@ -38,7 +38,7 @@ def gpu_sparse_decode(problem: SparseDecodeProblem, q, k_cache, indices, topk_le
     out = torch.empty(b, s_q, h_q, LATENT_DIM, dtype=torch.bfloat16, device=q.device)
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
     no_length, no_sink = _absent(q.device)
-    kernel = sparse_compile.get_sparse_decode()
+    kernel = compile_mod.get(compile_mod.sparse_decode_variant())
     kernel(
         q, cache_as_token_rows(k_cache, problem), indices,
         no_length if topk_length is None else topk_length,
