@@ -330,24 +330,42 @@ def run_case(modules: dict, testing, case: Case, dtype, timer: Timer, l2: int, c
         **case._asdict(), "h_kv": H_KV, "total_kv_tokens": int(seqlens.sum()), "input_sets": n_sets,
         "flops": float(flops), "bytes": float(nbytes),
     }
+    def reference():
+        from flashmla_cute.reference import flash_mla_reference
+
+        return flash_mla_reference(first.q, first.k_cache, first.block_table, first.cache_seqlens, DV, causal=True)
+
+    calls = {impl: CALLERS[impl](module, first, case) for impl, module in modules.items()}
+    time_and_check(calls, sets, reference if check else None, timer, flops, nbytes, result)
+    result.update(compare_with_peers(result, [impl for impl in modules if impl != OURS]))
+    del sets, first
+    torch.cuda.empty_cache()
+    return result
+
+
+def time_and_check(calls: dict, sets: list, reference, timer: Timer, flops: float, nbytes: float | None,
+                   result: dict) -> None:
+    """Each implementation of ``calls`` (``impl -> call(inputs) -> (out, lse)``, ours
+    first): one call outside the timed region (compiling, planning), then with a
+    ``reference`` (``() -> (out, lse)`` on ``sets[0]``) the cosine distance of ours to it
+    and of each peer to ours, then the median time over calls cycling through ``sets``.
+    Writes ``result``'s columns (``gbps`` only where ``nbytes`` is given)."""
+    import torch
+
+    from flashmla_cute import testing
+
     ours_out = ours_lse = None
-    for impl, module in modules.items():
-        call = CALLERS[impl](module, first, case)
-        # Compile (first use) and check outside the timed region.
-        out, lse = call(first)
+    for impl, call in calls.items():
+        out, lse = call(sets[0])
         torch.cuda.synchronize()
         if impl == OURS:
             ours_out, ours_lse = out, lse
-            if check:
-                from flashmla_cute.reference import flash_mla_reference
-
-                ref_out, ref_lse = flash_mla_reference(
-                    first.q, first.k_cache, first.block_table, first.cache_seqlens, DV, causal=True
-                )
+            if reference is not None:
+                ref_out, ref_lse = reference()
                 result["cos_out"] = float(testing.cosine_distance(out.float(), ref_out.float()))
                 result["cos_lse"] = float(testing.cosine_distance(lse, ref_lse))
                 del ref_out, ref_lse
-        elif check:  # a peer, against ours
+        elif reference is not None:  # a peer, against ours
             result[column(impl, "cos_out")] = float(testing.cosine_distance(out.float(), ours_out.float()))
             result[column(impl, "cos_lse")] = float(testing.cosine_distance(lse, ours_lse))
         del out, lse
@@ -355,18 +373,15 @@ def run_case(modules: dict, testing, case: Case, dtype, timer: Timer, l2: int, c
         counter = [0]
 
         def fn():
-            inp = sets[counter[0] % n_sets]
+            inp = sets[counter[0] % len(sets)]
             counter[0] += 1
             call(inp)
 
         ms = timer(fn)
         result[column(impl, "ms")] = ms
-        result[column(impl, "gbps")] = nbytes / (ms * 1e-3) / 1e9
+        if nbytes is not None:
+            result[column(impl, "gbps")] = nbytes / (ms * 1e-3) / 1e9
         result[column(impl, "tflops")] = flops / (ms * 1e-3) / 1e12
-    result.update(compare_with_peers(result, [impl for impl in modules if impl != OURS]))
-    del sets, first, ours_out, ours_lse
-    torch.cuda.empty_cache()
-    return result
 
 
 def compare_with_peers(row: dict, peers: list[str]) -> dict:

@@ -164,7 +164,7 @@ def run_case(modules: dict, case: Case, timer, l2: int, check: bool, seed: int, 
     """Times every implementation in ``modules`` (ours first) on the same inputs."""
     import torch
 
-    from flashmla_cute import fp8_cache, testing
+    from flashmla_cute import fp8_cache
 
     seqlens = case_seqlens(case, seed)
     first = make_inputs(case, seqlens, seed, device)
@@ -178,37 +178,15 @@ def run_case(modules: dict, case: Case, timer, l2: int, check: bool, seed: int, 
         "cache_bytes": int(first.k_cache.numel()) * n_sets, "input_sets": n_sets,
         "flops": float(flops), "bytes": float(nbytes),
     }
-    ours_out = ours_lse = None
-    for impl, module in modules.items():
-        call = planned_caller(module, first)  # compiles ours on first use
-        out, lse = call(first)
-        torch.cuda.synchronize()
-        if impl == OURS:
-            ours_out, ours_lse = out, lse
-            if check:
-                from flashmla_cute.sparse_reference import sparse_mla_reference
+    def reference():
+        from flashmla_cute.sparse_reference import sparse_mla_reference
 
-                ref_out, ref_lse = sparse_mla_reference(first.q, first.k_cache, first.indices)
-                result["cos_out"] = float(testing.cosine_distance(out.float(), ref_out.float()))
-                result["cos_lse"] = float(testing.cosine_distance(lse, ref_lse))
-                del ref_out, ref_lse
-        elif check:  # a peer, against ours
-            result[column(impl, "cos_out")] = float(testing.cosine_distance(out.float(), ours_out.float()))
-            result[column(impl, "cos_lse")] = float(testing.cosine_distance(lse, ours_lse))
-        del out, lse
+        return sparse_mla_reference(first.q, first.k_cache, first.indices)
 
-        counter = [0]
-
-        def fn():
-            inp = sets[counter[0] % n_sets]
-            counter[0] += 1
-            call(inp)
-
-        ms = timer(fn)
-        result[column(impl, "ms")] = ms
-        result[column(impl, "tflops")] = flops / (ms * 1e-3) / 1e12
+    calls = {impl: planned_caller(module, first) for impl, module in modules.items()}  # compiles ours
+    bench_decode.time_and_check(calls, sets, reference if check else None, timer, flops, None, result)
     result.update(bench_decode.compare_with_peers(result, [impl for impl in modules if impl != OURS]))
-    del sets, first, ours_out, ours_lse
+    del sets, first
     torch.cuda.empty_cache()
     return result
 

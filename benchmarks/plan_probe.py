@@ -8,7 +8,6 @@ the cost of a block on a lone CTA and the cost of merging more fragments show ap
 import os
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))

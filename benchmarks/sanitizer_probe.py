@@ -20,7 +20,7 @@ import sys
 import cutlass
 import cutlass.cute as cute
 import torch
-from cutlass import Float32, Int32, pipeline
+from cutlass import Float32, pipeline
 from cutlass.cute.runtime import from_dlpack
 
 ROUNDS = 4

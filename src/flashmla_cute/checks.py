@@ -67,6 +67,18 @@ def _one_of(values) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
+def checked_softmax_scale(softmax_scale, d: int) -> float:
+    """``softmax_scale`` as a float: ``d ** -0.5`` for None, else a finite positive real."""
+    if softmax_scale is None:
+        return d ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    scale = float(softmax_scale)
+    if not (math.isfinite(scale) and scale > 0.0):
+        raise ValueError(f"softmax_scale must be a finite positive float, got {scale}")
+    return scale
+
+
 def _check_tensor(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -244,14 +256,7 @@ def check_decode_args(
     _check_contiguous("num_splits", num_splits)
 
     # Options
-    if softmax_scale is None:
-        scale = d ** -0.5
-    else:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        scale = float(softmax_scale)
-        if not (math.isfinite(scale) and scale > 0.0):
-            raise ValueError(f"softmax_scale must be a finite positive float, got {scale}")
+    scale = checked_softmax_scale(softmax_scale, d)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
 

@@ -8,14 +8,21 @@ are refused alike. The GPU adds only alignment needs (``check_sparse_kernel_layo
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import NamedTuple
 
 import torch
 
 from . import fp8_cache
-from .checks import _check_contiguous, _check_device, _check_dtype, _check_last_dim_contiguous, _check_rank, _check_tensor
+from .checks import (
+    _check_contiguous,
+    _check_device,
+    _check_dtype,
+    _check_last_dim_contiguous,
+    _check_rank,
+    _check_tensor,
+    checked_softmax_scale,
+)
 
 HEAD_DIM_V = fp8_cache.LATENT_DIM
 """Values are the 512 latent columns."""
@@ -145,14 +152,7 @@ def check_sparse_decode_args(
             raise ValueError(f"attn_sink must have shape [h_q] = [{h_q}], got {tuple(attn_sink.shape)}")
         _check_contiguous("attn_sink", attn_sink)
 
-    if softmax_scale is None:
-        scale = d ** -0.5
-    else:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        scale = float(softmax_scale)
-        if not (math.isfinite(scale) and scale > 0.0):
-            raise ValueError(f"softmax_scale must be a finite positive float, got {scale}")
+    scale = checked_softmax_scale(softmax_scale, d)
 
     for name, x in (("k_cache", k_cache), ("indices", indices), ("topk_length", topk_length),
                     ("attn_sink", attn_sink)):

@@ -572,11 +572,7 @@ class MlaDecodeSm90:
             softmax.rescale_row(t.o_rc, i, s1)
         if has_second:
             kv.wait(second_state, self.all_chunks)
-            warpgroup.fence()
-            self.pv(t.tiled_mma_o_ss, t.acc_o, t.tOrP_ss, second_state.index, t.tOrV_ss, second_state.index)
-            warpgroup.commit_group()
-            warpgroup.wait_group(0)
-            kv.release(second_state, self.all_chunks)
+            self.pv_then_release(t.tiled_mma_o_ss, t, t.tOrP_ss, second_state, t.tOrV_ss, kv, self.all_chunks)
 
     @cute.jit
     def right_pair(self, t, bars, kv, pair, first_state, second_state, has_second, seqlen, mask_from, scale_log2):
@@ -615,19 +611,24 @@ class MlaDecodeSm90:
             self.share_p(t, second_state)  # P1 for the left consumer
         bars.right_stats.arrive()
         kv.wait(first_state, self.hi)
-        warpgroup.fence()
-        self.pv(t.tiled_mma_o_ss, t.acc_o, t.tOrP_ss, first_state.index, t.tOrV_ss, first_state.index)
-        warpgroup.commit_group()
-        warpgroup.wait_group(0)
-        kv.release(first_state, self.hi)
+        self.pv_then_release(t.tiled_mma_o_ss, t, t.tOrP_ss, first_state, t.tOrV_ss, kv, self.hi)
         for i in cutlass.range_constexpr(num_rows):
             softmax.rescale_row(t.o_rc, i, t.next_scale[i])
         if has_second:
-            warpgroup.fence()
-            self.pv(t.tiled_mma_o_rs, t.acc_o, t.p_operand, None, t.tOrV_rs, second_state.index)
-            warpgroup.commit_group()
-            warpgroup.wait_group(0)
-            kv.release(second_state, self.hi)
+            self.pv_then_release(t.tiled_mma_o_rs, t, t.p_operand, None, t.tOrV_rs, kv, self.hi, second_state)
+
+    @cute.jit
+    def pv_then_release(self, tiled_mma, t, p, p_state, tOrV, kv, chunks, v_state=None):
+        """``O += P V`` of one block (``p_state`` None: P from registers, else from that
+        stage's shared memory; V of ``v_state``, by default ``p_state``), waited for, then
+        ``chunks`` of V's stage released."""
+        if const_expr(v_state is None):
+            v_state = p_state
+        warpgroup.fence()
+        self.pv(tiled_mma, t.acc_o, p, None if const_expr(p_state is None) else p_state.index, tOrV, v_state.index)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+        kv.release(v_state, chunks)
 
     @cute.jit
     def share_p(self, t, state):
