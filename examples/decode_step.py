@@ -12,10 +12,15 @@ reference on the CPU.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 import flashmla_cute
 from flashmla_cute.reference import flash_mla_reference
+
+MAX_COSINE_DISTANCE = 1e-5
+"""FlashMLA's criterion for the kernels against the float32 reference."""
 
 BLOCK_SIZE = 64  # tokens per page of the KV cache
 D, DV = 576, 512  # q/k head dim (512 latent + 64 rope), v head dim (the latent part)
@@ -85,8 +90,12 @@ def main() -> None:
         ref_out, ref_lse = flash_mla_reference(q, k_cache, block_table, cache_seqlens, DV, causal=True)
         d_out = cosine_distance(out.float(), ref_out.float())
         d_lse = cosine_distance(lse, ref_lse)
-        print(f"cosine distance to the float32 reference: out {d_out:.3e}, lse {d_lse:.3e}")
+        passed = d_out < MAX_COSINE_DISTANCE and d_lse < MAX_COSINE_DISTANCE
+        print(f"cosine distance to the float32 reference: out {d_out:.3e}, lse {d_lse:.3e} "
+              f"(limit {MAX_COSINE_DISTANCE:g}): {'PASS' if passed else 'FAIL'}")
+        return 0 if passed else 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
