@@ -69,14 +69,14 @@ from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from . import softmax, utils
-from ..scheduler import BEGIN_BATCH, BEGIN_SPLIT
+from ..scheduler import BEGIN_BATCH, BEGIN_BLOCK, BEGIN_SPLIT, BLOCK_SIZE, END_BATCH, END_BLOCK, ROWS_PER_TILE
 from .consumer_barriers import ConsumerBarriers
 from .kv_stages import NUM_STAGES, KvStages
 from .combine import DECODE_MERGE_ROWS_IN_FLIGHT, MAX_FRAGMENTS_MERGED_IN_DECODE, MlaCombine, merge_rows
 from .utils import accumulators, arrival_counters
 
-BLOCK_N = 64  # tokens per KV tile (== page size)
-TILE_M = 64  # query rows per CTA (the WGMMA's M)
+BLOCK_N = BLOCK_SIZE  # tokens per KV tile: one page
+TILE_M = ROWS_PER_TILE  # query rows per CTA (the WGMMA's M)
 NUM_CONSUMER_WARPGROUPS = 2
 THREADS = 128 * (1 + NUM_CONSUMER_WARPGROUPS)
 PRODUCER_REGS = 40
@@ -338,6 +338,12 @@ class MlaDecodeSm90:
             else:
                 self.consume(1, *args)
 
+    @staticmethod
+    def part_range(mMeta: cute.Tensor, part) -> tuple:
+        """(first batch, its first block, last batch, one past its last block) of the
+        part's plan row (``scheduler.py`` documents the columns)."""
+        return tuple(mMeta[part, column] for column in (BEGIN_BATCH, BEGIN_BLOCK, END_BATCH, END_BLOCK))
+
     @cute.jit
     def blocks_of(self, mSeqlens: cute.Tensor, mBlockTable: cute.Tensor, batch: Int32, begin_batch: Int32,
                   begin_block: Int32, end_batch: Int32, end_block: Int32):
@@ -363,7 +369,7 @@ class MlaDecodeSm90:
         self, tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv, q_pipe, mBlockTable, mSeqlens, mMeta,
         part, kv_head, m_tile,
     ):
-        begin_batch, begin_block, end_batch, end_block = (mMeta[part, i] for i in range(4))
+        begin_batch, begin_block, end_batch, end_block = self.part_range(mMeta, part)
         cpasync.prefetch_descriptor(tma_q)
         cpasync.prefetch_descriptor(tma_k)
         # (TMA, tiles_m, 1, h_kv, b) and (TMA, 1, 1, h_kv, pages)
@@ -492,7 +498,7 @@ class MlaDecodeSm90:
         """One consumer warpgroup (``wg`` 0 the left one, 1 the right one): for each
         batch of the part's range, the pairs of blocks (``left_pair`` / ``right_pair``,
         the schedule table of the module docstring), then ``finish_batch``."""
-        begin_batch, begin_block, end_batch, end_block = (mMeta[part, i] for i in range(4))
+        begin_batch, begin_block, end_batch, end_block = self.part_range(mMeta, part)
         rows_per_kv = mOAccum.shape[2]
         s_q = rows_per_kv // heads_per_kv
         scale_log2 = softmax_scale * math.log2(math.e)
