@@ -58,6 +58,21 @@ def cosine_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return 1.0 - 2.0 * float((x * y).sum()) / denominator
 
 
+MAX_COSINE_DISTANCE = 1e-5
+"""FlashMLA's pass criterion for out and lse against the float32 reference."""
+
+
+def reference_verdict(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor,
+                      ref_lse: torch.Tensor) -> tuple[bool, str]:
+    """``(passed, "cosine distance out D, lse D (limit L): PASS")`` (or ``FAIL``) for a
+    result against a reference, by ``cosine_distance`` and ``MAX_COSINE_DISTANCE``."""
+    d_out = cosine_distance(out.float(), ref_out.float())
+    d_lse = cosine_distance(lse, ref_lse)
+    passed = d_out < MAX_COSINE_DISTANCE and d_lse < MAX_COSINE_DISTANCE
+    return passed, (f"cosine distance out {d_out:.2e}, lse {d_lse:.2e} (limit {MAX_COSINE_DISTANCE:.0e}): "
+                    f"{'PASS' if passed else 'FAIL'}")
+
+
 def random_seqlens(b: int, seqlen: int, s_q: int = 1, varlen: bool = False, seed: int | None = None) -> torch.Tensor:
     """Sequence lengths like FlashMLA's test: all ``seqlen``, or with ``varlen`` drawn
     from Normal(seqlen, seqlen / 2), rounded and clamped to at least ``s_q``. int32, CPU."""
