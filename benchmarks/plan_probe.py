@@ -1,13 +1,15 @@
-"""Where a small batch's time goes: the GPU time per call (CUDA-graph replays) for one case under plans
-with different numbers of SM parts and least payloads (``scheduler.plan_torch``), so that
-the cost of a block on a lone CTA and the cost of merging more fragments show apart.
+"""Where a small batch's time goes: the GPU time per call (CUDA-graph replays) for one case
+under plans of fixed payloads (blocks per SM part; ``scheduler.plan_torch`` with
+``scheduler.payload_of`` replaced), on the case's own number of SM parts and on one part, so
+that the cost of a block on a lone CTA and the cost of merging more fragments show apart.
+The plan the package picks (``get_mla_metadata``) is timed first.
 
-    python benchmarks/plan_probe.py "b1 sk1024 h16 s1" [more cases]
+    python benchmarks/plan_probe.py "b1 sk1024 h16 s1" [more cases] [--payloads 2,4,8]
 """
 
+import argparse
 import os
 import sys
-
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
@@ -16,25 +18,47 @@ from flashmla_cute import scheduler  # noqa: E402
 from flashmla_cute.testing import make_decode_inputs  # noqa: E402
 from kernel_times import graph_time  # noqa: E402
 
-PARTS = (1, 132)  # one lone CTA; the plan of an H100 (divided by the query tiles)
-MIN_PAYLOADS = (4, 5, 6, 7, 10)
+PARTS = 132  # an H100's SMs (divided by the query tiles below)
+PAYLOADS = (2, 3, 4, 6, 8, 12)
+
+
+def parse_case(name: str) -> tuple[int, int, int, int]:
+    """``"b1 sk1024 h16 s1"`` -> (b, seqlen, h_q, s_q)."""
+    fields = {}
+    for word in name.split():
+        key = "sk" if word.startswith("sk") else word[0]
+        fields[key] = int(word[len(key):])
+    return fields["b"], fields["sk"], fields["h"], fields.get("s", 1)
 
 
 def main():
-    for name in sys.argv[1:]:
-        b, seqlen, h_q, s_q = (int(w[1:] if w[0] == "b" else w[2:] if w[:2] == "sk" else w[1:]) for w in name.split())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cases", nargs="+")
+    parser.add_argument("--payloads", default=",".join(map(str, PAYLOADS)))
+    args = parser.parse_args()
+    payloads = [int(p) for p in args.payloads.split(",")]
+    chosen = scheduler.payload_of
+    for name in args.cases:
+        b, seqlen, h_q, s_q = parse_case(name)
         x = make_decode_inputs(b, s_q, h_q, seqlens=[seqlen] * b, device="cuda", seed=0)
-        rows = []
-        for min_payload in MIN_PAYLOADS:
-            scheduler.MIN_PAYLOAD = min_payload
-            for parts in sorted({max(p // -(-s_q * h_q // 64), 1) for p in PARTS}):
+
+        def call(meta, splits):
+            return lambda: flashmla_cute.flash_mla_with_kvcache(
+                x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits, causal=s_q > 1)
+
+        meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, s_q * h_q, 1)
+        frags = int(splits[1] - splits[0])
+        rows = [f"  package plan: {frags:3d} fragments of seq 0, {graph_time(call(meta, splits)):6.1f} us"]
+        parts_all = max(PARTS // scheduler.num_query_tiles(s_q * h_q), 1)
+        for payload in payloads:
+            scheduler.payload_of = lambda total, parts, batch, payload=payload: max(payload, -(-total // parts))
+            for parts in (parts_all, 1):
                 meta, splits = scheduler.plan_torch(x.cache_seqlens.cpu(), parts)
                 meta, splits = meta.cuda(), splits.cuda()
                 frags = int(splits[1] - splits[0])
-                wall = graph_time(lambda: flashmla_cute.flash_mla_with_kvcache(
-                    x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits, causal=s_q > 1))
-                rows.append(f"  min_payload {min_payload:2d} parts {parts:3d}: {frags:3d} fragments of seq 0, "
-                            f"{wall:6.1f} us")
+                rows.append(f"  payload {payload:2d} parts {parts:3d}: {frags:3d} fragments of seq 0, "
+                            f"{graph_time(call(meta, splits)):6.1f} us")
+            scheduler.payload_of = chosen
         print(name, *rows, sep="\n", flush=True)
 
 

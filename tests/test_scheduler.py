@@ -108,26 +108,44 @@ def test_hand_worked_example():
     assert num_splits.tolist() == [0, 1, 2, 3, 6]
 
 
-def test_little_work_is_not_spread_thin():
+def test_short_sequences_are_not_spread_thin():
     # n = [2, 1], costs [7, 6], T = 13 over P = 8 parts: ceil(T / P) would be 2 and cut
-    # the first sequence in two, but a part takes at least MIN_PAYLOAD = 4. Part 0
-    # covers cost [0, 4), the first sequence's overhead only: empty. Part 1 [4, 8) takes
-    # both its blocks (cost 5 and 6), part 2 [8, 12) the second sequence's overhead and
-    # part 3 [12, 16) its block (cost 12).
-    assert scheduler.MIN_PAYLOAD == 4
+    # the first sequence in two, but sequences of at most 2 blocks on average
+    # (T <= (5 + 2) b) give parts at least MIN_PAYLOAD_SHORT = 4. Part 0 covers cost
+    # [0, 4), the first sequence's overhead only: empty. Part 1 [4, 8) takes both its
+    # blocks (cost 5 and 6), part 2 [8, 12) the second sequence's overhead and part 3
+    # [12, 16) its block (cost 12).
+    assert scheduler.MIN_PAYLOAD_SHORT == 4
     meta, num_splits = scheduler.plan_torch(torch.tensor([100, 10], dtype=torch.int32), 8)
     empty = [2, 0, 1, 0, 0, 0, 0, 0]
     assert meta.tolist() == [empty, [0, 0, 0, 2, 0, 0, 0, 0], empty, [1, 0, 1, 1, 0, 0, 0, 0]] + [empty] * 4
     assert num_splits.tolist() == [0, 1, 2]
 
 
+def test_a_part_takes_at_least_min_payload():
+    # n = [4, 1], costs [9, 6], T = 15 > (5 + 2) b over P = 8 parts: payload
+    # MIN_PAYLOAD = 2. Parts 0 and 1 cover the first sequence's overhead [0, 4); part 2
+    # [4, 6) takes its block 0 (cost 5), part 3 [6, 8) blocks 1 and 2, part 4 [8, 10)
+    # block 3: three fragments. Parts 5 and 6 cover the second sequence's overhead
+    # [9, 14), part 7 [14, 16) its block (cost 14).
+    assert scheduler.MIN_PAYLOAD == 2
+    meta, num_splits = scheduler.plan_torch(torch.tensor([200, 10], dtype=torch.int32), 8)
+    empty = [2, 0, 1, 0, 0, 0, 0, 0]
+    assert meta.tolist() == [empty, empty, [0, 0, 0, 1, 0, 0, 0, 0], [0, 1, 0, 3, 1, 0, 0, 0],
+                             [0, 3, 0, 4, 2, 0, 0, 0], empty, empty, [1, 0, 1, 1, 0, 0, 0, 0]]
+    assert num_splits.tolist() == [0, 3, 4]
+
+
 @pytest.mark.parametrize(
     "total,parts,batch,payload",
-    [(21, 132, 1, 4), (261, 132, 1, 9), (2068, 132, 4, 16), (168, 66, 8, 4), (17024, 132, 128, 129), (7, 132, 1, 4)],
+    [(21, 132, 1, 2), (261, 132, 1, 3), (2068, 132, 4, 16), (168, 66, 8, 3), (17024, 132, 128, 129), (7, 132, 1, 4),
+     (8197, 1024, 1, 17)],
 )
 def test_payload_fills_the_parts_or_balances_blocks_against_merges(total, parts, batch, payload):
-    # max(ceil(T / P), ceil(sqrt(ceil(T / 4b))), 4): b = 1 with 16 blocks (T = 21) takes
-    # 4 a part; with 256 blocks (T = 261), 9; larger batches fill the parts.
+    # max(ceil(T / P), ceil(sqrt(ceil(T / 32b))), 2 (4 for sequences of 2 blocks or
+    # fewer, T = 7)): b = 1 with 16 blocks (T = 21) takes
+    # 2 a part; with 256 blocks (T = 261), 3; 8192 blocks (T = 8197) over 1024 parts, 17
+    # rather than 9; larger batches fill the parts.
     assert scheduler.payload_of(total, parts, batch) == payload
 
 

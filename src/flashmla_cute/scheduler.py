@@ -63,14 +63,21 @@ ROWS_PER_TILE = 64
 FIXED_OVERHEAD_BLOCKS = 5
 """Cost of one sequence fragment beyond its blocks, in units of one block."""
 
-MIN_PAYLOAD = 4
-"""Least cost a part is given. With the first ``FIXED_OVERHEAD_BLOCKS`` units of every
-sequence being overhead, a sequence of up to 2 blocks still lands whole in one part."""
+MIN_PAYLOAD = 2
+"""Least cost a part is given: with a batch of one, parts of 2 blocks finished soonest
+(an H100, ``benchmarks/plan_probe.py``)."""
 
-BLOCKS_PER_FRAGMENT_MERGE = 4
-"""Merging 4 more fragments of a sequence costs about as much as one more block on a
+SHORT_SEQUENCE_BLOCKS = 2
+MIN_PAYLOAD_SHORT = 4
+"""Least cost a part is given when the sequences average at most ``SHORT_SEQUENCE_BLOCKS``
+blocks: with the first ``FIXED_OVERHEAD_BLOCKS`` units of every sequence being overhead,
+such a sequence then lands whole in one part (merging two one-block fragments of a
+100-token sequence took 13 us against 10 us for the whole sequence on one CTA)."""
+
+BLOCKS_PER_FRAGMENT_MERGE = 32
+"""Merging 32 more fragments of a sequence costs about as much as one more block on a
 part's critical path (a lone CTA streams a block in about 1.5 us; the combine kernel
-reads a fragment's partial rows on many SMs at once)."""
+reads 32 fragments of a row at once, with four thread groups of a CTA side by side)."""
 
 
 def isqrt_ceil(x: int) -> int:
@@ -81,15 +88,18 @@ def isqrt_ceil(x: int) -> int:
 
 def payload_of(total_cost: int, num_parts: int, batch: int) -> int:
     """Cost per part for a total cost ``T`` of ``b`` sequences:
-    ``max(ceil(T / P), ceil(sqrt(ceil(T / (4 b)))), MIN_PAYLOAD)``.
+    ``max(ceil(T / P), ceil(sqrt(ceil(T / (32 b)))), least)``, where ``least`` is
+    ``MIN_PAYLOAD``, or ``MIN_PAYLOAD_SHORT`` for short sequences (``T <= (F + 2) b``).
 
     The first term fills the ``P`` parts. When there is less work than that (small
     batches), a part of payload ``p`` takes about ``p`` blocks and leaves each sequence
-    about ``(T / b) / p`` fragments to merge; ``p + (T / b) / (4 p)`` is least at
-    ``p = sqrt(T / (4 b))`` (``BLOCKS_PER_FRAGMENT_MERGE``). Measured on an H100,
-    b = 1 (``benchmarks/plan_probe.py``): 1024 tokens best at 4, 16384 at 8-10."""
+    about ``(T / b) / p`` fragments to merge; ``p + (T / b) / (32 p)`` is least at
+    ``p = sqrt(T / (32 b))`` (``BLOCKS_PER_FRAGMENT_MERGE``). Measured on an H100,
+    b = 1 (``benchmarks/plan_probe.py``): 1024 tokens best at 2, 16384 at 3."""
     per_sequence = -(-total_cost // (BLOCKS_PER_FRAGMENT_MERGE * max(batch, 1)))
-    return max(-(-total_cost // num_parts), isqrt_ceil(per_sequence), MIN_PAYLOAD)
+    short = total_cost <= (FIXED_OVERHEAD_BLOCKS + SHORT_SEQUENCE_BLOCKS) * batch
+    least = MIN_PAYLOAD_SHORT if short else MIN_PAYLOAD
+    return max(-(-total_cost // num_parts), isqrt_ceil(per_sequence), least)
 
 DEFAULT_NUM_SMS = 132
 """SM count assumed where there is no GPU to ask (an H100 SXM has 132)."""

@@ -13,26 +13,31 @@ by a group of threads. Who runs it depends on how many fragments a sequence has:
   sequence is cut at most once: the merge overlaps other CTAs' work);
 - more (small batches, where one sequence is spread over many SMs): ``MlaCombine``, a
   kernel launched right after the decode kernel as its programmatic dependent, spreads
-  the merge over ``COMBINE_ROWS``-row groups, so that the many fragments are read by
-  many SMs at once instead of one (a lone CTA reads them at a few tens of GB/s: 35 us
-  for 16 fragments of a 64-row tile).
+  each sequence's merge over its rows (a CTA per row for a batch of one) and each row's
+  fragments over four thread groups, so that the many fragments are read by many SMs
+  with many loads in flight (a lone CTA reading them one after another takes tens of
+  microseconds).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, pipeline
 
-from ..scheduler import BEGIN_BATCH, BEGIN_SPLIT
+from ..scheduler import ROWS_PER_TILE
 from .utils import accumulators
 
 MAX_FRAGMENTS_MERGED_IN_DECODE = 2
 """Split sequences with at most this many fragments are merged inside the decode kernel."""
 VEC = 4  # fp32 values per 16-byte load
-COMBINE_THREADS = 128  # one row's 512 values, as 16-byte pieces
-COMBINE_ROWS = 2  # query rows per combine CTA: many CTAs share a sequence's merge
+THREADS_PER_ROW = 128  # one row's 512 values, as 16-byte pieces
+COMBINE_FRAGMENT_GROUPS = 4  # thread groups of a combine CTA that read a row's fragments side by side
+COMBINE_THREADS = THREADS_PER_ROW * COMBINE_FRAGMENT_GROUPS
 COMBINE_FRAGS_IN_FLIGHT = 8  # fragments whose loads a combine thread has in flight
+CTA_BUDGET_PER_SM = 2  # combine CTAs launched per decode CTA (about per SM): as many as fit at once
 DECODE_MERGE_ROWS_IN_FLIGHT = 8  # rows whose loads a decode thread has in flight (2 fragments at most)
 
 
@@ -147,19 +152,35 @@ def merge_rows(
 class MlaCombine:
     """The merge of sequences with many fragments, as a kernel of its own.
 
-    One CTA per (SM part, KV head, group of ``COMBINE_ROWS`` query rows). The part that
-    holds a split sequence's last fragment (its plan row begins inside the sequence, at
-    the last fragment) merges that sequence, so every split sequence is merged once.
-    Launched as the decode kernel's programmatic dependent, its CTAs start while the
-    decode kernel drains and wait for it (``griddepcontrol.wait``).
+    Launched as the decode kernel's programmatic dependent, it is scheduled while the
+    decode kernel drains. Grid ``(slots, h_kv, row_groups)``: slot ``j`` takes the
+    sequences ``j, j + slots, ...`` (``slots = min(b, num_parts)``), and of each one
+    it merges, the rows ``g, g + row_groups, ...`` of its row group ``g``. The row
+    groups are as many as give about ``CTA_BUDGET_PER_SM`` CTAs per SM in all
+    (``num_parts * h_kv * query tiles`` is about the SM count), so that the one
+    sequence of a batch of one is merged by as many CTAs as it has rows, while a
+    large batch does not launch waves of CTAs with nothing to merge.
+
+    A CTA reads the fragment counts before it waits for the decode kernel (the plan
+    was written before the decode kernel started); only a CTA with a sequence to
+    merge waits (``griddepcontrol.wait``), and CTA (0, 0, 0) always does, so that
+    this kernel never completes before the one it depends on.
+
+    A CTA is ``COMBINE_FRAGMENT_GROUPS`` groups of 128 threads, each thread one 16-byte
+    piece of a row, summing fragments with a running maximum, ``COMBINE_FRAGS_IN_FLIGHT``
+    fragments' loads at a time. A sequence of few fragments (at most that many) has
+    each group merge rows of its own, with all their loads at once; one of many has all
+    the groups read each row's fragments side by side (group ``f`` the fragments ``f``,
+    ``f + groups``, ... in runs of ``COMBINE_FRAGS_IN_FLIGHT``), then combines the groups'
+    sums through shared memory.
 
     Static configuration: output dtype, ``head_dim_v`` and ``min_fragments``, the least
     fragment count of a sequence it merges (fewer are the decode kernel's).
     """
 
     def __init__(self, dtype, head_dim_v: int = 512, min_fragments: int = MAX_FRAGMENTS_MERGED_IN_DECODE + 1):
-        if COMBINE_THREADS * VEC != head_dim_v:
-            raise ValueError(f"head_dim_v must be {COMBINE_THREADS * VEC}, got {head_dim_v}")
+        if THREADS_PER_ROW * VEC != head_dim_v:
+            raise ValueError(f"head_dim_v must be {THREADS_PER_ROW * VEC}, got {head_dim_v}")
         self.dtype = dtype
         self.head_dim_v = head_dim_v
         if min_fragments < 2:
@@ -190,9 +211,15 @@ class MlaCombine:
         """Launch on ``stream``; ``after_decode``: as the decode kernel's programmatic
         dependent, right after it."""
         rows = mOAccum.shape[2]
-        grid = [mMeta.shape[0], mOAccum.shape[1], (rows + COMBINE_ROWS - 1) // COMBINE_ROWS]
-        self.kernel(mOAccum, mLseAccum, mMeta, mNumSplits, mO, mLse, heads_per_kv).launch(
-            grid=grid, block=[COMBINE_THREADS, 1, 1], stream=stream, use_pdl=after_decode
+        num_parts = mMeta.shape[0]
+        num_slots = cutlass.min(mO.shape[0], num_parts)
+        # CTAs of the decode kernel: about one per SM.
+        decode_ctas = num_parts * ((rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE)
+        row_groups = (CTA_BUDGET_PER_SM * decode_ctas + num_slots - 1) // num_slots
+        row_groups = cutlass.max(cutlass.min(row_groups, rows), 1)
+        self.kernel(mOAccum, mLseAccum, mNumSplits, mO, mLse, heads_per_kv, num_slots, row_groups).launch(
+            grid=[num_slots, mOAccum.shape[1], row_groups], block=[COMBINE_THREADS, 1, 1], stream=stream,
+            use_pdl=after_decode,
         )
 
     @cute.kernel
@@ -200,31 +227,162 @@ class MlaCombine:
         self,
         mOAccum: cute.Tensor,
         mLseAccum: cute.Tensor,
-        mMeta: cute.Tensor,
         mNumSplits: cute.Tensor,
         mO: cute.Tensor,
         mLse: cute.Tensor,
         heads_per_kv: Int32,
+        num_slots: Int32,
+        row_groups: Int32,
     ):
         tidx, _, _ = cute.arch.thread_idx()
-        part, kv_head, row_group = cute.arch.block_idx()
+        slot, kv_head, row_group = cute.arch.block_idx()
 
         @cute.struct
         class Storage:
-            row_stats: cute.struct.MemRange[Float32, 2 * COMBINE_ROWS]
+            group_max: cute.struct.MemRange[Float32, COMBINE_FRAGMENT_GROUPS]
+            group_sum: cute.struct.MemRange[Float32, COMBINE_FRAGMENT_GROUPS]
+            group_acc: cute.struct.Align[cute.struct.MemRange[Float32, COMBINE_FRAGMENT_GROUPS * THREADS_PER_ROW * VEC], 16]
 
         storage = cutlass.utils.SmemAllocator().allocate(Storage)
-        row_stats = storage.row_stats.get_tensor(cute.make_layout((COMBINE_ROWS, 2), stride=(1, COMBINE_ROWS)))
-        # Every CTA waits for the decode kernel, also those with nothing to merge: the
-        # kernel then never completes before the one it depends on.
-        cute.arch.griddepcontrol_wait()
-        batch = mMeta[part, BEGIN_BATCH]
-        fragment = mMeta[part, BEGIN_SPLIT]
-        if batch < mO.shape[0]:
+        groups = GroupPartials(
+            storage.group_max.get_tensor(cute.make_layout((COMBINE_FRAGMENT_GROUPS,))),
+            storage.group_sum.get_tensor(cute.make_layout((COMBINE_FRAGMENT_GROUPS,))),
+            storage.group_acc.get_tensor(cute.make_layout((COMBINE_FRAGMENT_GROUPS, THREADS_PER_ROW, VEC),
+                                                          stride=(THREADS_PER_ROW * VEC, VEC, 1))),
+        )
+        barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=COMBINE_THREADS)
+        if (slot == 0) & (kv_head == 0) & (row_group == 0):
+            cute.arch.griddepcontrol_wait()
+        group = tidx // THREADS_PER_ROW
+        piece_idx = tidx % THREADS_PER_ROW
+        rows = mOAccum.shape[2]
+        for batch in cutlass.range(slot, mO.shape[0], num_slots, unroll=1):
             first = mNumSplits[batch]
             num_frags = mNumSplits[batch + 1] - first
-            if fragment == num_frags - 1 and num_frags >= self.min_fragments:
-                merge_rows(mOAccum, mLseAccum, mO, mLse, row_stats,
-                           pipeline.NamedBarrier(barrier_id=1, num_threads=COMBINE_THREADS), tidx, batch, kv_head,
-                           row_group * COMBINE_ROWS, first, num_frags, heads_per_kv, COMBINE_ROWS, COMBINE_THREADS,
-                           1, COMBINE_FRAGS_IN_FLIGHT, self.dtype, self.head_dim_v)
+            if num_frags >= self.min_fragments:
+                # The decode kernel's partials are complete past this point.
+                cute.arch.griddepcontrol_wait()
+                if num_frags <= COMBINE_FRAGS_IN_FLIGHT:
+                    # Few fragments: each thread group merges rows of its own, all of a
+                    # row's loads at once, with no shared memory and no barrier.
+                    for row in cutlass.range(row_group * COMBINE_FRAGMENT_GROUPS + group, rows,
+                                             row_groups * COMBINE_FRAGMENT_GROUPS, unroll=1):
+                        acc, row_max, total = self.sum_fragments(mOAccum, mLseAccum, kv_head, row, first, num_frags,
+                                                                 0, 1, piece_idx)
+                        self.store_row(mO, mLse, acc, row_max, total, batch, kv_head, row, heads_per_kv, piece_idx)
+                else:
+                    # Many: the groups read a row's fragments side by side.
+                    for row in cutlass.range(row_group, rows, row_groups, unroll=1):
+                        self.merge_row_by_all_groups(mOAccum, mLseAccum, mO, mLse, groups, barrier, group, piece_idx,
+                                                     batch, kv_head, row, first, num_frags, heads_per_kv)
+
+    @cute.jit
+    def sum_fragments(self, mOAccum, mLseAccum, kv_head, row, first, num_frags, group, num_groups: cutlass.Constexpr,
+                      piece_idx):
+        """This thread's piece of one row, summed over the fragments ``group``,
+        ``group + num_groups``, ... (``COMBINE_FRAGS_IN_FLIGHT`` consecutive ones at a
+        time) with weights ``exp(lse_k - row_max)``: returns (the weighted sum, row_max,
+        the sum of the weights)."""
+        running_max = -Float32.inf
+        running_sum = Float32(0.0)
+        acc = cute.make_rmem_tensor((VEC,), Float32)
+        acc.fill(0.0)
+        step = num_groups * COMBINE_FRAGS_IN_FLIGHT
+        for k0 in cutlass.range(group * COMBINE_FRAGS_IN_FLIGHT, num_frags, step, unroll=1):
+            # All loads first (the merge is bound by their latency); fragments past the
+            # last load the last one and get weight 0.
+            pieces = cute.make_rmem_tensor((COMBINE_FRAGS_IN_FLIGHT, VEC), Float32)
+            lses = cute.make_rmem_tensor((COMBINE_FRAGS_IN_FLIGHT,), Float32)
+            for f in cutlass.range_constexpr(COMBINE_FRAGS_IN_FLIGHT):
+                k = first + cutlass.min(k0 + f, num_frags - 1)
+                lses[f] = mLseAccum[k, kv_head, row]
+                piece = cute.local_tile(mOAccum[k, kv_head, row, None], (VEC,), (piece_idx,)).load()
+                for e in cutlass.range_constexpr(VEC):
+                    pieces[f, e] = piece[e]
+            new_max = running_max
+            for f in cutlass.range_constexpr(COMBINE_FRAGS_IN_FLIGHT):
+                if k0 + f >= num_frags:
+                    lses[f] = -Float32.inf
+                new_max = cute.arch.fmax(new_max, lses[f])
+            ref = finite_or_zero(new_max)
+            rescale = cute.math.exp(running_max - ref, fastmath=True)
+            running_sum = running_sum * rescale
+            for e in cutlass.range_constexpr(VEC):
+                acc[e] = acc[e] * rescale
+            for f in cutlass.range_constexpr(COMBINE_FRAGS_IN_FLIGHT):
+                weight = cute.math.exp(lses[f] - ref, fastmath=True)
+                running_sum = running_sum + weight
+                for e in cutlass.range_constexpr(VEC):
+                    acc[e] = acc[e] + weight * pieces[f, e]
+            running_max = new_max
+        return acc, running_max, running_sum
+
+    @cute.jit
+    def merge_row_by_all_groups(self, mOAccum, mLseAccum, mO, mLse, groups, barrier, group, piece_idx, batch, kv_head,
+                                row, first, num_frags, heads_per_kv):
+        """Merge one row's ``num_frags`` partials with every thread group of the CTA:
+        each group sums its share of the fragments, group 0 combines the groups' sums."""
+        acc, running_max, running_sum = self.sum_fragments(mOAccum, mLseAccum, kv_head, row, first, num_frags, group,
+                                                           COMBINE_FRAGMENT_GROUPS, piece_idx)
+        # Every thread of a group holds the same maximum and sum.
+        if piece_idx == 0:
+            groups.max[group] = running_max
+            groups.sum[group] = running_sum
+        cute.autovec_copy(acc, groups.acc[group, piece_idx, None])
+        barrier.arrive_and_wait()
+        if group == 0:
+            row_max = -Float32.inf
+            for g in cutlass.range_constexpr(COMBINE_FRAGMENT_GROUPS):
+                row_max = cute.arch.fmax(row_max, groups.max[g])
+            ref = finite_or_zero(row_max)
+            total = Float32(0.0)
+            out = cute.make_rmem_tensor((VEC,), Float32)
+            out.fill(0.0)
+            for g in cutlass.range_constexpr(COMBINE_FRAGMENT_GROUPS):
+                weight = cute.math.exp(groups.max[g] - ref, fastmath=True)
+                total = total + groups.sum[g] * weight
+                part = groups.acc[g, piece_idx, None].load()
+                for e in cutlass.range_constexpr(VEC):
+                    out[e] = out[e] + weight * part[e]
+            self.store_row(mO, mLse, out, row_max, total, batch, kv_head, row, heads_per_kv, piece_idx)
+        # The shared partials are read before the next row overwrites them.
+        barrier.arrive_and_wait()
+
+    @cute.jit
+    def store_row(self, mO, mLse, acc, row_max, total, batch, kv_head, row, heads_per_kv, piece_idx):
+        """``acc / total`` (this thread's piece of the row) into ``mO``; the row's
+        log-sum-exp ``row_max + log(total)`` into ``mLse``."""
+        # Every fragment empty for this row: it sees no key (FlashMLA: out 0, lse +inf).
+        inv_total = Float32(0.0)
+        lse = Float32.inf
+        if total > 0.0:
+            inv_total = 1.0 / total
+            lse = finite_or_zero(row_max) + cute.math.log(total, fastmath=False)
+        s = row // heads_per_kv
+        head = kv_head * heads_per_kv + (row - s * heads_per_kv)
+        out_piece = cute.make_rmem_tensor((VEC,), self.dtype)
+        for e in cutlass.range_constexpr(VEC):
+            out_piece[e] = (acc[e] * inv_total).to(self.dtype)
+        cute.autovec_copy(out_piece, cute.local_tile(mO[batch, s, head, None], (VEC,), (piece_idx,)))
+        if piece_idx == 0:
+            mLse[batch, head, s] = lse
+
+
+@dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
+class GroupPartials:
+    """Shared memory of a combine CTA: each fragment group's running maximum, its sum
+    of weights relative to that maximum, and its weighted sum of the row's pieces."""
+
+    max: cute.Tensor  # (groups,)
+    sum: cute.Tensor  # (groups,)
+    acc: cute.Tensor  # (groups, THREADS_PER_ROW, VEC)
+
+
+@cute.jit
+def finite_or_zero(x: Float32) -> Float32:
+    """A maximum to subtract before ``exp``: ``x``, or 0 when no value was finite
+    (``-inf - -inf`` would be NaN)."""
+    ref = x
+    if x == -Float32.inf:
+        ref = Float32(0.0)
+    return ref

@@ -25,6 +25,8 @@ from ..scheduler import (
     FIXED_OVERHEAD_BLOCKS,
     METADATA_INTS,
     MIN_PAYLOAD,
+    MIN_PAYLOAD_SHORT,
+    SHORT_SEQUENCE_BLOCKS,
 )
 
 
@@ -60,7 +62,10 @@ class MlaMetadata:
             root = root - 1
         if root * root < per_sequence:
             root = root + 1
-        return cutlass.max((total + num_parts - 1) // num_parts, root, MIN_PAYLOAD)
+        least = Int32(MIN_PAYLOAD)
+        if total <= (FIXED_OVERHEAD_BLOCKS + SHORT_SEQUENCE_BLOCKS) * b:
+            least = Int32(MIN_PAYLOAD_SHORT)
+        return cutlass.max((total + num_parts - 1) // num_parts, root, least)
 
     @cute.jit
     def write_empty(self, mMeta: cute.Tensor, p: Int32, b: Int32):
