@@ -94,7 +94,7 @@ def main() -> int:
     q_rows = runtime.query_rows(inp.q, 1)
     out = torch.empty(1, 1, 16, 512, dtype=torch.bfloat16, device=dev)
     lse = torch.empty(1, 16, 1, dtype=torch.float32, device=dev)
-    accum = torch.zeros(1 << 20, dtype=torch.float32, device=dev)  # counters start at zero
+    accum = torch.empty(1 << 20, dtype=torch.float32, device=dev)  # the split workspace
     decode_fn = runtime.decode_fn(torch.bfloat16, False, 576, 512)
     metadata_fn = runtime.metadata_fn()
     buf = torch.empty(1000, dtype=torch.int32, device=dev)

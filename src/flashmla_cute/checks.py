@@ -274,7 +274,7 @@ def check_decode_args(
 
     heads_per_kv = h_q // h_kv
     num_parts = meta.shape[0]
-    elems, _ = scheduler.split_workspace_elems(b, num_parts, h_kv, s_q * heads_per_kv, dv)
+    elems = scheduler.split_workspace_elems(b, num_parts, h_kv, s_q * heads_per_kv, dv)
     if elems > _INT32_MAX:
         raise ValueError(
             f"the split-KV workspace for b={b}, {num_parts} SM parts and s_q * h_q = {s_q * h_q} "

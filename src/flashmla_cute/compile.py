@@ -150,8 +150,8 @@ def combine_variant(dtype: str, head_dim_v: int = 512) -> Variant:
             Int32(1),
             _stream(),
         )
-        # The merge alone, of every split sequence (the decode kernel merges some itself).
-        return MlaCombine(dt, head_dim_v, min_fragments=2), args
+        # The merge alone (the decode kernel launches it after itself).
+        return MlaCombine(dt, head_dim_v), args
 
     return Variant(f"combine_{dtype}_dv{head_dim_v}", build)
 

@@ -141,7 +141,6 @@ class DecodeLaunch(NamedTuple):
     out_shape: tuple  # (b, s_q, h_q, dv)
     lse_shape: tuple  # (b, h_q, s_q)
     workspace_elems: int
-    counters_at: int
     h_kv: int
     heads_per_kv: int
     gather_rows: bool  # s_q > 1: q goes through query_rows
@@ -164,15 +163,13 @@ def query_rows(q: torch.Tensor, h_kv: int) -> torch.Tensor:
 _WORKSPACE_ATTR = "_flashmla_cute_split_workspace"
 
 
-def _split_workspace(tile_scheduler_metadata: torch.Tensor, elems: int, counters_at: int,
-                     device_index: int) -> torch.Tensor:
+def _split_workspace(tile_scheduler_metadata: torch.Tensor, elems: int, device_index: int) -> torch.Tensor:
     """The decode kernel's split workspace (``scheduler.split_workspace_elems``): the
-    split sequences' partial results, then arrival counters that must be zero.
+    split sequences' partial results.
 
     All layers of a decoding step share one plan and run one after another on one
-    stream, so the workspace is allocated (and its counters zeroed) by the first call
-    with a plan and kept on the plan's tensor for the next calls: the kernel leaves the
-    counters zero, and the next calls save an allocation and a memset. It is reused
+    stream, so the workspace is allocated by the first call with a plan and kept on the
+    plan's tensor for the next calls, which save an allocation. It is reused
     only by calls on the stream it was made for, with the same size: work on one stream
     runs in order, so no two kernels ever use it at once, and the caching allocator
     hands its memory to nothing else while the plan lives. A call on another stream or
@@ -183,7 +180,6 @@ def _split_workspace(tile_scheduler_metadata: torch.Tensor, elems: int, counters
     if kept is not None and kept[0] == stream and kept[1].numel() == elems:
         return kept[1]
     workspace = tile_scheduler_metadata.new_empty(elems, dtype=torch.float32)
-    workspace[counters_at:].zero_()
     try:
         setattr(tile_scheduler_metadata, _WORKSPACE_ATTR, (stream, workspace))
     except (AttributeError, RuntimeError):  # a tensor type without attributes: not kept
@@ -195,14 +191,13 @@ def decode_launch(problem, dtype: torch.dtype, device_index: int) -> DecodeLaunc
     """What a decode call of a validated ``problem`` (``checks.DecodeProblem``) needs;
     compiles the kernel variant on first use."""
     p = problem
-    elems, counters_at = split_workspace_elems(p.b, p.num_parts, p.h_kv, p.rows_per_kv, p.dv)
+    elems = split_workspace_elems(p.b, p.num_parts, p.h_kv, p.rows_per_kv, p.dv)
     return DecodeLaunch(
         fn=decode_fn(dtype, p.causal, p.d, p.dv),
         device_index=device_index,
         out_shape=(p.b, p.s_q, p.h_q, p.dv),
         lse_shape=(p.b, p.h_q, p.s_q),
         workspace_elems=elems,
-        counters_at=counters_at,
         h_kv=p.h_kv,
         heads_per_kv=p.heads_per_kv,
         gather_rows=p.s_q > 1,
@@ -214,7 +209,7 @@ def launch_decode(launch: DecodeLaunch, q, k_cache, block_table, cache_seqlens, 
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the decode kernel; returns ``(out, lse)``. The compiled function raises (and
     launches nothing) on arguments that do not match what it was compiled for."""
-    workspace = _split_workspace(meta, launch.workspace_elems, launch.counters_at, launch.device_index)
+    workspace = _split_workspace(meta, launch.workspace_elems, launch.device_index)
     out = q.new_empty(launch.out_shape)
     lse = workspace.new_empty(launch.lse_shape)
     rows = query_rows(q, launch.h_kv) if launch.gather_rows else q

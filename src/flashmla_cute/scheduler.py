@@ -43,8 +43,7 @@ covered whole; the fragment of every batch after the first starts at split numbe
 of each sequence: sequence ``i`` is cut into ``num_splits[i + 1] - num_splits[i]``
 fragments (>= 1), whose partial results live at rows ``num_splits[i] + k`` of the fp32
 accumulators (``k`` the fragment number). A sequence with one fragment is written to
-the output directly by the decode kernel; the others are merged by the CTA that
-finishes a sequence's last fragment. There are at most ``b + num_sm_parts - 1``
+the output directly by the decode kernel; the others are merged by the combine kernel. There are at most ``b + num_sm_parts - 1``
 fragments in all.
 """
 
@@ -116,13 +115,10 @@ def accumulator_elems(num_acc: int, h_kv: int, rows_per_kv: int, dv: int) -> int
     return num_acc * h_kv * rows_per_kv * (dv + 1)
 
 
-def split_workspace_elems(b: int, num_parts: int, h_kv: int, rows_per_kv: int, dv: int) -> tuple[int, int]:
-    """``(size, counters_at)`` of the decode kernel's split workspace, in 4-byte
-    elements: the partial results (``accumulator_elems``), then from ``counters_at`` one
-    int32 arrival counter per (sequence, KV head, query tile), which must be zero when
-    a kernel starts (each kernel leaves them zero; ``kernels/utils.arrival_counters``)."""
-    counters_at = accumulator_elems(b + num_parts, h_kv, rows_per_kv, dv)
-    return counters_at + b * h_kv * num_query_tiles(rows_per_kv), counters_at
+def split_workspace_elems(b: int, num_parts: int, h_kv: int, rows_per_kv: int, dv: int) -> int:
+    """Size of the decode kernel's split workspace in fp32 elements: the partial results
+    of up to ``b + num_parts - 1`` fragments (``accumulator_elems``)."""
+    return accumulator_elems(b + num_parts, h_kv, rows_per_kv, dv)
 
 
 def num_query_tiles(num_heads_per_head_k: int) -> int:

@@ -1,7 +1,7 @@
 """The named barriers the decode kernel's two consumer warpgroups share (0 is the CTA's
 ``__syncthreads``). Each pair barrier counts both warpgroups (256 threads): in the
-row-statistics exchanges one side arrives and the other waits; the row sums (and the
-in-kernel merge) make both wait."""
+row-statistics exchanges one side arrives and the other waits; the row sums make both
+wait."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ WARPGROUP_THREADS = 128
 
 LEFT_STATS = 1  # left -> right: m0, s0 and P0 are in shared memory
 RIGHT_STATS = 2  # right -> left: m1, s1 and P1 are in shared memory
-SUMS = 3  # both: a batch's row sums (and the in-kernel merge's steps)
+SUMS = 3  # both: a batch's row sums
 WARPGROUP_BASE = 4  # + consumer index: one consumer warpgroup alone
 
 

@@ -4,13 +4,9 @@ One CTA per (SM part, KV head, 64-row query tile). A CTA walks the contiguous ra
 (batch, 64-token block) work that the scheduler gave its part (see ``scheduler.py``),
 and for each batch in that range runs flash-attention's online softmax over its blocks,
 then writes either the final output or, when the sequence was split across parts, an
-fp32 partial (O, LSE). A sequence cut into few fragments (large batches) is merged here:
-the CTA whose partial of a (sequence, KV head, query tile) is the last to arrive (an
-atomic counter per tile in the workspace) merges all of them into the output
-(``combine.merge_rows``), overlapping other CTAs' work. A sequence cut into many (small
-batches) is merged by the combine kernel, launched by the same host call as this
-kernel's programmatic dependent, which spreads the merge over many SMs (see
-``combine.py``).
+fp32 partial (O, LSE). Split sequences are merged by the combine kernel, launched by
+the same host call as this kernel's programmatic dependent, which spreads the merge over
+many SMs (see ``combine.py``).
 
 Warp roles (384 threads):
 
@@ -50,8 +46,7 @@ Warp roles (384 threads):
 Shared memory: Q 72 KB + two K stages of 72 KB + row statistics.
 
 Where things are: ``produce`` is the producer warp; ``left_pair`` and ``right_pair`` are
-the two columns of the table above, ``finish_batch`` the epilogue (and the in-kernel
-merge), ``consume`` the loop over a part's batches and pairs that calls them. The K ring
+the two columns of the table above, ``finish_batch`` the epilogue, ``consume`` the loop over a part's batches and pairs that calls them. The K ring
 is ``kv_stages.KvStages``, the online-softmax steps are in ``softmax.py``, the named
 barriers in ``consumer_barriers.py``, the merge in ``combine.py``.
 """
@@ -72,8 +67,8 @@ from . import softmax, utils
 from ..scheduler import BEGIN_BATCH, BEGIN_BLOCK, BEGIN_SPLIT, BLOCK_SIZE, END_BATCH, END_BLOCK, ROWS_PER_TILE
 from .consumer_barriers import ConsumerBarriers
 from .kv_stages import NUM_STAGES, KvStages
-from .combine import DECODE_MERGE_ROWS_IN_FLIGHT, MAX_FRAGMENTS_MERGED_IN_DECODE, MlaCombine, merge_rows
-from .utils import accumulators, arrival_counters
+from .combine import MlaCombine
+from .utils import accumulators
 
 BLOCK_N = BLOCK_SIZE  # tokens per KV tile: one page
 TILE_M = ROWS_PER_TILE  # query rows per CTA (the WGMMA's M)
@@ -161,7 +156,7 @@ class MlaDecodeSm90:
         mNumSplits: cute.Tensor,  # (b + 1,) int32
         mO: cute.Tensor,  # (b, s_q, h_q, dv) in q's dtype
         mLse: cute.Tensor,  # (b, h_q, s_q) fp32
-        mAccum: cute.Tensor,  # the split workspace: utils.accumulators, then utils.arrival_counters
+        mAccum: cute.Tensor,  # the split workspace: utils.accumulators
         softmax_scale: Float32,
         heads_per_kv: Int32,
         stream,
@@ -176,8 +171,6 @@ class MlaDecodeSm90:
         num_acc = mO.shape[0] + mMeta.shape[0]
         num_m_tiles = (rows_per_kv + TILE_M - 1) // TILE_M
         mOAccum, mLseAccum = accumulators(mAccum, num_acc, num_kv_heads, rows_per_kv, dv)
-        mCounters = arrival_counters(mAccum, num_acc, num_kv_heads, rows_per_kv, dv,
-                                     mO.shape[0] * num_kv_heads * num_m_tiles)
 
         # TMA views: (rows, d, h_kv, b) for Q and (token, d, h_kv, page) for K.
         q_tma_src = cute.make_tensor(
@@ -221,7 +214,6 @@ class MlaDecodeSm90:
             kv_mbar: cute.struct.MemRange[Int64, KvStages.barrier_count(self.kv_groups)]
             q_mbar: cute.struct.MemRange[Int64, 2]
             stats: cute.struct.MemRange[Float32, NUM_STATS * TILE_M]
-            last_fragment: cute.struct.MemRange[Int32, 1]  # this CTA merges the sequence
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
 
@@ -244,7 +236,6 @@ class MlaDecodeSm90:
             mLse,
             mOAccum,
             mLseAccum,
-            mCounters,
             softmax_scale,
             heads_per_kv,
             sQ_layout,
@@ -255,7 +246,7 @@ class MlaDecodeSm90:
             stream=stream,
             min_blocks_per_mp=1,
         )
-        # Sequences split into more fragments than the decode kernel merges itself.
+        # The split sequences' merge.
         MlaCombine(dtype, dv).launch(mOAccum, mLseAccum, mMeta, mNumSplits, mO, mLse, heads_per_kv, stream, True)
 
     # ---------------------------------------------------------------- device side
@@ -277,7 +268,6 @@ class MlaDecodeSm90:
         mLse: cute.Tensor,
         mOAccum: cute.Tensor,
         mLseAccum: cute.Tensor,
-        mCounters: cute.Tensor,
         softmax_scale: Float32,
         heads_per_kv: Int32,
         sQ_layout: cute.ComposedLayout,
@@ -330,7 +320,7 @@ class MlaDecodeSm90:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             args = (
                 tidx % 128, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv, q_pipe,
-                mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, mCounters, softmax_scale,
+                mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale,
                 heads_per_kv, part, kv_head, m_tile,
             )
             if warpgroup_idx == 1:
@@ -492,7 +482,7 @@ class MlaDecodeSm90:
     @cute.jit
     def consume(
         self, wg: cutlass.Constexpr, wg_tidx: Int32, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
-        kv, q_pipe, mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, mCounters,
+        kv, q_pipe, mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum,
         softmax_scale, heads_per_kv, part, kv_head, m_tile,
     ):
         """One consumer warpgroup (``wg`` 0 the left one, 1 the right one): for each
@@ -538,8 +528,8 @@ class MlaDecodeSm90:
                 tiles_seen = tiles_seen + cutlass.min(last - pair, 2)
             q_pipe.consumer_release(q_state)
             q_state.advance()
-            self.finish_batch(wg, t, bars, storage, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum,
-                              mCounters, softmax_scale, heads_per_kv, part, kv_head, m_tile, batch, seqlen)
+            self.finish_batch(wg, t, bars, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum,
+                              softmax_scale, heads_per_kv, part, kv_head, m_tile, batch, seqlen)
 
     @cute.jit
     def left_pair(self, t, bars, kv, pair, first_state, second_state, has_second, seqlen, mask_from, scale_log2):
@@ -645,11 +635,11 @@ class MlaDecodeSm90:
         cute.arch.fence_view_async_shared()
 
     @cute.jit
-    def finish_batch(self, wg: cutlass.Constexpr, t, bars, storage, mBlockTable, mMeta, mNumSplits, mO, mLse,
-                     mOAccum, mLseAccum, mCounters, softmax_scale, heads_per_kv, part, kv_head, m_tile, batch, seqlen):
+    def finish_batch(self, wg: cutlass.Constexpr, t, bars, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum,
+                     mLseAccum, softmax_scale, heads_per_kv, part, kv_head, m_tile, batch, seqlen):
         """The batch's epilogue: total row sums (each consumer summed its own blocks),
-        normalize, store the output (or the fragment's fp32 partial), and merge the
-        sequence here when this CTA's fragment is its last to arrive."""
+        normalize, store the output, or the fragment's fp32 partial for the combine
+        kernel when the sequence was split."""
         num_rows = cute.size(t.s_rc, mode=[0])
         rows_per_kv = mOAccum.shape[2]
         table_tokens = mBlockTable.shape[1] * BLOCK_N
@@ -689,48 +679,8 @@ class MlaDecodeSm90:
                                    wg * self.dv_per_wg, Float32)
                     if wg == 0 and t.lane_writes_row:
                         mLseAccum[split_idx, kv_head, row] = lse
-        merged_here = num_frags > 1 and num_frags <= MAX_FRAGMENTS_MERGED_IN_DECODE
-        if merged_here:
-            cute.arch.fence_acq_rel_gpu()  # this thread's partial, before the arrival below
         # Nobody may overwrite the sums before both consumers read them.
         bars.sums.arrive_and_wait()
-        if merged_here:
-            self.merge_if_last(wg, t.wg_tidx, storage, bars.sums, mNumSplits, mO, mLse, mOAccum, mLseAccum,
-                               mCounters, heads_per_kv, batch, kv_head, m_tile, num_frags)
-
-    @cute.jit
-    def merge_if_last(self, wg: cutlass.Constexpr, wg_tidx, storage, consumers, mNumSplits, mO, mLse, mOAccum,
-                      mLseAccum, mCounters, heads_per_kv, batch, kv_head, m_tile, num_frags):
-        """Count this CTA's partial of (batch, kv_head, m_tile) as arrived; the CTA whose
-        partial is the sequence's last to arrive merges all of them into the output.
-
-        Every consumer thread has fenced its partial's stores and passed the
-        ``consumers`` barrier; one thread then adds to the tile's counter (acquire and
-        release at GPU scope). The last one resets the counter to 0 for the next kernel
-        on this workspace and, after the barrier that shares the verdict, the two
-        consumer warpgroups merge the tile (``combine.merge_rows``).
-        """
-        flag = storage.last_fragment.get_tensor(cute.make_layout((1,)))
-        if const_expr(wg == 0):
-            if wg_tidx == 0:
-                num_m_tiles = cute.size(mCounters) // (mO.shape[0] * mOAccum.shape[1])
-                counter = (batch * mOAccum.shape[1] + kv_head) * num_m_tiles + m_tile
-                arrived = cute.arch.atomic_add(
-                    (mCounters.iterator + counter).llvm_ptr, Int32(1), sem="acq_rel", scope="gpu"
-                )
-                is_last = arrived == num_frags - 1
-                if is_last:
-                    mCounters[counter] = 0
-                flag[0] = Int32(is_last)
-        consumers.arrive_and_wait()
-        if flag[0] != 0:
-            cute.arch.fence_acq_rel_gpu()  # the other CTAs' partials, after their arrivals
-            # Row statistics of the merge go where m0 and s0 of the pairs were.
-            row_stats = storage.stats.get_tensor(cute.make_layout((TILE_M, 2), stride=(1, TILE_M)))
-            merge_rows(mOAccum, mLseAccum, mO, mLse, row_stats, consumers, wg * 128 + wg_tidx, batch, kv_head,
-                       m_tile * TILE_M, mNumSplits[batch], num_frags, heads_per_kv, TILE_M,
-                       128 * NUM_CONSUMER_WARPGROUPS, DECODE_MERGE_ROWS_IN_FLIGHT, MAX_FRAGMENTS_MERGED_IN_DECODE,
-                       self.dtype, self.head_dim_v)
 
     @staticmethod
     @cute.jit

@@ -66,11 +66,3 @@ def accumulators(mAccum: cute.Tensor, num_acc, h_kv, rows, dv: cutlass.Constexpr
         cute.make_layout((num_acc, h_kv, rows), stride=(h_kv * rows, rows, 1)),
     )
     return o_accum, lse_accum
-
-
-@cute.jit
-def arrival_counters(mAccum: cute.Tensor, num_acc, h_kv, rows, dv: cutlass.Constexpr, num_counters):
-    """The int32 tail of the split workspace, after ``accumulators``: one counter per
-    (batch, KV head, query tile), zero between kernels."""
-    start = mAccum.iterator + num_acc * h_kv * rows * (dv + 1)
-    return cute.make_tensor(cute.recast_ptr(start, dtype=cutlass.Int32), cute.make_layout((num_counters,)))
