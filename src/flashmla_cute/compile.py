@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Files whose content decides what the kernels compile to.
-_KERNEL_SOURCES = ("compile.py", "scheduler.py", "fp8_cache.py", "kernels/*.py")
+_KERNEL_SOURCES = ("compile.py", "scheduler.py", "fp8_cache.py", "sparse_plan.py", "kernels/*.py")
 
 ARCHS = ("sm_90a",)
 """GPU architectures the kernels can be compiled for (they use Hopper-only TMA and WGMMA)."""
@@ -190,9 +190,13 @@ def sparse_decode_variant() -> Variant:
             _fake(cutlass.Float32, (_i32(),), (1,)),  # attn_sink
             _fake(cutlass.BFloat16, (b, s_q, h_q, LATENT_DIM), (_s16(), _s16(), _s16(), 1), 16),  # out
             _fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),  # lse
+            _fake(cutlass.Float32, (_i32(),), (1,), 16),  # split-partials workspace
+            _fake(cutlass.Int32, (_i32(),), (1,)),  # num_splits
             Float32(1.0),  # softmax_scale
             Int32(0),  # has_topk_length
             Int32(0),  # has_sink
+            Int32(1),  # topk_splits
+            Int32(132),  # num_sms
             _stream(),
         )
         return SparseDecodeSm90(), args

@@ -82,23 +82,28 @@ class MlaCombine:
         h_kv = mO.shape[2] // heads_per_kv
         num_acc = mO.shape[0] + mMeta.shape[0]
         mOAccum, mLseAccum = accumulators(mAccum, num_acc, h_kv, rows, self.head_dim_v)
-        self.launch(mOAccum, mLseAccum, mMeta, mNumSplits, mO, mLse, heads_per_kv, stream, False)
+        num_m_tiles = (rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
+        self.launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, mLse, Int32(0), heads_per_kv,
+                    mMeta.shape[0] * num_m_tiles, stream, False)
 
     @cute.jit
-    def launch(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mMeta: cute.Tensor, mNumSplits: cute.Tensor,
-               mO: cute.Tensor, mLse: cute.Tensor, heads_per_kv: Int32, stream, after_decode: cutlass.Constexpr):
-        """Launch on ``stream``; ``after_decode``: as the decode kernel's programmatic
-        dependent, right after it."""
+    def launch(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mNumSplits: cute.Tensor, mO: cute.Tensor,
+               mLse: cute.Tensor, mSink: cute.Tensor, has_sink: Int32, heads_per_kv: Int32, producer_ctas: Int32,
+               stream, after_producer: cutlass.Constexpr):
+        """Launch on ``stream``: sequence ``i``'s fragments are ``mNumSplits[i] ..
+        mNumSplits[i + 1] - 1`` of ``mOAccum`` / ``mLseAccum``; with ``has_sink``, each
+        row's output is scaled by ``exp(lse) / (exp(lse) + exp(mSink[head]))``.
+        ``producer_ctas``: how many CTAs of the kernel that wrote the partials ran at
+        once (about the SM count), which sizes the grid. ``after_producer``: launched
+        as that kernel's programmatic dependent, right after it."""
         rows = mOAccum.shape[2]
-        num_parts = mMeta.shape[0]
-        num_slots = cutlass.min(mO.shape[0], num_parts)
-        # CTAs of the decode kernel: about one per SM.
-        decode_ctas = num_parts * ((rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE)
-        row_groups = (CTA_BUDGET_PER_SM * decode_ctas + num_slots - 1) // num_slots
+        num_slots = cutlass.max(cutlass.min(mO.shape[0], producer_ctas), 1)
+        row_groups = (CTA_BUDGET_PER_SM * producer_ctas + num_slots - 1) // num_slots
         row_groups = cutlass.max(cutlass.min(row_groups, rows), 1)
-        self.kernel(mOAccum, mLseAccum, mNumSplits, mO, mLse, heads_per_kv, num_slots, row_groups).launch(
+        self.kernel(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, heads_per_kv, num_slots,
+                    row_groups).launch(
             grid=[num_slots, mOAccum.shape[1], row_groups], block=[COMBINE_THREADS, 1, 1], stream=stream,
-            use_pdl=after_decode,
+            use_pdl=after_producer,
         )
 
     @cute.kernel
@@ -109,6 +114,8 @@ class MlaCombine:
         mNumSplits: cute.Tensor,
         mO: cute.Tensor,
         mLse: cute.Tensor,
+        mSink: cute.Tensor,
+        has_sink: Int32,
         heads_per_kv: Int32,
         num_slots: Int32,
         row_groups: Int32,
@@ -148,12 +155,14 @@ class MlaCombine:
                                              row_groups * COMBINE_FRAGMENT_GROUPS, unroll=1):
                         acc, row_max, total = self.sum_fragments(mOAccum, mLseAccum, kv_head, row, first, num_frags,
                                                                  0, 1, piece_idx)
-                        self.store_row(mO, mLse, acc, row_max, total, batch, kv_head, row, heads_per_kv, piece_idx)
+                        self.store_row(mO, mLse, mSink, has_sink, acc, row_max, total, batch, kv_head, row,
+                                       heads_per_kv, piece_idx)
                 else:
                     # Many: the groups read a row's fragments side by side.
                     for row in cutlass.range(row_group, rows, row_groups, unroll=1):
-                        self.merge_row_by_all_groups(mOAccum, mLseAccum, mO, mLse, groups, barrier, group, piece_idx,
-                                                     batch, kv_head, row, first, num_frags, heads_per_kv)
+                        self.merge_row_by_all_groups(mOAccum, mLseAccum, mO, mLse, mSink, has_sink, groups, barrier,
+                                                     group, piece_idx, batch, kv_head, row, first, num_frags,
+                                                     heads_per_kv)
 
     @cute.jit
     def sum_fragments(self, mOAccum, mLseAccum, kv_head, row, first, num_frags, group, num_groups: cutlass.Constexpr,
@@ -197,8 +206,8 @@ class MlaCombine:
         return acc, running_max, running_sum
 
     @cute.jit
-    def merge_row_by_all_groups(self, mOAccum, mLseAccum, mO, mLse, groups, barrier, group, piece_idx, batch, kv_head,
-                                row, first, num_frags, heads_per_kv):
+    def merge_row_by_all_groups(self, mOAccum, mLseAccum, mO, mLse, mSink, has_sink, groups, barrier, group,
+                                piece_idx, batch, kv_head, row, first, num_frags, heads_per_kv):
         """Merge one row's ``num_frags`` partials with every thread group of the CTA:
         each group sums its share of the fragments, group 0 combines the groups' sums."""
         acc, running_max, running_sum = self.sum_fragments(mOAccum, mLseAccum, kv_head, row, first, num_frags, group,
@@ -223,22 +232,30 @@ class MlaCombine:
                 part = groups.acc[g, piece_idx, None].load()
                 for e in cutlass.range_constexpr(VEC):
                     out[e] = out[e] + weight * part[e]
-            self.store_row(mO, mLse, out, row_max, total, batch, kv_head, row, heads_per_kv, piece_idx)
+            self.store_row(mO, mLse, mSink, has_sink, out, row_max, total, batch, kv_head, row, heads_per_kv,
+                           piece_idx)
         # The shared partials are read before the next row overwrites them.
         barrier.arrive_and_wait()
 
     @cute.jit
-    def store_row(self, mO, mLse, acc, row_max, total, batch, kv_head, row, heads_per_kv, piece_idx):
+    def store_row(self, mO, mLse, mSink, has_sink, acc, row_max, total, batch, kv_head, row, heads_per_kv,
+                  piece_idx):
         """``acc / total`` (this thread's piece of the row) into ``mO``; the row's
-        log-sum-exp ``row_max + log(total)`` into ``mLse``."""
+        log-sum-exp ``row_max + log(total)`` into ``mLse``. An attention sink adds
+        ``exp(sink - row_max)`` to the output's divisor only."""
+        s = row // heads_per_kv
+        head = kv_head * heads_per_kv + (row - s * heads_per_kv)
         # Every fragment empty for this row: it sees no key (FlashMLA: out 0, lse +inf).
         inv_total = Float32(0.0)
         lse = Float32.inf
         if total > 0.0:
-            inv_total = 1.0 / total
-            lse = finite_or_zero(row_max) + cute.math.log(total, fastmath=False)
-        s = row // heads_per_kv
-        head = kv_head * heads_per_kv + (row - s * heads_per_kv)
+            ref = finite_or_zero(row_max)
+            lse = ref + cute.math.log(total, fastmath=False)
+            divisor = total
+            if has_sink != 0:
+                # +inf sink gives 0, -inf leaves the output as it is.
+                divisor = total + cute.math.exp(mSink[head] - ref, fastmath=False)
+            inv_total = 1.0 / divisor
         out_piece = cute.make_rmem_tensor((VEC,), self.dtype)
         for e in cutlass.range_constexpr(VEC):
             out_piece[e] = (acc[e] * inv_total).to(self.dtype)

@@ -247,7 +247,8 @@ class MlaDecodeSm90:
             min_blocks_per_mp=1,
         )
         # The split sequences' merge.
-        MlaCombine(dtype, dv).launch(mOAccum, mLseAccum, mMeta, mNumSplits, mO, mLse, heads_per_kv, stream, True)
+        MlaCombine(dtype, dv).launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, mLse, Int32(0), heads_per_kv,
+                                     num_parts * num_m_tiles, stream, True)
 
     # ---------------------------------------------------------------- device side
     @cute.kernel
@@ -670,30 +671,17 @@ class MlaDecodeSm90:
                         lse = Float32.inf  # no visible key: FlashMLA's convention
                     s = row // heads_per_kv
                     head = kv_head * heads_per_kv + (row - s * heads_per_kv)
-                    self.store_row(t.o_rc, t.coord_o, i, inv, mO[batch, s, head, None], wg * self.dv_per_wg,
-                                   self.dtype)
+                    utils.store_acc_row(t.o_rc, t.coord_o, i, inv, mO[batch, s, head, None], wg * self.dv_per_wg,
+                                        self.dtype)
                     if wg == 0 and t.lane_writes_row:
                         mLse[batch, head, s] = lse
                 else:
-                    self.store_row(t.o_rc, t.coord_o, i, inv, mOAccum[split_idx, kv_head, row, None],
-                                   wg * self.dv_per_wg, Float32)
+                    utils.store_acc_row(t.o_rc, t.coord_o, i, inv, mOAccum[split_idx, kv_head, row, None],
+                                        wg * self.dv_per_wg, Float32)
                     if wg == 0 and t.lane_writes_row:
                         mLseAccum[split_idx, kv_head, row] = lse
         # Nobody may overwrite the sums before both consumers read them.
         bars.sums.arrive_and_wait()
-
-    @staticmethod
-    @cute.jit
-    def store_row(o_rc, coord_o, i: cutlass.Constexpr, scale, dst_row: cute.Tensor, col0, dtype: cutlass.Constexpr):
-        """Write this thread's values of accumulator row ``i``, times ``scale``, into
-        ``dst_row`` (one output row, contiguous) from column ``col0`` on. A thread's
-        values come in pairs of adjacent columns: one 2-element store per pair."""
-        for jj in cutlass.range_constexpr(cute.size(o_rc, mode=[1]) // 2):
-            pair = cute.make_rmem_tensor((2,), dtype)
-            pair[0] = (o_rc[i, 2 * jj] * scale).to(dtype)
-            pair[1] = (o_rc[i, 2 * jj + 1] * scale).to(dtype)
-            col = col0 + coord_o[i, 2 * jj][1]
-            cute.autovec_copy(pair, cute.local_tile(dst_row, (2,), (col // 2,)))
 
     @cute.jit
     def block_scores(self, block, state, kv, t, bars, seqlen, mask_from):

@@ -1,32 +1,48 @@
 """Sparse (top-k) MLA decode over DeepSeek-V3.2's FP8 KV cache, for Hopper (sm_90a).
 
-A first, simple design: one CTA per (batch, query token, 64-head tile) walks that query
-token's ``topk`` indices 64 at a time. For each group of 64 indices:
+One CTA per (batch, query token, 64-head tile, share of the topk) walks that query
+token's indices 64 at a time (a *step*), with two K tiles in shared memory so that gathering one
+step overlaps the MMAs of the one before:
 
-1. gather: all 256 threads, four per token, read the token's FP8 latent bytes, its four
-   scales and its bf16 rope values straight from the paged cache (16-byte loads: a token
-   is 656 = 41 * 16 bytes), dequantize to bf16 and store the 64 x 576 K tile into shared
-   memory in the swizzled K-major layout WGMMA reads. A token that is not valid (a
-   negative index, one past the cache, or a position at or past ``topk_length``) is
-   never read: its row is zeros and its score is masked to -inf. The stores are made
-   visible to WGMMA (the async proxy) with a proxy fence and a CTA barrier.
+1. gather, in two halves: *fetch* (all 256 threads, four per token, read the token's
+   FP8 latent bytes, its four scales and its bf16 rope values straight from the paged
+   cache into registers: 16-byte loads, a token is 656 = 41 * 16 bytes) and *unpack*
+   (dequantize to bf16 and store the 64 x 576 K tile into shared memory in the
+   swizzled K-major layout WGMMA reads). A token that is not valid (a negative index,
+   one past the cache, or a position at or past ``topk_length``) is never read: its
+   row is zeros and its score is masked to -inf.
 2. attend: the two warpgroups each compute ``S = Q K^T`` for all 64 heads (Q, 64 x 576,
    loaded once), run the online softmax, and accumulate ``O += P V`` for their own 256
    of the 512 value columns, with P from registers and V = the tile's first 512 columns
    read as an MN-major operand (the layouts of ``decode_sm90``). Both compute S: the
    duplicate MMA is the price of needing no exchange of softmax statistics.
-3. a CTA barrier before the next gather overwrites the tile.
 
-The epilogue divides by the row sums, applies the attention sink (``out *= exp(lse) /
-(exp(lse) + exp(sink))``, lse unchanged) and writes out and lse; a row that saw no valid
-token gets out 0 and lse +inf. Heads past ``h_q`` (fewer than 64 or 128 heads) are zero
-rows of Q that are never stored. There is no split over topk yet: one CTA does a
-query token's whole topk.
+The pipeline, per step ``i`` (tile ``i`` in buffer ``i % 2``)::
+
+    issue S = Q K_i^T          | fetch step i + 1 (loads in flight during the MMA)
+    softmax of S, P            |
+    issue O += P V_i           | unpack step i + 1 into the other buffer
+    wait; CTA barrier          (tile i is read, tile i + 1 is written)
+
+Each thread also loads its token index of step ``i + 2`` during step ``i``, so that a
+fetch never waits on its own index.
+
+Split over topk: when there are too few query-token tiles to fill the GPU, the
+``topk_splits`` CTAs of a tile (grid z = head tile + tiles * split) take equal shares of its
+steps (``sparse_plan.topk_splits``, from shapes alone) and write fp32 partials, which the
+combine kernel (``combine.py``, launched as this kernel's programmatic dependent) merges.
+
+The epilogue divides by the row sums and, for a tile that is not split, applies the
+attention sink (``out *= exp(lse) / (exp(lse) + exp(sink))``, lse unchanged; the combine
+kernel applies it to split ones) and writes out and lse; a row that saw no valid token
+gets out 0 and lse +inf. Heads past ``h_q`` (fewer than 64 or 128 heads) are zero rows of
+Q that are never stored.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cutlass
 import cutlass.cute as cute
@@ -36,10 +52,11 @@ from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from .. import fp8_cache
+from ..sparse_plan import HEAD_TILE, STEP_TOKENS
 from . import utils
+from .combine import MlaCombine
 
-HEAD_TILE = 64  # query heads per CTA (the WGMMA's M)
-TOKENS = 64  # indices per step (the WGMMA's N of S)
+TOKENS = STEP_TOKENS  # indices per step
 NUM_WARPGROUPS = 2
 THREADS = 128 * NUM_WARPGROUPS
 THREADS_PER_TOKEN = THREADS // TOKENS  # 4: one token's bytes are gathered by 4 threads
@@ -49,6 +66,7 @@ D = fp8_cache.HEAD_DIM
 DV = fp8_cache.LATENT_DIM
 LATENT_CHUNKS = DV // 64  # 64-column chunks of the latent part (8)
 Q_VECTORS_PER_ROW = D // 8  # 16-byte pieces of a bf16 row of Q (72)
+NUM_BUFFERS = 2  # K tiles in shared memory: one read by the MMAs, one being written
 
 
 class SparseDecodeSm90:
@@ -66,9 +84,13 @@ class SparseDecodeSm90:
         mSink: cute.Tensor,  # (h_q,) fp32, or any one float when has_sink == 0
         mO: cute.Tensor,  # (b, s_q, h_q, 512) bf16
         mLse: cute.Tensor,  # (b, h_q, s_q) fp32
+        mAccum: cute.Tensor,  # fp32 partials of b * topk_splits fragments (utils.accumulators), when split
+        mNumSplits: cute.Tensor,  # (b + 1,) int32: i * topk_splits
         softmax_scale: Float32,
         has_topk_length: Int32,
         has_sink: Int32,
+        topk_splits: Int32,  # CTAs that share a query token's topk (sparse_plan.topk_splits)
+        num_sms: Int32,
         stream,
     ):
         dtype = BFloat16
@@ -80,25 +102,33 @@ class SparseDecodeSm90:
             (HEAD_TILE, DV // NUM_WARPGROUPS), sm90_utils.OperandSource.RMEM,
         )
         sQ_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (HEAD_TILE, TOKENS, D), dtype, 1)
-        sK_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (HEAD_TILE, TOKENS, D), dtype, 1)
+        sK_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (HEAD_TILE, TOKENS, D), dtype, NUM_BUFFERS)
 
         @cute.struct
         class SharedStorage:
-            token_valid: cute.struct.MemRange[Int32, TOKENS]
+            token_valid: cute.struct.MemRange[Int32, TOKENS * NUM_BUFFERS]
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
 
         self.shared_storage = SharedStorage
         b, s_q, h_q = mQ.shape[0], mQ.shape[1], mQ.shape[2]
+        head_tiles = (h_q + HEAD_TILE - 1) // HEAD_TILE
+        # The partials of fragment k of batch i at index i * topk_splits + k, as one KV
+        # head of s_q * h_q rows (row s * h_q + h), the layout the combine kernel reads.
+        mOAccum, mLseAccum = utils.accumulators(mAccum, b * topk_splits, 1, s_q * h_q, DV)
         self.kernel(
-            tiled_mma_s, tiled_mma_o, mQ, mK, mIndices, mTopkLength, mSink, mO, mLse, softmax_scale,
-            has_topk_length, has_sink, sQ_layout, sK_layout,
+            tiled_mma_s, tiled_mma_o, mQ, mK, mIndices, mTopkLength, mSink, mO, mLse, mOAccum, mLseAccum,
+            softmax_scale, has_topk_length, has_sink, topk_splits, sQ_layout, sK_layout,
         ).launch(
-            grid=[b, s_q, (h_q + HEAD_TILE - 1) // HEAD_TILE],  # b first: grid.x has no 65535 limit
+            grid=[b, s_q, head_tiles * topk_splits],  # b first: grid.x has no 65535 limit
             block=[THREADS, 1, 1],
             stream=stream,
             min_blocks_per_mp=1,
         )
+        # Split query tokens: their fragments merged (and the sink applied) by the combine
+        # kernel, launched as this kernel's programmatic dependent.
+        MlaCombine(dtype, DV).launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q,
+                                     cutlass.min(b * s_q * head_tiles * topk_splits, num_sms), stream, True)
 
     # ---------------------------------------------------------------- device side
     @cute.kernel
@@ -113,25 +143,34 @@ class SparseDecodeSm90:
         mSink: cute.Tensor,
         mO: cute.Tensor,
         mLse: cute.Tensor,
+        mOAccum: cute.Tensor,
+        mLseAccum: cute.Tensor,
         softmax_scale: Float32,
         has_topk_length: Int32,
         has_sink: Int32,
+        topk_splits: Int32,
         sQ_layout: cute.ComposedLayout,
         sK_layout: cute.ComposedLayout,
     ):
         tidx, _, _ = cute.arch.thread_idx()
-        batch, s, head_tile = cute.arch.block_idx()
+        batch, s, tile_and_split = cute.arch.block_idx()
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         wg = warp_idx // 4
         wg_tidx = tidx % 128
         h_q = mQ.shape[2]
+        head_tiles = (h_q + HEAD_TILE - 1) // HEAD_TILE
+        head_tile = tile_and_split % head_tiles
+        split = tile_and_split // head_tiles
         head0 = head_tile * HEAD_TILE
+
+        # The combine kernel may start now: its CTAs wait for this grid's end.
+        cute.arch.griddepcontrol_launch_dependents()
 
         smem = cutlass.utils.SmemAllocator()
         storage = smem.allocate(self.shared_storage)
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
-        token_valid = storage.token_valid.get_tensor(cute.make_layout((TOKENS,)))
+        token_valid = storage.token_valid.get_tensor(cute.make_layout((TOKENS, NUM_BUFFERS)))
 
         self.load_q(mQ, sQ, tidx, batch, s, head0, h_q)
 
@@ -142,7 +181,10 @@ class SparseDecodeSm90:
         # V: this warpgroup's 256 value columns of the K tile, MN-major (N = column, K = token).
         sV = cute.make_tensor(
             sK.iterator + wg * (DV // NUM_WARPGROUPS * TOKENS),
-            cute.make_layout(((64, DV // NUM_WARPGROUPS // 64), (8, TOKENS // 8)), stride=((1, TOKENS * 64), (64, 512))),
+            cute.make_layout(
+                ((64, DV // NUM_WARPGROUPS // 64), (8, TOKENS // 8), (1, NUM_BUFFERS)),
+                stride=((1, TOKENS * 64), (64, 512), (0, TOKENS * D)),
+            ),
         )
         tSrQ = thr_mma_s.make_fragment_A(thr_mma_s.partition_A(sQ))
         tSrK = thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sK))
@@ -172,21 +214,35 @@ class SparseDecodeSm90:
         limit = topk
         if has_topk_length != 0:
             limit = cutlass.max(cutlass.min(mTopkLength[batch], topk), 0)
-        num_steps = (limit + TOKENS - 1) // TOKENS
+        # This split's steps of TOKENS indices: an equal share of topk's, cut at the limit.
+        steps_per_split = ((topk + TOKENS - 1) // TOKENS + topk_splits - 1) // topk_splits
+        first = split * steps_per_split * TOKENS  # the split's first index
+        num_steps = cutlass.max(cutlass.min(steps_per_split, (limit - first + TOKENS - 1) // TOKENS), 0)
+        token = tidx // THREADS_PER_TOKEN
+        fetched = TokenRegisters.create()
+        # Step 0 fetched and unpacked before the loop; the index of step 1 in flight.
+        index = self.index_of(mIndices, batch, s, first + token, limit)
+        next_index = self.index_of(mIndices, batch, s, first + TOKENS + token, limit)
+        self.fetch(mK, fetched, index, tidx)
+        self.unpack(fetched, sK, token_valid, 0, tidx)
+        cute.arch.fence_view_async_shared()
+        cute.arch.sync_threads()  # Q and tile 0 are stored
         for step in cutlass.range(num_steps, unroll=1):
-            cute.arch.sync_threads()  # the previous tile is read (and Q is stored)
-            self.gather(mK, mIndices, sK, token_valid, tidx, batch, s, step * TOKENS, limit)
-            cute.arch.fence_view_async_shared()
-            cute.arch.sync_threads()
-
+            buf = step % NUM_BUFFERS
+            has_next = step + 1 < num_steps
             acc_s.fill(0.0)
             warpgroup.fence()
             for k in cutlass.range_constexpr(cute.size(tSrQ, mode=[2])):
-                cute.gemm(tiled_mma_s, acc_s, tSrQ[None, None, k, 0], tSrK[None, None, k, 0], acc_s)
+                cute.gemm(tiled_mma_s, acc_s, tSrQ[None, None, k, 0], tSrK[None, None, k, buf], acc_s)
             warpgroup.commit_group()
+            if has_next:
+                # The next step's loads fly while the tensor cores work on this one.
+                index = next_index
+                next_index = self.index_of(mIndices, batch, s, first + (step + 2) * TOKENS + token, limit)
+                self.fetch(mK, fetched, index, tidx)
             warpgroup.wait_group(0)
             for j in cutlass.range_constexpr(num_cols):
-                if token_valid[coord_s[0, j][1]] == 0:
+                if token_valid[coord_s[0, j][1], buf] == 0:
                     for i in cutlass.range_constexpr(num_rows):
                         s_rc[i, j] = -Float32.inf
 
@@ -212,34 +268,44 @@ class SparseDecodeSm90:
             p_regs.store(acc_s.load().to(BFloat16))
             warpgroup.fence()
             for k in cutlass.range_constexpr(cute.size(tOrV, mode=[2])):
-                cute.gemm(tiled_mma_o, acc_o, p_operand[None, None, k], tOrV[None, None, k], acc_o)
+                cute.gemm(tiled_mma_o, acc_o, p_operand[None, None, k], tOrV[None, None, k, buf], acc_o)
             warpgroup.commit_group()
+            if has_next:
+                # Dequantizing on the CUDA cores while the tensor cores do P V.
+                self.unpack(fetched, sK, token_valid, 1 - buf, tidx)
+                cute.arch.fence_view_async_shared()
             warpgroup.wait_group(0)
+            cute.arch.sync_threads()  # tile `buf` is read; the other one is written
 
-        # Epilogue: normalize, sink, store.
+        # Epilogue: normalize; the output (with the sink) or, when the query token's topk
+        # is split, this fragment's fp32 partial (lse -inf when it saw no valid token).
+        col0 = wg * (DV // NUM_WARPGROUPS)
+        writes_lse = (wg == 0) & (wg_tidx % 4 == 0)
         for i in cutlass.range_constexpr(num_rows):
-            r = coord_s[i, 0][0]
-            head = head0 + r
+            head = head0 + coord_s[i, 0][0]
             total = utils.quad_sum(row_sum[i])
-            factor = Float32(0.0)
-            lse = Float32.inf  # no valid token: out 0, lse +inf
+            inv = Float32(0.0)
+            lse = -Float32.inf
             if total > 0.0:
                 lse = row_max[i] * softmax_scale + cute.math.log(total, fastmath=False)
-                factor = cute.arch.rcp_approx(total)
-                if has_sink != 0:
-                    if head < h_q:
-                        # exp(lse) / (exp(lse) + exp(sink)): +inf sink gives 0, -inf leaves 1.
-                        factor = factor / (1.0 + cute.math.exp(mSink[head] - lse, fastmath=False))
+                inv = cute.arch.rcp_approx(total)
             if head < h_q:
-                dst = mO[batch, s, head, None]
-                for jj in cutlass.range_constexpr(cute.size(o_rc, mode=[1]) // 2):
-                    pair = cute.make_rmem_tensor((2,), BFloat16)
-                    pair[0] = (o_rc[i, 2 * jj] * factor).to(BFloat16)
-                    pair[1] = (o_rc[i, 2 * jj + 1] * factor).to(BFloat16)
-                    col = wg * (DV // NUM_WARPGROUPS) + coord_o[i, 2 * jj][1]
-                    cute.autovec_copy(pair, cute.local_tile(dst, (2,), (col // 2,)))
-                if (wg == 0) & (wg_tidx % 4 == 0):
-                    mLse[batch, head, s] = lse
+                if topk_splits == 1:
+                    factor = inv
+                    if (total > 0.0) & (has_sink != 0):
+                        # exp(lse) / (exp(lse) + exp(sink)): +inf sink gives 0, -inf leaves 1.
+                        factor = inv / (1.0 + cute.math.exp(mSink[head] - lse, fastmath=False))
+                    if total == 0.0:
+                        lse = Float32.inf  # no valid token: out 0, lse +inf
+                    utils.store_acc_row(o_rc, coord_o, i, factor, mO[batch, s, head, None], col0, BFloat16)
+                    if writes_lse:
+                        mLse[batch, head, s] = lse
+                else:
+                    fragment = batch * topk_splits + split
+                    row = s * h_q + head
+                    utils.store_acc_row(o_rc, coord_o, i, inv, mOAccum[fragment, 0, row, None], col0, Float32)
+                    if writes_lse:
+                        mLseAccum[fragment, 0, row] = lse
 
     @cute.jit
     def load_q(self, mQ, sQ, tidx, batch, s, head0, h_q):
@@ -254,44 +320,57 @@ class SparseDecodeSm90:
                 dst.fill(0.0)
 
     @cute.jit
-    def gather(self, mK, mIndices, sK, token_valid, tidx, batch, s, first, limit):
-        """Dequantize the tokens of indices ``[first, first + 64)`` into the K tile; four
-        threads per token, each writing 16 columns of each 64-column chunk."""
-        token = tidx // THREADS_PER_TOKEN
+    def index_of(self, mIndices, batch, s, position, limit) -> Int32:
+        """The cache position of index ``position`` of the query token, or -1 past
+        ``limit`` (the topk length), where the index tensor may end."""
+        index = Int32(-1)
+        if position < limit:
+            index = mIndices[batch, s, position]
+        return index
+
+    @cute.jit
+    def fetch(self, mK, fetched, index, tidx):
+        """This thread's quarter of the token at cache position ``index`` into
+        registers: no access at all for an invalid index."""
         part = tidx % THREADS_PER_TOKEN
-        position = first + token
-        index = mIndices[batch, s, position]
         page_size = mK.shape[1]
-        valid = (index >= 0) & (index < mK.shape[0] * page_size) & (position < limit)
-        if part == 0:
-            token_valid[token] = Int32(valid)
-        k_row = sK[token, None, 0]
-        values = cute.make_rmem_tensor((ELEMS_PER_THREAD_CHUNK,), BFloat16)
+        valid = (index >= 0) & (index < mK.shape[0] * page_size)
+        fetched.valid[0] = Int32(valid)
         if valid:
             page = index // page_size
             row = mK[page, index - page * page_size, None]  # the token's 656 bytes
-            scale_bytes = cute.make_rmem_tensor((VECTOR_BYTES,), Uint8)
             cute.autovec_copy(cute.local_tile(row, (VECTOR_BYTES,), (fp8_cache.SCALES_OFFSET // VECTOR_BYTES,)),
-                              scale_bytes)
-            scales = cute.recast_tensor(scale_bytes, Float32)
+                              fetched.scales)
             for chunk in cutlass.range_constexpr(LATENT_CHUNKS):
-                raw = cute.make_rmem_tensor((ELEMS_PER_THREAD_CHUNK,), Uint8)
                 cute.autovec_copy(cute.local_tile(row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)),
-                                  raw)
-                fp8 = cute.recast_tensor(raw, cutlass.Float8E4M3FN).load()
+                                  fetched.latent[None, chunk])
+            # The rope part starts at byte 528 = 33 * 16: this thread's 16 values are its
+            # 16-byte pieces 33 + 2 part and 33 + 2 part + 1.
+            for half in cutlass.range_constexpr(2):
+                cute.autovec_copy(
+                    cute.local_tile(row, (VECTOR_BYTES,), (fp8_cache.ROPE_OFFSET // VECTOR_BYTES + 2 * part + half,)),
+                    cute.local_tile(fetched.rope, (VECTOR_BYTES,), (half,)),
+                )
+
+    @cute.jit
+    def unpack(self, fetched, sK, token_valid, buf, tidx):
+        """Dequantize what ``fetch`` read into this thread's 16 columns of each 64-column
+        chunk of its token's row of K tile ``buf`` (zeros for an invalid token)."""
+        token = tidx // THREADS_PER_TOKEN
+        part = tidx % THREADS_PER_TOKEN
+        valid = fetched.valid[0] != 0
+        if part == 0:
+            token_valid[token, buf] = fetched.valid[0]
+        k_row = sK[token, None, buf]
+        values = cute.make_rmem_tensor((ELEMS_PER_THREAD_CHUNK,), BFloat16)
+        if valid:
+            scales = cute.recast_tensor(fetched.scales, Float32)
+            for chunk in cutlass.range_constexpr(LATENT_CHUNKS):
+                fp8 = cute.recast_tensor(fetched.latent[None, chunk], cutlass.Float8E4M3FN).load()
                 values.store((fp8.to(Float32) * scales[chunk * 64 // fp8_cache.GROUP_SIZE]).to(BFloat16))
                 cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
                                                           (chunk * THREADS_PER_TOKEN + part,)))
-            # The rope part starts at byte 528 = 33 * 16: this thread's 16 values are its
-            # 16-byte pieces 33 + 2 part and 33 + 2 part + 1.
-            rope_bytes = cute.make_rmem_tensor((2 * ELEMS_PER_THREAD_CHUNK,), Uint8)
-            for half in cutlass.range_constexpr(2):
-                cute.autovec_copy(
-                    cute.local_tile(row, (VECTOR_BYTES,),
-                                    (fp8_cache.ROPE_OFFSET // VECTOR_BYTES + 2 * part + half,)),
-                    cute.local_tile(rope_bytes, (VECTOR_BYTES,), (half,)),
-                )
-            values.store(cute.recast_tensor(rope_bytes, BFloat16).load())
+            values.store(cute.recast_tensor(fetched.rope, BFloat16).load())
             cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
                                                       (LATENT_CHUNKS * THREADS_PER_TOKEN + part,)))
         else:
@@ -299,3 +378,24 @@ class SparseDecodeSm90:
             for chunk in cutlass.range_constexpr(LATENT_CHUNKS + 1):
                 cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
                                                           (chunk * THREADS_PER_TOKEN + part,)))
+
+
+@dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
+class TokenRegisters:
+    """One thread's share of a token between ``fetch`` and ``unpack``: 16 latent FP8
+    bytes of each 64-column chunk, the token's 4 scales, 16 rope values, and whether the
+    token is valid."""
+
+    latent: cute.Tensor  # (16, 8) uint8
+    scales: cute.Tensor  # (16,) uint8: 4 float32
+    rope: cute.Tensor  # (32,) uint8: 16 bf16
+    valid: cute.Tensor  # (1,) int32
+
+    @staticmethod
+    def create() -> "TokenRegisters":
+        return TokenRegisters(
+            latent=cute.make_rmem_tensor((ELEMS_PER_THREAD_CHUNK, LATENT_CHUNKS), Uint8),
+            scales=cute.make_rmem_tensor((VECTOR_BYTES,), Uint8),
+            rope=cute.make_rmem_tensor((2 * VECTOR_BYTES,), Uint8),
+            valid=cute.make_rmem_tensor((1,), Int32),
+        )

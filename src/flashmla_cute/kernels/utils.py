@@ -66,3 +66,16 @@ def accumulators(mAccum: cute.Tensor, num_acc, h_kv, rows, dv: cutlass.Constexpr
         cute.make_layout((num_acc, h_kv, rows), stride=(h_kv * rows, rows, 1)),
     )
     return o_accum, lse_accum
+
+
+@cute.jit
+def store_acc_row(o_rc, coord_o, i: cutlass.Constexpr, scale, dst_row: cute.Tensor, col0, dtype: cutlass.Constexpr):
+    """Write this thread's values of accumulator row ``i`` (``acc_as_rows_cols``), times
+    ``scale``, into ``dst_row`` (one output row, contiguous) from column ``col0`` on. A
+    thread's values come in pairs of adjacent columns: one 2-element store per pair."""
+    for jj in cutlass.range_constexpr(cute.size(o_rc, mode=[1]) // 2):
+        pair = cute.make_rmem_tensor((2,), dtype)
+        pair[0] = (o_rc[i, 2 * jj] * scale).to(dtype)
+        pair[1] = (o_rc[i, 2 * jj + 1] * scale).to(dtype)
+        col = col0 + coord_o[i, 2 * jj][1]
+        cute.autovec_copy(pair, cute.local_tile(dst_row, (2,), (col // 2,)))
