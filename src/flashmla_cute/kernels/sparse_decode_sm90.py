@@ -235,6 +235,11 @@ class SparseDecodeSm90:
             for k in cutlass.range_constexpr(cute.size(tSrQ, mode=[2])):
                 cute.gemm(tiled_mma_s, acc_s, tSrQ[None, None, k, 0], tSrK[None, None, k, buf], acc_s)
             warpgroup.commit_group()
+            # Which of this thread's score columns are valid tokens, one bit each, read
+            # from shared memory while the MMA runs rather than after it.
+            valid_columns = Int32(0)
+            for j in cutlass.range_constexpr(num_cols):
+                valid_columns = valid_columns | (token_valid[coord_s[0, j][1], buf] << j)
             if has_next:
                 # The next step's loads fly while the tensor cores work on this one.
                 index = next_index
@@ -242,7 +247,7 @@ class SparseDecodeSm90:
                 self.fetch(mK, fetched, index, tidx)
             warpgroup.wait_group(0)
             for j in cutlass.range_constexpr(num_cols):
-                if token_valid[coord_s[0, j][1], buf] == 0:
+                if (valid_columns >> j) & 1 == 0:
                     for i in cutlass.range_constexpr(num_rows):
                         s_rc[i, j] = -Float32.inf
 
