@@ -48,7 +48,7 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import BFloat16, Float32, Int32, Uint8
-from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
+from cutlass.cute.nvgpu import OperandMajorMode, warp, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from .. import fp8_cache
@@ -67,6 +67,13 @@ DV = fp8_cache.LATENT_DIM
 LATENT_CHUNKS = DV // 64  # 64-column chunks of the latent part (8)
 Q_VECTORS_PER_ROW = D // 8  # 16-byte pieces of a bf16 row of Q (72)
 NUM_BUFFERS = 2  # K tiles in shared memory: one read by the MMAs, one being written
+HALF_TOKENS = TOKENS // NUM_WARPGROUPS  # a step's tokens whose scores one warpgroup computes
+K_STEPS_PER_HALF = HALF_TOKENS // 16  # k-steps of P V over one warpgroup's tokens
+
+# Row statistics in shared memory, each HEAD_TILE floats: each warpgroup's row maxima of
+# the step's scores, then (in the epilogue) each warpgroup's row sums.
+STAT_MAX, STAT_SUM = 0, NUM_WARPGROUPS
+NUM_STATS = 2 * NUM_WARPGROUPS
 
 
 class SparseDecodeSm90:
@@ -94,21 +101,33 @@ class SparseDecodeSm90:
         stream,
     ):
         dtype = BFloat16
+        # S of this warpgroup's half of the step's tokens; O += P V with its own P from
+        # registers and with the other warpgroup's P from shared memory.
         tiled_mma_s = sm90_utils.make_trivial_tiled_mma(
-            dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1), (HEAD_TILE, TOKENS)
+            dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1), (HEAD_TILE, HALF_TOKENS)
         )
-        tiled_mma_o = sm90_utils.make_trivial_tiled_mma(
+        tiled_mma_o_rs = sm90_utils.make_trivial_tiled_mma(
             dtype, dtype, OperandMajorMode.K, OperandMajorMode.MN, Float32, (1, 1, 1),
             (HEAD_TILE, DV // NUM_WARPGROUPS), sm90_utils.OperandSource.RMEM,
         )
+        tiled_mma_o_ss = sm90_utils.make_trivial_tiled_mma(
+            dtype, dtype, OperandMajorMode.K, OperandMajorMode.MN, Float32, (1, 1, 1),
+            (HEAD_TILE, DV // NUM_WARPGROUPS),
+        )
         sQ_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (HEAD_TILE, TOKENS, D), dtype, 1)
         sK_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (HEAD_TILE, TOKENS, D), dtype, NUM_BUFFERS)
+        # Each warpgroup's P (64 heads x its 32 tokens), K-major, one per warpgroup.
+        sP_layout = sm90_utils.make_smem_layout_a(
+            LayoutEnum.ROW_MAJOR, (HEAD_TILE, DV // NUM_WARPGROUPS, HALF_TOKENS), dtype, NUM_WARPGROUPS
+        )
 
         @cute.struct
         class SharedStorage:
             token_valid: cute.struct.MemRange[Int32, TOKENS * NUM_BUFFERS]
+            row_stats: cute.struct.MemRange[Float32, HEAD_TILE * NUM_STATS]
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
 
         self.shared_storage = SharedStorage
         b, s_q, h_q = mQ.shape[0], mQ.shape[1], mQ.shape[2]
@@ -117,8 +136,8 @@ class SparseDecodeSm90:
         # head of s_q * h_q rows (row s * h_q + h), the layout the combine kernel reads.
         mOAccum, mLseAccum = utils.accumulators(mAccum, b * topk_splits, 1, s_q * h_q, DV)
         self.kernel(
-            tiled_mma_s, tiled_mma_o, mQ, mK, mIndices, mTopkLength, mSink, mO, mLse, mOAccum, mLseAccum,
-            softmax_scale, has_topk_length, has_sink, topk_splits, sQ_layout, sK_layout,
+            tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, mQ, mK, mIndices, mTopkLength, mSink, mO, mLse, mOAccum,
+            mLseAccum, softmax_scale, has_topk_length, has_sink, topk_splits, sQ_layout, sK_layout, sP_layout,
         ).launch(
             grid=[b, s_q, head_tiles * topk_splits],  # b first: grid.x has no 65535 limit
             block=[THREADS, 1, 1],
@@ -135,7 +154,8 @@ class SparseDecodeSm90:
     def kernel(
         self,
         tiled_mma_s: cute.TiledMma,
-        tiled_mma_o: cute.TiledMma,
+        tiled_mma_o_rs: cute.TiledMma,
+        tiled_mma_o_ss: cute.TiledMma,
         mQ: cute.Tensor,
         mK: cute.Tensor,
         mIndices: cute.Tensor,
@@ -151,6 +171,7 @@ class SparseDecodeSm90:
         topk_splits: Int32,
         sQ_layout: cute.ComposedLayout,
         sK_layout: cute.ComposedLayout,
+        sP_layout: cute.ComposedLayout,
     ):
         tidx, _, _ = cute.arch.thread_idx()
         batch, s, tile_and_split = cute.arch.block_idx()
@@ -174,10 +195,23 @@ class SparseDecodeSm90:
 
         self.load_q(mQ, sQ, tidx, batch, s, head0, h_q)
 
-        tiled_mma_s.set(warpgroup.Field.ACCUMULATE, True)
-        tiled_mma_o.set(warpgroup.Field.ACCUMULATE, True)
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+        row_stats = storage.row_stats.get_tensor(cute.make_layout((HEAD_TILE, NUM_STATS), stride=(1, HEAD_TILE)))
+
+        for tiled_mma in (tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss):
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
         thr_mma_s = tiled_mma_s.get_slice(wg_tidx)
-        thr_mma_o = tiled_mma_o.get_slice(wg_tidx)
+        thr_mma_rs = tiled_mma_o_rs.get_slice(wg_tidx)
+        thr_mma_ss = tiled_mma_o_ss.get_slice(wg_tidx)
+        # K of this warpgroup's tokens (32 wg .. 32 wg + 31) of each tile: four of the
+        # tile's eight 8-token swizzle atoms, (token, column, buffer).
+        sK_mine = cute.make_tensor(
+            sK.iterator + wg * (HALF_TOKENS * 64),
+            cute.make_layout(
+                ((8, HALF_TOKENS // 8), (64, D // 64), (1, NUM_BUFFERS)),
+                stride=((64, 512), (1, TOKENS * 64), (0, TOKENS * D)),
+            ),
+        )
         # V: this warpgroup's 256 value columns of the K tile, MN-major (N = column, K = token).
         sV = cute.make_tensor(
             sK.iterator + wg * (DV // NUM_WARPGROUPS * TOKENS),
@@ -187,20 +221,28 @@ class SparseDecodeSm90:
             ),
         )
         tSrQ = thr_mma_s.make_fragment_A(thr_mma_s.partition_A(sQ))
-        tSrK = thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sK))
-        tOrV = thr_mma_o.make_fragment_B(thr_mma_o.partition_B(sV))
-        acc_s = thr_mma_s.make_fragment_C(thr_mma_s.partition_shape_C((HEAD_TILE, TOKENS)))
-        acc_o = thr_mma_o.make_fragment_C(thr_mma_o.partition_shape_C((HEAD_TILE, DV // NUM_WARPGROUPS)))
+        tSrK = thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sK_mine))
+        tOrV_rs = thr_mma_rs.make_fragment_B(thr_mma_rs.partition_B(sV))
+        tOrV_ss = thr_mma_ss.make_fragment_B(thr_mma_ss.partition_B(sV))
+        tOrP_ss = thr_mma_ss.make_fragment_A(thr_mma_ss.partition_A(sP))
+        acc_s = thr_mma_s.make_fragment_C(thr_mma_s.partition_shape_C((HEAD_TILE, HALF_TOKENS)))
+        acc_o = thr_mma_rs.make_fragment_C(thr_mma_rs.partition_shape_C((HEAD_TILE, DV // NUM_WARPGROUPS)))
         s_rc = utils.acc_as_rows_cols(acc_s)
         o_rc = utils.acc_as_rows_cols(acc_o)
-        coord_s = utils.acc_as_rows_cols(thr_mma_s.partition_C(cute.make_identity_tensor((HEAD_TILE, TOKENS))))
+        coord_s = utils.acc_as_rows_cols(thr_mma_s.partition_C(cute.make_identity_tensor((HEAD_TILE, HALF_TOKENS))))
         coord_o = utils.acc_as_rows_cols(
-            thr_mma_o.partition_C(cute.make_identity_tensor((HEAD_TILE, DV // NUM_WARPGROUPS)))
+            thr_mma_rs.partition_C(cute.make_identity_tensor((HEAD_TILE, DV // NUM_WARPGROUPS)))
         )
         num_rows = cute.size(s_rc, mode=[0])
         num_cols = cute.size(s_rc, mode=[1])
         p_regs = cute.make_rmem_tensor_like(acc_s, BFloat16)
         p_operand = cute.make_tensor(p_regs.iterator, utils.acc_as_operand_a(acc_s.layout))
+        p_store = cute.make_tiled_copy_C(
+            cute.make_copy_atom(warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), BFloat16), tiled_mma_s
+        ).get_slice(wg_tidx)
+        tPsP = p_store.partition_D(sP)
+        lane_writes_row = wg_tidx % 4 == 0  # one thread of the quad that shares a row
+        other = 1 - wg
 
         row_max = cute.make_rmem_tensor((num_rows,), Float32)
         row_sum = cute.make_rmem_tensor((num_rows,), Float32)
@@ -239,7 +281,7 @@ class SparseDecodeSm90:
             # from shared memory while the MMA runs rather than after it.
             valid_columns = Int32(0)
             for j in cutlass.range_constexpr(num_cols):
-                valid_columns = valid_columns | (token_valid[coord_s[0, j][1], buf] << j)
+                valid_columns = valid_columns | (token_valid[wg * HALF_TOKENS + coord_s[0, j][1], buf] << j)
             if has_next:
                 # The next step's loads fly while the tensor cores work on this one.
                 index = next_index
@@ -251,11 +293,18 @@ class SparseDecodeSm90:
                     for i in cutlass.range_constexpr(num_rows):
                         s_rc[i, j] = -Float32.inf
 
+            # The rows' maxima over both warpgroups' tokens, through shared memory.
             for i in cutlass.range_constexpr(num_rows):
                 m = s_rc[i, 0]
                 for j in cutlass.range_constexpr(1, num_cols):
                     m = cute.arch.fmax(m, s_rc[i, j])
-                m_new = cute.arch.fmax(row_max[i], utils.quad_max(m))
+                m = utils.quad_max(m)
+                if lane_writes_row:
+                    row_stats[coord_s[i, 0][0], STAT_MAX + wg] = m
+            cute.arch.sync_threads()
+            for i in cutlass.range_constexpr(num_rows):
+                r = coord_s[i, 0][0]
+                m_new = cute.arch.fmax(row_max[i], cute.arch.fmax(row_stats[r, STAT_MAX], row_stats[r, STAT_MAX + 1]))
                 m_scaled = m_new * scale_log2
                 if m_new == -Float32.inf:
                     m_scaled = Float32(0.0)  # no valid token yet: avoid inf - inf
@@ -265,30 +314,46 @@ class SparseDecodeSm90:
                     p = cute.math.exp2(s_rc[i, j] * scale_log2 - m_scaled, fastmath=True)
                     s_rc[i, j] = p
                     total = total + p
-                row_sum[i] = row_sum[i] * rescale + total
+                row_sum[i] = row_sum[i] * rescale + total  # this warpgroup's tokens only
                 row_max[i] = m_new
                 for j in cutlass.range_constexpr(cute.size(o_rc, mode=[1])):
                     o_rc[i, j] = o_rc[i, j] * rescale
 
+            # O += P V over this warpgroup's tokens (P from registers), then, once the
+            # other's P is in shared memory, over its tokens.
             p_regs.store(acc_s.load().to(BFloat16))
+            cute.copy(p_store, p_store.retile(p_regs), tPsP[None, None, None, wg])
+            cute.arch.fence_view_async_shared()
             warpgroup.fence()
-            for k in cutlass.range_constexpr(cute.size(tOrV, mode=[2])):
-                cute.gemm(tiled_mma_o, acc_o, p_operand[None, None, k], tOrV[None, None, k, buf], acc_o)
+            for k in cutlass.range_constexpr(K_STEPS_PER_HALF):
+                cute.gemm(tiled_mma_o_rs, acc_o, p_operand[None, None, k],
+                          tOrV_rs[None, None, wg * K_STEPS_PER_HALF + k, buf], acc_o)
+            warpgroup.commit_group()
+            cute.arch.sync_threads()  # both warpgroups' P are stored
+            for k in cutlass.range_constexpr(K_STEPS_PER_HALF):
+                cute.gemm(tiled_mma_o_ss, acc_o, tOrP_ss[None, None, k, other],
+                          tOrV_ss[None, None, other * K_STEPS_PER_HALF + k, buf], acc_o)
             warpgroup.commit_group()
             if has_next:
                 # Dequantizing on the CUDA cores while the tensor cores do P V.
                 self.unpack(fetched, sK, token_valid, 1 - buf, tidx)
                 cute.arch.fence_view_async_shared()
             warpgroup.wait_group(0)
-            cute.arch.sync_threads()  # tile `buf` is read; the other one is written
+            cute.arch.sync_threads()  # tile `buf` and the P are read; the other tile is written
 
         # Epilogue: normalize; the output (with the sink) or, when the query token's topk
         # is split, this fragment's fp32 partial (lse -inf when it saw no valid token).
         col0 = wg * (DV // NUM_WARPGROUPS)
-        writes_lse = (wg == 0) & (wg_tidx % 4 == 0)
+        writes_lse = (wg == 0) & lane_writes_row
         for i in cutlass.range_constexpr(num_rows):
-            head = head0 + coord_s[i, 0][0]
             total = utils.quad_sum(row_sum[i])
+            if lane_writes_row:
+                row_stats[coord_s[i, 0][0], STAT_SUM + wg] = total
+        cute.arch.sync_threads()
+        for i in cutlass.range_constexpr(num_rows):
+            r = coord_s[i, 0][0]
+            head = head0 + r
+            total = row_stats[r, STAT_SUM] + row_stats[r, STAT_SUM + 1]
             inv = Float32(0.0)
             lse = -Float32.inf
             if total > 0.0:
