@@ -1,8 +1,8 @@
 """Sparse (top-k) MLA decode over DeepSeek-V3.2's FP8 KV cache, for Hopper (sm_90a).
 
 One CTA per (batch, query token, 64-head tile, share of the topk) walks that query
-token's indices 64 at a time (a *step*), with two K tiles in shared memory so that gathering one
-step overlaps the MMAs of the one before:
+token's indices 64 at a time (a *step*), with two K tiles in shared memory so that
+gathering one step overlaps the MMAs of the one before:
 
 1. gather, in two halves: *fetch* (all 256 threads, four per token, read the token's
    FP8 latent bytes, its four scales and its bf16 rope values straight from the paged
@@ -11,11 +11,13 @@ step overlaps the MMAs of the one before:
    swizzled K-major layout WGMMA reads). A token that is not valid (a negative index,
    one past the cache, or a position at or past ``topk_length``) is never read: its
    row is zeros and its score is masked to -inf.
-2. attend: the two warpgroups each compute ``S = Q K^T`` for all 64 heads (Q, 64 x 576,
-   loaded once), run the online softmax, and accumulate ``O += P V`` for their own 256
-   of the 512 value columns, with P from registers and V = the tile's first 512 columns
-   read as an MN-major operand (the layouts of ``decode_sm90``). Both compute S: the
-   duplicate MMA is the price of needing no exchange of softmax statistics.
+2. attend: each warpgroup computes ``S = Q K^T`` for all 64 heads (Q, 64 x 576, loaded
+   once) over 32 of the step's 64 tokens; the rows' maxima go through shared memory, so
+   both run the online softmax against the same maxima; each accumulates ``O += P V``
+   for its own 256 of the 512 value columns: its own P (registers) times its tokens' V
+   rows, then the other's P (stored with stmatrix into shared memory) times the other
+   tokens' rows. V is the tile's first 512 columns, read as an MN-major operand (the
+   layouts of ``decode_sm90``).
 
 The pipeline, per step ``i`` (tile ``i`` in buffer ``i % 2``)::
 
@@ -31,6 +33,10 @@ Split over topk: when there are too few query-token tiles to fill the GPU, the
 ``topk_splits`` CTAs of a tile (grid z = head tile + tiles * split) take equal shares of its
 steps (``sparse_plan.topk_splits``, from shapes alone) and write fp32 partials, which the
 combine kernel (``combine.py``, launched as this kernel's programmatic dependent) merges.
+
+Where things are: ``kernel`` sets up and runs the step loop (the pipeline above);
+``issue_scores``, ``online_softmax`` and ``issue_pv`` are a step's parts for one
+warpgroup, ``fetch`` / ``unpack`` the gather's halves, ``finish`` the epilogue.
 
 The epilogue divides by the row sums and, for a tile that is not split, applies the
 attention sink (``out *= exp(lse) / (exp(lse) + exp(sink))``, lse unchanged; the combine
@@ -191,13 +197,59 @@ class SparseDecodeSm90:
         storage = smem.allocate(self.shared_storage)
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
-        token_valid = storage.token_valid.get_tensor(cute.make_layout((TOKENS, NUM_BUFFERS)))
 
         self.load_q(mQ, sQ, tidx, batch, s, head0, h_q)
+        t = self.warpgroup_tensors(wg, wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
+                                   sP_layout)
+        for i in cutlass.range_constexpr(cute.size(t.row_max)):
+            t.row_max[i] = -Float32.inf
+            t.row_sum[i] = 0.0
+        t.acc_o.fill(0.0)
+        scale_log2 = softmax_scale * math.log2(math.e)
 
-        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
-        row_stats = storage.row_stats.get_tensor(cute.make_layout((HEAD_TILE, NUM_STATS), stride=(1, HEAD_TILE)))
+        topk = mIndices.shape[2]
+        limit = topk
+        if has_topk_length != 0:
+            limit = cutlass.max(cutlass.min(mTopkLength[batch], topk), 0)
+        # This split's steps of TOKENS indices: an equal share of topk's, cut at the limit.
+        steps_per_split = ((topk + TOKENS - 1) // TOKENS + topk_splits - 1) // topk_splits
+        first = split * steps_per_split * TOKENS  # the split's first index
+        num_steps = cutlass.max(cutlass.min(steps_per_split, (limit - first + TOKENS - 1) // TOKENS), 0)
+        token = tidx // THREADS_PER_TOKEN
+        fetched = TokenRegisters.create()
+        # Step 0 fetched and unpacked before the loop; the index of step 1 in flight.
+        index = self.index_of(mIndices, batch, s, first + token, limit)
+        next_index = self.index_of(mIndices, batch, s, first + TOKENS + token, limit)
+        self.fetch(mK, fetched, index, tidx)
+        self.unpack(fetched, sK, t.token_valid, 0, tidx)
+        cute.arch.fence_view_async_shared()
+        cute.arch.sync_threads()  # Q and tile 0 are stored
+        for step in cutlass.range(num_steps, unroll=1):
+            buf = step % NUM_BUFFERS
+            has_next = step + 1 < num_steps
+            self.issue_scores(t, buf)
+            valid_columns = self.valid_columns(t, buf)
+            if has_next:
+                # The next step's loads fly while the tensor cores work on this one.
+                index = next_index
+                next_index = self.index_of(mIndices, batch, s, first + (step + 2) * TOKENS + token, limit)
+                self.fetch(mK, fetched, index, tidx)
+            warpgroup.wait_group(0)
+            self.online_softmax(t, valid_columns, scale_log2)
+            self.issue_pv(t, buf)
+            if has_next:
+                # Dequantizing on the CUDA cores while the tensor cores do P V.
+                self.unpack(fetched, sK, t.token_valid, 1 - buf, tidx)
+                cute.arch.fence_view_async_shared()
+            warpgroup.wait_group(0)
+            cute.arch.sync_threads()  # tile `buf` and the P are read; the other tile is written
+        self.finish(t, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, topk_splits, batch, s, split,
+                    head0, h_q)
 
+    @cute.jit
+    def warpgroup_tensors(self, wg, wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
+                          sP_layout) -> "WarpgroupTensors":
+        """This thread's MMA fragments, shared-memory views and row state."""
         for tiled_mma in (tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss):
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
         thr_mma_s = tiled_mma_s.get_slice(wg_tidx)
@@ -220,144 +272,140 @@ class SparseDecodeSm90:
                 stride=((1, TOKENS * 64), (64, 512), (0, TOKENS * D)),
             ),
         )
-        tSrQ = thr_mma_s.make_fragment_A(thr_mma_s.partition_A(sQ))
-        tSrK = thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sK_mine))
-        tOrV_rs = thr_mma_rs.make_fragment_B(thr_mma_rs.partition_B(sV))
-        tOrV_ss = thr_mma_ss.make_fragment_B(thr_mma_ss.partition_B(sV))
-        tOrP_ss = thr_mma_ss.make_fragment_A(thr_mma_ss.partition_A(sP))
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
         acc_s = thr_mma_s.make_fragment_C(thr_mma_s.partition_shape_C((HEAD_TILE, HALF_TOKENS)))
         acc_o = thr_mma_rs.make_fragment_C(thr_mma_rs.partition_shape_C((HEAD_TILE, DV // NUM_WARPGROUPS)))
         s_rc = utils.acc_as_rows_cols(acc_s)
-        o_rc = utils.acc_as_rows_cols(acc_o)
-        coord_s = utils.acc_as_rows_cols(thr_mma_s.partition_C(cute.make_identity_tensor((HEAD_TILE, HALF_TOKENS))))
-        coord_o = utils.acc_as_rows_cols(
-            thr_mma_rs.partition_C(cute.make_identity_tensor((HEAD_TILE, DV // NUM_WARPGROUPS)))
-        )
         num_rows = cute.size(s_rc, mode=[0])
-        num_cols = cute.size(s_rc, mode=[1])
         p_regs = cute.make_rmem_tensor_like(acc_s, BFloat16)
-        p_operand = cute.make_tensor(p_regs.iterator, utils.acc_as_operand_a(acc_s.layout))
         p_store = cute.make_tiled_copy_C(
             cute.make_copy_atom(warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), BFloat16), tiled_mma_s
         ).get_slice(wg_tidx)
-        tPsP = p_store.partition_D(sP)
-        lane_writes_row = wg_tidx % 4 == 0  # one thread of the quad that shares a row
-        other = 1 - wg
+        return WarpgroupTensors(
+            tiled_mma_s=tiled_mma_s,
+            tiled_mma_o_rs=tiled_mma_o_rs,
+            tiled_mma_o_ss=tiled_mma_o_ss,
+            tSrQ=thr_mma_s.make_fragment_A(thr_mma_s.partition_A(sQ)),
+            tSrK=thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sK_mine)),
+            tOrV_rs=thr_mma_rs.make_fragment_B(thr_mma_rs.partition_B(sV)),
+            tOrV_ss=thr_mma_ss.make_fragment_B(thr_mma_ss.partition_B(sV)),
+            tOrP_ss=thr_mma_ss.make_fragment_A(thr_mma_ss.partition_A(sP)),
+            acc_s=acc_s,
+            acc_o=acc_o,
+            s_rc=s_rc,
+            o_rc=utils.acc_as_rows_cols(acc_o),
+            coord_s=utils.acc_as_rows_cols(thr_mma_s.partition_C(cute.make_identity_tensor((HEAD_TILE, HALF_TOKENS)))),
+            coord_o=utils.acc_as_rows_cols(
+                thr_mma_rs.partition_C(cute.make_identity_tensor((HEAD_TILE, DV // NUM_WARPGROUPS)))
+            ),
+            p_regs=p_regs,
+            p_operand=cute.make_tensor(p_regs.iterator, utils.acc_as_operand_a(acc_s.layout)),
+            p_store=p_store,
+            tPsP=p_store.partition_D(sP),
+            row_stats=storage.row_stats.get_tensor(cute.make_layout((HEAD_TILE, NUM_STATS), stride=(1, HEAD_TILE))),
+            token_valid=storage.token_valid.get_tensor(cute.make_layout((TOKENS, NUM_BUFFERS))),
+            row_max=cute.make_rmem_tensor((num_rows,), Float32),
+            row_sum=cute.make_rmem_tensor((num_rows,), Float32),
+            wg=wg,
+            lane_writes_row=wg_tidx % 4 == 0,
+        )
 
-        row_max = cute.make_rmem_tensor((num_rows,), Float32)
-        row_sum = cute.make_rmem_tensor((num_rows,), Float32)
+    @cute.jit
+    def issue_scores(self, t, buf):
+        """Issue ``S = Q K^T`` over this warpgroup's 32 tokens of tile ``buf`` (committed,
+        not waited for)."""
+        t.acc_s.fill(0.0)
+        warpgroup.fence()
+        for k in cutlass.range_constexpr(cute.size(t.tSrQ, mode=[2])):
+            cute.gemm(t.tiled_mma_s, t.acc_s, t.tSrQ[None, None, k, 0], t.tSrK[None, None, k, buf], t.acc_s)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def valid_columns(self, t, buf) -> Int32:
+        """Which of this thread's score columns are valid tokens, one bit each (read from
+        shared memory while the S MMA runs rather than after it)."""
+        bits = Int32(0)
+        for j in cutlass.range_constexpr(cute.size(t.s_rc, mode=[1])):
+            bits = bits | (t.token_valid[t.wg * HALF_TOKENS + t.coord_s[0, j][1], buf] << j)
+        return bits
+
+    @cute.jit
+    def online_softmax(self, t, valid_columns, scale_log2):
+        """Scores of invalid tokens to -inf; the rows' maxima over both warpgroups' tokens
+        (through shared memory); P, this warpgroup's share of the row sums, and O
+        rescaled to the new maxima (the same in both warpgroups)."""
+        num_rows = cute.size(t.s_rc, mode=[0])
+        num_cols = cute.size(t.s_rc, mode=[1])
+        for j in cutlass.range_constexpr(num_cols):
+            if (valid_columns >> j) & 1 == 0:
+                for i in cutlass.range_constexpr(num_rows):
+                    t.s_rc[i, j] = -Float32.inf
         for i in cutlass.range_constexpr(num_rows):
-            row_max[i] = -Float32.inf
-            row_sum[i] = 0.0
-        acc_o.fill(0.0)
-        scale_log2 = softmax_scale * math.log2(math.e)
-
-        topk = mIndices.shape[2]
-        limit = topk
-        if has_topk_length != 0:
-            limit = cutlass.max(cutlass.min(mTopkLength[batch], topk), 0)
-        # This split's steps of TOKENS indices: an equal share of topk's, cut at the limit.
-        steps_per_split = ((topk + TOKENS - 1) // TOKENS + topk_splits - 1) // topk_splits
-        first = split * steps_per_split * TOKENS  # the split's first index
-        num_steps = cutlass.max(cutlass.min(steps_per_split, (limit - first + TOKENS - 1) // TOKENS), 0)
-        token = tidx // THREADS_PER_TOKEN
-        fetched = TokenRegisters.create()
-        # Step 0 fetched and unpacked before the loop; the index of step 1 in flight.
-        index = self.index_of(mIndices, batch, s, first + token, limit)
-        next_index = self.index_of(mIndices, batch, s, first + TOKENS + token, limit)
-        self.fetch(mK, fetched, index, tidx)
-        self.unpack(fetched, sK, token_valid, 0, tidx)
-        cute.arch.fence_view_async_shared()
-        cute.arch.sync_threads()  # Q and tile 0 are stored
-        for step in cutlass.range(num_steps, unroll=1):
-            buf = step % NUM_BUFFERS
-            has_next = step + 1 < num_steps
-            acc_s.fill(0.0)
-            warpgroup.fence()
-            for k in cutlass.range_constexpr(cute.size(tSrQ, mode=[2])):
-                cute.gemm(tiled_mma_s, acc_s, tSrQ[None, None, k, 0], tSrK[None, None, k, buf], acc_s)
-            warpgroup.commit_group()
-            # Which of this thread's score columns are valid tokens, one bit each, read
-            # from shared memory while the MMA runs rather than after it.
-            valid_columns = Int32(0)
-            for j in cutlass.range_constexpr(num_cols):
-                valid_columns = valid_columns | (token_valid[wg * HALF_TOKENS + coord_s[0, j][1], buf] << j)
-            if has_next:
-                # The next step's loads fly while the tensor cores work on this one.
-                index = next_index
-                next_index = self.index_of(mIndices, batch, s, first + (step + 2) * TOKENS + token, limit)
-                self.fetch(mK, fetched, index, tidx)
-            warpgroup.wait_group(0)
-            for j in cutlass.range_constexpr(num_cols):
-                if (valid_columns >> j) & 1 == 0:
-                    for i in cutlass.range_constexpr(num_rows):
-                        s_rc[i, j] = -Float32.inf
-
-            # The rows' maxima over both warpgroups' tokens, through shared memory.
-            for i in cutlass.range_constexpr(num_rows):
-                m = s_rc[i, 0]
-                for j in cutlass.range_constexpr(1, num_cols):
-                    m = cute.arch.fmax(m, s_rc[i, j])
-                m = utils.quad_max(m)
-                if lane_writes_row:
-                    row_stats[coord_s[i, 0][0], STAT_MAX + wg] = m
-            cute.arch.sync_threads()
-            for i in cutlass.range_constexpr(num_rows):
-                r = coord_s[i, 0][0]
-                m_new = cute.arch.fmax(row_max[i], cute.arch.fmax(row_stats[r, STAT_MAX], row_stats[r, STAT_MAX + 1]))
-                m_scaled = m_new * scale_log2
-                if m_new == -Float32.inf:
-                    m_scaled = Float32(0.0)  # no valid token yet: avoid inf - inf
-                rescale = cute.math.exp2(row_max[i] * scale_log2 - m_scaled, fastmath=True)
-                total = Float32(0.0)
-                for j in cutlass.range_constexpr(num_cols):
-                    p = cute.math.exp2(s_rc[i, j] * scale_log2 - m_scaled, fastmath=True)
-                    s_rc[i, j] = p
-                    total = total + p
-                row_sum[i] = row_sum[i] * rescale + total  # this warpgroup's tokens only
-                row_max[i] = m_new
-                for j in cutlass.range_constexpr(cute.size(o_rc, mode=[1])):
-                    o_rc[i, j] = o_rc[i, j] * rescale
-
-            # O += P V over this warpgroup's tokens (P from registers), then, once the
-            # other's P is in shared memory, over its tokens.
-            p_regs.store(acc_s.load().to(BFloat16))
-            cute.copy(p_store, p_store.retile(p_regs), tPsP[None, None, None, wg])
-            cute.arch.fence_view_async_shared()
-            warpgroup.fence()
-            for k in cutlass.range_constexpr(K_STEPS_PER_HALF):
-                cute.gemm(tiled_mma_o_rs, acc_o, p_operand[None, None, k],
-                          tOrV_rs[None, None, wg * K_STEPS_PER_HALF + k, buf], acc_o)
-            warpgroup.commit_group()
-            cute.arch.sync_threads()  # both warpgroups' P are stored
-            for k in cutlass.range_constexpr(K_STEPS_PER_HALF):
-                cute.gemm(tiled_mma_o_ss, acc_o, tOrP_ss[None, None, k, other],
-                          tOrV_ss[None, None, other * K_STEPS_PER_HALF + k, buf], acc_o)
-            warpgroup.commit_group()
-            if has_next:
-                # Dequantizing on the CUDA cores while the tensor cores do P V.
-                self.unpack(fetched, sK, token_valid, 1 - buf, tidx)
-                cute.arch.fence_view_async_shared()
-            warpgroup.wait_group(0)
-            cute.arch.sync_threads()  # tile `buf` and the P are read; the other tile is written
-
-        # Epilogue: normalize; the output (with the sink) or, when the query token's topk
-        # is split, this fragment's fp32 partial (lse -inf when it saw no valid token).
-        col0 = wg * (DV // NUM_WARPGROUPS)
-        writes_lse = (wg == 0) & lane_writes_row
-        for i in cutlass.range_constexpr(num_rows):
-            total = utils.quad_sum(row_sum[i])
-            if lane_writes_row:
-                row_stats[coord_s[i, 0][0], STAT_SUM + wg] = total
+            m = t.s_rc[i, 0]
+            for j in cutlass.range_constexpr(1, num_cols):
+                m = cute.arch.fmax(m, t.s_rc[i, j])
+            m = utils.quad_max(m)
+            if t.lane_writes_row:
+                t.row_stats[t.coord_s[i, 0][0], STAT_MAX + t.wg] = m
         cute.arch.sync_threads()
         for i in cutlass.range_constexpr(num_rows):
-            r = coord_s[i, 0][0]
+            r = t.coord_s[i, 0][0]
+            m_new = cute.arch.fmax(t.row_max[i], cute.arch.fmax(t.row_stats[r, STAT_MAX], t.row_stats[r, STAT_MAX + 1]))
+            m_scaled = m_new * scale_log2
+            if m_new == -Float32.inf:
+                m_scaled = Float32(0.0)  # no valid token yet: avoid inf - inf
+            rescale = cute.math.exp2(t.row_max[i] * scale_log2 - m_scaled, fastmath=True)
+            total = Float32(0.0)
+            for j in cutlass.range_constexpr(num_cols):
+                p = cute.math.exp2(t.s_rc[i, j] * scale_log2 - m_scaled, fastmath=True)
+                t.s_rc[i, j] = p
+                total = total + p
+            t.row_sum[i] = t.row_sum[i] * rescale + total  # this warpgroup's tokens only
+            t.row_max[i] = m_new
+            for j in cutlass.range_constexpr(cute.size(t.o_rc, mode=[1])):
+                t.o_rc[i, j] = t.o_rc[i, j] * rescale
+
+    @cute.jit
+    def issue_pv(self, t, buf):
+        """Issue ``O += P V`` over this warpgroup's tokens (its P from registers), then,
+        once the other's P is in shared memory, over the other's tokens."""
+        other = 1 - t.wg
+        t.p_regs.store(t.acc_s.load().to(BFloat16))
+        cute.copy(t.p_store, t.p_store.retile(t.p_regs), t.tPsP[None, None, None, t.wg])
+        cute.arch.fence_view_async_shared()
+        warpgroup.fence()
+        for k in cutlass.range_constexpr(K_STEPS_PER_HALF):
+            cute.gemm(t.tiled_mma_o_rs, t.acc_o, t.p_operand[None, None, k],
+                      t.tOrV_rs[None, None, t.wg * K_STEPS_PER_HALF + k, buf], t.acc_o)
+        warpgroup.commit_group()
+        cute.arch.sync_threads()  # both warpgroups' P are stored
+        for k in cutlass.range_constexpr(K_STEPS_PER_HALF):
+            cute.gemm(t.tiled_mma_o_ss, t.acc_o, t.tOrP_ss[None, None, k, other],
+                      t.tOrV_ss[None, None, other * K_STEPS_PER_HALF + k, buf], t.acc_o)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def finish(self, t, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, topk_splits, batch, s, split,
+               head0, h_q):
+        """The epilogue: the row sums of both warpgroups; the output (with the sink) or,
+        when the query token's topk is split, this fragment's fp32 partial (lse -inf when
+        it saw no valid token)."""
+        num_rows = cute.size(t.s_rc, mode=[0])
+        col0 = t.wg * (DV // NUM_WARPGROUPS)
+        writes_lse = (t.wg == 0) & t.lane_writes_row
+        for i in cutlass.range_constexpr(num_rows):
+            total = utils.quad_sum(t.row_sum[i])
+            if t.lane_writes_row:
+                t.row_stats[t.coord_s[i, 0][0], STAT_SUM + t.wg] = total
+        cute.arch.sync_threads()
+        for i in cutlass.range_constexpr(num_rows):
+            r = t.coord_s[i, 0][0]
             head = head0 + r
-            total = row_stats[r, STAT_SUM] + row_stats[r, STAT_SUM + 1]
+            total = t.row_stats[r, STAT_SUM] + t.row_stats[r, STAT_SUM + 1]
             inv = Float32(0.0)
             lse = -Float32.inf
             if total > 0.0:
-                lse = row_max[i] * softmax_scale + cute.math.log(total, fastmath=False)
+                lse = t.row_max[i] * softmax_scale + cute.math.log(total, fastmath=False)
                 inv = cute.arch.rcp_approx(total)
             if head < h_q:
                 if topk_splits == 1:
@@ -367,13 +415,13 @@ class SparseDecodeSm90:
                         factor = inv / (1.0 + cute.math.exp(mSink[head] - lse, fastmath=False))
                     if total == 0.0:
                         lse = Float32.inf  # no valid token: out 0, lse +inf
-                    utils.store_acc_row(o_rc, coord_o, i, factor, mO[batch, s, head, None], col0, BFloat16)
+                    utils.store_acc_row(t.o_rc, t.coord_o, i, factor, mO[batch, s, head, None], col0, BFloat16)
                     if writes_lse:
                         mLse[batch, head, s] = lse
                 else:
                     fragment = batch * topk_splits + split
                     row = s * h_q + head
-                    utils.store_acc_row(o_rc, coord_o, i, inv, mOAccum[fragment, 0, row, None], col0, Float32)
+                    utils.store_acc_row(t.o_rc, t.coord_o, i, inv, mOAccum[fragment, 0, row, None], col0, Float32)
                     if writes_lse:
                         mLseAccum[fragment, 0, row] = lse
 
@@ -448,6 +496,36 @@ class SparseDecodeSm90:
             for chunk in cutlass.range_constexpr(LATENT_CHUNKS + 1):
                 cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
                                                           (chunk * THREADS_PER_TOKEN + part,)))
+
+
+@dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
+class WarpgroupTensors:
+    """What one thread of a warpgroup works with (``SparseDecodeSm90.warpgroup_tensors``)."""
+
+    tiled_mma_s: cute.TiledMma  # S = Q K^T over this warpgroup's 32 tokens
+    tiled_mma_o_rs: cute.TiledMma  # O += P V, P from registers (this warpgroup's)
+    tiled_mma_o_ss: cute.TiledMma  # O += P V, P from shared memory (the other's)
+    tSrQ: cute.Tensor
+    tSrK: cute.Tensor
+    tOrV_rs: cute.Tensor
+    tOrV_ss: cute.Tensor
+    tOrP_ss: cute.Tensor
+    acc_s: cute.Tensor  # S of the step's tokens of this warpgroup, then P
+    acc_o: cute.Tensor  # this warpgroup's 64 x 256 half of O
+    s_rc: cute.Tensor  # acc_s as (row, column) of this thread
+    o_rc: cute.Tensor
+    coord_s: cute.Tensor  # (row, column) in the tile of each of those
+    coord_o: cute.Tensor
+    p_regs: cute.Tensor  # P in bf16
+    p_operand: cute.Tensor  # p_regs as the A operand of P V
+    p_store: object  # stmatrix copy of P into shared memory
+    tPsP: cute.Tensor
+    row_stats: cute.Tensor  # (HEAD_TILE, NUM_STATS) shared by the warpgroups
+    token_valid: cute.Tensor  # (TOKENS, NUM_BUFFERS): which tokens of a tile are valid
+    row_max: cute.Tensor  # the running maximum of each of this thread's rows
+    row_sum: cute.Tensor  # this warpgroup's share of each row's sum
+    wg: object  # 0 or 1
+    lane_writes_row: object  # the thread of its quad that writes row statistics
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
