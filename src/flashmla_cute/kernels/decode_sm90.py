@@ -60,13 +60,14 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, Int64, const_expr, pipeline
-from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
+from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from . import softmax, utils
 from ..scheduler import BEGIN_BATCH, BEGIN_BLOCK, BEGIN_SPLIT, BLOCK_SIZE, END_BATCH, END_BLOCK, ROWS_PER_TILE
 from .consumer_barriers import ConsumerBarriers
 from .kv_stages import NUM_STAGES, KvStages
+from .split_o import SplitOFragments, split_o_fragments
 from .combine import MlaCombine
 from .utils import accumulators
 
@@ -86,28 +87,12 @@ NUM_STATS = 6
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
-class ConsumerTensors:
-    """What one consumer thread works with (``MlaDecodeSm90.consumer_tensors``)."""
+class ConsumerTensors(SplitOFragments):
+    """What one consumer thread works with (``MlaDecodeSm90.consumer_tensors``): its MMA
+    fragments (``split_o.SplitOFragments``: S of the current block, then P; this
+    consumer's 64 x 256 half of O), and these."""
 
-    tiled_mma_s: cute.TiledMma  # S = Q K^T
-    tiled_mma_o_rs: cute.TiledMma  # O += P V, P from registers (this consumer's)
-    tiled_mma_o_ss: cute.TiledMma  # O += P V, P from shared memory (the other's)
     sK: cute.Tensor  # the K stages
-    tSrQ: cute.Tensor
-    tSrK: cute.Tensor
-    tOrV_rs: cute.Tensor
-    tOrV_ss: cute.Tensor
-    tOrP_ss: cute.Tensor
-    acc_s: cute.Tensor  # S of the current block, then P
-    acc_o: cute.Tensor  # this consumer's 64 x 256 half of O
-    s_rc: cute.Tensor  # acc_s as (row, column) of this thread
-    o_rc: cute.Tensor
-    coord_s: cute.Tensor  # (row, column) in the tile of each of those
-    coord_o: cute.Tensor
-    p_regs: cute.Tensor  # P in the input dtype
-    p_operand: cute.Tensor  # p_regs as the A operand of P V
-    p_store: object  # stmatrix copy of P into shared memory
-    tPsP: cute.Tensor
     stats: cute.Tensor  # (TILE_M, NUM_STATS) row statistics shared by the consumers
     row_max: cute.Tensor  # the running maximum m of each of this thread's rows
     row_sum: cute.Tensor  # this consumer's share of each row's sum
@@ -438,38 +423,12 @@ class MlaDecodeSm90:
                 stride=((64, 512), (1, 0), (0, stage_elems)),
             ),
         )
-        thr_mma_s = tiled_mma_s.get_slice(wg_tidx)
-        thr_mma_rs = tiled_mma_o_rs.get_slice(wg_tidx)
-        thr_mma_ss = tiled_mma_o_ss.get_slice(wg_tidx)
-        acc_s = thr_mma_s.make_fragment_C(thr_mma_s.partition_shape_C((TILE_M, BLOCK_N)))
-        acc_o = thr_mma_rs.make_fragment_C(thr_mma_rs.partition_shape_C((TILE_M, dv_per_wg)))
-        s_rc = utils.acc_as_rows_cols(acc_s)
-        num_rows = cute.size(s_rc, mode=[0])
-        # This consumer's P, in the input dtype, as the register A operand of P V.
-        p_regs = cute.make_rmem_tensor_like(acc_s, self.dtype)
-        p_store = cute.make_tiled_copy_C(
-            cute.make_copy_atom(warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), self.dtype), tiled_mma_s
-        ).get_slice(wg_tidx)
+        fragments = split_o_fragments(wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, sV_mine, sP,
+                                      (TILE_M, BLOCK_N), (TILE_M, dv_per_wg), self.dtype)
+        num_rows = cute.size(fragments["s_rc"], mode=[0])
         return ConsumerTensors(
-            tiled_mma_s=tiled_mma_s,
-            tiled_mma_o_rs=tiled_mma_o_rs,
-            tiled_mma_o_ss=tiled_mma_o_ss,
+            **fragments,
             sK=sK,
-            tSrQ=thr_mma_s.make_fragment_A(thr_mma_s.partition_A(sQ)),
-            tSrK=thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sK)),
-            tOrV_rs=thr_mma_rs.make_fragment_B(thr_mma_rs.partition_B(sV_mine)),
-            tOrV_ss=thr_mma_ss.make_fragment_B(thr_mma_ss.partition_B(sV_mine)),
-            tOrP_ss=thr_mma_ss.make_fragment_A(thr_mma_ss.partition_A(sP)),
-            acc_s=acc_s,
-            acc_o=acc_o,
-            s_rc=s_rc,
-            o_rc=utils.acc_as_rows_cols(acc_o),
-            coord_s=utils.acc_as_rows_cols(thr_mma_s.partition_C(cute.make_identity_tensor((TILE_M, BLOCK_N)))),
-            coord_o=utils.acc_as_rows_cols(thr_mma_rs.partition_C(cute.make_identity_tensor((TILE_M, dv_per_wg)))),
-            p_regs=p_regs,
-            p_operand=cute.make_tensor(p_regs.iterator, utils.acc_as_operand_a(acc_s.layout)),
-            p_store=p_store,
-            tPsP=p_store.partition_D(sP),
             stats=storage.stats.get_tensor(cute.make_layout((TILE_M, NUM_STATS), stride=(1, TILE_M))),
             row_max=cute.make_rmem_tensor((num_rows,), Float32),
             row_sum=cute.make_rmem_tensor((num_rows,), Float32),

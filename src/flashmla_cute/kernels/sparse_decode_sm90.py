@@ -54,13 +54,14 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import BFloat16, Float32, Int32, Uint8
-from cutlass.cute.nvgpu import OperandMajorMode, warp, warpgroup
+from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from .. import fp8_cache
 from ..sparse_plan import HEAD_TILE, STEP_TOKENS
 from . import utils
 from .combine import MlaCombine
+from .split_o import SplitOFragments, split_o_fragments
 
 TOKENS = STEP_TOKENS  # indices per step
 NUM_WARPGROUPS = 2
@@ -252,9 +253,6 @@ class SparseDecodeSm90:
         """This thread's MMA fragments, shared-memory views and row state."""
         for tiled_mma in (tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss):
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-        thr_mma_s = tiled_mma_s.get_slice(wg_tidx)
-        thr_mma_rs = tiled_mma_o_rs.get_slice(wg_tidx)
-        thr_mma_ss = tiled_mma_o_ss.get_slice(wg_tidx)
         # K of this warpgroup's tokens (32 wg .. 32 wg + 31) of each tile: four of the
         # tile's eight 8-token swizzle atoms, (token, column, buffer).
         sK_mine = cute.make_tensor(
@@ -273,35 +271,11 @@ class SparseDecodeSm90:
             ),
         )
         sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
-        acc_s = thr_mma_s.make_fragment_C(thr_mma_s.partition_shape_C((HEAD_TILE, HALF_TOKENS)))
-        acc_o = thr_mma_rs.make_fragment_C(thr_mma_rs.partition_shape_C((HEAD_TILE, DV // NUM_WARPGROUPS)))
-        s_rc = utils.acc_as_rows_cols(acc_s)
-        num_rows = cute.size(s_rc, mode=[0])
-        p_regs = cute.make_rmem_tensor_like(acc_s, BFloat16)
-        p_store = cute.make_tiled_copy_C(
-            cute.make_copy_atom(warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4), BFloat16), tiled_mma_s
-        ).get_slice(wg_tidx)
+        fragments = split_o_fragments(wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK_mine, sV, sP,
+                                      (HEAD_TILE, HALF_TOKENS), (HEAD_TILE, DV // NUM_WARPGROUPS), BFloat16)
+        num_rows = cute.size(fragments["s_rc"], mode=[0])
         return WarpgroupTensors(
-            tiled_mma_s=tiled_mma_s,
-            tiled_mma_o_rs=tiled_mma_o_rs,
-            tiled_mma_o_ss=tiled_mma_o_ss,
-            tSrQ=thr_mma_s.make_fragment_A(thr_mma_s.partition_A(sQ)),
-            tSrK=thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sK_mine)),
-            tOrV_rs=thr_mma_rs.make_fragment_B(thr_mma_rs.partition_B(sV)),
-            tOrV_ss=thr_mma_ss.make_fragment_B(thr_mma_ss.partition_B(sV)),
-            tOrP_ss=thr_mma_ss.make_fragment_A(thr_mma_ss.partition_A(sP)),
-            acc_s=acc_s,
-            acc_o=acc_o,
-            s_rc=s_rc,
-            o_rc=utils.acc_as_rows_cols(acc_o),
-            coord_s=utils.acc_as_rows_cols(thr_mma_s.partition_C(cute.make_identity_tensor((HEAD_TILE, HALF_TOKENS)))),
-            coord_o=utils.acc_as_rows_cols(
-                thr_mma_rs.partition_C(cute.make_identity_tensor((HEAD_TILE, DV // NUM_WARPGROUPS)))
-            ),
-            p_regs=p_regs,
-            p_operand=cute.make_tensor(p_regs.iterator, utils.acc_as_operand_a(acc_s.layout)),
-            p_store=p_store,
-            tPsP=p_store.partition_D(sP),
+            **fragments,
             row_stats=storage.row_stats.get_tensor(cute.make_layout((HEAD_TILE, NUM_STATS), stride=(1, HEAD_TILE))),
             token_valid=storage.token_valid.get_tensor(cute.make_layout((TOKENS, NUM_BUFFERS))),
             row_max=cute.make_rmem_tensor((num_rows,), Float32),
@@ -499,27 +473,11 @@ class SparseDecodeSm90:
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
-class WarpgroupTensors:
-    """What one thread of a warpgroup works with (``SparseDecodeSm90.warpgroup_tensors``)."""
+class WarpgroupTensors(SplitOFragments):
+    """What one thread of a warpgroup works with (``SparseDecodeSm90.warpgroup_tensors``):
+    its MMA fragments (``split_o.SplitOFragments``: S of this warpgroup's 32 tokens of the
+    step, then P; its 64 x 256 half of O), and these."""
 
-    tiled_mma_s: cute.TiledMma  # S = Q K^T over this warpgroup's 32 tokens
-    tiled_mma_o_rs: cute.TiledMma  # O += P V, P from registers (this warpgroup's)
-    tiled_mma_o_ss: cute.TiledMma  # O += P V, P from shared memory (the other's)
-    tSrQ: cute.Tensor
-    tSrK: cute.Tensor
-    tOrV_rs: cute.Tensor
-    tOrV_ss: cute.Tensor
-    tOrP_ss: cute.Tensor
-    acc_s: cute.Tensor  # S of the step's tokens of this warpgroup, then P
-    acc_o: cute.Tensor  # this warpgroup's 64 x 256 half of O
-    s_rc: cute.Tensor  # acc_s as (row, column) of this thread
-    o_rc: cute.Tensor
-    coord_s: cute.Tensor  # (row, column) in the tile of each of those
-    coord_o: cute.Tensor
-    p_regs: cute.Tensor  # P in bf16
-    p_operand: cute.Tensor  # p_regs as the A operand of P V
-    p_store: object  # stmatrix copy of P into shared memory
-    tPsP: cute.Tensor
     row_stats: cute.Tensor  # (HEAD_TILE, NUM_STATS) shared by the warpgroups
     token_valid: cute.Tensor  # (TOKENS, NUM_BUFFERS): which tokens of a tile are valid
     row_max: cute.Tensor  # the running maximum of each of this thread's rows
