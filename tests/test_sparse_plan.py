@@ -1,38 +1,58 @@
-"""How the sparse kernel's work is cut: query-token tiles, and fragments of each tile's
-top-k, from shapes alone."""
+"""How the sparse kernel's work is cut over SMs: query-token tiles, whole or in fragments of
+their top-k, from shapes alone."""
 
 import pytest
 
 from flashmla_cute import sparse_plan
+from flashmla_cute.sparse_plan import SparsePlan
 
 
 def test_jobs_are_query_token_tiles_of_64_heads():
-    assert sparse_plan.num_jobs(b=2, s_q=2, h_q=128) == 8
-    assert sparse_plan.num_jobs(b=148, s_q=1, h_q=64) == 148
-    assert sparse_plan.num_jobs(b=3, s_q=1, h_q=16) == 3  # fewer heads are padded to a tile
+    assert sparse_plan.jobs_per_batch(s_q=2, h_q=128) == 4
+    assert sparse_plan.jobs_per_batch(s_q=1, h_q=64) == 1
+    assert sparse_plan.jobs_per_batch(s_q=1, h_q=16) == 1  # fewer heads are padded to a tile
 
 
 @pytest.mark.parametrize(
-    "jobs,topk,splits",
+    "shape,plan",
     [
-        (8, 2048, 11),  # b 2, s_q 2, h_q 128: 88 CTAs of 3 steps instead of 8 of 32
-        (148, 16384, 8),  # b 148 h_q 64: two waves of 148 CTAs would leave the second 11% full
-        (512, 2048, 1),  # b 128, s_q 2, h_q 128: 4 waves, nearly full
-        (296, 2048, 1),  # splitting would write and read more partials than it saves
-        (1, 64, 1),  # one step: nothing to split
+        # 8 tiles of 32 steps on 132 SMs: 88 CTAs of 3 steps.
+        ((2, 2, 128, 2048), SparsePlan(0, 11)),
+        # 296 tiles, 2.24 waves: 264 whole tiles (two full waves), then the last 8
+        # sequences' 32 tiles in 4 fragments each, 128 CTAs of 8 steps.
+        ((74, 2, 128, 2048), SparsePlan(66, 4)),
+        # 148 tiles of 256 steps: one full wave whole, the 16 others in 8 fragments.
+        ((148, 1, 64, 16384), SparsePlan(132, 8)),
+        ((128, 2, 128, 2048), SparsePlan(128, 1)),  # 512 tiles, 3.9 waves: nothing to gain
+        ((64, 2, 128, 2048), SparsePlan(64, 1)),  # 256 tiles, 1.9 waves
+        ((1, 1, 64, 64), SparsePlan(1, 1)),  # one step: nothing to split
     ],
 )
-def test_splits_for_the_benchmark_cases(jobs, topk, splits):
-    assert sparse_plan.topk_splits(jobs, topk, 132) == splits
+def test_plans_for_the_benchmark_cases(shape, plan):
+    # shape: (b, s_q, h_q, topk)
+    assert sparse_plan.plan_splits(*shape, 132) == plan
 
 
-@pytest.mark.parametrize("jobs", [1, 7, 132, 1000])
+@pytest.mark.parametrize("b", [1, 3, 74, 148, 1000])
 @pytest.mark.parametrize("topk", [64, 576, 2048, 16384])
-def test_every_fragment_has_a_step(jobs, topk):
-    steps = topk // sparse_plan.STEP_TOKENS
-    assert 1 <= sparse_plan.topk_splits(jobs, topk, 132) <= steps
+def test_every_fragment_has_a_step_and_every_sequence_its_fragments(b, topk):
+    plan = sparse_plan.plan_splits(b, 1, 128, topk, 132)
+    assert 0 <= plan.whole_batches <= b
+    assert 1 <= plan.splits <= min(topk // sparse_plan.STEP_TOKENS, sparse_plan.MAX_SPLITS)
+    offsets = plan.fragment_offsets(b)
+    counts = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
+    assert counts == [1] * plan.whole_batches + [plan.splits] * (b - plan.whole_batches)
+    assert offsets[-1] == plan.num_fragments(b)
 
 
 def test_a_full_gpu_is_not_split():
-    # Many waves of jobs: every split would only add partials to merge.
-    assert sparse_plan.topk_splits(132 * 8, 16384, 132) == 1
+    # Many waves of tiles: every split would only add partials to merge.
+    assert sparse_plan.plan_splits(132 * 8, 1, 64, 16384, 132) == SparsePlan(132 * 8, 1)
+
+
+def test_the_model_prefers_filling_the_last_wave():
+    # 296 tiles of 33 step-costs: three waves whole (99), against two whole waves and the
+    # rest in short fragments beside nothing (66 + 9 + the merge).
+    whole = sparse_plan.modelled_time(SparsePlan(74, 1), 74, 4, 32, 132)
+    mixed = sparse_plan.modelled_time(SparsePlan(66, 4), 74, 4, 32, 132)
+    assert whole == 99 and mixed < 85

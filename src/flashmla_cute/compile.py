@@ -195,6 +195,7 @@ def sparse_decode_variant() -> Variant:
             Float32(1.0),  # softmax_scale
             Int32(0),  # has_topk_length
             Int32(0),  # has_sink
+            Int32(0),  # whole_batches
             Int32(1),  # topk_splits
             Int32(132),  # num_sms
             _stream(),

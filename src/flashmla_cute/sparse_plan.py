@@ -1,18 +1,23 @@
-"""How many CTAs share one query token's top-k in the sparse decode kernel.
+"""How the sparse decode kernel's work is cut over SMs, from shapes alone.
 
-The kernel's work is ``jobs = b * s_q * ceil(h_q / 64)`` query-token tiles of ``steps =
-ceil(topk / 64)`` steps each, and a CTA fills an SM. Cutting each job into ``k``
-fragments gives ``jobs * k`` CTAs of ``ceil(steps / k)`` steps and a fixed cost each
-(``CTA_COST_STEPS``: loading Q, writing the result), which run in ``ceil(jobs * k /
-num_sms)`` waves; split jobs also cost a merge (the combine kernel): a fixed part and one
-proportional to the partials written and read. ``topk_splits`` picks the ``k`` that
-finishes soonest under that model. It depends on shapes only, so a plan needs no look at
-the indices and no host synchronization (CUDA graphs replay it as it is).
+The work is ``jobs = b * s_q * ceil(h_q / 64)`` query-token tiles of ``steps = ceil(topk /
+64)`` steps each, and a CTA fills an SM. A plan keeps the first ``whole_batches``
+sequences' tiles whole (one CTA each, ``steps`` steps) and cuts every tile of the other
+sequences into ``splits`` fragments of ``ceil(steps / splits)`` steps, whose partial
+results the combine kernel merges. The kernel launches the whole tiles' CTAs first, so
+the short ones fill the SMs that the last wave of long ones leaves idle.
+
+``plan_splits`` picks the plan that finishes soonest under a simple model: a CTA costs its
+steps plus ``CTA_COST_STEPS``; CTAs run ``num_sms`` at a time, the long ones first; split
+sequences add the merge, a fixed part and one proportional to the partials written and
+read. Plans depend on shapes only, so they need no look at the indices and no host
+synchronization (CUDA graphs replay them as they are).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 HEAD_TILE = 64
 """Query heads per CTA (the WGMMA's M); fewer heads are padded."""
@@ -30,22 +35,63 @@ MERGE_STEPS_PER_FRAGMENT = 1 / 32
 """The combine kernel's cost per fragment, in steps: a fragment's 64 x 512 fp32 partial
 (128 KB) written and read again, at about 3 TB/s over the whole GPU."""
 
+MAX_SPLITS = 64
+"""The most fragments a tile is cut into."""
 
-def num_jobs(b: int, s_q: int, h_q: int) -> int:
-    """Query-token tiles of a call: ``b * s_q * ceil(h_q / HEAD_TILE)``."""
-    return b * s_q * -(-h_q // HEAD_TILE)
+
+class SparsePlan(NamedTuple):
+    """The first ``whole_batches`` sequences whole, the others' tiles in ``splits`` fragments."""
+
+    whole_batches: int
+    splits: int
+
+    def num_fragments(self, b: int) -> int:
+        """Fragments of partial results per (query token, head tile) slot of the workspace."""
+        return self.whole_batches + (b - self.whole_batches) * self.splits
+
+    def num_ctas(self, b: int, jobs_per_batch: int) -> int:
+        return self.num_fragments(b) * jobs_per_batch
+
+    def fragment_offsets(self, b: int) -> list[int]:
+        """``num_splits`` of the combine kernel: sequence ``i``'s fragments start at
+        entry ``i`` (a whole sequence has one, written to the output directly)."""
+        w, k = self.whole_batches, self.splits
+        return [i if i <= w else w + (i - w) * k for i in range(b + 1)]
+
+
+def jobs_per_batch(s_q: int, h_q: int) -> int:
+    """Query-token tiles of one sequence: ``s_q * ceil(h_q / HEAD_TILE)``."""
+    return s_q * -(-h_q // HEAD_TILE)
+
+
+def modelled_time(plan: SparsePlan, b: int, jobs: int, steps: int, num_sms: int) -> float:
+    """The plan's time in steps under the module's model (``jobs`` tiles per sequence)."""
+    long_ctas = plan.whole_batches * jobs
+    long_cost = steps + CTA_COST_STEPS
+    short_ctas = (b - plan.whole_batches) * jobs * plan.splits
+    short_cost = -(-steps // plan.splits) + CTA_COST_STEPS
+    full_waves, left = divmod(long_ctas, num_sms)
+    time = full_waves * long_cost
+    if short_ctas == 0:
+        return time + (long_cost if left else 0.0)
+    # The last long CTAs and the short ones share the SMs; the short ones pack in
+    # units of their length.
+    rest = (left * long_cost + short_ctas * short_cost) / num_sms
+    tail = -(-rest // short_cost) * short_cost
+    if left:
+        tail = max(tail, long_cost)
+    merge = MERGE_COST_STEPS + short_ctas * MERGE_STEPS_PER_FRAGMENT if plan.splits > 1 else 0.0
+    return time + tail + merge
 
 
 @functools.lru_cache(maxsize=1024)
-def topk_splits(jobs: int, topk: int, num_sms: int) -> int:
-    """Fragments per query-token tile: the ``k`` in ``1 .. steps`` with the least
-    modelled time (see the module docstring), the smallest on ties."""
+def plan_splits(b: int, s_q: int, h_q: int, topk: int, num_sms: int) -> SparsePlan:
+    """The plan with the least modelled time; on ties, fewer splits, then more whole
+    sequences. Whole-sequence counts tried: all, none, and those that fill whole waves."""
+    jobs = jobs_per_batch(s_q, h_q)
     steps = max(-(-topk // STEP_TOKENS), 1)
-    jobs = max(jobs, 1)
-
-    def cost(k: int) -> float:
-        waves = -(-jobs * k // num_sms)
-        merge = MERGE_COST_STEPS + jobs * k * MERGE_STEPS_PER_FRAGMENT if k > 1 else 0.0
-        return waves * (-(-steps // k) + CTA_COST_STEPS) + merge
-
-    return min(range(1, steps + 1), key=lambda k: (cost(k), k))
+    wholes = {0, b} | {min(m * num_sms // jobs, b) for m in range(1, b * jobs // num_sms + 1)}
+    candidates = [SparsePlan(b, 1)] + [
+        SparsePlan(w, k) for w in sorted(wholes) if w < b for k in range(2, min(steps, MAX_SPLITS) + 1)
+    ]
+    return min(candidates, key=lambda p: (modelled_time(p, b, jobs, steps, num_sms), p.splits, -p.whole_batches))

@@ -11,7 +11,7 @@ from . import compile as compile_mod
 from . import runtime, scheduler
 from .fp8_cache import BYTES_PER_TOKEN, LATENT_DIM
 from .sparse_checks import SparseDecodeProblem
-from .sparse_plan import num_jobs, topk_splits
+from .sparse_plan import SparsePlan, plan_splits
 
 _placeholders: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _split_offsets: dict[tuple, torch.Tensor] = {}
@@ -36,14 +36,13 @@ def cache_as_token_rows(k_cache: torch.Tensor, problem: SparseDecodeProblem) -> 
     return raw.as_strided((problem.num_blocks, problem.page_size, BYTES_PER_TOKEN), (page_stride, BYTES_PER_TOKEN, 1))
 
 
-def split_offsets(b: int, splits: int, device: torch.device) -> torch.Tensor:
-    """``num_splits`` of the combine kernel for ``b`` query tokens' tiles cut into
-    ``splits`` fragments each: int32 ``i * splits`` for ``i`` in ``0 .. b`` (kept per shape,
-    so that calls allocate and launch nothing for it)."""
-    key = (device.type, device.index, b, splits)
+def split_offsets(b: int, plan: SparsePlan, device: torch.device) -> torch.Tensor:
+    """``num_splits`` of the combine kernel for ``plan`` (``SparsePlan.fragment_offsets``),
+    kept per shape so that calls allocate and launch nothing for it."""
+    key = (device.type, device.index, b, plan)
     offsets = _split_offsets.get(key)
     if offsets is None:
-        offsets = torch.arange(0, (b + 1) * splits, splits, dtype=torch.int32, device=device)
+        offsets = torch.tensor(plan.fragment_offsets(b), dtype=torch.int32, device=device)
         _split_offsets[key] = offsets
     return offsets
 
@@ -54,15 +53,16 @@ def gpu_sparse_decode(problem: SparseDecodeProblem, q, k_cache, indices, topk_le
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
     no_length, no_sink = _absent(q.device)
     num_sms = runtime.num_sms(q.device.index)
-    splits = topk_splits(num_jobs(b, s_q, h_q), problem.topk, num_sms)
-    # The fragments' partials (read by the combine kernel only when split).
-    accum = lse.new_empty(scheduler.accumulator_elems(b * splits, 1, s_q * h_q, LATENT_DIM) if splits > 1 else 4)
+    plan = plan_splits(b, s_q, h_q, problem.topk, num_sms)
+    # The fragments' partials (read by the combine kernel only for split sequences).
+    fragments = plan.num_fragments(b) if plan.splits > 1 else 1
+    accum = lse.new_empty(scheduler.accumulator_elems(fragments, 1, s_q * h_q, LATENT_DIM))
     kernel = compile_mod.get(compile_mod.sparse_decode_variant())
     kernel(
         q, cache_as_token_rows(k_cache, problem), indices,
         no_length if topk_length is None else topk_length,
         no_sink if attn_sink is None else attn_sink,
-        out, lse, accum, split_offsets(b, splits, q.device), problem.softmax_scale, int(topk_length is not None),
-        int(attn_sink is not None), splits, num_sms,
+        out, lse, accum, split_offsets(b, plan, q.device), problem.softmax_scale, int(topk_length is not None),
+        int(attn_sink is not None), plan.whole_batches, plan.splits, num_sms,
     )
     return out, lse

@@ -29,10 +29,12 @@ The pipeline, per step ``i`` (tile ``i`` in buffer ``i % 2``)::
 Each thread also loads its token index of step ``i + 2`` during step ``i``, so that a
 fetch never waits on its own index.
 
-Split over topk: when there are too few query-token tiles to fill the GPU, the
-``topk_splits`` CTAs of a tile (grid z = head tile + tiles * split) take equal shares of its
-steps (``sparse_plan.topk_splits``, from shapes alone) and write fp32 partials, which the
-combine kernel (``combine.py``, launched as this kernel's programmatic dependent) merges.
+Split over topk (``sparse_plan``, from shapes alone): the first ``whole_batches``
+sequences' tiles get one CTA each, launched first; the other sequences' tiles are shared
+by ``topk_splits`` CTAs each, which take equal shares of the steps and write fp32
+partials, merged by the combine kernel (``combine.py``, launched as this kernel's
+programmatic dependent). The grid is one-dimensional: CTA ``x`` finds its sequence, tile
+and share in ``work_of``.
 
 Where things are: ``kernel`` sets up and runs the step loop (the pipeline above);
 ``issue_scores``, ``online_softmax`` and ``issue_pv`` are a step's parts for one
@@ -98,12 +100,13 @@ class SparseDecodeSm90:
         mSink: cute.Tensor,  # (h_q,) fp32, or any one float when has_sink == 0
         mO: cute.Tensor,  # (b, s_q, h_q, 512) bf16
         mLse: cute.Tensor,  # (b, h_q, s_q) fp32
-        mAccum: cute.Tensor,  # fp32 partials of b * topk_splits fragments (utils.accumulators), when split
-        mNumSplits: cute.Tensor,  # (b + 1,) int32: i * topk_splits
+        mAccum: cute.Tensor,  # fp32 partials of the split sequences' fragments (utils.accumulators)
+        mNumSplits: cute.Tensor,  # (b + 1,) int32: sparse_plan.SparsePlan.fragment_offsets
         softmax_scale: Float32,
         has_topk_length: Int32,
         has_sink: Int32,
-        topk_splits: Int32,  # CTAs that share a query token's topk (sparse_plan.topk_splits)
+        whole_batches: Int32,  # sequences whose tiles are not split (sparse_plan.SparsePlan)
+        topk_splits: Int32,  # CTAs that share a tile of each other sequence
         num_sms: Int32,
         stream,
     ):
@@ -139,14 +142,17 @@ class SparseDecodeSm90:
         self.shared_storage = SharedStorage
         b, s_q, h_q = mQ.shape[0], mQ.shape[1], mQ.shape[2]
         head_tiles = (h_q + HEAD_TILE - 1) // HEAD_TILE
-        # The partials of fragment k of batch i at index i * topk_splits + k, as one KV
-        # head of s_q * h_q rows (row s * h_q + h), the layout the combine kernel reads.
-        mOAccum, mLseAccum = utils.accumulators(mAccum, b * topk_splits, 1, s_q * h_q, DV)
+        # The partials of fragment k of split sequence i at index mNumSplits[i] + k, as
+        # one KV head of s_q * h_q rows (row s * h_q + h), the layout the combine kernel reads.
+        num_fragments = whole_batches + (b - whole_batches) * topk_splits
+        mOAccum, mLseAccum = utils.accumulators(mAccum, num_fragments, 1, s_q * h_q, DV)
+        num_ctas = num_fragments * s_q * head_tiles
         self.kernel(
             tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, mQ, mK, mIndices, mTopkLength, mSink, mO, mLse, mOAccum,
-            mLseAccum, softmax_scale, has_topk_length, has_sink, topk_splits, sQ_layout, sK_layout, sP_layout,
+            mLseAccum, softmax_scale, has_topk_length, has_sink, whole_batches, topk_splits, sQ_layout, sK_layout,
+            sP_layout,
         ).launch(
-            grid=[b, s_q, head_tiles * topk_splits],  # b first: grid.x has no 65535 limit
+            grid=[num_ctas, 1, 1],  # grid.x has no 65535 limit
             block=[THREADS, 1, 1],
             stream=stream,
             min_blocks_per_mp=1,
@@ -154,7 +160,7 @@ class SparseDecodeSm90:
         # Split query tokens: their fragments merged (and the sink applied) by the combine
         # kernel, launched as this kernel's programmatic dependent.
         MlaCombine(dtype, DV).launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q,
-                                     cutlass.min(b * s_q * head_tiles * topk_splits, num_sms), stream, True)
+                                     cutlass.min(num_ctas, num_sms), stream, True)
 
     # ---------------------------------------------------------------- device side
     @cute.kernel
@@ -175,20 +181,20 @@ class SparseDecodeSm90:
         softmax_scale: Float32,
         has_topk_length: Int32,
         has_sink: Int32,
+        whole_batches: Int32,
         topk_splits: Int32,
         sQ_layout: cute.ComposedLayout,
         sK_layout: cute.ComposedLayout,
         sP_layout: cute.ComposedLayout,
     ):
         tidx, _, _ = cute.arch.thread_idx()
-        batch, s, tile_and_split = cute.arch.block_idx()
+        cta, _, _ = cute.arch.block_idx()
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         wg = warp_idx // 4
         wg_tidx = tidx % 128
         h_q = mQ.shape[2]
-        head_tiles = (h_q + HEAD_TILE - 1) // HEAD_TILE
-        head_tile = tile_and_split % head_tiles
-        split = tile_and_split // head_tiles
+        batch, s, head_tile, split, splits = self.work_of(cta, mQ.shape[1], (h_q + HEAD_TILE - 1) // HEAD_TILE,
+                                                          whole_batches, topk_splits)
         head0 = head_tile * HEAD_TILE
 
         # The combine kernel may start now: its CTAs wait for this grid's end.
@@ -213,7 +219,7 @@ class SparseDecodeSm90:
         if has_topk_length != 0:
             limit = cutlass.max(cutlass.min(mTopkLength[batch], topk), 0)
         # This split's steps of TOKENS indices: an equal share of topk's, cut at the limit.
-        steps_per_split = ((topk + TOKENS - 1) // TOKENS + topk_splits - 1) // topk_splits
+        steps_per_split = ((topk + TOKENS - 1) // TOKENS + splits - 1) // splits
         first = split * steps_per_split * TOKENS  # the split's first index
         num_steps = cutlass.max(cutlass.min(steps_per_split, (limit - first + TOKENS - 1) // TOKENS), 0)
         token = tidx // THREADS_PER_TOKEN
@@ -244,8 +250,33 @@ class SparseDecodeSm90:
                 cute.arch.fence_view_async_shared()
             warpgroup.wait_group(0)
             cute.arch.sync_threads()  # tile `buf` and the P are read; the other tile is written
-        self.finish(t, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, topk_splits, batch, s, split,
+        fragment = whole_batches + (batch - whole_batches) * topk_splits + split  # when split
+        self.finish(t, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment, batch, s,
                     head0, h_q)
+
+    @staticmethod
+    @cute.jit
+    def work_of(cta, s_q, head_tiles, whole_batches, topk_splits):
+        """(batch, query token, head tile, share of the topk, shares) of CTA ``cta``: the
+        whole sequences' tiles first, one CTA each, then ``topk_splits`` CTAs for each
+        tile of every other sequence."""
+        tiles = s_q * head_tiles
+        whole_ctas = whole_batches * tiles
+        batch = cta // tiles
+        tile = cta - batch * tiles
+        split = Int32(0)
+        splits = Int32(1)
+        if cta >= whole_ctas:
+            ctas_per_batch = tiles * topk_splits
+            rest = cta - whole_ctas
+            later = rest // ctas_per_batch
+            batch = whole_batches + later
+            share = rest - later * ctas_per_batch
+            tile = share // topk_splits
+            split = share - tile * topk_splits
+            splits = topk_splits
+        s = tile // head_tiles
+        return batch, s, tile - s * head_tiles, split, splits
 
     @cute.jit
     def warpgroup_tensors(self, wg, wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
@@ -359,7 +390,7 @@ class SparseDecodeSm90:
         warpgroup.commit_group()
 
     @cute.jit
-    def finish(self, t, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, topk_splits, batch, s, split,
+    def finish(self, t, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment, batch, s,
                head0, h_q):
         """The epilogue: the row sums of both warpgroups; the output (with the sink) or,
         when the query token's topk is split, this fragment's fp32 partial (lse -inf when
@@ -382,7 +413,7 @@ class SparseDecodeSm90:
                 lse = t.row_max[i] * softmax_scale + cute.math.log(total, fastmath=False)
                 inv = cute.arch.rcp_approx(total)
             if head < h_q:
-                if topk_splits == 1:
+                if splits == 1:
                     factor = inv
                     if (total > 0.0) & (has_sink != 0):
                         # exp(lse) / (exp(lse) + exp(sink)): +inf sink gives 0, -inf leaves 1.
@@ -393,7 +424,6 @@ class SparseDecodeSm90:
                     if writes_lse:
                         mLse[batch, head, s] = lse
                 else:
-                    fragment = batch * topk_splits + split
                     row = s * h_q + head
                     utils.store_acc_row(t.o_rc, t.coord_o, i, inv, mOAccum[fragment, 0, row, None], col0, Float32)
                     if writes_lse:
