@@ -1,5 +1,5 @@
 """Two small decode problems for ``compute-sanitizer --tool memcheck``: one with split
-sequences (merged in the decode kernel), causal MTP and an empty sequence; one with several
+sequences (merged by the combine kernel), causal MTP and an empty sequence; one with several
 KV heads and partial last pages; then the same with values the host does not check (a
 length past the block table's width, page indices past the cache and negative), which must
 not make the kernels touch memory out of bounds.

@@ -60,14 +60,14 @@ def num_sms(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def decode_fn(dtype: torch.dtype, causal: bool, d: int, dv: int):
-    """The compiled decode kernel of a variant (it merges split sequences itself)."""
+    """The compiled decode kernel of a variant (its host function also launches the combine kernel)."""
     return compile_mod.get(compile_mod.decode_variant(_DTYPE_NAMES[dtype], causal, d, dv))
 
 
 @functools.lru_cache(maxsize=None)
 def combine_fn(dtype: torch.dtype, dv: int):
-    """The merge of split partials as a kernel of its own (the decode kernel merges
-    in-kernel; this tests the merge alone)."""
+    """The combine kernel launched on its own, over a workspace in the decode kernel's
+    layout (the decode call launches it itself; this tests the merge alone)."""
     return compile_mod.get(compile_mod.combine_variant(_DTYPE_NAMES[dtype], dv))
 
 
