@@ -34,13 +34,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 import flashmla_cute
-from flashmla_cute.testing import PAGE_SIZE, DecodeInputs, make_decode_inputs, reference_verdict
+from flashmla_cute.testing import PAGE_SIZE, DecodeInputs, make_decode_inputs, reference_verdict, time_ms
 
 D, DV = 576, 512  # q/k head dim (512 latent + 64 rope), v head dim (the latent part)
 MODEL_HEADS = 128  # DeepSeek-V3's query heads, before tensor parallelism
@@ -118,20 +117,7 @@ def gather_and_merge(out: torch.Tensor, lse: torch.Tensor, world: int):
 def median_ms(fn, iters: int, device: torch.device) -> float:
     """Median milliseconds of ``fn()`` over ``iters`` calls (after one warm-up call)."""
     fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start_s = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start_s) * 1e3)
-    return statistics.median(times)
+    return statistics.median(time_ms(fn, device) for _ in range(iters))
 
 
 def parse_args(argv=None):

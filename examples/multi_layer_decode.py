@@ -38,13 +38,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 
 import flashmla_cute
 from flashmla_cute.reference import flash_mla_reference
-from flashmla_cute.testing import reference_verdict
+from flashmla_cute.testing import reference_verdict, time_ms
 
 PAGE_SIZE = 64  # tokens per page of the KV cache
 D, DV = 576, 512  # q/k head dim (512 latent + 64 rope), v head dim (the latent part)
@@ -217,20 +216,6 @@ def main(argv=None) -> int:
     passed, verdict = reference_verdict(out, lse, ref_out, ref_lse)
     print(f"check: layer {check_layer} of step {args.steps - 1} against the float32 reference: {verdict}")
     return 0 if passed else 1
-
-
-def time_ms(fn, device: torch.device) -> float:
-    """Milliseconds ``fn()`` takes on ``device`` (CUDA events on a GPU)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    start_s = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start_s) * 1e3
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
-from typing import Sequence
+import time
+from typing import Callable, Sequence
 
 import torch
 
@@ -206,3 +207,18 @@ def decode_bytes(cache_seqlens, s_q: int, h_q: int, h_kv: int = 1, d: int = 576,
     b * s_q * h_q * (d + dv))``."""
     b = _batch(cache_seqlens)
     return element_size * (_total_tokens(cache_seqlens) * h_kv * d + b * s_q * h_q * (d + dv))
+
+
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds one call of ``fn()`` takes on ``device`` (CUDA events on a GPU, the
+    wall clock on the CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start_s = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start_s) * 1e3
