@@ -10,10 +10,21 @@ without CUDA.
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import pytest
 
 HOPPER = (9, 0)
+
+
+def load_script(path: Path):
+    """A script of the repository (an example, a benchmark) imported as a module, without
+    running its ``__main__`` block."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @functools.lru_cache(maxsize=None)

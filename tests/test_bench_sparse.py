@@ -1,21 +1,18 @@
 """benchmarks/bench_sparse.py without a GPU: its cases, FLOP count, arguments, inputs, and
 one case followed through both implementations on the CPU."""
 
-import importlib.util
 import types
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sparse.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_sparse", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH)
 
 
 def test_production_cases_are_flashmla_v32_production_cases(bench):

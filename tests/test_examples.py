@@ -1,7 +1,6 @@
 """The examples run end to end (on the CPU path here, on the kernels with a Hopper GPU) and
 pass their own checks; the context-parallel split is exact for every length."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from flashmla_cute import merge_attention_states
 from flashmla_cute.reference import flash_mla_reference
@@ -29,10 +29,7 @@ def run_example(*args: str) -> subprocess.CompletedProcess:
 
 
 def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{name}.py")
 
 
 def test_multi_layer_decode_runs_on_the_cpu_path_and_passes_its_check():
