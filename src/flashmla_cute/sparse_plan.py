@@ -49,9 +49,6 @@ class SparsePlan(NamedTuple):
         """Fragments of partial results per (query token, head tile) slot of the workspace."""
         return self.whole_batches + (b - self.whole_batches) * self.splits
 
-    def num_ctas(self, b: int, jobs_per_batch: int) -> int:
-        return self.num_fragments(b) * jobs_per_batch
-
     def fragment_offsets(self, b: int) -> list[int]:
         """``num_splits`` of the combine kernel: sequence ``i``'s fragments start at
         entry ``i`` (a whole sequence has one, written to the output directly)."""
