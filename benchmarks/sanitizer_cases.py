@@ -7,7 +7,7 @@ not make the kernels touch memory out of bounds.
 ``python benchmarks/sanitizer_cases.py race`` runs only the first small split case, for
 racecheck and synccheck.
 
-``python benchmarks/sanitizer_cases.py sparse`` runs only a small sparse (V3.2 FP8) call
+``python benchmarks/sanitizer_cases.py sparse`` runs only small sparse (V3.2 FP8) calls (h_q 64 and 128)
 whose indices the kernel must skip without reading the cache: ``-1``, past the cache, and
 past a ``topk_length`` shorter than topk (those name NaN tokens), with an attention sink."""
 
@@ -63,7 +63,8 @@ def run_sparse(b=3, s_q=2, h_q=64, topk=128, page=64):
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["sparse"]:
-        run_sparse()
+        run_sparse(h_q=64)
+        run_sparse(h_q=128)  # the variant whose CTAs pair up in clusters
         sys.exit(0)
     if sys.argv[1:] == ["race"]:
         # One small split, causal case: racecheck and synccheck are slow on larger ones.
