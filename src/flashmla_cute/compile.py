@@ -40,9 +40,11 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from .launch_args import DecodeArgs, SparseDecodeArgs
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Files whose content decides what the kernels compile to.
-_KERNEL_SOURCES = ("compile.py", "scheduler.py", "fp8_cache.py", "sparse_plan.py", "kernels/*.py")
+_KERNEL_SOURCES = ("compile.py", "launch_args.py", "scheduler.py", "fp8_cache.py", "sparse_plan.py", "kernels/*.py")
 
 ARCHS = ("sm_90a",)
 """GPU architectures the kernels can be compiled for (they use Hopper-only TMA and WGMMA)."""
@@ -111,20 +113,19 @@ def decode_variant(dtype: str, causal: bool, head_dim: int = 576, head_dim_v: in
         # at every call that they agree.
         b, h_kv, q_rows, s_q, h_q = (_i32() for _ in range(5))
         d, dv = head_dim, head_dim_v
-        args = (
-            _fake(dt, (b, 1, q_rows, d), (_s16(), _s16(), _s16(), 1), 16),  # q, [b, 1, h_kv * rows, d]
-            _fake(dt, (_i32(), 64, h_kv, d), (_s16(), _s16(), _s16(), 1), 16),  # k_cache
-            _fake(cutlass.Int32, (b, _i32()), (_stride(), 1)),  # block_table
-            _fake(cutlass.Int32, (b,), (1,)),  # cache_seqlens
-            _fake(cutlass.Int32, (_i32(), 8), (8, 1)),  # tile_scheduler_metadata
-            _fake(cutlass.Int32, (_i32(),), (1,)),  # num_splits
-            _fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), 16),  # out
-            _fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),  # lse
-            _fake(cutlass.Float32, (_i32(),), (1,), 16),  # split-partials workspace
-            Float32(1.0),  # softmax_scale
-            Int32(1),  # heads per KV head
-            _stream(),
-        )
+        args = DecodeArgs(
+            q=_fake(dt, (b, 1, q_rows, d), (_s16(), _s16(), _s16(), 1), 16),
+            k=_fake(dt, (_i32(), 64, h_kv, d), (_s16(), _s16(), _s16(), 1), 16),
+            block_table=_fake(cutlass.Int32, (b, _i32()), (_stride(), 1)),
+            seqlens=_fake(cutlass.Int32, (b,), (1,)),
+            meta=_fake(cutlass.Int32, (_i32(), 8), (8, 1)),
+            num_splits=_fake(cutlass.Int32, (_i32(),), (1,)),
+            o=_fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), 16),
+            lse=_fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
+            accum=_fake(cutlass.Float32, (_i32(),), (1,), 16),
+            softmax_scale=Float32(1.0),
+            heads_per_kv=Int32(1),
+        ) + (_stream(),)
         return MlaDecodeSm90(dt, head_dim, head_dim_v, causal), args
 
     name = f"decode_sm90_{dtype}_d{head_dim}_dv{head_dim_v}" + ("_causal" if causal else "")
@@ -182,24 +183,23 @@ def sparse_decode_variant() -> Variant:
         from .kernels.sparse_decode_sm90 import SparseDecodeSm90
 
         b, s_q, h_q = (_i32() for _ in range(3))
-        args = (
-            _fake(cutlass.BFloat16, (b, s_q, h_q, HEAD_DIM), (_s16(), _s16(), _s16(), 1), 16),  # q
-            _fake(cutlass.Uint8, (_i32(), _i32(), BYTES_PER_TOKEN), (_stride(16), BYTES_PER_TOKEN, 1), 16),  # k_cache
-            _fake(cutlass.Int32, (b, s_q, _i32()), (_stride(), _stride(), 1)),  # indices
-            _fake(cutlass.Int32, (_i32(),), (1,)),  # topk_length
-            _fake(cutlass.Float32, (_i32(),), (1,)),  # attn_sink
-            _fake(cutlass.BFloat16, (b, s_q, h_q, LATENT_DIM), (_s16(), _s16(), _s16(), 1), 16),  # out
-            _fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),  # lse
-            _fake(cutlass.Float32, (_i32(),), (1,), 16),  # split-partials workspace
-            _fake(cutlass.Int32, (_i32(),), (1,)),  # num_splits
-            Float32(1.0),  # softmax_scale
-            Int32(0),  # has_topk_length
-            Int32(0),  # has_sink
-            Int32(0),  # whole_batches
-            Int32(1),  # topk_splits
-            Int32(132),  # num_sms
-            _stream(),
-        )
+        args = SparseDecodeArgs(
+            q=_fake(cutlass.BFloat16, (b, s_q, h_q, HEAD_DIM), (_s16(), _s16(), _s16(), 1), 16),
+            k=_fake(cutlass.Uint8, (_i32(), _i32(), BYTES_PER_TOKEN), (_stride(16), BYTES_PER_TOKEN, 1), 16),
+            indices=_fake(cutlass.Int32, (b, s_q, _i32()), (_stride(), _stride(), 1)),
+            topk_length=_fake(cutlass.Int32, (_i32(),), (1,)),
+            sink=_fake(cutlass.Float32, (_i32(),), (1,)),
+            o=_fake(cutlass.BFloat16, (b, s_q, h_q, LATENT_DIM), (_s16(), _s16(), _s16(), 1), 16),
+            lse=_fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
+            accum=_fake(cutlass.Float32, (_i32(),), (1,), 16),
+            num_splits=_fake(cutlass.Int32, (_i32(),), (1,)),
+            softmax_scale=Float32(1.0),
+            has_topk_length=Int32(0),
+            has_sink=Int32(0),
+            whole_batches=Int32(0),
+            topk_splits=Int32(1),
+            num_sms=Int32(132),
+        ) + (_stream(),)
         return SparseDecodeSm90(), args
 
     from .fp8_cache import HEAD_DIM, LATENT_DIM

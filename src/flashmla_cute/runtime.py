@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import compile as compile_mod
+from .launch_args import DecodeArgs
 from .scheduler import METADATA_INTS, split_workspace_elems
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -213,6 +214,7 @@ def launch_decode(launch: DecodeLaunch, q, k_cache, block_table, cache_seqlens, 
     out = q.new_empty(launch.out_shape)
     lse = workspace.new_empty(launch.lse_shape)
     rows = query_rows(q, launch.h_kv) if launch.gather_rows else q
-    launch.fn(rows, k_cache, block_table, cache_seqlens, meta, num_splits, out, lse, workspace, scale,
-              launch.heads_per_kv)
+    launch.fn(*DecodeArgs(q=rows, k=k_cache, block_table=block_table, seqlens=cache_seqlens, meta=meta,
+                          num_splits=num_splits, o=out, lse=lse, accum=workspace, softmax_scale=scale,
+                          heads_per_kv=launch.heads_per_kv))
     return out, lse

@@ -10,6 +10,7 @@ import torch
 from . import compile as compile_mod
 from . import runtime, scheduler
 from .fp8_cache import BYTES_PER_TOKEN, LATENT_DIM
+from .launch_args import SparseDecodeArgs
 from .sparse_checks import SparseDecodeProblem
 from .sparse_plan import SparsePlan, plan_splits
 
@@ -58,11 +59,13 @@ def gpu_sparse_decode(problem: SparseDecodeProblem, q, k_cache, indices, topk_le
     fragments = plan.num_fragments(b) if plan.splits > 1 else 1
     accum = lse.new_empty(scheduler.accumulator_elems(fragments, 1, s_q * h_q, LATENT_DIM))
     kernel = compile_mod.get(compile_mod.sparse_decode_variant())
-    kernel(
-        q, cache_as_token_rows(k_cache, problem), indices,
-        no_length if topk_length is None else topk_length,
-        no_sink if attn_sink is None else attn_sink,
-        out, lse, accum, split_offsets(b, plan, q.device), problem.softmax_scale, int(topk_length is not None),
-        int(attn_sink is not None), plan.whole_batches, plan.splits, num_sms,
-    )
+    kernel(*SparseDecodeArgs(
+        q=q, k=cache_as_token_rows(k_cache, problem), indices=indices,
+        topk_length=no_length if topk_length is None else topk_length,
+        sink=no_sink if attn_sink is None else attn_sink,
+        o=out, lse=lse, accum=accum, num_splits=split_offsets(b, plan, q.device),
+        softmax_scale=problem.softmax_scale, has_topk_length=int(topk_length is not None),
+        has_sink=int(attn_sink is not None), whole_batches=plan.whole_batches, topk_splits=plan.splits,
+        num_sms=num_sms,
+    ))
     return out, lse

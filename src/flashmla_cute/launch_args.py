@@ -1,0 +1,49 @@
+"""The kernels' launch arguments, in the order their compiled functions take them.
+
+The host (``runtime``, ``sparse_runtime``) and the compile step (``compile``, which
+passes fake tensors of the same kinds) build these tuples by field name, so the order is
+written here alone; a test checks it against the kernels' ``__call__`` parameters
+(``mBlockTable`` is ``block_table`` here). The CUDA stream is not one of them: the
+compiled functions launch on torch's current stream. This module imports nothing heavy,
+so that importing the package stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class DecodeArgs(NamedTuple):
+    """``kernels.decode_sm90.MlaDecodeSm90``'s arguments."""
+
+    q: Any  # [b, 1, h_kv * rows, d]: each KV head's query rows in turn (runtime.query_rows)
+    k: Any  # [num_blocks, 64, h_kv, d]: the paged cache
+    block_table: Any  # [b, max_blocks] int32
+    seqlens: Any  # [b] int32
+    meta: Any  # [num_parts, 8] int32: the plan (scheduler)
+    num_splits: Any  # [b + 1] int32
+    o: Any  # [b, s_q, h_q, dv]
+    lse: Any  # [b, h_q, s_q] float32
+    accum: Any  # the split workspace (scheduler.split_workspace_elems float32)
+    softmax_scale: Any  # float
+    heads_per_kv: Any  # int
+
+
+class SparseDecodeArgs(NamedTuple):
+    """``kernels.sparse_decode_sm90.SparseDecodeSm90``'s arguments."""
+
+    q: Any  # [b, s_q, h_q, 576] bf16
+    k: Any  # [num_blocks, page_size, 656] uint8: the V3.2 FP8 cache
+    indices: Any  # [b, s_q, topk] int32
+    topk_length: Any  # [b] int32, or a one-element stand-in when has_topk_length is 0
+    sink: Any  # [h_q] float32, or a one-element stand-in when has_sink is 0
+    o: Any  # [b, s_q, h_q, 512] bf16
+    lse: Any  # [b, h_q, s_q] float32
+    accum: Any  # the split sequences' fp32 partials
+    num_splits: Any  # [b + 1] int32: sparse_plan.SparsePlan.fragment_offsets
+    softmax_scale: Any  # float
+    has_topk_length: Any  # int, 0 or 1
+    has_sink: Any  # int, 0 or 1
+    whole_batches: Any  # int: sparse_plan.SparsePlan.whole_batches
+    topk_splits: Any  # int: sparse_plan.SparsePlan.splits
+    num_sms: Any  # int
