@@ -532,6 +532,48 @@ def plot(record: dict, path: str) -> None:
     print(f"wrote {path}")
 
 
+def add_run_args(parser: argparse.ArgumentParser, check_help: str, no_peers_help: str) -> None:
+    """The flags every benchmark script of this folder takes besides its cases."""
+    parser.add_argument("--check", action="store_true", help=check_help)
+    parser.add_argument("--no-peers", action="store_true", help=no_peers_help)
+    parser.add_argument("--json", metavar="PATH", default=None, help="also write every number to this JSON file")
+    parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per measurement (default: 25)")
+    parser.add_argument("--rep-ms", type=float, default=200.0, help="timed time per measurement (default: 200)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+
+
+def print_run_setup(ours, peer_modules: dict, timer: "Timer", l2: int, args) -> None:
+    """What a run measures with: the device, where ours and each peer were imported
+    from, and the timing method."""
+    import torch
+
+    print(f"device: {torch.cuda.get_device_name()}, L2 {l2 / 2**20:.0f} MiB, torch {torch.__version__}, "
+          f"flashmla_cute from {Path(ours.__file__).parent}")
+    for peer, module in peer_modules.items():
+        print(f"peer: {peer} ({PEER_LABELS[peer]}) from {Path(module.__file__).parent}")
+    print(f"timing: {timer.name}, warmup {args.warmup_ms} ms, rep {args.rep_ms} ms")
+
+
+def run_record(timer: "Timer", l2: int, args, **fields) -> dict:
+    """A run's JSON record: the device, the software, when, the case set and timing,
+    then ``fields`` (ceilings, peers, results)."""
+    import torch
+
+    return {
+        "device": torch.cuda.get_device_name(),
+        "capability": list(torch.cuda.get_device_capability()),
+        "l2_bytes": l2,
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "case_set": args.cases,
+        "timing": timer.name,
+        "warmup_ms": args.warmup_ms,
+        "rep_ms": args.rep_ms,
+        **fields,
+    }
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Time flash_mla_with_kvcache on FlashMLA's case grids, beside FlashMLA when it imports, "
@@ -540,11 +582,9 @@ def parse_args(argv=None):
     parser.add_argument("--cases", choices=tuple(CASE_SETS), default="all",
                         help="all: the 32-case b = 128 grid; quick: its 5 cases with FlashMLA anchors; "
                         "serving: 14 small-batch cases (default: all)")
-    parser.add_argument("--check", action="store_true",
-                        help="compare each case once with the float32 reference (cosine distance), "
-                        "and each peer's output with ours")
-    parser.add_argument("--no-peers", action="store_true", help="do not time flash_mla / flash_mla_head even if they import")
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write every number to this JSON file")
+    add_run_args(parser, check_help="compare each case once with the float32 reference (cosine distance), "
+                 "and each peer's output with ours",
+                 no_peers_help="do not time flash_mla / flash_mla_head even if they import")
     parser.add_argument("--csv", metavar="PATH", default=None, help="also write every number to this CSV file")
     parser.add_argument("--plot", metavar="FILE.png", default=None,
                         help="draw GB/s and TFLOPS per case with the ceilings into this image (needs matplotlib)")
@@ -552,9 +592,6 @@ def parse_args(argv=None):
                         help="with --plot: draw from a JSON this script wrote, instead of running (no GPU needed)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
                         help="dtype of q and the KV cache (default: bfloat16)")
-    parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per measurement (default: 25)")
-    parser.add_argument("--rep-ms", type=float, default=200.0, help="timed time per measurement (default: 200)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the copy and matmul measurements")
     args = parser.parse_args(argv)
     if args.plot_from and not args.plot:
@@ -575,8 +612,6 @@ def main(argv=None) -> int:
     if reason:
         print(reason, file=sys.stderr)
         return 2
-    cap = torch.cuda.get_device_capability()
-
     fm = import_package()
     from flashmla_cute import testing
 
@@ -586,12 +621,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     timer = Timer(args.warmup_ms, args.rep_ms)
     l2 = l2_bytes()
-    device_name = torch.cuda.get_device_name()
-    print(f"device: {device_name}, L2 {l2 / 2**20:.0f} MiB, torch {torch.__version__}, "
-          f"flashmla_cute from {Path(fm.__file__).parent}")
-    for peer in peers:
-        print(f"peer: {peer} ({PEER_LABELS[peer]}) from {Path(peer_modules[peer].__file__).parent}")
-    print(f"timing: {timer.name}, warmup {args.warmup_ms} ms, rep {args.rep_ms} ms")
+    print_run_setup(fm, peer_modules, timer, l2, args)
 
     if args.no_ceilings:
         copy = {"gbps": float("nan")}
@@ -618,24 +648,8 @@ def main(argv=None) -> int:
               f"{r['tflops']:.1f} TFLOPS{extra} ({time.perf_counter() - start:.1f} s)", flush=True)
 
     summary = ratio_summary(rows, peers)
-    record = {
-        "device": device_name,
-        "capability": list(cap),
-        "l2_bytes": l2,
-        "torch": torch.__version__,
-        "host": platform.node(),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "dtype": args.dtype,
-        "case_set": args.cases,
-        "timing": timer.name,
-        "warmup_ms": args.warmup_ms,
-        "rep_ms": args.rep_ms,
-        "copy": copy,
-        "matmul": matmul,
-        "peers": peers,
-        "geomean": summary,
-        "cases": rows,
-    }
+    record = run_record(timer, l2, args, dtype=args.dtype, copy=copy, matmul=matmul, peers=peers, geomean=summary,
+                        cases=rows)
     if args.json:
         write_json(record, args.json)
     if args.csv:

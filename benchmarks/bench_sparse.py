@@ -32,7 +32,6 @@ distance). ``--json`` writes every number.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -233,14 +232,9 @@ def parse_args(argv=None):
     parser.add_argument("--cases", choices=tuple(CASE_SETS), default="all",
                         help="production: h_q 128, s_q 2, topk 2048, b 2 / 64 / 74 / 128; "
                         "peak: b 148, topk 16384, h_q 64 / 128; all: both (default: all)")
-    parser.add_argument("--check", action="store_true",
-                        help="compare ours with the float32 reference and FlashMLA's out and lse with ours "
-                        "(cosine distance)")
-    parser.add_argument("--no-peers", action="store_true", help=f"do not time {PEER} even if it imports")
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write every number to this JSON file")
-    parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per measurement (default: 25)")
-    parser.add_argument("--rep-ms", type=float, default=200.0, help="timed time per measurement (default: 200)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    bench_decode.add_run_args(parser, check_help="compare ours with the float32 reference and FlashMLA's out and lse "
+                              "with ours (cosine distance)",
+                              no_peers_help=f"do not time {PEER} even if it imports")
     return parser.parse_args(argv)
 
 
@@ -250,8 +244,6 @@ def main(argv=None) -> int:
     if reason:
         print(reason, file=sys.stderr)
         return 2
-    import torch
-
     bench_decode.import_package()
     from flashmla_cute import api
 
@@ -260,12 +252,7 @@ def main(argv=None) -> int:
     peers = list(peer_modules)
     timer = bench_decode.Timer(args.warmup_ms, args.rep_ms)
     l2 = bench_decode.l2_bytes()
-    device_name = torch.cuda.get_device_name()
-    print(f"device: {device_name}, L2 {l2 / 2**20:.0f} MiB, torch {torch.__version__}, "
-          f"flashmla_cute from {Path(api.__file__).parent}")
-    for peer in peers:
-        print(f"peer: {peer} ({bench_decode.PEER_LABELS[peer]}) from {Path(peer_modules[peer].__file__).parent}")
-    print(f"timing: {timer.name}, warmup {args.warmup_ms} ms, rep {args.rep_ms} ms")
+    bench_decode.print_run_setup(api, peer_modules, timer, l2, args)
     matmul = bench_decode.measure_matmul(timer)
     print(f"matmul: bf16 {matmul['n']}^3 in {matmul['ms']:.3f} ms: {matmul['tflops']:.0f} TFLOPS", flush=True)
 
@@ -285,22 +272,8 @@ def main(argv=None) -> int:
         print(f"[{i + 1}/{len(cases)}] {case.name}: {r['ms']:.3f} ms, {r['tflops']:.1f} TFLOPS{extra} "
               f"({time.perf_counter() - start:.1f} s)", flush=True)
 
-    record = {
-        "device": device_name,
-        "capability": list(torch.cuda.get_device_capability()),
-        "l2_bytes": l2,
-        "torch": torch.__version__,
-        "host": platform.node(),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "case_set": args.cases,
-        "timing": timer.name,
-        "warmup_ms": args.warmup_ms,
-        "rep_ms": args.rep_ms,
-        "matmul": matmul,
-        "peers": peers,
-        "geomean_ratio": bench_decode.geometric_mean(r["ratio"] for r in rows) if peers else None,
-        "cases": rows,
-    }
+    geomean = bench_decode.geometric_mean(r["ratio"] for r in rows) if peers else None
+    record = bench_decode.run_record(timer, l2, args, matmul=matmul, peers=peers, geomean_ratio=geomean, cases=rows)
     if args.json:
         bench_decode.write_json(record, args.json)
     print_table(rows, matmul, args.check, peers, args.cases)
