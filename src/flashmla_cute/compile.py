@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .launch_args import DecodeArgs, SparseDecodeArgs
+from .scheduler import BLOCK_SIZE, METADATA_INTS
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Files whose content decides what the kernels compile to.
@@ -101,6 +102,13 @@ def _stream():
     return make_fake_stream(use_tvm_ffi_env_stream=True)
 
 
+def _plan_rows():
+    """The split plan, ``tile_scheduler_metadata``: rows of ``METADATA_INTS`` int32."""
+    import cutlass
+
+    return _fake(cutlass.Int32, (_i32(), METADATA_INTS), (METADATA_INTS, 1))
+
+
 def decode_variant(dtype: str, causal: bool, head_dim: int = 576, head_dim_v: int = 512) -> Variant:
     def build():
         import cutlass
@@ -115,10 +123,10 @@ def decode_variant(dtype: str, causal: bool, head_dim: int = 576, head_dim_v: in
         d, dv = head_dim, head_dim_v
         args = DecodeArgs(
             q=_fake(dt, (b, 1, q_rows, d), (_s16(), _s16(), _s16(), 1), 16),
-            k=_fake(dt, (_i32(), 64, h_kv, d), (_s16(), _s16(), _s16(), 1), 16),
+            k=_fake(dt, (_i32(), BLOCK_SIZE, h_kv, d), (_s16(), _s16(), _s16(), 1), 16),
             block_table=_fake(cutlass.Int32, (b, _i32()), (_stride(), 1)),
             seqlens=_fake(cutlass.Int32, (b,), (1,)),
-            meta=_fake(cutlass.Int32, (_i32(), 8), (8, 1)),
+            meta=_plan_rows(),
             num_splits=_fake(cutlass.Int32, (_i32(),), (1,)),
             o=_fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), 16),
             lse=_fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
@@ -144,7 +152,7 @@ def combine_variant(dtype: str, head_dim_v: int = 512) -> Variant:
         dv = head_dim_v
         args = (
             _fake(cutlass.Float32, (_i32(),), (1,), 16),  # split-partials workspace
-            _fake(cutlass.Int32, (_i32(), 8), (8, 1)),  # tile_scheduler_metadata
+            _plan_rows(),  # tile_scheduler_metadata
             _fake(cutlass.Int32, (_i32(),), (1,)),  # num_splits
             _fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), 16),
             _fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
@@ -165,7 +173,7 @@ def metadata_variant() -> Variant:
 
         args = (
             _fake(cutlass.Int32, (_i32(),), (1,)),
-            _fake(cutlass.Int32, (_i32(), 8), (8, 1)),
+            _plan_rows(),
             _fake(cutlass.Int32, (_i32(),), (1,)),
             _stream(),
         )
