@@ -140,17 +140,9 @@ def check_sparse_decode_args(
     _check_last_dim_contiguous("indices", indices)
 
     if topk_length is not None:
-        _check_tensor("topk_length", topk_length)
-        _check_dtype("topk_length", topk_length, (torch.int32,))
-        if tuple(topk_length.shape) != (b,):
-            raise ValueError(f"topk_length must have shape [b] = [{b}], got {tuple(topk_length.shape)}")
-        _check_contiguous("topk_length", topk_length)
+        _check_vector("topk_length", topk_length, torch.int32, "b", b)
     if attn_sink is not None:
-        _check_tensor("attn_sink", attn_sink)
-        _check_dtype("attn_sink", attn_sink, (torch.float32,))
-        if tuple(attn_sink.shape) != (h_q,):
-            raise ValueError(f"attn_sink must have shape [h_q] = [{h_q}], got {tuple(attn_sink.shape)}")
-        _check_contiguous("attn_sink", attn_sink)
+        _check_vector("attn_sink", attn_sink, torch.float32, "h_q", h_q)
 
     scale = checked_softmax_scale(softmax_scale, d)
 
@@ -165,6 +157,15 @@ def check_sparse_decode_args(
         b=b, s_q=s_q, h_q=h_q, topk=topk, num_blocks=num_blocks, page_size=page_size,
         head_tiles=-(-h_q // HEAD_TILE), softmax_scale=scale,
     )
+
+
+def _check_vector(name: str, x, dtype: torch.dtype, extent_name: str, extent: int) -> None:
+    """``x`` is a contiguous ``dtype`` tensor of shape ``[extent_name] = [extent]``."""
+    _check_tensor(name, x)
+    _check_dtype(name, x, (dtype,))
+    if tuple(x.shape) != (extent,):
+        raise ValueError(f"{name} must have shape [{extent_name}] = [{extent}], got {tuple(x.shape)}")
+    _check_contiguous(name, x)
 
 
 def check_sparse_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor) -> None:
