@@ -226,7 +226,9 @@ class MlaDecodeSm90:
             sQ_layout,
             sK_layout,
         ).launch(
-            grid=[num_parts, num_kv_heads, num_m_tiles],
+            # The query tiles of one part are neighbours in launch order, so they run on
+            # neighbouring SMs at the same time and read the same K tiles together.
+            grid=[num_m_tiles, num_kv_heads, num_parts],
             block=[THREADS, 1, 1],
             stream=stream,
             min_blocks_per_mp=1,
@@ -260,7 +262,7 @@ class MlaDecodeSm90:
         sK_layout: cute.ComposedLayout,
     ):
         tidx, _, _ = cute.arch.thread_idx()
-        part, kv_head, m_tile = cute.arch.block_idx()
+        m_tile, kv_head, part = cute.arch.block_idx()
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         warpgroup_idx = warp_idx // 4
 
