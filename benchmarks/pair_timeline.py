@@ -1,0 +1,307 @@
+"""Where a pair of blocks' time goes in the decode kernel: the timeline of one CTA.
+
+    python benchmarks/pair_timeline.py [--case B,SEQLEN,H_Q,S_Q ...]
+    python benchmarks/pair_timeline.py --compile-only   # no GPU needed: compiles for sm_90a
+
+A stamped copy of the decode kernel (a subclass of ``MlaDecodeSm90``; the package's
+kernel is left as it is) reads ``clock64`` in thread 0 of each consumer warpgroup and in
+lane 0 of the producer warp of one CTA (part 0, KV head 0, query tile 0) at the steps of
+the schedule: a pair's start and end, S done, every wait for a K group that returns,
+every release, every barrier between the consumers, and every K group the producer
+acquires. The stamps go to a buffer whose address is compiled into the stamped kernel.
+For each step the script prints the median, 10th and 90th percentiles over the CTA's
+pairs, in cycles from the left consumer's start of the pair, and the plain and stamped
+kernels' times per call (alike within noise: the stamps cost little).
+
+Reading it:
+- a stamp right after ``BAR.SYNC.DEFER_BLOCKING`` (the "waited left_stats / right_stats"
+  steps) may be taken before the barrier completes: the warp blocks at its next
+  dependent instruction, so such a stamp is a lower bound; the step after it is not;
+- a "waited chunks" stamp is when the consumer got past the wait: the group may have
+  landed long before;
+- pairs are numbered by the CTA's count of K tiles / 2; where a sequence has an odd number
+  of blocks, two pairs can share a number, and the later one's stamps are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+MAX_PAIRS = 512  # pairs of one CTA that are stamped
+MAX_STEPS = 32  # stamped steps per role and pair
+ROLES = ("left", "right", "producer")
+PRODUCER = 2
+DEFAULT_CASES = [(128, 8192, 128, 2)]
+
+
+class Stamps:
+    """Trace-time state of the stamping: which role is being traced, its step names, the
+    trace buffer (a tensor at a compiled-in address) and the CTA's enable predicate."""
+
+    def __init__(self, address: int):
+        self.address = address
+        self.names = [dict() for _ in ROLES]
+        self.active = False
+
+    def begin(self, role: int, enabled):
+        import cutlass.cute as cute
+        from cutlass import Int64
+
+        ptr = cute.make_ptr(Int64, self.address, cute.AddressSpace.gmem, assumed_align=8)
+        self.trace = cute.make_tensor(ptr, cute.make_layout(len(ROLES) * MAX_STEPS * MAX_PAIRS))
+        self.enabled = enabled
+        self.role = role
+        self.active = True
+
+    def new_pair(self, pair):
+        self.pair = pair
+        self.step = 0
+
+    def consumer_step(self, label: str):
+        """The next step of the consumer being traced (steps are numbered in program order)."""
+        if not self.active or self.role == PRODUCER:
+            return
+        step = self.step
+        self.step += 1
+        assert step < MAX_STEPS, f"more than {MAX_STEPS} steps: {label}"
+        self.names[self.role][step] = label
+        store_clock(self.trace, self.enabled & (self.pair < MAX_PAIRS),
+                    (self.role * MAX_STEPS + step) * MAX_PAIRS + self.pair)
+
+    def producer_acquired(self, group: int, chunks: range, count):
+        """The producer has acquired K group ``group`` of its ``count``-th K tile."""
+        if not self.active or self.role != PRODUCER:
+            return
+        for second in (0, 1):
+            block = "K1" if second else "K0"
+            self.names[PRODUCER][2 * group + second] = f"acquired {chunks.start}-{chunks.stop - 1} of {block}"
+        pair = count // 2
+        step = 2 * group + count % 2
+        store_clock(self.trace, self.enabled & (pair < MAX_PAIRS), (PRODUCER * MAX_STEPS + step) * MAX_PAIRS + pair)
+
+
+def store_clock(trace, enabled, idx):
+    import cutlass.cute as cute
+
+    @cute.jit
+    def store(trace: cute.Tensor, enabled, idx):
+        if enabled:
+            trace[idx] = cute.arch.clock64()
+
+    store(trace, enabled, idx)
+
+
+@contextlib.contextmanager
+def stamped_steps(stamps: Stamps):
+    """The K ring's waits, releases and loads and the consumers' barriers, stamped, while
+    the stamped kernel is compiled; the package's own afterwards."""
+    import cutlass.cute as cute
+
+    from flashmla_cute.kernels import consumer_barriers, kv_stages
+
+    ring = kv_stages.KvStages
+    saved = {name: ring.__dict__[name] for name in ("wait", "release", "load")}
+    saved_create = consumer_barriers.ConsumerBarriers.__dict__["create"]
+
+    def wait(self, state, chunks):
+        saved["wait"](self, state, chunks)
+        if chunks.start in (0, 4) or len(chunks) > 1:
+            stamps.consumer_step(f"waited chunks {chunks.start}-{chunks.stop - 1}")
+
+    def release(self, state, chunks):
+        saved["release"](self, state, chunks)
+        stamps.consumer_step(f"released {chunks.start}-{chunks.stop - 1}")
+
+    def load(self, state, tma_k, src, dst, cache_policy):
+        for g, (begin, end) in enumerate(self.groups):
+            self.pipes[g].producer_acquire(state)
+            stamps.producer_acquired(g, range(begin, end), state.count)
+            for c in range(begin, end):
+                cute.copy(tma_k, src[None, c], dst[None, c], tma_bar_ptr=self.pipes[g].producer_get_barrier(state),
+                          cache_policy=cache_policy)
+
+    class StampedBarrier:
+        def __init__(self, barrier, name):
+            self.barrier, self.name = barrier, name
+
+        def arrive(self):
+            self.barrier.arrive()
+            stamps.consumer_step(f"arrived {self.name}")
+
+        def arrive_and_wait(self):
+            self.barrier.arrive_and_wait()
+            stamps.consumer_step(f"waited {self.name}")
+
+    def create(consumer):
+        bars = saved_create.__func__(consumer)
+        fields = {name: getattr(bars, name) for name in bars.__dataclass_fields__}
+        for name in ("left_stats", "right_stats"):
+            fields[name] = StampedBarrier(fields[name], name)
+        return consumer_barriers.ConsumerBarriers(**fields)
+
+    ring.wait, ring.release, ring.load = wait, release, load
+    consumer_barriers.ConsumerBarriers.create = staticmethod(create)
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(ring, name, method)
+        consumer_barriers.ConsumerBarriers.create = saved_create
+
+
+def stamped_kernel_class(stamps: Stamps):
+    import cutlass
+    import cutlass.cute as cute
+
+    from flashmla_cute.kernels.decode_sm90 import MlaDecodeSm90
+
+    class StampedDecode(MlaDecodeSm90):
+        @cute.jit
+        def consume(self, wg: cutlass.Constexpr, wg_tidx, *args):
+            part, kv_head, m_tile = args[-3:]
+            stamps.begin(wg, (part + kv_head + m_tile + wg_tidx) == 0)
+            MlaDecodeSm90.consume(self, wg, wg_tidx, *args)
+            stamps.active = False
+
+        @cute.jit
+        def produce(self, *args):
+            part, kv_head, m_tile = args[-3:]
+            stamps.begin(PRODUCER, (part + kv_head + m_tile + cute.arch.lane_idx()) == 0)
+            MlaDecodeSm90.produce(self, *args)
+            stamps.active = False
+
+        @cute.jit
+        def left_pair(self, t, bars, kv, pair, first_state, *args):
+            stamps.new_pair(first_state.count // 2)
+            stamps.consumer_step("start")
+            MlaDecodeSm90.left_pair(self, t, bars, kv, pair, first_state, *args)
+            stamps.consumer_step("end")
+
+        @cute.jit
+        def right_pair(self, t, bars, kv, pair, first_state, *args):
+            stamps.new_pair(first_state.count // 2)
+            stamps.consumer_step("start")
+            MlaDecodeSm90.right_pair(self, t, bars, kv, pair, first_state, *args)
+            stamps.consumer_step("end")
+
+        @cute.jit
+        def block_scores(self, *args):
+            MlaDecodeSm90.block_scores(self, *args)
+            stamps.consumer_step("S done")
+
+    return StampedDecode
+
+
+def compile_stamped(stamps: Stamps, options: str):
+    """The stamped bf16 causal decode kernel, compiled with ``options``."""
+    import cutlass.cute as cute
+
+    from flashmla_cute import compile as compile_mod
+
+    kernel, args = compile_mod.decode_variant("bfloat16", True).build()
+    stamped = stamped_kernel_class(stamps)(kernel.dtype, kernel.head_dim, kernel.head_dim_v, kernel.causal)
+    start = time.time()
+    with stamped_steps(stamps):
+        fn = cute.compile(stamped, *args, options=options)
+    print(f"compiled the stamped kernel in {time.time() - start:.1f} s", flush=True)
+    return fn
+
+
+def summarize(arr, names, label: str) -> None:
+    """Medians and spread of every step, in cycles from the left consumer's pair start."""
+    starts = arr[0, 0]
+    pairs = [p for p in range(MAX_PAIRS) if starts[p] >= 0 and arr[1, 0, p] >= 0][1:-1]
+    if len(pairs) < 3:
+        print(f"\n== {label}: too few stamped pairs ({len(pairs)})")
+        return
+    periods = sorted(int(starts[q] - starts[p]) for p, q in zip(pairs, pairs[1:]) if q == p + 1)
+    print(f"\n== {label}: {len(pairs)} pairs, period median {statistics.median(periods):.0f} cycles "
+          f"(p10 {periods[len(periods) // 10]}, p90 {periods[9 * len(periods) // 10]})")
+    for role, role_name in enumerate(ROLES):
+        print(f"  {role_name}")
+        for step, name in sorted(names[role].items()):
+            values = sorted(int(arr[role, step, p] - starts[p]) for p in pairs if arr[role, step, p] >= 0)
+            if values:
+                print(f"    {step:2d} {name:26s} median {statistics.median(values):7.0f}  "
+                      f"p10 {values[len(values) // 10]:7d}  p90 {values[9 * len(values) // 10]:7d}")
+
+
+def run(cases) -> None:
+    import torch
+
+    import flashmla_cute
+    from flashmla_cute import compile as compile_mod
+    from flashmla_cute import interface, runtime
+    from flashmla_cute.testing import make_decode_inputs, random_seqlens
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_decode import Timer
+
+    trace = torch.full((len(ROLES) * MAX_STEPS * MAX_PAIRS,), -1, dtype=torch.int64, device="cuda")
+    stamps = Stamps(trace.data_ptr())
+    stamped = compile_stamped(stamps, "--enable-tvm-ffi")
+    package_get = compile_mod.get
+    timer = Timer(25, 100)
+
+    def use(get):
+        compile_mod.get = get
+        runtime.decode_fn.cache_clear()
+        interface._known_decodes.clear()
+
+    try:
+        for b, seqlen, h_q, s_q in cases:
+            seqlens = random_seqlens(b, seqlen, s_q, False, 0)
+            x = make_decode_inputs(b, s_q, h_q, h_kv=1, seqlen=seqlen, device="cuda", seed=0, seqlens=seqlens)
+            meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, s_q * h_q, 1)
+
+            def call():
+                return flashmla_cute.flash_mla_with_kvcache(x.q, x.k_cache, x.block_table, x.cache_seqlens, 512,
+                                                            meta, splits, causal=True)
+
+            use(package_get)
+            plain_ms = timer(call)
+            use(lambda variant: stamped if variant.name.startswith("decode_sm90") else package_get(variant))
+            stamped_ms = timer(call)
+            trace.fill_(-1)
+            call()
+            torch.cuda.synchronize()
+            summarize(trace.view(len(ROLES), MAX_STEPS, MAX_PAIRS).cpu(), stamps.names,
+                      f"b{b} sk{seqlen} h{h_q} s{s_q}: plain {plain_ms:.4f} ms, stamped {stamped_ms:.4f} ms")
+    finally:
+        use(package_get)
+
+
+def parse_case(text: str):
+    values = tuple(int(v) for v in text.split(","))
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"--case wants B,SEQLEN,H_Q,S_Q, got {text!r}")
+    return values
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", type=parse_case, action="append", metavar="B,SEQLEN,H_Q,S_Q",
+                        help="a decode case (bf16, causal, h_kv 1); repeatable (default: 128,8192,128,2)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the stamped kernel for sm_90a and list its steps (no GPU needed)")
+    args = parser.parse_args(argv)
+    if args.compile_only:
+        os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+        stamps = Stamps(1 << 40)  # any address: the kernel is not run
+        compile_stamped(stamps, "--gpu-arch=sm_90a")
+        for role, names in zip(ROLES, stamps.names):
+            print(f"{role}: " + "; ".join(names[s] for s in sorted(names)))
+        return 0
+    run(args.case or DEFAULT_CASES)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
