@@ -162,36 +162,32 @@ def stamped_kernel_class(stamps: Stamps):
 
     from flashmla_cute.kernels.decode_sm90 import MlaDecodeSm90
 
+    # No data-dependent control flow below: plain Python, traced inline into the kernel.
+    def stamped_pair(role_pair):
+        def pair_method(self, t, bars, kv, pair, first_state, *args):
+            stamps.new_pair(first_state.count // 2)
+            stamps.consumer_step("start")
+            role_pair(self, t, bars, kv, pair, first_state, *args)
+            stamps.consumer_step("end")
+
+        return pair_method
+
     class StampedDecode(MlaDecodeSm90):
-        @cute.jit
         def consume(self, wg: cutlass.Constexpr, wg_tidx, *args):
             part, kv_head, m_tile = args[-3:]
             stamps.begin(wg, (part + kv_head + m_tile + wg_tidx) == 0)
             MlaDecodeSm90.consume(self, wg, wg_tidx, *args)
             stamps.active = False
 
-        @cute.jit
         def produce(self, *args):
             part, kv_head, m_tile = args[-3:]
             stamps.begin(PRODUCER, (part + kv_head + m_tile + cute.arch.lane_idx()) == 0)
             MlaDecodeSm90.produce(self, *args)
             stamps.active = False
 
-        @cute.jit
-        def left_pair(self, t, bars, kv, pair, first_state, *args):
-            stamps.new_pair(first_state.count // 2)
-            stamps.consumer_step("start")
-            MlaDecodeSm90.left_pair(self, t, bars, kv, pair, first_state, *args)
-            stamps.consumer_step("end")
+        left_pair = stamped_pair(MlaDecodeSm90.left_pair)
+        right_pair = stamped_pair(MlaDecodeSm90.right_pair)
 
-        @cute.jit
-        def right_pair(self, t, bars, kv, pair, first_state, *args):
-            stamps.new_pair(first_state.count // 2)
-            stamps.consumer_step("start")
-            MlaDecodeSm90.right_pair(self, t, bars, kv, pair, first_state, *args)
-            stamps.consumer_step("end")
-
-        @cute.jit
         def block_scores(self, *args):
             MlaDecodeSm90.block_scores(self, *args)
             stamps.consumer_step("S done")
