@@ -1,6 +1,8 @@
 """The split-KV MLA decode kernel for Hopper (sm_90a).
 
-One CTA per (SM part, KV head, 64-row query tile). A CTA walks the contiguous range of
+One CTA per (64-row query tile, KV head, SM part), launched in that order: the query
+tiles of a part read the same K tiles, and side by side they fetch each from L2 about
+once (three times less L2 traffic at h_q 128, s_q 2). A CTA walks the contiguous range of
 (batch, 64-token block) work that the scheduler gave its part (see ``scheduler.py``),
 and for each batch in that range runs flash-attention's online softmax over its blocks,
 then writes either the final output or, when the sequence was split across parts, an
