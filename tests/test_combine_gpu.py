@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from flashmla_cute import scheduler
+from flashmla_cute.launch_args import CombineArgs
 
 pytestmark = pytest.mark.gpu
 
@@ -51,7 +52,8 @@ def test_combine_matches_torch_merge(requires_hopper, dtype, s_q, h_q, h_kv):
 
     accum = torch.cat([o_accum.flatten(), lse_accum.flatten()])  # the decode kernel's workspace layout
     assert accum.numel() == scheduler.accumulator_elems(n_acc, h_kv, rows, 512)
-    runtime.combine_fn(dtype, 512)(accum, meta, num_splits, out, lse, hpk)
+    runtime.combine_fn(dtype, 512)(*CombineArgs(accum=accum, meta=meta, num_splits=num_splits, o=out, lse=lse,
+                                                heads_per_kv=hpk))
     torch.cuda.synchronize()
 
     ref_out, ref_lse = torch_merge(o_accum.cpu(), lse_accum.cpu(), num_splits.cpu(), b)

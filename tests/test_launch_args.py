@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from flashmla_cute.launch_args import DecodeArgs, SparseDecodeArgs
+from flashmla_cute.launch_args import CombineArgs, DecodeArgs, MetadataArgs, SparseDecodeArgs
 
 
 def host_name(kernel_parameter: str) -> str:
@@ -27,6 +27,8 @@ def kernel_parameters(kernel_class) -> list[str]:
 @pytest.mark.parametrize("module, class_name, args", [
     ("flashmla_cute.kernels.decode_sm90", "MlaDecodeSm90", DecodeArgs),
     ("flashmla_cute.kernels.sparse_decode_sm90", "SparseDecodeSm90", SparseDecodeArgs),
+    ("flashmla_cute.kernels.combine", "MlaCombine", CombineArgs),
+    ("flashmla_cute.kernels.metadata", "MlaMetadata", MetadataArgs),
 ])
 def test_fields_follow_the_kernel_parameters(module, class_name, args):
     kernel_class = getattr(__import__(module, fromlist=[class_name]), class_name)
@@ -38,6 +40,8 @@ def test_compile_step_passes_the_tuples_and_a_stream():
     from flashmla_cute import compile as compile_mod
 
     for variant, args in ((compile_mod.decode_variant("bfloat16", False), DecodeArgs),
-                          (compile_mod.sparse_decode_variant(), SparseDecodeArgs)):
+                          (compile_mod.sparse_decode_variant(), SparseDecodeArgs),
+                          (compile_mod.combine_variant("bfloat16"), CombineArgs),
+                          (compile_mod.metadata_variant(), MetadataArgs)):
         _, fake = variant.build()
         assert len(fake) == len(args._fields) + 1

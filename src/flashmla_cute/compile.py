@@ -40,7 +40,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from .launch_args import DecodeArgs, SparseDecodeArgs
+from .launch_args import CombineArgs, DecodeArgs, MetadataArgs, SparseDecodeArgs
 from .scheduler import BLOCK_SIZE, METADATA_INTS
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -150,15 +150,14 @@ def combine_variant(dtype: str, head_dim_v: int = 512) -> Variant:
         dt = _cutlass_dtype(dtype)
         b, s_q, h_q = (_i32() for _ in range(3))
         dv = head_dim_v
-        args = (
-            _fake(cutlass.Float32, (_i32(),), (1,), 16),  # split-partials workspace
-            _plan_rows(),  # tile_scheduler_metadata
-            _fake(cutlass.Int32, (_i32(),), (1,)),  # num_splits
-            _fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), 16),
-            _fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
-            Int32(1),
-            _stream(),
-        )
+        args = CombineArgs(
+            accum=_fake(cutlass.Float32, (_i32(),), (1,), 16),
+            meta=_plan_rows(),
+            num_splits=_fake(cutlass.Int32, (_i32(),), (1,)),
+            o=_fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), 16),
+            lse=_fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
+            heads_per_kv=Int32(1),
+        ) + (_stream(),)
         # The merge alone (the decode kernel launches it after itself).
         return MlaCombine(dt, head_dim_v), args
 
@@ -171,12 +170,11 @@ def metadata_variant() -> Variant:
 
         from .kernels.metadata import MlaMetadata
 
-        args = (
-            _fake(cutlass.Int32, (_i32(),), (1,)),
-            _plan_rows(),
-            _fake(cutlass.Int32, (_i32(),), (1,)),
-            _stream(),
-        )
+        args = MetadataArgs(
+            seqlens=_fake(cutlass.Int32, (_i32(),), (1,)),
+            meta=_plan_rows(),
+            num_splits=_fake(cutlass.Int32, (_i32(),), (1,)),
+        ) + (_stream(),)
         return MlaMetadata(), args
 
     return Variant("metadata", build)

@@ -1,6 +1,6 @@
 """The kernels' launch arguments, in the order their compiled functions take them.
 
-The host (``runtime``, ``sparse_runtime``) and the compile step (``compile``, which
+The host (``runtime``, ``sparse_runtime``, the tests' standalone merge) and the compile step (``compile``, which
 passes fake tensors of the same kinds) build these tuples by field name, so the order is
 written here alone; a test checks it against the kernels' ``__call__`` parameters
 (``mBlockTable`` is ``block_table`` here). The CUDA stream is not one of them: the
@@ -47,3 +47,23 @@ class SparseDecodeArgs(NamedTuple):
     whole_batches: Any  # int: sparse_plan.SparsePlan.whole_batches
     topk_splits: Any  # int: sparse_plan.SparsePlan.splits
     num_sms: Any  # int
+
+
+class CombineArgs(NamedTuple):
+    """``kernels.combine.MlaCombine``'s arguments when it is launched alone (tests): the
+    decode kernel launches it itself."""
+
+    accum: Any  # the split workspace, as the decode kernel wrote it
+    meta: Any  # [num_parts, 8] int32: the plan
+    num_splits: Any  # [b + 1] int32
+    o: Any  # [b, s_q, h_q, dv]
+    lse: Any  # [b, h_q, s_q] float32
+    heads_per_kv: Any  # int
+
+
+class MetadataArgs(NamedTuple):
+    """``kernels.metadata.MlaMetadata``'s arguments: the plan's inputs and outputs."""
+
+    seqlens: Any  # [b] int32
+    meta: Any  # [num_parts, 8] int32, written
+    num_splits: Any  # [b + 1] int32, written

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import compile as compile_mod
-from .launch_args import DecodeArgs
+from .launch_args import DecodeArgs, MetadataArgs
 from .scheduler import METADATA_INTS, split_workspace_elems
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -127,7 +127,7 @@ def plan_on_gpu(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tens
     """The split-KV plan of ``num_parts`` parts for ``cache_seqlens``, computed on its
     GPU (no host sync)."""
     meta, num_splits = _plan_outputs(cache_seqlens, num_parts)
-    metadata_fn()(cache_seqlens, meta, num_splits)
+    metadata_fn()(*MetadataArgs(seqlens=cache_seqlens, meta=meta, num_splits=num_splits))
     return meta, num_splits
 
 
