@@ -7,8 +7,8 @@ A stamped copy of the decode kernel (a subclass of ``MlaDecodeSm90``; the packag
 kernel is left as it is) reads ``clock64`` in thread 0 of each consumer warpgroup and in
 lane 0 of the producer warp of one CTA (part 0, KV head 0, query tile 0) at the steps of
 the schedule: a pair's start and end, S done, every wait for a K group that returns,
-every release, every barrier between the consumers, and every K group the producer
-acquires. The stamps go to a buffer whose address is compiled into the stamped kernel.
+every release, every barrier between the consumers, every K group the producer
+acquires, and each batch's epilogue (start and end, per batch rather than per pair). The stamps go to a buffer whose address is compiled into the stamped kernel.
 For each step the script prints the median, 10th and 90th percentiles over the CTA's
 pairs, in cycles from the left consumer's start of the pair, and the plain and stamped
 kernels' times per call (alike within noise: the stamps cost little).
@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 MAX_PAIRS = 512  # pairs of one CTA that are stamped
 MAX_STEPS = 32  # stamped steps per role and pair
+EPILOGUE_STEPS = (MAX_STEPS - 2, MAX_STEPS - 1)  # a batch's epilogue start and end, stamped per batch
 ROLES = ("left", "right", "producer")
 PRODUCER = 2
 DEFAULT_CASES = [(128, 8192, 128, 2)]
@@ -70,10 +71,18 @@ class Stamps:
             return
         step = self.step
         self.step += 1
-        assert step < MAX_STEPS, f"more than {MAX_STEPS} steps: {label}"
+        assert step < EPILOGUE_STEPS[0], f"more than {EPILOGUE_STEPS[0]} steps: {label}"
         self.names[self.role][step] = label
         store_clock(self.trace, self.enabled & (self.pair < MAX_PAIRS),
                     (self.role * MAX_STEPS + step) * MAX_PAIRS + self.pair)
+
+    def epilogue(self, end: bool, batch):
+        """A consumer starts (``end`` False) or ends a batch's epilogue; stamped at the
+        batch's index (below ``MAX_PAIRS``), not the pair's."""
+        if not self.active or self.role == PRODUCER:
+            return
+        step = EPILOGUE_STEPS[int(end)]
+        store_clock(self.trace, self.enabled & (batch < MAX_PAIRS), (self.role * MAX_STEPS + step) * MAX_PAIRS + batch)
 
     def producer_acquired(self, group: int, chunks: range, count):
         """The producer has acquired K group ``group`` of its ``count``-th K tile."""
@@ -192,6 +201,12 @@ def stamped_kernel_class(stamps: Stamps):
             MlaDecodeSm90.block_scores(self, *args)
             stamps.consumer_step("S done")
 
+        def finish_batch(self, *args):
+            batch = args[-2]
+            stamps.epilogue(False, batch)
+            MlaDecodeSm90.finish_batch(self, *args)
+            stamps.epilogue(True, batch)
+
     return StampedDecode
 
 
@@ -222,6 +237,12 @@ def summarize(arr, names, label: str) -> None:
           f"(p10 {periods[len(periods) // 10]}, p90 {periods[9 * len(periods) // 10]})")
     for role, role_name in enumerate(ROLES):
         print(f"  {role_name}")
+        if role != PRODUCER:
+            begin, end = (arr[role, step] for step in EPILOGUE_STEPS)
+            spans = sorted(int(end[i] - begin[i]) for i in range(MAX_PAIRS) if begin[i] >= 0 and end[i] >= 0)
+            if spans:
+                print(f"    epilogue: median {statistics.median(spans):.0f} cycles over {len(spans)} batches "
+                      f"(min {spans[0]}, max {spans[-1]})")
         for step, name in sorted(names[role].items()):
             values = sorted(int(arr[role, step, p] - starts[p]) for p in pairs if arr[role, step, p] >= 0)
             if values:

@@ -3,6 +3,7 @@ steps by name, so it is compiled here, without a GPU, to catch a renamed step; a
 leaves the package's kernel as it was."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,26 @@ def test_the_package_kernel_is_left_as_it_was():
         assert kv_stages.KvStages.__dict__["wait"] is not before[0]
     assert [kv_stages.KvStages.__dict__[n] for n in ("wait", "release", "load")] == before
     assert consumer_barriers.ConsumerBarriers.__dict__["create"] is create
+
+
+def test_summary_reads_steps_from_each_pair_start_and_epilogues_per_batch(capsys):
+    import torch
+
+    tool = load_script(TOOL)
+    arr = torch.full((len(tool.ROLES), tool.MAX_STEPS, tool.MAX_PAIRS), -1, dtype=torch.int64)
+    for p in range(10):
+        arr[0, 0, p] = 5000 * p  # left start
+        arr[0, 1, p] = 5000 * p + 1200  # left: S done
+        arr[1, 0, p] = 5000 * p + 500  # right start
+        arr[2, 0, p] = 5000 * p - 1300  # producer: K0's first group
+    begin, end = tool.EPILOGUE_STEPS
+    arr[0, begin, 0], arr[0, end, 0] = 100, 2100
+    arr[0, begin, 1], arr[0, end, 1] = 50000, 53000
+    names = [{0: "start", 1: "S done"}, {0: "start"}, {0: "acquired 0-3 of K0"}]
+    tool.summarize(arr, names, "synthetic")
+    out = capsys.readouterr().out
+    assert "8 pairs, period median 5000 cycles" in out  # the first and last pair are left out
+    assert "epilogue: median 2500 cycles over 2 batches (min 2000, max 3000)" in out
+    medians = {m.group(1).strip(): int(m.group(2)) for m in re.finditer(r"^\s+\d+ (.+?) median\s+(-?\d+)", out, re.M)}
+    assert medians["S done"] == 1200
+    assert medians["acquired 0-3 of K0"] == -1300
