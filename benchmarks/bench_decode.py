@@ -50,7 +50,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 H_KV = 1
 D, DV = 576, 512
@@ -414,39 +414,58 @@ def ratio_summary(rows: list[dict], peers: list[str]) -> dict:
 # --------------------------------------------------------------------------- report
 
 
+class TableColumn(NamedTuple):
+    """One column of a printed table: its title, its width, and its cell's text in a
+    result row (``align`` "<" for the case names, else right-aligned)."""
+
+    title: str
+    width: int
+    cell: Callable[[dict], str]
+    align: str = ">"
+
+
+def number(key: str, spec: str) -> Callable[[dict], str]:
+    """A cell showing ``row[key]`` with format ``spec`` (NaN where the row lacks it)."""
+    return lambda r: format(r.get(key, float("nan")), spec)
+
+
+def percent(key: str) -> Callable[[dict], str]:
+    """A cell showing the fraction ``row[key]`` as a percentage."""
+    return lambda r: f"{100 * r[key]:.1f}%"
+
+
+def print_columns(rows: list[dict], columns: list[TableColumn]) -> None:
+    """The table: a header of the columns' titles, a rule as wide, a line per row; cells
+    one space apart."""
+    head = " ".join(f"{c.title:{c.align}{c.width}}" for c in columns)
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(" ".join(f"{c.cell(r):{c.align}{c.width}}" for c in columns))
+
+
 def print_table(rows, copy, matmul, check: bool, peers: list[str], summary: dict, case_set: str) -> None:
-    head = f"{'case':<24} {'ms':>8} {'GB/s':>7} {'TFLOPS':>7} {'%copy':>6} {'%mm':>6}"
-    for peer in peers:
-        head += f" {peer + ' ms':>18}"
+    columns = [
+        TableColumn("case", 24, lambda r: Case.of_row(r).name, "<"),
+        TableColumn("ms", 8, number("ms", ".3f")),
+        TableColumn("GB/s", 7, number("gbps", ".0f")),
+        TableColumn("TFLOPS", 7, number("tflops", ".1f")),
+        TableColumn("%copy", 6, percent("gbps_vs_copy")),
+        TableColumn("%mm", 6, percent("tflops_vs_matmul")),
+    ]
+    columns += [TableColumn(peer + " ms", 18, number(column(peer, "ms"), ".3f")) for peer in peers]
     if peers:
-        head += f" {'ratio':>6}"
+        columns.append(TableColumn("ratio", 6, number("ratio", ".2f")))
     if check:
-        head += f" {'cos out':>9} {'cos lse':>9}"
-        for peer in peers:
-            head += f" {peer + ' cos':>20}"
-    head += "  FlashMLA anchor"
+        columns += [TableColumn("cos out", 9, number("cos_out", ".2e")),
+                    TableColumn("cos lse", 9, number("cos_lse", ".2e"))]
+        columns += [TableColumn(peer + " cos", 20, number(column(peer, "cos_out"), ".2e")) for peer in peers]
+    columns.append(TableColumn(" FlashMLA anchor", 0, lambda r: " " + ANCHORS.get(Case.of_row(r), ""), "<"))
     print()
     print(f"ceilings: copy {copy['gbps']:.0f} GB/s, bf16 matmul {matmul['tflops']:.0f} TFLOPS")
     if peers:
         print("ratio = faster peer's ms / ours (above 1: ours is faster); peer cos = cosine distance of its out to ours")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        case = Case.of_row(r)
-        line = (
-            f"{case.name:<24} {r['ms']:>8.3f} {r['gbps']:>7.0f} {r['tflops']:>7.1f}"
-            f" {100 * r['gbps_vs_copy']:>5.1f}% {100 * r['tflops_vs_matmul']:>5.1f}%"
-        )
-        for peer in peers:
-            line += f" {r[column(peer, 'ms')]:>18.3f}"
-        if peers:
-            line += f" {r['ratio']:>6.2f}"
-        if check:
-            line += f" {r.get('cos_out', float('nan')):>9.2e} {r.get('cos_lse', float('nan')):>9.2e}"
-            for peer in peers:
-                line += f" {r.get(column(peer, 'cos_out'), float('nan')):>20.2e}"
-        line += "  " + ANCHORS.get(case, "")
-        print(line)
+    print_columns(rows, columns)
     if peers:
         per_peer = ", ".join(f"{peer} {summary[peer]:.3f}" for peer in peers)
         print(f"geometric mean over the {len(rows)} '{case_set}' cases: ratio {summary['ratio']:.3f} "

@@ -191,34 +191,30 @@ def run_case(modules: dict, case: Case, timer, l2: int, check: bool, seed: int, 
 
 
 def print_table(rows: list[dict], matmul: dict, check: bool, peers: list[str], case_set: str) -> None:
-    head = f"{'case':<34} {'ms':>8} {'TFLOPS':>7} {'%mm':>6}"
+    Column, number = bench_decode.TableColumn, bench_decode.number
+    columns = [
+        Column("case", 34, lambda r: Case.of_row(r).name, "<"),
+        Column("ms", 8, number("ms", ".3f")),
+        Column("TFLOPS", 7, number("tflops", ".1f")),
+        Column("%mm", 6, bench_decode.percent("tflops_vs_matmul")),
+    ]
     for peer in peers:
-        head += f" {peer + ' ms':>18} {'TFLOPS':>7}"
+        columns += [Column(peer + " ms", 18, number(column(peer, "ms"), ".3f")),
+                    Column("TFLOPS", 7, number(column(peer, "tflops"), ".1f"))]
     if peers:
-        head += f" {'ratio':>6}"
+        columns.append(Column("ratio", 6, number("ratio", ".2f")))
     if check:
-        head += f" {'cos out':>9} {'cos lse':>9}"
+        columns += [Column("cos out", 9, number("cos_out", ".2e")), Column("cos lse", 9, number("cos_lse", ".2e"))]
         for peer in peers:
-            head += f" {peer + ' cos out':>22} {'cos lse':>9}"
+            columns += [Column(peer + " cos out", 22, number(column(peer, "cos_out"), ".2e")),
+                        Column("cos lse", 9, number(column(peer, "cos_lse"), ".2e"))]
     print()
     print(f"ceiling: bf16 matmul {matmul['tflops']:.0f} TFLOPS")
     if peers:
         print("ratio = FlashMLA's ms / ours (above 1: ours is faster)")
     if check:
         print("cos = cosine distance: ours to the float32 reference; FlashMLA's to ours")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        line = f"{Case.of_row(r).name:<34} {r['ms']:>8.3f} {r['tflops']:>7.1f} {100 * r['tflops_vs_matmul']:>5.1f}%"
-        for peer in peers:
-            line += f" {r[column(peer, 'ms')]:>18.3f} {r[column(peer, 'tflops')]:>7.1f}"
-        if peers:
-            line += f" {r['ratio']:>6.2f}"
-        if check:
-            line += f" {r['cos_out']:>9.2e} {r['cos_lse']:>9.2e}"
-            for peer in peers:
-                line += f" {r[column(peer, 'cos_out')]:>22.2e} {r[column(peer, 'cos_lse')]:>9.2e}"
-        print(line)
+    bench_decode.print_columns(rows, columns)
     if peers:
         ratio = bench_decode.geometric_mean(r["ratio"] for r in rows)
         print(f"geometric mean over the {len(rows)} '{case_set}' cases: ratio {ratio:.3f}")
