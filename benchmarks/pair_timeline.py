@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -96,7 +97,10 @@ class Stamps:
         store_clock(self.trace, self.enabled & (pair < MAX_PAIRS), (PRODUCER * MAX_STEPS + step) * MAX_PAIRS + pair)
 
 
-def store_clock(trace, enabled, idx):
+@functools.cache
+def clock_store():
+    """``store(trace, enabled, idx)``: ``trace[idx] = clock64()`` where ``enabled``
+    (built once; the DSL is imported only when a kernel is compiled)."""
     import cutlass.cute as cute
 
     @cute.jit
@@ -104,7 +108,11 @@ def store_clock(trace, enabled, idx):
         if enabled:
             trace[idx] = cute.arch.clock64()
 
-    store(trace, enabled, idx)
+    return store
+
+
+def store_clock(trace, enabled, idx):
+    clock_store()(trace, enabled, idx)
 
 
 @contextlib.contextmanager
