@@ -93,47 +93,55 @@ def block_list(seqlens, meta):
 
 
 def test_hand_worked_example():
-    # n = [1, 1, 2, 30], costs n + 5 = [6, 6, 7, 35], T = 54, P = 4: payload 14.
-    # Cost intervals: seq 0 [0, 6), seq 1 [6, 12), seq 2 [12, 19), seq 3 [19, 54), each
-    # starting with 5 units of overhead. Parts start at cost 0, 14, 28, 42:
-    # 0 -> (0, 0); 14 -> (2, 14 - 12 - 5 < 0 -> 0); 28 -> (3, 28 - 19 - 5 = 4);
-    # 42 -> (3, 42 - 19 - 5 = 18). Seq 3 is cut at blocks 4 and 18: three fragments.
+    # n = [1, 1, 2, 30], costs n + 5 = [6, 6, 7, 35], T = 54, P = 4: payload 14, budget
+    # 19 a part. Part 0 takes sequences 0, 1 and 2 whole (6 + 6 + 7 = 19) and has
+    # nothing left. Part 1 cannot hold sequence 3 (35): it takes 19 - 5 = 14 blocks of
+    # it. Part 2: the rest (16 blocks + 5) does not fit either: 14 more. Part 3, the
+    # last, takes what is left (2 blocks). Sequence 3 has three fragments.
     meta, num_splits = scheduler.plan_torch(torch.tensor([0, 64, 65, 1920], dtype=torch.int32), 4)
     assert meta.tolist() == [
-        [0, 0, 1, 1, 0, 0, 0, 0],
-        [2, 0, 3, 4, 0, 0, 0, 0],
-        [3, 4, 3, 18, 1, 0, 0, 0],
-        [3, 18, 3, 30, 2, 0, 0, 0],
+        [0, 0, 2, 2, 0, 0, 0, 0],
+        [3, 0, 3, 14, 0, 0, 0, 0],
+        [3, 14, 3, 28, 1, 0, 0, 0],
+        [3, 28, 3, 30, 2, 0, 0, 0],
     ]
     assert num_splits.tolist() == [0, 1, 2, 3, 6]
+
+
+def test_equal_sequences_that_fit_a_part_are_not_split():
+    # b = 128 sequences of 8192 tokens (128 blocks, cost 133) on 132 parts: payload
+    # ceil(17024 / 132) = 129, budget 134. Each part takes one sequence whole; the 1 unit
+    # left is not more than F, so it stops there. 4 parts stay empty; nothing is merged.
+    b, parts = 128, 132
+    meta, num_splits = check_plan([8192] * b, parts)
+    assert meta[:b].tolist() == [[i, 0, i, 128, 0, 0, 0, 0] for i in range(b)]
+    assert meta[b:].tolist() == [[b, 0, b - 1, 0, 0, 0, 0, 0]] * (parts - b)
+    assert num_splits.tolist() == list(range(b + 1))
 
 
 def test_short_sequences_are_not_spread_thin():
     # n = [2, 1], costs [7, 6], T = 13 over P = 8 parts: ceil(T / P) would be 2 and cut
     # the first sequence in two, but sequences of at most 2 blocks on average
-    # (T <= (5 + 2) b) give parts at least MIN_PAYLOAD_SHORT = 4. Part 0 covers cost
-    # [0, 4), the first sequence's overhead only: empty. Part 1 [4, 8) takes both its
-    # blocks (cost 5 and 6), part 2 [8, 12) the second sequence's overhead and part 3
-    # [12, 16) its block (cost 12).
+    # (T <= (5 + 2) b) give parts at least MIN_PAYLOAD_SHORT = 4: a budget of 9. Part 0
+    # takes the first sequence whole (7); the 2 left are not more than F. Part 1 takes
+    # the second; the rest are empty.
     assert scheduler.MIN_PAYLOAD_SHORT == 4
     meta, num_splits = scheduler.plan_torch(torch.tensor([100, 10], dtype=torch.int32), 8)
     empty = [2, 0, 1, 0, 0, 0, 0, 0]
-    assert meta.tolist() == [empty, [0, 0, 0, 2, 0, 0, 0, 0], empty, [1, 0, 1, 1, 0, 0, 0, 0]] + [empty] * 4
+    assert meta.tolist() == [[0, 0, 0, 2, 0, 0, 0, 0], [1, 0, 1, 1, 0, 0, 0, 0]] + [empty] * 6
     assert num_splits.tolist() == [0, 1, 2]
 
 
 def test_a_part_takes_at_least_min_payload():
     # n = [4, 1], costs [9, 6], T = 15 > (5 + 2) b over P = 8 parts: payload
-    # MIN_PAYLOAD = 2. Parts 0 and 1 cover the first sequence's overhead [0, 4); part 2
-    # [4, 6) takes its block 0 (cost 5), part 3 [6, 8) blocks 1 and 2, part 4 [8, 10)
-    # block 3: three fragments. Parts 5 and 6 cover the second sequence's overhead
-    # [9, 14), part 7 [14, 16) its block (cost 14).
+    # MIN_PAYLOAD = 2, budget 7. Part 0 cannot hold the first sequence (9): it takes 2
+    # blocks. Part 1 takes the other 2 (2 + 5 = 7) and has nothing left; part 2 takes
+    # the second sequence.
     assert scheduler.MIN_PAYLOAD == 2
     meta, num_splits = scheduler.plan_torch(torch.tensor([200, 10], dtype=torch.int32), 8)
     empty = [2, 0, 1, 0, 0, 0, 0, 0]
-    assert meta.tolist() == [empty, empty, [0, 0, 0, 1, 0, 0, 0, 0], [0, 1, 0, 3, 1, 0, 0, 0],
-                             [0, 3, 0, 4, 2, 0, 0, 0], empty, empty, [1, 0, 1, 1, 0, 0, 0, 0]]
-    assert num_splits.tolist() == [0, 3, 4]
+    assert meta.tolist() == [[0, 0, 0, 2, 0, 0, 0, 0], [0, 2, 0, 4, 1, 0, 0, 0], [1, 0, 1, 1, 0, 0, 0, 0]] + [empty] * 5
+    assert num_splits.tolist() == [0, 2, 3]
 
 
 @pytest.mark.parametrize(
@@ -203,7 +211,8 @@ def test_large_batch(num_parts):
 @pytest.mark.parametrize("num_parts", [1, 2, 7, 132, 200])
 def test_one_huge_sequence(num_parts):
     # 2**31 - 1 tokens, the most an int32 length can say: 33554432 blocks, split across
-    # every part; the first part pays the sequence's overhead, the last takes the rest.
+    # every part; each takes ``payload`` blocks (its budget less one overhead), the last
+    # the rest.
     length = 2**31 - 1
     meta, num_splits = check_plan([length], num_parts)
     assert num_splits.tolist() == [0, num_parts]
@@ -212,8 +221,7 @@ def test_one_huge_sequence(num_parts):
     sizes = [hi - lo for row in meta.tolist() for _, lo, hi in part_fragments(row, n)]
     assert len(sizes) == num_parts
     if num_parts > 1:
-        assert sizes[0] == payload - F
-        assert all(size == payload for size in sizes[1:-1])
+        assert all(size == payload for size in sizes[:-1])
         assert 0 < sizes[-1] <= payload
 
 

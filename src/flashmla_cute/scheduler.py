@@ -9,16 +9,26 @@ per (part, KV head, query tile) and each CTA walks its range.
 
 Cost model
 ----------
-A block costs 1 and every sequence costs ``FIXED_OVERHEAD_BLOCKS`` more (its Q load,
-epilogue and, when split, its combine). Sequence ``i`` occupies the cost interval
-``[C_i, C_i + F + n_i)`` where ``C_i`` is the exclusive prefix sum of ``F + n_j`` and the
-first ``F`` units are its overhead. With total cost ``T`` and ``payload`` from
-``payload_of`` (at least ``ceil(T / P)``; more for small batches), part ``p`` covers cost ``[p * payload, (p + 1) * payload)``; a cost point ``x`` inside
-sequence ``i`` maps to block ``clamp(x - C_i - F, 0, n_i)`` of it. Every part therefore
-does at most ``payload`` blocks, and at most ``payload + F`` units of work counting one
-overhead per sequence fragment it touches. Each part is computed independently in closed
-form (no sequential pass), which is what lets the GPU version run one thread per
-sequence.
+A block costs 1 and every sequence fragment costs ``FIXED_OVERHEAD_BLOCKS`` (F) more (its
+Q load, epilogue and, when split, its merge). With total cost ``T = sum(n_i + F)``,
+``payload`` from ``payload_of`` (at least ``ceil(T / P)``; more for small batches) and
+the budget ``payload + F`` a part:
+
+- the parts are filled in order, each from where the previous one stopped;
+- a part takes the rest of the current sequence and then whole sequences while each,
+  with its F, fits in what is left of its budget;
+- then, if more than F is left, it takes that many blocks minus F of the next sequence
+  (which is split there), else it stops at the sequence boundary;
+- the last part takes whatever is left.
+
+So a part that starts a sequence and can hold it whole never splits it (FlashMLA's
+rule): with b = 128 equal sequences on 132 parts every part holds one sequence and
+nothing needs merging. Every part does at most ``payload`` blocks, and at most
+``payload + F`` units counting one F per fragment it touches: the last one too, since
+each part before it ends with a split or less than F of its budget unused, so together
+they leave at most ``T - (P - 1) payload <= payload`` units of T to it. A part's whole
+sequences are found with prefix sums of the sequences' costs, so the GPU version plans a
+part in one or two warp-wide steps.
 
 Format
 ------
@@ -43,12 +53,15 @@ covered whole; the fragment of every batch after the first starts at split numbe
 of each sequence: sequence ``i`` is cut into ``num_splits[i + 1] - num_splits[i]``
 fragments (>= 1), whose partial results live at rows ``num_splits[i] + k`` of the fp32
 accumulators (``k`` the fragment number). A sequence with one fragment is written to
-the output directly by the decode kernel; the others are merged by the combine kernel. There are at most ``b + num_sm_parts - 1``
-fragments in all.
+the output directly by the decode kernel; the others are merged by the combine kernel.
+There are at most ``b + num_sm_parts - 1`` fragments in all: a part splits at most one
+sequence.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 
 import torch
@@ -133,51 +146,46 @@ def num_sm_parts(num_sms: int, num_heads_per_head_k: int, num_heads_k: int) -> i
 
 
 def plan_torch(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compute the plan with torch tensor ops on ``cache_seqlens``' device.
+    """Compute the plan on the host from ``cache_seqlens`` (a CUDA tensor is copied to
+    the host); the results are on ``cache_seqlens``' device.
 
     Returns ``(tile_scheduler_metadata, num_splits)`` in the format described in this
     module's docstring. This is the specification of the plan: the GPU kernel in
     ``kernels/metadata.py`` computes the same numbers.
     """
-    device = cache_seqlens.device
-    seqlens = cache_seqlens.to(torch.int64)
-    b = seqlens.numel()
+    blocks = [max(-(-int(x) // BLOCK_SIZE), 1) for x in cache_seqlens.tolist()]  # n_i
+    b = len(blocks)
     F = FIXED_OVERHEAD_BLOCKS
-    blocks = torch.clamp((seqlens + BLOCK_SIZE - 1) // BLOCK_SIZE, min=1)  # n_i
-    cost = blocks + F
-    cost_end = torch.cumsum(cost, 0)  # C_i + cost_i
-    cost_begin = cost_end - cost  # C_i
-    total = int(cost_end[-1]) if b > 0 else 0
-    payload = payload_of(total, num_parts, b)
+    cost_end = list(itertools.accumulate(n + F for n in blocks))  # C_i + n_i + F
+    total = cost_end[-1] if b > 0 else 0
+    budget = payload_of(total, num_parts, b) + F
 
-    # Fragments of sequence i: 1 + the multiples of payload in [C_i + F + 1, C_i + F + n_i - 1].
-    lo = cost_begin + F
-    frags = 1 + torch.div(lo + blocks - 1, payload, rounding_mode="floor") - torch.div(lo, payload, rounding_mode="floor")
-    num_splits = torch.zeros(b + 1, dtype=torch.int64, device=device)
-    num_splits[1:] = torch.cumsum(frags, 0)
-
-    # Where each part begins: the sequence whose cost interval holds p * payload.
-    starts = torch.arange(num_parts + 1, dtype=torch.int64, device=device) * payload
-    batch = torch.searchsorted(cost_end, starts, right=True)  # == b past the end
-    in_range = batch < b
-    bidx = torch.clamp(batch, max=max(b - 1, 0))
-    block = torch.where(in_range, torch.clamp(starts - cost_begin[bidx] - F, min=0), torch.zeros_like(starts))
-    batch = torch.where(in_range, batch, torch.full_like(batch, b))
-    # Fragment number of the first fragment: multiples of payload in [lo_i + 1, p * payload].
-    split = torch.where(block > 0, torch.div(starts, payload, rounding_mode="floor") - torch.div(lo[bidx], payload, rounding_mode="floor"), torch.zeros_like(starts))
-
-    # A part ends where the next begins: (i, k > 0) -> (i, k); (i, 0) -> (i - 1, n_{i-1}).
-    nb, nk = batch[1:], block[1:]
-    prev = torch.clamp(nb - 1, min=0)
-    end_batch = torch.where(nk > 0, nb, nb - 1)
-    end_block = torch.where(nk > 0, nk, blocks[prev] if b > 0 else torch.zeros_like(nk))
-
-    meta = torch.zeros(num_parts, METADATA_INTS, dtype=torch.int64, device=device)
-    meta[:, BEGIN_BATCH] = batch[:-1]
-    meta[:, BEGIN_BLOCK] = block[:-1]
-    meta[:, END_BATCH] = end_batch
-    meta[:, END_BLOCK] = end_block
-    meta[:, BEGIN_SPLIT] = split[:-1]
-    empty = (batch[:-1] == nb) & (block[:-1] == nk)
-    meta[empty] = torch.tensor([b, 0, b - 1, 0, 0, 0, 0, 0], dtype=torch.int64, device=device)
-    return meta.to(torch.int32), num_splits.to(torch.int32)
+    empty = [b, 0, b - 1, 0, 0, 0, 0, 0]
+    meta = [list(empty) for _ in range(num_parts)]
+    fragments = [0] * b
+    batch, block = 0, 0  # where the next part begins
+    for p in range(num_parts):
+        if batch == b:
+            break
+        row = meta[p]
+        row[BEGIN_BATCH], row[BEGIN_BLOCK], row[BEGIN_SPLIT] = batch, block, fragments[batch]
+        left = budget if p < num_parts - 1 else total + F  # the last part takes the rest
+        # The rest of the current sequence, then whole sequences, while they fit: the
+        # costs from here are prefix sums of cost_end, offset by the blocks already done.
+        done_before = (cost_end[batch - 1] if batch > 0 else 0) + block
+        whole_end = bisect.bisect_right(cost_end, done_before + left, lo=batch)
+        for i in range(batch, whole_end):
+            fragments[i] += 1
+        if whole_end > batch:
+            left -= cost_end[whole_end - 1] - done_before
+            batch, block = whole_end, 0
+        row[END_BATCH], row[END_BLOCK] = batch - 1, blocks[batch - 1] if batch > 0 else 0
+        if batch < b and left > F:
+            # Split the next sequence after ``left - F`` of its blocks.
+            block += left - F
+            fragments[batch] += 1
+            row[END_BATCH], row[END_BLOCK] = batch, block
+    num_splits = [0] + list(itertools.accumulate(fragments))
+    device = cache_seqlens.device
+    return (torch.tensor(meta, dtype=torch.int32, device=device).reshape(num_parts, METADATA_INTS),
+            torch.tensor(num_splits, dtype=torch.int32, device=device))

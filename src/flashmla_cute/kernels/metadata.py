@@ -1,11 +1,10 @@
 """GPU version of the split-KV plan (``scheduler.plan_torch`` is the specification).
 
-One warp walks the batch in chunks of 32 sequences, twice: once to total the cost,
-once with warp-wide prefix sums to place every part boundary that falls inside each
-sequence's cost interval. Each boundary and each fragment count has a closed form, so
-no thread waits on another beyond the prefix sums; the kernel reads ``cache_seqlens``
-on the device and never synchronizes with the host (it can be captured in a CUDA
-graph).
+One warp totals the cost, then fills the parts in order as the specification does:
+for each part, the lanes look at the next 32 sequences at once, and a prefix sum of
+their costs with a ballot tells how many of them fit whole (one step, or one more per
+32 sequences a part holds). The kernel reads ``cache_seqlens`` on the device and never
+synchronizes with the host (it can be captured in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -89,66 +88,62 @@ class MlaMetadata:
             if i < b:
                 total = total + self.num_blocks(mSeqlens, i) + F
         total = cute.arch.warp_reduction(total, lambda x, y: x + y)
-        payload = self.payload(total, num_parts, b)
+        budget = self.payload(total, num_parts, b) + F  # what one part may take, overheads included
 
         if lane == 0:
             mNumSplits[0] = 0
-        carry_cost = Int32(0)
-        carry_frags = Int32(0)
-        prev_n = Int32(0)
-        for base in cutlass.range(0, b, 32, unroll=1):
-            i = base + lane
-            n = Int32(0)
-            cost = Int32(0)
-            if i < b:
-                n = self.num_blocks(mSeqlens, i)
-                cost = n + F
-            cost_incl = _warp_inclusive_sum(cost, lane)
-            begin = carry_cost + cost_incl - cost  # C_i
-            lo = begin + F  # cost position of block 0
-            frags = Int32(0)
-            if i < b:
-                frags = 1 + (lo + n - 1) // payload - lo // payload
-            frags_incl = _warp_inclusive_sum(frags, lane)
-            n_prev = cute.arch.shuffle_sync_up(n, offset=1)
-            if lane == 0:
-                n_prev = prev_n
-            if i < b:
-                mNumSplits[i + 1] = carry_frags + frags_incl
-                # Parts whose first cost unit p * payload lies in [C_i, C_i + cost).
-                p_first = (begin + payload - 1) // payload
-                p_last = cutlass.min((begin + cost - 1) // payload, num_parts - 1)
-                for p in cutlass.range(p_first, p_last + 1, unroll=1):
-                    x = p * payload
-                    block = cutlass.max(x - lo, 0)
-                    if (p + 1) * payload <= lo:
-                        # The next part also begins in this sequence's overhead: p is empty.
-                        self.write_empty(mMeta, p, b)
-                    else:
-                        mMeta[p, BEGIN_BATCH] = i
-                        mMeta[p, BEGIN_BLOCK] = block
+        # Where the next part begins, and how many fragments the sequences before it have.
+        batch = Int32(0)
+        block = Int32(0)
+        split = Int32(0)  # fragments of ``batch`` so far
+        frags_before = Int32(0)
+        for p in cutlass.range(num_parts, unroll=1):
+            if batch >= b:
+                if lane == 0:
+                    self.write_empty(mMeta, p, b)
+            else:
+                begin_batch = batch
+                begin_block = block
+                begin_split = split
+                left = budget
+                if p == num_parts - 1:
+                    left = total + F  # the last part takes the rest
+                # The rest of this sequence, then whole sequences while they fit, 32 at a time.
+                more = True
+                while more:
+                    i = batch + lane
+                    cost = Int32(0)
+                    if i < b:
+                        cost = self.num_blocks(mSeqlens, i) + F
+                    if lane == 0:
+                        cost = cost - block
+                    cost_incl = _warp_inclusive_sum(cost, lane)
+                    fits = i < b and cost_incl <= left
+                    whole = cute.arch.popc(cute.arch.vote_ballot_sync(fits))  # a prefix of the lanes
+                    if fits:
+                        mNumSplits[i + 1] = frags_before + split + 1 + lane
+                    if whole > 0:
+                        left = left - cute.arch.shuffle_sync(cost_incl, whole - 1)
+                        frags_before = frags_before + split + whole
+                        batch = batch + whole
+                        block = Int32(0)
                         split = Int32(0)
-                        if block > 0:
-                            split = p - lo // payload
-                        mMeta[p, BEGIN_SPLIT] = split
-                        for c in cutlass.range_constexpr(BEGIN_SPLIT + 1, METADATA_INTS):
-                            mMeta[p, c] = 0
-                    # Close part p - 1 where p begins (unless p - 1 was empty).
-                    if p >= 1 and not (block == 0 and x - payload >= begin):
-                        if block > 0:
-                            mMeta[p - 1, END_BATCH] = i
-                            mMeta[p - 1, END_BLOCK] = block
-                        else:
-                            mMeta[p - 1, END_BATCH] = i - 1
-                            mMeta[p - 1, END_BLOCK] = n_prev
-            carry_cost = carry_cost + cute.arch.shuffle_sync(cost_incl, 31)
-            carry_frags = carry_frags + cute.arch.shuffle_sync(frags_incl, 31)
-            prev_n = cute.arch.shuffle_sync(n, 31)
-
-        # Parts that begin at or past the total cost are empty; the last one before closes the batch.
-        parts_used = (total + payload - 1) // payload
-        if lane == 0:
-            mMeta[parts_used - 1, END_BATCH] = b - 1
-            mMeta[parts_used - 1, END_BLOCK] = self.num_blocks(mSeqlens, b - 1)
-        for p in cutlass.range(parts_used + lane, num_parts, 32, unroll=1):
-            self.write_empty(mMeta, p, b)
+                    more = whole == 32 and batch < b
+                end_batch = batch - 1
+                end_block = Int32(0)
+                if batch > 0:
+                    end_block = self.num_blocks(mSeqlens, batch - 1)
+                if batch < b and left > F:
+                    # Split the next sequence after ``left - F`` of its blocks.
+                    block = block + left - F
+                    split = split + 1
+                    end_batch = batch
+                    end_block = block
+                if lane == 0:
+                    mMeta[p, BEGIN_BATCH] = begin_batch
+                    mMeta[p, BEGIN_BLOCK] = begin_block
+                    mMeta[p, END_BATCH] = end_batch
+                    mMeta[p, END_BLOCK] = end_block
+                    mMeta[p, BEGIN_SPLIT] = begin_split
+                    for c in cutlass.range_constexpr(BEGIN_SPLIT + 1, METADATA_INTS):
+                        mMeta[p, c] = 0
