@@ -3,10 +3,13 @@ profiler): where a case's time goes,
 for this package and, when they import, FlashMLA's two builds (``flash_mla``, Feb 2025,
 and ``flash_mla_head``, its current API) on the same inputs.
 
-    python benchmarks/kernel_times.py [--cases anchors|serving|all]
+    python benchmarks/kernel_times.py [--cases anchors|serving|all|plans]
 
 ``anchors`` are the b = 128 anchor cases and the tiny problem that ``bench_overhead.py``
-calls in a loop; ``serving`` the small-batch cases of the kernel work (b 1..64).
+calls in a loop; ``serving`` the small-batch cases of the kernel work (b 1..64); ``plans``
+times ``get_mla_metadata`` alone (once per decode step, shared by the layers) for
+batches of 1 to 4096, beside FlashMLA's Feb 2025 build (its current build plans inside
+its first decode call).
 """
 
 import argparse
@@ -26,6 +29,8 @@ ANCHORS = [(128, 8192, 16, 1, False), (128, 8192, 64, 1, False), (128, 8192, 128
 SERVING = [(b, seqlen, h_q, 1, False) for b in (1, 8, 32) for seqlen in (1024, 16384) for h_q in (16, 128)]
 SERVING += [(4, 32768, 16, 1, False), (64, 2048, 32, 2, True)]
 CALLS = 10
+PLAN_BATCHES = (1, 8, 32, 128, 512, 4096)
+PLAN_ROWS = (16, 256)  # s_q * h_q per KV head: 132 and 33 SM parts on an H100
 
 
 def peers():
@@ -109,16 +114,41 @@ def kernel_times(step):
     return times
 
 
+def plan_steps(seqlens: torch.Tensor, rows: int, with_peers: bool) -> dict:
+    """``get_mla_metadata`` of this package and, when it imports, FlashMLA's Feb 2025 build."""
+    steps = {"ours": lambda: flashmla_cute.get_mla_metadata(seqlens, rows, 1)}
+    if with_peers:
+        try:
+            import flash_mla
+
+            steps["flashmla-feb2025"] = lambda: flash_mla.get_mla_metadata(seqlens, rows, 1)
+        except ImportError:
+            pass
+    return steps
+
+
+def time_plans(with_peers: bool):
+    for rows in PLAN_ROWS:
+        for b in PLAN_BATCHES:
+            seqlens = random_seqlens(b, 4096, varlen=True, seed=b).cuda()
+            line = [f"  {name:<17} {graph_time(step):8.1f} us per plan in a graph"
+                    for name, step in plan_steps(seqlens, rows, with_peers).items()]
+            print(f"plan b{b} rows{rows}", *line, sep="\n", flush=True)
+
+
 def case_name(b, seqlen, h_q, s_q, varlen):
     return f"b{b} sk{seqlen} h{h_q} s{s_q}" + (" var" if varlen else "")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", choices=("anchors", "serving", "all"), default="anchors")
+    parser.add_argument("--cases", choices=("anchors", "serving", "all", "plans"), default="anchors")
     parser.add_argument("--only", metavar="NAME", help="only the case with this name, e.g. 'b1 sk100 h16 s1'")
     parser.add_argument("--no-peers", action="store_true", help="time this package only")
     args = parser.parse_args()
+    if args.cases == "plans":
+        time_plans(not args.no_peers)
+        return
     cases = {"anchors": ANCHORS, "serving": SERVING, "all": ANCHORS + SERVING}[args.cases]
     if args.only:
         cases = [c for c in cases if case_name(*c) == args.only]

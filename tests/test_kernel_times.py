@@ -1,0 +1,21 @@
+"""benchmarks/kernel_times.py: the parts that run without a GPU."""
+
+from pathlib import Path
+
+import torch
+from conftest import load_script
+
+kernel_times = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_times.py")
+
+
+def test_plan_cases_cover_small_and_large_batches():
+    assert min(kernel_times.PLAN_BATCHES) == 1 and max(kernel_times.PLAN_BATCHES) >= 4096
+    assert set(kernel_times.PLAN_ROWS) == {16, 256}
+
+
+def test_plan_step_of_this_package_plans_on_the_lengths_device():
+    seqlens = torch.tensor([4096, 100, 0], dtype=torch.int32)
+    steps = kernel_times.plan_steps(seqlens, 16, with_peers=False)
+    assert list(steps) == ["ours"]
+    meta, num_splits = steps["ours"]()
+    assert meta.device == seqlens.device and num_splits.tolist()[0] == 0 and len(num_splits) == 4
