@@ -29,6 +29,8 @@ THREADS_PER_ROW = 128  # one row's 512 values, as 16-byte pieces
 COMBINE_FRAGMENT_GROUPS = 4  # thread groups of a combine CTA that read a row's fragments side by side
 COMBINE_THREADS = THREADS_PER_ROW * COMBINE_FRAGMENT_GROUPS
 COMBINE_FRAGS_IN_FLIGHT = 8  # fragments whose loads a combine thread has in flight
+WARPS_PER_CTA = COMBINE_THREADS // 32
+WARP_ROW_FRAGMENTS = 4  # a sequence of at most this many fragments is merged a warp per row
 CTA_BUDGET_PER_SM = 2  # combine CTAs launched per decode CTA (about per SM): as many as fit at once
 
 
@@ -148,7 +150,14 @@ class MlaCombine:
             if num_frags > 1:
                 # The decode kernel's partials are complete past this point.
                 cute.arch.griddepcontrol_wait()
-                if num_frags <= COMBINE_FRAGS_IN_FLIGHT:
+                if num_frags <= WARP_ROW_FRAGMENTS:
+                    # Very few (a large batch's split sequences): a warp per row, so that
+                    # the CTA has 16 rows in flight rather than 4.
+                    for row in cutlass.range(row_group * WARPS_PER_CTA + tidx // 32, rows, row_groups * WARPS_PER_CTA,
+                                             unroll=1):
+                        self.merge_row_by_warp(mOAccum, mLseAccum, mO, mLse, mSink, has_sink, tidx % 32, batch,
+                                               kv_head, row, first, num_frags, heads_per_kv)
+                elif num_frags <= COMBINE_FRAGS_IN_FLIGHT:
                     # Few fragments: each thread group merges rows of its own, all of a
                     # row's loads at once, with no shared memory and no barrier.
                     for row in cutlass.range(row_group * COMBINE_FRAGMENT_GROUPS + group, rows,
@@ -204,6 +213,42 @@ class MlaCombine:
                     acc[e] = acc[e] + weight * pieces[f, e]
             running_max = new_max
         return acc, running_max, running_sum
+
+    @cute.jit
+    def merge_row_by_warp(self, mOAccum, mLseAccum, mO, mLse, mSink, has_sink, lane, batch, kv_head, row, first,
+                          num_frags, heads_per_kv):
+        """Merge one row of a sequence of at most ``WARP_ROW_FRAGMENTS`` fragments with one
+        warp: lane ``l`` takes the row's 16-byte pieces ``l, l + 32, ...``, and every
+        fragment's loads are issued at once (fragments past the last load the last one
+        and get weight 0)."""
+        pieces_per_lane = THREADS_PER_ROW // 32
+        pieces = cute.make_rmem_tensor((WARP_ROW_FRAGMENTS, pieces_per_lane, VEC), Float32)
+        lses = cute.make_rmem_tensor((WARP_ROW_FRAGMENTS,), Float32)
+        for f in cutlass.range_constexpr(WARP_ROW_FRAGMENTS):
+            k = first + cutlass.min(f, num_frags - 1)
+            lses[f] = mLseAccum[k, kv_head, row]
+            for i in cutlass.range_constexpr(pieces_per_lane):
+                piece = cute.local_tile(mOAccum[k, kv_head, row, None], (VEC,), (lane + 32 * i,)).load()
+                for e in cutlass.range_constexpr(VEC):
+                    pieces[f, i, e] = piece[e]
+        row_max = -Float32.inf
+        for f in cutlass.range_constexpr(WARP_ROW_FRAGMENTS):
+            if f >= num_frags:
+                lses[f] = -Float32.inf
+            row_max = cute.arch.fmax(row_max, lses[f])
+        ref = finite_or_zero(row_max)
+        total = Float32(0.0)
+        acc = cute.make_rmem_tensor((pieces_per_lane, VEC), Float32)
+        acc.fill(0.0)
+        for f in cutlass.range_constexpr(WARP_ROW_FRAGMENTS):
+            weight = cute.math.exp(lses[f] - ref, fastmath=True)
+            total = total + weight
+            for i in cutlass.range_constexpr(pieces_per_lane):
+                for e in cutlass.range_constexpr(VEC):
+                    acc[i, e] = acc[i, e] + weight * pieces[f, i, e]
+        for i in cutlass.range_constexpr(pieces_per_lane):
+            self.store_row(mO, mLse, mSink, has_sink, acc[i, None], row_max, total, batch, kv_head, row, heads_per_kv,
+                           lane + 32 * i)
 
     @cute.jit
     def merge_row_by_all_groups(self, mOAccum, mLseAccum, mO, mLse, mSink, has_sink, groups, barrier, group,

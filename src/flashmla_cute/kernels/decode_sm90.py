@@ -101,6 +101,7 @@ class ConsumerTensors(SplitOFragments):
     row_sum: cute.Tensor  # this consumer's share of each row's sum
     row_limit: cute.Tensor  # each row's first key it may not see
     block_max: cute.Tensor  # right consumer: the max of S1's rows
+    o_scale: cute.Tensor  # s0: O's rescale, applied once this consumer's message is out
     next_scale: cute.Tensor  # right consumer: s1, applied after P0 V0_R
     wg_tidx: object  # thread index in the warpgroup
     lane_writes_row: object  # the thread of its quad that writes row statistics
@@ -439,6 +440,7 @@ class MlaDecodeSm90:
             row_sum=cute.make_rmem_tensor((num_rows,), Float32),
             row_limit=cute.make_rmem_tensor((num_rows,), Int32),
             block_max=cute.make_rmem_tensor((num_rows,), Float32),
+            o_scale=cute.make_rmem_tensor((num_rows,), Float32),
             next_scale=cute.make_rmem_tensor((num_rows,), Float32),
             wg_tidx=wg_tidx,
             lane_writes_row=wg_tidx % 4 == 0,
@@ -512,11 +514,14 @@ class MlaDecodeSm90:
             if t.lane_writes_row:
                 t.stats[t.coord_s[i, 0][0], STAT_M0] = m0
                 t.stats[t.coord_s[i, 0][0], STAT_S0] = s0
-            softmax.rescale_row(t.o_rc, i, s0)
+            t.o_scale[i] = s0
         # P0 (relative to m0) to the rope chunk of its stage, with m0 and s0, for the
-        # right consumer: it needs nothing else from this pair.
+        # right consumer: it needs nothing else from this pair. O's rescale (128
+        # multiplies a thread) waits until the message is out: only P0 V0_L needs it.
         self.share_p(t, first_state)
         bars.left_stats.arrive()
+        for i in cutlass.range_constexpr(num_rows):
+            softmax.rescale_row(t.o_rc, i, t.o_scale[i])
         kv.release(first_state, self.hi)
         warpgroup.fence()
         self.pv(t.tiled_mma_o_rs, t.acc_o, t.p_operand, None, t.tOrV_rs, first_state.index)
@@ -567,10 +572,13 @@ class MlaDecodeSm90:
                 t.stats[r, STAT_S1] = s1
             t.row_max[i] = m1
             t.next_scale[i] = s1
-            softmax.rescale_row(t.o_rc, i, s0)
+            t.o_scale[i] = s0
         if has_second:
             self.share_p(t, second_state)  # P1 for the left consumer
         bars.right_stats.arrive()
+        # O's rescale by s0 waits until the message is out: only P0 V0_R needs it.
+        for i in cutlass.range_constexpr(num_rows):
+            softmax.rescale_row(t.o_rc, i, t.o_scale[i])
         kv.wait(first_state, self.hi)
         self.pv_then_release(t.tiled_mma_o_ss, t, t.tOrP_ss, first_state, t.tOrV_ss, kv, self.hi)
         for i in cutlass.range_constexpr(num_rows):
