@@ -9,7 +9,7 @@ and ``flash_mla_head``, its current API) on the same inputs.
 calls in a loop; ``serving`` the small-batch cases of the kernel work (b 1..64); ``plans``
 times ``get_mla_metadata`` alone (once per decode step, shared by the layers) for
 batches of 1 to 4096, beside FlashMLA's Feb 2025 build (its current build plans inside
-its first decode call).
+its first decode call; the Feb 2025 planner takes batches of at most 4095).
 """
 
 import argparse
@@ -31,6 +31,7 @@ SERVING += [(4, 32768, 16, 1, False), (64, 2048, 32, 2, True)]
 CALLS = 10
 PLAN_BATCHES = (1, 8, 32, 128, 512, 4096)
 PLAN_ROWS = (16, 256)  # s_q * h_q per KV head: 132 and 33 SM parts on an H100
+FLASHMLA_FEB2025_MAX_BATCH = 4095  # its planner asserts batch_size < 4096
 
 
 def peers():
@@ -117,7 +118,7 @@ def kernel_times(step):
 def plan_steps(seqlens: torch.Tensor, rows: int, with_peers: bool) -> dict:
     """``get_mla_metadata`` of this package and, when it imports, FlashMLA's Feb 2025 build."""
     steps = {"ours": lambda: flashmla_cute.get_mla_metadata(seqlens, rows, 1)}
-    if with_peers:
+    if with_peers and seqlens.shape[0] <= FLASHMLA_FEB2025_MAX_BATCH:
         try:
             import flash_mla
 

@@ -19,3 +19,8 @@ def test_plan_step_of_this_package_plans_on_the_lengths_device():
     assert list(steps) == ["ours"]
     meta, num_splits = steps["ours"]()
     assert meta.device == seqlens.device and num_splits.tolist()[0] == 0 and len(num_splits) == 4
+
+
+def test_plan_steps_leave_out_flashmla_above_its_batch_limit():
+    seqlens = torch.ones(kernel_times.FLASHMLA_FEB2025_MAX_BATCH + 1, dtype=torch.int32)
+    assert list(kernel_times.plan_steps(seqlens, 16, with_peers=True)) == ["ours"]

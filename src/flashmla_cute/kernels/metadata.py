@@ -1,10 +1,19 @@
 """GPU version of the split-KV plan (``scheduler.plan_torch`` is the specification).
 
-One warp totals the cost, then fills the parts in order as the specification does:
-for each part, the lanes look at the next 32 sequences at once, and a prefix sum of
-their costs with a ballot tells how many of them fit whole (one step, or one more per
-32 sequences a part holds). The kernel reads ``cache_seqlens`` on the device and never
-synchronizes with the host (it can be captured in a CUDA graph).
+One CTA. Its threads turn ``cache_seqlens`` into the prefix sums of the sequences'
+costs, ``PLAN_CHUNK`` sequences at a time, in shared memory; then one warp fills the
+parts in order, as the specification does, reading only shared memory:
+
+- a part ends where its budget does, ``target`` on the cost line (the sum of the costs
+  before it, plus its budget);
+- a part that starts inside a sequence which does not end by ``target`` (most parts at
+  small batches) splits it again with no memory access at all;
+- otherwise the 32 lanes compare the next 32 sequences' cost ends with ``target`` and a
+  ballot counts those that fit whole (one step, or one more per 32 sequences a part holds).
+
+When the walk reaches the end of the chunk in shared memory, it stops where it is, the
+CTA loads the next chunk, and the walk goes on. The kernel reads ``cache_seqlens`` on
+the device and never synchronizes with the host (it can be captured in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -28,6 +37,10 @@ from ..scheduler import (
     SHORT_SEQUENCE_BLOCKS,
 )
 
+PLAN_THREADS = 1024
+PLAN_CHUNK = PLAN_THREADS  # sequences whose cost ends are in shared memory at once: one a thread
+PLAN_WARPS = PLAN_THREADS // 32
+
 
 @cute.jit
 def _warp_inclusive_sum(x: Int32, lane: Int32) -> Int32:
@@ -43,7 +56,7 @@ class MlaMetadata:
 
     @cute.jit
     def __call__(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mNumSplits: cute.Tensor, stream):
-        self.kernel(mSeqlens, mMeta, mNumSplits).launch(grid=[1, 1, 1], block=[32, 1, 1], stream=stream)
+        self.kernel(mSeqlens, mMeta, mNumSplits).launch(grid=[1, 1, 1], block=[PLAN_THREADS, 1, 1], stream=stream)
 
     @cute.jit
     def num_blocks(self, mSeqlens: cute.Tensor, i: Int32) -> Int32:
@@ -67,83 +80,180 @@ class MlaMetadata:
         return cutlass.max((total + num_parts - 1) // num_parts, root, least)
 
     @cute.jit
-    def write_empty(self, mMeta: cute.Tensor, p: Int32, b: Int32):
-        mMeta[p, BEGIN_BATCH] = b
-        mMeta[p, BEGIN_BLOCK] = 0
-        mMeta[p, END_BATCH] = b - 1
-        mMeta[p, END_BLOCK] = 0
-        for c in cutlass.range_constexpr(BEGIN_SPLIT, METADATA_INTS):
-            mMeta[p, c] = 0
+    def block_sum(self, x: Int32, warp_sums: cute.Tensor, tidx: Int32) -> Int32:
+        """The sum of ``x`` over the CTA, in every thread."""
+        x = cute.arch.warp_reduction(x, lambda u, v: u + v)
+        if tidx % 32 == 0:
+            warp_sums[tidx // 32] = x
+        cute.arch.sync_threads()
+        x = cute.arch.warp_reduction(warp_sums[tidx % 32], lambda u, v: u + v)
+        cute.arch.sync_threads()  # warp_sums may be written again
+        return x
+
+    @cute.jit
+    def load_chunk(self, mSeqlens: cute.Tensor, cost_end: cute.Tensor, blocks: cute.Tensor, warp_sums: cute.Tensor,
+                   tidx: Int32, first: Int32, cost_before: Int32):
+        """Sequence ``first + t``'s block count into ``blocks[t]`` and the end of its cost
+        on the whole cost line (``cost_before`` + the costs of the chunk up to it) into
+        ``cost_end[t]``; past the batch, costs are 0."""
+        i = first + tidx
+        n = Int32(0)
+        if i < mSeqlens.shape[0]:
+            n = self.num_blocks(mSeqlens, i)
+        cost = n + FIXED_OVERHEAD_BLOCKS if i < mSeqlens.shape[0] else Int32(0)
+        lane = tidx % 32
+        incl = _warp_inclusive_sum(cost, lane)
+        if lane == 31:
+            warp_sums[tidx // 32] = incl
+        cute.arch.sync_threads()
+        warp_before = _warp_inclusive_sum(warp_sums[lane], lane) - warp_sums[lane]
+        warp_before = cute.arch.shuffle_sync(warp_before, tidx // 32)
+        cost_end[tidx] = cost_before + warp_before + incl
+        blocks[tidx] = n
+        cute.arch.sync_threads()
+
+    @cute.jit
+    def write_row(self, mMeta: cute.Tensor, lane: Int32, p: Int32, begin_batch: Int32, begin_block: Int32,
+                  end_batch: Int32, end_block: Int32, begin_split: Int32):
+        """Plan row ``p``, a column a lane."""
+        if lane < METADATA_INTS:
+            v = Int32(0)
+            if lane == BEGIN_BATCH:
+                v = begin_batch
+            if lane == BEGIN_BLOCK:
+                v = begin_block
+            if lane == END_BATCH:
+                v = end_batch
+            if lane == END_BLOCK:
+                v = end_block
+            if lane == BEGIN_SPLIT:
+                v = begin_split
+            mMeta[p, lane] = v
 
     @cute.kernel
     def kernel(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mNumSplits: cute.Tensor):
-        lane, _, _ = cute.arch.thread_idx()
+        tidx, _, _ = cute.arch.thread_idx()
+        lane = tidx % 32
         b = mSeqlens.shape[0]
         num_parts = mMeta.shape[0]
         F = FIXED_OVERHEAD_BLOCKS
 
-        total = Int32(0)
-        for base in cutlass.range(0, b, 32, unroll=1):
-            i = base + lane
-            if i < b:
-                total = total + self.num_blocks(mSeqlens, i) + F
-        total = cute.arch.warp_reduction(total, lambda x, y: x + y)
-        budget = self.payload(total, num_parts, b) + F  # what one part may take, overheads included
+        @cute.struct
+        class Storage:
+            cost_end: cute.struct.MemRange[Int32, PLAN_CHUNK]
+            blocks: cute.struct.MemRange[Int32, PLAN_CHUNK]
+            warp_sums: cute.struct.MemRange[Int32, PLAN_WARPS]
+            walk_state: cute.struct.MemRange[Int32, 2]  # (walk stopped at the chunk's end, parts filled)
 
-        if lane == 0:
+        storage = cutlass.utils.SmemAllocator().allocate(Storage)
+        cost_end = storage.cost_end.get_tensor(cute.make_layout((PLAN_CHUNK,)))
+        blocks = storage.blocks.get_tensor(cute.make_layout((PLAN_CHUNK,)))
+        warp_sums = storage.warp_sums.get_tensor(cute.make_layout((PLAN_WARPS,)))
+        walk_state = storage.walk_state.get_tensor(cute.make_layout((2,)))
+
+        total = Int32(0)
+        if b > PLAN_CHUNK:
+            for i in cutlass.range(tidx, b, PLAN_THREADS, unroll=1):
+                total = total + self.num_blocks(mSeqlens, i) + F
+            total = self.block_sum(total, warp_sums, tidx)
+        self.load_chunk(mSeqlens, cost_end, blocks, warp_sums, tidx, Int32(0), Int32(0))
+        if b <= PLAN_CHUNK:
+            total = cost_end[b - 1]
+        budget = self.payload(total, num_parts, b) + F  # what one part may take, overheads included
+        if tidx == 0:
             mNumSplits[0] = 0
-        # Where the next part begins, and how many fragments the sequences before it have.
+
+        # The walk's state (meaningful in warp 0, which alone walks): where the next
+        # part begins (sequence ``batch``, block ``block``), the cost ends of sequences
+        # ``batch - 1`` and ``batch`` and the blocks of ``batch - 1``, fragments so far.
+        p = Int32(0)
         batch = Int32(0)
         block = Int32(0)
         split = Int32(0)  # fragments of ``batch`` so far
-        frags_before = Int32(0)
-        for p in cutlass.range(num_parts, unroll=1):
-            if batch >= b:
-                if lane == 0:
-                    self.write_empty(mMeta, p, b)
-            else:
-                begin_batch = batch
-                begin_block = block
-                begin_split = split
-                left = budget
-                if p == num_parts - 1:
-                    left = total + F  # the last part takes the rest
-                # The rest of this sequence, then whole sequences while they fit, 32 at a time.
-                more = True
-                while more:
-                    i = batch + lane
-                    cost = Int32(0)
-                    if i < b:
-                        cost = self.num_blocks(mSeqlens, i) + F
-                    if lane == 0:
-                        cost = cost - block
-                    cost_incl = _warp_inclusive_sum(cost, lane)
-                    fits = i < b and cost_incl <= left
-                    whole = cute.arch.popc(cute.arch.vote_ballot_sync(fits))  # a prefix of the lanes
-                    if fits:
-                        mNumSplits[i + 1] = frags_before + split + 1 + lane
-                    if whole > 0:
-                        left = left - cute.arch.shuffle_sync(cost_incl, whole - 1)
-                        frags_before = frags_before + split + whole
-                        batch = batch + whole
-                        block = Int32(0)
-                        split = Int32(0)
-                    more = whole == 32 and batch < b
-                end_batch = batch - 1
-                end_block = Int32(0)
-                if batch > 0:
-                    end_block = self.num_blocks(mSeqlens, batch - 1)
-                if batch < b and left > F:
-                    # Split the next sequence after ``left - F`` of its blocks.
-                    block = block + left - F
-                    split = split + 1
-                    end_batch = batch
-                    end_block = block
-                if lane == 0:
-                    mMeta[p, BEGIN_BATCH] = begin_batch
-                    mMeta[p, BEGIN_BLOCK] = begin_block
-                    mMeta[p, END_BATCH] = end_batch
-                    mMeta[p, END_BLOCK] = end_block
-                    mMeta[p, BEGIN_SPLIT] = begin_split
-                    for c in cutlass.range_constexpr(BEGIN_SPLIT + 1, METADATA_INTS):
-                        mMeta[p, c] = 0
+        frags_before = Int32(0)  # fragments of the sequences before ``batch``
+        prev_end = Int32(0)
+        prev_blocks = Int32(0)
+        # The part being filled: where it began, and where its budget ends on the cost line.
+        in_part = Int32(0)
+        target = Int32(0)
+        begin_batch = Int32(0)
+        begin_block = Int32(0)
+        begin_split = Int32(0)
+
+        first = Int32(0)  # the chunk's first sequence
+        parts_filled = Int32(0)
+        more_chunks = True
+        while more_chunks:
+            last = cutlass.min(b, first + PLAN_CHUNK)  # one past the chunk's last sequence
+            stopped = Int32(0)
+            if tidx < 32:
+                cur_end = cost_end[batch - first]  # batch == first: at the start or where the walk stopped
+                walking = p < num_parts and batch < b
+                while walking:
+                    if in_part == 0:
+                        begin_batch = batch
+                        begin_block = block
+                        begin_split = split
+                        target = prev_end + block + budget
+                        if p == num_parts - 1:
+                            target = prev_end + block + total + F  # the last part takes the rest
+                        in_part = Int32(1)
+                    if cur_end <= target:
+                        # The rest of this sequence fits, then whole sequences while they do.
+                        stepping = True
+                        while stepping:
+                            i = batch + lane
+                            end_i = Int32(0)
+                            blocks_i = Int32(0)
+                            if i < last:
+                                end_i = cost_end[i - first]
+                                blocks_i = blocks[i - first]
+                            fits = i < last and end_i <= target
+                            whole = cute.arch.popc(cute.arch.vote_ballot_sync(fits))  # a prefix of the lanes
+                            if fits:
+                                mNumSplits[i + 1] = frags_before + split + 1 + lane
+                            if whole > 0:
+                                prev_end = cute.arch.shuffle_sync(end_i, whole - 1)
+                                prev_blocks = cute.arch.shuffle_sync(blocks_i, whole - 1)
+                                frags_before = frags_before + split + whole
+                                split = Int32(0)
+                                block = Int32(0)
+                                batch = batch + whole
+                            cur_end = cute.arch.shuffle_sync(end_i, whole % 32)  # valid when whole < 32
+                            stepping = whole == 32 and batch < last
+                        if batch == last and batch < b:
+                            stopped = Int32(1)  # the next sequence's cost end is in the next chunk
+                    if stopped == 0:
+                        left = target - prev_end - block
+                        end_batch = batch - 1  # a part always takes something: batch >= 1
+                        end_block = prev_blocks
+                        if batch < b and left > F:
+                            # Split the next sequence after ``left - F`` of its blocks.
+                            block = block + left - F
+                            split = split + 1
+                            end_batch = batch
+                            end_block = block
+                        self.write_row(mMeta, lane, p, begin_batch, begin_block, end_batch, end_block, begin_split)
+                        p = p + 1
+                        in_part = Int32(0)
+                    walking = p < num_parts and batch < b and stopped == 0
+                if tidx == 0:
+                    walk_state[0] = stopped
+                    walk_state[1] = p
+            cute.arch.sync_threads()
+            more_chunks = walk_state[0] != 0
+            parts_filled = walk_state[1]
+            cost_before = cost_end[PLAN_CHUNK - 1]
+            cute.arch.sync_threads()  # the chunk is read
+            if more_chunks:
+                first = first + PLAN_CHUNK
+                self.load_chunk(mSeqlens, cost_end, blocks, warp_sums, tidx, first, cost_before)
+
+        # Parts left with nothing to do (the batch ran out first).
+        for q in cutlass.range(parts_filled + tidx, num_parts, PLAN_THREADS, unroll=1):
+            mMeta[q, BEGIN_BATCH] = b
+            mMeta[q, BEGIN_BLOCK] = 0
+            mMeta[q, END_BATCH] = b - 1
+            mMeta[q, END_BLOCK] = 0
+            for c in cutlass.range_constexpr(BEGIN_SPLIT, METADATA_INTS):
+                mMeta[q, c] = 0
