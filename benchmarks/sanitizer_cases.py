@@ -9,7 +9,9 @@ racecheck and synccheck.
 
 ``python benchmarks/sanitizer_cases.py sparse`` runs only small sparse (V3.2 FP8) calls (h_q 64 and 128)
 whose indices the kernel must skip without reading the cache: ``-1``, past the cache, and
-past a ``topk_length`` shorter than topk (those name NaN tokens), with an attention sink."""
+past a ``topk_length`` shorter than topk (those name NaN tokens), with an attention sink;
+then MODEL1 calls with an extra cache whose indices are also ``-1``, past that cache and
+past an ``extra_topk_length``."""
 
 import os
 import sys
@@ -18,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 import flashmla_cute  # noqa: E402
-from flashmla_cute import api  # noqa: E402
+from flashmla_cute import api, fp8_cache  # noqa: E402
 from flashmla_cute.sparse_testing import NAN_BYTE, make_sparse_decode_inputs  # noqa: E402
 from flashmla_cute.testing import make_decode_inputs  # noqa: E402
 
@@ -61,10 +63,31 @@ def run_sparse(b=3, s_q=2, h_q=64, topk=128, page=64):
           f"out finite={bool(torch.isfinite(out).all())}")
 
 
+def run_sparse_model1(b=3, s_q=2, h_q=64, topk=128, page=48, extra_topk=128, extra_page=16):
+    x = make_sparse_decode_inputs(b, s_q, h_q, 300, topk, page, seed=1, with_sink=True, with_topk_length=True,
+                                  layout=fp8_cache.MODEL1, extra_topk=extra_topk, extra_page_size=extra_page,
+                                  with_extra_topk_length=True, device="cuda")
+    extra_tokens = x.extra_k_cache.shape[0] * extra_page
+    x.indices[0, 0, :16] = -1
+    x.extra_indices[1, 0, :8] = -1
+    x.extra_indices[2, 1, 3:5] = torch.tensor([extra_tokens, 2**31 - 1], dtype=torch.int32)
+    plan, _ = api.get_mla_metadata()
+    out, lse = api.flash_mla_with_kvcache(
+        x.q, x.k_cache, None, None, 512, plan, None, is_fp8_kvcache=True, indices=x.indices,
+        attn_sink=x.attn_sink, topk_length=x.topk_length, extra_k_cache=x.extra_k_cache,
+        extra_indices_in_kvcache=x.extra_indices, extra_topk_length=x.extra_topk_length,
+    )
+    torch.cuda.synchronize()
+    print(f"sparse MODEL1 b={b} s_q={s_q} h_q={h_q} topk={topk}+{extra_topk} pages {page}/{extra_page} "
+          f"(-1, past the cache, topk lengths, sink): out finite={bool(torch.isfinite(out).all())}")
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["sparse"]:
         run_sparse(h_q=64)
-        run_sparse(h_q=128)  # the variant whose CTAs pair up in clusters
+        run_sparse(h_q=128)  # two head tiles a query token
+        run_sparse_model1(h_q=64)
+        run_sparse_model1(h_q=128)
         sys.exit(0)
     if sys.argv[1:] == ["race"]:
         # One small split, causal case: racecheck and synccheck are slow on larger ones.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flashmla_cute
-from flashmla_cute import api
+from flashmla_cute import api, fp8_cache
 from flashmla_cute.api import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata
 from flashmla_cute.sparse_reference import sparse_mla_reference
 from flashmla_cute.sparse_testing import make_sparse_decode_inputs
@@ -106,11 +106,15 @@ BAD_SPARSE = {
     "indices batch": ("indices batch", ValueError, r"indices must have shape \[b, s_q, topk\] = \[2, 2, topk\]"),
     "topk multiple": ("topk 100", ValueError, "topk.*multiple of 64"),
     "topk too big": ("topk 16448", ValueError, r"topk.*\[64, 16384\], got 16448"),
-    "bytes per token": ("cache 584", ValueError, r"k_cache must have shape \[num_blocks, page_size, 1, 656\]"),
+    "bytes per token": ("cache 600", ValueError,
+                        r"k_cache must have shape \[num_blocks, page_size, 1, 656\] \(V3.2 FP8 layout\) or "
+                        r"\[num_blocks, page_size, 1, 584\] \(MODEL1\)"),
+    "model1 pages overlap": ("model1 overlapping", ValueError, "k_cache must be a MODEL1 cache view"),
     "cache dtype": ("cache bf16", TypeError, "k_cache must have dtype torch.float8_e4m3fn, torch.int8 or torch.uint8"),
     "cache token stride": ("cache strided", ValueError, r"k_cache must hold each page's tokens back to back"),
     "q dtype": ("q fp16", TypeError, "q must have dtype torch.bfloat16"),
-    "d_qk": ("q 512", ValueError, r"q.shape\[3\] \(d_qk\) must be 576"),
+    "d_qk": ("q 512", ValueError, r"q.shape\[3\] \(d_qk\) must be 576 for k_cache's V3.2 layout"),
+    "d_qk model1": ("model1 with q 576", ValueError, r"q.shape\[3\] \(d_qk\) must be 512 for k_cache's MODEL1 layout"),
     "s_q": ("s_q 5", ValueError, r"q.shape\[1\] \(s_q\) must be in \[1, 4\], got 5"),
     "h_q": ("h_q 192", ValueError, r"q.shape\[2\] \(h_q\) must be in \[1, 128\]"),
     "head_dim_v": (dict(head_dim_v=576), ValueError, "head_dim_v must be 512"),
@@ -118,7 +122,15 @@ BAD_SPARSE = {
     "sink shape": ("sink 8", ValueError, r"attn_sink must have shape \[h_q\] = \[16\], got \(8,\)"),
     "topk_length dtype": ("topk_length int64", TypeError, "topk_length must have dtype torch.int32"),
     "topk_length shape": ("topk_length 3", ValueError, r"topk_length must have shape \[b\] = \[2\], got \(3,\)"),
-    "extra cache": ("extra", ValueError, "extra_k_cache must be None: a second cache is part of the MODEL1 layout"),
+    "extra cache alone": ("extra", ValueError, "extra_k_cache and extra_indices_in_kvcache must be given together"),
+    "extra indices alone": ("extra indices", ValueError,
+                            "extra_k_cache and extra_indices_in_kvcache must be given together"),
+    "extra length alone": ("extra length", ValueError, "extra_topk_length needs extra_k_cache"),
+    "extra layout": ("extra model1", ValueError, "extra_k_cache must have k_cache's V3.2 layout"),
+    "extra topk": ("extra topk 100", ValueError, r"extra_indices_in_kvcache.shape\[2\] \(topk\) must be a multiple of 64"),
+    "extra batch": ("extra indices batch", ValueError,
+                    r"extra_indices_in_kvcache must have shape \[b, s_q, topk\] = \[2, 2, topk\]"),
+    "extra length dtype": ("extra length int64", TypeError, "extra_topk_length must have dtype torch.int32"),
     "scale": (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be a finite positive float"),
 }
 
@@ -127,13 +139,18 @@ def bad_overrides(inp, what):
     if isinstance(what, dict):
         return what
     q, cache, idx = inp.q, inp.k_cache, inp.indices
+    model1_cache = fp8_cache.quantize_model1_kv_cache(torch.zeros(4, 16, 1, fp8_cache.MODEL1_HEAD_DIM))
+    model1_q = torch.zeros(*q.shape[:3], fp8_cache.MODEL1_HEAD_DIM, dtype=torch.bfloat16)
     return {
         "indices int64": lambda: dict(indices=idx.long()),
         "indices rank": lambda: dict(indices=idx[0]),
         "indices batch": lambda: dict(indices=idx[:1]),
         "topk 100": lambda: dict(indices=torch.zeros(2, 2, 100, dtype=torch.int32)),
         "topk 16448": lambda: dict(indices=torch.zeros(2, 2, 16448, dtype=torch.int32)),
-        "cache 584": lambda: dict(k_cache=cache.view(torch.uint8)[..., :584]),
+        "cache 600": lambda: dict(k_cache=cache.view(torch.uint8)[..., :600]),
+        "model1 overlapping": lambda: dict(q=model1_q, k_cache=torch.zeros(4, 16 * 584, dtype=torch.uint8).as_strided(
+            (4, 16, 1, 584), (584, 584, 584, 1))),
+        "model1 with q 576": lambda: dict(k_cache=model1_cache),
         "cache bf16": lambda: dict(k_cache=torch.zeros(4, 16, 1, 656, dtype=torch.bfloat16)),
         "cache strided": lambda: dict(k_cache=torch.zeros(4, 16, 1, 672, dtype=torch.uint8)[..., :656]),
         "q fp16": lambda: dict(q=q.half()),
@@ -145,6 +162,13 @@ def bad_overrides(inp, what):
         "topk_length int64": lambda: dict(topk_length=inp.topk_length.long()),
         "topk_length 3": lambda: dict(topk_length=torch.zeros(3, dtype=torch.int32)),
         "extra": lambda: dict(extra_k_cache=cache),
+        "extra indices": lambda: dict(extra_indices_in_kvcache=idx),
+        "extra length": lambda: dict(extra_topk_length=torch.zeros(2, dtype=torch.int32)),
+        "extra model1": lambda: dict(extra_k_cache=model1_cache, extra_indices_in_kvcache=idx),
+        "extra topk 100": lambda: dict(extra_k_cache=cache, extra_indices_in_kvcache=torch.zeros(2, 2, 100, dtype=torch.int32)),
+        "extra indices batch": lambda: dict(extra_k_cache=cache, extra_indices_in_kvcache=idx[:1]),
+        "extra length int64": lambda: dict(extra_k_cache=cache, extra_indices_in_kvcache=idx,
+                                           extra_topk_length=torch.zeros(2, dtype=torch.int64)),
     }[what]()
 
 

@@ -110,3 +110,13 @@ def test_context_parallel_shards_merge_into_the_whole_attention(world, s_q):
     assert held.tolist() == lengths  # every token on exactly one rank
     torch.testing.assert_close(out, whole_out, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse, whole_lse, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["v32", "model1"])
+def test_sparse_decode_example_runs_each_layout(layout):
+    result = run_example(str(EXAMPLES / "sparse_decode.py"), "--layout", layout)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("layer")]
+    assert len(lines) == 3
+    for line in lines:
+        distances = [float(x) for x in line.split("reference ")[1].replace("(out),", "").replace("(lse)", "").split()]
+        assert max(distances) < 1e-5, line

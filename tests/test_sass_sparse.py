@@ -1,5 +1,5 @@
-"""The sparse decode kernel compiles for sm_90a without a GPU, and its machine code is
-what its design needs: WGMMA (HGMMA) for both products, 16-byte gathers from the cache
+"""The sparse decode kernel compiles for sm_90a without a GPU, for each cache layout
+(V3.2 and MODEL1, each with and without an extra cache), and its machine code is what its design needs: WGMMA (HGMMA) for both products, 16-byte gathers from the cache
 (LDG.128) and 16-byte stores of the dequantized tile (STS.128), the FP8 conversion
 instruction, and no local memory (LDL/STL: register spills or stack arrays)."""
 
@@ -18,8 +18,10 @@ from test_sass import sass_of
 WRITE_CUBINS = (
     "import sys\n"
     "from flashmla_cute import compile\n"
-    "compile.write_cubin(compile.sparse_decode_variant(), sys.argv[1], 'sm_90a')\n"
+    "for variant in compile.sparse_decode_variants():\n"
+    "    compile.write_cubin(variant, sys.argv[1], 'sm_90a')\n"
 )
+SPARSE_NAMES = [variant.name for variant in compile_mod.sparse_decode_variants()]
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +34,10 @@ def cubins(tmp_path_factory):
 
 
 def test_one_cubin_per_sparse_variant(cubins):
-    assert set(cubins) == {compile_mod.sparse_decode_variant().name}
+    assert set(cubins) == set(SPARSE_NAMES)
 
 
-@pytest.mark.parametrize("name", [compile_mod.sparse_decode_variant().name])
+@pytest.mark.parametrize("name", SPARSE_NAMES)
 def test_sparse_machine_code(cubins, name):
     sass = sass_of(cubins[name])
     assert not re.search(r"\b(LDL|STL)\b", sass), f"{name} uses local memory"

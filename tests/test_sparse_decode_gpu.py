@@ -1,18 +1,21 @@
 """The sparse decode kernel against the float32 reference on FlashMLA's V3.2 test grid
-(with sinks, some of them +-inf), corner cases (every index invalid, empty sequences,
-topk_length), fewer heads than 64/128, a padded page stride, and the API's refusals on
-CUDA tensors. Every cache token no index uses holds NaN bytes, so a kernel that reads
-one shows it; results are compared as FlashMLA does (cosine distance, plus elementwise
-bounds), with +inf lse at the same places."""
+and its MODEL1 (d_qk 512) grid with and without an extra cache (with sinks, some of them
++-inf), corner cases (every index invalid, empty sequences, topk_length, an empty main
+cache beside a valid extra one), fewer heads than 64/128, a padded page stride, and the
+API's refusals on CUDA tensors. Every cache token no index uses holds NaN bytes, so a
+kernel that reads one shows it; results are compared as FlashMLA does (cosine distance,
+plus elementwise bounds), with +inf lse at the same places."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
 from flashmla_cute.api import flash_mla_with_kvcache, get_mla_metadata
+from flashmla_cute.fp8_cache import MODEL1, V32
 from flashmla_cute.sparse_reference import sparse_mla_reference
-from flashmla_cute.sparse_testing import make_sparse_decode_inputs
+from flashmla_cute.sparse_testing import NAN_BYTE, make_sparse_decode_inputs, with_page_stride
 from flashmla_cute.testing import cosine_distance
 
 pytestmark = pytest.mark.gpu
@@ -24,12 +27,22 @@ V32_GRID = [
     (2046, 2048, 2), (2046, 2048, 64), (2046, 2048, 576),
 ]
 
+# (seqlen, topk, page size) of the main cache and of the extra cache (None: none) on
+# FlashMLA's MODEL1 correctness grid, its larger sizes left out.
+MODEL1_GRID = [(512, 64, 2), (512, 64, 64), (512, 64, 69), (1024, 576, 61)]
+MODEL1_EXTRA_GRID = [None, (512, 64, 2), (512, 64, 64), (1024, 576, 61)]
+MODEL1_SHAPES = list(itertools.product((74, 4), (3, 1), (128, 64)))  # (b, s_q, h_q), largest first
+SLOW_ENTRIES = 10**5
+"""(query token, entry) pairs, ``b * s_q * (topk + extra_topk)``, above which a case is marked slow."""
+
 
 def run_kernel(inp):
     plan, _ = get_mla_metadata()
     return flash_mla_with_kvcache(
         inp.q, inp.k_cache, None, None, 512, plan, softmax_scale=inp.softmax_scale, is_fp8_kvcache=True,
         indices=inp.indices, attn_sink=inp.attn_sink, topk_length=inp.topk_length,
+        extra_k_cache=inp.extra_k_cache, extra_indices_in_kvcache=inp.extra_indices,
+        extra_topk_length=inp.extra_topk_length,
     )
 
 
@@ -37,7 +50,8 @@ def check(inp):
     out, lse = run_kernel(inp)
     torch.cuda.synchronize()
     exp_out, exp_lse = sparse_mla_reference(inp.q, inp.k_cache, inp.indices, inp.topk_length, inp.attn_sink,
-                                            inp.softmax_scale)
+                                            inp.softmax_scale, extra_k_cache=inp.extra_k_cache,
+                                            extra_indices=inp.extra_indices, extra_topk_length=inp.extra_topk_length)
     assert not out.isnan().any(), "NaN in out"
     assert not lse.isnan().any(), "NaN in lse"
     assert torch.equal(torch.isposinf(lse), torch.isposinf(exp_lse)), "+inf lse (rows without a token) differ"
@@ -63,6 +77,39 @@ def test_v32_grid(requires_hopper, b, s_q, h_q, seqlen, topk, page):
                                     device=requires_hopper))
 
 
+def model1_grid_params():
+    """Every (main cache, extra cache, lengths) combination once, on the (b, s_q, h_q)
+    shapes taken in turn: every shape meets every main cache, in 44 cases rather than the
+    full product's 352. Lengths: topk_length with or without an extra cache, and
+    extra_topk_length alone or with topk_length."""
+    combinations = [
+        (main, extra, lengths)
+        for main in MODEL1_GRID
+        for extra in MODEL1_EXTRA_GRID
+        for lengths in ([(False, False), (True, False)] if extra is None else
+                        [(False, False), (False, True), (True, True)])
+    ]
+    for i, ((seqlen, topk, page), extra, (with_topk_length, with_extra_topk_length)) in enumerate(combinations):
+        b, s_q, h_q = MODEL1_SHAPES[i % len(MODEL1_SHAPES)]
+        options = dict(with_topk_length=with_topk_length)
+        name = f"b{b}-sq{s_q}-h{h_q}-len{seqlen}-topk{topk}-page{page}" + ("-topklen" if with_topk_length else "")
+        extra_topk = 0
+        if extra is not None:
+            extra_seqlen, extra_topk, extra_page = extra
+            options.update(extra_seqlen=extra_seqlen, extra_topk=extra_topk, extra_page_size=extra_page,
+                           with_extra_topk_length=with_extra_topk_length)
+            name += f"-extra-len{extra_seqlen}-topk{extra_topk}-page{extra_page}"
+            name += "-extratopklen" if with_extra_topk_length else ""
+        marks = [pytest.mark.slow] if b * s_q * (topk + extra_topk) > SLOW_ENTRIES else []
+        yield pytest.param(b, s_q, h_q, seqlen, topk, page, options, i, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("b,s_q,h_q,seqlen,topk,page,options,seed", list(model1_grid_params()))
+def test_model1_grid(requires_hopper, b, s_q, h_q, seqlen, topk, page, options, seed):
+    check(make_sparse_decode_inputs(b, s_q, h_q, seqlen, topk, page, seed=seed, layout=MODEL1, with_sink=True,
+                                    device=requires_hopper, **options))
+
+
 @pytest.mark.parametrize("b", [4, 74])
 @pytest.mark.parametrize("seqlen,topk,page", [(512, 64, 61), (650, 576, 53)])
 @pytest.mark.parametrize("all_invalid,zero_lengths,with_sink", [
@@ -71,6 +118,34 @@ def test_v32_grid(requires_hopper, b, s_q, h_q, seqlen, topk, page):
 def test_corner_cases(requires_hopper, b, seqlen, topk, page, all_invalid, zero_lengths, with_sink):
     check(make_sparse_decode_inputs(b, 3, 128, seqlen, topk, page, seed=b + page, all_invalid=all_invalid,
                                     zero_lengths=zero_lengths, with_sink=with_sink, device=requires_hopper))
+
+
+@pytest.mark.parametrize("b", [4, 74])
+@pytest.mark.parametrize("all_invalid,zero_lengths,with_sink", [
+    (True, False, False), (True, True, True), (False, True, True),
+])
+def test_model1_corner_cases(requires_hopper, b, all_invalid, zero_lengths, with_sink):
+    """FlashMLA's corner sizes, both caches at once: every index of both invalid, or
+    about half the sequences of each cache empty (each cache's own)."""
+    check(make_sparse_decode_inputs(b, 3, 128, 512, 64, 61, seed=b, layout=MODEL1, extra_seqlen=650, extra_topk=576,
+                                    extra_page_size=53, all_invalid=all_invalid, zero_lengths=zero_lengths,
+                                    with_sink=with_sink, device=requires_hopper))
+
+
+@pytest.mark.parametrize("b", [4, 74])
+@pytest.mark.parametrize("emptied_by", ["indices", "topk_length"])
+def test_model1_empty_main_cache_beside_a_valid_extra_cache(requires_hopper, b, emptied_by):
+    """No main entry is valid (every index -1, or topk_length 0) and every main cache
+    byte is NaN: each row sees its extra cache tokens only."""
+    inp = make_sparse_decode_inputs(b, 2, 64, 512, 64, 64, seed=b, layout=MODEL1, extra_seqlen=1024, extra_topk=576,
+                                    extra_page_size=61, with_extra_topk_length=True, with_sink=True,
+                                    device=requires_hopper)
+    if emptied_by == "indices":
+        inp.indices.fill_(-1)
+    else:
+        inp.topk_length = torch.zeros(b, dtype=torch.int32, device=requires_hopper)
+    inp.k_cache.view(torch.uint8).fill_(NAN_BYTE)  # the view covers every token's bytes, rows and scales
+    check(inp)
 
 
 @pytest.mark.parametrize("h_q", [1, 16, 100, 127])
@@ -94,14 +169,21 @@ def test_sinks_of_both_infinities(requires_hopper):
     assert bool((out[:, :, ::3] == 0).all())
 
 
-def test_padded_page_stride_and_byte_dtypes(requires_hopper):
-    inp = make_sparse_decode_inputs(6, 2, 128, 400, 128, 32, seed=9, with_sink=True, device=requires_hopper)
-    blocks = inp.k_cache.shape[0]
-    padded = torch.full((blocks, 33, 1, 656), 0xFF, dtype=torch.uint8, device=requires_hopper)[:, :32]
-    padded.copy_(inp.k_cache.view(torch.uint8))
+@pytest.mark.parametrize("layout", [V32, MODEL1], ids=lambda layout: layout.name)
+def test_padded_page_stride_and_byte_dtypes(requires_hopper, layout):
+    """Caches (the extra one too, for MODEL1) with twice their page stride, NaN bytes
+    between the pages, viewed as uint8, int8 or float8_e4m3fn: the same results."""
+    extra = dict(extra_topk=128, extra_page_size=16) if layout is MODEL1 else {}
+    inp = make_sparse_decode_inputs(6, 2, 128, 400, 128, 32, seed=9, layout=layout, with_sink=True,
+                                    device=requires_hopper, **extra)
     expected = run_kernel(inp)
-    for view in (padded, padded.view(torch.int8), padded.view(torch.float8_e4m3fn)):
-        inp.k_cache = view
+    padded = with_page_stride(inp.k_cache, 2 * inp.k_cache.stride(0))
+    padded_extra = None
+    if inp.extra_k_cache is not None:
+        padded_extra = with_page_stride(inp.extra_k_cache, 2 * inp.extra_k_cache.stride(0))
+    for dtype in (torch.uint8, torch.int8, torch.float8_e4m3fn):
+        inp.k_cache = padded.view(dtype)
+        inp.extra_k_cache = None if padded_extra is None else padded_extra.view(dtype)
         out, lse = run_kernel(inp)
         assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
 

@@ -86,18 +86,22 @@ def flash_mla_with_kvcache(
     h_q, 576]`` bf16/fp16, ``k_cache [num_blocks, 64, h_kv, 576]``, ``block_table`` and
     ``cache_seqlens`` int32, ``head_dim_v`` 512, ``causal`` allowed.
 
-    Sparse (``indices`` given): ``q [b, s_q, h_q, 576]`` bf16 with ``s_q`` 1 to 4 and
-    ``h_q`` 1 to 128 (one latent KV head); ``k_cache [num_blocks, page_block_size, 1, 656]``
-    in the V3.2 FP8 layout (float8_e4m3fn, int8 or uint8; any page size; tokens back to
-    back within a page); ``is_fp8_kvcache=True``; ``causal=False``; ``indices`` int32
-    ``[b, s_q, topk]`` with ``topk`` a multiple of 64 up to 16384, each entry
-    ``page * page_block_size + slot`` (``-1``, any negative value or one past the cache:
-    no token); optional ``topk_length`` int32 ``[b]`` (only the first ``topk_length[i]``
-    entries of batch ``i`` count) and ``attn_sink`` float32 ``[h_q]`` (out is scaled by
-    ``exp(lse) / (exp(lse) + exp(attn_sink))``, lse is not). ``block_table`` and
-    ``cache_seqlens`` are not used and may be None. ``extra_k_cache``,
-    ``extra_indices_in_kvcache`` and ``extra_topk_length`` belong to the MODEL1 layout,
-    which is not supported: they must be None.
+    Sparse (``indices`` given), over an FP8 cache (float8_e4m3fn, int8 or uint8; any
+    page size) in one of two layouts (``fp8_cache``), told apart by its last dimension:
+    V3.2's ``k_cache [num_blocks, page_block_size, 1, 656]`` (tokens back to back within
+    a page) with ``q [b, s_q, h_q, 576]``, or MODEL1's ``[num_blocks, page_block_size, 1,
+    584]`` (the page view ``fp8_cache.quantize_model1_kv_cache`` returns) with ``q [b,
+    s_q, h_q, 512]``; ``q`` bf16 with ``s_q`` 1 to 4 and ``h_q`` 1 to 128 (one latent KV
+    head); ``is_fp8_kvcache=True``; ``causal=False``; ``indices`` int32 ``[b, s_q, topk]``
+    with ``topk`` a multiple of 64 up to 16384, each entry ``page * page_block_size +
+    slot`` (``-1``, any negative value or one past the cache: no token); optional
+    ``topk_length`` int32 ``[b]`` (only the first ``topk_length[i]`` entries of batch
+    ``i`` count) and ``attn_sink`` float32 ``[h_q]`` (out is scaled by ``exp(lse) /
+    (exp(lse) + exp(attn_sink))``, lse is not). With ``extra_k_cache`` (the same layout,
+    its own page size) and ``extra_indices_in_kvcache`` (int32 ``[b, s_q, extra_topk]``,
+    into it; optional ``extra_topk_length`` ``[b]``), each query token attends to the
+    tokens of both lists at once (one softmax). ``block_table`` and ``cache_seqlens``
+    are not used and may be None.
 
     Returns ``(out, lse)``: ``out [b, s_q, h_q, 512]`` (bf16 for sparse calls, q's dtype
     for dense ones) and ``lse [b, h_q, s_q]`` float32, natural log; a row that sees no
@@ -121,18 +125,23 @@ def flash_mla_with_kvcache(
         q, k_cache, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
         extra_indices_in_kvcache, topk_length, extra_topk_length,
     )
+    has_extra = problem.extra_topk > 0
     config = FlashMLASchedMeta.Config(
         b=problem.b, s_q=problem.s_q, h_q=problem.h_q, page_block_size=problem.page_size, h_k=1, causal=False,
-        is_fp8_kvcache=True, topk=problem.topk, extra_page_block_size=None, extra_topk=None,
+        is_fp8_kvcache=True, topk=problem.topk, extra_page_block_size=problem.extra_page_size if has_extra else None,
+        extra_topk=problem.extra_topk if has_extra else None,
     )
     _check_plan(plan, config)
+    extras = (extra_k_cache, extra_indices_in_kvcache, extra_topk_length)
     if q.is_cuda:
         runtime.require_hopper(q.device)
         from .sparse_runtime import gpu_sparse_decode
 
-        result = gpu_sparse_decode(problem, q, k_cache, indices, topk_length, attn_sink)
+        result = gpu_sparse_decode(problem, q, k_cache, indices, topk_length, attn_sink, *extras)
     else:
-        result = sparse_mla_reference(q, k_cache, indices, topk_length, attn_sink, problem.softmax_scale)
+        result = sparse_mla_reference(q, k_cache, indices, topk_length, attn_sink, problem.softmax_scale,
+                                      extra_k_cache=extra_k_cache, extra_indices=extra_indices_in_kvcache,
+                                      extra_topk_length=extra_topk_length)
     _record_plan(plan, config)
     return result
 

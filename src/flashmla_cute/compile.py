@@ -180,37 +180,70 @@ def metadata_variant() -> Variant:
     return Variant("metadata", build)
 
 
-def sparse_decode_variant() -> Variant:
+def sparse_cache_fakes(layout):
+    """A cache's two kernel views (``sparse_runtime.kernel_cache_views``): token rows,
+    16-byte aligned, and token scales (V3.2's inside the rows, MODEL1's 8-byte rows after
+    the page's token rows)."""
+    import cutlass
+
+    rows = _fake(cutlass.Uint8, (_i32(), _i32(), layout.row_bytes), (_stride(16), layout.row_bytes, 1), 16)
+    scale_stride = layout.row_bytes if not layout.ue8m0_scales else layout.scale_bytes
+    scales = _fake(cutlass.Uint8, (_i32(), _i32(), layout.scale_bytes), (_stride(16), scale_stride, 1),
+                   layout.scale_bytes)
+    return rows, scales
+
+
+def sparse_decode_variant(layout_name: str = "v32", has_extra: bool = False) -> Variant:
+    """The sparse decode kernel for one cache layout (``fp8_cache``'s, by key), with or
+    without an extra cache."""
+    from . import fp8_cache
+
+    layout = {layout.key: layout for layout in fp8_cache.LAYOUTS}[layout_name]
+
     def build():
         import cutlass
         from cutlass import Float32, Int32
 
-        from .fp8_cache import BYTES_PER_TOKEN, HEAD_DIM, LATENT_DIM
         from .kernels.sparse_decode_sm90 import SparseDecodeSm90
 
         b, s_q, h_q = (_i32() for _ in range(3))
+        k, k_scales = sparse_cache_fakes(layout)
+        extra_k, extra_k_scales = sparse_cache_fakes(layout)
         args = SparseDecodeArgs(
-            q=_fake(cutlass.BFloat16, (b, s_q, h_q, HEAD_DIM), (_s16(), _s16(), _s16(), 1), 16),
-            k=_fake(cutlass.Uint8, (_i32(), _i32(), BYTES_PER_TOKEN), (_stride(16), BYTES_PER_TOKEN, 1), 16),
+            q=_fake(cutlass.BFloat16, (b, s_q, h_q, layout.head_dim), (_s16(), _s16(), _s16(), 1), 16),
+            k=k,
+            k_scales=k_scales,
             indices=_fake(cutlass.Int32, (b, s_q, _i32()), (_stride(), _stride(), 1)),
             topk_length=_fake(cutlass.Int32, (_i32(),), (1,)),
+            extra_k=extra_k,
+            extra_k_scales=extra_k_scales,
+            extra_indices=_fake(cutlass.Int32, (_i32(), _i32(), _i32()), (_stride(), _stride(), 1)),
+            extra_topk_length=_fake(cutlass.Int32, (_i32(),), (1,)),
             sink=_fake(cutlass.Float32, (_i32(),), (1,)),
-            o=_fake(cutlass.BFloat16, (b, s_q, h_q, LATENT_DIM), (_s16(), _s16(), _s16(), 1), 16),
+            o=_fake(cutlass.BFloat16, (b, s_q, h_q, fp8_cache.VALUE_DIM), (_s16(), _s16(), _s16(), 1), 16),
             lse=_fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
             accum=_fake(cutlass.Float32, (_i32(),), (1,), 16),
             num_splits=_fake(cutlass.Int32, (_i32(),), (1,)),
             softmax_scale=Float32(1.0),
             has_topk_length=Int32(0),
             has_sink=Int32(0),
+            extra_topk=Int32(0),
+            has_extra_topk_length=Int32(0),
             whole_batches=Int32(0),
             topk_splits=Int32(1),
             num_sms=Int32(132),
         ) + (_stream(),)
-        return SparseDecodeSm90(), args
+        return SparseDecodeSm90(layout, has_extra), args
 
-    from .fp8_cache import HEAD_DIM, LATENT_DIM
+    extra = "_extra" if has_extra else ""
+    return Variant(f"sparse_decode_sm90_{layout_name}{extra}_d{layout.head_dim}_dv{fp8_cache.VALUE_DIM}", build)
 
-    return Variant(f"sparse_decode_sm90_v32_d{HEAD_DIM}_dv{LATENT_DIM}", build)
+
+SPARSE_LAYOUTS = ("v32", "model1")  # fp8_cache's layouts, by key
+
+
+def sparse_decode_variants() -> list[Variant]:
+    return [sparse_decode_variant(layout, has_extra) for layout in SPARSE_LAYOUTS for has_extra in (False, True)]
 
 
 def all_variants() -> list[Variant]:
@@ -221,7 +254,7 @@ def all_variants() -> list[Variant]:
         for d, dv in HEAD_DIMS:
             for causal in (False, True):
                 variants.append(decode_variant(dtype, causal, d, dv))
-    variants.append(sparse_decode_variant())  # every option of it is a runtime value
+    variants += sparse_decode_variants()  # every option but the layout and the extra cache is a runtime value
     return variants
 
 

@@ -1,4 +1,8 @@
-"""DeepSeek-V3.2's FP8 KV cache layout, and its quantization in PyTorch.
+"""The FP8 KV cache layouts of sparse decoding (DeepSeek-V3.2's and MODEL1's), and their
+quantization in PyTorch.
+
+V3.2
+----
 
 Each token of the cache is ``BYTES_PER_TOKEN = 656`` bytes, one after another within a
 page (``k_cache.stride(1) == 656``)::
@@ -14,11 +18,30 @@ gets the scale of a tiny amax (``MIN_SCALED_AMAX``), not 0, so nothing divides b
 
 The cache tensor is ``[num_blocks, page_size, 1, 656]`` of dtype float8_e4m3fn, int8 or
 uint8 (only the bytes matter); the key of a token is the 576 dequantized values
-(latent then rope) and its value the 512 latent ones. These functions run on any device
-torch supports.
+(latent then rope) and its value the 512 latent ones.
+
+MODEL1
+------
+A token's key is 512 values, 448 latent ones quantized in 7 groups of 64 and 64 rope
+ones in bfloat16; its value is the whole key. A page of ``page_size`` tokens holds, in
+this order::
+
+    page_size rows of 576 bytes   448 float8_e4m3fn latent values, then 64 bfloat16 rope values
+    page_size rows of 8 bytes     7 ue8m0 scales (the power of two 2 ** (byte - 127)), 1 unused
+
+and is padded to a multiple of 576 bytes. The tensor is ``[num_blocks, page_size, 1, 584]``
+(584 bytes a token: 576 + 8), a view whose page stride is the padded page
+(``k_cache.stride(0) >= page_size * 584``); a token's bytes are not its row of that view,
+only the page's bytes together are. The scales are found as for V3.2 (rounded up to
+powers of two).
+
+Layouts are told apart by the last dimension (``layout_of``). These functions run on any
+device torch supports.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -101,13 +124,178 @@ def dequantize_v32_kv_cache(cache: torch.Tensor) -> torch.Tensor:
 def v32_cache_bytes(cache: torch.Tensor) -> torch.Tensor:
     """``cache`` viewed as uint8 ``[num_blocks, page_size, 1, 656]``; TypeError or
     ValueError (naming ``k_cache``) unless it is a V3.2 FP8 cache."""
+    _check_cache_tensor(cache, BYTES_PER_TOKEN, "V3.2")
+    return cache.view(torch.uint8)
+
+
+# ------------------------------------------------------------------------ MODEL1
+
+MODEL1_LATENT_DIM = 448
+MODEL1_HEAD_DIM = MODEL1_LATENT_DIM + ROPE_DIM
+"""Key (and value) width of MODEL1: 512."""
+
+MODEL1_GROUP_SIZE = 64
+MODEL1_NUM_GROUPS = MODEL1_LATENT_DIM // MODEL1_GROUP_SIZE  # 7
+MODEL1_ROW_BYTES = MODEL1_LATENT_DIM + ROPE_DIM * ROPE_BYTES
+"""576: a token's latent and rope bytes, one row of the page's first part."""
+MODEL1_SCALE_ROW_BYTES = 8
+"""A token's 7 ue8m0 scales and one unused byte, one row of the page's second part."""
+MODEL1_BYTES_PER_TOKEN = MODEL1_ROW_BYTES + MODEL1_SCALE_ROW_BYTES
+"""584: the last dimension of a MODEL1 cache tensor."""
+MODEL1_PAGE_ALIGN = 576
+"""A page's bytes are padded to a multiple of this."""
+
+UE8M0_BIAS = 127
+
+
+def model1_page_bytes(page_size: int) -> int:
+    """Bytes of one padded MODEL1 page (``k_cache.stride(0)`` of ``quantize_model1_kv_cache``)."""
+    return -(-page_size * MODEL1_BYTES_PER_TOKEN // MODEL1_PAGE_ALIGN) * MODEL1_PAGE_ALIGN
+
+
+def quantize_model1_kv_cache(kv: torch.Tensor) -> torch.Tensor:
+    """Quantize a ``[num_blocks, page_size, 1, 512]`` cache (bfloat16, or any float dtype)
+    into the MODEL1 FP8 layout.
+
+    Returns a float8_e4m3fn view ``[num_blocks, page_size, 1, 584]`` with page stride
+    ``model1_page_bytes(page_size)``, on ``kv``'s device.
+    """
+    if not isinstance(kv, torch.Tensor):
+        raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+    if not kv.is_floating_point():
+        raise TypeError(f"kv must have a floating-point dtype, got {kv.dtype}")
+    if kv.dim() != 4 or kv.shape[2] != 1 or kv.shape[3] != MODEL1_HEAD_DIM:
+        raise ValueError(f"kv must have shape [num_blocks, page_size, 1, {MODEL1_HEAD_DIM}], got {tuple(kv.shape)}")
+    num_blocks, page_size = kv.shape[:2]
+    latent = kv[:, :, 0, :MODEL1_LATENT_DIM].float()
+    amax = latent.abs().unflatten(-1, (MODEL1_NUM_GROUPS, MODEL1_GROUP_SIZE)).amax(dim=-1)
+    exponents = torch.ceil(torch.log2(torch.clamp_min(amax / FP8_MAX, MIN_SCALED_AMAX)))
+    scales = torch.exp2(exponents)  # [num_blocks, page_size, 7]
+    quantized = (latent.unflatten(-1, (MODEL1_NUM_GROUPS, MODEL1_GROUP_SIZE)) / scales[..., None]).flatten(-2)
+    pages = torch.zeros(num_blocks, model1_page_bytes(page_size), dtype=torch.uint8, device=kv.device)
+    rows = pages[:, : page_size * MODEL1_ROW_BYTES].view(num_blocks, page_size, MODEL1_ROW_BYTES)
+    rows[..., :MODEL1_LATENT_DIM] = quantized.to(torch.float8_e4m3fn).view(torch.uint8)
+    rows[..., MODEL1_LATENT_DIM:] = kv[:, :, 0, MODEL1_LATENT_DIM:].to(torch.bfloat16).contiguous().view(torch.uint8)
+    scale_rows = pages[:, page_size * MODEL1_ROW_BYTES : page_size * MODEL1_BYTES_PER_TOKEN]
+    scale_rows = scale_rows.view(num_blocks, page_size, MODEL1_SCALE_ROW_BYTES)
+    scale_rows[..., :MODEL1_NUM_GROUPS] = (exponents + UE8M0_BIAS).to(torch.uint8)
+    view = pages[:, : page_size * MODEL1_BYTES_PER_TOKEN].view(num_blocks, page_size, 1, MODEL1_BYTES_PER_TOKEN)
+    return view.view(torch.float8_e4m3fn)
+
+
+def model1_token_bytes(cache: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bytes of tokens ``slots`` of pages ``pages`` (integer tensors of one shape
+    ``[...]``, in range) of a MODEL1 cache: ``(rows [..., 576], scales [..., 8])`` uint8."""
+    raw = model1_cache_bytes(cache)
+    num_blocks, page_size = raw.shape[:2]
+    page_stride = raw.stride(0) if num_blocks > 1 else page_size * MODEL1_BYTES_PER_TOKEN
+    # The cache's bytes from its first page's first to its last page's last, in a line.
+    flat = raw.as_strided(((num_blocks - 1) * page_stride + page_size * MODEL1_BYTES_PER_TOKEN,), (1,))
+    base = pages.long() * page_stride
+    row_at = base + slots.long() * MODEL1_ROW_BYTES
+    scale_at = base + page_size * MODEL1_ROW_BYTES + slots.long() * MODEL1_SCALE_ROW_BYTES
+    rows = flat[row_at[..., None] + torch.arange(MODEL1_ROW_BYTES, device=flat.device)]
+    scales = flat[scale_at[..., None] + torch.arange(MODEL1_SCALE_ROW_BYTES, device=flat.device)]
+    return rows, scales
+
+
+def dequantize_model1_tokens(rows: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 keys ``[..., 512]`` of MODEL1 token bytes (``model1_token_bytes``):
+    latent values ``fp8 * 2 ** (scale byte - 127)`` rounded once to bfloat16, rope copied."""
+    latent = rows[..., :MODEL1_LATENT_DIM].contiguous().view(torch.float8_e4m3fn).float()
+    group_scales = torch.exp2(scales[..., :MODEL1_NUM_GROUPS].float() - UE8M0_BIAS)
+    values = (latent.unflatten(-1, (MODEL1_NUM_GROUPS, MODEL1_GROUP_SIZE)) * group_scales[..., None]).flatten(-2)
+    rope = rows[..., MODEL1_LATENT_DIM:].contiguous().view(torch.bfloat16)
+    return torch.cat([values.to(torch.bfloat16), rope], dim=-1)
+
+
+def dequantize_model1_kv_cache(cache: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 keys ``[num_blocks, page_size, 1, 512]`` of a MODEL1 FP8 cache."""
+    raw = model1_cache_bytes(cache)
+    num_blocks, page_size = raw.shape[:2]
+    pages = torch.arange(num_blocks, device=raw.device)[:, None].expand(num_blocks, page_size)
+    slots = torch.arange(page_size, device=raw.device)[None, :].expand(num_blocks, page_size)
+    return dequantize_model1_tokens(*model1_token_bytes(cache, pages, slots))[:, :, None, :]
+
+
+def model1_cache_bytes(cache: torch.Tensor) -> torch.Tensor:
+    """``cache`` viewed as uint8 ``[num_blocks, page_size, 1, 584]``; TypeError or
+    ValueError (naming ``k_cache``) unless it is a MODEL1 FP8 cache whose pages do not
+    overlap."""
+    _check_cache_tensor(cache, MODEL1_BYTES_PER_TOKEN, "MODEL1")
+    num_blocks, page_size = cache.shape[:2]
+    if cache.stride(3) != 1 or (page_size > 1 and cache.stride(1) != MODEL1_BYTES_PER_TOKEN) or (
+        num_blocks > 1 and cache.stride(0) < page_size * MODEL1_BYTES_PER_TOKEN
+    ):
+        raise ValueError(
+            f"k_cache must be a MODEL1 cache view: strides (page stride >= page_size * {MODEL1_BYTES_PER_TOKEN}, "
+            f"{MODEL1_BYTES_PER_TOKEN}, any, 1), got {tuple(cache.stride())}"
+        )
+    return cache.view(torch.uint8)
+
+
+def _check_cache_tensor(cache, bytes_per_token: int, name: str) -> None:
     if not isinstance(cache, torch.Tensor):
         raise TypeError(f"k_cache must be a torch.Tensor, got {type(cache).__name__}")
     if cache.dtype not in CACHE_DTYPES:
         raise TypeError(f"k_cache must have dtype torch.float8_e4m3fn, torch.int8 or torch.uint8, got {cache.dtype}")
-    if cache.dim() != 4 or cache.shape[2] != 1 or cache.shape[3] != BYTES_PER_TOKEN:
+    if cache.dim() != 4 or cache.shape[2] != 1 or cache.shape[3] != bytes_per_token:
         raise ValueError(
-            f"k_cache must have shape [num_blocks, page_size, 1, {BYTES_PER_TOKEN}] (the V3.2 FP8 layout), "
+            f"k_cache must have shape [num_blocks, page_size, 1, {bytes_per_token}] (the {name} FP8 layout), "
             f"got {tuple(cache.shape)}"
         )
-    return cache.view(torch.uint8)
+
+
+# ------------------------------------------------------------------------ both
+
+
+@dataclass(frozen=True)
+class Fp8Layout:
+    """What the sparse kernel and the checks need to know of a layout."""
+
+    name: str
+    key: str  # in the compiled kernel's name
+    bytes_per_token: int  # the cache tensor's last dimension
+    head_dim: int  # d_qk: the key's width
+    latent_dim: int  # quantized values of a key
+    group_size: int  # latent values per scale
+    row_bytes: int  # bytes of a token's latent (and for V3.2, scales) and rope values, one after another
+    rope_offset: int  # where the rope values start in that row
+    scale_bytes: int  # bytes of a token's scales as the kernel reads them
+    ue8m0_scales: bool  # scales are ue8m0 bytes (MODEL1) rather than float32 (V3.2)
+
+
+V32 = Fp8Layout("V3.2", "v32", BYTES_PER_TOKEN, HEAD_DIM, LATENT_DIM, GROUP_SIZE, BYTES_PER_TOKEN, ROPE_OFFSET,
+                NUM_GROUPS * SCALE_BYTES, False)
+MODEL1 = Fp8Layout("MODEL1", "model1", MODEL1_BYTES_PER_TOKEN, MODEL1_HEAD_DIM, MODEL1_LATENT_DIM, MODEL1_GROUP_SIZE,
+                   MODEL1_ROW_BYTES, MODEL1_LATENT_DIM, MODEL1_SCALE_ROW_BYTES, True)
+LAYOUTS = (V32, MODEL1)
+
+VALUE_DIM = 512
+"""Width of the values in both layouts: V3.2's 512 latent values, MODEL1's whole key."""
+
+
+def layout_of(cache: torch.Tensor, name: str = "k_cache") -> Fp8Layout:
+    """The layout of an FP8 cache tensor, from its last dimension (656: V3.2, 584:
+    MODEL1); ValueError naming ``name`` otherwise."""
+    for layout in LAYOUTS:
+        if cache.dim() == 4 and cache.shape[3] == layout.bytes_per_token:
+            return layout
+    raise ValueError(
+        f"{name} must have shape [num_blocks, page_size, 1, {BYTES_PER_TOKEN}] (V3.2 FP8 layout) or "
+        f"[num_blocks, page_size, 1, {MODEL1_BYTES_PER_TOKEN}] (MODEL1), got {tuple(cache.shape)}"
+    )
+
+
+def cache_bytes(cache: torch.Tensor, layout: Fp8Layout) -> torch.Tensor:
+    """``cache`` as uint8, checked against ``layout`` (see ``v32_cache_bytes`` and
+    ``model1_cache_bytes``)."""
+    return v32_cache_bytes(cache) if layout is V32 else model1_cache_bytes(cache)
+
+
+def dequantize_tokens(cache: torch.Tensor, layout: Fp8Layout, pages: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 keys ``[..., head_dim]`` of tokens ``slots`` of pages ``pages``."""
+    if layout is V32:
+        tokens = v32_cache_bytes(cache)[pages, slots, 0]
+        return dequantize_v32_kv_cache(tokens.reshape(-1, 1, 1, BYTES_PER_TOKEN)).reshape(*pages.shape, HEAD_DIM)
+    return dequantize_model1_tokens(*model1_token_bytes(cache, pages, slots))

@@ -32,10 +32,15 @@ class DecodeArgs(NamedTuple):
 class SparseDecodeArgs(NamedTuple):
     """``kernels.sparse_decode_sm90.SparseDecodeSm90``'s arguments."""
 
-    q: Any  # [b, s_q, h_q, 576] bf16
-    k: Any  # [num_blocks, page_size, 656] uint8: the V3.2 FP8 cache
+    q: Any  # [b, s_q, h_q, d] bf16 (d = 576 for V3.2, 512 for MODEL1)
+    k: Any  # [num_blocks, page_size, row bytes] uint8: each token's latent and rope bytes
+    k_scales: Any  # [num_blocks, page_size, scale bytes] uint8: each token's scales
     indices: Any  # [b, s_q, topk] int32
     topk_length: Any  # [b] int32, or a one-element stand-in when has_topk_length is 0
+    extra_k: Any  # the extra cache as k, or a stand-in when extra_topk is 0
+    extra_k_scales: Any
+    extra_indices: Any  # [b, s_q, extra_topk] int32, or a stand-in
+    extra_topk_length: Any  # [b] int32, or a stand-in when has_extra_topk_length is 0
     sink: Any  # [h_q] float32, or a one-element stand-in when has_sink is 0
     o: Any  # [b, s_q, h_q, 512] bf16
     lse: Any  # [b, h_q, s_q] float32
@@ -44,6 +49,8 @@ class SparseDecodeArgs(NamedTuple):
     softmax_scale: Any  # float
     has_topk_length: Any  # int, 0 or 1
     has_sink: Any  # int, 0 or 1
+    extra_topk: Any  # int, 0 without an extra cache
+    has_extra_topk_length: Any  # int, 0 or 1
     whole_batches: Any  # int: sparse_plan.SparsePlan.whole_batches
     topk_splits: Any  # int: sparse_plan.SparsePlan.splits
     num_sms: Any  # int

@@ -1,4 +1,5 @@
-"""Argument checks for sparse (top-k) decoding over a V3.2 FP8 KV cache.
+"""Argument checks for sparse (top-k) decoding over an FP8 KV cache (the V3.2 or the
+MODEL1 layout, ``fp8_cache``), with or without an extra cache.
 
 As in ``checks.py``: a bad argument raises ``TypeError`` (Python type or dtype) or
 ``ValueError`` (value, shape, layout, device) naming the argument and what was
@@ -24,8 +25,8 @@ from .checks import (
     checked_softmax_scale,
 )
 
-HEAD_DIM_V = fp8_cache.LATENT_DIM
-"""Values are the 512 latent columns."""
+HEAD_DIM_V = fp8_cache.VALUE_DIM
+"""Values are 512 wide in both layouts."""
 
 TOPK_MULTIPLE = 64
 """topk must be a multiple of this (the kernel takes indices 64 at a time)."""
@@ -55,6 +56,10 @@ class SparseDecodeProblem(NamedTuple):
     page_size: int
     head_tiles: int  # ceil(h_q / HEAD_TILE)
     softmax_scale: float
+    layout: fp8_cache.Fp8Layout
+    extra_topk: int = 0  # 0: no extra cache
+    extra_num_blocks: int = 0
+    extra_page_size: int = 0
 
 
 def check_sparse_decode_args(
@@ -75,16 +80,11 @@ def check_sparse_decode_args(
     and ``cache_seqlens`` play no part in sparse decoding and are not looked at."""
     for name, x in (("q", q), ("k_cache", k_cache), ("indices", indices)):
         _check_tensor(name, x)
-    for name, x in (
-        ("extra_k_cache", extra_k_cache),
-        ("extra_indices_in_kvcache", extra_indices_in_kvcache),
-        ("extra_topk_length", extra_topk_length),
-    ):
-        if x is not None:
-            raise ValueError(
-                f"{name} must be None: a second cache is part of the MODEL1 layout (d_qk = 512), "
-                f"and only the V3.2 layout (d_qk = 576) is supported"
-            )
+    has_extra = extra_k_cache is not None
+    if (extra_indices_in_kvcache is not None) != has_extra:
+        raise ValueError("extra_k_cache and extra_indices_in_kvcache must be given together (or both None)")
+    if extra_topk_length is not None and not has_extra:
+        raise ValueError("extra_topk_length needs extra_k_cache and extra_indices_in_kvcache")
     if not isinstance(is_fp8_kvcache, bool):
         raise TypeError(f"is_fp8_kvcache must be a bool, got {type(is_fp8_kvcache).__name__}")
     if not is_fp8_kvcache:
@@ -94,9 +94,10 @@ def check_sparse_decode_args(
     if causal:
         raise ValueError("causal must be False with indices: the indices say which tokens each query sees")
 
+    layout = fp8_cache.layout_of(k_cache)
     # q
     _check_dtype("q", q, (torch.bfloat16,))
-    _check_rank("q", q, 4, "[b, s_q, h_q, 576]")
+    _check_rank("q", q, 4, f"[b, s_q, h_q, {layout.head_dim}]")
     b, s_q, h_q, d = q.shape
     if b < 1:
         raise ValueError(f"q.shape[0] (batch size b) must be >= 1, got {b}")
@@ -104,22 +105,14 @@ def check_sparse_decode_args(
         raise ValueError(f"q.shape[1] (s_q) must be in [1, {MAX_S_Q}], got {s_q}")
     if not 1 <= h_q <= MAX_HEADS:
         raise ValueError(f"q.shape[2] (h_q) must be in [1, {MAX_HEADS}] (heads per KV head), got {h_q}")
-    if d != fp8_cache.HEAD_DIM:
+    if d != layout.head_dim:
         raise ValueError(
-            f"q.shape[3] (d_qk) must be {fp8_cache.HEAD_DIM} (the V3.2 layout; MODEL1's 512 is not supported), got {d}"
+            f"q.shape[3] (d_qk) must be {layout.head_dim} for k_cache's {layout.name} layout "
+            f"({layout.bytes_per_token} bytes a token), got {d}"
         )
     _check_last_dim_contiguous("q", q)
 
-    # k_cache: [num_blocks, page_size, 1, 656], tokens back to back within a page
-    fp8_cache.v32_cache_bytes(k_cache)  # dtype and shape, naming k_cache
-    num_blocks, page_size = k_cache.shape[:2]
-    if page_size < 1:
-        raise ValueError(f"k_cache.shape[1] (page block size) must be >= 1, got {page_size}")
-    if k_cache.stride(3) != 1 or (page_size > 1 and k_cache.stride(1) != fp8_cache.BYTES_PER_TOKEN):
-        raise ValueError(
-            f"k_cache must hold each page's tokens back to back: strides (any, {fp8_cache.BYTES_PER_TOKEN}, any, 1), "
-            f"got {tuple(k_cache.stride())}"
-        )
+    num_blocks, page_size = _check_cache("k_cache", k_cache, layout)
 
     dv = head_dim_v
     if isinstance(dv, bool) or not isinstance(dv, numbers.Integral):
@@ -127,36 +120,76 @@ def check_sparse_decode_args(
     if dv != HEAD_DIM_V:
         raise ValueError(f"head_dim_v must be {HEAD_DIM_V} for sparse decoding, got {dv}")
 
-    # indices [b, s_q, topk] int32
-    _check_dtype("indices", indices, (torch.int32,))
-    _check_rank("indices", indices, 3, "[b, s_q, topk]")
-    if tuple(indices.shape[:2]) != (b, s_q):
-        raise ValueError(f"indices must have shape [b, s_q, topk] = [{b}, {s_q}, topk], got {tuple(indices.shape)}")
-    topk = indices.shape[2]
-    if topk < TOPK_MULTIPLE or topk % TOPK_MULTIPLE != 0 or topk > MAX_TOPK:
-        raise ValueError(
-            f"indices.shape[2] (topk) must be a multiple of {TOPK_MULTIPLE} in [{TOPK_MULTIPLE}, {MAX_TOPK}], got {topk}"
-        )
-    _check_last_dim_contiguous("indices", indices)
-
+    topk = _check_indices("indices", indices, b, s_q)
     if topk_length is not None:
         _check_vector("topk_length", topk_length, torch.int32, "b", b)
     if attn_sink is not None:
         _check_vector("attn_sink", attn_sink, torch.float32, "h_q", h_q)
 
+    extra_topk, extra_num_blocks, extra_page_size = 0, 0, 0
+    if has_extra:
+        _check_tensor("extra_k_cache", extra_k_cache)
+        if fp8_cache.layout_of(extra_k_cache, "extra_k_cache") is not layout:
+            raise ValueError(
+                f"extra_k_cache must have k_cache's {layout.name} layout ({layout.bytes_per_token} bytes a token), "
+                f"got shape {tuple(extra_k_cache.shape)}"
+            )
+        extra_num_blocks, extra_page_size = _check_cache("extra_k_cache", extra_k_cache, layout)
+        _check_tensor("extra_indices_in_kvcache", extra_indices_in_kvcache)
+        extra_topk = _check_indices("extra_indices_in_kvcache", extra_indices_in_kvcache, b, s_q)
+        if extra_topk_length is not None:
+            _check_vector("extra_topk_length", extra_topk_length, torch.int32, "b", b)
+
     scale = checked_softmax_scale(softmax_scale, d)
 
     for name, x in (("k_cache", k_cache), ("indices", indices), ("topk_length", topk_length),
-                    ("attn_sink", attn_sink)):
+                    ("attn_sink", attn_sink), ("extra_k_cache", extra_k_cache),
+                    ("extra_indices_in_kvcache", extra_indices_in_kvcache), ("extra_topk_length", extra_topk_length)):
         if x is not None:
             _check_device(name, x, q)
     if q.is_cuda:
-        check_sparse_kernel_layout(q, k_cache)
+        check_sparse_kernel_layout(q, k_cache, extra_k_cache)
 
     return SparseDecodeProblem(
         b=b, s_q=s_q, h_q=h_q, topk=topk, num_blocks=num_blocks, page_size=page_size,
-        head_tiles=-(-h_q // HEAD_TILE), softmax_scale=scale,
+        head_tiles=-(-h_q // HEAD_TILE), softmax_scale=scale, layout=layout, extra_topk=extra_topk,
+        extra_num_blocks=extra_num_blocks, extra_page_size=extra_page_size,
     )
+
+
+def _check_cache(name: str, cache, layout: fp8_cache.Fp8Layout) -> tuple[int, int]:
+    """dtype, shape and strides of a cache of ``layout`` (V3.2: each page's tokens back to
+    back; MODEL1: its page view, ``fp8_cache.model1_cache_bytes``); returns
+    ``(num_blocks, page_size)``."""
+    try:
+        fp8_cache.cache_bytes(cache, layout)
+    except (TypeError, ValueError) as error:
+        raise type(error)(str(error).replace("k_cache", name)) from None
+    num_blocks, page_size = cache.shape[:2]
+    if page_size < 1:
+        raise ValueError(f"{name}.shape[1] (page block size) must be >= 1, got {page_size}")
+    if layout is fp8_cache.V32 and (cache.stride(3) != 1 or (page_size > 1 and cache.stride(1) != layout.bytes_per_token)):
+        raise ValueError(
+            f"{name} must hold each page's tokens back to back: strides (any, {layout.bytes_per_token}, any, 1), "
+            f"got {tuple(cache.stride())}"
+        )
+    return num_blocks, page_size
+
+
+def _check_indices(name: str, indices, b: int, s_q: int) -> int:
+    """``indices`` is int32 ``[b, s_q, topk]`` with topk a multiple of 64 up to
+    ``MAX_TOPK``; returns topk."""
+    _check_dtype(name, indices, (torch.int32,))
+    _check_rank(name, indices, 3, "[b, s_q, topk]")
+    if tuple(indices.shape[:2]) != (b, s_q):
+        raise ValueError(f"{name} must have shape [b, s_q, topk] = [{b}, {s_q}, topk], got {tuple(indices.shape)}")
+    topk = indices.shape[2]
+    if topk < TOPK_MULTIPLE or topk % TOPK_MULTIPLE != 0 or topk > MAX_TOPK:
+        raise ValueError(
+            f"{name}.shape[2] (topk) must be a multiple of {TOPK_MULTIPLE} in [{TOPK_MULTIPLE}, {MAX_TOPK}], got {topk}"
+        )
+    _check_last_dim_contiguous(name, indices)
+    return topk
 
 
 def _check_vector(name: str, x, dtype: torch.dtype, extent_name: str, extent: int) -> None:
@@ -168,17 +201,22 @@ def _check_vector(name: str, x, dtype: torch.dtype, extent_name: str, extent: in
     _check_contiguous(name, x)
 
 
-def check_sparse_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor) -> None:
+def check_sparse_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor, extra_k_cache: torch.Tensor | None = None) -> None:
     """What the GPU kernel needs beyond ``check_sparse_decode_args``: 16-byte aligned
-    data pointers and strides in whole 16-byte units for ``q`` and ``k_cache``."""
-    for name, x in (("q", q), ("k_cache", k_cache)):
+    data pointers and strides in whole 16-byte units for ``q`` and the caches (of a
+    MODEL1 cache only the page stride counts: its token rows are 576 bytes in the page)."""
+    for name, x in (("q", q), ("k_cache", k_cache), ("extra_k_cache", extra_k_cache)):
+        if x is None:
+            continue
         multiple = VECTOR_BYTES // x.element_size()
         strides = x.stride()
+        checked_dims = 1 if name != "q" and x.shape[-1] == fp8_cache.MODEL1.bytes_per_token else x.dim() - 1
         # The stride of a dimension of size 1 is never used.
-        if any(s % multiple != 0 for s, n in zip(strides[:-1], x.shape[:-1]) if n > 1):
+        if any(s % multiple != 0 for s, n in zip(strides[:checked_dims], x.shape[:checked_dims]) if n > 1):
             raise ValueError(
                 f"{name} strides must be multiples of {multiple} elements ({VECTOR_BYTES} bytes) on the GPU "
-                f"in all but the last dimension, got strides {tuple(strides)}"
+                f"in {'the page dimension' if checked_dims == 1 else 'all but the last dimension'}, "
+                f"got strides {tuple(strides)}"
             )
         if x.data_ptr() % VECTOR_BYTES != 0:
             raise ValueError(

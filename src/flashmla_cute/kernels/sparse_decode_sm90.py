@@ -1,23 +1,28 @@
-"""Sparse (top-k) MLA decode over DeepSeek-V3.2's FP8 KV cache, for Hopper (sm_90a).
+"""Sparse (top-k) MLA decode over an FP8 KV cache (DeepSeek-V3.2's layout or MODEL1's,
+``fp8_cache``), for Hopper (sm_90a).
 
 One CTA per (batch, query token, 64-head tile, share of the topk) walks that query
 token's indices 64 at a time (a *step*), with two K tiles in shared memory so that
 gathering one step overlaps the MMAs of the one before:
 
 1. gather, in two halves: *fetch* (all 256 threads, four per token, read the token's
-   FP8 latent bytes, its four scales and its bf16 rope values straight from the paged
-   cache into registers: 16-byte loads, a token is 656 = 41 * 16 bytes) and *unpack*
-   (dequantize to bf16 and store the 64 x 576 K tile into shared memory in the
-   swizzled K-major layout WGMMA reads). A token that is not valid (a negative index,
+   FP8 latent bytes, its scales and its bf16 rope values straight from the paged cache
+   into registers: 16-byte loads, and one load of the token's scales) and *unpack*
+   (dequantize to bf16 and store the 64 x d K tile into shared memory in the swizzled
+   K-major layout WGMMA reads; d = 576 for V3.2, 512 for MODEL1). A token that is not valid (a negative index,
    one past the cache, or a position at or past ``topk_length``) is never read: its
    row is zeros and its score is masked to -inf.
-2. attend: each warpgroup computes ``S = Q K^T`` for all 64 heads (Q, 64 x 576, loaded
+2. attend: each warpgroup computes ``S = Q K^T`` for all 64 heads (Q, 64 x d, loaded
    once) over 32 of the step's 64 tokens; the rows' maxima go through shared memory, so
    both run the online softmax against the same maxima; each accumulates ``O += P V``
    for its own 256 of the 512 value columns: its own P (registers) times its tokens' V
    rows, then the other's P (stored with stmatrix into shared memory) times the other
-   tokens' rows. V is the tile's first 512 columns, read as an MN-major operand (the
-   layouts of ``decode_sm90``).
+   tokens' rows. V is the tile's first 512 columns (for MODEL1 the whole key), read as
+   an MN-major operand (the layouts of ``decode_sm90``).
+
+With an extra cache (FlashMLA's ``extra_k_cache``), a query token's steps are those of its
+main indices, then those of its extra indices, each step's 64 tokens from one cache (both
+topks are multiples of 64); a cache's steps end at its topk length.
 
 The pipeline, per step ``i`` (tile ``i`` in buffer ``i % 2``)::
 
@@ -31,7 +36,7 @@ fetch never waits on its own index.
 
 Split over topk (``sparse_plan``, from shapes alone): the first ``whole_batches``
 sequences' tiles get one CTA each, launched first; the other sequences' tiles are shared
-by ``topk_splits`` CTAs each, which take equal shares of the steps and write fp32
+by ``topk_splits`` CTAs each, which take equal shares of the steps (of both caches) and write fp32
 partials, merged by the combine kernel (``combine.py``, launched as this kernel's
 programmatic dependent). The grid is one-dimensional: CTA ``x`` finds its sequence, tile
 and share in ``work_of``.
@@ -55,7 +60,7 @@ from dataclasses import dataclass
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import BFloat16, Float32, Int32, Uint8
+from cutlass import BFloat16, Float32, Int32, Uint8, const_expr
 from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
@@ -71,10 +76,8 @@ THREADS = 128 * NUM_WARPGROUPS
 THREADS_PER_TOKEN = THREADS // TOKENS  # 4: one token's bytes are gathered by 4 threads
 VECTOR_BYTES = 16
 ELEMS_PER_THREAD_CHUNK = 16  # bf16 values a thread writes per 64-column chunk of a K row
-D = fp8_cache.HEAD_DIM
-DV = fp8_cache.LATENT_DIM
-LATENT_CHUNKS = DV // 64  # 64-column chunks of the latent part (8)
-Q_VECTORS_PER_ROW = D // 8  # 16-byte pieces of a bf16 row of Q (72)
+DV = fp8_cache.VALUE_DIM
+CHUNK_COLUMNS = 64  # columns of one 128-byte swizzle atom of a K row
 NUM_BUFFERS = 2  # K tiles in shared memory: one read by the MMAs, one being written
 HALF_TOKENS = TOKENS // NUM_WARPGROUPS  # a step's tokens whose scores one warpgroup computes
 K_STEPS_PER_HALF = HALF_TOKENS // 16  # k-steps of P V over one warpgroup's tokens
@@ -86,17 +89,31 @@ NUM_STATS = 2 * NUM_WARPGROUPS
 
 
 class SparseDecodeSm90:
-    """The sparse decode kernel; every size (batch, s_q, heads, topk, page size, cache
-    size) and option (scale, sink, topk_length) is a runtime value."""
+    """The sparse decode kernel for one cache layout (``fp8_cache.V32`` or ``MODEL1``)
+    and whether there is an extra cache, both compiled in (a kernel without one has no
+    branch between two caches in its gather); every size (batch, s_q, heads, topks, page
+    sizes, cache sizes) and option (scale, sink, topk lengths) is a runtime value."""
+
+    def __init__(self, layout: fp8_cache.Fp8Layout, has_extra: bool = False):
+        self.layout = layout
+        self.has_extra = has_extra
+        self.d = layout.head_dim  # key width: Q, K and S's reduction
+        self.latent_chunks = layout.latent_dim // CHUNK_COLUMNS  # FP8 chunks of a K row (8 or 7)
+        self.q_vectors_per_row = self.d // 8  # 16-byte pieces of a bf16 row of Q
 
     # ------------------------------------------------------------------ host side
     @cute.jit
     def __call__(
         self,
-        mQ: cute.Tensor,  # (b, s_q, h_q, 576) bf16
-        mK: cute.Tensor,  # (num_blocks, page_size, 656) uint8: the V3.2 FP8 cache
+        mQ: cute.Tensor,  # (b, s_q, h_q, d) bf16
+        mK: cute.Tensor,  # (num_blocks, page_size, row bytes) uint8: each token's latent and rope bytes
+        mKScales: cute.Tensor,  # (num_blocks, page_size, scale bytes) uint8: each token's scales
         mIndices: cute.Tensor,  # (b, s_q, topk) int32
         mTopkLength: cute.Tensor,  # (b,) int32, or any one int when has_topk_length == 0
+        mExtraK: cute.Tensor,  # the extra cache as mK (any such tensor without one: never read)
+        mExtraKScales: cute.Tensor,
+        mExtraIndices: cute.Tensor,  # (b, s_q, extra_topk) int32
+        mExtraTopkLength: cute.Tensor,  # (b,) int32, or any one int when has_extra_topk_length == 0
         mSink: cute.Tensor,  # (h_q,) fp32, or any one float when has_sink == 0
         mO: cute.Tensor,  # (b, s_q, h_q, 512) bf16
         mLse: cute.Tensor,  # (b, h_q, s_q) fp32
@@ -105,6 +122,8 @@ class SparseDecodeSm90:
         softmax_scale: Float32,
         has_topk_length: Int32,
         has_sink: Int32,
+        extra_topk: Int32,  # 0 without an extra cache
+        has_extra_topk_length: Int32,
         whole_batches: Int32,  # sequences whose tiles are not split (sparse_plan.SparsePlan)
         topk_splits: Int32,  # CTAs that share a tile of each other sequence
         num_sms: Int32,
@@ -124,8 +143,8 @@ class SparseDecodeSm90:
             dtype, dtype, OperandMajorMode.K, OperandMajorMode.MN, Float32, (1, 1, 1),
             (HEAD_TILE, DV // NUM_WARPGROUPS),
         )
-        sQ_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (HEAD_TILE, TOKENS, D), dtype, 1)
-        sK_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (HEAD_TILE, TOKENS, D), dtype, NUM_BUFFERS)
+        sQ_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (HEAD_TILE, TOKENS, self.d), dtype, 1)
+        sK_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (HEAD_TILE, TOKENS, self.d), dtype, NUM_BUFFERS)
         # Each warpgroup's P (64 heads x its 32 tokens), K-major, one per warpgroup.
         sP_layout = sm90_utils.make_smem_layout_a(
             LayoutEnum.ROW_MAJOR, (HEAD_TILE, DV // NUM_WARPGROUPS, HALF_TOKENS), dtype, NUM_WARPGROUPS
@@ -148,9 +167,10 @@ class SparseDecodeSm90:
         mOAccum, mLseAccum = utils.accumulators(mAccum, num_fragments, 1, s_q * h_q, DV)
         num_ctas = num_fragments * s_q * head_tiles
         self.kernel(
-            tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, mQ, mK, mIndices, mTopkLength, mSink, mO, mLse, mOAccum,
-            mLseAccum, softmax_scale, has_topk_length, has_sink, whole_batches, topk_splits, sQ_layout, sK_layout,
-            sP_layout,
+            tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, mQ, mK, mKScales, mIndices, mTopkLength, mExtraK,
+            mExtraKScales, mExtraIndices, mExtraTopkLength, mSink, mO, mLse, mOAccum, mLseAccum, softmax_scale,
+            has_topk_length, has_sink, extra_topk, has_extra_topk_length, whole_batches, topk_splits, sQ_layout,
+            sK_layout, sP_layout,
         ).launch(
             grid=[num_ctas, 1, 1],  # grid.x has no 65535 limit
             block=[THREADS, 1, 1],
@@ -171,8 +191,13 @@ class SparseDecodeSm90:
         tiled_mma_o_ss: cute.TiledMma,
         mQ: cute.Tensor,
         mK: cute.Tensor,
+        mKScales: cute.Tensor,
         mIndices: cute.Tensor,
         mTopkLength: cute.Tensor,
+        mExtraK: cute.Tensor,
+        mExtraKScales: cute.Tensor,
+        mExtraIndices: cute.Tensor,
+        mExtraTopkLength: cute.Tensor,
         mSink: cute.Tensor,
         mO: cute.Tensor,
         mLse: cute.Tensor,
@@ -181,6 +206,8 @@ class SparseDecodeSm90:
         softmax_scale: Float32,
         has_topk_length: Int32,
         has_sink: Int32,
+        extra_topk: Int32,
+        has_extra_topk_length: Int32,
         whole_batches: Int32,
         topk_splits: Int32,
         sQ_layout: cute.ComposedLayout,
@@ -215,19 +242,20 @@ class SparseDecodeSm90:
         scale_log2 = softmax_scale * math.log2(math.e)
 
         topk = mIndices.shape[2]
-        limit = topk
-        if has_topk_length != 0:
-            limit = cutlass.max(cutlass.min(mTopkLength[batch], topk), 0)
-        # This split's steps of TOKENS indices: an equal share of topk's, cut at the limit.
-        steps_per_split = ((topk + TOKENS - 1) // TOKENS + splits - 1) // splits
-        first = split * steps_per_split * TOKENS  # the split's first index
-        num_steps = cutlass.max(cutlass.min(steps_per_split, (limit - first + TOKENS - 1) // TOKENS), 0)
+        steps = StepSources.create(self.has_extra, mIndices, mTopkLength, has_topk_length, mExtraIndices,
+                                   mExtraTopkLength, has_extra_topk_length, extra_topk, batch, s)
+        # This split's steps: an equal share of both topks' (the plan's unit), cut at
+        # the steps that hold indices below the topk lengths.
+        steps_per_split = ((topk + extra_topk) // TOKENS + splits - 1) // splits
+        first = split * steps_per_split  # the split's first step
+        num_steps = cutlass.max(cutlass.min(steps_per_split, steps.count - first), 0)
         token = tidx // THREADS_PER_TOKEN
-        fetched = TokenRegisters.create()
+        fetched = self.token_registers()
+        caches = (mK, mKScales, mExtraK, mExtraKScales)
         # Step 0 fetched and unpacked before the loop; the index of step 1 in flight.
-        index = self.index_of(mIndices, batch, s, first + token, limit)
-        next_index = self.index_of(mIndices, batch, s, first + TOKENS + token, limit)
-        self.fetch(mK, fetched, index, tidx)
+        index = steps.index(first, token)
+        next_index = steps.index(first + 1, token)
+        self.fetch(caches, steps.from_extra(first), fetched, index, tidx)
         self.unpack(fetched, sK, t.token_valid, 0, tidx)
         cute.arch.fence_view_async_shared()
         cute.arch.sync_threads()  # Q and tile 0 are stored
@@ -239,8 +267,8 @@ class SparseDecodeSm90:
             if has_next:
                 # The next step's loads fly while the tensor cores work on this one.
                 index = next_index
-                next_index = self.index_of(mIndices, batch, s, first + (step + 2) * TOKENS + token, limit)
-                self.fetch(mK, fetched, index, tidx)
+                next_index = steps.index(first + step + 2, token)
+                self.fetch(caches, steps.from_extra(first + step + 1), fetched, index, tidx)
             warpgroup.wait_group(0)
             self.online_softmax(t, valid_columns, scale_log2)
             self.issue_pv(t, buf)
@@ -289,8 +317,8 @@ class SparseDecodeSm90:
         sK_mine = cute.make_tensor(
             sK.iterator + wg * (HALF_TOKENS * 64),
             cute.make_layout(
-                ((8, HALF_TOKENS // 8), (64, D // 64), (1, NUM_BUFFERS)),
-                stride=((64, 512), (1, TOKENS * 64), (0, TOKENS * D)),
+                ((8, HALF_TOKENS // 8), (64, self.d // 64), (1, NUM_BUFFERS)),
+                stride=((64, 512), (1, TOKENS * 64), (0, TOKENS * self.d)),
             ),
         )
         # V: this warpgroup's 256 value columns of the K tile, MN-major (N = column, K = token).
@@ -298,7 +326,7 @@ class SparseDecodeSm90:
             sK.iterator + wg * (DV // NUM_WARPGROUPS * TOKENS),
             cute.make_layout(
                 ((64, DV // NUM_WARPGROUPS // 64), (8, TOKENS // 8), (1, NUM_BUFFERS)),
-                stride=((1, TOKENS * 64), (64, 512), (0, TOKENS * D)),
+                stride=((1, TOKENS * 64), (64, 512), (0, TOKENS * self.d)),
             ),
         )
         sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
@@ -432,47 +460,74 @@ class SparseDecodeSm90:
     @cute.jit
     def load_q(self, mQ, sQ, tidx, batch, s, head0, h_q):
         """Q's 64 head rows into shared memory, 16 bytes per copy; rows past h_q are zeros."""
-        for v in cutlass.range(tidx, HEAD_TILE * Q_VECTORS_PER_ROW, THREADS, unroll=2):
-            r = v // Q_VECTORS_PER_ROW
-            c = v - r * Q_VECTORS_PER_ROW
+        for v in cutlass.range(tidx, HEAD_TILE * self.q_vectors_per_row, THREADS, unroll=2):
+            r = v // self.q_vectors_per_row
+            c = v - r * self.q_vectors_per_row
             dst = cute.local_tile(sQ[r, None, 0], (8,), (c,))
             if head0 + r < h_q:
                 cute.autovec_copy(cute.local_tile(mQ[batch, s, head0 + r, None], (8,), (c,)), dst)
             else:
                 dst.fill(0.0)
 
-    @cute.jit
-    def index_of(self, mIndices, batch, s, position, limit) -> Int32:
-        """The cache position of index ``position`` of the query token, or -1 past
-        ``limit`` (the topk length), where the index tensor may end."""
-        index = Int32(-1)
-        if position < limit:
-            index = mIndices[batch, s, position]
-        return index
+    def token_registers(self) -> "TokenRegisters":
+        return TokenRegisters(
+            latent=cute.make_rmem_tensor((ELEMS_PER_THREAD_CHUNK, self.latent_chunks), Uint8),
+            scales=cute.make_rmem_tensor((self.layout.scale_bytes,), Uint8),
+            rope=cute.make_rmem_tensor((2 * VECTOR_BYTES,), Uint8),
+            valid=cute.make_rmem_tensor((1,), Int32),
+        )
 
     @cute.jit
-    def fetch(self, mK, fetched, index, tidx):
-        """This thread's quarter of the token at cache position ``index`` into
-        registers: no access at all for an invalid index."""
+    def fetch(self, caches, from_extra, fetched, index, tidx):
+        """This thread's quarter of the token at cache position ``index`` of the main
+        cache or (``from_extra``) the extra one into registers: no access at all for an
+        invalid index."""
+        mK, mKScales, mExtraK, mExtraKScales = caches
+        if const_expr(not self.has_extra):
+            self.fetch_from(mK, mKScales, fetched, index, tidx)
+        elif from_extra:
+            self.fetch_from(mExtraK, mExtraKScales, fetched, index, tidx)
+        else:
+            self.fetch_from(mK, mKScales, fetched, index, tidx)
+
+    @cute.jit
+    def fetch_from(self, mK, mKScales, fetched, index, tidx):
         part = tidx % THREADS_PER_TOKEN
         page_size = mK.shape[1]
         valid = (index >= 0) & (index < mK.shape[0] * page_size)
         fetched.valid[0] = Int32(valid)
         if valid:
             page = index // page_size
-            row = mK[page, index - page * page_size, None]  # the token's 656 bytes
-            cute.autovec_copy(cute.local_tile(row, (VECTOR_BYTES,), (fp8_cache.SCALES_OFFSET // VECTOR_BYTES,)),
-                              fetched.scales)
-            for chunk in cutlass.range_constexpr(LATENT_CHUNKS):
+            slot = index - page * page_size
+            row = mK[page, slot, None]  # the token's latent and rope bytes
+            cute.autovec_copy(mKScales[page, slot, None], fetched.scales)
+            for chunk in cutlass.range_constexpr(self.latent_chunks):
                 cute.autovec_copy(cute.local_tile(row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)),
                                   fetched.latent[None, chunk])
-            # The rope part starts at byte 528 = 33 * 16: this thread's 16 values are its
-            # 16-byte pieces 33 + 2 part and 33 + 2 part + 1.
+            # The rope part starts on a 16-byte boundary: this thread's 16 values are its
+            # 16-byte pieces rope + 2 part and rope + 2 part + 1.
             for half in cutlass.range_constexpr(2):
                 cute.autovec_copy(
-                    cute.local_tile(row, (VECTOR_BYTES,), (fp8_cache.ROPE_OFFSET // VECTOR_BYTES + 2 * part + half,)),
+                    cute.local_tile(row, (VECTOR_BYTES,), (self.layout.rope_offset // VECTOR_BYTES + 2 * part + half,)),
                     cute.local_tile(fetched.rope, (VECTOR_BYTES,), (half,)),
                 )
+
+    @cute.jit
+    def chunk_scales(self, fetched) -> cute.Tensor:
+        """The float32 scale of each latent chunk of the fetched token: V3.2's float32
+        scales (one per two chunks), or MODEL1's ue8m0 bytes made the powers of two
+        ``2 ** (byte - 127)`` (the byte is the float's exponent field)."""
+        scales = cute.make_rmem_tensor((self.latent_chunks,), Float32)
+        if const_expr(self.layout.ue8m0_scales):
+            bits = cute.make_rmem_tensor((self.latent_chunks,), Int32)
+            for chunk in cutlass.range_constexpr(self.latent_chunks):
+                bits[chunk] = (Int32(fetched.scales[chunk]) & 0xFF) << 23  # the byte, not sign-extended
+            scales.store(cute.recast_tensor(bits, Float32).load())
+        else:
+            stored = cute.recast_tensor(fetched.scales, Float32)
+            for chunk in cutlass.range_constexpr(self.latent_chunks):
+                scales[chunk] = stored[chunk * CHUNK_COLUMNS // self.layout.group_size]
+        return scales
 
     @cute.jit
     def unpack(self, fetched, sK, token_valid, buf, tidx):
@@ -486,20 +541,76 @@ class SparseDecodeSm90:
         k_row = sK[token, None, buf]
         values = cute.make_rmem_tensor((ELEMS_PER_THREAD_CHUNK,), BFloat16)
         if valid:
-            scales = cute.recast_tensor(fetched.scales, Float32)
-            for chunk in cutlass.range_constexpr(LATENT_CHUNKS):
+            scales = self.chunk_scales(fetched)
+            for chunk in cutlass.range_constexpr(self.latent_chunks):
                 fp8 = cute.recast_tensor(fetched.latent[None, chunk], cutlass.Float8E4M3FN).load()
-                values.store((fp8.to(Float32) * scales[chunk * 64 // fp8_cache.GROUP_SIZE]).to(BFloat16))
+                values.store((fp8.to(Float32) * scales[chunk]).to(BFloat16))
                 cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
                                                           (chunk * THREADS_PER_TOKEN + part,)))
             values.store(cute.recast_tensor(fetched.rope, BFloat16).load())
             cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
-                                                      (LATENT_CHUNKS * THREADS_PER_TOKEN + part,)))
+                                                      (self.latent_chunks * THREADS_PER_TOKEN + part,)))
         else:
             values.fill(0.0)
-            for chunk in cutlass.range_constexpr(LATENT_CHUNKS + 1):
+            for chunk in cutlass.range_constexpr(self.latent_chunks + 1):
                 cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
                                                           (chunk * THREADS_PER_TOKEN + part,)))
+
+
+@dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
+class StepSources:
+    """Where a query token's steps take their indices: its ``main_steps`` steps of main
+    indices (up to its topk length), then (``has_extra``) its extra indices' steps;
+    ``count`` in all."""
+
+    has_extra: bool  # compiled in
+    mIndices: cute.Tensor
+    mExtraIndices: cute.Tensor
+    batch: object
+    s: object
+    main_limit: object  # main indices at or past this position count as invalid
+    extra_limit: object
+    main_steps: object
+    count: object
+
+    @staticmethod
+    @cute.jit
+    def create(has_extra, mIndices, mTopkLength, has_topk_length, mExtraIndices, mExtraTopkLength,
+               has_extra_topk_length, extra_topk, batch, s) -> "StepSources":
+        main_limit = mIndices.shape[2]
+        if has_topk_length != 0:
+            main_limit = cutlass.max(cutlass.min(mTopkLength[batch], main_limit), 0)
+        extra_limit = Int32(0)
+        if const_expr(has_extra):
+            extra_limit = extra_topk
+            if has_extra_topk_length != 0:
+                extra_limit = cutlass.max(cutlass.min(mExtraTopkLength[batch], extra_limit), 0)
+        main_steps = (main_limit + TOKENS - 1) // TOKENS
+        return StepSources(has_extra, mIndices, mExtraIndices, batch, s, main_limit, extra_limit, main_steps,
+                           main_steps + (extra_limit + TOKENS - 1) // TOKENS)
+
+    @cute.jit
+    def from_extra(self, step):
+        return step >= self.main_steps
+
+    @cute.jit
+    def index(self, step, token) -> Int32:
+        """The cache position of the step's ``token``-th index, or -1 past its cache's
+        topk length (where the index tensor may end) or past the last step."""
+        index = Int32(-1)
+        if const_expr(not self.has_extra):
+            position = step * TOKENS + token
+            if position < self.main_limit:
+                index = self.mIndices[self.batch, self.s, position]
+        elif step < self.main_steps:
+            position = step * TOKENS + token
+            if position < self.main_limit:
+                index = self.mIndices[self.batch, self.s, position]
+        else:
+            position = (step - self.main_steps) * TOKENS + token
+            if position < self.extra_limit:
+                index = self.mExtraIndices[self.batch, self.s, position]
+        return index
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
@@ -519,19 +630,10 @@ class WarpgroupTensors(SplitOFragments):
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
 class TokenRegisters:
     """One thread's share of a token between ``fetch`` and ``unpack``: 16 latent FP8
-    bytes of each 64-column chunk, the token's 4 scales, 16 rope values, and whether the
-    token is valid."""
+    bytes of each 64-column chunk, the token's scales, 16 rope values, and whether the
+    token is valid (``SparseDecodeSm90.token_registers``)."""
 
-    latent: cute.Tensor  # (16, 8) uint8
-    scales: cute.Tensor  # (16,) uint8: 4 float32
+    latent: cute.Tensor  # (16, latent chunks) uint8
+    scales: cute.Tensor  # (scale bytes,) uint8: 4 float32 (V3.2) or 7 ue8m0 and a pad (MODEL1)
     rope: cute.Tensor  # (32,) uint8: 16 bf16
     valid: cute.Tensor  # (1,) int32
-
-    @staticmethod
-    def create() -> "TokenRegisters":
-        return TokenRegisters(
-            latent=cute.make_rmem_tensor((ELEMS_PER_THREAD_CHUNK, LATENT_CHUNKS), Uint8),
-            scales=cute.make_rmem_tensor((VECTOR_BYTES,), Uint8),
-            rope=cute.make_rmem_tensor((2 * VECTOR_BYTES,), Uint8),
-            valid=cute.make_rmem_tensor((1,), Int32),
-        )
