@@ -152,3 +152,49 @@ def test_other_streams_get_their_own_workspace(requires_hopper):
     for q, (out, lse) in zip(queries, results):
         ref = reference({**args, "q": q})
         assert cosine_distance(out, ref[0]) < 1e-5 and cosine_distance(lse, ref[1]) < 1e-5
+
+
+# ---------------------------------------------------------------- sparse calls (current API)
+
+
+def sparse_gpu_inputs():
+    from flashmla_cute.sparse_testing import make_sparse_decode_inputs
+
+    return make_sparse_decode_inputs(2, 2, 16, 200, 128, 16, seed=11, with_sink=True, with_topk_length=True,
+                                     device="cuda")
+
+
+@pytest.mark.parametrize("layout_name", ["V3.2", "MODEL1"])
+def test_sparse_repeat_call_takes_the_fast_path_and_gives_the_same_result(requires_hopper, layout_name):
+    from flashmla_cute import api, fp8_cache
+    from flashmla_cute.sparse_testing import make_sparse_decode_inputs
+
+    layout = next(x for x in fp8_cache.LAYOUTS if x.name == layout_name)
+    extra = dict(extra_topk=64, extra_page_size=8) if layout is fp8_cache.MODEL1 else {}
+    inp = make_sparse_decode_inputs(2, 2, 16, 200, 128, 16, seed=3, layout=layout, device="cuda", **extra)
+    plan, _ = api.get_mla_metadata()
+    api._known_sparse.clear()
+
+    def call():
+        return api.flash_mla_with_kvcache(
+            inp.q, inp.k_cache, None, None, 512, plan, softmax_scale=inp.softmax_scale, is_fp8_kvcache=True,
+            indices=inp.indices, extra_k_cache=inp.extra_k_cache, extra_indices_in_kvcache=inp.extra_indices)
+
+    first = call()
+    assert len(api._known_sparse) == 1  # the checked call remembered its configuration
+    second = call()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("case", sorted(__import__("test_api").BAD_SPARSE))
+def test_bad_sparse_argument_fails_as_on_the_checked_path(requires_hopper, case):
+    from flashmla_cute import api
+    from test_api import BAD_SPARSE, bad_overrides, sparse_call
+
+    inp = sparse_gpu_inputs()
+    what, _, _ = BAD_SPARSE[case]
+    sparse_call(inp)  # the fast path now serves this configuration
+    actual = raised(sparse_call, inp, **bad_overrides(inp, what))
+    api._known_sparse.clear()
+    expected = raised(sparse_call, inp, **bad_overrides(inp, what))
+    assert (type(actual), str(actual)) == (type(expected), str(expected))

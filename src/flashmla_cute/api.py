@@ -23,6 +23,7 @@ the same checks (``sparse_checks``).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -121,6 +122,23 @@ def flash_mla_with_kvcache(
         return _dense(q, k_cache, block_table, cache_seqlens, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache,
                       attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
 
+    extras = (extra_k_cache, extra_indices_in_kvcache, extra_topk_length)
+    try:  # the fast path: a configuration seen before, on the GPU
+        launch, config = _known_sparse[_sparse_key(q, k_cache, indices, topk_length, attn_sink, *extras, head_dim_v,
+                                                   causal, is_fp8_kvcache)]
+        if plan.have_initialized and plan.config != config:
+            raise ValueError  # the checks decide
+        if type(softmax_scale) is not float or not 0.0 < softmax_scale < math.inf:
+            raise TypeError
+        if any(x is not None and x.data_ptr() % sparse_checks.VECTOR_BYTES for x in (q, k_cache, extra_k_cache)):
+            raise ValueError
+        from .sparse_runtime import launch_sparse
+
+        result = launch_sparse(launch, q, k_cache, indices, topk_length, attn_sink, *extras, softmax_scale)
+        _record_plan(plan, config)
+        return result
+    except Exception:
+        pass  # first call of this configuration, CPU tensors, or a bad argument
     problem = sparse_checks.check_sparse_decode_args(
         q, k_cache, head_dim_v, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
         extra_indices_in_kvcache, topk_length, extra_topk_length,
@@ -132,18 +150,33 @@ def flash_mla_with_kvcache(
         extra_topk=problem.extra_topk if has_extra else None,
     )
     _check_plan(plan, config)
-    extras = (extra_k_cache, extra_indices_in_kvcache, extra_topk_length)
     if q.is_cuda:
         runtime.require_hopper(q.device)
-        from .sparse_runtime import gpu_sparse_decode
+        from .sparse_runtime import launch_sparse, sparse_launch
 
-        result = gpu_sparse_decode(problem, q, k_cache, indices, topk_length, attn_sink, *extras)
+        launch = sparse_launch(problem, q.device)
+        result = launch_sparse(launch, q, k_cache, indices, topk_length, attn_sink, *extras, problem.softmax_scale)
+        key = _sparse_key(q, k_cache, indices, topk_length, attn_sink, *extras, head_dim_v, causal, is_fp8_kvcache)
+        interface._remember(_known_sparse, key, (launch, config))
     else:
         result = sparse_mla_reference(q, k_cache, indices, topk_length, attn_sink, problem.softmax_scale,
                                       extra_k_cache=extra_k_cache, extra_indices=extra_indices_in_kvcache,
                                       extra_topk_length=extra_topk_length)
     _record_plan(plan, config)
     return result
+
+
+_known_sparse: dict[tuple, tuple] = {}
+"""(launch, plan configuration) of each sparse configuration a checked call has seen on
+the GPU, by ``_sparse_key``."""
+
+
+def _sparse_key(*args) -> tuple:
+    """What the sparse checks look at, of each argument: a tensor's shape, strides, dtype
+    and device; any other value with its type (``True`` and ``1`` differ)."""
+    return tuple(
+        (x.shape, x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else (x, type(x)) for x in args
+    )
 
 
 def _dense(q, k_cache, block_table, cache_seqlens, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache,

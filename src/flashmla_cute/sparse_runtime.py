@@ -1,9 +1,12 @@
 """Launches the sparse decode kernel on torch's current CUDA stream, for arguments that
-``sparse_checks`` has validated. Outputs are allocated with torch; there is no host
-synchronization, so a call can be captured in a CUDA graph (after a first call outside
-the capture has compiled the kernel)."""
+``sparse_checks`` has validated: ``sparse_launch`` works out once what a configuration
+needs, ``launch_sparse`` runs a call of it. Outputs are allocated with torch; there is no
+host synchronization, so a call can be captured in a CUDA graph (after a first call
+outside the capture has compiled the kernel)."""
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import torch
 
@@ -59,36 +62,68 @@ def split_offsets(b: int, plan: SparsePlan, device: torch.device) -> torch.Tenso
     return offsets
 
 
-def gpu_sparse_decode(problem: SparseDecodeProblem, q, k_cache, indices, topk_length, attn_sink,
-                      extra_k_cache=None, extra_indices=None, extra_topk_length=None):
+class SparseLaunch(NamedTuple):
+    """What a sparse call of one configuration needs, worked out once (``sparse_launch``)."""
+
+    fn: Any  # the compiled kernel of the layout, with or without an extra cache
+    layout: fp8_cache.Fp8Layout
+    out_shape: tuple  # (b, s_q, h_q, 512)
+    lse_shape: tuple  # (b, h_q, s_q)
+    accum_elems: int  # fp32 partials of the split query tokens' fragments
+    num_splits: torch.Tensor  # the combine kernel's fragment offsets (SparsePlan.fragment_offsets)
+    plan: SparsePlan
+    num_sms: int
+    cache_pages: tuple  # (num_blocks, page_size) of k_cache
+    extra_cache_pages: tuple | None  # and of extra_k_cache
+    extra_topk: int
+
+
+def sparse_launch(problem: SparseDecodeProblem, device: torch.device) -> SparseLaunch:
     b, s_q, h_q = problem.b, problem.s_q, problem.h_q
-    out = torch.empty(b, s_q, h_q, fp8_cache.VALUE_DIM, dtype=torch.bfloat16, device=q.device)
-    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
-    no_length, no_sink = _absent(q.device)
-    num_sms = runtime.num_sms(q.device.index)
+    num_sms = runtime.num_sms(device.index)
     plan = plan_splits(b, s_q, h_q, problem.topk + problem.extra_topk, num_sms)
-    # The fragments' partials (read by the combine kernel only for split sequences).
+    has_extra = problem.extra_topk > 0
     fragments = plan.num_fragments(b) if plan.splits > 1 else 1
-    accum = lse.new_empty(scheduler.accumulator_elems(fragments, 1, s_q * h_q, fp8_cache.VALUE_DIM))
-    k, k_scales = kernel_cache_views(k_cache, problem.layout, problem.num_blocks, problem.page_size)
-    if extra_k_cache is None:
+    return SparseLaunch(
+        fn=compile_mod.get(compile_mod.sparse_decode_variant(problem.layout.key, has_extra)),
+        layout=problem.layout,
+        out_shape=(b, s_q, h_q, fp8_cache.VALUE_DIM),
+        lse_shape=(b, h_q, s_q),
+        accum_elems=scheduler.accumulator_elems(fragments, 1, s_q * h_q, fp8_cache.VALUE_DIM),
+        num_splits=split_offsets(b, plan, device),
+        plan=plan,
+        num_sms=num_sms,
+        cache_pages=(problem.num_blocks, problem.page_size),
+        extra_cache_pages=(problem.extra_num_blocks, problem.extra_page_size) if has_extra else None,
+        extra_topk=problem.extra_topk,
+    )
+
+
+def launch_sparse(launch: SparseLaunch, q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
+                  extra_topk_length, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the sparse kernel (and its combine); returns ``(out, lse)``. The compiled
+    function raises (and launches nothing) on arguments that do not match what it was
+    compiled for."""
+    out = q.new_empty(launch.out_shape)
+    lse = torch.empty(launch.lse_shape, dtype=torch.float32, device=q.device)
+    accum = lse.new_empty(launch.accum_elems)
+    no_length, no_sink = _absent(q.device)
+    k, k_scales = kernel_cache_views(k_cache, launch.layout, *launch.cache_pages)
+    if launch.extra_cache_pages is None:
         # Stand-ins of the right kinds, never read (extra_topk is 0).
         extra_k, extra_k_scales, extra_indices = k, k_scales, indices
     else:
-        extra_k, extra_k_scales = kernel_cache_views(extra_k_cache, problem.layout, problem.extra_num_blocks,
-                                                     problem.extra_page_size)
-    kernel = compile_mod.get(compile_mod.sparse_decode_variant(problem.layout.key, extra_k_cache is not None))
-    kernel(*SparseDecodeArgs(
+        extra_k, extra_k_scales = kernel_cache_views(extra_k_cache, launch.layout, *launch.extra_cache_pages)
+    launch.fn(*SparseDecodeArgs(
         q=q, k=k, k_scales=k_scales, indices=indices,
         topk_length=no_length if topk_length is None else topk_length,
         extra_k=extra_k, extra_k_scales=extra_k_scales, extra_indices=extra_indices,
         extra_topk_length=no_length if extra_topk_length is None else extra_topk_length,
         sink=no_sink if attn_sink is None else attn_sink,
-        o=out, lse=lse, accum=accum, num_splits=split_offsets(b, plan, q.device),
-        softmax_scale=problem.softmax_scale, has_topk_length=int(topk_length is not None),
-        has_sink=int(attn_sink is not None), extra_topk=problem.extra_topk,
-        has_extra_topk_length=int(extra_topk_length is not None), whole_batches=plan.whole_batches,
-        topk_splits=plan.splits, num_sms=num_sms,
+        o=out, lse=lse, accum=accum, num_splits=launch.num_splits,
+        softmax_scale=softmax_scale, has_topk_length=int(topk_length is not None),
+        has_sink=int(attn_sink is not None), extra_topk=launch.extra_topk,
+        has_extra_topk_length=int(extra_topk_length is not None), whole_batches=launch.plan.whole_batches,
+        topk_splits=launch.plan.splits, num_sms=launch.num_sms,
     ))
     return out, lse
-
