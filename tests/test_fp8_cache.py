@@ -198,15 +198,19 @@ def test_bytes_of_one_token():
     assert raw[0] == 0b0_1111_110
 
 
-def test_v32_refusals_name_k_cache():
-    with pytest.raises(ValueError, match=r"kv must have shape \[num_blocks, page_size, 1, 576\]"):
-        quantize_v32_kv_cache(torch.zeros(1, 2, 1, 512))
+@pytest.mark.parametrize("quantize, dequantize, key_width, bytes_per_token, other_bytes", [
+    (quantize_v32_kv_cache, dequantize_v32_kv_cache, 576, 656, 584),
+    (quantize_model1_kv_cache, dequantize_model1_kv_cache, 512, 584, 656),
+])
+def test_refusals_name_the_argument(quantize, dequantize, key_width, bytes_per_token, other_bytes):
+    with pytest.raises(ValueError, match=rf"kv must have shape \[num_blocks, page_size, 1, {key_width}\]"):
+        quantize(torch.zeros(1, 2, 1, 1088 - key_width))
     with pytest.raises(TypeError, match="kv must have a floating-point dtype"):
-        quantize_v32_kv_cache(torch.zeros(1, 2, 1, 576, dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"k_cache must have shape \[num_blocks, page_size, 1, 656\]"):
-        dequantize_v32_kv_cache(torch.zeros(1, 2, 1, 584, dtype=torch.uint8))
+        quantize(torch.zeros(1, 2, 1, key_width, dtype=torch.int32))
+    with pytest.raises(ValueError, match=rf"k_cache must have shape \[num_blocks, page_size, 1, {bytes_per_token}\]"):
+        dequantize(torch.zeros(1, 2, 1, other_bytes, dtype=torch.uint8))
     with pytest.raises(TypeError, match="k_cache must have dtype"):
-        dequantize_v32_kv_cache(torch.zeros(1, 2, 1, 656, dtype=torch.bfloat16))
+        dequantize(torch.zeros(1, 2, 1, bytes_per_token, dtype=torch.bfloat16))
 
 
 # ---------------------------------------------------------------- MODEL1 bytes
@@ -241,17 +245,6 @@ def test_model1_bytes_of_a_tiny_cache():
     ]
     storage = cache.view(torch.uint8).as_strided((2, 1728), (1728, 1))  # the pages with their padding
     assert [bytes(page.tolist()) for page in storage] == expected_pages
-
-
-def test_model1_refusals_name_k_cache():
-    with pytest.raises(ValueError, match=r"kv must have shape \[num_blocks, page_size, 1, 512\]"):
-        quantize_model1_kv_cache(torch.zeros(1, 2, 1, 576))
-    with pytest.raises(TypeError, match="kv must have a floating-point dtype"):
-        quantize_model1_kv_cache(torch.zeros(1, 2, 1, 512, dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"k_cache must have shape \[num_blocks, page_size, 1, 584\]"):
-        dequantize_model1_kv_cache(torch.zeros(1, 2, 1, 656, dtype=torch.uint8))
-    with pytest.raises(TypeError, match="k_cache must have dtype"):
-        dequantize_model1_kv_cache(torch.zeros(1, 2, 1, 584, dtype=torch.bfloat16))
 
 
 def test_model1_refuses_pages_that_overlap():

@@ -78,10 +78,22 @@ CACHE_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
 """dtypes a V3.2 FP8 cache may be viewed as."""
 
 
-def _group_scales(latent: torch.Tensor) -> torch.Tensor:
-    """Power-of-two scales ``[..., NUM_GROUPS]`` (float32) of latent values ``[..., 512]``."""
-    amax = latent.float().abs().unflatten(-1, (NUM_GROUPS, GROUP_SIZE)).amax(dim=-1)
-    return torch.exp2(torch.ceil(torch.log2(torch.clamp_min(amax / FP8_MAX, MIN_SCALED_AMAX))))
+def _scale_exponents(latent: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The exponents ``e`` of the power-of-two scales ``2 ** e`` (float32 ``[..., groups]``)
+    of latent values ``[..., groups * group_size]``: each group's largest magnitude over
+    ``FP8_MAX``, floored at ``MIN_SCALED_AMAX``, rounded up to a power of two."""
+    amax = latent.float().abs().unflatten(-1, (-1, group_size)).amax(dim=-1)
+    return torch.ceil(torch.log2(torch.clamp_min(amax / FP8_MAX, MIN_SCALED_AMAX)))
+
+
+def _check_kv(kv, head_dim: int) -> None:
+    """``kv`` is a floating-point ``[num_blocks, page_size, 1, head_dim]`` tensor."""
+    if not isinstance(kv, torch.Tensor):
+        raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+    if not kv.is_floating_point():
+        raise TypeError(f"kv must have a floating-point dtype, got {kv.dtype}")
+    if kv.dim() != 4 or kv.shape[2] != 1 or kv.shape[3] != head_dim:
+        raise ValueError(f"kv must have shape [num_blocks, page_size, 1, {head_dim}], got {tuple(kv.shape)}")
 
 
 def quantize_v32_kv_cache(kv: torch.Tensor) -> torch.Tensor:
@@ -91,15 +103,10 @@ def quantize_v32_kv_cache(kv: torch.Tensor) -> torch.Tensor:
     Returns a contiguous float8_e4m3fn tensor ``[num_blocks, page_size, 1, 656]`` on
     ``kv``'s device (view it as uint8 to read the bytes).
     """
-    if not isinstance(kv, torch.Tensor):
-        raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
-    if not kv.is_floating_point():
-        raise TypeError(f"kv must have a floating-point dtype, got {kv.dtype}")
-    if kv.dim() != 4 or kv.shape[2] != 1 or kv.shape[3] != HEAD_DIM:
-        raise ValueError(f"kv must have shape [num_blocks, page_size, 1, {HEAD_DIM}], got {tuple(kv.shape)}")
+    _check_kv(kv, HEAD_DIM)
     num_blocks, page_size = kv.shape[:2]
     latent = kv[..., :LATENT_DIM].float()
-    scales = _group_scales(latent)  # [num_blocks, page_size, 1, NUM_GROUPS]
+    scales = torch.exp2(_scale_exponents(latent, GROUP_SIZE))  # [num_blocks, page_size, 1, NUM_GROUPS]
     quantized = (latent.unflatten(-1, (NUM_GROUPS, GROUP_SIZE)) / scales[..., None]).flatten(-2)
     out = torch.empty(num_blocks, page_size, 1, BYTES_PER_TOKEN, dtype=torch.uint8, device=kv.device)
     out[..., :SCALES_OFFSET] = quantized.to(torch.float8_e4m3fn).view(torch.uint8)
@@ -160,16 +167,10 @@ def quantize_model1_kv_cache(kv: torch.Tensor) -> torch.Tensor:
     Returns a float8_e4m3fn view ``[num_blocks, page_size, 1, 584]`` with page stride
     ``model1_page_bytes(page_size)``, on ``kv``'s device.
     """
-    if not isinstance(kv, torch.Tensor):
-        raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
-    if not kv.is_floating_point():
-        raise TypeError(f"kv must have a floating-point dtype, got {kv.dtype}")
-    if kv.dim() != 4 or kv.shape[2] != 1 or kv.shape[3] != MODEL1_HEAD_DIM:
-        raise ValueError(f"kv must have shape [num_blocks, page_size, 1, {MODEL1_HEAD_DIM}], got {tuple(kv.shape)}")
+    _check_kv(kv, MODEL1_HEAD_DIM)
     num_blocks, page_size = kv.shape[:2]
     latent = kv[:, :, 0, :MODEL1_LATENT_DIM].float()
-    amax = latent.abs().unflatten(-1, (MODEL1_NUM_GROUPS, MODEL1_GROUP_SIZE)).amax(dim=-1)
-    exponents = torch.ceil(torch.log2(torch.clamp_min(amax / FP8_MAX, MIN_SCALED_AMAX)))
+    exponents = _scale_exponents(latent, MODEL1_GROUP_SIZE)
     scales = torch.exp2(exponents)  # [num_blocks, page_size, 7]
     quantized = (latent.unflatten(-1, (MODEL1_NUM_GROUPS, MODEL1_GROUP_SIZE)) / scales[..., None]).flatten(-2)
     pages = torch.zeros(num_blocks, model1_page_bytes(page_size), dtype=torch.uint8, device=kv.device)
