@@ -9,9 +9,9 @@ gathering one step overlaps the MMAs of the one before:
    FP8 latent bytes, its scales and its bf16 rope values straight from the paged cache
    into registers: 16-byte loads, and one load of the token's scales) and *unpack*
    (dequantize to bf16 and store the 64 x d K tile into shared memory in the swizzled
-   K-major layout WGMMA reads; d = 576 for V3.2, 512 for MODEL1). A token that is not valid (a negative index,
-   one past the cache, or a position at or past ``topk_length``) is never read: its
-   row is zeros and its score is masked to -inf.
+   K-major layout WGMMA reads; d = 576 for V3.2, 512 for MODEL1). A token that is not
+   valid (a negative index, one past the cache, or a position at or past
+   ``topk_length``) is never read: its row is zeros and its score is masked to -inf.
 2. attend: each warpgroup computes ``S = Q K^T`` for all 64 heads (Q, 64 x d, loaded
    once) over 32 of the step's 64 tokens; the rows' maxima go through shared memory, so
    both run the online softmax against the same maxima; each accumulates ``O += P V``
@@ -36,9 +36,9 @@ fetch never waits on its own index.
 
 Split over topk (``sparse_plan``, from shapes alone): the first ``whole_batches``
 sequences' tiles get one CTA each, launched first; the other sequences' tiles are shared
-by ``topk_splits`` CTAs each, which take equal shares of the steps (of both caches) and write fp32
-partials, merged by the combine kernel (``combine.py``, launched as this kernel's
-programmatic dependent). The grid is one-dimensional: CTA ``x`` finds its sequence, tile
+by ``topk_splits`` CTAs each, which take equal shares of the steps (of both caches) and
+write fp32 partials, merged by the combine kernel (``combine.py``, launched as this
+kernel's programmatic dependent). The grid is one-dimensional: CTA ``x`` finds its sequence, tile
 and share in ``work_of``.
 
 Where things are: ``kernel`` sets up and runs the step loop (the pipeline above);
