@@ -148,6 +148,17 @@ def test_model1_empty_main_cache_beside_a_valid_extra_cache(requires_hopper, b, 
     check(inp)
 
 
+@pytest.mark.parametrize("layout", [V32, MODEL1], ids=["V3.2", "MODEL1"])
+def test_large_scores_move_the_running_maximum_in_later_steps(requires_hopper, layout):
+    # A softmax scale 300 times the inputs' spreads the scores over about 30 in the exp2
+    # domain: of the later steps, about 8% exceed the running maximum by more than the
+    # rescale threshold (softmax.next_max, which moves it) and 10% by less (kept).
+    inp = make_sparse_decode_inputs(4, 2, 64, 3000, 1024, 64, seed=5, with_sink=True, layout=layout,
+                                    device=requires_hopper)
+    inp.softmax_scale *= 300
+    check(inp)
+
+
 @pytest.mark.parametrize("h_q", [1, 16, 100, 127])
 def test_fewer_heads_are_padded(requires_hopper, h_q):
     check(make_sparse_decode_inputs(5, 2, h_q, 300, 128, 16, seed=h_q, with_sink=True, device=requires_hopper))

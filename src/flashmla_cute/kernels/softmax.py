@@ -13,6 +13,13 @@ from cutlass import Float32
 
 from . import utils
 
+RESCALE_THRESHOLD_LOG2 = 8.0
+"""With ``next_max``, the running maximum moves only when a block's maximum exceeds it by
+more than this (in the exp2 domain): P then stays below 2^8, exact enough in bf16 and far
+from overflow, and O's rescales (a multiply of every accumulator) become rare once a
+sequence's first blocks are seen, so ``rescale_row`` skips them. The log-sum-exp stays
+exact: it is taken relative to the maximum actually used."""
+
 
 @cute.jit
 def row_max(s_rc: cute.Tensor, i: cutlass.Constexpr) -> Float32:
@@ -21,6 +28,19 @@ def row_max(s_rc: cute.Tensor, i: cutlass.Constexpr) -> Float32:
     for j in cutlass.range_constexpr(1, cute.size(s_rc, mode=[1])):
         m = cute.arch.fmax(m, s_rc[i, j])
     return utils.quad_max(m)
+
+
+@cute.jit
+def next_max(old_max: Float32, block_max: Float32, scale_log2: Float32) -> Float32:
+    """The maximum that P is taken relative to after a block whose row maximum is
+    ``block_max``: ``old_max`` unless the block exceeds it by more than
+    ``RESCALE_THRESHOLD_LOG2``, else ``max(old_max, block_max)`` (always so for a row
+    that has seen no key: ``-inf`` moves to anything)."""
+    new_max = cute.arch.fmax(old_max, block_max)
+    result = new_max
+    if (new_max - old_max) * scale_log2 <= RESCALE_THRESHOLD_LOG2:
+        result = old_max
+    return result
 
 
 @cute.jit

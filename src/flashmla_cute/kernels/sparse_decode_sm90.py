@@ -66,7 +66,7 @@ from cutlass.tensor_utils import LayoutEnum
 
 from .. import fp8_cache
 from ..sparse_plan import HEAD_TILE, STEP_TOKENS
-from . import utils
+from . import softmax, utils
 from .combine import MlaCombine
 from .split_o import SplitOFragments, split_o_fragments
 
@@ -366,7 +366,7 @@ class SparseDecodeSm90:
     def online_softmax(self, t, valid_columns, scale_log2):
         """Scores of invalid tokens to -inf; the rows' maxima over both warpgroups' tokens
         (through shared memory); P, this warpgroup's share of the row sums, and O
-        rescaled to the new maxima (the same in both warpgroups)."""
+        rescaled to the new maxima (the same in both warpgroups; ``softmax.next_max``)."""
         num_rows = cute.size(t.s_rc, mode=[0])
         num_cols = cute.size(t.s_rc, mode=[1])
         for j in cutlass.range_constexpr(num_cols):
@@ -383,20 +383,16 @@ class SparseDecodeSm90:
         cute.arch.sync_threads()
         for i in cutlass.range_constexpr(num_rows):
             r = t.coord_s[i, 0][0]
-            m_new = cute.arch.fmax(t.row_max[i], cute.arch.fmax(t.row_stats[r, STAT_MAX], t.row_stats[r, STAT_MAX + 1]))
-            m_scaled = m_new * scale_log2
-            if m_new == -Float32.inf:
-                m_scaled = Float32(0.0)  # no valid token yet: avoid inf - inf
-            rescale = cute.math.exp2(t.row_max[i] * scale_log2 - m_scaled, fastmath=True)
-            total = Float32(0.0)
-            for j in cutlass.range_constexpr(num_cols):
-                p = cute.math.exp2(t.s_rc[i, j] * scale_log2 - m_scaled, fastmath=True)
-                t.s_rc[i, j] = p
-                total = total + p
+            step_max = cute.arch.fmax(t.row_stats[r, STAT_MAX], t.row_stats[r, STAT_MAX + 1])
+            # The maximum moves only by more than the threshold, so that after the first
+            # steps O's rescale is nearly always by exactly 1 and skipped.
+            m_new = softmax.next_max(t.row_max[i], step_max, scale_log2)
+            m_scaled = softmax.scaled_max(m_new, scale_log2)
+            rescale = softmax.rescale_factor(t.row_max[i], m_scaled, scale_log2)
+            total = softmax.exponentiate_row(t.s_rc, i, scale_log2, m_scaled)
             t.row_sum[i] = t.row_sum[i] * rescale + total  # this warpgroup's tokens only
             t.row_max[i] = m_new
-            for j in cutlass.range_constexpr(cute.size(t.o_rc, mode=[1])):
-                t.o_rc[i, j] = t.o_rc[i, j] * rescale
+            softmax.rescale_row(t.o_rc, i, rescale)
 
     @cute.jit
     def issue_pv(self, t, buf):
