@@ -131,7 +131,7 @@ class MlaCombine:
             group_sum: cute.struct.MemRange[Float32, COMBINE_FRAGMENT_GROUPS]
             group_acc: cute.struct.Align[cute.struct.MemRange[Float32, COMBINE_FRAGMENT_GROUPS * THREADS_PER_ROW * VEC], 16]
 
-        storage = cutlass.utils.SmemAllocator().allocate(Storage)
+        storage = cutlass.memory.SmemAllocator().allocate(Storage)
         groups = GroupPartials(
             storage.group_max.get_tensor(cute.make_layout((COMBINE_FRAGMENT_GROUPS,))),
             storage.group_sum.get_tensor(cute.make_layout((COMBINE_FRAGMENT_GROUPS,))),

@@ -273,7 +273,7 @@ class MlaDecodeSm90:
         # The combine kernel may start now: its CTAs wait for this grid's end, on SMs
         # that CTAs of this grid with little or no work leave early.
         cute.arch.griddepcontrol_launch_dependents()
-        smem = cutlass.utils.SmemAllocator()
+        smem = cutlass.memory.SmemAllocator()
         storage = smem.allocate(self.shared_storage)
 
         consumer_warps = pipeline.CooperativeGroup(pipeline.Agent.Thread, 4 * NUM_CONSUMER_WARPGROUPS)

@@ -145,7 +145,7 @@ class MlaMetadata:
             warp_sums: cute.struct.MemRange[Int32, PLAN_WARPS]
             walk_state: cute.struct.MemRange[Int32, 2]  # (walk stopped at the chunk's end, parts filled)
 
-        storage = cutlass.utils.SmemAllocator().allocate(Storage)
+        storage = cutlass.memory.SmemAllocator().allocate(Storage)
         cost_end = storage.cost_end.get_tensor(cute.make_layout((PLAN_CHUNK,)))
         blocks = storage.blocks.get_tensor(cute.make_layout((PLAN_CHUNK,)))
         warp_sums = storage.warp_sums.get_tensor(cute.make_layout((PLAN_WARPS,)))

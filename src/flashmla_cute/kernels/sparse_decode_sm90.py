@@ -227,7 +227,7 @@ class SparseDecodeSm90:
         # The combine kernel may start now: its CTAs wait for this grid's end.
         cute.arch.griddepcontrol_launch_dependents()
 
-        smem = cutlass.utils.SmemAllocator()
+        smem = cutlass.memory.SmemAllocator()
         storage = smem.allocate(self.shared_storage)
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
