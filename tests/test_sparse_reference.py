@@ -275,3 +275,7 @@ def test_extra_arguments_are_checked():
     with pytest.raises(ValueError, match="extra_k_cache must have shape"):
         sparse_mla_reference(inp.q, inp.k_cache, inp.indices, extra_k_cache=inp.extra_k_cache[..., :576],
                              extra_indices=inp.extra_indices)
+    overlapping = inp.extra_k_cache.view(torch.uint8).as_strided(inp.extra_k_cache.shape, (584, 584, 584, 1))
+    with pytest.raises(ValueError, match="extra_k_cache must be a MODEL1 cache view"):
+        sparse_mla_reference(inp.q, inp.k_cache, inp.indices, extra_k_cache=overlapping,
+                             extra_indices=inp.extra_indices)

@@ -187,8 +187,7 @@ def sparse_cache_fakes(layout):
     import cutlass
 
     rows = _fake(cutlass.Uint8, (_i32(), _i32(), layout.row_bytes), (_stride(16), layout.row_bytes, 1), 16)
-    scale_stride = layout.row_bytes if not layout.ue8m0_scales else layout.scale_bytes
-    scales = _fake(cutlass.Uint8, (_i32(), _i32(), layout.scale_bytes), (_stride(16), scale_stride, 1),
+    scales = _fake(cutlass.Uint8, (_i32(), _i32(), layout.scale_bytes), (_stride(16), layout.scale_stride, 1),
                    layout.scale_bytes)
     return rows, scales
 

@@ -128,10 +128,10 @@ def dequantize_v32_kv_cache(cache: torch.Tensor) -> torch.Tensor:
     return torch.cat([values.to(torch.bfloat16), rope], dim=-1)
 
 
-def v32_cache_bytes(cache: torch.Tensor) -> torch.Tensor:
+def v32_cache_bytes(cache: torch.Tensor, name: str = "k_cache") -> torch.Tensor:
     """``cache`` viewed as uint8 ``[num_blocks, page_size, 1, 656]``; TypeError or
-    ValueError (naming ``k_cache``) unless it is a V3.2 FP8 cache."""
-    _check_cache_tensor(cache, BYTES_PER_TOKEN, "V3.2")
+    ValueError (naming the argument ``name``) unless it is a V3.2 FP8 cache."""
+    _check_cache_tensor(cache, BYTES_PER_TOKEN, "V3.2", name)
     return cache.view(torch.uint8)
 
 
@@ -219,30 +219,30 @@ def dequantize_model1_kv_cache(cache: torch.Tensor) -> torch.Tensor:
     return dequantize_model1_tokens(*model1_token_bytes(cache, pages, slots))[:, :, None, :]
 
 
-def model1_cache_bytes(cache: torch.Tensor) -> torch.Tensor:
+def model1_cache_bytes(cache: torch.Tensor, name: str = "k_cache") -> torch.Tensor:
     """``cache`` viewed as uint8 ``[num_blocks, page_size, 1, 584]``; TypeError or
-    ValueError (naming ``k_cache``) unless it is a MODEL1 FP8 cache whose pages do not
-    overlap."""
-    _check_cache_tensor(cache, MODEL1_BYTES_PER_TOKEN, "MODEL1")
+    ValueError (naming the argument ``name``) unless it is a MODEL1 FP8 cache whose pages
+    do not overlap."""
+    _check_cache_tensor(cache, MODEL1_BYTES_PER_TOKEN, "MODEL1", name)
     num_blocks, page_size = cache.shape[:2]
     if cache.stride(3) != 1 or (page_size > 1 and cache.stride(1) != MODEL1_BYTES_PER_TOKEN) or (
         num_blocks > 1 and cache.stride(0) < page_size * MODEL1_BYTES_PER_TOKEN
     ):
         raise ValueError(
-            f"k_cache must be a MODEL1 cache view: strides (page stride >= page_size * {MODEL1_BYTES_PER_TOKEN}, "
+            f"{name} must be a MODEL1 cache view: strides (page stride >= page_size * {MODEL1_BYTES_PER_TOKEN}, "
             f"{MODEL1_BYTES_PER_TOKEN}, any, 1), got {tuple(cache.stride())}"
         )
     return cache.view(torch.uint8)
 
 
-def _check_cache_tensor(cache, bytes_per_token: int, name: str) -> None:
+def _check_cache_tensor(cache, bytes_per_token: int, layout_name: str, name: str) -> None:
     if not isinstance(cache, torch.Tensor):
-        raise TypeError(f"k_cache must be a torch.Tensor, got {type(cache).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cache).__name__}")
     if cache.dtype not in CACHE_DTYPES:
-        raise TypeError(f"k_cache must have dtype torch.float8_e4m3fn, torch.int8 or torch.uint8, got {cache.dtype}")
+        raise TypeError(f"{name} must have dtype torch.float8_e4m3fn, torch.int8 or torch.uint8, got {cache.dtype}")
     if cache.dim() != 4 or cache.shape[2] != 1 or cache.shape[3] != bytes_per_token:
         raise ValueError(
-            f"k_cache must have shape [num_blocks, page_size, 1, {bytes_per_token}] (the {name} FP8 layout), "
+            f"{name} must have shape [num_blocks, page_size, 1, {bytes_per_token}] (the {layout_name} FP8 layout), "
             f"got {tuple(cache.shape)}"
         )
 
@@ -264,12 +264,18 @@ class Fp8Layout:
     rope_offset: int  # where the rope values start in that row
     scale_bytes: int  # bytes of a token's scales as the kernel reads them
     ue8m0_scales: bool  # scales are ue8m0 bytes (MODEL1) rather than float32 (V3.2)
+    scale_stride: int  # bytes from one token's scales to the next one's in a page
+    scales_in_rows: bool  # V3.2: a token's scales are in its row; MODEL1: in rows after the page's token rows
+
+    def scales_offset(self, page_size: int) -> int:
+        """Where a page's first token's scales are, from the page's start."""
+        return SCALES_OFFSET if self.scales_in_rows else page_size * self.row_bytes
 
 
 V32 = Fp8Layout("V3.2", "v32", BYTES_PER_TOKEN, HEAD_DIM, LATENT_DIM, GROUP_SIZE, BYTES_PER_TOKEN, ROPE_OFFSET,
-                NUM_GROUPS * SCALE_BYTES, False)
+                NUM_GROUPS * SCALE_BYTES, False, BYTES_PER_TOKEN, True)
 MODEL1 = Fp8Layout("MODEL1", "model1", MODEL1_BYTES_PER_TOKEN, MODEL1_HEAD_DIM, MODEL1_LATENT_DIM, MODEL1_GROUP_SIZE,
-                   MODEL1_ROW_BYTES, MODEL1_LATENT_DIM, MODEL1_SCALE_ROW_BYTES, True)
+                   MODEL1_ROW_BYTES, MODEL1_LATENT_DIM, MODEL1_SCALE_ROW_BYTES, True, MODEL1_SCALE_ROW_BYTES, False)
 LAYOUTS = (V32, MODEL1)
 
 VALUE_DIM = 512
@@ -288,10 +294,10 @@ def layout_of(cache: torch.Tensor, name: str = "k_cache") -> Fp8Layout:
     )
 
 
-def cache_bytes(cache: torch.Tensor, layout: Fp8Layout) -> torch.Tensor:
+def cache_bytes(cache: torch.Tensor, layout: Fp8Layout, name: str = "k_cache") -> torch.Tensor:
     """``cache`` as uint8, checked against ``layout`` (see ``v32_cache_bytes`` and
-    ``model1_cache_bytes``)."""
-    return v32_cache_bytes(cache) if layout is V32 else model1_cache_bytes(cache)
+    ``model1_cache_bytes``); errors name the argument ``name``."""
+    return v32_cache_bytes(cache, name) if layout is V32 else model1_cache_bytes(cache, name)
 
 
 def dequantize_tokens(cache: torch.Tensor, layout: Fp8Layout, pages: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -161,10 +161,7 @@ def _check_cache(name: str, cache, layout: fp8_cache.Fp8Layout) -> tuple[int, in
     """dtype, shape and strides of a cache of ``layout`` (V3.2: each page's tokens back to
     back; MODEL1: its page view, ``fp8_cache.model1_cache_bytes``); returns
     ``(num_blocks, page_size)``."""
-    try:
-        fp8_cache.cache_bytes(cache, layout)
-    except (TypeError, ValueError) as error:
-        raise type(error)(str(error).replace("k_cache", name)) from None
+    fp8_cache.cache_bytes(cache, layout, name)
     num_blocks, page_size = cache.shape[:2]
     if page_size < 1:
         raise ValueError(f"{name}.shape[1] (page block size) must be >= 1, got {page_size}")

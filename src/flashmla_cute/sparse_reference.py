@@ -149,7 +149,7 @@ def _key_source(q, cache, indices, topk_length, names) -> _KeySource:
     key_width = cache.shape[3]
     if cache.dtype in fp8_cache.CACHE_DTYPES:
         layout = fp8_cache.layout_of(cache, cache_name)
-        fp8_cache.cache_bytes(cache, layout)  # checks the strides too
+        fp8_cache.cache_bytes(cache, layout, cache_name)  # checks the strides too
         key_width = layout.head_dim
     if key_width != d or cache.shape[2] != 1 or tuple(indices.shape[:2]) != (b, s_q):
         raise ValueError(

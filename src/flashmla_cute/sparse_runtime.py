@@ -41,13 +41,9 @@ def kernel_cache_views(k_cache: torch.Tensor, layout: fp8_cache.Fp8Layout, num_b
     raw = k_cache.view(torch.uint8)
     page_stride = raw.stride(0) if num_blocks > 1 else page_size * layout.bytes_per_token
     base = raw.storage_offset()
-    if layout is fp8_cache.V32:
-        token_stride, scales_at, scale_stride = layout.bytes_per_token, fp8_cache.SCALES_OFFSET, layout.bytes_per_token
-    else:
-        token_stride, scales_at, scale_stride = layout.row_bytes, page_size * layout.row_bytes, layout.scale_bytes
-    rows = raw.as_strided((num_blocks, page_size, layout.row_bytes), (page_stride, token_stride, 1), base)
-    scales = raw.as_strided((num_blocks, page_size, layout.scale_bytes), (page_stride, scale_stride, 1),
-                            base + scales_at)
+    rows = raw.as_strided((num_blocks, page_size, layout.row_bytes), (page_stride, layout.row_bytes, 1), base)
+    scales = raw.as_strided((num_blocks, page_size, layout.scale_bytes), (page_stride, layout.scale_stride, 1),
+                            base + layout.scales_offset(page_size))
     return rows, scales
 
 
