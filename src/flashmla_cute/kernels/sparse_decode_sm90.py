@@ -374,10 +374,7 @@ class SparseDecodeSm90:
                 for i in cutlass.range_constexpr(num_rows):
                     t.s_rc[i, j] = -Float32.inf
         for i in cutlass.range_constexpr(num_rows):
-            m = t.s_rc[i, 0]
-            for j in cutlass.range_constexpr(1, num_cols):
-                m = cute.arch.fmax(m, t.s_rc[i, j])
-            m = utils.quad_max(m)
+            m = softmax.row_max(t.s_rc, i)
             if t.lane_writes_row:
                 t.row_stats[t.coord_s[i, 0][0], STAT_MAX + t.wg] = m
         cute.arch.sync_threads()
