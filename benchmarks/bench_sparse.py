@@ -206,7 +206,8 @@ def make_paged_cache(case: Case, topk: int, page_size: int, seqlens, gen, device
     into it, drawn from ``gen``."""
     import torch
 
-    from flashmla_cute.sparse_testing import page_bytes, quantize_kv_cache
+    from flashmla_cute.fp8_cache import quantize_kv_cache
+    from flashmla_cute.sparse_testing import page_bytes
 
     layout = case.fp8_layout
     lengths = seqlens.to(device=device, dtype=torch.int64)

@@ -25,8 +25,7 @@ from flashmla_cute.sparse_reference import sparse_mla_reference
 from flashmla_cute.testing import cosine_distance
 
 DV = fp8_cache.VALUE_DIM  # value width: 512 in both layouts
-QUANTIZE = {"v32": fp8_cache.quantize_v32_kv_cache, "model1": fp8_cache.quantize_model1_kv_cache}
-HEAD_DIM = {"v32": fp8_cache.HEAD_DIM, "model1": fp8_cache.MODEL1_HEAD_DIM}
+LAYOUTS = {layout.key: layout for layout in fp8_cache.LAYOUTS}  # "v32" and "model1"
 
 
 def pick_device() -> torch.device:
@@ -36,14 +35,14 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def paged_cache(layout: str, seqlens: torch.Tensor, page: int, gen: torch.Generator, device):
+def paged_cache(layout: fp8_cache.Fp8Layout, seqlens: torch.Tensor, page: int, gen: torch.Generator, device):
     """A random cache holding each sequence's tokens in pages of ``page`` tokens, in a
     random page order: ``(k_cache, block_table)``."""
     b = len(seqlens)
     max_pages = int((seqlens.max() + page - 1) // page)
     block_table = torch.randperm(b * max_pages, generator=gen).view(b, max_pages)
-    kv = torch.randn(b * max_pages, page, 1, HEAD_DIM[layout], generator=gen).to(torch.bfloat16)
-    return QUANTIZE[layout](kv).to(device), block_table
+    kv = torch.randn(b * max_pages, page, 1, layout.head_dim, generator=gen).to(torch.bfloat16)
+    return fp8_cache.quantize_kv_cache(kv, layout).to(device), block_table
 
 
 def cache_indices(positions: torch.Tensor, block_table: torch.Tensor, page: int) -> torch.Tensor:
@@ -56,14 +55,15 @@ def cache_indices(positions: torch.Tensor, block_table: torch.Tensor, page: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layout", choices=tuple(QUANTIZE), default="v32")
+    parser.add_argument("--layout", choices=tuple(LAYOUTS), default="v32")
     args = parser.parse_args()
     device = pick_device()
     gen = torch.Generator().manual_seed(0)
     b, s_q, h_q, topk, num_layers = 4, 2, 128, 512, 3  # s_q = 2: one extra MTP token
     page = 64  # tokens per page: any page size works for sparse decoding
     seqlens = torch.randint(1000, 3000, (b,), generator=gen)
-    k_cache, block_table = paged_cache(args.layout, seqlens, page, gen, device)
+    layout = LAYOUTS[args.layout]
+    k_cache, block_table = paged_cache(layout, seqlens, page, gen, device)
 
     # Top-k positions of each query token, then their cache indices.
     scores = torch.rand(b, s_q, int(seqlens.max()), generator=gen)
@@ -72,12 +72,12 @@ def main() -> None:
     attn_sink = torch.randn(h_q, generator=gen).to(device)  # [h_q] float32
 
     extra = {}
-    if args.layout == "model1":
+    if layout is fp8_cache.MODEL1:
         # The extra cache: a window of each sequence's latest tokens, in pages of 16; its
         # index lists are 128 wide, of which the first extra_topk_length count.
         window, extra_page, extra_topk = 100, 16, 128
         window_lens = torch.full((b,), window)
-        extra_cache, extra_table = paged_cache(args.layout, window_lens, extra_page, gen, device)
+        extra_cache, extra_table = paged_cache(layout, window_lens, extra_page, gen, device)
         positions = torch.arange(extra_topk).expand(b, s_q, extra_topk)
         extra = dict(
             extra_k_cache=extra_cache,
@@ -89,7 +89,7 @@ def main() -> None:
 
     plan, _ = get_mla_metadata()  # filled by the first call, reused by the others
     for layer in range(num_layers):
-        q = torch.randn(b, s_q, h_q, HEAD_DIM[args.layout], generator=gen).to(torch.bfloat16).to(device)
+        q = torch.randn(b, s_q, h_q, layout.head_dim, generator=gen).to(torch.bfloat16).to(device)
         out, lse = flash_mla_with_kvcache(
             q, k_cache, None, None, DV, plan, is_fp8_kvcache=True, indices=indices, attn_sink=attn_sink, **extra,
         )

@@ -294,6 +294,12 @@ def layout_of(cache: torch.Tensor, name: str = "k_cache") -> Fp8Layout:
     )
 
 
+def quantize_kv_cache(kv: torch.Tensor, layout: Fp8Layout) -> torch.Tensor:
+    """``kv [num_blocks, page_size, 1, layout.head_dim]`` quantized into ``layout``
+    (``quantize_v32_kv_cache`` or ``quantize_model1_kv_cache``)."""
+    return quantize_v32_kv_cache(kv) if layout is V32 else quantize_model1_kv_cache(kv)
+
+
 def cache_bytes(cache: torch.Tensor, layout: Fp8Layout, name: str = "k_cache") -> torch.Tensor:
     """``cache`` as uint8, checked against ``layout`` (see ``v32_cache_bytes`` and
     ``model1_cache_bytes``); errors name the argument ``name``."""

@@ -157,7 +157,7 @@ def _make_paged_tokens(b, s_q, seqlen, topk, page_size, *, layout, varlen, with_
 
     kv = torch.randn(num_blocks, page_size, 1, layout.head_dim, generator=cache_gen, device=device)
     kv = (kv / 10).clamp(-1, 1).to(torch.bfloat16)
-    k_cache = quantize_kv_cache(kv, layout)
+    k_cache = fp8_cache.quantize_kv_cache(kv, layout)
     del kv
     unused = torch.ones(num_blocks * page_size, dtype=torch.bool)
     unused[used[used >= 0]] = False
@@ -165,14 +165,6 @@ def _make_paged_tokens(b, s_q, seqlen, topk, page_size, *, layout, varlen, with_
     for part in token_byte_parts(k_cache, layout):
         part[unused] = NAN_BYTE
     return _PagedTokens(k_cache, indices, topk_length, lengths)
-
-
-def quantize_kv_cache(kv: torch.Tensor, layout: fp8_cache.Fp8Layout) -> torch.Tensor:
-    """``kv [num_blocks, page_size, 1, layout.head_dim]`` quantized into ``layout``
-    (``fp8_cache.quantize_v32_kv_cache`` or ``quantize_model1_kv_cache``)."""
-    if layout is fp8_cache.V32:
-        return fp8_cache.quantize_v32_kv_cache(kv)
-    return fp8_cache.quantize_model1_kv_cache(kv)
 
 
 def token_byte_parts(k_cache: torch.Tensor, layout: fp8_cache.Fp8Layout) -> list[torch.Tensor]:
