@@ -184,12 +184,19 @@ def quantize_model1_kv_cache(kv: torch.Tensor) -> torch.Tensor:
     return view.view(torch.float8_e4m3fn)
 
 
+def page_stride_of(cache: torch.Tensor, bytes_per_token: int) -> int:
+    """Bytes from one page of ``cache`` (``[num_blocks, page_size, ...]``) to the next: its
+    stride, or for a cache of one page, whose page stride is never used and may be
+    anything, the pages packed (``page_size * bytes_per_token``)."""
+    return cache.stride(0) if cache.shape[0] > 1 else cache.shape[1] * bytes_per_token
+
+
 def model1_token_bytes(cache: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The bytes of tokens ``slots`` of pages ``pages`` (integer tensors of one shape
     ``[...]``, in range) of a MODEL1 cache: ``(rows [..., 576], scales [..., 8])`` uint8."""
     raw = model1_cache_bytes(cache)
     num_blocks, page_size = raw.shape[:2]
-    page_stride = raw.stride(0) if num_blocks > 1 else page_size * MODEL1_BYTES_PER_TOKEN
+    page_stride = page_stride_of(raw, MODEL1_BYTES_PER_TOKEN)
     # The cache's bytes from its first page's first to its last page's last, in a line.
     flat = raw.as_strided(((num_blocks - 1) * page_stride + page_size * MODEL1_BYTES_PER_TOKEN,), (1,))
     base = pages.long() * page_stride

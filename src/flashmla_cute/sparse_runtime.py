@@ -39,7 +39,7 @@ def kernel_cache_views(k_cache: torch.Tensor, layout: fp8_cache.Fp8Layout, num_b
     the page's 576-byte token rows and, after them, its 8-byte scale rows. (The page
     stride of a cache of one page is never used.)"""
     raw = k_cache.view(torch.uint8)
-    page_stride = raw.stride(0) if num_blocks > 1 else page_size * layout.bytes_per_token
+    page_stride = fp8_cache.page_stride_of(raw, layout.bytes_per_token)
     base = raw.storage_offset()
     rows = raw.as_strided((num_blocks, page_size, layout.row_bytes), (page_stride, layout.row_bytes, 1), base)
     scales = raw.as_strided((num_blocks, page_size, layout.scale_bytes), (page_stride, layout.scale_stride, 1),
