@@ -83,6 +83,7 @@ CONSUMER_REGS = 232
 
 ROPE_CHUNK = 8  # the K tile's 64-column chunk past the 512 value columns: holds P
 CHUNK = 64  # columns per TMA copy and per 128-byte swizzle atom
+STREAM_BLOCKS = 32  # K tiles: a run this long of one sequence is a stream (k_cache_policy)
 
 # Row statistics in shared memory, each TILE_M floats.
 STAT_M0, STAT_S0, STAT_M1, STAT_S1, STAT_SUM_L, STAT_SUM_R = range(6)
@@ -352,6 +353,7 @@ class MlaDecodeSm90:
         part, kv_head, m_tile,
     ):
         begin_batch, begin_block, end_batch, end_block = self.part_range(mMeta, part)
+        num_m_tiles, _, _ = cute.arch.grid_dim()
         cpasync.prefetch_descriptor(tma_q)
         cpasync.prefetch_descriptor(tma_k)
         # (TMA, tiles_m, 1, h_kv, b) and (TMA, 1, 1, h_kv, pages)
@@ -373,31 +375,46 @@ class MlaDecodeSm90:
         )
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, NUM_STAGES)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
-        evict_first = Int64(utils.TMA_EVICT_FIRST)
         for batch in cutlass.range(begin_batch, end_batch + 1, unroll=1):
             seqlen, first, last = self.blocks_of(mSeqlens, mBlockTable, batch, begin_batch, begin_block, end_batch, end_block)
+            cache_policy = self.k_cache_policy(last - first, num_m_tiles)
             # Q goes after the batch's first K tile: its buffer frees up only when the
             # previous batch's last block is done, and that K load need not wait for it.
             # (Loops of 0 or 1 trips rather than branches: pipeline states are advanced
             # in loop bodies.)
             split = cutlass.min(first + 1, last)
             for block in cutlass.range(first, split, unroll=1):
-                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, evict_first)
+                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy)
                 kv_state.advance()
             q_pipe.producer_acquire(q_state)
             cute.copy(tma_q, tQgQ[None, m_tile, 0, kv_head, batch], tQsQ[None, 0],
                       tma_bar_ptr=q_pipe.producer_get_barrier(q_state))
             q_state.advance()
             for block in cutlass.range(split, last, unroll=1):
-                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, evict_first)
+                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy)
                 kv_state.advance()
 
     @cute.jit
-    def load_k(self, tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, evict_first):
+    def k_cache_policy(self, num_blocks: Int32, num_m_tiles: Int32) -> Int64:
+        """L2 eviction priority of a run of ``num_blocks`` K tiles of one sequence.
+
+        ``EVICT_FIRST``, except for a long run (``STREAM_BLOCKS`` or more) read by a
+        single query tile, the memory-bound case: there the default priority was 2-3%
+        faster when the kernels before this one left L2 full of dirty lines, and slower
+        for short runs and for several query tiles sharing each K tile (measured, with
+        no known cause: benchmarks/NOTES.md, "The memory-bound gap: the K loads'
+        eviction hint")."""
+        policy = Int64(utils.TMA_EVICT_FIRST)
+        if (num_blocks >= STREAM_BLOCKS) & (num_m_tiles == 1):
+            policy = Int64(utils.TMA_EVICT_NORMAL)
+        return policy
+
+    @cute.jit
+    def load_k(self, tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy):
         """TMA of one 64-token page of K (and V, its first 512 columns) into the next
         stage, chunk by chunk, each chunk as soon as both consumers are done with it."""
         page = mBlockTable[batch, block]
-        kv.load(kv_state, tma_k, tKgK[None, 0, None, kv_head, page], tKsK[None, None, kv_state.index], evict_first)
+        kv.load(kv_state, tma_k, tKgK[None, 0, None, kv_head, page], tKsK[None, None, kv_state.index], cache_policy)
 
     @staticmethod
     def kv_stage(count: Int32) -> pipeline.PipelineState:

@@ -4,10 +4,9 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
 
-# L2 eviction-priority hint for TMA loads that are read once (CUTLASS's
-# CacheHintSm90::EVICT_FIRST): the KV cache streams through L2 without evicting
-# what is reused (the query tiles, the block table).
+# L2 eviction-priority hints for TMA loads (CUTLASS's CacheHintSm90 values).
 TMA_EVICT_FIRST = 0x12F0000000000000
+TMA_EVICT_NORMAL = 0x1000000000000000
 
 
 def acc_as_rows_cols(acc: cute.Tensor) -> cute.Tensor:
