@@ -10,7 +10,7 @@ import torch
 
 from flashmla_cute.checks import MAX_S_Q
 from flashmla_cute.reference import flash_mla_reference
-from flashmla_cute.testing import cosine_distance, make_decode_inputs
+from flashmla_cute.testing import cosine_distance, make_decode_inputs, written_by_a_long_kernel
 
 pytestmark = pytest.mark.gpu
 
@@ -144,6 +144,26 @@ def test_runs_on_a_side_stream(requires_hopper):
         )
     stream.synchronize()
     assert cosine_distance(out.float(), ref_out.float()) < TOL
+
+
+def test_reads_what_the_kernel_before_it_wrote(requires_hopper):
+    """Q, written last by the kernel launched just before the call (a matmul into memory
+    that held NaN), is read after that kernel ends: the guard for a launch that overlaps
+    the previous kernel's end (benchmarks/NOTES.md, "Not kept: the decode kernels as
+    programmatic dependents")."""
+    import flashmla_cute
+
+    inputs = make_decode_inputs(8, 2, 64, seqlen=3000, varlen=True, device="cuda", seed=5)
+    meta, num_splits = flashmla_cute.get_mla_metadata(inputs.cache_seqlens, 2 * 64, 1)
+    inputs.q = written_by_a_long_kernel(inputs.q, seed=5)
+    out, lse = flashmla_cute.flash_mla_with_kvcache(
+        inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512, meta, num_splits, causal=True
+    )
+    ref_out, ref_lse = flash_mla_reference(inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512,
+                                           causal=True)
+    assert not torch.isnan(out).any(), "NaN in out: Q read before the kernel that wrote it ended"
+    assert cosine_distance(out.float(), ref_out.float()) < TOL
+    assert cosine_distance(lse, ref_lse) < TOL
 
 
 def test_length_past_the_block_table_gives_nan_not_a_read_out_of_bounds(requires_hopper):

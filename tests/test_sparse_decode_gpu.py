@@ -16,7 +16,7 @@ from flashmla_cute.api import flash_mla_with_kvcache, get_mla_metadata
 from flashmla_cute.fp8_cache import MODEL1, V32
 from flashmla_cute.sparse_reference import sparse_mla_reference
 from flashmla_cute.sparse_testing import NAN_BYTE, make_sparse_decode_inputs, with_page_stride
-from flashmla_cute.testing import cosine_distance
+from flashmla_cute.testing import cosine_distance, written_by_a_long_kernel
 
 pytestmark = pytest.mark.gpu
 
@@ -156,6 +156,14 @@ def test_large_scores_move_the_running_maximum_in_later_steps(requires_hopper, l
     inp = make_sparse_decode_inputs(4, 2, 64, 3000, 1024, 64, seed=5, with_sink=True, layout=layout,
                                     device=requires_hopper)
     inp.softmax_scale *= 300
+    check(inp)
+
+
+def test_reads_what_the_kernel_before_it_wrote(requires_hopper):
+    """Q, written last by the kernel launched just before the call (a matmul into memory
+    that held NaN), is read after that kernel ends (as the dense test of that name)."""
+    inp = make_sparse_decode_inputs(20, 2, 128, 1024, 576, 61, seed=11, with_sink=True, device=requires_hopper)
+    inp.q = written_by_a_long_kernel(inp.q, seed=11)
     check(inp)
 
 

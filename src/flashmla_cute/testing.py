@@ -182,6 +182,20 @@ def make_decode_inputs(
     )
 
 
+def written_by_a_long_kernel(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """A tensor shaped as ``like`` (entries ~N(0, 1)), written at the end of a matmul of
+    a few tens of microseconds into memory that held NaN, with nothing between it and
+    whatever is launched next on the stream: a kernel that reads it too early sees NaN."""
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    rows, cols, inner = like.numel() // like.shape[-1], like.shape[-1], 1 << 15
+    a = torch.randn(rows, inner, device=like.device, generator=gen).to(like.dtype) / math.sqrt(inner)
+    w = torch.randn(inner, cols, device=like.device, generator=gen).to(like.dtype)
+    out = torch.full_like(like, float("nan"))
+    torch.cuda.synchronize()
+    torch.matmul(a, w, out=out.view(rows, cols))
+    return out
+
+
 def _total_tokens(cache_seqlens) -> int:
     if isinstance(cache_seqlens, torch.Tensor):
         return int(cache_seqlens.to(torch.int64).sum())
