@@ -31,7 +31,13 @@ COMBINE_THREADS = THREADS_PER_ROW * COMBINE_FRAGMENT_GROUPS
 COMBINE_FRAGS_IN_FLIGHT = 8  # fragments whose loads a combine thread has in flight
 WARPS_PER_CTA = COMBINE_THREADS // 32
 WARP_ROW_FRAGMENTS = 4  # a sequence of at most this many fragments is merged a warp per row
-CTA_BUDGET_PER_SM = 2  # combine CTAs launched per decode CTA (about per SM): as many as fit at once
+# Combine CTAs launched per CTA of the kernel that wrote the partials (``launch``'s
+# ``ctas_per_producer``), measured (benchmarks/NOTES.md, "Small sparse batches"):
+# the dense decode kernel's split sequences have few fragments from b = 8 up and lost
+# up to 8% with more CTAs; the sparse kernel's split query tokens have 128-256 rows of
+# 9 or more fragments each, merged row by row, and gained 2-8% with a CTA per row.
+CTAS_PER_DECODE_CTA = 2
+CTAS_PER_SPARSE_CTA = 6
 
 
 class MlaCombine:
@@ -41,8 +47,8 @@ class MlaCombine:
     decode kernel drains. Grid ``(slots, h_kv, row_groups)``: slot ``j`` takes the
     sequences ``j, j + slots, ...`` (``slots = min(b, num_parts)``), and of each one
     it merges, the rows ``g, g + row_groups, ...`` of its row group ``g``. The row
-    groups are as many as give about ``CTA_BUDGET_PER_SM`` CTAs per SM in all
-    (``num_parts * h_kv * query tiles`` is about the SM count), so that the one
+    groups are as many as give about ``ctas_per_producer`` CTAs per CTA of the kernel
+    that wrote the partials (which ran about one per SM) in all, so that the one
     sequence of a batch of one is merged by as many CTAs as it has rows, while a
     large batch does not launch waves of CTAs with nothing to merge.
 
@@ -86,21 +92,22 @@ class MlaCombine:
         mOAccum, mLseAccum = accumulators(mAccum, num_acc, h_kv, rows, self.head_dim_v)
         num_m_tiles = (rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
         self.launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, mLse, Int32(0), heads_per_kv,
-                    mMeta.shape[0] * num_m_tiles, stream, False)
+                    mMeta.shape[0] * num_m_tiles, CTAS_PER_DECODE_CTA, stream, False)
 
     @cute.jit
     def launch(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mNumSplits: cute.Tensor, mO: cute.Tensor,
                mLse: cute.Tensor, mSink: cute.Tensor, has_sink: Int32, heads_per_kv: Int32, producer_ctas: Int32,
-               stream, after_producer: cutlass.Constexpr):
+               ctas_per_producer: cutlass.Constexpr, stream, after_producer: cutlass.Constexpr):
         """Launch on ``stream``: sequence ``i``'s fragments are ``mNumSplits[i] ..
         mNumSplits[i + 1] - 1`` of ``mOAccum`` / ``mLseAccum``; with ``has_sink``, each
         row's output is scaled by ``exp(lse) / (exp(lse) + exp(mSink[head]))``.
         ``producer_ctas``: how many CTAs of the kernel that wrote the partials ran at
-        once (about the SM count), which sizes the grid. ``after_producer``: launched
+        once (about the SM count), which with ``ctas_per_producer`` sizes the grid (see
+        the class). ``after_producer``: launched
         as that kernel's programmatic dependent, right after it."""
         rows = mOAccum.shape[2]
         num_slots = cutlass.max(cutlass.min(mO.shape[0], producer_ctas), 1)
-        row_groups = (CTA_BUDGET_PER_SM * producer_ctas + num_slots - 1) // num_slots
+        row_groups = (ctas_per_producer * producer_ctas + num_slots - 1) // num_slots
         row_groups = cutlass.max(cutlass.min(row_groups, rows), 1)
         self.kernel(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, heads_per_kv, num_slots,
                     row_groups).launch(

@@ -71,7 +71,7 @@ from ..scheduler import BEGIN_BATCH, BEGIN_BLOCK, BEGIN_SPLIT, BLOCK_SIZE, END_B
 from .consumer_barriers import ConsumerBarriers
 from .kv_stages import NUM_STAGES, KvStages
 from .split_o import SplitOFragments, split_o_fragments
-from .combine import MlaCombine
+from .combine import CTAS_PER_DECODE_CTA, MlaCombine
 from .utils import accumulators
 
 BLOCK_N = BLOCK_SIZE  # tokens per KV tile: one page
@@ -240,7 +240,7 @@ class MlaDecodeSm90:
         )
         # The split sequences' merge.
         MlaCombine(dtype, dv).launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, mLse, Int32(0), heads_per_kv,
-                                     num_parts * num_m_tiles, stream, True)
+                                     num_parts * num_m_tiles, CTAS_PER_DECODE_CTA, stream, True)
 
     # ---------------------------------------------------------------- device side
     @cute.kernel

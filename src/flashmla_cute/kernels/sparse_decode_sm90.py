@@ -67,7 +67,7 @@ from cutlass.tensor_utils import LayoutEnum
 from .. import fp8_cache
 from ..sparse_plan import HEAD_TILE, STEP_TOKENS
 from . import softmax, utils
-from .combine import MlaCombine
+from .combine import CTAS_PER_SPARSE_CTA, MlaCombine
 from .split_o import SplitOFragments, split_o_fragments
 
 TOKENS = STEP_TOKENS  # indices per step
@@ -180,7 +180,7 @@ class SparseDecodeSm90:
         # Split query tokens: their fragments merged (and the sink applied) by the combine
         # kernel, launched as this kernel's programmatic dependent.
         MlaCombine(dtype, DV).launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q,
-                                     cutlass.min(num_ctas, num_sms), stream, True)
+                                     cutlass.min(num_ctas, num_sms), CTAS_PER_SPARSE_CTA, stream, True)
 
     # ---------------------------------------------------------------- device side
     @cute.kernel
