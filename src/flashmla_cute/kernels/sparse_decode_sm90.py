@@ -61,7 +61,7 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import BFloat16, Float32, Int32, Uint8, const_expr
-from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
+from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from .. import fp8_cache
@@ -257,6 +257,7 @@ class SparseDecodeSm90:
         next_index = steps.index(first + 1, token)
         self.fetch(caches, steps.from_extra(first), fetched, index, tidx)
         self.unpack(fetched, sK, t.token_valid, 0, tidx)
+        cute.arch.cp_async_wait_group(0)  # this thread's part of Q has landed
         cute.arch.fence_view_async_shared()
         cute.arch.sync_threads()  # Q and tile 0 are stored
         for step in cutlass.range(num_steps, unroll=1):
@@ -452,15 +453,24 @@ class SparseDecodeSm90:
 
     @cute.jit
     def load_q(self, mQ, sQ, tidx, batch, s, head0, h_q):
-        """Q's 64 head rows into shared memory, 16 bytes per copy; rows past h_q are zeros."""
-        for v in cutlass.range(tidx, HEAD_TILE * self.q_vectors_per_row, THREADS, unroll=2):
+        """Start copying Q's 64 head rows into shared memory with ``cp.async``, 16 bytes a
+        copy, all of a thread's copies in flight at once (the wait before the first step
+        ends them); rows past h_q are zeros. The indices' load and the first K fetch go
+        out meanwhile, so a CTA's start waits for one of these latencies, not for them
+        in a row."""
+        vectors = HEAD_TILE * self.q_vectors_per_row
+        assert vectors % THREADS == 0, f"{vectors} Q vectors do not divide among {THREADS} threads"
+        copy_atom = cute.make_copy_atom(cpasync.CopyG2SOp(), mQ.element_type, num_bits_per_copy=128)
+        for i in cutlass.range_constexpr(vectors // THREADS):
+            v = tidx + i * THREADS
             r = v // self.q_vectors_per_row
             c = v - r * self.q_vectors_per_row
             dst = cute.local_tile(sQ[r, None, 0], (8,), (c,))
             if head0 + r < h_q:
-                cute.autovec_copy(cute.local_tile(mQ[batch, s, head0 + r, None], (8,), (c,)), dst)
+                cute.copy(copy_atom, cute.local_tile(mQ[batch, s, head0 + r, None], (8,), (c,)), dst)
             else:
                 dst.fill(0.0)
+        cute.arch.cp_async_commit_group()
 
     def token_registers(self) -> "TokenRegisters":
         return TokenRegisters(
