@@ -136,8 +136,9 @@ def stamped_steps(stamps: Stamps):
         saved["release"](self, state, chunks)
         stamps.consumer_step(f"released {chunks.start}-{chunks.stop - 1}")
 
-    def load(self, state, tma_k, src, dst, cache_policy):
-        for g, (begin, end) in enumerate(self.groups):
+    def load(self, state, tma_k, src, dst, cache_policy, chunks):
+        for g in self._whole_groups(chunks):
+            begin, end = self.groups[g]
             self.pipes[g].producer_acquire(state)
             stamps.producer_acquired(g, range(begin, end), state.count)
             for c in range(begin, end):

@@ -378,20 +378,25 @@ class MlaDecodeSm90:
         for batch in cutlass.range(begin_batch, end_batch + 1, unroll=1):
             seqlen, first, last = self.blocks_of(mSeqlens, mBlockTable, batch, begin_batch, begin_block, end_batch, end_block)
             cache_policy = self.k_cache_policy(last - first, num_m_tiles)
-            # Q goes after the batch's first K tile: its buffer frees up only when the
-            # previous batch's last block is done, and that K load need not wait for it.
-            # (Loops of 0 or 1 trips rather than branches: pipeline states are advanced
-            # in loop bodies.)
+            # Q goes between the halves of the batch's first K tile: S needs all of Q
+            # and the tile's lo chunks before its first k-steps, so the hi chunks wait
+            # behind Q (40 KB less to land before S starts: small batches 1-3% faster),
+            # and Q's buffer frees up only when the previous batch's last block is done,
+            # which the lo chunks need not wait for. (Loops of 0 or 1 trips rather than
+            # branches: pipeline states are advanced in loop bodies.)
             split = cutlass.min(first + 1, last)
             for block in cutlass.range(first, split, unroll=1):
-                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy)
-                kv_state.advance()
+                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy, self.lo)
             q_pipe.producer_acquire(q_state)
             cute.copy(tma_q, tQgQ[None, m_tile, 0, kv_head, batch], tQsQ[None, 0],
                       tma_bar_ptr=q_pipe.producer_get_barrier(q_state))
             q_state.advance()
+            for block in cutlass.range(first, split, unroll=1):
+                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy, self.hi)
+                kv_state.advance()
             for block in cutlass.range(split, last, unroll=1):
-                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy)
+                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy,
+                            self.all_chunks)
                 kv_state.advance()
 
     @cute.jit
@@ -410,11 +415,13 @@ class MlaDecodeSm90:
         return policy
 
     @cute.jit
-    def load_k(self, tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy):
-        """TMA of one 64-token page of K (and V, its first 512 columns) into the next
-        stage, chunk by chunk, each chunk as soon as both consumers are done with it."""
+    def load_k(self, tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy, chunks):
+        """TMA of ``chunks`` (whole groups) of one 64-token page of K (and V, its first
+        512 columns) into the next stage, each group as soon as both consumers are done
+        with it."""
         page = mBlockTable[batch, block]
-        kv.load(kv_state, tma_k, tKgK[None, 0, None, kv_head, page], tKsK[None, None, kv_state.index], cache_policy)
+        kv.load(kv_state, tma_k, tKgK[None, 0, None, kv_head, page], tKsK[None, None, kv_state.index], cache_policy,
+                chunks)
 
     @staticmethod
     def kv_stage(count: Int32) -> pipeline.PipelineState:

@@ -71,19 +71,25 @@ class KvStages:
         for g in self._groups_of(chunks):
             self.pipes[g].consumer_wait(state)
 
-    def release(self, state: pipeline.PipelineState, chunks: range):
-        """Consumer: this warp is done with ``chunks`` (whole groups) of the stage."""
+    def _whole_groups(self, chunks: range) -> list:
         groups = self._groups_of(chunks)
         assert all(chunks.start <= self.groups[g][0] and self.groups[g][1] <= chunks.stop for g in groups), (
             f"chunks {chunks} do not cover whole groups of {self.groups}"
         )
-        for g in groups:
+        return groups
+
+    def release(self, state: pipeline.PipelineState, chunks: range):
+        """Consumer: this warp is done with ``chunks`` (whole groups) of the stage."""
+        for g in self._whole_groups(chunks):
             self.pipes[g].consumer_release(state)
 
-    def load(self, state: pipeline.PipelineState, tma_k, src: cute.Tensor, dst: cute.Tensor, cache_policy):
+    def load(self, state: pipeline.PipelineState, tma_k, src: cute.Tensor, dst: cute.Tensor, cache_policy,
+             chunks: range):
         """Producer: copy chunk ``c`` of ``src`` (``(TMA, chunk)``) into chunk ``c`` of
-        ``dst`` (``(TMA, chunk)``, the stage's), each group as soon as it is free."""
-        for g, (begin, end) in enumerate(self.groups):
+        ``dst`` (``(TMA, chunk)``, the stage's) for the groups of ``chunks`` (whole
+        groups), each group as soon as it is free."""
+        for g in self._whole_groups(chunks):
+            begin, end = self.groups[g]
             self.pipes[g].producer_acquire(state)
             for c in range(begin, end):
                 cute.copy(tma_k, src[None, c], dst[None, c], tma_bar_ptr=self.pipes[g].producer_get_barrier(state),
