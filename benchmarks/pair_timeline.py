@@ -117,30 +117,33 @@ def store_clock(trace, enabled, idx):
 
 @contextlib.contextmanager
 def stamped_steps(stamps: Stamps):
-    """The K ring's waits, releases and loads and the consumers' barriers, stamped, while
+    """The K ring's waits, releases and loads (not Q's) and the consumers' barriers, stamped, while
     the stamped kernel is compiled; the package's own afterwards."""
     import cutlass.cute as cute
 
     from flashmla_cute.kernels import consumer_barriers, kv_stages
 
     ring = kv_stages.KvStages
+    ring_stages = kv_stages.NUM_STAGES
     saved = {name: ring.__dict__[name] for name in ("wait", "release", "load")}
     saved_create = consumer_barriers.ConsumerBarriers.__dict__["create"]
 
     def wait(self, state, chunks):
         saved["wait"](self, state, chunks)
-        if chunks.start in (0, 4) or len(chunks) > 1:
+        if self.num_stages == ring_stages and (chunks.start in (0, 4) or len(chunks) > 1):
             stamps.consumer_step(f"waited chunks {chunks.start}-{chunks.stop - 1}")
 
     def release(self, state, chunks):
         saved["release"](self, state, chunks)
-        stamps.consumer_step(f"released {chunks.start}-{chunks.stop - 1}")
+        if self.num_stages == ring_stages:
+            stamps.consumer_step(f"released {chunks.start}-{chunks.stop - 1}")
 
     def load(self, state, tma_k, src, dst, cache_policy, chunks):
         for g in self._whole_groups(chunks):
             begin, end = self.groups[g]
             self.pipes[g].producer_acquire(state)
-            stamps.producer_acquired(g, range(begin, end), state.count)
+            if self.num_stages == ring_stages:  # the K ring, not Q
+                stamps.producer_acquired(g, range(begin, end), state.count)
             for c in range(begin, end):
                 cute.copy(tma_k, src[None, c], dst[None, c], tma_bar_ptr=self.pipes[g].producer_get_barrier(state),
                           cache_policy=cache_policy)
@@ -182,10 +185,10 @@ def stamped_kernel_class(stamps: Stamps):
 
     # No data-dependent control flow below: plain Python, traced inline into the kernel.
     def stamped_pair(role_pair):
-        def pair_method(self, t, bars, kv, pair, first_state, *args):
+        def pair_method(self, t, bars, kv, q, pair, first_state, *args):
             stamps.new_pair(first_state.count // 2)
             stamps.consumer_step("start")
-            role_pair(self, t, bars, kv, pair, first_state, *args)
+            role_pair(self, t, bars, kv, q, pair, first_state, *args)
             stamps.consumer_step("end")
 
         return pair_method

@@ -13,8 +13,9 @@ many SMs (see ``combine.py``).
 Warp roles (384 threads):
 
 - warpgroup 0, warp 0: the producer. Issues TMA bulk-tensor loads of Q (once per
-  batch) and of K tiles straight out of the paged cache (the page index read from the
-  block table) into a 2-stage ring, one 64-column chunk per copy. Each stage completes on
+  batch, between the halves of the batch's first K tile) and of K tiles straight out
+  of the paged cache (the page index read from the block table) into a 2-stage ring,
+  one 64-column chunk per copy. Each stage completes on
   two mbarriers, for its "lo" chunks (the left consumer's 256 value columns) and its
   "hi" chunks (the rest), which are also released separately, so that the next block's
   first chunks load while the current pair of blocks is still being finished.
@@ -108,6 +109,18 @@ class ConsumerTensors(SplitOFragments):
     lane_writes_row: object  # the thread of its quad that writes row statistics
 
 
+@dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
+class BatchQ:
+    """A batch's Q tile as S waits for it: the one-stage ring Q is loaded through and
+    the batch's state in it."""
+
+    ring: KvStages
+    state: pipeline.PipelineState
+
+    def wait(self, chunks: range):
+        self.ring.wait(self.state, chunks)
+
+
 class MlaDecodeSm90:
     """Static configuration of one decode kernel variant.
 
@@ -187,22 +200,23 @@ class MlaDecodeSm90:
         sQ_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (TILE_M, BLOCK_N, d), dtype, 1)
         sK_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (TILE_M, BLOCK_N, d), dtype, NUM_STAGES)
 
-        tma_q, tma_q_tensor = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(), q_tma_src, cute.select(sQ_layout, mode=[0, 1]), (TILE_M, d)
-        )
-        # K is loaded one 64-column chunk per TMA, so that its two halves can be released
-        # and refilled separately (see KvHalves).
+        # Q and K are loaded one 64-column chunk per TMA, so that S starts on a tile's
+        # first chunks and K's two halves can be released and refilled separately
+        # (kv_stages.py). A chunk of either is 64 rows of one 128-byte swizzle atom
+        # (the A and B operand layouts of a K-major 64 x 64 tile are the same).
         chunk_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (TILE_M, BLOCK_N, CHUNK), dtype, 1)
+        tma_q, tma_q_tensor = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), q_tma_src, cute.select(chunk_layout, mode=[0, 1]), (TILE_M, CHUNK)
+        )
         tma_k, tma_k_tensor = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileG2SOp(), k_tma_src, cute.select(chunk_layout, mode=[0, 1]), (BLOCK_N, CHUNK)
         )
-        self.q_bytes = cute.size_in_bytes(dtype, cute.select(sQ_layout, mode=[0, 1]))
         self.chunk_bytes = cute.size_in_bytes(dtype, cute.select(chunk_layout, mode=[0, 1]))
 
         @cute.struct
         class SharedStorage:
             kv_mbar: cute.struct.MemRange[Int64, KvStages.barrier_count(self.kv_groups)]
-            q_mbar: cute.struct.MemRange[Int64, 2]
+            q_mbar: cute.struct.MemRange[Int64, KvStages.barrier_count(self.kv_groups, 1)]
             stats: cute.struct.MemRange[Float32, NUM_STATS * TILE_M]
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
@@ -283,14 +297,9 @@ class MlaDecodeSm90:
         # before the pair ends, so the next block's first chunks load early; the rest
         # ("hi": the right consumer's value columns and the rope chunk) later.
         kv = KvStages.create(storage.kv_mbar.data_ptr(), self.kv_groups, self.chunk_bytes, consumer_warps)
-        q_pipe = pipeline.PipelineTmaAsync.create(
-            num_stages=1,
-            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
-            consumer_group=consumer_warps,
-            tx_count=self.q_bytes,
-            barrier_storage=storage.q_mbar.data_ptr(),
-            defer_sync=True,
-        )
+        # Q: a ring of one stage with K's chunk groups, so that S waits for each half
+        # of Q with the same half of K.
+        q_ring = KvStages.create(storage.q_mbar.data_ptr(), self.kv_groups, self.chunk_bytes, consumer_warps, 1)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
@@ -306,13 +315,13 @@ class MlaDecodeSm90:
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             if warp_idx == 0:
                 self.produce(
-                    tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv, q_pipe, mBlockTable, mSeqlens, mMeta,
+                    tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv, q_ring, mBlockTable, mSeqlens, mMeta,
                     part, kv_head, m_tile,
                 )
         else:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             args = (
-                tidx % 128, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv, q_pipe,
+                tidx % 128, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv, q_ring,
                 mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale,
                 heads_per_kv, part, kv_head, m_tile,
             )
@@ -349,26 +358,20 @@ class MlaDecodeSm90:
 
     @cute.jit
     def produce(
-        self, tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv, q_pipe, mBlockTable, mSeqlens, mMeta,
+        self, tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv, q_ring, mBlockTable, mSeqlens, mMeta,
         part, kv_head, m_tile,
     ):
         begin_batch, begin_block, end_batch, end_block = self.part_range(mMeta, part)
         num_m_tiles, _, _ = cute.arch.grid_dim()
         cpasync.prefetch_descriptor(tma_q)
         cpasync.prefetch_descriptor(tma_k)
-        # (TMA, tiles_m, 1, h_kv, b) and (TMA, 1, 1, h_kv, pages)
-        gQ = cute.flat_divide(mQ_tma, (TILE_M, self.head_dim))
+        gQ = cute.flat_divide(mQ_tma, (TILE_M, CHUNK))  # (64, 64, tiles_m, chunks, h_kv, b)
         gK = cute.flat_divide(mK_tma, (BLOCK_N, CHUNK))  # (64, 64, 1, chunks, h_kv, pages)
+        # Q and the K stages as (row, column-in-chunk, chunk, stage).
+        sQ_chunks = cute.make_tensor(sQ.iterator, self.chunked_layout(TILE_M, 1))
+        sK_chunks = cute.make_tensor(sK.iterator, self.chunked_layout(BLOCK_N, NUM_STAGES))
         tQsQ, tQgQ = cpasync.tma_partition(
-            tma_q, 0, cute.make_layout(1), cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2)
-        )
-        # The stages as (token, column-in-chunk, chunk, stage).
-        sK_chunks = cute.make_tensor(
-            sK.iterator,
-            cute.make_layout(
-                ((8, BLOCK_N // 8), CHUNK, self.k_chunks, NUM_STAGES),
-                stride=((64, 512), 1, BLOCK_N * CHUNK, BLOCK_N * self.head_dim),
-            ),
+            tma_q, 0, cute.make_layout(1), cute.group_modes(sQ_chunks, 0, 2), cute.group_modes(gQ, 0, 2)
         )
         tKsK, tKgK = cpasync.tma_partition(
             tma_k, 0, cute.make_layout(1), cute.group_modes(sK_chunks, 0, 2), cute.group_modes(gK, 0, 2)
@@ -387,9 +390,8 @@ class MlaDecodeSm90:
             split = cutlass.min(first + 1, last)
             for block in cutlass.range(first, split, unroll=1):
                 self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy, self.lo)
-            q_pipe.producer_acquire(q_state)
-            cute.copy(tma_q, tQgQ[None, m_tile, 0, kv_head, batch], tQsQ[None, 0],
-                      tma_bar_ptr=q_pipe.producer_get_barrier(q_state))
+            q_ring.load(q_state, tma_q, tQgQ[None, m_tile, None, kv_head, batch], tQsQ[None, None, 0], None,
+                        self.all_chunks)
             q_state.advance()
             for block in cutlass.range(first, split, unroll=1):
                 self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy, self.hi)
@@ -398,6 +400,14 @@ class MlaDecodeSm90:
                 self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy,
                             self.all_chunks)
                 kv_state.advance()
+
+    def chunked_layout(self, rows: int, stages: int) -> cute.Layout:
+        """Stages of ``rows`` x d tiles (Q's, K's: 128-byte swizzle atoms of 8 rows, 64
+        columns a chunk, chunk after chunk) as (row, column in chunk, chunk, stage)."""
+        return cute.make_layout(
+            ((8, rows // 8), CHUNK, self.k_chunks, stages),
+            stride=((64, 512), 1, rows * CHUNK, rows * self.head_dim),
+        )
 
     @cute.jit
     def k_cache_policy(self, num_blocks: Int32, num_m_tiles: Int32) -> Int64:
@@ -473,7 +483,7 @@ class MlaDecodeSm90:
     @cute.jit
     def consume(
         self, wg: cutlass.Constexpr, wg_tidx: Int32, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
-        kv, q_pipe, mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum,
+        kv, q_ring, mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum,
         softmax_scale, heads_per_kv, part, kv_head, m_tile,
     ):
         """One consumer warpgroup (``wg`` 0 the left one, 1 the right one): for each
@@ -505,31 +515,31 @@ class MlaDecodeSm90:
             if const_expr(self.causal):
                 mask_from = seqlen - (s_q - 1)
 
-            q_pipe.consumer_wait(q_state)
+            q = BatchQ(q_ring, q_state)
             for pair in cutlass.range(first, last, 2, unroll=1):
                 has_second = pair + 1 < last
                 first_state = self.kv_stage(tiles_seen)
                 second_state = self.kv_stage(tiles_seen + 1)
                 if const_expr(wg == 0):
-                    self.left_pair(t, bars, kv, pair, first_state, second_state, has_second, seqlen, mask_from,
+                    self.left_pair(t, bars, kv, q, pair, first_state, second_state, has_second, seqlen, mask_from,
                                    scale_log2)
                 else:
-                    self.right_pair(t, bars, kv, pair, first_state, second_state, has_second, seqlen, mask_from,
+                    self.right_pair(t, bars, kv, q, pair, first_state, second_state, has_second, seqlen, mask_from,
                                     scale_log2)
                 tiles_seen = tiles_seen + cutlass.min(last - pair, 2)
-            q_pipe.consumer_release(q_state)
+            q_ring.release(q_state, self.all_chunks)
             q_state.advance()
             self.finish_batch(wg, t, bars, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum,
                               softmax_scale, heads_per_kv, part, kv_head, m_tile, batch, seqlen)
 
     @cute.jit
-    def left_pair(self, t, bars, kv, pair, first_state, second_state, has_second, seqlen, mask_from, scale_log2):
+    def left_pair(self, t, bars, kv, q, pair, first_state, second_state, has_second, seqlen, mask_from, scale_log2):
         """The left consumer's part of a pair of blocks (K0, K1): ``S0 = Q K0^T``; the
         softmax of S0 against the running maximum (m0, s0, P0 to the right consumer);
         ``O_L = O_L s0 + P0 V0_L``; then, with m1 and s1 from the right consumer,
         ``O_L = O_L s1 + P1 V1_L``."""
         num_rows = cute.size(t.s_rc, mode=[0])
-        self.block_scores(pair, first_state, kv, t, bars, seqlen, mask_from)
+        self.block_scores(pair, first_state, kv, q, t, bars, seqlen, mask_from)
         for i in cutlass.range_constexpr(num_rows):
             m0 = cute.arch.fmax(t.row_max[i], softmax.row_max(t.s_rc, i))
             m0_scaled = softmax.scaled_max(m0, scale_log2)
@@ -565,7 +575,7 @@ class MlaDecodeSm90:
             self.pv_then_release(t.tiled_mma_o_ss, t, t.tOrP_ss, second_state, t.tOrV_ss, kv, self.all_chunks)
 
     @cute.jit
-    def right_pair(self, t, bars, kv, pair, first_state, second_state, has_second, seqlen, mask_from, scale_log2):
+    def right_pair(self, t, bars, kv, q, pair, first_state, second_state, has_second, seqlen, mask_from, scale_log2):
         """The right consumer's part of a pair of blocks (K0, K1): ``S1 = Q K1^T``; with
         m0 and s0 from the left consumer, the softmax of S1 (m1, s1, P1 to the left
         consumer); ``O_R = (O_R s0 + P0 V0_R) s1 + P1 V1_R``, P0 still relative to m0."""
@@ -573,7 +583,7 @@ class MlaDecodeSm90:
         for i in cutlass.range_constexpr(num_rows):
             t.block_max[i] = -Float32.inf
         if has_second:
-            self.block_scores(pair + 1, second_state, kv, t, bars, seqlen, mask_from)
+            self.block_scores(pair + 1, second_state, kv, q, t, bars, seqlen, mask_from)
             kv.release(second_state, self.lo)  # the left consumer still reads V1_L
             for i in cutlass.range_constexpr(num_rows):
                 t.block_max[i] = softmax.row_max(t.s_rc, i)
@@ -680,9 +690,10 @@ class MlaDecodeSm90:
         bars.sums.arrive_and_wait()
 
     @cute.jit
-    def block_scores(self, block, state, kv, t, bars, seqlen, mask_from):
+    def block_scores(self, block, state, kv, q, t, bars, seqlen, mask_from):
         """``S = Q K^T`` of one block into ``t.acc_s``, with keys a row may not see at
-        -inf. Each chunk's k-steps are issued as soon as that chunk has landed."""
+        -inf. Each chunk's k-steps are issued as soon as that chunk of K and of Q
+        (``q``, a ``BatchQ``) have landed."""
         stage = state.index
         block_start = block * BLOCK_N
         if block_start + BLOCK_N > seqlen:
@@ -696,7 +707,9 @@ class MlaDecodeSm90:
         warpgroup.fence()
         steps_per_chunk = CHUNK // 16
         for c in cutlass.range_constexpr(self.k_chunks):
-            kv.wait(state, range(c, c + 1))
+            if const_expr(c in kv.group_starts()):  # Q's groups are K's
+                kv.wait(state, range(c, c + 1))
+                q.wait(range(c, c + 1))
             for k in cutlass.range_constexpr(c * steps_per_chunk, (c + 1) * steps_per_chunk):
                 cute.gemm(t.tiled_mma_s, t.acc_s, t.tSrQ[None, None, k, 0], t.tSrK[None, None, k, stage], t.acc_s)
         warpgroup.commit_group()

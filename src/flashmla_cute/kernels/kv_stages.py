@@ -1,4 +1,5 @@
-"""The ring of K tiles in shared memory, with barriers per group of 64-column chunks.
+"""The ring of K tiles in shared memory, with barriers per group of 64-column chunks
+(the decode kernel loads Q through a ring of one stage with the same groups).
 
 A stage holds one 64-token block of K (V is its first 512 columns), loaded by one TMA
 copy per 64-column chunk (a 128-byte swizzle atom). The chunks are cut into groups, and
@@ -39,28 +40,32 @@ class KvStages:
 
     groups: tuple  # (first chunk, one past the last) of each group, in order
     pipes: tuple
+    num_stages: int
 
     @staticmethod
-    def barrier_count(groups: tuple) -> int:
+    def barrier_count(groups: tuple, num_stages: int = NUM_STAGES) -> int:
         """Int64 mbarriers the ring needs in shared memory."""
-        return len(groups) * NUM_STAGES * BARRIERS_PER_PIPELINE_STAGE
+        return len(groups) * num_stages * BARRIERS_PER_PIPELINE_STAGE
 
     @staticmethod
-    def create(barrier_storage, groups: tuple, chunk_bytes: int, consumer_group) -> "KvStages":
-        """The ring over ``barrier_count(groups)`` mbarriers at ``barrier_storage``
-        (initialized here; the caller fences and synchronizes before first use)."""
+    def create(barrier_storage, groups: tuple, chunk_bytes: int, consumer_group,
+               num_stages: int = NUM_STAGES) -> "KvStages":
+        """The ring over ``barrier_count(groups, num_stages)`` mbarriers at
+        ``barrier_storage`` (initialized here; the caller fences and synchronizes before
+        first use). The decode kernel's Q is a ring of one stage with the K ring's
+        groups, so that S starts on Q's first chunks too."""
         pipes = tuple(
             pipeline.PipelineTmaAsync.create(
-                num_stages=NUM_STAGES,
+                num_stages=num_stages,
                 producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
                 consumer_group=consumer_group,
                 tx_count=(end - begin) * chunk_bytes,
-                barrier_storage=barrier_storage + g * NUM_STAGES * BARRIERS_PER_PIPELINE_STAGE,
+                barrier_storage=barrier_storage + g * num_stages * BARRIERS_PER_PIPELINE_STAGE,
                 defer_sync=True,
             )
             for g, (begin, end) in enumerate(groups)
         )
-        return KvStages(groups, pipes)
+        return KvStages(groups, pipes, num_stages)
 
     # The methods hold no data-dependent control flow: plain Python, traced inline.
     def _groups_of(self, chunks: range) -> list:
@@ -70,6 +75,10 @@ class KvStages:
         """Consumer: wait until ``chunks`` of the stage have landed."""
         for g in self._groups_of(chunks):
             self.pipes[g].consumer_wait(state)
+
+    def group_starts(self) -> tuple:
+        """The first chunk of each group: where a reader taking the chunks in order waits."""
+        return tuple(begin for begin, _ in self.groups)
 
     def _whole_groups(self, chunks: range) -> list:
         groups = self._groups_of(chunks)
