@@ -379,19 +379,28 @@ class MlaDecodeSm90:
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, NUM_STAGES)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
         for batch in cutlass.range(begin_batch, end_batch + 1, unroll=1):
+            q_load = (q_state, tma_q, tQgQ[None, m_tile, None, kv_head, batch], tQsQ[None, None, 0], None)
+            # A CTA's first Q starts first: its buffer is free, and its address needs
+            # nothing read from memory but the plan, so its lo half lands while the
+            # sequence length and the block table are read (its hi half waits behind
+            # K's lo half, which S needs first).
+            if batch == begin_batch:
+                q_ring.load(*q_load, self.lo)
             seqlen, first, last = self.blocks_of(mSeqlens, mBlockTable, batch, begin_batch, begin_block, end_batch, end_block)
             cache_policy = self.k_cache_policy(last - first, num_m_tiles)
-            # Q goes between the halves of the batch's first K tile: S needs all of Q
-            # and the tile's lo chunks before its first k-steps, so the hi chunks wait
-            # behind Q (40 KB less to land before S starts: small batches 1-3% faster),
-            # and Q's buffer frees up only when the previous batch's last block is done,
-            # which the lo chunks need not wait for. (Loops of 0 or 1 trips rather than
-            # branches: pipeline states are advanced in loop bodies.)
+            # A later Q goes between the halves of the batch's first K tile: S needs all
+            # of Q and the tile's lo chunks before its first k-steps, so the hi chunks
+            # wait behind Q (40 KB less to land before S starts: small batches 1-3%
+            # faster), and Q's buffer frees up only when the previous batch's last block
+            # is done, which the lo chunks need not wait for. (Loops of 0 or 1 trips
+            # rather than branches: pipeline states are advanced in loop bodies.)
             split = cutlass.min(first + 1, last)
             for block in cutlass.range(first, split, unroll=1):
                 self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy, self.lo)
-            q_ring.load(q_state, tma_q, tQgQ[None, m_tile, None, kv_head, batch], tQsQ[None, None, 0], None,
-                        self.all_chunks)
+            if batch == begin_batch:
+                q_ring.load(*q_load, self.hi)
+            else:
+                q_ring.load(*q_load, self.all_chunks)
             q_state.advance()
             for block in cutlass.range(first, split, unroll=1):
                 self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy, self.hi)
