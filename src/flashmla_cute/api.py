@@ -123,9 +123,9 @@ def flash_mla_with_kvcache(
                       attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
 
     extras = (extra_k_cache, extra_indices_in_kvcache, extra_topk_length)
+    key = _sparse_key(q, k_cache, indices, topk_length, attn_sink, *extras, head_dim_v, causal, is_fp8_kvcache)
     try:  # the fast path: a configuration seen before, on the GPU
-        launch, config = _known_sparse[_sparse_key(q, k_cache, indices, topk_length, attn_sink, *extras, head_dim_v,
-                                                   causal, is_fp8_kvcache)]
+        launch, config = _known_sparse[key]
         if plan.have_initialized and plan.config != config:
             raise ValueError  # the checks decide
         if type(softmax_scale) is not float or not 0.0 < softmax_scale < math.inf:
@@ -156,7 +156,6 @@ def flash_mla_with_kvcache(
 
         launch = sparse_launch(problem, q.device)
         result = launch_sparse(launch, q, k_cache, indices, topk_length, attn_sink, *extras, problem.softmax_scale)
-        key = _sparse_key(q, k_cache, indices, topk_length, attn_sink, *extras, head_dim_v, causal, is_fp8_kvcache)
         interface._remember(_known_sparse, key, (launch, config))
     else:
         result = sparse_mla_reference(q, k_cache, indices, topk_length, attn_sink, problem.softmax_scale,

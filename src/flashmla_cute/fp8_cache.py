@@ -191,20 +191,23 @@ def page_stride_of(cache: torch.Tensor, bytes_per_token: int) -> int:
     return cache.stride(0) if cache.shape[0] > 1 else cache.shape[1] * bytes_per_token
 
 
+def model1_page_parts(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two parts of every page of a MODEL1 cache's bytes (``model1_cache_bytes``), as
+    writable uint8 views: its tokens' rows of latent and rope values ``[num_blocks,
+    page_size, 576]``, then their rows of scales ``[num_blocks, page_size, 8]``."""
+    num_blocks, page_size = raw.shape[:2]
+    page_stride = page_stride_of(raw, MODEL1_BYTES_PER_TOKEN)
+    rows = raw.as_strided((num_blocks, page_size, MODEL1_ROW_BYTES), (page_stride, MODEL1_ROW_BYTES, 1))
+    scales = raw.as_strided((num_blocks, page_size, MODEL1_SCALE_ROW_BYTES), (page_stride, MODEL1_SCALE_ROW_BYTES, 1),
+                            raw.storage_offset() + page_size * MODEL1_ROW_BYTES)
+    return rows, scales
+
+
 def model1_token_bytes(cache: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The bytes of tokens ``slots`` of pages ``pages`` (integer tensors of one shape
     ``[...]``, in range) of a MODEL1 cache: ``(rows [..., 576], scales [..., 8])`` uint8."""
-    raw = model1_cache_bytes(cache)
-    num_blocks, page_size = raw.shape[:2]
-    page_stride = page_stride_of(raw, MODEL1_BYTES_PER_TOKEN)
-    # The cache's bytes from its first page's first to its last page's last, in a line.
-    flat = raw.as_strided(((num_blocks - 1) * page_stride + page_size * MODEL1_BYTES_PER_TOKEN,), (1,))
-    base = pages.long() * page_stride
-    row_at = base + slots.long() * MODEL1_ROW_BYTES
-    scale_at = base + page_size * MODEL1_ROW_BYTES + slots.long() * MODEL1_SCALE_ROW_BYTES
-    rows = flat[row_at[..., None] + torch.arange(MODEL1_ROW_BYTES, device=flat.device)]
-    scales = flat[scale_at[..., None] + torch.arange(MODEL1_SCALE_ROW_BYTES, device=flat.device)]
-    return rows, scales
+    rows, scales = model1_page_parts(model1_cache_bytes(cache))
+    return rows[pages, slots], scales[pages, slots]
 
 
 def dequantize_model1_tokens(rows: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -219,11 +222,7 @@ def dequantize_model1_tokens(rows: torch.Tensor, scales: torch.Tensor) -> torch.
 
 def dequantize_model1_kv_cache(cache: torch.Tensor) -> torch.Tensor:
     """The bfloat16 keys ``[num_blocks, page_size, 1, 512]`` of a MODEL1 FP8 cache."""
-    raw = model1_cache_bytes(cache)
-    num_blocks, page_size = raw.shape[:2]
-    pages = torch.arange(num_blocks, device=raw.device)[:, None].expand(num_blocks, page_size)
-    slots = torch.arange(page_size, device=raw.device)[None, :].expand(num_blocks, page_size)
-    return dequantize_model1_tokens(*model1_token_bytes(cache, pages, slots))[:, :, None, :]
+    return dequantize_model1_tokens(*model1_page_parts(model1_cache_bytes(cache)))[:, :, None, :]
 
 
 def model1_cache_bytes(cache: torch.Tensor, name: str = "k_cache") -> torch.Tensor:
@@ -315,7 +314,14 @@ def cache_bytes(cache: torch.Tensor, layout: Fp8Layout, name: str = "k_cache") -
 
 def dequantize_tokens(cache: torch.Tensor, layout: Fp8Layout, pages: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """The bfloat16 keys ``[..., head_dim]`` of tokens ``slots`` of pages ``pages``."""
+    return dequantize_token_bytes(cache_bytes(cache, layout), layout, pages, slots)
+
+
+def dequantize_token_bytes(raw: torch.Tensor, layout: Fp8Layout, pages: torch.Tensor,
+                           slots: torch.Tensor) -> torch.Tensor:
+    """``dequantize_tokens`` of a cache's checked bytes (``cache_bytes``)."""
     if layout is V32:
-        tokens = v32_cache_bytes(cache)[pages, slots, 0]
+        tokens = raw[pages, slots, 0]
         return dequantize_v32_kv_cache(tokens.reshape(-1, 1, 1, BYTES_PER_TOKEN)).reshape(*pages.shape, HEAD_DIM)
-    return dequantize_model1_tokens(*model1_token_bytes(cache, pages, slots))
+    rows, scales = model1_page_parts(raw)
+    return dequantize_model1_tokens(rows[pages, slots], scales[pages, slots])

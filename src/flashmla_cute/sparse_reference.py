@@ -45,7 +45,7 @@ class _KeySource(NamedTuple):
     """One cache and, for every query row (``b * s_q`` of them), the tokens its entries
     name in it."""
 
-    cache: torch.Tensor
+    cache: torch.Tensor  # an FP8 cache's bytes, checked (fp8_cache.cache_bytes), or the keys
     layout: fp8_cache.Fp8Layout | None  # None: the cache holds the keys themselves
     tokens: torch.Tensor  # long [rows, topk]: token index, 0 (a harmless one) where invalid
     valid: torch.Tensor  # bool [rows, topk]
@@ -147,9 +147,10 @@ def _key_source(q, cache, indices, topk_length, names) -> _KeySource:
         )
     layout = None
     key_width = cache.shape[3]
+    keys_or_bytes = cache
     if cache.dtype in fp8_cache.CACHE_DTYPES:
         layout = fp8_cache.layout_of(cache, cache_name)
-        fp8_cache.cache_bytes(cache, layout, cache_name)  # checks the strides too
+        keys_or_bytes = fp8_cache.cache_bytes(cache, layout, cache_name)  # checks the strides too
         key_width = layout.head_dim
     if key_width != d or cache.shape[2] != 1 or tuple(indices.shape[:2]) != (b, s_q):
         raise ValueError(
@@ -165,7 +166,7 @@ def _key_source(q, cache, indices, topk_length, names) -> _KeySource:
         position = torch.arange(topk, device=q.device)
         valid &= position[None, None, :] < topk_length.to(device=q.device, dtype=torch.long)[:, None, None]
     tokens = torch.where(valid, tokens, torch.zeros_like(tokens))
-    return _KeySource(cache, layout, tokens.reshape(b * s_q, topk), valid.reshape(b * s_q, topk))
+    return _KeySource(keys_or_bytes, layout, tokens.reshape(b * s_q, topk), valid.reshape(b * s_q, topk))
 
 
 def _gather_keys(source: _KeySource, chunk: slice) -> torch.Tensor:
@@ -177,5 +178,5 @@ def _gather_keys(source: _KeySource, chunk: slice) -> torch.Tensor:
     if source.layout is None:
         keys = source.cache[pages, slots, 0]
     else:
-        keys = fp8_cache.dequantize_tokens(source.cache, source.layout, pages, slots)
+        keys = fp8_cache.dequantize_token_bytes(source.cache, source.layout, pages, slots)
     return torch.where(source.valid[chunk, :, None], keys.float(), torch.zeros((), device=keys.device))

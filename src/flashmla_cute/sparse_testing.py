@@ -171,14 +171,10 @@ def token_byte_parts(k_cache: torch.Tensor, layout: fp8_cache.Fp8Layout) -> list
     """Writable uint8 views ``[num_blocks, page_size, n]`` of ``k_cache``'s bytes that
     together are every token's bytes: for V3.2 its 656-byte row; for MODEL1 its 576-byte
     row of latent and rope values and its 8-byte row of scales, which lie apart in the page."""
-    fp8_cache.cache_bytes(k_cache, layout)  # checks the layout
+    raw = fp8_cache.cache_bytes(k_cache, layout)  # checks the layout
     if layout is fp8_cache.V32:
-        return [k_cache.view(torch.uint8)[:, :, 0]]
-    num_blocks, page_size = k_cache.shape[:2]
-    pages = page_bytes(k_cache)
-    rows_end = page_size * fp8_cache.MODEL1_ROW_BYTES
-    return [pages[:, :rows_end].unflatten(1, (page_size, fp8_cache.MODEL1_ROW_BYTES)),
-            pages[:, rows_end:].unflatten(1, (page_size, fp8_cache.MODEL1_SCALE_ROW_BYTES))]
+        return [raw[:, :, 0]]
+    return list(fp8_cache.model1_page_parts(raw))
 
 
 def with_page_stride(k_cache: torch.Tensor, page_stride: int) -> torch.Tensor:
