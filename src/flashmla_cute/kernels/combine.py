@@ -203,22 +203,7 @@ class MlaCombine:
                 piece = cute.local_tile(mOAccum[k, kv_head, row, None], (VEC,), (piece_idx,)).load()
                 for e in cutlass.range_constexpr(VEC):
                     pieces[f, e] = piece[e]
-            new_max = running_max
-            for f in cutlass.range_constexpr(COMBINE_FRAGS_IN_FLIGHT):
-                if k0 + f >= num_frags:
-                    lses[f] = -Float32.inf
-                new_max = cute.arch.fmax(new_max, lses[f])
-            ref = finite_or_zero(new_max)
-            rescale = cute.math.exp(running_max - ref, fastmath=True)
-            running_sum = running_sum * rescale
-            for e in cutlass.range_constexpr(VEC):
-                acc[e] = acc[e] * rescale
-            for f in cutlass.range_constexpr(COMBINE_FRAGS_IN_FLIGHT):
-                weight = cute.math.exp(lses[f] - ref, fastmath=True)
-                running_sum = running_sum + weight
-                for e in cutlass.range_constexpr(VEC):
-                    acc[e] = acc[e] + weight * pieces[f, e]
-            running_max = new_max
+            running_max, running_sum = fold_fragments(acc, running_max, running_sum, lses, pieces, k0, num_frags)
         return acc, running_max, running_sum
 
     @cute.jit
@@ -229,7 +214,8 @@ class MlaCombine:
         fragment's loads are issued at once (fragments past the last load the last one
         and get weight 0)."""
         pieces_per_lane = THREADS_PER_ROW // 32
-        pieces = cute.make_rmem_tensor((WARP_ROW_FRAGMENTS, pieces_per_lane, VEC), Float32)
+        # A lane's pieces side by side: value e of piece i at i * VEC + e.
+        pieces = cute.make_rmem_tensor((WARP_ROW_FRAGMENTS, pieces_per_lane * VEC), Float32)
         lses = cute.make_rmem_tensor((WARP_ROW_FRAGMENTS,), Float32)
         for f in cutlass.range_constexpr(WARP_ROW_FRAGMENTS):
             k = first + cutlass.min(f, num_frags - 1)
@@ -237,25 +223,13 @@ class MlaCombine:
             for i in cutlass.range_constexpr(pieces_per_lane):
                 piece = cute.local_tile(mOAccum[k, kv_head, row, None], (VEC,), (lane + 32 * i,)).load()
                 for e in cutlass.range_constexpr(VEC):
-                    pieces[f, i, e] = piece[e]
-        row_max = -Float32.inf
-        for f in cutlass.range_constexpr(WARP_ROW_FRAGMENTS):
-            if f >= num_frags:
-                lses[f] = -Float32.inf
-            row_max = cute.arch.fmax(row_max, lses[f])
-        ref = finite_or_zero(row_max)
-        total = Float32(0.0)
-        acc = cute.make_rmem_tensor((pieces_per_lane, VEC), Float32)
+                    pieces[f, i * VEC + e] = piece[e]
+        acc = cute.make_rmem_tensor((pieces_per_lane * VEC,), Float32)
         acc.fill(0.0)
-        for f in cutlass.range_constexpr(WARP_ROW_FRAGMENTS):
-            weight = cute.math.exp(lses[f] - ref, fastmath=True)
-            total = total + weight
-            for i in cutlass.range_constexpr(pieces_per_lane):
-                for e in cutlass.range_constexpr(VEC):
-                    acc[i, e] = acc[i, e] + weight * pieces[f, i, e]
+        row_max, total = fold_fragments(acc, -Float32.inf, Float32(0.0), lses, pieces, 0, num_frags)
         for i in cutlass.range_constexpr(pieces_per_lane):
-            self.store_row(mO, mLse, mSink, has_sink, acc[i, None], row_max, total, batch, kv_head, row, heads_per_kv,
-                           lane + 32 * i)
+            self.store_row(mO, mLse, mSink, has_sink, cute.local_tile(acc, (VEC,), (i,)), row_max, total, batch,
+                           kv_head, row, heads_per_kv, lane + 32 * i)
 
     @cute.jit
     def merge_row_by_all_groups(self, mOAccum, mLseAccum, mO, mLse, mSink, has_sink, groups, barrier, group,
@@ -324,6 +298,32 @@ class GroupPartials:
     max: cute.Tensor  # (groups,)
     sum: cute.Tensor  # (groups,)
     acc: cute.Tensor  # (groups, THREADS_PER_ROW, VEC)
+
+
+@cute.jit
+def fold_fragments(acc: cute.Tensor, running_max: Float32, running_sum: Float32, lses: cute.Tensor,
+                   pieces: cute.Tensor, first_frag, num_frags):
+    """Fold fragments ``first_frag + f`` of a row (log-sum-exp ``lses[f]``, values
+    ``pieces[f, j]`` for ``acc[j]``; those at or past ``num_frags`` weigh 0) into a running
+    weighted sum: ``acc`` and the sum of weights are rescaled to the new maximum, then
+    each fragment is added with weight ``exp(lse - ref)``. Returns the new maximum and
+    sum of weights."""
+    new_max = running_max
+    for f in cutlass.range_constexpr(cute.size(lses)):
+        if first_frag + f >= num_frags:
+            lses[f] = -Float32.inf
+        new_max = cute.arch.fmax(new_max, lses[f])
+    ref = finite_or_zero(new_max)
+    rescale = cute.math.exp(running_max - ref, fastmath=True)
+    running_sum = running_sum * rescale
+    for j in cutlass.range_constexpr(cute.size(acc)):
+        acc[j] = acc[j] * rescale
+    for f in cutlass.range_constexpr(cute.size(lses)):
+        weight = cute.math.exp(lses[f] - ref, fastmath=True)
+        running_sum = running_sum + weight
+        for j in cutlass.range_constexpr(cute.size(acc)):
+            acc[j] = acc[j] + weight * pieces[f, j]
+    return new_max, running_sum
 
 
 @cute.jit

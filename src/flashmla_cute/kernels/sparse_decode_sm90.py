@@ -601,18 +601,15 @@ class StepSources:
         """The cache position of the step's ``token``-th index, or -1 past its cache's
         topk length (where the index tensor may end) or past the last step."""
         index = Int32(-1)
-        if const_expr(not self.has_extra):
-            position = step * TOKENS + token
-            if position < self.main_limit:
-                index = self.mIndices[self.batch, self.s, position]
-        elif step < self.main_steps:
-            position = step * TOKENS + token
-            if position < self.main_limit:
-                index = self.mIndices[self.batch, self.s, position]
-        else:
-            position = (step - self.main_steps) * TOKENS + token
-            if position < self.extra_limit:
-                index = self.mExtraIndices[self.batch, self.s, position]
+        # An extra step's main position is at or past main_steps * TOKENS >= main_limit,
+        # so the main test alone tells a main index.
+        position = step * TOKENS + token
+        if position < self.main_limit:
+            index = self.mIndices[self.batch, self.s, position]
+        if const_expr(self.has_extra):
+            extra_position = position - self.main_steps * TOKENS  # negative on main steps
+            if (extra_position >= 0) & (extra_position < self.extra_limit):
+                index = self.mExtraIndices[self.batch, self.s, extra_position]
         return index
 
 
