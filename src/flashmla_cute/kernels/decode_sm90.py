@@ -388,11 +388,10 @@ class MlaDecodeSm90:
                 q_ring.load(*q_load, self.lo)
             seqlen, first, last = self.blocks_of(mSeqlens, mBlockTable, batch, begin_batch, begin_block, end_batch, end_block)
             cache_policy = self.k_cache_policy(last - first, num_m_tiles)
-            # A later Q goes between the halves of the batch's first K tile: S needs all
-            # of Q and the tile's lo chunks before its first k-steps, so the hi chunks
-            # wait behind Q (40 KB less to land before S starts: small batches 1-3%
-            # faster), and Q's buffer frees up only when the previous batch's last block
-            # is done, which the lo chunks need not wait for. (Loops of 0 or 1 trips
+            # A later Q goes between the halves of the batch's first K tile: S's first
+            # k-steps need only the lo halves of Q and of that tile (the rings' groups),
+            # and Q's buffer frees up only when the previous batch's last block is done,
+            # which the tile's lo chunks need not wait for. (Loops of 0 or 1 trips
             # rather than branches: pipeline states are advanced in loop bodies.)
             split = cutlass.min(first + 1, last)
             for block in cutlass.range(first, split, unroll=1):
