@@ -92,14 +92,15 @@ class KvStages:
         for g in self._whole_groups(chunks):
             self.pipes[g].consumer_release(state)
 
-    def load(self, state: pipeline.PipelineState, tma_k, src: cute.Tensor, dst: cute.Tensor, cache_policy,
+    def load(self, state: pipeline.PipelineState, tma_atom, src: cute.Tensor, dst: cute.Tensor, cache_policy,
              chunks: range):
         """Producer: copy chunk ``c`` of ``src`` (``(TMA, chunk)``) into chunk ``c`` of
-        ``dst`` (``(TMA, chunk)``, the stage's) for the groups of ``chunks`` (whole
+        ``dst`` (``(TMA, chunk)``, the stage's) with ``tma_atom`` (and the L2
+        ``cache_policy``, None for the default) for the groups of ``chunks`` (whole
         groups), each group as soon as it is free."""
         for g in self._whole_groups(chunks):
             begin, end = self.groups[g]
             self.pipes[g].producer_acquire(state)
             for c in range(begin, end):
-                cute.copy(tma_k, src[None, c], dst[None, c], tma_bar_ptr=self.pipes[g].producer_get_barrier(state),
+                cute.copy(tma_atom, src[None, c], dst[None, c], tma_bar_ptr=self.pipes[g].producer_get_barrier(state),
                           cache_policy=cache_policy)
