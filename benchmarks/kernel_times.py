@@ -1,5 +1,6 @@
-"""GPU time per call of decode cases (CUDA-graph replays) and each kernel's time (torch
-profiler): where a case's time goes,
+"""GPU time per call of decode cases (CUDA-graph replays), each kernel's time and the
+time from the decode kernel's end to the call's last kernel's end (torch profiler): where
+a case's time goes,
 for this package and, when they import, FlashMLA's two builds (``flash_mla``, Feb 2025,
 and ``flash_mla_head``, its current API) on the same inputs.
 
@@ -98,7 +99,9 @@ def graph_time(step, calls: int = CALLS, replays: int = 20) -> float:
 
 
 def kernel_times(step):
-    """{kernel name: mean device microseconds per call}, over CALLS calls after a warm-up."""
+    """({kernel name: mean device microseconds per call}, the median time from a call's
+    decode kernel's end to its last kernel's end, ``tail_after_decode``), over CALLS
+    calls after a warm-up."""
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -112,7 +115,34 @@ def kernel_times(step):
         if total > 0 and evt.key not in ("Memset (Device)",):
             name = evt.key.replace("kernel_cutlass_kernel_flashmla_cutekernels", "")
             times[name[:40]] = total / CALLS
-    return times
+    kernels = [(evt.name, evt.time_range.start, evt.time_range.end) for evt in prof.events()
+               if evt.device_type == torch.autograd.DeviceType.CUDA and evt.name != "Memset (Device)"]
+    return times, tail_after_decode(kernels)
+
+
+def is_combine(kernel_name: str) -> bool:
+    """Whether a kernel merges split results (ours and both FlashMLA builds name it so)."""
+    return "combine" in kernel_name.lower()
+
+
+def tail_after_decode(kernels: list) -> float:
+    """The median over calls of (the call's last kernel end - its decode kernel's end),
+    from ``(name, start, end)`` of the profiled kernels: a call is a decode kernel (one
+    that is not a combine) and the kernels that start after it and before the next one
+    (a combine launched as a programmatic dependent starts before the decode kernel
+    ends, so durations alone cannot give this). NaN without a decode kernel."""
+    kernels = sorted(kernels, key=lambda k: k[1])
+    tails, decode_end, call_end = [], None, None
+    for name, _, end in kernels:
+        if not is_combine(name):
+            if decode_end is not None:
+                tails.append(call_end - decode_end)
+            decode_end = call_end = end
+        elif decode_end is not None:
+            call_end = max(call_end, end)
+    if decode_end is not None:
+        tails.append(call_end - decode_end)
+    return sorted(tails)[len(tails) // 2] if tails else float("nan")
 
 
 def plan_steps(seqlens: torch.Tensor, rows: int, with_peers: bool) -> dict:
@@ -160,10 +190,11 @@ def main():
         line = []
         for name, make in impls.items():
             step = make(x, s_q, h_q)
-            times = kernel_times(step)
+            times, tail = kernel_times(step)
             wall = graph_time(step)
             parts = " + ".join(f"{k.split('(')[0][-28:]} {t:.1f}" for k, t in sorted(times.items(), key=lambda kv: -kv[1]))
-            line.append(f"  {name:<17} {wall:8.1f} us per call in a graph  [kernels: {parts}]")
+            line.append(f"  {name:<17} {wall:8.1f} us per call in a graph  [kernels: {parts}; "
+                        f"{tail:.1f} after the decode kernel's end]")
         print(case_name(b, seqlen, h_q, s_q, varlen), *line, sep="\n", flush=True)
 
 

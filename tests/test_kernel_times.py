@@ -1,5 +1,6 @@
 """benchmarks/kernel_times.py: the parts that run without a GPU."""
 
+import math
 from pathlib import Path
 
 import torch
@@ -24,3 +25,18 @@ def test_plan_step_of_this_package_plans_on_the_lengths_device():
 def test_plan_steps_leave_out_flashmla_above_its_batch_limit():
     seqlens = torch.ones(kernel_times.FLASHMLA_FEB2025_MAX_BATCH + 1, dtype=torch.int32)
     assert list(kernel_times.plan_steps(seqlens, 16, with_peers=True)) == ["ours"]
+
+
+def test_tail_is_measured_from_each_calls_decode_kernel_end_to_its_last_kernel_end():
+    # Two calls: a decode kernel and a combine launched early (it starts before the
+    # decode kernel ends), and one call whose combine ends first.
+    kernels = [
+        ("flash_fwd_splitkv_mla_kernel", 0.0, 20.0), ("flash_fwd_mla_combine_kernel", 5.0, 24.0),
+        ("MlaDecodeSm90_0", 30.0, 50.0), ("MlaCombine_1", 31.0, 49.0),
+        ("MlaDecodeSm90_0", 60.0, 80.0), ("MlaCombine_1", 61.0, 86.0),
+    ]
+    assert kernel_times.tail_after_decode(kernels) == 4.0  # the median of 4, 0, 6
+
+
+def test_tail_is_not_a_number_without_a_decode_kernel():
+    assert math.isnan(kernel_times.tail_after_decode([("flash_fwd_mla_combine_kernel", 0.0, 1.0)]))
