@@ -195,14 +195,14 @@ def stamped_kernel_class(stamps: Stamps):
 
     class StampedDecode(MlaDecodeSm90):
         def consume(self, wg: cutlass.Constexpr, wg_tidx, *args):
-            part, kv_head, m_tile = args[-3:]
-            stamps.begin(wg, (part + kv_head + m_tile + wg_tidx) == 0)
+            work = args[-1]
+            stamps.begin(wg, (work.part + work.kv_head + work.m_tile + wg_tidx) == 0)
             MlaDecodeSm90.consume(self, wg, wg_tidx, *args)
             stamps.active = False
 
         def produce(self, *args):
-            part, kv_head, m_tile = args[-3:]
-            stamps.begin(PRODUCER, (part + kv_head + m_tile + cute.arch.lane_idx()) == 0)
+            work = args[-1]
+            stamps.begin(PRODUCER, (work.part + work.kv_head + work.m_tile + cute.arch.lane_idx()) == 0)
             MlaDecodeSm90.produce(self, *args)
             stamps.active = False
 

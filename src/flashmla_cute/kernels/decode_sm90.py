@@ -110,6 +110,32 @@ class ConsumerTensors(SplitOFragments):
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
+class CtaWork:
+    """What one CTA decodes and where its results go: the lengths, page table and plan
+    it reads, its SM part, KV head and query tile, and the outputs it writes (the final
+    output and log-sum-exp of a whole sequence, fp32 partials of a split one)."""
+
+    mSeqlens: cute.Tensor  # (b,) int32
+    mBlockTable: cute.Tensor  # (b, max_blocks) int32
+    mMeta: cute.Tensor  # (num_parts, 8) int32, see scheduler.py
+    mNumSplits: cute.Tensor  # (b + 1,) int32
+    mO: cute.Tensor  # (b, s_q, h_q, dv) in q's dtype
+    mLse: cute.Tensor  # (b, h_q, s_q) fp32
+    mOAccum: cute.Tensor  # the split workspace: utils.accumulators
+    mLseAccum: cute.Tensor
+    softmax_scale: object  # Float32
+    heads_per_kv: object  # Int32
+    part: object  # the CTA's coordinates: its row of the plan,
+    kv_head: object  # its KV head
+    m_tile: object  # and its tile of TILE_M query rows
+
+    def part_range(self) -> tuple:
+        """(first batch, its first block, last batch, one past its last block) of the
+        part's plan row (``scheduler.py`` documents the columns)."""
+        return tuple(self.mMeta[self.part, column] for column in (BEGIN_BATCH, BEGIN_BLOCK, END_BATCH, END_BLOCK))
+
+
+@dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
 class BatchQ:
     """A batch's Q tile as S waits for it: the one-stage ring Q is loaded through and
     the batch's state in it."""
@@ -311,34 +337,23 @@ class MlaDecodeSm90:
         for tiled_mma in (tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss):
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
 
+        work = CtaWork(mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale,
+                       heads_per_kv, part, kv_head, m_tile)
         if warpgroup_idx == 0:
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             if warp_idx == 0:
-                self.produce(
-                    tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv, q_ring, mBlockTable, mSeqlens, mMeta,
-                    part, kv_head, m_tile,
-                )
+                self.produce(tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv, q_ring, work)
         else:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
-            args = (
-                tidx % 128, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv, q_ring,
-                mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale,
-                heads_per_kv, part, kv_head, m_tile,
-            )
+            args = (tidx % 128, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv, q_ring, work)
             if warpgroup_idx == 1:
                 self.consume(0, *args)
             else:
                 self.consume(1, *args)
 
-    @staticmethod
-    def part_range(mMeta: cute.Tensor, part) -> tuple:
-        """(first batch, its first block, last batch, one past its last block) of the
-        part's plan row (``scheduler.py`` documents the columns)."""
-        return tuple(mMeta[part, column] for column in (BEGIN_BATCH, BEGIN_BLOCK, END_BATCH, END_BLOCK))
-
     @cute.jit
-    def blocks_of(self, mSeqlens: cute.Tensor, mBlockTable: cute.Tensor, batch: Int32, begin_batch: Int32,
-                  begin_block: Int32, end_batch: Int32, end_block: Int32):
+    def blocks_of(self, work: CtaWork, batch: Int32, begin_batch: Int32, begin_block: Int32, end_batch: Int32,
+                  end_block: Int32):
         """(seqlen, first block, one past the last block) that this part loads for ``batch``.
 
         Blocks at or past ``ceil(seqlen / 64)`` are never loaded (a sequence of length 0
@@ -346,8 +361,8 @@ class MlaDecodeSm90:
         width: a length the table cannot hold is never read out of bounds (the epilogue
         writes NaN for such a sequence instead of a silently truncated result).
         """
-        seqlen = mSeqlens[batch]
-        num_blocks = cutlass.min((seqlen + BLOCK_N - 1) // BLOCK_N, mBlockTable.shape[1])
+        seqlen = work.mSeqlens[batch]
+        num_blocks = cutlass.min((seqlen + BLOCK_N - 1) // BLOCK_N, work.mBlockTable.shape[1])
         first = Int32(0)
         if batch == begin_batch:
             first = begin_block
@@ -358,10 +373,9 @@ class MlaDecodeSm90:
 
     @cute.jit
     def produce(
-        self, tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv, q_ring, mBlockTable, mSeqlens, mMeta,
-        part, kv_head, m_tile,
+        self, tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv, q_ring, work: CtaWork,
     ):
-        begin_batch, begin_block, end_batch, end_block = self.part_range(mMeta, part)
+        begin_batch, begin_block, end_batch, end_block = work.part_range()
         num_m_tiles, _, _ = cute.arch.grid_dim()
         cpasync.prefetch_descriptor(tma_q)
         cpasync.prefetch_descriptor(tma_k)
@@ -379,14 +393,14 @@ class MlaDecodeSm90:
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, NUM_STAGES)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
         for batch in cutlass.range(begin_batch, end_batch + 1, unroll=1):
-            q_load = (q_state, tma_q, tQgQ[None, m_tile, None, kv_head, batch], tQsQ[None, None, 0], None)
+            q_load = (q_state, tma_q, tQgQ[None, work.m_tile, None, work.kv_head, batch], tQsQ[None, None, 0], None)
             # A CTA's first Q starts first: its buffer is free, and its address needs
             # nothing read from memory but the plan, so its lo half lands while the
             # sequence length and the block table are read (its hi half waits behind
             # K's lo half, which S needs first).
             if batch == begin_batch:
                 q_ring.load(*q_load, self.lo)
-            seqlen, first, last = self.blocks_of(mSeqlens, mBlockTable, batch, begin_batch, begin_block, end_batch, end_block)
+            seqlen, first, last = self.blocks_of(work, batch, begin_batch, begin_block, end_batch, end_block)
             cache_policy = self.k_cache_policy(last - first, num_m_tiles)
             # A later Q goes between the halves of the batch's first K tile: S's first
             # k-steps need only the lo halves of Q and of that tile (the rings' groups),
@@ -395,18 +409,17 @@ class MlaDecodeSm90:
             # rather than branches: pipeline states are advanced in loop bodies.)
             split = cutlass.min(first + 1, last)
             for block in cutlass.range(first, split, unroll=1):
-                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy, self.lo)
+                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, work, batch, block, cache_policy, self.lo)
             if batch == begin_batch:
                 q_ring.load(*q_load, self.hi)
             else:
                 q_ring.load(*q_load, self.all_chunks)
             q_state.advance()
             for block in cutlass.range(first, split, unroll=1):
-                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy, self.hi)
+                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, work, batch, block, cache_policy, self.hi)
                 kv_state.advance()
             for block in cutlass.range(split, last, unroll=1):
-                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy,
-                            self.all_chunks)
+                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, work, batch, block, cache_policy, self.all_chunks)
                 kv_state.advance()
 
     def chunked_layout(self, rows: int, stages: int) -> cute.Layout:
@@ -433,12 +446,12 @@ class MlaDecodeSm90:
         return policy
 
     @cute.jit
-    def load_k(self, tma_k, tKgK, tKsK, kv, kv_state, mBlockTable, kv_head, batch, block, cache_policy, chunks):
+    def load_k(self, tma_k, tKgK, tKsK, kv, kv_state, work: CtaWork, batch, block, cache_policy, chunks):
         """TMA of ``chunks`` (whole groups) of one 64-token page of K (and V, its first
         512 columns) into the next stage, each group as soon as both consumers are done
         with it."""
-        page = mBlockTable[batch, block]
-        kv.load(kv_state, tma_k, tKgK[None, 0, None, kv_head, page], tKsK[None, None, kv_state.index], cache_policy,
+        page = work.mBlockTable[batch, block]
+        kv.load(kv_state, tma_k, tKgK[None, 0, None, work.kv_head, page], tKsK[None, None, kv_state.index], cache_policy,
                 chunks)
 
     @staticmethod
@@ -491,16 +504,15 @@ class MlaDecodeSm90:
     @cute.jit
     def consume(
         self, wg: cutlass.Constexpr, wg_tidx: Int32, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
-        kv, q_ring, mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum,
-        softmax_scale, heads_per_kv, part, kv_head, m_tile,
+        kv, q_ring, work: CtaWork,
     ):
         """One consumer warpgroup (``wg`` 0 the left one, 1 the right one): for each
         batch of the part's range, the pairs of blocks (``left_pair`` / ``right_pair``,
         the schedule table of the module docstring), then ``finish_batch``."""
-        begin_batch, begin_block, end_batch, end_block = self.part_range(mMeta, part)
-        rows_per_kv = mOAccum.shape[2]
-        s_q = rows_per_kv // heads_per_kv
-        scale_log2 = softmax_scale * math.log2(math.e)
+        begin_batch, begin_block, end_batch, end_block = work.part_range()
+        rows_per_kv = work.mOAccum.shape[2]
+        s_q = rows_per_kv // work.heads_per_kv
+        scale_log2 = work.softmax_scale * math.log2(math.e)
         t = self.consumer_tensors(wg, wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage)
         bars = ConsumerBarriers.create(wg)
         num_rows = cute.size(t.s_rc, mode=[0])
@@ -508,13 +520,13 @@ class MlaDecodeSm90:
         tiles_seen = Int32(0)
 
         for batch in cutlass.range(begin_batch, end_batch + 1, unroll=1):
-            seqlen, first, last = self.blocks_of(mSeqlens, mBlockTable, batch, begin_batch, begin_block, end_batch, end_block)
+            seqlen, first, last = self.blocks_of(work, batch, begin_batch, begin_block, end_batch, end_block)
             # Per-row limit on visible kv positions (causal: query token s sees < seqlen - (s_q - 1 - s)).
             for i in cutlass.range_constexpr(num_rows):
-                row = m_tile * TILE_M + t.coord_s[i, 0][0]
+                row = work.m_tile * TILE_M + t.coord_s[i, 0][0]
                 limit = seqlen
                 if const_expr(self.causal):
-                    limit = cutlass.min(seqlen - (s_q - 1 - row // heads_per_kv), seqlen)
+                    limit = cutlass.min(seqlen - (s_q - 1 - row // work.heads_per_kv), seqlen)
                 t.row_limit[i] = limit
                 t.row_max[i] = -Float32.inf
                 t.row_sum[i] = 0.0
@@ -537,8 +549,7 @@ class MlaDecodeSm90:
                 tiles_seen = tiles_seen + cutlass.min(last - pair, 2)
             q_ring.release(q_state, self.all_chunks)
             q_state.advance()
-            self.finish_batch(wg, t, bars, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum,
-                              softmax_scale, heads_per_kv, part, kv_head, m_tile, batch, seqlen)
+            self.finish_batch(wg, t, bars, work, batch, seqlen)
 
     @cute.jit
     def left_pair(self, t, bars, kv, q, pair, first_state, second_state, has_second, seqlen, mask_from, scale_log2):
@@ -650,14 +661,15 @@ class MlaDecodeSm90:
         cute.arch.fence_view_async_shared()
 
     @cute.jit
-    def finish_batch(self, wg: cutlass.Constexpr, t, bars, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum,
-                     mLseAccum, softmax_scale, heads_per_kv, part, kv_head, m_tile, batch, seqlen):
+    def finish_batch(self, wg: cutlass.Constexpr, t, bars, work: CtaWork, batch, seqlen):
         """The batch's epilogue: total row sums (each consumer summed its own blocks),
         normalize, store the output, or the fragment's fp32 partial for the combine
         kernel when the sequence was split."""
+        mNumSplits, mO, mLse, mOAccum, mLseAccum = work.mNumSplits, work.mO, work.mLse, work.mOAccum, work.mLseAccum
+        heads_per_kv, kv_head = work.heads_per_kv, work.kv_head
         num_rows = cute.size(t.s_rc, mode=[0])
         rows_per_kv = mOAccum.shape[2]
-        table_tokens = mBlockTable.shape[1] * BLOCK_N
+        table_tokens = work.mBlockTable.shape[1] * BLOCK_N
         for i in cutlass.range_constexpr(num_rows):
             total = utils.quad_sum(t.row_sum[i])
             if t.lane_writes_row:
@@ -665,17 +677,17 @@ class MlaDecodeSm90:
         bars.sums.arrive_and_wait()
         num_frags = mNumSplits[batch + 1] - mNumSplits[batch]
         split_idx = mNumSplits[batch]
-        if batch == mMeta[part, BEGIN_BATCH]:
-            split_idx = split_idx + mMeta[part, BEGIN_SPLIT]
+        if batch == work.mMeta[work.part, BEGIN_BATCH]:
+            split_idx = split_idx + work.mMeta[work.part, BEGIN_SPLIT]
         for i in cutlass.range_constexpr(num_rows):
             r = t.coord_s[i, 0][0]
-            row = m_tile * TILE_M + r
+            row = work.m_tile * TILE_M + r
             total = t.stats[r, STAT_SUM_L] + t.stats[r, STAT_SUM_R]
             inv = Float32(0.0)
             lse = -Float32.inf
             if total > 0.0:
                 inv = cute.arch.rcp_approx(total)
-                lse = t.row_max[i] * softmax_scale + cute.math.log(total, fastmath=False)
+                lse = t.row_max[i] * work.softmax_scale + cute.math.log(total, fastmath=False)
             if seqlen > table_tokens:
                 inv = Float32.nan
                 lse = Float32.nan
