@@ -48,9 +48,10 @@ Warp roles (384 threads):
 
 Shared memory: Q 72 KB + two K stages of 72 KB + row statistics.
 
-Where things are: ``produce`` is the producer warp; ``left_pair`` and ``right_pair`` are
-the two columns of the table above, ``finish_batch`` the epilogue, ``consume`` the loop
-over a part's batches and pairs that calls them. The K ring is ``kv_stages.KvStages``,
+Where things are: ``CtaWork`` is what a CTA reads and writes; ``produce`` is the producer
+warp; ``left_pair`` and ``right_pair`` are the two columns of the table above,
+``finish_batch`` the epilogue, ``consume`` the loop over a part's batches and pairs that
+calls them. The K ring is ``kv_stages.KvStages``,
 the online-softmax steps are in ``softmax.py``, the named barriers in
 ``consumer_barriers.py``, the merge in ``combine.py``.
 """
