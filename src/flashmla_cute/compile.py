@@ -181,7 +181,7 @@ def metadata_variant() -> Variant:
 
 
 def sparse_cache_fakes(layout):
-    """A cache's two kernel views (``sparse_runtime.kernel_cache_views``): token rows,
+    """A cache's two kernel views (``fp8_cache.page_parts``): token rows,
     16-byte aligned, and token scales (V3.2's inside the rows, MODEL1's 8-byte rows after
     the page's token rows)."""
     import cutlass

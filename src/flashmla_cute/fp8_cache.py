@@ -191,22 +191,10 @@ def page_stride_of(cache: torch.Tensor, bytes_per_token: int) -> int:
     return cache.stride(0) if cache.shape[0] > 1 else cache.shape[1] * bytes_per_token
 
 
-def model1_page_parts(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two parts of every page of a MODEL1 cache's bytes (``model1_cache_bytes``), as
-    writable uint8 views: its tokens' rows of latent and rope values ``[num_blocks,
-    page_size, 576]``, then their rows of scales ``[num_blocks, page_size, 8]``."""
-    num_blocks, page_size = raw.shape[:2]
-    page_stride = page_stride_of(raw, MODEL1_BYTES_PER_TOKEN)
-    rows = raw.as_strided((num_blocks, page_size, MODEL1_ROW_BYTES), (page_stride, MODEL1_ROW_BYTES, 1))
-    scales = raw.as_strided((num_blocks, page_size, MODEL1_SCALE_ROW_BYTES), (page_stride, MODEL1_SCALE_ROW_BYTES, 1),
-                            raw.storage_offset() + page_size * MODEL1_ROW_BYTES)
-    return rows, scales
-
-
 def model1_token_bytes(cache: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The bytes of tokens ``slots`` of pages ``pages`` (integer tensors of one shape
     ``[...]``, in range) of a MODEL1 cache: ``(rows [..., 576], scales [..., 8])`` uint8."""
-    rows, scales = model1_page_parts(model1_cache_bytes(cache))
+    rows, scales = page_parts(model1_cache_bytes(cache), MODEL1)
     return rows[pages, slots], scales[pages, slots]
 
 
@@ -222,7 +210,7 @@ def dequantize_model1_tokens(rows: torch.Tensor, scales: torch.Tensor) -> torch.
 
 def dequantize_model1_kv_cache(cache: torch.Tensor) -> torch.Tensor:
     """The bfloat16 keys ``[num_blocks, page_size, 1, 512]`` of a MODEL1 FP8 cache."""
-    return dequantize_model1_tokens(*model1_page_parts(model1_cache_bytes(cache)))[:, :, None, :]
+    return dequantize_model1_tokens(*page_parts(model1_cache_bytes(cache), MODEL1))[:, :, None, :]
 
 
 def model1_cache_bytes(cache: torch.Tensor, name: str = "k_cache") -> torch.Tensor:
@@ -300,6 +288,25 @@ def layout_of(cache: torch.Tensor, name: str = "k_cache") -> Fp8Layout:
     )
 
 
+def page_parts(raw: torch.Tensor, layout: Fp8Layout, num_blocks: int | None = None,
+               page_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache's bytes (``cache_bytes``) as the kernel reads them, two writable uint8
+    views: ``[num_blocks, page_size, row bytes]``, each token's latent and rope bytes, and
+    ``[num_blocks, page_size, scale bytes]``, its scales. For V3.2 both lie inside the
+    token's 656 bytes (the rows are the whole tokens, scales at byte 512); for MODEL1 a
+    page holds its 576-byte token rows and, after them, its 8-byte scale rows.
+    ``num_blocks`` and ``page_size`` default to ``raw``'s (the sparse call passes its
+    checked ones). (The page stride of a cache of one page is never used.)"""
+    if num_blocks is None:
+        num_blocks, page_size = raw.shape[:2]
+    page_stride = page_stride_of(raw, layout.bytes_per_token)
+    base = raw.storage_offset()
+    rows = raw.as_strided((num_blocks, page_size, layout.row_bytes), (page_stride, layout.row_bytes, 1), base)
+    scales = raw.as_strided((num_blocks, page_size, layout.scale_bytes), (page_stride, layout.scale_stride, 1),
+                            base + layout.scales_offset(page_size))
+    return rows, scales
+
+
 def quantize_kv_cache(kv: torch.Tensor, layout: Fp8Layout) -> torch.Tensor:
     """``kv [num_blocks, page_size, 1, layout.head_dim]`` quantized into ``layout``
     (``quantize_v32_kv_cache`` or ``quantize_model1_kv_cache``)."""
@@ -323,5 +330,5 @@ def dequantize_token_bytes(raw: torch.Tensor, layout: Fp8Layout, pages: torch.Te
     if layout is V32:
         tokens = raw[pages, slots, 0]
         return dequantize_v32_kv_cache(tokens.reshape(-1, 1, 1, BYTES_PER_TOKEN)).reshape(*pages.shape, HEAD_DIM)
-    rows, scales = model1_page_parts(raw)
+    rows, scales = page_parts(raw, MODEL1)
     return dequantize_model1_tokens(rows[pages, slots], scales[pages, slots])

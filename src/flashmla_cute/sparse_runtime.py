@@ -31,22 +31,6 @@ def _absent(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return pair
 
 
-def kernel_cache_views(k_cache: torch.Tensor, layout: fp8_cache.Fp8Layout, num_blocks: int,
-                       page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A cache as the kernel reads it: uint8 ``[num_blocks, page_size, row bytes]``, each
-    token's latent and rope bytes, and ``[num_blocks, page_size, scale bytes]``, its
-    scales: for V3.2 both inside the token's 656 bytes (scales at byte 512), for MODEL1
-    the page's 576-byte token rows and, after them, its 8-byte scale rows. (The page
-    stride of a cache of one page is never used.)"""
-    raw = k_cache.view(torch.uint8)
-    page_stride = fp8_cache.page_stride_of(raw, layout.bytes_per_token)
-    base = raw.storage_offset()
-    rows = raw.as_strided((num_blocks, page_size, layout.row_bytes), (page_stride, layout.row_bytes, 1), base)
-    scales = raw.as_strided((num_blocks, page_size, layout.scale_bytes), (page_stride, layout.scale_stride, 1),
-                            base + layout.scales_offset(page_size))
-    return rows, scales
-
-
 def split_offsets(b: int, plan: SparsePlan, device: torch.device) -> torch.Tensor:
     """``num_splits`` of the combine kernel for ``plan`` (``SparsePlan.fragment_offsets``),
     kept per shape so that calls allocate and launch nothing for it."""
@@ -104,12 +88,13 @@ def launch_sparse(launch: SparseLaunch, q, k_cache, indices, topk_length, attn_s
     lse = torch.empty(launch.lse_shape, dtype=torch.float32, device=q.device)
     accum = lse.new_empty(launch.accum_elems)
     no_length, no_sink = _absent(q.device)
-    k, k_scales = kernel_cache_views(k_cache, launch.layout, *launch.cache_pages)
+    k, k_scales = fp8_cache.page_parts(k_cache.view(torch.uint8), launch.layout, *launch.cache_pages)
     if launch.extra_cache_pages is None:
         # Stand-ins of the right kinds, never read (extra_topk is 0).
         extra_k, extra_k_scales, extra_indices = k, k_scales, indices
     else:
-        extra_k, extra_k_scales = kernel_cache_views(extra_k_cache, launch.layout, *launch.extra_cache_pages)
+        extra_k, extra_k_scales = fp8_cache.page_parts(extra_k_cache.view(torch.uint8), launch.layout,
+                                                       *launch.extra_cache_pages)
     launch.fn(*SparseDecodeArgs(
         q=q, k=k, k_scales=k_scales, indices=indices,
         topk_length=no_length if topk_length is None else topk_length,

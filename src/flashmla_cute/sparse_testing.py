@@ -174,7 +174,7 @@ def token_byte_parts(k_cache: torch.Tensor, layout: fp8_cache.Fp8Layout) -> list
     raw = fp8_cache.cache_bytes(k_cache, layout)  # checks the layout
     if layout is fp8_cache.V32:
         return [raw[:, :, 0]]
-    return list(fp8_cache.model1_page_parts(raw))
+    return list(fp8_cache.page_parts(raw, layout))
 
 
 def with_page_stride(k_cache: torch.Tensor, page_stride: int) -> torch.Tensor:
