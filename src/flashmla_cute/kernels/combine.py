@@ -32,11 +32,12 @@ COMBINE_FRAGS_IN_FLIGHT = 8  # fragments whose loads a combine thread has in fli
 WARPS_PER_CTA = COMBINE_THREADS // 32
 WARP_ROW_FRAGMENTS = 4  # a sequence of at most this many fragments is merged a warp per row
 # Combine CTAs launched per CTA of the kernel that wrote the partials (``launch``'s
-# ``ctas_per_producer``), measured (benchmarks/NOTES.md, "Small sparse batches"):
-# the dense decode kernel's split sequences have few fragments from b = 8 up and lost
-# up to 8% with more CTAs; the sparse kernel's split query tokens have 128-256 rows of
+# ``ctas_per_producer``), measured (benchmarks/NOTES.md, "Small sparse batches" and
+# "Where the serving cases below FlashMLA lose"): the dense decode kernel's split
+# sequences have few fragments from b = 8 up, lost up to 8% with 6 CTAs and gained up to
+# 2.5% with 1 against 2; the sparse kernel's split query tokens have 128-256 rows of
 # 9 or more fragments each, merged row by row, and gained 2-8% with a CTA per row.
-CTAS_PER_DECODE_CTA = 2
+CTAS_PER_DECODE_CTA = 1
 CTAS_PER_SPARSE_CTA = 6
 
 
