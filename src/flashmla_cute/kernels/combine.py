@@ -195,15 +195,18 @@ class MlaCombine:
         step = num_groups * COMBINE_FRAGS_IN_FLIGHT
         for k0 in cutlass.range(group * COMBINE_FRAGS_IN_FLIGHT, num_frags, step, unroll=1):
             # All loads first (the merge is bound by their latency); fragments past the
-            # last load the last one and get weight 0.
+            # last are not read (they would double the bytes of a run's last loads)
+            # and weigh 0.
             pieces = cute.make_rmem_tensor((COMBINE_FRAGS_IN_FLIGHT, VEC), Float32)
             lses = cute.make_rmem_tensor((COMBINE_FRAGS_IN_FLIGHT,), Float32)
+            pieces.fill(0.0)
             for f in cutlass.range_constexpr(COMBINE_FRAGS_IN_FLIGHT):
-                k = first + cutlass.min(k0 + f, num_frags - 1)
-                lses[f] = mLseAccum[k, kv_head, row]
-                piece = cute.local_tile(mOAccum[k, kv_head, row, None], (VEC,), (piece_idx,)).load()
-                for e in cutlass.range_constexpr(VEC):
-                    pieces[f, e] = piece[e]
+                if k0 + f < num_frags:
+                    k = first + k0 + f
+                    lses[f] = mLseAccum[k, kv_head, row]
+                    piece = cute.local_tile(mOAccum[k, kv_head, row, None], (VEC,), (piece_idx,)).load()
+                    for e in cutlass.range_constexpr(VEC):
+                        pieces[f, e] = piece[e]
             running_max, running_sum = fold_fragments(acc, running_max, running_sum, lses, pieces, k0, num_frags)
         return acc, running_max, running_sum
 
@@ -212,19 +215,21 @@ class MlaCombine:
                           num_frags, heads_per_kv):
         """Merge one row of a sequence of at most ``WARP_ROW_FRAGMENTS`` fragments with one
         warp: lane ``l`` takes the row's 16-byte pieces ``l, l + 32, ...``, and every
-        fragment's loads are issued at once (fragments past the last load the last one
-        and get weight 0)."""
+        fragment's loads are issued at once (the slots past the last fragment are not
+        read and weigh 0)."""
         pieces_per_lane = THREADS_PER_ROW // 32
         # A lane's pieces side by side: value e of piece i at i * VEC + e.
         pieces = cute.make_rmem_tensor((WARP_ROW_FRAGMENTS, pieces_per_lane * VEC), Float32)
         lses = cute.make_rmem_tensor((WARP_ROW_FRAGMENTS,), Float32)
+        pieces.fill(0.0)
         for f in cutlass.range_constexpr(WARP_ROW_FRAGMENTS):
-            k = first + cutlass.min(f, num_frags - 1)
-            lses[f] = mLseAccum[k, kv_head, row]
-            for i in cutlass.range_constexpr(pieces_per_lane):
-                piece = cute.local_tile(mOAccum[k, kv_head, row, None], (VEC,), (lane + 32 * i,)).load()
-                for e in cutlass.range_constexpr(VEC):
-                    pieces[f, i * VEC + e] = piece[e]
+            if f < num_frags:
+                k = first + f
+                lses[f] = mLseAccum[k, kv_head, row]
+                for i in cutlass.range_constexpr(pieces_per_lane):
+                    piece = cute.local_tile(mOAccum[k, kv_head, row, None], (VEC,), (lane + 32 * i,)).load()
+                    for e in cutlass.range_constexpr(VEC):
+                        pieces[f, i * VEC + e] = piece[e]
         acc = cute.make_rmem_tensor((pieces_per_lane * VEC,), Float32)
         acc.fill(0.0)
         row_max, total = fold_fragments(acc, -Float32.inf, Float32(0.0), lses, pieces, 0, num_frags)
