@@ -39,6 +39,12 @@ WARP_ROW_FRAGMENTS = 4  # a sequence of at most this many fragments is merged a 
 # 9 or more fragments each, merged row by row, and gained 2-8% with a CTA per row.
 CTAS_PER_DECODE_CTA = 1
 CTAS_PER_SPARSE_CTA = 6
+# The combine's preferred L1 / shared-memory split, in percent of the most shared memory:
+# the decode kernels' (they use nearly all of it), so that an SM passing from a decode
+# CTA to a combine CTA and back keeps its configuration (b1 cases 0.7-1.3% faster than
+# the default, which runs the combine at 16 KB; benchmarks/NOTES.md, "The combine's
+# loads past a row's last fragment").
+SHARED_MEMORY_CARVEOUT_PERCENT = 100
 
 
 class MlaCombine:
@@ -113,7 +119,7 @@ class MlaCombine:
         self.kernel(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, heads_per_kv, num_slots,
                     row_groups).launch(
             grid=[num_slots, mOAccum.shape[1], row_groups], block=[COMBINE_THREADS, 1, 1], stream=stream,
-            use_pdl=after_producer,
+            use_pdl=after_producer, preferred_smem_carveout=SHARED_MEMORY_CARVEOUT_PERCENT,
         )
 
     @cute.kernel
