@@ -1,8 +1,8 @@
-"""GPU time per call of decode cases (CUDA-graph replays), each kernel's time and the
-time from the decode kernel's end to the call's last kernel's end (torch profiler): where
-a case's time goes,
-for this package and, when they import, FlashMLA's two builds (``flash_mla``, Feb 2025,
-and ``flash_mla_head``, its current API) on the same inputs.
+"""GPU time per call of decode cases (CUDA-graph replays), and, from the torch profiler
+over one replay of the same graph, each kernel's time and the time from the decode
+kernel's end to the call's last kernel's end: where a case's time goes, for this
+package and, when they import, FlashMLA's two builds (``flash_mla``, Feb 2025, and
+``flash_mla_head``, its current API) on the same inputs.
 
     python benchmarks/kernel_times.py [--cases anchors|serving|all|plans]
 
@@ -69,16 +69,14 @@ def ours(x, s_q, h_q):
         x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits, causal=s_q > 1)
 
 
-def graph_time(step, calls: int = CALLS, replays: int = 20) -> float:
-    """Device microseconds per call, from a CUDA graph of ``calls`` calls replayed
-    ``replays`` times (the median replay): the wall time a serving engine's graph sees,
-    launch gaps included, whatever kernels overlap (a programmatic dependent launch
-    makes per-kernel times add up to more than the call)."""
+def capture(step, calls: int = CALLS) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``calls`` calls of ``step``, after a warm-up on the capture stream
+    (per-stream workspaces exist before capture)."""
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):  # on the capture stream: per-stream workspaces exist before capture
+        for _ in range(3):
             step()
         stream.synchronize()
         with torch.cuda.graph(graph, stream=stream):
@@ -87,6 +85,14 @@ def graph_time(step, calls: int = CALLS, replays: int = 20) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def replay_time(graph: torch.cuda.CUDAGraph, calls: int = CALLS, replays: int = 20) -> float:
+    """Device microseconds per call of a graph of ``calls`` calls: the median of
+    ``replays`` replays. The wall time a serving engine's graph sees, launch gaps
+    included, whatever kernels overlap (a programmatic dependent launch makes per-kernel
+    times add up to more than the call)."""
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -98,23 +104,26 @@ def graph_time(step, calls: int = CALLS, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def kernel_times(step):
+def graph_time(step, calls: int = CALLS, replays: int = 20) -> float:
+    """``replay_time`` of a graph of ``calls`` calls of ``step``."""
+    return replay_time(capture(step, calls), calls, replays)
+
+
+def graph_kernels(graph: torch.cuda.CUDAGraph, calls: int = CALLS):
     """({kernel name: mean device microseconds per call}, the median time from a call's
-    decode kernel's end to its last kernel's end, ``tail_after_decode``), over CALLS
-    calls after a warm-up."""
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    decode kernel's end to its last kernel's end, ``tail_after_decode``), from the torch
+    profiler's kernel timestamps over one replay of the graph: the kernels as they run
+    in the graph (an eager run's launch gaps and cache state differ). A combine kernel
+    launched as a programmatic dependent starts early, and its time includes its wait."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(CALLS):
-            step()
+        graph.replay()
         torch.cuda.synchronize()
     times = {}
     for evt in prof.key_averages():
         total = getattr(evt, "device_time_total", 0)
         if total > 0 and evt.key not in ("Memset (Device)",):
             name = evt.key.replace("kernel_cutlass_kernel_flashmla_cutekernels", "")
-            times[name[:40]] = total / CALLS
+            times[name[:40]] = total / calls
     kernels = [(evt.name, evt.time_range.start, evt.time_range.end) for evt in prof.events()
                if evt.device_type == torch.autograd.DeviceType.CUDA and evt.name != "Memset (Device)"]
     return times, tail_after_decode(kernels)
@@ -189,9 +198,9 @@ def main():
         x = make_decode_inputs(b, s_q, h_q, seqlens=lens.tolist(), device="cuda", seed=0)
         line = []
         for name, make in impls.items():
-            step = make(x, s_q, h_q)
-            times, tail = kernel_times(step)
-            wall = graph_time(step)
+            graph = capture(make(x, s_q, h_q))
+            wall = replay_time(graph)
+            times, tail = graph_kernels(graph)
             parts = " + ".join(f"{k.split('(')[0][-28:]} {t:.1f}" for k, t in sorted(times.items(), key=lambda kv: -kv[1]))
             line.append(f"  {name:<17} {wall:8.1f} us per call in a graph  [kernels: {parts}; "
                         f"{tail:.1f} after the decode kernel's end]")
