@@ -6,7 +6,8 @@ The per-call host time of ``flash_mla_with_kvcache`` and ``get_mla_metadata``
 (``bench_overhead.py``) is a sum of torch allocations, tensor metadata reads, argument
 checks and TVM-FFI calls that launch kernels. This prints each piece on its own, plus
 trivial CuTe DSL kernels launched through TVM-FFI with 1 and 9 tensor arguments and with
-one and two launches per call, so that the floor of a call is known on this host.
+one and two launches per call, so that the floor of a call is known on this host, and
+the pieces of a sparse call on its fast path (FlashMLA's V3.2 b = 2 shape).
 Each piece is called in batches of 200 (fewer than the launch queue holds, so a batch
 is never held up by the GPU), synchronized after each batch; printed are the medians
 over 50 batches of the time per call before the synchronization ("enqueue", the host's
@@ -67,6 +68,54 @@ def trivial_kernels():
     )
     # The bare tvm_ffi.Function, as the package's disk cache loads it (no Python wrapper).
     return tuple(getattr(c, "__tvm_ffi_object__", lambda c=c: c)() for c in compiled)
+
+
+def sparse_rows(dev) -> list:
+    """The pieces of a sparse call (V3.2, FlashMLA's b = 2 production shape) on its fast
+    path, as ``api.flash_mla_with_kvcache`` and ``sparse_runtime.launch_sparse`` run them."""
+    from flashmla_cute import api, fp8_cache, sparse_runtime
+    from flashmla_cute.launch_args import SparseDecodeArgs
+    from flashmla_cute.sparse_testing import make_sparse_decode_inputs
+
+    x = make_sparse_decode_inputs(2, 2, 128, 32768, 2048, 64, device="cuda")
+    sched, _ = api.get_mla_metadata()
+    sparse_args = (x.q, x.k_cache, x.indices, x.topk_length, x.attn_sink, None, None, None, 512, False, True)
+
+    def call():
+        return api.flash_mla_with_kvcache(x.q, x.k_cache, None, None, 512, sched, None,
+                                          softmax_scale=x.softmax_scale, is_fp8_kvcache=True, indices=x.indices,
+                                          topk_length=x.topk_length, attn_sink=x.attn_sink)
+
+    call()  # the fast path now knows this configuration
+    launch, _ = api._known_sparse[api._sparse_key(*sparse_args)]
+    k, k_scales = fp8_cache.page_parts(x.k_cache.view(torch.uint8), launch.layout, *launch.cache_pages)
+    out = x.q.new_empty(launch.out_shape)
+    lse = torch.empty(launch.lse_shape, dtype=torch.float32, device=dev)
+    accum = lse.new_empty(launch.accum_elems)
+    no_length, no_sink = sparse_runtime._absent(x.q.device)
+
+    def args():
+        return SparseDecodeArgs(
+            q=x.q, k=k, k_scales=k_scales, indices=x.indices, topk_length=no_length, extra_k=k, extra_k_scales=k_scales,
+            extra_indices=x.indices, extra_topk_length=no_length, sink=no_sink, o=out, lse=lse, accum=accum,
+            num_splits=launch.num_splits, softmax_scale=x.softmax_scale, has_topk_length=0, has_sink=0,
+            extra_topk=0, has_extra_topk_length=0, whole_batches=launch.plan.whole_batches,
+            topk_splits=launch.plan.splits, num_sms=launch.num_sms)
+
+    built = args()
+    return [
+        ("sparse: _sparse_key", lambda: api._sparse_key(*sparse_args)),
+        ("sparse: cache views (page_parts)", lambda: fp8_cache.page_parts(x.k_cache.view(torch.uint8), launch.layout,
+                                                                          *launch.cache_pages)),
+        ("sparse: out, lse, accum allocations", lambda: (x.q.new_empty(launch.out_shape),
+                                                         torch.empty(launch.lse_shape, dtype=torch.float32, device=dev),
+                                                         lse.new_empty(launch.accum_elems))),
+        ("sparse: SparseDecodeArgs(...)", args),
+        ("sparse: compiled call (24 arguments)", lambda: launch.fn(*built)),
+        ("sparse: launch_sparse", lambda: sparse_runtime.launch_sparse(launch, x.q, x.k_cache, x.indices, None, None,
+                                                                       None, None, None, x.softmax_scale)),
+        ("sparse: flash_mla_with_kvcache (V3.2 b2)", call),
+    ]
 
 
 def main() -> int:
@@ -140,6 +189,7 @@ def main() -> int:
                                                                      inp.cache_seqlens, 512, meta, num_splits,
                                                                      causal=True)),
     ]
+    rows += sparse_rows(dev)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"{'piece':<40} {'enqueue us':>10} {'wall us':>8}")
     for name, fn in rows:
