@@ -73,7 +73,7 @@ def trivial_kernels():
 def sparse_rows(dev) -> list:
     """The pieces of a sparse call (V3.2, FlashMLA's b = 2 production shape) on its fast
     path, as ``api.flash_mla_with_kvcache`` and ``sparse_runtime.launch_sparse`` run them."""
-    from flashmla_cute import api, fp8_cache, sparse_runtime
+    from flashmla_cute import api, fp8_cache, runtime, sparse_runtime
     from flashmla_cute.launch_args import SparseDecodeArgs
     from flashmla_cute.sparse_testing import make_sparse_decode_inputs
 
@@ -89,9 +89,9 @@ def sparse_rows(dev) -> list:
     call()  # the fast path now knows this configuration
     launch, _ = api._known_sparse[api._sparse_key(*sparse_args)]
     k, k_scales = fp8_cache.page_parts(x.k_cache.view(torch.uint8), launch.layout, *launch.cache_pages)
+    accum = runtime.split_workspace(sched, launch.accum_elems, 0)
     out = x.q.new_empty(launch.out_shape)
-    lse = torch.empty(launch.lse_shape, dtype=torch.float32, device=dev)
-    accum = lse.new_empty(launch.accum_elems)
+    lse = accum.new_empty(launch.lse_shape)
     no_length, no_sink = sparse_runtime._absent(x.q.device)
 
     def args():
@@ -107,13 +107,12 @@ def sparse_rows(dev) -> list:
         ("sparse: _sparse_key", lambda: api._sparse_key(*sparse_args)),
         ("sparse: cache views (page_parts)", lambda: fp8_cache.page_parts(x.k_cache.view(torch.uint8), launch.layout,
                                                                           *launch.cache_pages)),
-        ("sparse: out, lse, accum allocations", lambda: (x.q.new_empty(launch.out_shape),
-                                                         torch.empty(launch.lse_shape, dtype=torch.float32, device=dev),
-                                                         lse.new_empty(launch.accum_elems))),
+        ("sparse: kept workspace, out, lse", lambda: (runtime.split_workspace(sched, launch.accum_elems, 0),
+                                                      x.q.new_empty(launch.out_shape), lse.new_empty(launch.lse_shape))),
         ("sparse: SparseDecodeArgs(...)", args),
         ("sparse: compiled call (24 arguments)", lambda: launch.fn(*built)),
-        ("sparse: launch_sparse", lambda: sparse_runtime.launch_sparse(launch, x.q, x.k_cache, x.indices, None, None,
-                                                                       None, None, None, x.softmax_scale)),
+        ("sparse: launch_sparse", lambda: sparse_runtime.launch_sparse(launch, sched, x.q, x.k_cache, x.indices, None,
+                                                                       None, None, None, None, x.softmax_scale)),
         ("sparse: flash_mla_with_kvcache (V3.2 b2)", call),
     ]
 

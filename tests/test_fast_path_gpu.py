@@ -157,6 +157,24 @@ def test_other_streams_get_their_own_workspace(requires_hopper):
 # ---------------------------------------------------------------- sparse calls (current API)
 
 
+def test_sparse_calls_keep_the_workspace_on_the_plan(requires_hopper):
+    # As the dense plan's tensor does: the next layer's call on the same stream reuses it.
+    from flashmla_cute import api
+    from flashmla_cute.sparse_reference import sparse_mla_reference
+    from test_api import sparse_call
+
+    inp = sparse_gpu_inputs()
+    plan, _ = api.get_mla_metadata()
+    first = sparse_call(inp, plan)
+    workspace = kept_workspace(plan)
+    next_q = torch.randn_like(inp.q) / 10
+    second = sparse_call(inp, plan, q=next_q)
+    assert kept_workspace(plan) is workspace
+    ref = sparse_mla_reference(next_q, inp.k_cache, inp.indices, inp.topk_length, inp.attn_sink, inp.softmax_scale)
+    assert cosine_distance(second[0], ref[0]) < 1e-5 and cosine_distance(second[1], ref[1]) < 1e-5
+    assert not torch.equal(first[0], second[0])
+
+
 def sparse_gpu_inputs():
     from flashmla_cute.sparse_testing import make_sparse_decode_inputs
 

@@ -134,7 +134,8 @@ def flash_mla_with_kvcache(
             raise ValueError
         from .sparse_runtime import launch_sparse
 
-        result = launch_sparse(launch, q, k_cache, indices, topk_length, attn_sink, *extras, softmax_scale)
+        result = launch_sparse(launch, plan, q, k_cache, indices, topk_length, attn_sink, *extras,
+                               softmax_scale)
         _record_plan(plan, config)
         return result
     except Exception:
@@ -155,7 +156,8 @@ def flash_mla_with_kvcache(
         from .sparse_runtime import launch_sparse, sparse_launch
 
         launch = sparse_launch(problem, q.device)
-        result = launch_sparse(launch, q, k_cache, indices, topk_length, attn_sink, *extras, problem.softmax_scale)
+        result = launch_sparse(launch, plan, q, k_cache, indices, topk_length, attn_sink, *extras,
+                               problem.softmax_scale)
         interface._remember(_known_sparse, key, (launch, config))
     else:
         result = sparse_mla_reference(q, k_cache, indices, topk_length, attn_sink, problem.softmax_scale,

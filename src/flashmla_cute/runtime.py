@@ -164,26 +164,26 @@ def query_rows(q: torch.Tensor, h_kv: int) -> torch.Tensor:
 _WORKSPACE_ATTR = "_flashmla_cute_split_workspace"
 
 
-def _split_workspace(tile_scheduler_metadata: torch.Tensor, elems: int, device_index: int) -> torch.Tensor:
-    """The decode kernel's split workspace (``scheduler.split_workspace_elems``): the
-    split sequences' partial results.
+def split_workspace(holder, elems: int, device_index: int) -> torch.Tensor:
+    """A kernel's split workspace of ``elems`` fp32 values (the split sequences' partial
+    results), kept on ``holder``: the dense plan's tensor, or the sparse plan object.
 
     All layers of a decoding step share one plan and run one after another on one
-    stream, so the workspace is allocated by the first call with a plan and kept on the
-    plan's tensor for the next calls, which save an allocation. It is reused
-    only by calls on the stream it was made for, with the same size: work on one stream
-    runs in order, so no two kernels ever use it at once, and the caching allocator
-    hands its memory to nothing else while the plan lives. A call on another stream or
-    of another size makes its own (and keeps that instead).
+    stream, so the workspace is allocated by the first call with a plan and kept on it
+    for the next calls, which save an allocation. It is reused only by calls on the
+    stream it was made for, with the same size: work on one stream runs in order, so no
+    two kernels ever use it at once, and the caching allocator hands its memory to
+    nothing else while the plan lives. A call on another stream or of another size makes
+    its own (and keeps that instead).
     """
     stream = torch._C._cuda_getCurrentRawStream(device_index)
-    kept = getattr(tile_scheduler_metadata, _WORKSPACE_ATTR, None)
+    kept = getattr(holder, _WORKSPACE_ATTR, None)
     if kept is not None and kept[0] == stream and kept[1].numel() == elems:
         return kept[1]
-    workspace = tile_scheduler_metadata.new_empty(elems, dtype=torch.float32)
+    workspace = torch.empty(elems, dtype=torch.float32, device=torch.device("cuda", device_index))
     try:
-        setattr(tile_scheduler_metadata, _WORKSPACE_ATTR, (stream, workspace))
-    except (AttributeError, RuntimeError):  # a tensor type without attributes: not kept
+        setattr(holder, _WORKSPACE_ATTR, (stream, workspace))
+    except (AttributeError, RuntimeError):  # a type without attributes: not kept
         pass
     return workspace
 
@@ -210,7 +210,7 @@ def launch_decode(launch: DecodeLaunch, q, k_cache, block_table, cache_seqlens, 
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the decode kernel; returns ``(out, lse)``. The compiled function raises (and
     launches nothing) on arguments that do not match what it was compiled for."""
-    workspace = _split_workspace(meta, launch.workspace_elems, launch.device_index)
+    workspace = split_workspace(meta, launch.workspace_elems, launch.device_index)
     out = q.new_empty(launch.out_shape)
     lse = workspace.new_empty(launch.lse_shape)
     rows = query_rows(q, launch.h_kv) if launch.gather_rows else q

@@ -53,6 +53,7 @@ class SparseLaunch(NamedTuple):
     num_splits: torch.Tensor  # the combine kernel's fragment offsets (SparsePlan.fragment_offsets)
     plan: SparsePlan
     num_sms: int
+    device_index: int
     cache_pages: tuple  # (num_blocks, page_size) of k_cache
     extra_cache_pages: tuple | None  # and of extra_k_cache
     extra_topk: int
@@ -73,20 +74,22 @@ def sparse_launch(problem: SparseDecodeProblem, device: torch.device) -> SparseL
         num_splits=split_offsets(b, plan, device),
         plan=plan,
         num_sms=num_sms,
+        device_index=device.index,
         cache_pages=(problem.num_blocks, problem.page_size),
         extra_cache_pages=(problem.extra_num_blocks, problem.extra_page_size) if has_extra else None,
         extra_topk=problem.extra_topk,
     )
 
 
-def launch_sparse(launch: SparseLaunch, q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
-                  extra_topk_length, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the sparse kernel (and its combine); returns ``(out, lse)``. The compiled
-    function raises (and launches nothing) on arguments that do not match what it was
-    compiled for."""
+def launch_sparse(launch: SparseLaunch, plan, q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                  extra_indices, extra_topk_length, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the sparse kernel (and its combine); returns ``(out, lse)``. The split
+    workspace is kept on ``plan`` (``runtime.split_workspace``). The compiled function
+    raises (and launches nothing) on arguments that do not match what it was compiled
+    for."""
+    accum = runtime.split_workspace(plan, launch.accum_elems, launch.device_index)
     out = q.new_empty(launch.out_shape)
-    lse = torch.empty(launch.lse_shape, dtype=torch.float32, device=q.device)
-    accum = lse.new_empty(launch.accum_elems)
+    lse = accum.new_empty(launch.lse_shape)
     no_length, no_sink = _absent(q.device)
     k, k_scales = fp8_cache.page_parts(k_cache.view(torch.uint8), launch.layout, *launch.cache_pages)
     if launch.extra_cache_pages is None:
