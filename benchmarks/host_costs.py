@@ -70,7 +70,7 @@ def trivial_kernels():
     return tuple(getattr(c, "__tvm_ffi_object__", lambda c=c: c)() for c in compiled)
 
 
-def sparse_rows(dev) -> list:
+def sparse_rows() -> list:
     """The pieces of a sparse call (V3.2, FlashMLA's b = 2 production shape) on its fast
     path, as ``api.flash_mla_with_kvcache`` and ``sparse_runtime.launch_sparse`` run them."""
     from flashmla_cute import api, fp8_cache, runtime, sparse_runtime
@@ -89,7 +89,8 @@ def sparse_rows(dev) -> list:
     call()  # the fast path now knows this configuration
     launch, _ = api._known_sparse[api._sparse_key(*sparse_args)]
     k, k_scales = fp8_cache.page_parts(x.k_cache.view(torch.uint8), launch.layout, *launch.cache_pages)
-    accum = runtime.split_workspace(sched, launch.accum_elems, 0)
+    device_index = x.q.device.index
+    accum = runtime.split_workspace(sched, launch.accum_elems, device_index)
     out = x.q.new_empty(launch.out_shape)
     lse = accum.new_empty(launch.lse_shape)
     no_length, no_sink = sparse_runtime._absent(x.q.device)
@@ -102,13 +103,16 @@ def sparse_rows(dev) -> list:
             extra_topk=0, has_extra_topk_length=0, whole_batches=launch.plan.whole_batches,
             topk_splits=launch.plan.splits, num_sms=launch.num_sms)
 
+    def workspace_and_outputs():
+        workspace = runtime.split_workspace(sched, launch.accum_elems, device_index)
+        return workspace, x.q.new_empty(launch.out_shape), workspace.new_empty(launch.lse_shape)
+
     built = args()
     return [
         ("sparse: _sparse_key", lambda: api._sparse_key(*sparse_args)),
         ("sparse: cache views (page_parts)", lambda: fp8_cache.page_parts(x.k_cache.view(torch.uint8), launch.layout,
                                                                           *launch.cache_pages)),
-        ("sparse: kept workspace, out, lse", lambda: (runtime.split_workspace(sched, launch.accum_elems, 0),
-                                                      x.q.new_empty(launch.out_shape), lse.new_empty(launch.lse_shape))),
+        ("sparse: kept workspace, out, lse", workspace_and_outputs),
         ("sparse: SparseDecodeArgs(...)", args),
         ("sparse: compiled call (24 arguments)", lambda: launch.fn(*built)),
         ("sparse: launch_sparse", lambda: sparse_runtime.launch_sparse(launch, sched, x.q, x.k_cache, x.indices, None,
@@ -188,7 +192,7 @@ def main() -> int:
                                                                      inp.cache_seqlens, 512, meta, num_splits,
                                                                      causal=True)),
     ]
-    rows += sparse_rows(dev)
+    rows += sparse_rows()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"{'piece':<40} {'enqueue us':>10} {'wall us':>8}")
     for name, fn in rows:
