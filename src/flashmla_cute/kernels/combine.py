@@ -53,11 +53,12 @@ class MlaCombine:
     Launched as the decode kernel's programmatic dependent, it is scheduled while the
     decode kernel drains. Grid ``(slots, h_kv, row_groups)``: slot ``j`` takes the
     sequences ``j, j + slots, ...`` (``slots = min(b, num_parts)``), and of each one
-    it merges, the rows ``g, g + row_groups, ...`` of its row group ``g``. The row
-    groups are as many as give about ``ctas_per_producer`` CTAs per CTA of the kernel
-    that wrote the partials (which ran about one per SM) in all, so that the one
-    sequence of a batch of one is merged by as many CTAs as it has rows, while a
-    large batch does not launch waves of CTAs with nothing to merge.
+    it merges, row group ``g``'s share of the rows (``first_row``). The row groups
+    are as many as give about ``ctas_per_producer`` CTAs per CTA of the kernel that
+    wrote the partials (which ran about one per SM) in all, so that the one sequence
+    of a batch of one is merged by as many CTAs as it has rows, while a large batch
+    does not launch waves of CTAs with nothing to merge; where a sequence's rows are
+    few, no more than fit in one wave.
 
     A CTA reads the fragment counts before it waits for the decode kernel (the plan
     was written before the decode kernel started); only a CTA with a sequence to
@@ -114,8 +115,13 @@ class MlaCombine:
         as that kernel's programmatic dependent, right after it."""
         rows = mOAccum.shape[2]
         num_slots = cutlass.max(cutlass.min(mO.shape[0], producer_ctas), 1)
-        row_groups = (ctas_per_producer * producer_ctas + num_slots - 1) // num_slots
-        row_groups = cutlass.max(cutlass.min(row_groups, rows), 1)
+        budget = ctas_per_producer * producer_ctas
+        row_groups = cutlass.max(cutlass.min((budget + num_slots - 1) // num_slots, rows), 1)
+        one_wave = cutlass.max(budget // num_slots, 1)
+        if rows <= one_wave * WARPS_PER_CTA:
+            # Few rows a sequence: a warp or less per row already with the row groups
+            # of one wave, so no CTA waits for a second one.
+            row_groups = cutlass.min(row_groups, one_wave)
         self.kernel(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, heads_per_kv, num_slots,
                     row_groups).launch(
             grid=[num_slots, mOAccum.shape[1], row_groups], block=[COMBINE_THREADS, 1, 1], stream=stream,
@@ -167,15 +173,15 @@ class MlaCombine:
                 if num_frags <= WARP_ROW_FRAGMENTS:
                     # Very few (a large batch's split sequences): a warp per row, so that
                     # the CTA has 16 rows in flight rather than 4.
-                    for row in cutlass.range(row_group * WARPS_PER_CTA + tidx // 32, rows, row_groups * WARPS_PER_CTA,
-                                             unroll=1):
+                    for row in cutlass.range(first_row(row_group, row_groups, tidx // 32, WARPS_PER_CTA, rows), rows,
+                                             row_groups * WARPS_PER_CTA, unroll=1):
                         self.merge_row_by_warp(mOAccum, mLseAccum, mO, mLse, mSink, has_sink, tidx % 32, batch,
                                                kv_head, row, first, num_frags, heads_per_kv)
                 elif num_frags <= COMBINE_FRAGS_IN_FLIGHT:
                     # Few fragments: each thread group merges rows of its own, all of a
                     # row's loads at once, with no shared memory and no barrier.
-                    for row in cutlass.range(row_group * COMBINE_FRAGMENT_GROUPS + group, rows,
-                                             row_groups * COMBINE_FRAGMENT_GROUPS, unroll=1):
+                    for row in cutlass.range(first_row(row_group, row_groups, group, COMBINE_FRAGMENT_GROUPS, rows),
+                                             rows, row_groups * COMBINE_FRAGMENT_GROUPS, unroll=1):
                         acc, row_max, total = self.sum_fragments(mOAccum, mLseAccum, kv_head, row, first, num_frags,
                                                                  0, 1, piece_idx)
                         self.store_row(mO, mLse, mSink, has_sink, acc, row_max, total, batch, kv_head, row,
@@ -336,6 +342,21 @@ def fold_fragments(acc: cute.Tensor, running_max: Float32, running_sum: Float32,
         for j in cutlass.range_constexpr(cute.size(acc)):
             acc[j] = acc[j] + weight * pieces[f, j]
     return new_max, running_sum
+
+
+@cute.jit
+def first_row(row_group, row_groups, unit, units_per_cta: cutlass.Constexpr, rows):
+    """The first row that merging unit ``unit`` (a warp or a thread group) of a CTA of row
+    group ``row_group`` takes; it then takes every ``row_groups * units_per_cta``-th.
+    Where one pass of all the row groups' units covers the rows, they are dealt out row
+    group by row group (row ``r`` to group ``r % row_groups``), so that every CTA of the
+    sequence has some and none has many; otherwise each row group takes consecutive
+    runs of ``units_per_cta`` rows, so that the last-launched groups, which may wait for
+    a second wave, have the fewest."""
+    first = row_group * units_per_cta + unit
+    if rows <= row_groups * units_per_cta:
+        first = unit * row_groups + row_group
+    return first
 
 
 @cute.jit
