@@ -73,7 +73,7 @@ def trivial_kernels():
 def sparse_rows() -> list:
     """The pieces of a sparse call (V3.2, FlashMLA's b = 2 production shape) on its fast
     path, as ``api.flash_mla_with_kvcache`` and ``sparse_runtime.launch_sparse`` run them."""
-    from flashmla_cute import api, fp8_cache, runtime, sparse_runtime
+    from flashmla_cute import api, runtime, sparse_runtime
     from flashmla_cute.launch_args import SparseDecodeArgs
     from flashmla_cute.sparse_testing import make_sparse_decode_inputs
 
@@ -88,7 +88,7 @@ def sparse_rows() -> list:
 
     call()  # the fast path now knows this configuration
     launch, _ = api._known_sparse[api._sparse_key(*sparse_args)]
-    k, k_scales = fp8_cache.page_parts(x.k_cache.view(torch.uint8), launch.layout, *launch.cache_pages)
+    k_bytes = x.k_cache.view(torch.uint8)
     device_index = x.q.device.index
     accum = runtime.split_workspace(sched, launch.accum_elems, device_index)
     out = x.q.new_empty(launch.out_shape)
@@ -97,8 +97,7 @@ def sparse_rows() -> list:
 
     def args():
         return SparseDecodeArgs(
-            q=x.q, k=k, k_scales=k_scales, indices=x.indices, topk_length=no_length, extra_k=k, extra_k_scales=k_scales,
-            extra_indices=x.indices, extra_topk_length=no_length, sink=no_sink, o=out, lse=lse, accum=accum,
+            q=x.q, k_cache=k_bytes, indices=x.indices, topk_length=no_length, extra_k_cache=k_bytes, extra_indices=x.indices, extra_topk_length=no_length, sink=no_sink, o=out, lse=lse, accum=accum,
             num_splits=launch.num_splits, softmax_scale=x.softmax_scale, has_topk_length=0, has_sink=0,
             extra_topk=0, has_extra_topk_length=0, whole_batches=launch.plan.whole_batches,
             topk_splits=launch.plan.splits, num_sms=launch.num_sms)
@@ -110,11 +109,10 @@ def sparse_rows() -> list:
     built = args()
     return [
         ("sparse: _sparse_key", lambda: api._sparse_key(*sparse_args)),
-        ("sparse: cache views (page_parts)", lambda: fp8_cache.page_parts(x.k_cache.view(torch.uint8), launch.layout,
-                                                                          *launch.cache_pages)),
+        ("sparse: cache bytes (view as uint8)", lambda: x.k_cache.view(torch.uint8)),
         ("sparse: kept workspace, out, lse", workspace_and_outputs),
         ("sparse: SparseDecodeArgs(...)", args),
-        ("sparse: compiled call (24 arguments)", lambda: launch.fn(*built)),
+        ("sparse: compiled call (%d arguments)" % len(built), lambda: launch.fn(*built)),
         ("sparse: launch_sparse", lambda: sparse_runtime.launch_sparse(launch, sched, x.q, x.k_cache, x.indices, None,
                                                                        None, None, None, None, x.softmax_scale)),
         ("sparse: flash_mla_with_kvcache (V3.2 b2)", call),

@@ -25,14 +25,23 @@ def torch_merge(o_accum, lse_accum, num_splits, b):
     return torch.stack(outs), torch.stack(lses)
 
 
+# Sequences of 1-3 fragments each (37 random lengths on 50 parts: merged a warp per
+# row), and of 7-8 (a thread group per row).
+LENGTHS = {
+    "short": lambda gen: torch.randint(0, 3000, (37,), generator=gen, dtype=torch.int32),
+    "long": lambda gen: torch.tensor([5000, 4500, 64, 5000, 4000, 0, 4500, 3500], dtype=torch.int32),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("s_q,h_q,h_kv", [(1, 16, 1), (2, 128, 1), (1, 8, 2)])
-def test_combine_matches_torch_merge(requires_hopper, dtype, s_q, h_q, h_kv):
+@pytest.mark.parametrize("lengths", list(LENGTHS))
+def test_combine_matches_torch_merge(requires_hopper, dtype, s_q, h_q, h_kv, lengths):
     from flashmla_cute import runtime
 
     gen = torch.Generator().manual_seed(1234 + s_q * h_q)
-    b = 37
-    seqlens = torch.randint(0, 3000, (b,), generator=gen, dtype=torch.int32)
+    seqlens = LENGTHS[lengths](gen)
+    b = seqlens.shape[0]
     num_parts = 50
     meta, num_splits = scheduler.plan_torch(seqlens, num_parts)
     hpk = h_q // h_kv

@@ -1,10 +1,10 @@
 """The sparse decode kernel against the float32 reference on FlashMLA's V3.2 test grid
 and its MODEL1 (d_qk 512) grid with and without an extra cache (with sinks, some of them
 +-inf), corner cases (every index invalid, empty sequences, topk_length, an empty main
-cache beside a valid extra one), fewer heads than 64/128, a padded page stride, and the
-API's refusals on CUDA tensors. Every cache token no index uses holds NaN bytes, so a
-kernel that reads one shows it; results are compared as FlashMLA does (cosine distance,
-plus elementwise bounds), with +inf lse at the same places."""
+cache beside a valid extra one), fewer heads than 64/128, a padded page stride, a cache of
+one page, and the API's refusals on CUDA tensors. Every cache token no index uses holds
+NaN bytes, so a kernel that reads one shows it; results are compared as FlashMLA does
+(cosine distance, plus elementwise bounds), with +inf lse at the same places."""
 
 import itertools
 import math
@@ -15,7 +15,7 @@ import torch
 from flashmla_cute.api import flash_mla_with_kvcache, get_mla_metadata
 from flashmla_cute.fp8_cache import MODEL1, V32
 from flashmla_cute.sparse_reference import sparse_mla_reference
-from flashmla_cute.sparse_testing import NAN_BYTE, make_sparse_decode_inputs, with_page_stride
+from flashmla_cute.sparse_testing import NAN_BYTE, make_sparse_decode_inputs, page_bytes, with_page_stride
 from flashmla_cute.testing import cosine_distance, written_by_a_long_kernel
 
 pytestmark = pytest.mark.gpu
@@ -205,6 +205,20 @@ def test_padded_page_stride_and_byte_dtypes(requires_hopper, layout):
         inp.extra_k_cache = None if padded_extra is None else padded_extra.view(dtype)
         out, lse = run_kernel(inp)
         assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+
+
+def test_a_cache_of_one_page_whatever_its_page_stride(requires_hopper):
+    """A V3.2 cache of one page (the pages of a paged cache laid end to end, so the same
+    indices address the same tokens) whose page stride, never used, is not a multiple
+    of 16 bytes: the same results."""
+    inp = make_sparse_decode_inputs(4, 2, 64, 300, 128, 16, seed=5, device=requires_hopper)
+    expected = run_kernel(inp)
+    num_blocks, page_size, _, bytes_per_token = inp.k_cache.shape
+    tokens = page_bytes(inp.k_cache).reshape(-1)
+    inp.k_cache = tokens.as_strided((1, num_blocks * page_size, 1, bytes_per_token),
+                                    (7, bytes_per_token, bytes_per_token, 1))
+    out, lse = run_kernel(inp)
+    assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
 
 
 def test_out_of_range_indices_are_ignored(requires_hopper):

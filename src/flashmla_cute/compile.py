@@ -180,16 +180,13 @@ def metadata_variant() -> Variant:
     return Variant("metadata", build)
 
 
-def sparse_cache_fakes(layout):
-    """A cache's two kernel views (``fp8_cache.page_parts``): token rows,
-    16-byte aligned, and token scales (V3.2's inside the rows, MODEL1's 8-byte rows after
-    the page's token rows)."""
+def sparse_cache_fake(layout):
+    """A cache's bytes, ``[num_blocks, page_size, 1, bytes per token]`` uint8, 16-byte
+    aligned: the kernel makes its views itself (``SparseDecodeSm90.cache_parts``) and
+    reads only the page stride, which may be anything for a cache of one page."""
     import cutlass
 
-    rows = _fake(cutlass.Uint8, (_i32(), _i32(), layout.row_bytes), (_stride(16), layout.row_bytes, 1), 16)
-    scales = _fake(cutlass.Uint8, (_i32(), _i32(), layout.scale_bytes), (_stride(16), layout.scale_stride, 1),
-                   layout.scale_bytes)
-    return rows, scales
+    return _fake(cutlass.Uint8, (_i32(), _i32(), 1, layout.bytes_per_token), (_stride(), _stride(), _stride(), 1), 16)
 
 
 def sparse_decode_variant(layout_name: str = "v32", has_extra: bool = False) -> Variant:
@@ -206,16 +203,12 @@ def sparse_decode_variant(layout_name: str = "v32", has_extra: bool = False) -> 
         from .kernels.sparse_decode_sm90 import SparseDecodeSm90
 
         b, s_q, h_q = (_i32() for _ in range(3))
-        k, k_scales = sparse_cache_fakes(layout)
-        extra_k, extra_k_scales = sparse_cache_fakes(layout)
         args = SparseDecodeArgs(
             q=_fake(cutlass.BFloat16, (b, s_q, h_q, layout.head_dim), (_s16(), _s16(), _s16(), 1), 16),
-            k=k,
-            k_scales=k_scales,
+            k_cache=sparse_cache_fake(layout),
             indices=_fake(cutlass.Int32, (b, s_q, _i32()), (_stride(), _stride(), 1)),
             topk_length=_fake(cutlass.Int32, (_i32(),), (1,)),
-            extra_k=extra_k,
-            extra_k_scales=extra_k_scales,
+            extra_k_cache=sparse_cache_fake(layout),
             extra_indices=_fake(cutlass.Int32, (_i32(), _i32(), _i32()), (_stride(), _stride(), 1)),
             extra_topk_length=_fake(cutlass.Int32, (_i32(),), (1,)),
             sink=_fake(cutlass.Float32, (_i32(),), (1,)),

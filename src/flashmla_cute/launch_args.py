@@ -33,12 +33,10 @@ class SparseDecodeArgs(NamedTuple):
     """``kernels.sparse_decode_sm90.SparseDecodeSm90``'s arguments."""
 
     q: Any  # [b, s_q, h_q, d] bf16 (d = 576 for V3.2, 512 for MODEL1)
-    k: Any  # [num_blocks, page_size, row bytes] uint8: each token's latent and rope bytes
-    k_scales: Any  # [num_blocks, page_size, scale bytes] uint8: each token's scales
+    k_cache: Any  # [num_blocks, page_size, 1, bytes per token] uint8: the cache's bytes (fp8_cache)
     indices: Any  # [b, s_q, topk] int32
     topk_length: Any  # [b] int32, or a one-element stand-in when has_topk_length is 0
-    extra_k: Any  # the extra cache as k, or a stand-in when extra_topk is 0
-    extra_k_scales: Any
+    extra_k_cache: Any  # the extra cache as k_cache, or a stand-in when extra_topk is 0
     extra_indices: Any  # [b, s_q, extra_topk] int32, or a stand-in
     extra_topk_length: Any  # [b] int32, or a stand-in when has_extra_topk_length is 0
     sink: Any  # [h_q] float32, or a one-element stand-in when has_sink is 0

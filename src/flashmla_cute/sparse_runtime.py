@@ -54,8 +54,7 @@ class SparseLaunch(NamedTuple):
     plan: SparsePlan
     num_sms: int
     device_index: int
-    cache_pages: tuple  # (num_blocks, page_size) of k_cache
-    extra_cache_pages: tuple | None  # and of extra_k_cache
+    has_extra: bool  # an extra cache
     extra_topk: int
 
 
@@ -75,8 +74,7 @@ def sparse_launch(problem: SparseDecodeProblem, device: torch.device) -> SparseL
         plan=plan,
         num_sms=num_sms,
         device_index=device.index,
-        cache_pages=(problem.num_blocks, problem.page_size),
-        extra_cache_pages=(problem.extra_num_blocks, problem.extra_page_size) if has_extra else None,
+        has_extra=has_extra,
         extra_topk=problem.extra_topk,
     )
 
@@ -91,17 +89,18 @@ def launch_sparse(launch: SparseLaunch, plan, q, k_cache, indices, topk_length, 
     out = q.new_empty(launch.out_shape)
     lse = accum.new_empty(launch.lse_shape)
     no_length, no_sink = _absent(q.device)
-    k, k_scales = fp8_cache.page_parts(k_cache.view(torch.uint8), launch.layout, *launch.cache_pages)
-    if launch.extra_cache_pages is None:
-        # Stand-ins of the right kinds, never read (extra_topk is 0).
-        extra_k, extra_k_scales, extra_indices = k, k_scales, indices
+    # The kernel reads the caches' bytes (any of the checks' one-byte dtypes) and makes
+    # its own views of them.
+    k_bytes = k_cache.view(torch.uint8)
+    if launch.has_extra:
+        extra_bytes = extra_k_cache.view(torch.uint8)
     else:
-        extra_k, extra_k_scales = fp8_cache.page_parts(extra_k_cache.view(torch.uint8), launch.layout,
-                                                       *launch.extra_cache_pages)
+        # Stand-ins of the right kinds, never read (extra_topk is 0).
+        extra_bytes, extra_indices = k_bytes, indices
     launch.fn(*SparseDecodeArgs(
-        q=q, k=k, k_scales=k_scales, indices=indices,
+        q=q, k_cache=k_bytes, indices=indices,
         topk_length=no_length if topk_length is None else topk_length,
-        extra_k=extra_k, extra_k_scales=extra_k_scales, extra_indices=extra_indices,
+        extra_k_cache=extra_bytes, extra_indices=extra_indices,
         extra_topk_length=no_length if extra_topk_length is None else extra_topk_length,
         sink=no_sink if attn_sink is None else attn_sink,
         o=out, lse=lse, accum=accum, num_splits=launch.num_splits,

@@ -106,12 +106,10 @@ class SparseDecodeSm90:
     def __call__(
         self,
         mQ: cute.Tensor,  # (b, s_q, h_q, d) bf16
-        mK: cute.Tensor,  # (num_blocks, page_size, row bytes) uint8: each token's latent and rope bytes
-        mKScales: cute.Tensor,  # (num_blocks, page_size, scale bytes) uint8: each token's scales
+        mKCache: cute.Tensor,  # (num_blocks, page_size, 1, bytes per token) uint8: the cache's bytes
         mIndices: cute.Tensor,  # (b, s_q, topk) int32
         mTopkLength: cute.Tensor,  # (b,) int32, or any one int when has_topk_length == 0
-        mExtraK: cute.Tensor,  # the extra cache as mK (any such tensor without one: never read)
-        mExtraKScales: cute.Tensor,
+        mExtraKCache: cute.Tensor,  # the extra cache as mKCache (without one, any such tensor: never read)
         mExtraIndices: cute.Tensor,  # (b, s_q, extra_topk) int32
         mExtraTopkLength: cute.Tensor,  # (b,) int32, or any one int when has_extra_topk_length == 0
         mSink: cute.Tensor,  # (h_q,) fp32, or any one float when has_sink == 0
@@ -166,6 +164,8 @@ class SparseDecodeSm90:
         num_fragments = whole_batches + (b - whole_batches) * topk_splits
         mOAccum, mLseAccum = utils.accumulators(mAccum, num_fragments, 1, s_q * h_q, DV)
         num_ctas = num_fragments * s_q * head_tiles
+        mK, mKScales = self.cache_parts(mKCache)
+        mExtraK, mExtraKScales = self.cache_parts(mExtraKCache)
         self.kernel(
             tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, mQ, mK, mKScales, mIndices, mTopkLength, mExtraK,
             mExtraKScales, mExtraIndices, mExtraTopkLength, mSink, mO, mLse, mOAccum, mLseAccum, softmax_scale,
@@ -181,6 +181,29 @@ class SparseDecodeSm90:
         # kernel, launched as this kernel's programmatic dependent.
         MlaCombine(dtype, DV).launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q,
                                      cutlass.min(num_ctas, num_sms), CTAS_PER_SPARSE_CTA, stream, True)
+
+    @cute.jit
+    def cache_parts(self, mCache: cute.Tensor):
+        """A cache's bytes as the kernel reads them (``fp8_cache.page_parts``, made here
+        so that a call passes the cache tensor itself): ``(num_blocks, page_size, row
+        bytes)``, each token's latent and rope bytes, and ``(num_blocks, page_size, scale
+        bytes)``, its scales. The page stride is a multiple of 16 bytes, or the cache has
+        one page and its page stride is never used (the checks)."""
+        num_blocks, page_size = mCache.shape[0], mCache.shape[1]
+        page_stride = cute.assume(mCache.stride[0], divby=VECTOR_BYTES)
+        rows = cute.make_tensor(
+            mCache.iterator,
+            cute.make_layout((num_blocks, page_size, self.layout.row_bytes), stride=(page_stride, self.layout.row_bytes, 1)),
+        )
+        scales_offset = self.layout.scales_offset(page_size)
+        if const_expr(not self.layout.scales_in_rows):
+            scales_offset = cute.assume(scales_offset, divby=VECTOR_BYTES)  # page_size rows of 576 bytes
+        scales = cute.make_tensor(
+            mCache.iterator + scales_offset,
+            cute.make_layout((num_blocks, page_size, self.layout.scale_bytes),
+                             stride=(page_stride, self.layout.scale_stride, 1)),
+        )
+        return rows, scales
 
     # ---------------------------------------------------------------- device side
     @cute.kernel
