@@ -67,7 +67,7 @@ from cutlass.tensor_utils import LayoutEnum
 from .. import fp8_cache
 from ..sparse_plan import HEAD_TILE, STEP_TOKENS
 from . import softmax, utils
-from .combine import CTAS_PER_SPARSE_CTA, MlaCombine
+from .combine import CTAS_PER_SPARSE_CTA, GROUP_ROW_FRAGMENTS, MlaCombine
 from .split_o import SplitOFragments, split_o_fragments
 
 TOKENS = STEP_TOKENS  # indices per step
@@ -178,9 +178,21 @@ class SparseDecodeSm90:
             min_blocks_per_mp=1,
         )
         # Split query tokens: their fragments merged (and the sink applied) by the combine
-        # kernel, launched as this kernel's programmatic dependent.
-        MlaCombine(dtype, DV).launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q,
-                                     cutlass.min(num_ctas, num_sms), CTAS_PER_SPARSE_CTA, stream, True)
+        # kernel, launched as this kernel's programmatic dependent; at two CTAs an SM
+        # where every row has more fragments than a thread group merges (combine.py,
+        # FRAGS_IN_FLIGHT).
+        merge_args = (mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q, cutlass.min(num_ctas, num_sms),
+                      stream)
+        if topk_splits > GROUP_ROW_FRAGMENTS:
+            self.launch_combine(2, *merge_args)
+        else:
+            self.launch_combine(1, *merge_args)
+
+    def launch_combine(self, ctas_per_sm: int, mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q,
+                       producer_ctas, stream):
+        """The combine kernel at ``ctas_per_sm`` CTAs an SM, after this kernel."""
+        MlaCombine(BFloat16, DV, ctas_per_sm).launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q,
+                                                     producer_ctas, CTAS_PER_SPARSE_CTA, stream, True)
 
     @cute.jit
     def cache_parts(self, mCache: cute.Tensor):
