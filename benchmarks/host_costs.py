@@ -97,7 +97,8 @@ def sparse_rows() -> list:
 
     def args():
         return SparseDecodeArgs(
-            q=x.q, k_cache=k_bytes, indices=x.indices, topk_length=no_length, extra_k_cache=k_bytes, extra_indices=x.indices, extra_topk_length=no_length, sink=no_sink, o=out, lse=lse, accum=accum,
+            q=x.q, k_cache=k_bytes, indices=x.indices, topk_length=no_length, extra_k_cache=k_bytes,
+            extra_indices=x.indices, extra_topk_length=no_length, sink=no_sink, o=out, lse=lse, accum=accum,
             num_splits=launch.num_splits, softmax_scale=x.softmax_scale, has_topk_length=0, has_sink=0,
             extra_topk=0, has_extra_topk_length=0, whole_batches=launch.plan.whole_batches,
             topk_splits=launch.plan.splits, num_sms=launch.num_sms)

@@ -203,9 +203,9 @@ class SparseDecodeSm90:
         one page and its page stride is never used (the checks)."""
         num_blocks, page_size = mCache.shape[0], mCache.shape[1]
         page_stride = cute.assume(mCache.stride[0], divby=VECTOR_BYTES)
+        row_bytes = self.layout.row_bytes
         rows = cute.make_tensor(
-            mCache.iterator,
-            cute.make_layout((num_blocks, page_size, self.layout.row_bytes), stride=(page_stride, self.layout.row_bytes, 1)),
+            mCache.iterator, cute.make_layout((num_blocks, page_size, row_bytes), stride=(page_stride, row_bytes, 1))
         )
         scales_offset = self.layout.scales_offset(page_size)
         if const_expr(not self.layout.scales_in_rows):
