@@ -6,6 +6,7 @@ import glob
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,35 @@ def sass_of(path: Path) -> str:
     if tool is None:
         pytest.skip("nvdisasm not installed (pip install nvidia-cuda-nvdisasm)")
     return subprocess.run([tool, "-c", str(path)], check=True, capture_output=True, text=True).stdout
+
+
+def kernel_registers(path: Path) -> dict[str, int]:
+    """Registers per thread of each kernel in a cubin, by kernel name: the ELF's
+    ``.nv.info`` REGCOUNT attributes (format 0x04, attribute 0x2f: symbol index, count)."""
+    data = path.read_bytes()
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+
+    def cstring(offset: int) -> str:
+        return data[offset:data.index(b"\0", offset)].decode()
+
+    names = {cstring(sections[shstrndx][4] + sec[0]): sec for sec in sections}
+    symtab, strtab = names[".symtab"], names[".strtab"]
+    symbols = [cstring(strtab[4] + struct.unpack_from("<I", data, symtab[4] + i * 24)[0])
+               for i in range(symtab[5] // 24)]
+    info = data[names[".nv.info"][4]:names[".nv.info"][4] + names[".nv.info"][5]]
+    counts, at = {}, 0
+    while at + 4 <= len(info):
+        fmt, attr, size = info[at], info[at + 1], struct.unpack_from("<H", info, at + 2)[0]
+        if fmt != 0x04:  # only the sized format carries REGCOUNT; the others are 2 or 4 bytes
+            at += {0x01: 2, 0x02: 4, 0x03: 4}.get(fmt, 2)
+            continue
+        if attr == 0x2F:
+            symbol, count = struct.unpack_from("<II", info, at + 4)
+            counts[symbols[symbol]] = count
+        at += 4 + size
+    return counts
 
 
 @pytest.mark.parametrize("name", [v.name for v in compile_mod.all_variants()])

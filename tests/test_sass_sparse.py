@@ -1,7 +1,8 @@
 """The sparse decode kernel compiles for sm_90a without a GPU, for each cache layout
 (V3.2 and MODEL1, each with and without an extra cache), and its machine code is what its design needs: WGMMA (HGMMA) for both products, 16-byte gathers from the cache
 (LDG.128) and 16-byte stores of the dequantized tile (STS.128), the FP8 conversion
-instruction, and no local memory (LDL/STL: register spills or stack arrays)."""
+instruction, and no local memory (LDL/STL: register spills or stack arrays); beside it,
+the combine kernels it launches, one of them within 64 registers."""
 
 import glob
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flashmla_cute import compile as compile_mod
-from test_sass import sass_of
+from test_sass import kernel_registers, sass_of
 
 WRITE_CUBINS = (
     "import sys\n"
@@ -45,3 +46,13 @@ def test_sparse_machine_code(cubins, name):
     assert re.search(r"\bLDG\.E\.128\b", sass), f"{name} does not gather the cache 16 bytes at a time"
     assert re.search(r"\bSTS\.128\b", sass), f"{name} does not store the K tile 16 bytes at a time"
     assert "E4M3" in sass, f"{name} does not convert FP8 with the hardware instruction"
+
+
+@pytest.mark.parametrize("name", SPARSE_NAMES)
+def test_sparse_variants_carry_a_combine_for_two_ctas_an_sm(cubins, name):
+    """The sparse kernel's host function launches one of two combine kernels
+    (``kernels/combine.py``, ``FRAGS_IN_FLIGHT``): one for two 512-thread CTAs an SM,
+    within 64 registers a thread, and one with the warp-per-row merge for one."""
+    combines = sorted(count for kernel, count in kernel_registers(cubins[name]).items() if "Combine" in kernel)
+    assert len(combines) == 2, f"{name}: {len(combines)} combine kernels"
+    assert combines[0] <= 64 < combines[1] <= 128, f"{name}: combine registers {combines}"
