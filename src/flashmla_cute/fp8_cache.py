@@ -288,17 +288,15 @@ def layout_of(cache: torch.Tensor, name: str = "k_cache") -> Fp8Layout:
     )
 
 
-def page_parts(raw: torch.Tensor, layout: Fp8Layout, num_blocks: int | None = None,
-               page_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A cache's bytes (``cache_bytes``) as the kernel reads them, two writable uint8
-    views: ``[num_blocks, page_size, row bytes]``, each token's latent and rope bytes, and
+def page_parts(raw: torch.Tensor, layout: Fp8Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache's bytes (``cache_bytes``) as the kernel reads them (its host function
+    makes the same views, ``SparseDecodeSm90.cache_parts``), two writable uint8 views:
+    ``[num_blocks, page_size, row bytes]``, each token's latent and rope bytes, and
     ``[num_blocks, page_size, scale bytes]``, its scales. For V3.2 both lie inside the
     token's 656 bytes (the rows are the whole tokens, scales at byte 512); for MODEL1 a
-    page holds its 576-byte token rows and, after them, its 8-byte scale rows.
-    ``num_blocks`` and ``page_size`` default to ``raw``'s (the sparse call passes its
-    checked ones). (The page stride of a cache of one page is never used.)"""
-    if num_blocks is None:
-        num_blocks, page_size = raw.shape[:2]
+    page holds its 576-byte token rows and, after them, its 8-byte scale rows. (The page
+    stride of a cache of one page is never used.)"""
+    num_blocks, page_size = raw.shape[:2]
     page_stride = page_stride_of(raw, layout.bytes_per_token)
     base = raw.storage_offset()
     rows = raw.as_strided((num_blocks, page_size, layout.row_bytes), (page_stride, layout.row_bytes, 1), base)
