@@ -32,7 +32,14 @@ The pipeline, per step ``i`` (tile ``i`` in buffer ``i % 2``)::
     wait; CTA barrier          (tile i is read, tile i + 1 is written)
 
 Each thread also loads its token index of step ``i + 2`` during step ``i``, so that a
-fetch never waits on its own index.
+fetch never waits on its own index. For MODEL1 (``UNPACK_BESIDE_SCORES``) a token's
+bytes come in two halves (``chunks_of``), and the next tile's first half is unpacked
+beside S instead::
+
+    issue S = Q K_i^T          | unpack step i + 1's first half; fetch its second half
+    softmax of S, P            |
+    issue O += P V_i           | unpack step i + 1's second half; fetch step i + 2's first
+    wait; CTA barrier
 
 Split over topk (``sparse_plan``, from shapes alone): the first ``whole_batches``
 sequences' tiles get one CTA each, launched first; the other sequences' tiles are shared
@@ -76,6 +83,15 @@ THREADS = 128 * NUM_WARPGROUPS
 THREADS_PER_TOKEN = THREADS // TOKENS  # 4: one token's bytes are gathered by 4 threads
 VECTOR_BYTES = 16
 ELEMS_PER_THREAD_CHUNK = 16  # bf16 values a thread writes per 64-column chunk of a K row
+# Latent chunks of a token's first half (with its scales; the second half has the rest
+# and the rope values): fetched and unpacked apart from the rest, so that one half can
+# be dequantized while the S MMA runs and the other while P V runs.
+FIRST_HALF_CHUNKS = 4
+# Whether a layout's kernel does so (else the whole next tile is dequantized while P V
+# runs). Measured on the H100 (benchmarks/NOTES.md, "the unpack split between the two
+# MMAs' windows"): MODEL1's cases 5-11% faster with it, V3.2's 5-7% slower.
+UNPACK_BESIDE_SCORES = {fp8_cache.V32.key: False, fp8_cache.MODEL1.key: True}
+BOTH_HALVES = (0, 1)
 DV = fp8_cache.VALUE_DIM
 CHUNK_COLUMNS = 64  # columns of one 128-byte swizzle atom of a K row
 NUM_BUFFERS = 2  # K tiles in shared memory: one read by the MMAs, one being written
@@ -99,6 +115,9 @@ class SparseDecodeSm90:
         self.has_extra = has_extra
         self.d = layout.head_dim  # key width: Q, K and S's reduction
         self.latent_chunks = layout.latent_dim // CHUNK_COLUMNS  # FP8 chunks of a K row (8 or 7)
+        # Where the next tile is dequantized: its first half while S runs and its second
+        # while P V runs, or all of it while P V runs (UNPACK_BESIDE_SCORES).
+        self.unpack_beside_scores = UNPACK_BESIDE_SCORES[layout.key]
         self.q_vectors_per_row = self.d // 8  # 16-byte pieces of a bf16 row of Q
 
     # ------------------------------------------------------------------ host side
@@ -287,11 +306,18 @@ class SparseDecodeSm90:
         token = tidx // THREADS_PER_TOKEN
         fetched = self.token_registers()
         caches = (mK, mKScales, mExtraK, mExtraKScales)
-        # Step 0 fetched and unpacked before the loop; the index of step 1 in flight.
+        # Step 0 fetched and unpacked before the loop; the index of step 1 in flight
+        # (`next_index`), and, unpacking beside S, step 1's first half fetched and the
+        # index of step 2 in flight.
         index = steps.index(first, token)
         next_index = steps.index(first + 1, token)
-        self.fetch(caches, steps.from_extra(first), fetched, index, tidx)
-        self.unpack(fetched, sK, t.token_valid, 0, tidx)
+        self.fetch(caches, steps.from_extra(first), fetched, index, tidx, BOTH_HALVES)
+        self.unpack(fetched, sK, t.token_valid, 0, tidx, BOTH_HALVES)
+        if const_expr(self.unpack_beside_scores):
+            index = next_index
+            next_index = steps.index(first + 2, token)
+            if num_steps > 1:
+                self.fetch(caches, steps.from_extra(first + 1), fetched, index, tidx, (0,))
         cute.arch.cp_async_wait_group(0)  # this thread's part of Q has landed
         cute.arch.fence_view_async_shared()
         cute.arch.sync_threads()  # Q and tile 0 are stored
@@ -301,17 +327,33 @@ class SparseDecodeSm90:
             self.issue_scores(t, buf)
             valid_columns = self.valid_columns(t, buf)
             if has_next:
-                # The next step's loads fly while the tensor cores work on this one.
-                index = next_index
-                next_index = steps.index(first + step + 2, token)
-                self.fetch(caches, steps.from_extra(first + step + 1), fetched, index, tidx)
+                if const_expr(self.unpack_beside_scores):
+                    # The next tile's first half (fetched during the step before) is
+                    # dequantized while the tensor cores compute S; its second half's
+                    # loads go out.
+                    self.unpack(fetched, sK, t.token_valid, 1 - buf, tidx, (0,))
+                    self.fetch(caches, steps.from_extra(first + step + 1), fetched, index, tidx, (1,))
+                else:
+                    # The next tile's loads fly while the tensor cores compute S.
+                    index = next_index
+                    next_index = steps.index(first + step + 2, token)
+                    self.fetch(caches, steps.from_extra(first + step + 1), fetched, index, tidx, BOTH_HALVES)
             warpgroup.wait_group(0)
             self.online_softmax(t, valid_columns, scale_log2)
             self.issue_pv(t, buf)
             if has_next:
-                # Dequantizing on the CUDA cores while the tensor cores do P V.
-                self.unpack(fetched, sK, t.token_valid, 1 - buf, tidx)
-                cute.arch.fence_view_async_shared()
+                # Dequantizing (the rest of) the next tile while the tensor cores do P V.
+                if const_expr(self.unpack_beside_scores):
+                    self.unpack(fetched, sK, t.token_valid, 1 - buf, tidx, (1,))
+                    cute.arch.fence_view_async_shared()
+                    if step + 2 < num_steps:
+                        # The first half of the tile after it goes out.
+                        index = next_index
+                        next_index = steps.index(first + step + 3, token)
+                        self.fetch(caches, steps.from_extra(first + step + 2), fetched, index, tidx, (0,))
+                else:
+                    self.unpack(fetched, sK, t.token_valid, 1 - buf, tidx, BOTH_HALVES)
+                    cute.arch.fence_view_async_shared()
             warpgroup.wait_group(0)
             cute.arch.sync_threads()  # tile `buf` and the P are read; the other tile is written
         fragment = whole_batches + (batch - whole_batches) * topk_splits + split  # when split
@@ -512,49 +554,58 @@ class SparseDecodeSm90:
             latent=cute.make_rmem_tensor((ELEMS_PER_THREAD_CHUNK, self.latent_chunks), Uint8),
             scales=cute.make_rmem_tensor((self.layout.scale_bytes,), Uint8),
             rope=cute.make_rmem_tensor((2 * VECTOR_BYTES,), Uint8),
-            valid=cute.make_rmem_tensor((1,), Int32),
+            valid=cute.make_rmem_tensor((2,), Int32),
         )
 
     @cute.jit
-    def fetch(self, caches, from_extra, fetched, index, tidx):
-        """This thread's quarter of the token at cache position ``index`` of the main
-        cache or (``from_extra``) the extra one into registers: no access at all for an
-        invalid index."""
+    def fetch(self, caches, from_extra, fetched, index, tidx, halves: tuple):
+        """The ``halves`` (``chunks_of``) of this thread's quarter of the token at cache
+        position ``index`` of the main cache or (``from_extra``) the extra one into
+        registers: no access at all for an invalid index."""
         mK, mKScales, mExtraK, mExtraKScales = caches
         if const_expr(not self.has_extra):
-            self.fetch_from(mK, mKScales, fetched, index, tidx)
+            self.fetch_from(mK, mKScales, fetched, index, tidx, halves)
         elif from_extra:
-            self.fetch_from(mExtraK, mExtraKScales, fetched, index, tidx)
+            self.fetch_from(mExtraK, mExtraKScales, fetched, index, tidx, halves)
         else:
-            self.fetch_from(mK, mKScales, fetched, index, tidx)
+            self.fetch_from(mK, mKScales, fetched, index, tidx, halves)
 
     @cute.jit
-    def fetch_from(self, mK, mKScales, fetched, index, tidx):
+    def fetch_from(self, mK, mKScales, fetched, index, tidx, halves: tuple):
         part = tidx % THREADS_PER_TOKEN
         page_size = mK.shape[1]
         valid = (index >= 0) & (index < mK.shape[0] * page_size)
-        fetched.valid[0] = Int32(valid)
+        fetched.valid[halves[0]] = Int32(valid)  # the flag of the halves' first
         if valid:
             page = index // page_size
             slot = index - page * page_size
             row = mK[page, slot, None]  # the token's latent and rope bytes
-            cute.autovec_copy(mKScales[page, slot, None], fetched.scales)
-            for chunk in cutlass.range_constexpr(self.latent_chunks):
+            if const_expr(0 in halves):
+                cute.autovec_copy(mKScales[page, slot, None], fetched.scales)
+            for chunk in cutlass.range_constexpr(self.chunks_of(halves[0])[0], self.chunks_of(halves[-1])[1]):
                 cute.autovec_copy(cute.local_tile(row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)),
                                   fetched.latent[None, chunk])
-            # The rope part starts on a 16-byte boundary: this thread's 16 values are its
-            # 16-byte pieces rope + 2 part and rope + 2 part + 1.
-            for half in cutlass.range_constexpr(2):
-                cute.autovec_copy(
-                    cute.local_tile(row, (VECTOR_BYTES,), (self.layout.rope_offset // VECTOR_BYTES + 2 * part + half,)),
-                    cute.local_tile(fetched.rope, (VECTOR_BYTES,), (half,)),
-                )
+            if const_expr(1 in halves):
+                # The rope part starts on a 16-byte boundary: this thread's 16 values are
+                # its 16-byte pieces rope + 2 part and rope + 2 part + 1.
+                for piece in cutlass.range_constexpr(2):
+                    cute.autovec_copy(
+                        cute.local_tile(row, (VECTOR_BYTES,),
+                                        (self.layout.rope_offset // VECTOR_BYTES + 2 * part + piece,)),
+                        cute.local_tile(fetched.rope, (VECTOR_BYTES,), (piece,)),
+                    )
+
+    def chunks_of(self, half: int) -> tuple[int, int]:
+        """The latent chunks of a token's ``half`` 0 (with its scales) or 1 (with its
+        rope values): the two are fetched and unpacked at different points of a step."""
+        return (0, FIRST_HALF_CHUNKS) if half == 0 else (FIRST_HALF_CHUNKS, self.latent_chunks)
 
     @cute.jit
     def chunk_scales(self, fetched) -> cute.Tensor:
-        """The float32 scale of each latent chunk of the fetched token: V3.2's float32
-        scales (one per two chunks), or MODEL1's ue8m0 bytes made the powers of two
-        ``2 ** (byte - 127)`` (the byte is the float's exponent field)."""
+        """The float32 scale of each latent chunk of the fetched token (fetched with its
+        first half): V3.2's float32 scales (one per two chunks), or MODEL1's ue8m0 bytes
+        made the powers of two ``2 ** (byte - 127)`` (the byte is the float's exponent
+        field)."""
         scales = cute.make_rmem_tensor((self.latent_chunks,), Float32)
         if const_expr(self.layout.ue8m0_scales):
             bits = cute.make_rmem_tensor((self.latent_chunks,), Int32)
@@ -568,29 +619,35 @@ class SparseDecodeSm90:
         return scales
 
     @cute.jit
-    def unpack(self, fetched, sK, token_valid, buf, tidx):
-        """Dequantize what ``fetch`` read into this thread's 16 columns of each 64-column
-        chunk of its token's row of K tile ``buf`` (zeros for an invalid token)."""
+    def unpack(self, fetched, sK, token_valid, buf, tidx, halves: tuple):
+        """Dequantize what ``fetch`` read of ``halves`` into this thread's 16 columns of
+        each of their 64-column chunks of its token's row of K tile ``buf`` (zeros for
+        an invalid token); the second half also stores the rope values."""
         token = tidx // THREADS_PER_TOKEN
         part = tidx % THREADS_PER_TOKEN
-        valid = fetched.valid[0] != 0
-        if part == 0:
-            token_valid[token, buf] = fetched.valid[0]
+        valid = fetched.valid[halves[0]] != 0
+        if const_expr(0 in halves):
+            if part == 0:
+                token_valid[token, buf] = fetched.valid[0]
         k_row = sK[token, None, buf]
         values = cute.make_rmem_tensor((ELEMS_PER_THREAD_CHUNK,), BFloat16)
+        first, end = self.chunks_of(halves[0])[0], self.chunks_of(halves[-1])[1]
+        with_rope = 1 in halves
         if valid:
             scales = self.chunk_scales(fetched)
-            for chunk in cutlass.range_constexpr(self.latent_chunks):
+            for chunk in cutlass.range_constexpr(first, end):
                 fp8 = cute.recast_tensor(fetched.latent[None, chunk], cutlass.Float8E4M3FN).load()
                 values.store((fp8.to(Float32) * scales[chunk]).to(BFloat16))
                 cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
                                                           (chunk * THREADS_PER_TOKEN + part,)))
-            values.store(cute.recast_tensor(fetched.rope, BFloat16).load())
-            cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
-                                                      (self.latent_chunks * THREADS_PER_TOKEN + part,)))
+            if const_expr(with_rope):
+                values.store(cute.recast_tensor(fetched.rope, BFloat16).load())
+                cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
+                                                          (self.latent_chunks * THREADS_PER_TOKEN + part,)))
         else:
             values.fill(0.0)
-            for chunk in cutlass.range_constexpr(self.latent_chunks + 1):
+            # With the second half, the rope columns (chunk latent_chunks) too.
+            for chunk in cutlass.range_constexpr(first, end + int(with_rope)):
                 cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
                                                           (chunk * THREADS_PER_TOKEN + part,)))
 
@@ -666,9 +723,9 @@ class WarpgroupTensors(SplitOFragments):
 class TokenRegisters:
     """One thread's share of a token between ``fetch`` and ``unpack``: 16 latent FP8
     bytes of each 64-column chunk, the token's scales, 16 rope values, and whether the
-    token is valid (``SparseDecodeSm90.token_registers``)."""
+    token is valid, as each half's fetch found it (``SparseDecodeSm90.token_registers``)."""
 
     latent: cute.Tensor  # (16, latent chunks) uint8
     scales: cute.Tensor  # (scale bytes,) uint8: 4 float32 (V3.2) or 7 ue8m0 and a pad (MODEL1)
     rope: cute.Tensor  # (32,) uint8: 16 bf16
-    valid: cute.Tensor  # (1,) int32
+    valid: cute.Tensor  # (2,) int32: set by the fetch of each half, or of both (SparseDecodeSm90.chunks_of)
