@@ -324,8 +324,16 @@ class SparseDecodeSm90:
         for step in cutlass.range(num_steps, unroll=1):
             buf = step % NUM_BUFFERS
             has_next = step + 1 < num_steps
+            # Which tokens are valid: read before S is issued, since the compiler puts
+            # loads issued after it among its k-steps, where they wait behind the
+            # MMAs' shared-memory reads and hold back the last k-step. Not so beside
+            # an unpack under S (MODEL1): there that wait keeps the unpack's stores off
+            # most of S's reads, and reading the flags first measured 2-6% slower.
+            if const_expr(not self.unpack_beside_scores):
+                valid_columns = self.valid_columns(t, buf)
             self.issue_scores(t, buf)
-            valid_columns = self.valid_columns(t, buf)
+            if const_expr(self.unpack_beside_scores):
+                valid_columns = self.valid_columns(t, buf)
             if has_next:
                 if const_expr(self.unpack_beside_scores):
                     # The next tile's first half (fetched during the step before) is
@@ -434,7 +442,7 @@ class SparseDecodeSm90:
     @cute.jit
     def valid_columns(self, t, buf) -> Int32:
         """Which of this thread's score columns are valid tokens, one bit each (read from
-        shared memory while the S MMA runs rather than after it)."""
+        shared memory around the S MMA's issue rather than after its wait)."""
         bits = Int32(0)
         for j in cutlass.range_constexpr(cute.size(t.s_rc, mode=[1])):
             bits = bits | (t.token_valid[t.wg * HALF_TOKENS + t.coord_s[0, j][1], buf] << j)
