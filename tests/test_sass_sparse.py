@@ -2,7 +2,8 @@
 (V3.2 and MODEL1, each with and without an extra cache), and its machine code is what its design needs: WGMMA (HGMMA) for both products, 16-byte gathers from the cache
 (LDG.128) and 16-byte stores of the dequantized tile (STS.128), the FP8 conversion
 instruction, and no local memory (LDL/STL: register spills or stack arrays); beside it,
-the combine kernels it launches, one of them within 64 registers."""
+the combine kernels it launches, one of them within 64 registers; and the step's
+schedule where it was chosen by measurement (``UNPACK_BESIDE_SCORES``)."""
 
 import glob
 import os
@@ -56,3 +57,27 @@ def test_sparse_variants_carry_a_combine_for_two_ctas_an_sm(cubins, name):
     combines = sorted(count for kernel, count in kernel_registers(cubins[name]).items() if "Combine" in kernel)
     assert len(combines) == 2, f"{name}: {len(combines)} combine kernels"
     assert combines[0] <= 64 < combines[1] <= 128, f"{name}: combine registers {combines}"
+
+
+def instructions(sass: str) -> list[str]:
+    """The SASS instructions of a cubin, in order (one line each)."""
+    return [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", line)]
+
+
+@pytest.mark.parametrize("name", SPARSE_NAMES)
+def test_what_runs_beside_the_scores(cubins, name):
+    """S = Q K^T's k-steps (the m64n32k16 HGMMAs) are issued back to back, no load
+    among them, in the V3.2 variants, which dequantize the whole next tile beside P V;
+    the MODEL1 variants dequantize its first half between S's issue and its wait."""
+    code = instructions(sass_of(cubins[name]))
+    s_steps = [i for i, line in enumerate(code) if "HGMMA.64x32x16" in line]
+    first, last = s_steps[0], s_steps[-1]
+    assert "gsb0" in code[last], f"{name}: the last k-step of S does not commit"
+    wait = next(i for i in range(last, len(code)) if "WARPGROUP.DEPBAR" in code[i])
+    conversions_beside_s = sum("E4M3.UNPACK" in line for line in code[last:wait])
+    if "model1" in name:
+        assert conversions_beside_s > 0, f"{name}: nothing dequantized while S runs"
+    else:
+        loads = [line for line in code[first:last] if re.search(r"\b(LDS|LDG)", line)]
+        assert not loads, f"{name}: loads among S's k-steps: {loads}"
+        assert conversions_beside_s == 0, f"{name}: dequantizing while S runs"
