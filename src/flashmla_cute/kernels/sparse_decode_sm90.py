@@ -590,7 +590,7 @@ class SparseDecodeSm90:
             row = mK[page, slot, None]  # the token's latent and rope bytes
             if const_expr(0 in halves):
                 cute.autovec_copy(mKScales[page, slot, None], fetched.scales)
-            for chunk in cutlass.range_constexpr(self.chunks_of(halves[0])[0], self.chunks_of(halves[-1])[1]):
+            for chunk in cutlass.range_constexpr(*self.chunks_of(halves)):
                 cute.autovec_copy(cute.local_tile(row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)),
                                   fetched.latent[None, chunk])
             if const_expr(1 in halves):
@@ -603,10 +603,12 @@ class SparseDecodeSm90:
                         cute.local_tile(fetched.rope, (VECTOR_BYTES,), (piece,)),
                     )
 
-    def chunks_of(self, half: int) -> tuple[int, int]:
-        """The latent chunks of a token's ``half`` 0 (with its scales) or 1 (with its
-        rope values): the two are fetched and unpacked at different points of a step."""
-        return (0, FIRST_HALF_CHUNKS) if half == 0 else (FIRST_HALF_CHUNKS, self.latent_chunks)
+    def chunks_of(self, halves: tuple) -> tuple[int, int]:
+        """(first, one past the last) latent chunk of a token's ``halves``: half 0 the
+        first ``FIRST_HALF_CHUNKS`` (with the scales), half 1 the rest (with the rope
+        values); the two are fetched and unpacked at different points of a step where
+        ``UNPACK_BESIDE_SCORES``."""
+        return (0 if 0 in halves else FIRST_HALF_CHUNKS, self.latent_chunks if 1 in halves else FIRST_HALF_CHUNKS)
 
     @cute.jit
     def chunk_scales(self, fetched) -> cute.Tensor:
@@ -639,7 +641,7 @@ class SparseDecodeSm90:
                 token_valid[token, buf] = fetched.valid[0]
         k_row = sK[token, None, buf]
         values = cute.make_rmem_tensor((ELEMS_PER_THREAD_CHUNK,), BFloat16)
-        first, end = self.chunks_of(halves[0])[0], self.chunks_of(halves[-1])[1]
+        first, end = self.chunks_of(halves)
         with_rope = 1 in halves
         if valid:
             scales = self.chunk_scales(fetched)
