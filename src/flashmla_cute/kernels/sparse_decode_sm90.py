@@ -562,7 +562,7 @@ class SparseDecodeSm90:
             latent=cute.make_rmem_tensor((ELEMS_PER_THREAD_CHUNK, self.latent_chunks), Uint8),
             scales=cute.make_rmem_tensor((self.layout.scale_bytes,), Uint8),
             rope=cute.make_rmem_tensor((2 * VECTOR_BYTES,), Uint8),
-            valid=cute.make_rmem_tensor((2,), Int32),
+            valid=cute.make_rmem_tensor((1,), Int32),
         )
 
     @cute.jit
@@ -583,7 +583,7 @@ class SparseDecodeSm90:
         part = tidx % THREADS_PER_TOKEN
         page_size = mK.shape[1]
         valid = (index >= 0) & (index < mK.shape[0] * page_size)
-        fetched.valid[halves[0]] = Int32(valid)  # the flag of the halves' first
+        fetched.valid[0] = Int32(valid)
         if valid:
             page = index // page_size
             slot = index - page * page_size
@@ -635,7 +635,7 @@ class SparseDecodeSm90:
         an invalid token); the second half also stores the rope values."""
         token = tidx // THREADS_PER_TOKEN
         part = tidx % THREADS_PER_TOKEN
-        valid = fetched.valid[halves[0]] != 0
+        valid = fetched.valid[0] != 0
         if const_expr(0 in halves):
             if part == 0:
                 token_valid[token, buf] = fetched.valid[0]
@@ -733,9 +733,9 @@ class WarpgroupTensors(SplitOFragments):
 class TokenRegisters:
     """One thread's share of a token between ``fetch`` and ``unpack``: 16 latent FP8
     bytes of each 64-column chunk, the token's scales, 16 rope values, and whether the
-    token is valid, as each half's fetch found it (``SparseDecodeSm90.token_registers``)."""
+    token is valid (``SparseDecodeSm90.token_registers``)."""
 
     latent: cute.Tensor  # (16, latent chunks) uint8
     scales: cute.Tensor  # (scale bytes,) uint8: 4 float32 (V3.2) or 7 ue8m0 and a pad (MODEL1)
     rope: cute.Tensor  # (32,) uint8: 16 bf16
-    valid: cute.Tensor  # (2,) int32: set by the fetch of each half, or of both (SparseDecodeSm90.chunks_of)
+    valid: cute.Tensor  # (1,) int32: set by every fetch; the fetch before an unpack is always of its token
