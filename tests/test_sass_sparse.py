@@ -3,7 +3,8 @@
 (LDG.128) and 16-byte stores of the dequantized tile (STS.128), the FP8 conversion
 instruction, and no local memory (LDL/STL: register spills or stack arrays); beside it,
 the combine kernels it launches, one of them within 64 registers; and the step's
-schedule where it was chosen by measurement (``UNPACK_BESIDE_SCORES``)."""
+schedule and epilogue where they were chosen by measurement (``UNPACK_BESIDE_SCORES``,
+``STAGE_OUTPUT_ROWS``)."""
 
 import glob
 import os
@@ -81,3 +82,16 @@ def test_what_runs_beside_the_scores(cubins, name):
         loads = [line for line in code[first:last] if re.search(r"\b(LDS|LDG)", line)]
         assert not loads, f"{name}: loads among S's k-steps: {loads}"
         assert conversions_beside_s == 0, f"{name}: dequantizing while S runs"
+
+
+@pytest.mark.parametrize("name", SPARSE_NAMES)
+def test_how_the_output_leaves(cubins, name):
+    """The MODEL1 variants stage the output's rows in shared memory and store them 16
+    bytes at a time (``STAGE_OUTPUT_ROWS``); the V3.2 variants store from the
+    accumulators (staging measured slower there), so none of their global stores is
+    16 bytes wide."""
+    wide_stores = re.findall(r"\bSTG\.E\.128\b", sass_of(cubins[name]))
+    if "model1" in name:
+        assert wide_stores, f"{name}: the output rows are not stored 16 bytes at a time"
+    else:
+        assert not wide_stores, f"{name}: 16-byte global stores in the V3.2 epilogue"

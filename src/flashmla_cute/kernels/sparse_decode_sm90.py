@@ -91,6 +91,11 @@ FIRST_HALF_CHUNKS = 4
 # runs). Measured on the H100 (benchmarks/NOTES.md, "the unpack split between the two
 # MMAs' windows"): MODEL1's cases 5-11% faster with it, V3.2's 5-7% slower.
 UNPACK_BESIDE_SCORES = {fp8_cache.V32.key: False, fp8_cache.MODEL1.key: True}
+# Whether a layout's epilogue stages the output's rows in shared memory and stores them
+# whole (``finish``). Measured on the H100 (benchmarks/NOTES.md, "the epilogue's stores
+# through shared memory"): MODEL1's cases 3-8% faster with it; V3.2's production cases
+# the same and its peak cases 1-3% slower, from changes in the step loop's machine code.
+STAGE_OUTPUT_ROWS = {fp8_cache.V32.key: False, fp8_cache.MODEL1.key: True}
 BOTH_HALVES = (0, 1)
 DV = fp8_cache.VALUE_DIM
 CHUNK_COLUMNS = 64  # columns of one 128-byte swizzle atom of a K row
@@ -118,6 +123,7 @@ class SparseDecodeSm90:
         # Where the next tile is dequantized: its first half while S runs and its second
         # while P V runs, or all of it while P V runs (UNPACK_BESIDE_SCORES).
         self.unpack_beside_scores = UNPACK_BESIDE_SCORES[layout.key]
+        self.stage_output_rows = STAGE_OUTPUT_ROWS[layout.key]
         self.q_vectors_per_row = self.d // 8  # 16-byte pieces of a bf16 row of Q
 
     # ------------------------------------------------------------------ host side
@@ -167,11 +173,15 @@ class SparseDecodeSm90:
             LayoutEnum.ROW_MAJOR, (HEAD_TILE, DV // NUM_WARPGROUPS, HALF_TOKENS), dtype, NUM_WARPGROUPS
         )
 
+        k_buffer_bytes = cute.cosize(sK_layout) * dtype.width // 8
+        assert utils.staged_rows_bytes(HEAD_TILE, DV, dtype) <= k_buffer_bytes, "the output rows cannot be staged"
+
         @cute.struct
         class SharedStorage:
             token_valid: cute.struct.MemRange[Int32, TOKENS * NUM_BUFFERS]
             row_stats: cute.struct.MemRange[Float32, HEAD_TILE * NUM_STATS]
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
+            # The K buffers, which also hold the epilogue's staged output rows (``finish``).
             sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
             sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
 
@@ -365,8 +375,8 @@ class SparseDecodeSm90:
             warpgroup.wait_group(0)
             cute.arch.sync_threads()  # tile `buf` and the P are read; the other tile is written
         fragment = whole_batches + (batch - whole_batches) * topk_splits + split  # when split
-        self.finish(t, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment, batch, s,
-                    head0, h_q)
+        self.finish(t, storage, tidx, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment,
+                    batch, s, head0, h_q)
 
     @staticmethod
     @cute.jit
@@ -497,11 +507,16 @@ class SparseDecodeSm90:
         warpgroup.commit_group()
 
     @cute.jit
-    def finish(self, t, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment, batch, s,
-               head0, h_q):
+    def finish(self, t, storage, tidx, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment,
+               batch, s, head0, h_q):
         """The epilogue: the row sums of both warpgroups; the output (with the sink) or,
         when the query token's topk is split, this fragment's fp32 partial (lse -inf when
-        it saw no valid token)."""
+        it saw no valid token).
+
+        Where ``STAGE_OUTPUT_ROWS``, the output's rows go through shared memory
+        (``utils.copy_rows``): from the accumulators a bf16 pair is 4 bytes, so a store
+        instruction writes half a sector in each of 8 rows. The partials' fp32 pairs
+        fill whole sectors and are stored from the accumulators."""
         num_rows = cute.size(t.s_rc, mode=[0])
         col0 = t.wg * (DV // NUM_WARPGROUPS)
         writes_lse = (t.wg == 0) & t.lane_writes_row
@@ -510,6 +525,8 @@ class SparseDecodeSm90:
             if t.lane_writes_row:
                 t.row_stats[t.coord_s[i, 0][0], STAT_SUM + t.wg] = total
         cute.arch.sync_threads()
+        # The K buffers are free after the last step: the output's rows are staged there.
+        staged_out = storage.sK.get_tensor(utils.staged_rows_layout(HEAD_TILE, DV, BFloat16))
         for i in cutlass.range_constexpr(num_rows):
             r = t.coord_s[i, 0][0]
             head = head0 + r
@@ -527,7 +544,10 @@ class SparseDecodeSm90:
                         factor = inv / (1.0 + cute.math.exp(mSink[head] - lse, fastmath=False))
                     if total == 0.0:
                         lse = Float32.inf  # no valid token: out 0, lse +inf
-                    utils.store_acc_row(t.o_rc, t.coord_o, i, factor, mO[batch, s, head, None], col0, BFloat16)
+                    out_row = mO[batch, s, head, None]
+                    if const_expr(self.stage_output_rows):
+                        out_row = staged_out[r, None]
+                    utils.store_acc_row(t.o_rc, t.coord_o, i, factor, out_row, col0, BFloat16)
                     if writes_lse:
                         mLse[batch, head, s] = lse
                 else:
@@ -535,6 +555,11 @@ class SparseDecodeSm90:
                     utils.store_acc_row(t.o_rc, t.coord_o, i, inv, mOAccum[fragment, 0, row, None], col0, Float32)
                     if writes_lse:
                         mLseAccum[fragment, 0, row] = lse
+        if const_expr(self.stage_output_rows):
+            if splits == 1:
+                cute.arch.sync_threads()
+                utils.copy_rows(staged_out, lambda r: mO[batch, s, head0 + r, None],
+                                cutlass.min(h_q - head0, HEAD_TILE), tidx, THREADS)
 
     @cute.jit
     def load_q(self, mQ, sQ, tidx, batch, s, head0, h_q):

@@ -78,3 +78,36 @@ def store_acc_row(o_rc, coord_o, i: cutlass.Constexpr, scale, dst_row: cute.Tens
         pair[1] = (o_rc[i, 2 * jj + 1] * scale).to(dtype)
         col = col0 + coord_o[i, 2 * jj][1]
         cute.autovec_copy(pair, cute.local_tile(dst_row, (2,), (col // 2,)))
+
+
+STAGED_ROW_PAD_BYTES = 16
+"""Padding after each row of a staged tile (``staged_rows_layout``): rows 16 bytes longer
+than a multiple of 128 start 4 banks apart, so the 8 rows that one warp's accumulator
+store writes (a quad of threads per row) fall in distinct banks."""
+
+
+def staged_rows_layout(rows: int, cols: int, dtype) -> cute.Layout:
+    """Row-major ``(rows, cols)`` layout of ``dtype`` elements with padded rows
+    (``STAGED_ROW_PAD_BYTES``), for staging accumulator rows in shared memory before
+    ``copy_rows``."""
+    return cute.make_layout((rows, cols), stride=(cols + STAGED_ROW_PAD_BYTES * 8 // dtype.width, 1))
+
+
+def staged_rows_bytes(rows: int, cols: int, dtype) -> int:
+    """Shared-memory bytes of a ``staged_rows_layout`` tile."""
+    return cute.cosize(staged_rows_layout(rows, cols, dtype)) * dtype.width // 8
+
+
+@cute.jit
+def copy_rows(staged: cute.Tensor, dst_row, num_rows, tidx, threads: cutlass.Constexpr):
+    """Copy rows ``[0, num_rows)`` of ``staged`` (shared memory, ``staged_rows_layout``)
+    to ``dst_row(r)`` (row ``r``'s destination, contiguous) with 16-byte vectors,
+    consecutive threads on consecutive vectors of a row: whole rows leave in full
+    memory transactions, where storing from the accumulators writes a few bytes into
+    each of 8 rows per instruction."""
+    elems = 128 // staged.element_type.width
+    per_row = cute.size(staged, mode=[1]) // elems
+    for v in cutlass.range(tidx, num_rows * per_row, threads, unroll=4):
+        r = v // per_row
+        c = v - r * per_row
+        cute.autovec_copy(cute.local_tile(staged[r, None], (elems,), (c,)), cute.local_tile(dst_row(r), (elems,), (c,)))
