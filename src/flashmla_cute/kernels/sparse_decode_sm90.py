@@ -54,9 +54,10 @@ warpgroup, ``fetch`` / ``unpack`` the gather's halves, ``finish`` the epilogue.
 
 The epilogue divides by the row sums and, for a tile that is not split, applies the
 attention sink (``out *= exp(lse) / (exp(lse) + exp(sink))``, lse unchanged; the combine
-kernel applies it to split ones) and writes out and lse; a row that saw no valid token
-gets out 0 and lse +inf. Heads past ``h_q`` (fewer than 64 or 128 heads) are zero rows of
-Q that are never stored.
+kernel applies it to split ones) and writes out and lse (for MODEL1 the output's rows
+through shared memory, ``STAGE_OUTPUT_ROWS``); a row that saw no valid token gets out 0
+and lse +inf. Heads past ``h_q`` (fewer than 64 or 128 heads) are zero rows of Q that are
+never stored.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ FIRST_HALF_CHUNKS = 4
 UNPACK_BESIDE_SCORES = {fp8_cache.V32.key: False, fp8_cache.MODEL1.key: True}
 # Whether a layout's epilogue stages the output's rows in shared memory and stores them
 # whole (``finish``). Measured on the H100 (benchmarks/NOTES.md, "the epilogue's stores
-# through shared memory"): MODEL1's cases 3-8% faster with it; V3.2's production cases
+# through shared memory"): MODEL1's cases 2-7% faster with it; V3.2's production cases
 # the same and its peak cases 1-3% slower, from changes in the step loop's machine code.
 STAGE_OUTPUT_ROWS = {fp8_cache.V32.key: False, fp8_cache.MODEL1.key: True}
 BOTH_HALVES = (0, 1)
@@ -181,7 +182,7 @@ class SparseDecodeSm90:
             token_valid: cute.struct.MemRange[Int32, TOKENS * NUM_BUFFERS]
             row_stats: cute.struct.MemRange[Float32, HEAD_TILE * NUM_STATS]
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
-            # The K buffers, which also hold the epilogue's staged output rows (``finish``).
+            # The K buffers; where STAGE_OUTPUT_ROWS, also the epilogue's staged output rows.
             sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
             sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
 

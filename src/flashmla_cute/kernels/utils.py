@@ -82,8 +82,9 @@ def store_acc_row(o_rc, coord_o, i: cutlass.Constexpr, scale, dst_row: cute.Tens
 
 STAGED_ROW_PAD_BYTES = 16
 """Padding after each row of a staged tile (``staged_rows_layout``): rows 16 bytes longer
-than a multiple of 128 start 4 banks apart, so the 8 rows that one warp's accumulator
-store writes (a quad of threads per row) fall in distinct banks."""
+than a multiple of 128 start 4 banks apart, so the 8 rows that one warp's store of
+16-bit accumulator pairs writes (4 bytes a thread, a quad of threads per row) fall in
+distinct banks."""
 
 
 def staged_rows_layout(rows: int, cols: int, dtype) -> cute.Layout:
