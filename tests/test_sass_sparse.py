@@ -4,7 +4,7 @@
 instruction, and no local memory (LDL/STL: register spills or stack arrays); beside it,
 the combine kernels it launches, one of them within 64 registers; and the step's
 schedule and epilogue where they were chosen by measurement (``UNPACK_BESIDE_SCORES``,
-``STAGE_OUTPUT_ROWS``)."""
+``STAGE_OUTPUT_ROWS``), and a step loop that finds its tokens without dividing."""
 
 import glob
 import os
@@ -95,3 +95,18 @@ def test_how_the_output_leaves(cubins, name):
         assert wide_stores, f"{name}: the output rows are not stored 16 bytes at a time"
     else:
         assert not wide_stores, f"{name}: 16-byte global stores in the V3.2 epilogue"
+
+
+@pytest.mark.parametrize("name", SPARSE_NAMES)
+def test_the_step_finds_tokens_without_dividing(cubins, name):
+    """The step loop (from S's first k-step to the barrier after its last P V) fetches
+    the next tile's tokens without an integer division (whose sequence begins with
+    ``I2F.RP``): the page size is divided by with a multiply and shifts
+    (``SparseDecodeSm90.token_bytes``)."""
+    code = instructions(sass_of(cubins[name]))
+    first = next(i for i, line in enumerate(code) if "HGMMA.64x32x16" in line)
+    last = max(i for i, line in enumerate(code) if "HGMMA" in line)
+    end = next(i for i in range(last, len(code)) if "BAR.SYNC" in code[i])
+    step = code[first:end]
+    assert any(re.search(r"\bLDG\.E\.128\b", line) for line in step), f"{name}: no fetch in the step loop"
+    assert not any("I2F.RP" in line for line in step), f"{name}: an integer division in the step loop"

@@ -172,6 +172,16 @@ def test_fewer_heads_are_padded(requires_hopper, h_q):
     check(make_sparse_decode_inputs(5, 2, h_q, 300, 128, 16, seed=h_q, with_sink=True, device=requires_hopper))
 
 
+@pytest.mark.parametrize("layout", [V32, MODEL1], ids=lambda layout: layout.name)
+@pytest.mark.parametrize("page", [1, 3, 1000])
+def test_any_page_size(requires_hopper, layout, page):
+    """The kernel divides cache positions by the page size with a multiply and shifts:
+    sizes 1 (every position a page), odd, and larger than the topk."""
+    extra = dict(extra_topk=64, extra_page_size=page + 1) if layout is MODEL1 else {}
+    check(make_sparse_decode_inputs(6, 2, 64, 1500, 256, page, seed=page, layout=layout, with_sink=True,
+                                    device=requires_hopper, **extra))
+
+
 @pytest.mark.parametrize("topk,page", [(64, 8), (576, 64), (2048, 2)])
 def test_topk_length(requires_hopper, topk, page):
     check(make_sparse_decode_inputs(17, 2, 64, 1000, topk, page, seed=topk, with_sink=True, with_topk_length=True,

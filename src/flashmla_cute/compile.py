@@ -182,8 +182,8 @@ def metadata_variant() -> Variant:
 
 def sparse_cache_fake(layout):
     """A cache's bytes, ``[num_blocks, page_size, 1, bytes per token]`` uint8, 16-byte
-    aligned: the kernel makes its views itself (``SparseDecodeSm90.cache_parts``) and
-    reads only the page stride, which may be anything for a cache of one page."""
+    aligned: the kernel finds a token's bytes itself (``SparseDecodeSm90.token_bytes``)
+    and reads only the page stride, which may be anything for a cache of one page."""
     import cutlass
 
     return _fake(cutlass.Uint8, (_i32(), _i32(), 1, layout.bytes_per_token), (_stride(), _stride(), _stride(), 1), 16)

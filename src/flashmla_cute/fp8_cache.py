@@ -289,8 +289,8 @@ def layout_of(cache: torch.Tensor, name: str = "k_cache") -> Fp8Layout:
 
 
 def page_parts(raw: torch.Tensor, layout: Fp8Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """A cache's bytes (``cache_bytes``) as the kernel reads them (its host function
-    makes the same views, ``SparseDecodeSm90.cache_parts``), two writable uint8 views:
+    """A cache's bytes (``cache_bytes``) as the kernel reads them (its fetch finds the
+    same bytes, ``SparseDecodeSm90.token_bytes``), two writable uint8 views:
     ``[num_blocks, page_size, row bytes]``, each token's latent and rope bytes, and
     ``[num_blocks, page_size, scale bytes]``, its scales. For V3.2 both lie inside the
     token's 656 bytes (the rows are the whole tokens, scales at byte 512); for MODEL1 a

@@ -44,6 +44,10 @@ MAX_HEADS = 2 * HEAD_TILE
 VECTOR_BYTES = 16
 """The kernel reads the cache, q and the output 16 bytes at a time."""
 
+MAX_PAGE_STRIDE = 2**32 - 1
+"""Bytes from a cache's page to the next: the kernel finds a page's start with one
+32 x 32 -> 64-bit multiply (a cache of one page may have any page stride)."""
+
 
 class SparseDecodeProblem(NamedTuple):
     """The sizes and options of one validated sparse ``flash_mla_with_kvcache`` call."""
@@ -170,6 +174,9 @@ def _check_cache(name: str, cache, layout: fp8_cache.Fp8Layout) -> tuple[int, in
             f"{name} must hold each page's tokens back to back: strides (any, {layout.bytes_per_token}, any, 1), "
             f"got {tuple(cache.stride())}"
         )
+    if num_blocks > 1 and cache.stride(0) > MAX_PAGE_STRIDE:
+        raise ValueError(f"{name}.stride(0) (page stride) must be at most {MAX_PAGE_STRIDE} bytes (2**32 - 1), "
+                         f"got {cache.stride(0)}")
     return num_blocks, page_size
 
 

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import BFloat16, Float32, Int32, Uint8, const_expr
+from cutlass import BFloat16, Float32, Int32, Int64, Uint8, Uint32, const_expr
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
@@ -194,11 +194,13 @@ class SparseDecodeSm90:
         num_fragments = whole_batches + (b - whole_batches) * topk_splits
         mOAccum, mLseAccum = utils.accumulators(mAccum, num_fragments, 1, s_q * h_q, DV)
         num_ctas = num_fragments * s_q * head_tiles
-        mK, mKScales = self.cache_parts(mKCache)
-        mExtraK, mExtraKScales = self.cache_parts(mExtraKCache)
+        # Each cache's page size as a divisor made here, on the host: the kernel divides
+        # a cache position by it with a multiply and shifts (``token_bytes``).
+        pages = cute.FastDivmodDivisorV2(mKCache.shape[1])
+        extra_pages = cute.FastDivmodDivisorV2(mExtraKCache.shape[1])
         self.kernel(
-            tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, mQ, mK, mKScales, mIndices, mTopkLength, mExtraK,
-            mExtraKScales, mExtraIndices, mExtraTopkLength, mSink, mO, mLse, mOAccum, mLseAccum, softmax_scale,
+            tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, mQ, mKCache, pages, mIndices, mTopkLength, mExtraKCache,
+            extra_pages, mExtraIndices, mExtraTopkLength, mSink, mO, mLse, mOAccum, mLseAccum, softmax_scale,
             has_topk_length, has_sink, extra_topk, has_extra_topk_length, whole_batches, topk_splits, sQ_layout,
             sK_layout, sP_layout,
         ).launch(
@@ -224,29 +226,6 @@ class SparseDecodeSm90:
         MlaCombine(BFloat16, DV, ctas_per_sm).launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q,
                                                      producer_ctas, CTAS_PER_SPARSE_CTA, stream, True)
 
-    @cute.jit
-    def cache_parts(self, mCache: cute.Tensor):
-        """A cache's bytes as the kernel reads them (``fp8_cache.page_parts``, made here
-        so that a call passes the cache tensor itself): ``(num_blocks, page_size, row
-        bytes)``, each token's latent and rope bytes, and ``(num_blocks, page_size, scale
-        bytes)``, its scales. The page stride is a multiple of 16 bytes, or the cache has
-        one page and its page stride is never used (the checks)."""
-        num_blocks, page_size = mCache.shape[0], mCache.shape[1]
-        page_stride = cute.assume(mCache.stride[0], divby=VECTOR_BYTES)
-        row_bytes = self.layout.row_bytes
-        rows = cute.make_tensor(
-            mCache.iterator, cute.make_layout((num_blocks, page_size, row_bytes), stride=(page_stride, row_bytes, 1))
-        )
-        scales_offset = self.layout.scales_offset(page_size)
-        if const_expr(not self.layout.scales_in_rows):
-            scales_offset = cute.assume(scales_offset, divby=VECTOR_BYTES)  # page_size rows of 576 bytes
-        scales = cute.make_tensor(
-            mCache.iterator + scales_offset,
-            cute.make_layout((num_blocks, page_size, self.layout.scale_bytes),
-                             stride=(page_stride, self.layout.scale_stride, 1)),
-        )
-        return rows, scales
-
     # ---------------------------------------------------------------- device side
     @cute.kernel
     def kernel(
@@ -255,12 +234,12 @@ class SparseDecodeSm90:
         tiled_mma_o_rs: cute.TiledMma,
         tiled_mma_o_ss: cute.TiledMma,
         mQ: cute.Tensor,
-        mK: cute.Tensor,
-        mKScales: cute.Tensor,
+        mKCache: cute.Tensor,
+        pages: cute.FastDivmodDivisorV2,  # the page size of mKCache
         mIndices: cute.Tensor,
         mTopkLength: cute.Tensor,
-        mExtraK: cute.Tensor,
-        mExtraKScales: cute.Tensor,
+        mExtraKCache: cute.Tensor,
+        extra_pages: cute.FastDivmodDivisorV2,  # the page size of mExtraKCache
         mExtraIndices: cute.Tensor,
         mExtraTopkLength: cute.Tensor,
         mSink: cute.Tensor,
@@ -316,7 +295,7 @@ class SparseDecodeSm90:
         num_steps = cutlass.max(cutlass.min(steps_per_split, steps.count - first), 0)
         token = tidx // THREADS_PER_TOKEN
         fetched = self.token_registers()
-        caches = (mK, mKScales, mExtraK, mExtraKScales)
+        caches = ((mKCache, pages), (mExtraKCache, extra_pages))
         # Step 0 fetched and unpacked before the loop; the index of step 1 in flight
         # (`next_index`), and, unpacking beside S, step 1's first half fetched and the
         # index of step 2 in flight.
@@ -596,26 +575,23 @@ class SparseDecodeSm90:
         """The ``halves`` (``chunks_of``) of this thread's quarter of the token at cache
         position ``index`` of the main cache or (``from_extra``) the extra one into
         registers: no access at all for an invalid index."""
-        mK, mKScales, mExtraK, mExtraKScales = caches
+        main, extra = caches
         if const_expr(not self.has_extra):
-            self.fetch_from(mK, mKScales, fetched, index, tidx, halves)
+            self.fetch_from(*main, fetched, index, tidx, halves)
         elif from_extra:
-            self.fetch_from(mExtraK, mExtraKScales, fetched, index, tidx, halves)
+            self.fetch_from(*extra, fetched, index, tidx, halves)
         else:
-            self.fetch_from(mK, mKScales, fetched, index, tidx, halves)
+            self.fetch_from(*main, fetched, index, tidx, halves)
 
     @cute.jit
-    def fetch_from(self, mK, mKScales, fetched, index, tidx, halves: tuple):
+    def fetch_from(self, mCache, pages, fetched, index, tidx, halves: tuple):
         part = tidx % THREADS_PER_TOKEN
-        page_size = mK.shape[1]
-        valid = (index >= 0) & (index < mK.shape[0] * page_size)
+        valid = (index >= 0) & (index < mCache.shape[0] * mCache.shape[1])
         fetched.valid[0] = Int32(valid)
         if valid:
-            page = index // page_size
-            slot = index - page * page_size
-            row = mK[page, slot, None]  # the token's latent and rope bytes
+            row, scales = self.token_bytes(mCache, pages, index)
             if const_expr(0 in halves):
-                cute.autovec_copy(mKScales[page, slot, None], fetched.scales)
+                cute.autovec_copy(scales, fetched.scales)
             for chunk in cutlass.range_constexpr(*self.chunks_of(halves)):
                 cute.autovec_copy(cute.local_tile(row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)),
                                   fetched.latent[None, chunk])
@@ -628,6 +604,32 @@ class SparseDecodeSm90:
                                         (self.layout.rope_offset // VECTOR_BYTES + 2 * part + piece,)),
                         cute.local_tile(fetched.rope, (VECTOR_BYTES,), (piece,)),
                     )
+
+    @cute.jit
+    def token_bytes(self, mCache, pages, index):
+        """The bytes of the token at cache position ``index`` (valid) of ``mCache``
+        (``(num_blocks, page_size, 1, bytes per token)`` uint8, ``fp8_cache.page_parts``
+        says where a token's bytes lie): its row (latent and rope values; V3.2's scales
+        too) and its scales. Every step runs this for each token of the next tile, at 255
+        registers, between a loaded index and the loads that need it: ``pages`` divides
+        by the page size with a multiply and shifts (not a division's dependent chain),
+        a page's start is one 32 x 32 -> 64-bit multiply (page strides are below 2**32
+        bytes, the checks), and the row and the scales come from that one start (V3.2's
+        scales are an immediate offset of the row's loads). Together 5-7% off V3.2's
+        time and 1-2.5% off MODEL1's (benchmarks/NOTES.md)."""
+        page, slot = divmod(index, pages)
+        # A multiple of 16 bytes, or page 0 of a cache of one page (whose page stride
+        # may be anything and is multiplied by 0).
+        page_offset = cute.assume(Int64(cute.arch.mul_wide(Uint32(page), Uint32(mCache.stride[0]))),
+                                  divby=VECTOR_BYTES)
+        page_start = mCache.iterator + page_offset
+        row = cute.make_tensor(page_start + slot * self.layout.row_bytes, cute.make_layout(self.layout.row_bytes))
+        scales_offset = self.layout.scales_offset(mCache.shape[1])
+        if const_expr(not self.layout.scales_in_rows):
+            scales_offset = cute.assume(scales_offset, divby=VECTOR_BYTES)  # page_size rows of 576 bytes
+        scales = cute.make_tensor(page_start + scales_offset + slot * self.layout.scale_stride,
+                                  cute.make_layout(self.layout.scale_bytes))
+        return row, scales
 
     def chunks_of(self, halves: tuple) -> tuple[int, int]:
         """(first, one past the last) latent chunk of a token's ``halves``: half 0 the
