@@ -114,6 +114,8 @@ BAD_SPARSE = {
     "cache token stride": ("cache strided", ValueError, r"k_cache must hold each page's tokens back to back"),
     "cache page stride": ("cache pages 4 GiB apart", ValueError,
                           r"k_cache.stride\(0\) \(page stride\) must be at most 4294967295 bytes"),
+    "indices row stride": ("index rows 2**32 apart", ValueError,
+                           r"indices.stride\(1\) must be at most 4294967295 elements"),
     "q dtype": ("q fp16", TypeError, "q must have dtype torch.bfloat16"),
     "d_qk": ("q 512", ValueError, r"q.shape\[3\] \(d_qk\) must be 576 for k_cache's V3.2 layout"),
     "d_qk model1": ("model1 with q 576", ValueError, r"q.shape\[3\] \(d_qk\) must be 512 for k_cache's MODEL1 layout"),
@@ -158,6 +160,8 @@ def bad_overrides(inp, what):
         # On the meta device: a view of 4 GiB without the memory (refused before any device check).
         "cache pages 4 GiB apart": lambda: dict(k_cache=torch.empty(2**34, dtype=torch.uint8, device="meta").as_strided(
             (4, 16, 1, 656), (2**32, 656, 656, 1))),
+        "index rows 2**32 apart": lambda: dict(indices=torch.empty(2**35, dtype=torch.int32, device="meta").as_strided(
+            idx.shape, (idx.shape[2], 2**32, 1))),
         "q fp16": lambda: dict(q=q.half()),
         "q 512": lambda: dict(q=q[..., :512]),
         "s_q 5": lambda: dict(q=torch.zeros(2, 5, 16, 576, dtype=torch.bfloat16)),

@@ -3,8 +3,9 @@
 (LDG.128) and 16-byte stores of the dequantized tile (STS.128), the FP8 conversion
 instruction, and no local memory (LDL/STL: register spills or stack arrays); beside it,
 the combine kernels it launches, one of them within 64 registers; and the step's
-schedule and epilogue where they were chosen by measurement (``UNPACK_BESIDE_SCORES``,
-``STAGE_OUTPUT_ROWS``), and a step loop that finds its tokens without dividing."""
+schedule, dequantization and epilogue where they were chosen by measurement
+(``sparse_decode_sm90.Arrangement``), and a step loop that finds its tokens without
+dividing."""
 
 import glob
 import os
@@ -87,7 +88,7 @@ def test_what_runs_beside_the_scores(cubins, name):
 @pytest.mark.parametrize("name", SPARSE_NAMES)
 def test_how_the_output_leaves(cubins, name):
     """The MODEL1 variants stage the output's rows in shared memory and store them 16
-    bytes at a time (``STAGE_OUTPUT_ROWS``); the V3.2 variants store from the
+    bytes at a time (``Arrangement.stage_output_rows``); the V3.2 variants store from the
     accumulators (staging measured slower there), so none of their global stores is
     16 bytes wide."""
     wide_stores = re.findall(r"\bSTG\.E\.128\b", sass_of(cubins[name]))
@@ -110,3 +111,15 @@ def test_the_step_finds_tokens_without_dividing(cubins, name):
     step = code[first:end]
     assert any(re.search(r"\bLDG\.E\.128\b", line) for line in step), f"{name}: no fetch in the step loop"
     assert not any("I2F.RP" in line for line in step), f"{name}: an integer division in the step loop"
+
+
+@pytest.mark.parametrize("name", SPARSE_NAMES)
+def test_where_the_scale_is_applied(cubins, name):
+    """The MODEL1 variants scale the dequantized values as bf16 pairs (HMUL2.BF16,
+    ``Arrangement.scale_in_bf16``); the V3.2 variants scale float32 values (faster there)
+    and have no bf16 multiply."""
+    bf16_multiplies = re.findall(r"\bHMUL2\.BF16", sass_of(cubins[name]))
+    if "model1" in name:
+        assert bf16_multiplies, f"{name}: the scale is not applied to bf16 pairs"
+    else:
+        assert not bf16_multiplies, f"{name}: bf16 multiplies in the V3.2 dequantization"

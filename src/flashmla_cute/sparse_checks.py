@@ -44,9 +44,10 @@ MAX_HEADS = 2 * HEAD_TILE
 VECTOR_BYTES = 16
 """The kernel reads the cache, q and the output 16 bytes at a time."""
 
-MAX_PAGE_STRIDE = 2**32 - 1
-"""Bytes from a cache's page to the next: the kernel finds a page's start with one
-32 x 32 -> 64-bit multiply (a cache of one page may have any page stride)."""
+MAX_STRIDE = 2**32 - 1
+"""The largest cache page stride (in bytes) and index-tensor stride of the batch and
+query-token dimensions (in elements): the kernel finds a page's and an index row's start
+with 32 x 32 -> 64-bit multiplies. (A dimension of size 1 may have any stride.)"""
 
 
 class SparseDecodeProblem(NamedTuple):
@@ -174,8 +175,8 @@ def _check_cache(name: str, cache, layout: fp8_cache.Fp8Layout) -> tuple[int, in
             f"{name} must hold each page's tokens back to back: strides (any, {layout.bytes_per_token}, any, 1), "
             f"got {tuple(cache.stride())}"
         )
-    if num_blocks > 1 and cache.stride(0) > MAX_PAGE_STRIDE:
-        raise ValueError(f"{name}.stride(0) (page stride) must be at most {MAX_PAGE_STRIDE} bytes (2**32 - 1), "
+    if num_blocks > 1 and cache.stride(0) > MAX_STRIDE:
+        raise ValueError(f"{name}.stride(0) (page stride) must be at most {MAX_STRIDE} bytes (2**32 - 1), "
                          f"got {cache.stride(0)}")
     return num_blocks, page_size
 
@@ -193,6 +194,10 @@ def _check_indices(name: str, indices, b: int, s_q: int) -> int:
             f"{name}.shape[2] (topk) must be a multiple of {TOPK_MULTIPLE} in [{TOPK_MULTIPLE}, {MAX_TOPK}], got {topk}"
         )
     _check_last_dim_contiguous(name, indices)
+    for dim in (0, 1):
+        if indices.shape[dim] > 1 and indices.stride(dim) > MAX_STRIDE:
+            raise ValueError(f"{name}.stride({dim}) must be at most {MAX_STRIDE} elements (2**32 - 1), "
+                             f"got {indices.stride(dim)}")
     return topk
 
 

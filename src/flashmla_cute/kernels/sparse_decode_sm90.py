@@ -32,7 +32,7 @@ The pipeline, per step ``i`` (tile ``i`` in buffer ``i % 2``)::
     wait; CTA barrier          (tile i is read, tile i + 1 is written)
 
 Each thread also loads its token index of step ``i + 2`` during step ``i``, so that a
-fetch never waits on its own index. For MODEL1 (``UNPACK_BESIDE_SCORES``) a token's
+fetch never waits on its own index. For MODEL1 (``Arrangement.unpack_beside_scores``) a token's
 bytes come in two halves (``chunks_of``), and the next tile's first half is unpacked
 beside S instead::
 
@@ -55,7 +55,7 @@ warpgroup, ``fetch`` / ``unpack`` the gather's halves, ``finish`` the epilogue.
 The epilogue divides by the row sums and, for a tile that is not split, applies the
 attention sink (``out *= exp(lse) / (exp(lse) + exp(sink))``, lse unchanged; the combine
 kernel applies it to split ones) and writes out and lse (for MODEL1 the output's rows
-through shared memory, ``STAGE_OUTPUT_ROWS``); a row that saw no valid token gets out 0
+through shared memory, ``Arrangement.stage_output_rows``); a row that saw no valid token gets out 0
 and lse +inf. Heads past ``h_q`` (fewer than 64 or 128 heads) are zero rows of Q that are
 never stored.
 """
@@ -88,15 +88,38 @@ ELEMS_PER_THREAD_CHUNK = 16  # bf16 values a thread writes per 64-column chunk o
 # and the rope values): fetched and unpacked apart from the rest, so that one half can
 # be dequantized while the S MMA runs and the other while P V runs.
 FIRST_HALF_CHUNKS = 4
-# Whether a layout's kernel does so (else the whole next tile is dequantized while P V
-# runs). Measured on the H100 (benchmarks/NOTES.md, "the unpack split between the two
-# MMAs' windows"): MODEL1's cases 5-11% faster with it, V3.2's 5-7% slower.
-UNPACK_BESIDE_SCORES = {fp8_cache.V32.key: False, fp8_cache.MODEL1.key: True}
-# Whether a layout's epilogue stages the output's rows in shared memory and stores them
-# whole (``finish``). Measured on the H100 (benchmarks/NOTES.md, "the epilogue's stores
-# through shared memory"): MODEL1's cases 2-7% faster with it; V3.2's production cases
-# the same and its peak cases 1-3% slower, from changes in the step loop's machine code.
-STAGE_OUTPUT_ROWS = {fp8_cache.V32.key: False, fp8_cache.MODEL1.key: True}
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    """Where the two layouts' kernels are arranged differently: each choice measured on
+    the H100 (benchmarks/NOTES.md, the sections named), where the same change moved the
+    two step loops in opposite directions."""
+
+    # The next tile's first half dequantized while S runs (``FIRST_HALF_CHUNKS``), else
+    # all of it while P V runs. "The unpack split between the two MMAs' windows": MODEL1's
+    # cases 5-11% faster with it, V3.2's 5-7% slower.
+    unpack_beside_scores: bool
+    # The epilogue stages the output's rows in shared memory and stores them whole
+    # (``finish``). "The epilogue's stores through shared memory": MODEL1's cases 2-7%
+    # faster; V3.2's production cases the same, its peak cases 1-3% slower.
+    stage_output_rows: bool
+    # Each query token's index row found once (``query_row``), else its 64-bit offset
+    # recomputed at each step's index load; and the dequantization's scale applied to
+    # bf16 pairs (one HMUL2.BF16 a pair, exact for power-of-two scales, another scale
+    # rounded to bf16 first), else to float32 values before the pack. "The index row
+    # found once; the scale applied in bf16 pairs": MODEL1's cases 1-4% faster with
+    # both, V3.2's 1.5-2% slower with both and with the scale alone.
+    index_row_once: bool
+    scale_in_bf16: bool
+
+
+ARRANGEMENTS = {
+    fp8_cache.V32.key: Arrangement(unpack_beside_scores=False, stage_output_rows=False, index_row_once=False,
+                                   scale_in_bf16=False),
+    fp8_cache.MODEL1.key: Arrangement(unpack_beside_scores=True, stage_output_rows=True, index_row_once=True,
+                                      scale_in_bf16=True),
+}
 BOTH_HALVES = (0, 1)
 DV = fp8_cache.VALUE_DIM
 CHUNK_COLUMNS = 64  # columns of one 128-byte swizzle atom of a K row
@@ -121,10 +144,7 @@ class SparseDecodeSm90:
         self.has_extra = has_extra
         self.d = layout.head_dim  # key width: Q, K and S's reduction
         self.latent_chunks = layout.latent_dim // CHUNK_COLUMNS  # FP8 chunks of a K row (8 or 7)
-        # Where the next tile is dequantized: its first half while S runs and its second
-        # while P V runs, or all of it while P V runs (UNPACK_BESIDE_SCORES).
-        self.unpack_beside_scores = UNPACK_BESIDE_SCORES[layout.key]
-        self.stage_output_rows = STAGE_OUTPUT_ROWS[layout.key]
+        self.arrangement = ARRANGEMENTS[layout.key]
         self.q_vectors_per_row = self.d // 8  # 16-byte pieces of a bf16 row of Q
 
     # ------------------------------------------------------------------ host side
@@ -182,7 +202,7 @@ class SparseDecodeSm90:
             token_valid: cute.struct.MemRange[Int32, TOKENS * NUM_BUFFERS]
             row_stats: cute.struct.MemRange[Float32, HEAD_TILE * NUM_STATS]
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
-            # The K buffers; where STAGE_OUTPUT_ROWS, also the epilogue's staged output rows.
+            # The K buffers; where stage_output_rows, also the epilogue's staged output rows.
             sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
             sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
 
@@ -286,8 +306,9 @@ class SparseDecodeSm90:
         scale_log2 = softmax_scale * math.log2(math.e)
 
         topk = mIndices.shape[2]
-        steps = StepSources.create(self.has_extra, mIndices, mTopkLength, has_topk_length, mExtraIndices,
-                                   mExtraTopkLength, has_extra_topk_length, extra_topk, batch, s)
+        steps = StepSources.create(self.has_extra, self.arrangement.index_row_once, mIndices, mTopkLength,
+                                   has_topk_length, mExtraIndices, mExtraTopkLength, has_extra_topk_length, extra_topk,
+                                   batch, s)
         # This split's steps: an equal share of both topks' (the plan's unit), cut at
         # the steps that hold indices below the topk lengths.
         steps_per_split = ((topk + extra_topk) // TOKENS + splits - 1) // splits
@@ -303,7 +324,7 @@ class SparseDecodeSm90:
         next_index = steps.index(first + 1, token)
         self.fetch(caches, steps.from_extra(first), fetched, index, tidx, BOTH_HALVES)
         self.unpack(fetched, sK, t.token_valid, 0, tidx, BOTH_HALVES)
-        if const_expr(self.unpack_beside_scores):
+        if const_expr(self.arrangement.unpack_beside_scores):
             index = next_index
             next_index = steps.index(first + 2, token)
             if num_steps > 1:
@@ -319,13 +340,13 @@ class SparseDecodeSm90:
             # MMAs' shared-memory reads and hold back the last k-step. Not so beside
             # an unpack under S (MODEL1): there that wait keeps the unpack's stores off
             # most of S's reads, and reading the flags first measured 2-6% slower.
-            if const_expr(not self.unpack_beside_scores):
+            if const_expr(not self.arrangement.unpack_beside_scores):
                 valid_columns = self.valid_columns(t, buf)
             self.issue_scores(t, buf)
-            if const_expr(self.unpack_beside_scores):
+            if const_expr(self.arrangement.unpack_beside_scores):
                 valid_columns = self.valid_columns(t, buf)
             if has_next:
-                if const_expr(self.unpack_beside_scores):
+                if const_expr(self.arrangement.unpack_beside_scores):
                     # The next tile's first half (fetched during the step before) is
                     # dequantized while the tensor cores compute S; its second half's
                     # loads go out.
@@ -341,7 +362,7 @@ class SparseDecodeSm90:
             self.issue_pv(t, buf)
             if has_next:
                 # Dequantizing (the rest of) the next tile while the tensor cores do P V.
-                if const_expr(self.unpack_beside_scores):
+                if const_expr(self.arrangement.unpack_beside_scores):
                     self.unpack(fetched, sK, t.token_valid, 1 - buf, tidx, (1,))
                     cute.arch.fence_view_async_shared()
                     if step + 2 < num_steps:
@@ -493,7 +514,7 @@ class SparseDecodeSm90:
         when the query token's topk is split, this fragment's fp32 partial (lse -inf when
         it saw no valid token).
 
-        Where ``STAGE_OUTPUT_ROWS``, the output's rows go through shared memory
+        Where ``Arrangement.stage_output_rows``, the output's rows go through shared memory
         (``utils.copy_rows``): from the accumulators a bf16 pair is 4 bytes, so a store
         instruction writes half a sector in each of 8 rows. The partials' fp32 pairs
         fill whole sectors and are stored from the accumulators."""
@@ -525,7 +546,7 @@ class SparseDecodeSm90:
                     if total == 0.0:
                         lse = Float32.inf  # no valid token: out 0, lse +inf
                     out_row = mO[batch, s, head, None]
-                    if const_expr(self.stage_output_rows):
+                    if const_expr(self.arrangement.stage_output_rows):
                         out_row = staged_out[r, None]
                     utils.store_acc_row(t.o_rc, t.coord_o, i, factor, out_row, col0, BFloat16)
                     if writes_lse:
@@ -535,7 +556,7 @@ class SparseDecodeSm90:
                     utils.store_acc_row(t.o_rc, t.coord_o, i, inv, mOAccum[fragment, 0, row, None], col0, Float32)
                     if writes_lse:
                         mLseAccum[fragment, 0, row] = lse
-        if const_expr(self.stage_output_rows):
+        if const_expr(self.arrangement.stage_output_rows):
             if splits == 1:
                 cute.arch.sync_threads()
                 utils.copy_rows(staged_out, lambda r: mO[batch, s, head0 + r, None],
@@ -635,7 +656,7 @@ class SparseDecodeSm90:
         """(first, one past the last) latent chunk of a token's ``halves``: half 0 the
         first ``FIRST_HALF_CHUNKS`` (with the scales), half 1 the rest (with the rope
         values); the two are fetched and unpacked at different points of a step where
-        ``UNPACK_BESIDE_SCORES``."""
+        ``Arrangement.unpack_beside_scores``."""
         return (0 if 0 in halves else FIRST_HALF_CHUNKS, self.latent_chunks if 1 in halves else FIRST_HALF_CHUNKS)
 
     @cute.jit
@@ -675,7 +696,10 @@ class SparseDecodeSm90:
             scales = self.chunk_scales(fetched)
             for chunk in cutlass.range_constexpr(first, end):
                 fp8 = cute.recast_tensor(fetched.latent[None, chunk], cutlass.Float8E4M3FN).load()
-                values.store((fp8.to(Float32) * scales[chunk]).to(BFloat16))
+                if const_expr(self.arrangement.scale_in_bf16):
+                    values.store(fp8.to(Float32).to(BFloat16) * BFloat16(scales[chunk]))
+                else:
+                    values.store((fp8.to(Float32) * scales[chunk]).to(BFloat16))
                 cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
                                                           (chunk * THREADS_PER_TOKEN + part,)))
             if const_expr(with_rope):
@@ -690,6 +714,15 @@ class SparseDecodeSm90:
                                                           (chunk * THREADS_PER_TOKEN + part,)))
 
 
+@cute.jit
+def query_row(mIndices, batch, s):
+    """``(topk,)``: the index row of query token ``s`` of sequence ``batch``, its start
+    found with 32 x 32 -> 64-bit multiplies (strides below 2**32 elements, the checks)."""
+    offset = (cute.arch.mul_wide(Uint32(batch), Uint32(mIndices.stride[0]))
+              + cute.arch.mul_wide(Uint32(s), Uint32(mIndices.stride[1])))
+    return cute.make_tensor(mIndices.iterator + Int64(offset), cute.make_layout(mIndices.shape[2]))
+
+
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
 class StepSources:
     """Where a query token's steps take their indices: its ``main_steps`` steps of main
@@ -697,6 +730,7 @@ class StepSources:
     ``count`` in all."""
 
     has_extra: bool  # compiled in
+    index_row_once: bool  # compiled in (``Arrangement``): the index tensors are the query token's rows
     mIndices: cute.Tensor
     mExtraIndices: cute.Tensor
     batch: object
@@ -708,7 +742,7 @@ class StepSources:
 
     @staticmethod
     @cute.jit
-    def create(has_extra, mIndices, mTopkLength, has_topk_length, mExtraIndices, mExtraTopkLength,
+    def create(has_extra, index_row_once, mIndices, mTopkLength, has_topk_length, mExtraIndices, mExtraTopkLength,
                has_extra_topk_length, extra_topk, batch, s) -> "StepSources":
         main_limit = mIndices.shape[2]
         if has_topk_length != 0:
@@ -719,8 +753,10 @@ class StepSources:
             if has_extra_topk_length != 0:
                 extra_limit = cutlass.max(cutlass.min(mExtraTopkLength[batch], extra_limit), 0)
         main_steps = (main_limit + TOKENS - 1) // TOKENS
-        return StepSources(has_extra, mIndices, mExtraIndices, batch, s, main_limit, extra_limit, main_steps,
-                           main_steps + (extra_limit + TOKENS - 1) // TOKENS)
+        if const_expr(index_row_once):
+            mIndices, mExtraIndices = query_row(mIndices, batch, s), query_row(mExtraIndices, batch, s)
+        return StepSources(has_extra, index_row_once, mIndices, mExtraIndices, batch, s, main_limit, extra_limit,
+                           main_steps, main_steps + (extra_limit + TOKENS - 1) // TOKENS)
 
     @cute.jit
     def from_extra(self, step):
@@ -735,12 +771,18 @@ class StepSources:
         # so the main test alone tells a main index.
         position = step * TOKENS + token
         if position < self.main_limit:
-            index = self.mIndices[self.batch, self.s, position]
+            index = self.entry(self.mIndices, position)
         if const_expr(self.has_extra):
             extra_position = position - self.main_steps * TOKENS  # negative on main steps
             if (extra_position >= 0) & (extra_position < self.extra_limit):
-                index = self.mExtraIndices[self.batch, self.s, extra_position]
+                index = self.entry(self.mExtraIndices, extra_position)
         return index
+
+    @cute.jit
+    def entry(self, indices, position) -> Int32:
+        if const_expr(self.index_row_once):
+            return indices[position]
+        return indices[self.batch, self.s, position]
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
