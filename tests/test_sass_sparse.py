@@ -1,5 +1,6 @@
 """The sparse decode kernel compiles for sm_90a without a GPU, for each cache layout
-(V3.2 and MODEL1, each with and without an extra cache), and its machine code is what its design needs: WGMMA (HGMMA) for both products, 16-byte gathers from the cache
+(V3.2 and MODEL1, each with and without an extra cache), and its machine code is what
+its design needs: WGMMA (HGMMA) for both products, 16-byte gathers from the cache
 (LDG.128) and 16-byte stores of the dequantized tile (STS.128), the FP8 conversion
 instruction, and no local memory (LDL/STL: register spills or stack arrays); beside it,
 the combine kernels it launches, one of them within 64 registers; and the step's

@@ -32,9 +32,10 @@ The pipeline, per step ``i`` (tile ``i`` in buffer ``i % 2``)::
     wait; CTA barrier          (tile i is read, tile i + 1 is written)
 
 Each thread also loads its token index of step ``i + 2`` during step ``i``, so that a
-fetch never waits on its own index. For MODEL1 (``Arrangement.unpack_beside_scores``) a token's
-bytes come in two halves (``chunks_of``), and the next tile's first half is unpacked
-beside S instead::
+fetch never waits on its own index (and finds the token's bytes without a division,
+``token_bytes``). For MODEL1 (``Arrangement.unpack_beside_scores``) a token's bytes come
+in two halves (``chunks_of``), and the next tile's first half is unpacked beside S
+instead::
 
     issue S = Q K_i^T          | unpack step i + 1's first half; fetch its second half
     softmax of S, P            |
@@ -55,8 +56,8 @@ warpgroup, ``fetch`` / ``unpack`` the gather's halves, ``finish`` the epilogue.
 The epilogue divides by the row sums and, for a tile that is not split, applies the
 attention sink (``out *= exp(lse) / (exp(lse) + exp(sink))``, lse unchanged; the combine
 kernel applies it to split ones) and writes out and lse (for MODEL1 the output's rows
-through shared memory, ``Arrangement.stage_output_rows``); a row that saw no valid token gets out 0
-and lse +inf. Heads past ``h_q`` (fewer than 64 or 128 heads) are zero rows of Q that are
+through shared memory, ``Arrangement.stage_output_rows``); a row that saw no valid token
+gets out 0 and lse +inf. Heads past ``h_q`` (fewer than 64 or 128 heads) are zero rows of Q that are
 never stored.
 """
 
@@ -780,6 +781,7 @@ class StepSources:
 
     @cute.jit
     def entry(self, indices, position) -> Int32:
+        """Entry ``position`` of this query token's row of ``indices``."""
         if const_expr(self.index_row_once):
             return indices[position]
         return indices[self.batch, self.s, position]
