@@ -57,8 +57,8 @@ The epilogue divides by the row sums and, for a tile that is not split, applies 
 attention sink (``out *= exp(lse) / (exp(lse) + exp(sink))``, lse unchanged; the combine
 kernel applies it to split ones) and writes out and lse (for MODEL1 the output's rows
 through shared memory, ``Arrangement.stage_output_rows``); a row that saw no valid token
-gets out 0 and lse +inf. Heads past ``h_q`` (fewer than 64 or 128 heads) are zero rows of Q that are
-never stored.
+gets out 0 and lse +inf. Heads past ``h_q`` (fewer than 64 or 128 heads) are zero rows
+of Q that are never stored.
 """
 
 from __future__ import annotations
