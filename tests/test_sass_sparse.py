@@ -6,7 +6,7 @@ instruction, and no local memory (LDL/STL: register spills or stack arrays); bes
 the combine kernels it launches, one of them within 64 registers; and the step's
 schedule, dequantization and epilogue where they were chosen by measurement
 (``sparse_decode_sm90.Arrangement``), and a step loop that finds its tokens without
-dividing."""
+dividing, and whose latent loads carry cache hints."""
 
 import glob
 import os
@@ -67,6 +67,16 @@ def instructions(sass: str) -> list[str]:
     return [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", line)]
 
 
+def step_loop(sass: str) -> list[str]:
+    """The step loop's instructions: from S's first k-step to the barrier after the
+    step's last P V k-step."""
+    code = instructions(sass)
+    first = next(i for i, line in enumerate(code) if "HGMMA.64x32x16" in line)
+    last = max(i for i, line in enumerate(code) if "HGMMA" in line)
+    end = next(i for i in range(last, len(code)) if "BAR.SYNC" in code[i])
+    return code[first:end]
+
+
 @pytest.mark.parametrize("name", SPARSE_NAMES)
 def test_what_runs_beside_the_scores(cubins, name):
     """S = Q K^T's k-steps (the m64n32k16 HGMMAs) are issued back to back, no load
@@ -105,11 +115,7 @@ def test_the_step_finds_tokens_without_dividing(cubins, name):
     the next tile's tokens without an integer division (whose sequence begins with
     ``I2F.RP``): the page size is divided by with a multiply and shifts
     (``SparseDecodeSm90.token_bytes``)."""
-    code = instructions(sass_of(cubins[name]))
-    first = next(i for i, line in enumerate(code) if "HGMMA.64x32x16" in line)
-    last = max(i for i, line in enumerate(code) if "HGMMA" in line)
-    end = next(i for i in range(last, len(code)) if "BAR.SYNC" in code[i])
-    step = code[first:end]
+    step = step_loop(sass_of(cubins[name]))
     assert any(re.search(r"\bLDG\.E\.128\b", line) for line in step), f"{name}: no fetch in the step loop"
     assert not any("I2F.RP" in line for line in step), f"{name}: an integer division in the step loop"
 
@@ -124,3 +130,13 @@ def test_where_the_scale_is_applied(cubins, name):
         assert bf16_multiplies, f"{name}: the scale is not applied to bf16 pairs"
     else:
         assert not bf16_multiplies, f"{name}: bf16 multiplies in the V3.2 dequantization"
+
+
+@pytest.mark.parametrize("name", SPARSE_NAMES)
+def test_the_latent_loads_carry_cache_hints(cubins, name):
+    """The step loop's loads of a token's FP8 latent bytes ask L2 for 256 bytes on a
+    miss and L1 to keep the line (``LDG.E.EL.LTC256B.128``), one for each of the
+    latent chunks a thread fetches (8 for V3.2, 7 for MODEL1)."""
+    step = step_loop(sass_of(cubins[name]))
+    hinted = sum(bool(re.search(r"\bLDG\.E\.EL\.LTC256B\.128\b", line)) for line in step)
+    assert hinted >= (7 if "model1" in name else 8), f"{name}: {hinted} hinted latent loads in the step loop"
