@@ -1,0 +1,108 @@
+"""How fast an SM can store into shared memory: its own (``st.shared.v4``) against the
+other CTA's of a cluster of two (``st.shared::cluster.v4``, distributed shared memory).
+
+    python benchmarks/dsmem_store_rate.py
+
+A sparse kernel that shares dequantized K tiles between the two head tiles of a query
+token (FlashMLA's "crossover") sends half of each tile to the other CTA; this rate says
+how much of a step those stores need at the least. Each CTA (256 threads, one an SM,
+four waves) stores 16 bytes a thread per round into a 64 KB buffer; both CTAs of a
+cluster store at once, as in the crossover. Rates are per SM, from CUDA-event medians.
+"""
+
+import sys
+
+import torch
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Int32, const_expr
+from cutlass._mlir import ir
+from cutlass._mlir.dialects import llvm, vector
+from cutlass.cutlass_dsl import T
+
+THREADS = 256
+BUFFER_WORDS = 16384  # 64 KB of int32
+VECTOR_WORDS = 4  # 16 bytes a store
+WAVES = 4
+SHARED_ADDRESS_SPACE = 3
+
+
+class StoreRate:
+    """Rounds of 16-byte stores into this CTA's shared memory or (``to_peer``) the
+    cluster peer's."""
+
+    def __init__(self, to_peer: bool):
+        self.to_peer = to_peer
+
+    @cute.jit
+    def __call__(self, out: cute.Tensor, rounds: Int32, ctas: Int32, stream):
+        @cute.struct
+        class Storage:
+            buffer: cute.struct.Align[cute.struct.MemRange[Int32, BUFFER_WORDS], 128]
+
+        self.storage = Storage
+        self.kernel(out, rounds).launch(grid=[ctas, 1, 1], block=[THREADS, 1, 1], cluster=[2, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, out: cute.Tensor, rounds: Int32):
+        tidx, _, _ = cute.arch.thread_idx()
+        cta, _, _ = cute.arch.block_idx()
+        storage = cutlass.memory.SmemAllocator().allocate(self.storage)
+        buffer = storage.buffer.get_tensor(cute.make_layout(BUFFER_WORDS))
+        cute.arch.cluster_arrive()
+        cute.arch.cluster_wait()  # the peer has started: its shared memory exists
+        base = buffer.iterator
+        if const_expr(self.to_peer):
+            base = cute.arch.map_dsmem_ptr(buffer.iterator, cute.arch.block_idx_in_cluster() ^ 1)
+        for r in cutlass.range(rounds, unroll=1):
+            word = (tidx * VECTOR_WORDS + r * (THREADS * VECTOR_WORDS)) % BUFFER_WORDS
+            words = vector.from_elements(ir.VectorType.get([VECTOR_WORDS], Int32.mlir_type),
+                                         [Int32(r + k).ir_value() for k in range(VECTOR_WORDS)])
+            address = (base + word).to_llvm_ptr()
+            if const_expr(self.to_peer):
+                # st.shared::cluster takes the peer's address as a 32-bit shared-space pointer.
+                address = llvm.inttoptr(llvm.PointerType.get(SHARED_ADDRESS_SPACE), llvm.ptrtoint(T.i32(), address))
+            cute.arch.store(address, words, ss="cluster" if const_expr(self.to_peer) else "cta")
+        cute.arch.cluster_arrive()
+        cute.arch.cluster_wait()  # the peer's stores into this CTA have landed
+        out[cta * THREADS + tidx] = buffer[tidx * VECTOR_WORDS]
+
+
+def median_seconds(fn, reps: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs a GPU")
+        return 1
+    from cuda.bindings import driver
+    from cutlass.cute.runtime import from_dlpack
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    ctas = 2 * (sms // 2) * WAVES
+    out = torch.empty(ctas * THREADS, dtype=torch.int32, device="cuda")
+    stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
+    print(f"{'stores':<8} {'rounds':>7} {'us':>10} {'GB/s per SM':>12}")
+    for to_peer in (False, True):
+        compiled = cute.compile(StoreRate(to_peer), from_dlpack(out), Int32(1), Int32(ctas), stream)
+        for rounds in (1024, 16384):
+            seconds = median_seconds(lambda: compiled(from_dlpack(out), Int32(rounds), Int32(ctas), stream))
+            bytes_per_sm = THREADS * VECTOR_WORDS * 4 * rounds * ctas / sms
+            print(f"{'peer' if to_peer else 'own':<8} {rounds:>7} {seconds * 1e6:>10.1f} {bytes_per_sm / seconds / 1e9:>12.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
