@@ -1,5 +1,6 @@
 """How fast an SM can store into shared memory: its own (``st.shared.v4``) against the
-other CTA's of a cluster of two (``st.shared::cluster.v4``, distributed shared memory).
+other CTA's of a cluster of two, by ``st.shared::cluster.v4`` (distributed shared memory)
+or by ``st.async`` (counted on the peer's mbarrier, as FlashMLA's crossover stores).
 
     python benchmarks/dsmem_store_rate.py
 
@@ -7,7 +8,10 @@ A sparse kernel that shares dequantized K tiles between the two head tiles of a 
 token (FlashMLA's "crossover") sends half of each tile to the other CTA; this rate says
 how much of a step those stores need at the least. Each CTA (256 threads, one an SM,
 four waves) stores 16 bytes a thread per round into a 64 KB buffer; both CTAs of a
-cluster store at once, as in the crossover. Rates are per SM, from CUDA-event medians.
+cluster store at once, as in the crossover; the ``st.async`` rounds come in phases of
+``PHASE_ROUNDS``, each waited for on the receiving CTA's mbarrier (its transaction count
+holds under 1 MB) and closed by a cluster barrier. Rates are per SM, from CUDA-event
+medians.
 """
 
 import sys
@@ -26,19 +30,23 @@ BUFFER_WORDS = 16384  # 64 KB of int32
 VECTOR_WORDS = 4  # 16 bytes a store
 WAVES = 4
 SHARED_ADDRESS_SPACE = 3
+PHASE_ROUNDS = 128  # st.async rounds counted on one mbarrier phase: 512 KB
+OWN, PEER, PEER_ASYNC = "own", "peer", "peer st.async"
 
 
 class StoreRate:
-    """Rounds of 16-byte stores into this CTA's shared memory or (``to_peer``) the
-    cluster peer's."""
+    """Rounds of 16-byte stores into this CTA's shared memory (``OWN``) or the cluster
+    peer's (``PEER``, ``PEER_ASYNC``)."""
 
-    def __init__(self, to_peer: bool):
-        self.to_peer = to_peer
+    def __init__(self, target: str):
+        self.to_peer = target != OWN
+        self.by_async = target == PEER_ASYNC
 
     @cute.jit
     def __call__(self, out: cute.Tensor, rounds: Int32, ctas: Int32, stream):
         @cute.struct
         class Storage:
+            landed: cute.struct.MemRange[cutlass.Int64, 1]  # the peer's st.async bytes of a phase
             buffer: cute.struct.Align[cute.struct.MemRange[Int32, BUFFER_WORDS], 128]
 
         self.storage = Storage
@@ -50,8 +58,22 @@ class StoreRate:
         cta, _, _ = cute.arch.block_idx()
         storage = cutlass.memory.SmemAllocator().allocate(self.storage)
         buffer = storage.buffer.get_tensor(cute.make_layout(BUFFER_WORDS))
+        landed = storage.landed.data_ptr()
+        if tidx == 0:
+            cute.arch.mbarrier_init(landed, 1)
+        cute.arch.mbarrier_init_fence()
         cute.arch.cluster_arrive()
-        cute.arch.cluster_wait()  # the peer has started: its shared memory exists
+        cute.arch.cluster_wait()  # the peer has started: its shared memory and mbarrier exist
+        if const_expr(self.by_async):
+            self.async_rounds(buffer, landed, rounds, tidx)
+        else:
+            self.store_rounds(buffer, rounds, tidx)
+        cute.arch.cluster_arrive()
+        cute.arch.cluster_wait()  # the peer's stores into this CTA have landed
+        out[cta * THREADS + tidx] = buffer[tidx * VECTOR_WORDS]
+
+    @cute.jit
+    def store_rounds(self, buffer, rounds, tidx):
         base = buffer.iterator
         if const_expr(self.to_peer):
             base = cute.arch.map_dsmem_ptr(buffer.iterator, cute.arch.block_idx_in_cluster() ^ 1)
@@ -64,9 +86,21 @@ class StoreRate:
                 # st.shared::cluster takes the peer's address as a 32-bit shared-space pointer.
                 address = llvm.inttoptr(llvm.PointerType.get(SHARED_ADDRESS_SPACE), llvm.ptrtoint(T.i32(), address))
             cute.arch.store(address, words, ss="cluster" if const_expr(self.to_peer) else "cta")
-        cute.arch.cluster_arrive()
-        cute.arch.cluster_wait()  # the peer's stores into this CTA have landed
-        out[cta * THREADS + tidx] = buffer[tidx * VECTOR_WORDS]
+
+    @cute.jit
+    def async_rounds(self, buffer, landed, rounds, tidx):
+        peer = cute.arch.block_idx_in_cluster() ^ 1
+        for phase in cutlass.range(rounds // PHASE_ROUNDS, unroll=1):
+            if tidx == 0:
+                cute.arch.mbarrier_arrive_and_expect_tx(landed, PHASE_ROUNDS * THREADS * VECTOR_WORDS * 4)
+            for r in cutlass.range(PHASE_ROUNDS, unroll=1):
+                word = cute.assume((tidx * VECTOR_WORDS + r * (THREADS * VECTOR_WORDS)) % BUFFER_WORDS,
+                                   divby=VECTOR_WORDS)
+                cute.arch.store_async_dsmem(buffer.iterator + word, tuple(Int32(r + k) for k in range(VECTOR_WORDS)),
+                                            landed, peer)
+            cute.arch.mbarrier_wait(landed, phase % 2)  # this phase's bytes from the peer have landed
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()  # neither sends the next phase before both have received this one
 
 
 def median_seconds(fn, reps: int = 10) -> float:
@@ -94,13 +128,13 @@ def main() -> int:
     ctas = 2 * (sms // 2) * WAVES
     out = torch.empty(ctas * THREADS, dtype=torch.int32, device="cuda")
     stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
-    print(f"{'stores':<8} {'rounds':>7} {'us':>10} {'GB/s per SM':>12}")
-    for to_peer in (False, True):
-        compiled = cute.compile(StoreRate(to_peer), from_dlpack(out), Int32(1), Int32(ctas), stream)
+    print(f"{'stores':<14} {'rounds':>7} {'us':>10} {'GB/s per SM':>12}")
+    for target in (OWN, PEER, PEER_ASYNC):
+        compiled = cute.compile(StoreRate(target), from_dlpack(out), Int32(PHASE_ROUNDS), Int32(ctas), stream)
         for rounds in (1024, 16384):
             seconds = median_seconds(lambda: compiled(from_dlpack(out), Int32(rounds), Int32(ctas), stream))
             bytes_per_sm = THREADS * VECTOR_WORDS * 4 * rounds * ctas / sms
-            print(f"{'peer' if to_peer else 'own':<8} {rounds:>7} {seconds * 1e6:>10.1f} {bytes_per_sm / seconds / 1e9:>12.1f}")
+            print(f"{target:<14} {rounds:>7} {seconds * 1e6:>10.1f} {bytes_per_sm / seconds / 1e9:>12.1f}")
     return 0
 
 
