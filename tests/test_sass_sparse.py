@@ -27,6 +27,9 @@ WRITE_CUBINS = (
     "    compile.write_cubin(variant, sys.argv[1], 'sm_90a')\n"
 )
 SPARSE_NAMES = [variant.name for variant in compile_mod.sparse_decode_variants()]
+# The eight-warp kernel (one head tile a query token) and the pair kernel (two).
+EIGHT_WARP_NAMES = [name for name in SPARSE_NAMES if "_pair" not in name]
+PAIR_NAMES = [name for name in SPARSE_NAMES if "_pair" in name]
 
 
 @pytest.fixture(scope="module")
@@ -68,16 +71,23 @@ def instructions(sass: str) -> list[str]:
 
 
 def step_loop(sass: str) -> list[str]:
-    """The step loop's instructions: from S's first k-step to the barrier after the
-    step's last P V k-step."""
+    """The instructions of the loop that fetches the next tile's tokens: in the
+    eight-warp kernel the step loop, from S's first k-step to the barrier after the
+    step's last P V k-step; in the pair kernel the gather warpgroup's, from its first
+    asynchronous store into the peer (``STAS``) to the commit of the tile."""
     code = instructions(sass)
+    if any("STAS.128" in line for line in code):
+        first = next(i for i, line in enumerate(code) if "STAS.128" in line)
+        last = max(i for i, line in enumerate(code) if "STAS.128" in line)
+        end = next(i for i in range(last, len(code)) if "SYNCS.ARRIVE.TRANS64.A1T0" in code[i])
+        return code[first:end]
     first = next(i for i, line in enumerate(code) if "HGMMA.64x32x16" in line)
     last = max(i for i, line in enumerate(code) if "HGMMA" in line)
     end = next(i for i in range(last, len(code)) if "BAR.SYNC" in code[i])
     return code[first:end]
 
 
-@pytest.mark.parametrize("name", SPARSE_NAMES)
+@pytest.mark.parametrize("name", EIGHT_WARP_NAMES)
 def test_what_runs_beside_the_scores(cubins, name):
     """S = Q K^T's k-steps (the m64n32k16 HGMMAs) are issued back to back, no load
     among them, in the V3.2 variants, which dequantize the whole next tile beside P V;
@@ -98,12 +108,12 @@ def test_what_runs_beside_the_scores(cubins, name):
 
 @pytest.mark.parametrize("name", SPARSE_NAMES)
 def test_how_the_output_leaves(cubins, name):
-    """The MODEL1 variants stage the output's rows in shared memory and store them 16
-    bytes at a time (``Arrangement.stage_output_rows``); the V3.2 variants store from the
-    accumulators (staging measured slower there), so none of their global stores is
-    16 bytes wide."""
+    """The eight-warp MODEL1 variants stage the output's rows in shared memory and store
+    them 16 bytes at a time (``Arrangement.stage_output_rows``); the V3.2 variants and
+    the pair kernel store from the accumulators (staging measured slower for V3.2), so
+    none of their global stores is 16 bytes wide."""
     wide_stores = re.findall(r"\bSTG\.E\.128\b", sass_of(cubins[name]))
-    if "model1" in name:
+    if "model1" in name and name in EIGHT_WARP_NAMES:
         assert wide_stores, f"{name}: the output rows are not stored 16 bytes at a time"
     else:
         assert not wide_stores, f"{name}: 16-byte global stores in the V3.2 epilogue"
@@ -140,3 +150,19 @@ def test_the_latent_loads_carry_cache_hints(cubins, name):
     step = step_loop(sass_of(cubins[name]))
     hinted = sum(bool(re.search(r"\bLDG\.E\.EL\.LTC256B\.128\b", line)) for line in step)
     assert hinted >= (7 if "model1" in name else 8), f"{name}: {hinted} hinted latent loads in the step loop"
+
+
+@pytest.mark.parametrize("name", PAIR_NAMES)
+def test_the_pair_kernel_shares_its_tiles(cubins, name):
+    """The pair kernel: one warpgroup computes S over a step's 64 tokens (m64n64k16, 36
+    k-steps for V3.2's 576 columns, 32 for MODEL1's 512); the gatherer stores every
+    dequantized vector into the peer CTA's tile too (``STAS.128``, 18 or 16 a token
+    quarter); and no GPU-wide fence (``MEMBAR.ALL.GPU``) comes with the release of a
+    tile to both CTAs, which cost 15-19% of the kernel's time."""
+    sass = sass_of(cubins[name])
+    k_steps = 32 if "model1" in name else 36
+    assert len(re.findall(r"\bHGMMA\.64x64x16\b", sass)) == k_steps, f"{name}: S is not m64n64k16"
+    chunks = 8 if "model1" in name else 9  # 64-column chunks of a K row, rope included
+    peer_stores = sum("STAS.128" in line for line in step_loop(sass))
+    assert peer_stores >= 2 * chunks, f"{name}: {peer_stores} stores into the peer's tile"
+    assert "MEMBAR.ALL.GPU" not in sass, f"{name}: a GPU-wide fence"

@@ -189,9 +189,10 @@ def sparse_cache_fake(layout):
     return _fake(cutlass.Uint8, (_i32(), _i32(), 1, layout.bytes_per_token), (_stride(), _stride(), _stride(), 1), 16)
 
 
-def sparse_decode_variant(layout_name: str = "v32", has_extra: bool = False) -> Variant:
+def sparse_decode_variant(layout_name: str = "v32", has_extra: bool = False, pair_heads: bool = False) -> Variant:
     """The sparse decode kernel for one cache layout (``fp8_cache``'s, by key), with or
-    without an extra cache."""
+    without an extra cache, for one head tile a query token or (``pair_heads``) two, as
+    pairs of CTAs that share their K tiles (``kernels/sparse_pair_sm90.py``)."""
     from . import fp8_cache
 
     layout = {layout.key: layout for layout in fp8_cache.LAYOUTS}[layout_name]
@@ -201,6 +202,7 @@ def sparse_decode_variant(layout_name: str = "v32", has_extra: bool = False) -> 
         from cutlass import Float32, Int32
 
         from .kernels.sparse_decode_sm90 import SparseDecodeSm90
+        from .kernels.sparse_pair_sm90 import SparsePairDecodeSm90
 
         b, s_q, h_q = (_i32() for _ in range(3))
         args = SparseDecodeArgs(
@@ -225,17 +227,20 @@ def sparse_decode_variant(layout_name: str = "v32", has_extra: bool = False) -> 
             topk_splits=Int32(1),
             num_sms=Int32(132),
         ) + (_stream(),)
-        return SparseDecodeSm90(layout, has_extra), args
+        kernel = SparsePairDecodeSm90 if pair_heads else SparseDecodeSm90
+        return kernel(layout, has_extra), args
 
     extra = "_extra" if has_extra else ""
-    return Variant(f"sparse_decode_sm90_{layout_name}{extra}_d{layout.head_dim}_dv{fp8_cache.VALUE_DIM}", build)
+    pair = "_pair" if pair_heads else ""
+    return Variant(f"sparse_decode_sm90_{layout_name}{extra}{pair}_d{layout.head_dim}_dv{fp8_cache.VALUE_DIM}", build)
 
 
 SPARSE_LAYOUTS = ("v32", "model1")  # fp8_cache's layouts, by key
 
 
 def sparse_decode_variants() -> list[Variant]:
-    return [sparse_decode_variant(layout, has_extra) for layout in SPARSE_LAYOUTS for has_extra in (False, True)]
+    return [sparse_decode_variant(layout, has_extra, pair_heads) for layout in SPARSE_LAYOUTS
+            for has_extra in (False, True) for pair_heads in (False, True)]
 
 
 def all_variants() -> list[Variant]:

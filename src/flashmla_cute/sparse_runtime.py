@@ -65,7 +65,9 @@ def sparse_launch(problem: SparseDecodeProblem, device: torch.device) -> SparseL
     has_extra = problem.extra_topk > 0
     fragments = plan.num_fragments(b) if plan.splits > 1 else 1
     return SparseLaunch(
-        fn=compile_mod.get(compile_mod.sparse_decode_variant(problem.layout.key, has_extra)),
+        # Two head tiles a query token: the pair kernel, whose CTAs share their K tiles.
+        fn=compile_mod.get(compile_mod.sparse_decode_variant(problem.layout.key, has_extra,
+                                                             pair_heads=problem.head_tiles == 2)),
         layout=problem.layout,
         out_shape=(b, s_q, h_q, fp8_cache.VALUE_DIM),
         lse_shape=(b, h_q, s_q),

@@ -46,12 +46,19 @@ Split over topk (``sparse_plan``, from shapes alone): the first ``whole_batches`
 sequences' tiles get one CTA each, launched first; the other sequences' tiles are shared
 by ``topk_splits`` CTAs each, which take equal shares of the steps (of both caches) and
 write fp32 partials, merged by the combine kernel (``combine.py``, launched as this
-kernel's programmatic dependent). The grid is one-dimensional: CTA ``x`` finds its sequence, tile
-and share in ``work_of``.
+kernel's programmatic dependent). The grid is one-dimensional: CTA ``x`` finds its
+sequence, tile and share in ``work_of``.
+
+This is the kernel for one head tile a query token (h_q up to 64). With two (h_q 65 to
+128), ``sparse_pair_sm90``'s subclass runs the two tiles' CTAs as a cluster that
+shares its K tiles, in three warpgroups of their own roles; it keeps this class's host
+function (its launch shape from the class attributes), steps, splits, fetch,
+dequantization and row writer.
 
 Where things are: ``kernel`` sets up and runs the step loop (the pipeline above);
 ``issue_scores``, ``online_softmax`` and ``issue_pv`` are a step's parts for one
-warpgroup, ``fetch`` / ``unpack`` the gather's halves, ``finish`` the epilogue.
+warpgroup, ``fetch`` / ``unpack`` the gather's halves, ``finish`` the epilogue
+(``write_row`` its rows).
 
 The epilogue divides by the row sums and, for a tile that is not split, applies the
 attention sink (``out *= exp(lse) / (exp(lse) + exp(sink))``, lse unchanged; the combine
@@ -140,6 +147,13 @@ class SparseDecodeSm90:
     branch between two caches in its gather); every size (batch, s_q, heads, topks, page
     sizes, cache sizes) and option (scale, sink, topk lengths) is a runtime value."""
 
+    # The launch's shape, which ``sparse_pair_sm90`` changes: the tokens of a step whose
+    # scores one warpgroup computes, the P tiles in shared memory, threads, cluster.
+    SCORE_TOKENS = HALF_TOKENS
+    P_TILES = NUM_WARPGROUPS
+    THREADS = THREADS
+    CLUSTER = 1
+
     def __init__(self, layout: fp8_cache.Fp8Layout, has_extra: bool = False):
         self.layout = layout
         self.has_extra = has_extra
@@ -175,10 +189,10 @@ class SparseDecodeSm90:
         stream,
     ):
         dtype = BFloat16
-        # S of this warpgroup's half of the step's tokens; O += P V with its own P from
-        # registers and with the other warpgroup's P from shared memory.
+        # S of a warpgroup's tokens of the step; O += P V with P from registers and with
+        # P from shared memory.
         tiled_mma_s = sm90_utils.make_trivial_tiled_mma(
-            dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1), (HEAD_TILE, HALF_TOKENS)
+            dtype, dtype, OperandMajorMode.K, OperandMajorMode.K, Float32, (1, 1, 1), (HEAD_TILE, self.SCORE_TOKENS)
         )
         tiled_mma_o_rs = sm90_utils.make_trivial_tiled_mma(
             dtype, dtype, OperandMajorMode.K, OperandMajorMode.MN, Float32, (1, 1, 1),
@@ -190,24 +204,15 @@ class SparseDecodeSm90:
         )
         sQ_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (HEAD_TILE, TOKENS, self.d), dtype, 1)
         sK_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (HEAD_TILE, TOKENS, self.d), dtype, NUM_BUFFERS)
-        # Each warpgroup's P (64 heads x its 32 tokens), K-major, one per warpgroup.
+        # P tiles (64 heads x a warpgroup's tokens), K-major.
         sP_layout = sm90_utils.make_smem_layout_a(
-            LayoutEnum.ROW_MAJOR, (HEAD_TILE, DV // NUM_WARPGROUPS, HALF_TOKENS), dtype, NUM_WARPGROUPS
+            LayoutEnum.ROW_MAJOR, (HEAD_TILE, DV // NUM_WARPGROUPS, self.SCORE_TOKENS), dtype, self.P_TILES
         )
 
         k_buffer_bytes = cute.cosize(sK_layout) * dtype.width // 8
         assert utils.staged_rows_bytes(HEAD_TILE, DV, dtype) <= k_buffer_bytes, "the output rows cannot be staged"
 
-        @cute.struct
-        class SharedStorage:
-            token_valid: cute.struct.MemRange[Int32, TOKENS * NUM_BUFFERS]
-            row_stats: cute.struct.MemRange[Float32, HEAD_TILE * NUM_STATS]
-            sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
-            # The K buffers; where stage_output_rows, also the epilogue's staged output rows.
-            sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
-            sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
-
-        self.shared_storage = SharedStorage
+        self.shared_storage = self.shared_storage_type(sQ_layout, sK_layout, sP_layout)
         b, s_q, h_q = mQ.shape[0], mQ.shape[1], mQ.shape[2]
         head_tiles = (h_q + HEAD_TILE - 1) // HEAD_TILE
         # The partials of fragment k of split sequence i at index mNumSplits[i] + k, as
@@ -226,7 +231,8 @@ class SparseDecodeSm90:
             sK_layout, sP_layout,
         ).launch(
             grid=[num_ctas, 1, 1],  # grid.x has no 65535 limit
-            block=[THREADS, 1, 1],
+            block=[self.THREADS, 1, 1],
+            cluster=[self.CLUSTER, 1, 1],
             stream=stream,
             min_blocks_per_mp=1,
         )
@@ -240,6 +246,22 @@ class SparseDecodeSm90:
             self.launch_combine(2, *merge_args)
         else:
             self.launch_combine(1, *merge_args)
+
+    @cute.jit
+    def shared_storage_type(self, sQ_layout, sK_layout, sP_layout):
+        """The shared memory's layout (a ``cute.struct``)."""
+        dtype = BFloat16
+
+        @cute.struct
+        class SharedStorage:
+            token_valid: cute.struct.MemRange[Int32, TOKENS * NUM_BUFFERS]
+            row_stats: cute.struct.MemRange[Float32, HEAD_TILE * NUM_STATS]
+            sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
+            # The K buffers; where stage_output_rows, also the epilogue's staged output rows.
+            sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
+
+        return SharedStorage
 
     def launch_combine(self, ctas_per_sm: int, mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q,
                        producer_ctas, stream):
@@ -306,16 +328,11 @@ class SparseDecodeSm90:
         t.acc_o.fill(0.0)
         scale_log2 = softmax_scale * math.log2(math.e)
 
-        topk = mIndices.shape[2]
-        steps = StepSources.create(self.has_extra, self.arrangement.index_row_once, mIndices, mTopkLength,
-                                   has_topk_length, mExtraIndices, mExtraTopkLength, has_extra_topk_length, extra_topk,
-                                   batch, s)
-        # This split's steps: an equal share of both topks' (the plan's unit), cut at
-        # the steps that hold indices below the topk lengths.
-        steps_per_split = ((topk + extra_topk) // TOKENS + splits - 1) // splits
-        first = split * steps_per_split  # the split's first step
-        num_steps = cutlass.max(cutlass.min(steps_per_split, steps.count - first), 0)
+        steps, first, num_steps = self.split_steps(mIndices, mTopkLength, has_topk_length, mExtraIndices,
+                                                   mExtraTopkLength, has_extra_topk_length, extra_topk, batch, s,
+                                                   split, splits)
         token = tidx // THREADS_PER_TOKEN
+        part = tidx % THREADS_PER_TOKEN
         fetched = self.token_registers()
         caches = ((mKCache, pages), (mExtraKCache, extra_pages))
         # Step 0 fetched and unpacked before the loop; the index of step 1 in flight
@@ -323,13 +340,13 @@ class SparseDecodeSm90:
         # index of step 2 in flight.
         index = steps.index(first, token)
         next_index = steps.index(first + 1, token)
-        self.fetch(caches, steps.from_extra(first), fetched, index, tidx, BOTH_HALVES)
-        self.unpack(fetched, sK, t.token_valid, 0, tidx, BOTH_HALVES)
+        self.fetch(caches, steps.from_extra(first), fetched, index, part, BOTH_HALVES)
+        self.unpack(fetched, sK, t.token_valid, 0, token, part, BOTH_HALVES)
         if const_expr(self.arrangement.unpack_beside_scores):
             index = next_index
             next_index = steps.index(first + 2, token)
             if num_steps > 1:
-                self.fetch(caches, steps.from_extra(first + 1), fetched, index, tidx, (0,))
+                self.fetch(caches, steps.from_extra(first + 1), fetched, index, part, (0,))
         cute.arch.cp_async_wait_group(0)  # this thread's part of Q has landed
         cute.arch.fence_view_async_shared()
         cute.arch.sync_threads()  # Q and tile 0 are stored
@@ -351,34 +368,47 @@ class SparseDecodeSm90:
                     # The next tile's first half (fetched during the step before) is
                     # dequantized while the tensor cores compute S; its second half's
                     # loads go out.
-                    self.unpack(fetched, sK, t.token_valid, 1 - buf, tidx, (0,))
-                    self.fetch(caches, steps.from_extra(first + step + 1), fetched, index, tidx, (1,))
+                    self.unpack(fetched, sK, t.token_valid, 1 - buf, token, part, (0,))
+                    self.fetch(caches, steps.from_extra(first + step + 1), fetched, index, part, (1,))
                 else:
                     # The next tile's loads fly while the tensor cores compute S.
                     index = next_index
                     next_index = steps.index(first + step + 2, token)
-                    self.fetch(caches, steps.from_extra(first + step + 1), fetched, index, tidx, BOTH_HALVES)
+                    self.fetch(caches, steps.from_extra(first + step + 1), fetched, index, part, BOTH_HALVES)
             warpgroup.wait_group(0)
             self.online_softmax(t, valid_columns, scale_log2)
             self.issue_pv(t, buf)
             if has_next:
                 # Dequantizing (the rest of) the next tile while the tensor cores do P V.
                 if const_expr(self.arrangement.unpack_beside_scores):
-                    self.unpack(fetched, sK, t.token_valid, 1 - buf, tidx, (1,))
+                    self.unpack(fetched, sK, t.token_valid, 1 - buf, token, part, (1,))
                     cute.arch.fence_view_async_shared()
                     if step + 2 < num_steps:
                         # The first half of the tile after it goes out.
                         index = next_index
                         next_index = steps.index(first + step + 3, token)
-                        self.fetch(caches, steps.from_extra(first + step + 2), fetched, index, tidx, (0,))
+                        self.fetch(caches, steps.from_extra(first + step + 2), fetched, index, part, (0,))
                 else:
-                    self.unpack(fetched, sK, t.token_valid, 1 - buf, tidx, BOTH_HALVES)
+                    self.unpack(fetched, sK, t.token_valid, 1 - buf, token, part, BOTH_HALVES)
                     cute.arch.fence_view_async_shared()
             warpgroup.wait_group(0)
             cute.arch.sync_threads()  # tile `buf` and the P are read; the other tile is written
         fragment = whole_batches + (batch - whole_batches) * topk_splits + split  # when split
         self.finish(t, storage, tidx, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment,
                     batch, s, head0, h_q)
+
+    @cute.jit
+    def split_steps(self, mIndices, mTopkLength, has_topk_length, mExtraIndices, mExtraTopkLength,
+                    has_extra_topk_length, extra_topk, batch, s, split, splits):
+        """(where the query token's steps take their indices, this split's first step, its
+        number of steps): an equal share of both topks' steps (the plan's unit), cut at
+        the steps that hold indices below the topk lengths."""
+        steps = StepSources.create(self.has_extra, self.arrangement.index_row_once, mIndices, mTopkLength,
+                                   has_topk_length, mExtraIndices, mExtraTopkLength, has_extra_topk_length, extra_topk,
+                                   batch, s)
+        steps_per_split = ((mIndices.shape[2] + extra_topk) // TOKENS + splits - 1) // splits
+        first = split * steps_per_split
+        return steps, first, cutlass.max(cutlass.min(steps_per_split, steps.count - first), 0)
 
     @staticmethod
     @cute.jit
@@ -419,16 +449,9 @@ class SparseDecodeSm90:
                 stride=((64, 512), (1, TOKENS * 64), (0, TOKENS * self.d)),
             ),
         )
-        # V: this warpgroup's 256 value columns of the K tile, MN-major (N = column, K = token).
-        sV = cute.make_tensor(
-            sK.iterator + wg * (DV // NUM_WARPGROUPS * TOKENS),
-            cute.make_layout(
-                ((64, DV // NUM_WARPGROUPS // 64), (8, TOKENS // 8), (1, NUM_BUFFERS)),
-                stride=((1, TOKENS * 64), (64, 512), (0, TOKENS * self.d)),
-            ),
-        )
         sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
-        fragments = split_o_fragments(wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK_mine, sV, sP,
+        fragments = split_o_fragments(wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK_mine,
+                                      self.value_columns(sK, wg), sP,
                                       (HEAD_TILE, HALF_TOKENS), (HEAD_TILE, DV // NUM_WARPGROUPS), BFloat16)
         num_rows = cute.size(fragments["s_rc"], mode=[0])
         return WarpgroupTensors(
@@ -439,6 +462,17 @@ class SparseDecodeSm90:
             row_sum=cute.make_rmem_tensor((num_rows,), Float32),
             wg=wg,
             lane_writes_row=wg_tidx % 4 == 0,
+        )
+
+    def value_columns(self, sK, wg):
+        """V for warpgroup ``wg``: its 256 value columns of the K tiles, MN-major (N =
+        column, K = token), (column, token, buffer)."""
+        return cute.make_tensor(
+            sK.iterator + wg * (DV // NUM_WARPGROUPS * TOKENS),
+            cute.make_layout(
+                ((64, DV // NUM_WARPGROUPS // 64), (8, TOKENS // 8), (1, NUM_BUFFERS)),
+                stride=((1, TOKENS * 64), (64, 512), (0, TOKENS * self.d)),
+            ),
         )
 
     @cute.jit
@@ -457,7 +491,9 @@ class SparseDecodeSm90:
         shared memory around the S MMA's issue rather than after its wait)."""
         bits = Int32(0)
         for j in cutlass.range_constexpr(cute.size(t.s_rc, mode=[1])):
-            bits = bits | (t.token_valid[t.wg * HALF_TOKENS + t.coord_s[0, j][1], buf] << j)
+            # This warpgroup's tokens start at wg * SCORE_TOKENS unless it scores them all.
+            first_token = t.wg * (TOKENS - self.SCORE_TOKENS)
+            bits = bits | (t.token_valid[first_token + t.coord_s[0, j][1], buf] << j)
         return bits
 
     @cute.jit
@@ -520,8 +556,6 @@ class SparseDecodeSm90:
         instruction writes half a sector in each of 8 rows. The partials' fp32 pairs
         fill whole sectors and are stored from the accumulators."""
         num_rows = cute.size(t.s_rc, mode=[0])
-        col0 = t.wg * (DV // NUM_WARPGROUPS)
-        writes_lse = (t.wg == 0) & t.lane_writes_row
         for i in cutlass.range_constexpr(num_rows):
             total = utils.quad_sum(t.row_sum[i])
             if t.lane_writes_row:
@@ -531,37 +565,49 @@ class SparseDecodeSm90:
         staged_out = storage.sK.get_tensor(utils.staged_rows_layout(HEAD_TILE, DV, BFloat16))
         for i in cutlass.range_constexpr(num_rows):
             r = t.coord_s[i, 0][0]
-            head = head0 + r
             total = t.row_stats[r, STAT_SUM] + t.row_stats[r, STAT_SUM + 1]
-            inv = Float32(0.0)
-            lse = -Float32.inf
-            if total > 0.0:
-                lse = t.row_max[i] * softmax_scale + cute.math.log(total, fastmath=False)
-                inv = cute.arch.rcp_approx(total)
-            if head < h_q:
-                if splits == 1:
-                    factor = inv
-                    if (total > 0.0) & (has_sink != 0):
-                        # exp(lse) / (exp(lse) + exp(sink)): +inf sink gives 0, -inf leaves 1.
-                        factor = inv / (1.0 + cute.math.exp(mSink[head] - lse, fastmath=False))
-                    if total == 0.0:
-                        lse = Float32.inf  # no valid token: out 0, lse +inf
-                    out_row = mO[batch, s, head, None]
-                    if const_expr(self.arrangement.stage_output_rows):
-                        out_row = staged_out[r, None]
-                    utils.store_acc_row(t.o_rc, t.coord_o, i, factor, out_row, col0, BFloat16)
-                    if writes_lse:
-                        mLse[batch, head, s] = lse
-                else:
-                    row = s * h_q + head
-                    utils.store_acc_row(t.o_rc, t.coord_o, i, inv, mOAccum[fragment, 0, row, None], col0, Float32)
-                    if writes_lse:
-                        mLseAccum[fragment, 0, row] = lse
+            self.write_row(t, i, total, t.row_max[i], staged_out, self.arrangement.stage_output_rows, mO, mLse,
+                           mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment, batch, s, head0, h_q)
         if const_expr(self.arrangement.stage_output_rows):
             if splits == 1:
                 cute.arch.sync_threads()
                 utils.copy_rows(staged_out, lambda r: mO[batch, s, head0 + r, None],
                                 cutlass.min(h_q - head0, HEAD_TILE), tidx, THREADS)
+
+    @cute.jit
+    def write_row(self, t, i, total, row_max, staged_out, staged: bool, mO, mLse, mOAccum, mLseAccum, mSink,
+                  softmax_scale, has_sink, splits, fragment, batch, s, head0, h_q):
+        """This thread's part of row ``i`` of its warpgroup's O, divided by the row's
+        ``total`` (of P), into the output (with the sink; into ``staged_out`` where
+        ``staged``) or this fragment's fp32 partial; warpgroup 0 writes the row's lse."""
+        r = t.coord_o[i, 0][0]
+        head = head0 + r
+        col0 = t.wg * (DV // NUM_WARPGROUPS)
+        writes_lse = (t.wg == 0) & t.lane_writes_row
+        inv = Float32(0.0)
+        lse = -Float32.inf
+        if total > 0.0:
+            lse = row_max * softmax_scale + cute.math.log(total, fastmath=False)
+            inv = cute.arch.rcp_approx(total)
+        if head < h_q:
+            if splits == 1:
+                factor = inv
+                if (total > 0.0) & (has_sink != 0):
+                    # exp(lse) / (exp(lse) + exp(sink)): +inf sink gives 0, -inf leaves 1.
+                    factor = inv / (1.0 + cute.math.exp(mSink[head] - lse, fastmath=False))
+                if total == 0.0:
+                    lse = Float32.inf  # no valid token: out 0, lse +inf
+                out_row = mO[batch, s, head, None]
+                if const_expr(staged):
+                    out_row = staged_out[r, None]
+                utils.store_acc_row(t.o_rc, t.coord_o, i, factor, out_row, col0, BFloat16)
+                if writes_lse:
+                    mLse[batch, head, s] = lse
+            else:
+                row = s * h_q + head
+                utils.store_acc_row(t.o_rc, t.coord_o, i, inv, mOAccum[fragment, 0, row, None], col0, Float32)
+                if writes_lse:
+                    mLseAccum[fragment, 0, row] = lse
 
     @cute.jit
     def load_q(self, mQ, sQ, tidx, batch, s, head0, h_q):
@@ -593,21 +639,20 @@ class SparseDecodeSm90:
         )
 
     @cute.jit
-    def fetch(self, caches, from_extra, fetched, index, tidx, halves: tuple):
-        """The ``halves`` (``chunks_of``) of this thread's quarter of the token at cache
+    def fetch(self, caches, from_extra, fetched, index, part, halves: tuple):
+        """The ``halves`` (``chunks_of``) of quarter ``part`` of the token at cache
         position ``index`` of the main cache or (``from_extra``) the extra one into
         registers: no access at all for an invalid index."""
         main, extra = caches
         if const_expr(not self.has_extra):
-            self.fetch_from(*main, fetched, index, tidx, halves)
+            self.fetch_from(*main, fetched, index, part, halves)
         elif from_extra:
-            self.fetch_from(*extra, fetched, index, tidx, halves)
+            self.fetch_from(*extra, fetched, index, part, halves)
         else:
-            self.fetch_from(*main, fetched, index, tidx, halves)
+            self.fetch_from(*main, fetched, index, part, halves)
 
     @cute.jit
-    def fetch_from(self, mCache, pages, fetched, index, tidx, halves: tuple):
-        part = tidx % THREADS_PER_TOKEN
+    def fetch_from(self, mCache, pages, fetched, index, part, halves: tuple):
         valid = (index >= 0) & (index < mCache.shape[0] * mCache.shape[1])
         fetched.valid[0] = Int32(valid)
         if valid:
@@ -689,16 +734,18 @@ class SparseDecodeSm90:
         return scales
 
     @cute.jit
-    def unpack(self, fetched, sK, token_valid, buf, tidx, halves: tuple):
-        """Dequantize what ``fetch`` read of ``halves`` into this thread's 16 columns of
-        each of their 64-column chunks of its token's row of K tile ``buf`` (zeros for
-        an invalid token); the second half also stores the rope values."""
-        token = tidx // THREADS_PER_TOKEN
-        part = tidx % THREADS_PER_TOKEN
+    def unpack(self, fetched, sK, token_valid, buf, token, part, halves: tuple, peer=None):
+        """Dequantize what ``fetch`` read of ``halves`` into quarter ``part`` (16 columns
+        of each of their 64-column chunks) of row ``token`` of K tile ``buf`` (zeros for
+        an invalid token), and the token's valid flag; the second half also stores the
+        rope values. With a ``peer`` (``sparse_pair_sm90.PeerRow``), every store goes to
+        the same place of the other CTA's tile as well."""
         valid = fetched.valid[0] != 0
         if const_expr(0 in halves):
             if part == 0:
                 token_valid[token, buf] = fetched.valid[0]
+                if const_expr(peer is not None):
+                    peer.store_flag(fetched.valid[0])
         k_row = sK[token, None, buf]
         values = cute.make_rmem_tensor((ELEMS_PER_THREAD_CHUNK,), BFloat16)
         first, end = self.chunks_of(halves)
@@ -711,19 +758,23 @@ class SparseDecodeSm90:
                     values.store(fp8.to(Float32).to(BFloat16) * BFloat16(scales[chunk]))
                 else:
                     values.store((fp8.to(Float32) * scales[chunk]).to(BFloat16))
-                cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
-                                                          (chunk * THREADS_PER_TOKEN + part,)))
+                self.store_piece(values, k_row, chunk, part, peer)
             if const_expr(with_rope):
                 values.store(cute.recast_tensor(fetched.rope, BFloat16).load())
-                cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
-                                                          (self.latent_chunks * THREADS_PER_TOKEN + part,)))
+                self.store_piece(values, k_row, self.latent_chunks, part, peer)
         else:
             values.fill(0.0)
             # With the second half, the rope columns (chunk latent_chunks) too.
             for chunk in cutlass.range_constexpr(first, end + int(with_rope)):
-                cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,),
-                                                          (chunk * THREADS_PER_TOKEN + part,)))
+                self.store_piece(values, k_row, chunk, part, peer)
 
+    @cute.jit
+    def store_piece(self, values, k_row, chunk, part, peer):
+        """16 bf16 ``values`` into quarter ``part`` of 64-column chunk ``chunk`` of
+        ``k_row`` (and of the peer's row)."""
+        cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)))
+        if const_expr(peer is not None):
+            peer.store(values, chunk)
 
 @cute.jit
 def query_row(mIndices, batch, s):

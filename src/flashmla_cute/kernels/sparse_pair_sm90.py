@@ -1,0 +1,460 @@
+"""Sparse (top-k) MLA decode for more than 64 query heads, for Hopper (sm_90a): the two
+64-head tiles of a query token run as a cluster of two CTAs that share their K tiles
+(FlashMLA's "crossover"), each CTA in FlashMLA's arrangement of three warpgroups.
+
+Both head tiles of a query token attend to the same 64 tokens a step, so each CTA of the
+pair gathers and dequantizes only half of them (32) and stores every dequantized 16-byte
+vector into its own K tile and, with ``st.async`` counted on the peer's ``landed``
+mbarrier, into the same place of the peer's (``PeerRow``). Roles (384 threads):
+
+- the **gather** warpgroup (``gather``): four threads a token fetch its FP8 bytes (the
+  fetch of ``sparse_decode_sm90``) and unpack them into both CTAs' tiles; the next
+  step's loads go out as soon as a tile is unpacked, so they fly while the gatherer
+  waits for the next free buffer.
+- **consumer 0** (``consume_scores``): ``S = Q K^T`` over all 64 tokens (m64n64k16; one
+  warpgroup reads Q and K once: 147 KB of shared memory a step for V3.2, where two
+  warpgroups at N = 32 read 221 KB), the whole online softmax (no exchange of row
+  maxima), P and O's rescale factors into shared memory, and ``O_left += P V_left``
+  with P from registers.
+- **consumer 1** (``consume_values``): waits for P and the factors (named barrier
+  ``P_READY``), rescales ``O_right`` and multiplies P (shared memory) by ``V_right``,
+  then returns the P buffer (``P_FREE``).
+
+The K tiles form a two-stage ring (``pipeline.PipelineAsync``): a buffer is full when
+this CTA's gatherer has committed it and the peer's bytes have landed, and free when
+both consumers of both CTAs have read it (each consumer's arrive goes to both CTAs'
+barriers, at CTA scope like FlashMLA's: it only has to follow the consumer's finished
+reads; a cluster-scope arrive put a GPU-wide fence into every step and cost 15-19%).
+
+The rate at which an SM stores into its peer's shared memory (about 25 GB/s,
+``benchmarks/dsmem_store_rate.py``) makes the exchange of half a tile a step take 1.5 us
+at least: it pays only because the gather warpgroup spreads it over the whole step
+while the consumers multiply (benchmarks/NOTES.md, "The gather warpgroup's pairs with
+FlashMLA's consumer roles"). With 64 heads or fewer there is nothing to share, and the
+eight-warp kernel of ``sparse_decode_sm90`` is faster.
+
+Everything else (the steps, splits, fetch, dequantization, combine) is
+``sparse_decode_sm90``'s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import BFloat16, Float32, Int32, Int64, const_expr, pipeline
+from cutlass.cute.nvgpu import warpgroup
+
+from ..sparse_plan import HEAD_TILE, STEP_TOKENS
+from . import dsmem, softmax, utils
+from .sparse_decode_sm90 import (BOTH_HALVES, CHUNK_COLUMNS, DV, ELEMS_PER_THREAD_CHUNK, NUM_BUFFERS,
+                                 THREADS_PER_TOKEN, VECTOR_BYTES, SparseDecodeSm90, WarpgroupTensors)
+from .split_o import split_o_fragments
+
+TOKENS = STEP_TOKENS
+CLUSTER_SIZE = 2  # the two head tiles of a query token
+WARPGROUP_THREADS = 128
+NUM_CONSUMERS = 2  # warpgroups 0 and 1; the gather warpgroup comes after them
+CONSUMER_THREADS = WARPGROUP_THREADS * NUM_CONSUMERS
+GATHER_THREADS = WARPGROUP_THREADS
+THREADS = CONSUMER_THREADS + GATHER_THREADS
+# Registers a thread of each role keeps (setmaxnreg; the launch gives 3 x 168): consumer
+# 0 holds S of 64 tokens (32), P (16) and its half of O (128); consumer 1 its half of O.
+SCORES_REGS = 208
+VALUES_REGS = 176
+GATHER_REGS = 120
+GATHER_TOKENS = TOKENS // CLUSTER_SIZE  # tokens of a step one CTA gathers
+K_STEPS = TOKENS // 16  # k-steps of P V over a step's tokens
+CHUNK_BYTES = TOKENS * CHUNK_COLUMNS * BFloat16.width // 8  # a K tile's 64-column chunk: 64 rows of 128 bytes
+
+# Named barriers of the consumers (0 is the CTA's, which the gatherer leaves after the setup).
+Q_STORED, P_READY, P_FREE, ROW_SUMS = 1, 2, 3, 4
+
+# Row statistics in shared memory, each HEAD_TILE floats: consumer 0's rescale factors of
+# a step; in the epilogue its row maxima and row sums.
+STAT_MAX, STAT_SCALE, STAT_SUM = 0, 1, 2
+NUM_STATS = 3
+
+
+class SparsePairDecodeSm90(SparseDecodeSm90):
+    """The sparse decode kernel for two head tiles a query token (h_q 65 to 128), one
+    cache layout and whether there is an extra cache; the launch arguments are
+    ``SparseDecodeSm90``'s."""
+
+    SCORE_TOKENS = TOKENS
+    P_TILES = 1
+    THREADS = THREADS
+    CLUSTER = CLUSTER_SIZE
+
+    def __init__(self, layout, has_extra: bool = False):
+        super().__init__(layout, has_extra)
+        # Bytes a CTA receives a step: the peer's tokens' bf16 K rows and their flags.
+        self.received_bytes = GATHER_TOKENS * (self.d * BFloat16.width // 8 + Int32.width // 8)
+
+    @staticmethod
+    @cute.jit
+    def work_of(cta, s_q, head_tiles, whole_batches, topk_splits):
+        """``SparseDecodeSm90.work_of`` with the head tile varying fastest everywhere, so
+        that a cluster's two CTAs are the two head tiles of one query token's share (the
+        eight-warp kernel lets the share vary fastest for split sequences: its machine
+        code, and time, moved with this order)."""
+        head_tile = cta % head_tiles
+        work = cta // head_tiles  # (batch, query token, share)
+        batch = work // s_q
+        s = work - batch * s_q
+        split = Int32(0)
+        splits = Int32(1)
+        if batch >= whole_batches:
+            work_per_batch = s_q * topk_splits
+            rest = work - whole_batches * s_q
+            later = rest // work_per_batch
+            batch = whole_batches + later
+            share = rest - later * work_per_batch
+            s = share // topk_splits
+            split = share - s * topk_splits
+            splits = topk_splits
+        return batch, s, head_tile, split, splits
+
+    @cute.jit
+    def shared_storage_type(self, sQ_layout, sK_layout, sP_layout):
+        dtype = BFloat16
+
+        @cute.struct
+        class SharedStorage:
+            k_tile_mbar: cute.struct.MemRange[Int64, 2 * NUM_BUFFERS]  # full and empty of each K tile
+            peer_landed: cute.struct.MemRange[Int64, NUM_BUFFERS]  # the peer's half of each K tile
+            token_valid: cute.struct.Align[cute.struct.MemRange[Int32, TOKENS * NUM_BUFFERS], VECTOR_BYTES]
+            row_stats: cute.struct.MemRange[Float32, HEAD_TILE * NUM_STATS]
+            sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sK_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
+
+        return SharedStorage
+
+    # ---------------------------------------------------------------- device side
+    @cute.kernel
+    def kernel(
+        self,
+        tiled_mma_s: cute.TiledMma,
+        tiled_mma_o_rs: cute.TiledMma,
+        tiled_mma_o_ss: cute.TiledMma,
+        mQ: cute.Tensor,
+        mKCache: cute.Tensor,
+        pages: cute.FastDivmodDivisorV2,
+        mIndices: cute.Tensor,
+        mTopkLength: cute.Tensor,
+        mExtraKCache: cute.Tensor,
+        extra_pages: cute.FastDivmodDivisorV2,
+        mExtraIndices: cute.Tensor,
+        mExtraTopkLength: cute.Tensor,
+        mSink: cute.Tensor,
+        mO: cute.Tensor,
+        mLse: cute.Tensor,
+        mOAccum: cute.Tensor,
+        mLseAccum: cute.Tensor,
+        softmax_scale: Float32,
+        has_topk_length: Int32,
+        has_sink: Int32,
+        extra_topk: Int32,
+        has_extra_topk_length: Int32,
+        whole_batches: Int32,
+        topk_splits: Int32,
+        sQ_layout: cute.ComposedLayout,
+        sK_layout: cute.ComposedLayout,
+        sP_layout: cute.ComposedLayout,
+    ):
+        tidx, _, _ = cute.arch.thread_idx()
+        cta, _, _ = cute.arch.block_idx()
+        wg = cute.arch.make_warp_uniform(cute.arch.warp_idx()) // 4
+        h_q = mQ.shape[2]
+        batch, s, head_tile, split, splits = self.work_of(cta, mQ.shape[1], (h_q + HEAD_TILE - 1) // HEAD_TILE,
+                                                          whole_batches, topk_splits)
+
+        # The combine kernel may start now: its CTAs wait for this grid's end.
+        cute.arch.griddepcontrol_launch_dependents()
+
+        storage = cutlass.memory.SmemAllocator().allocate(self.shared_storage)
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        token_valid = storage.token_valid.get_tensor(cute.make_layout((TOKENS, NUM_BUFFERS)))
+        # The ring of K tiles: "full" counts this CTA's gather threads, "empty" one
+        # arrive of each consumer warpgroup of both CTAs (both gatherers write the tile).
+        k_tiles = pipeline.PipelineAsync.create(
+            num_stages=NUM_BUFFERS,
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, GATHER_THREADS),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, NUM_CONSUMERS * CLUSTER_SIZE),
+            barrier_storage=storage.k_tile_mbar.data_ptr(),
+            defer_sync=True,
+        )
+        rank = Int32(cute.arch.block_idx_in_cluster())
+        pair = PairState(storage.peer_landed.data_ptr(), rank,
+                         dsmem.peer_shift(storage.peer_landed.data_ptr().toint(), 1 - rank))
+        if tidx == 0:
+            for b in cutlass.range_constexpr(NUM_BUFFERS):
+                cute.arch.mbarrier_init(pair.landed + b, 1)
+        cute.arch.mbarrier_init_fence()
+        # Both CTAs' barriers are initialized before either stores into the other.
+        cute.arch.cluster_arrive_relaxed()
+        cute.arch.cluster_wait()
+
+        steps_args = (mIndices, mTopkLength, has_topk_length, mExtraIndices, mExtraTopkLength, has_extra_topk_length,
+                      extra_topk, batch, s, split, splits)
+        # All MMAs accumulate (S is zeroed before its first k-step): set once, before the
+        # branch on the role.
+        for tiled_mma in (tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss):
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+        work = (batch, s, head_tile * HEAD_TILE, h_q, split, splits, whole_batches, topk_splits)
+        outputs = (mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink)
+        mmas = (tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss)
+        # Each role's code is traced under its own register budget: after a join of two
+        # budgets, ptxas gives the code the smaller one.
+        if wg >= NUM_CONSUMERS:
+            cute.arch.setmaxregister_decrease(GATHER_REGS)
+            self.gather(k_tiles, pair, ((mKCache, pages), (mExtraKCache, extra_pages)), steps_args, sK, token_valid,
+                        tidx - CONSUMER_THREADS)
+        elif wg == 0:
+            cute.arch.setmaxregister_increase(SCORES_REGS)
+            self.consumer(True, mQ, sQ, sK, storage, token_valid, sP_layout, k_tiles, pair, steps_args, mmas, outputs,
+                          work, tidx)
+        else:
+            cute.arch.setmaxregister_increase(VALUES_REGS)
+            self.consumer(False, mQ, sQ, sK, storage, token_valid, sP_layout, k_tiles, pair, steps_args, mmas,
+                          outputs, work, tidx)
+
+    @cute.jit
+    def consumer(self, scores: cutlass.Constexpr, mQ, sQ, sK, storage, token_valid, sP_layout, k_tiles, pair,
+                 steps_args, mmas, outputs, work, tidx):
+        """Consumer 0 (``scores``) or 1: Q, the step loop of its role, the epilogue."""
+        batch, s, head0, h_q, split, splits, whole_batches, topk_splits = work
+        mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink = outputs
+        wg = 0 if const_expr(scores) else 1
+        wg_tidx = tidx % WARPGROUP_THREADS
+        self.load_q(mQ, sQ, tidx, batch, s, head0, h_q)
+        cute.arch.cp_async_wait_group(0)
+        cute.arch.fence_view_async_shared()
+        cute.arch.barrier(barrier_id=Q_STORED, number_of_threads=CONSUMER_THREADS)
+        t = self.warpgroup_tensors(wg, wg_tidx, *mmas, sQ, sK, storage, token_valid, sP_layout)
+        _steps, _first, num_steps = self.split_steps(*steps_args)
+        if const_expr(scores):
+            self.consume_scores(t, k_tiles, pair, num_steps, softmax_scale, wg_tidx)
+        else:
+            self.consume_values(t, k_tiles, pair, num_steps, wg_tidx)
+        fragment = whole_batches + (batch - whole_batches) * topk_splits + split  # when split
+        self.finish_pair(t, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment, batch, s,
+                         head0, h_q)
+        # No CTA leaves while its peer may still arrive on its barriers.
+        cute.arch.cluster_arrive_relaxed()
+        cute.arch.cluster_wait()
+
+    @cute.jit
+    def warpgroup_tensors(self, wg, wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
+                          token_valid, sP_layout) -> WarpgroupTensors:
+        """A consumer thread's MMA fragments (S over the whole tile; O of this
+        warpgroup's 256 value columns), shared-memory views and row state. (The MMAs'
+        accumulate flag is set before the branch on the role: set inside one role's
+        branch, the other's code would use a value that branch made.)"""
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+        fragments = split_o_fragments(wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK,
+                                      self.value_columns(sK, wg), sP, (HEAD_TILE, TOKENS),
+                                      (HEAD_TILE, DV // NUM_CONSUMERS), BFloat16)
+        num_rows = cute.size(fragments["s_rc"], mode=[0])
+        return WarpgroupTensors(
+            **fragments,
+            row_stats=storage.row_stats.get_tensor(cute.make_layout((HEAD_TILE, NUM_STATS), stride=(1, HEAD_TILE))),
+            token_valid=token_valid,
+            row_max=cute.make_rmem_tensor((num_rows,), Float32),
+            row_sum=cute.make_rmem_tensor((num_rows,), Float32),
+            wg=wg,
+            lane_writes_row=wg_tidx % 4 == 0,
+        )
+
+    @cute.jit
+    def wait_tile(self, k_tiles, pair, state):
+        """Until tile ``state.index`` is full: this CTA's gatherer has committed it, and
+        the peer's half has landed."""
+        k_tiles.consumer_wait(state)
+        cute.arch.mbarrier_wait(pair.landed + state.index, state.phase)
+
+    @cute.jit
+    def release_tile(self, k_tiles, state, wg_tidx):
+        """This warpgroup has read tile ``state.index``: one thread tells both CTAs'
+        gatherers (both store into it). CTA scope, as FlashMLA's: the arrive only has to
+        follow the warpgroup's finished reads."""
+        if wg_tidx == 0:
+            for rank in cutlass.range_constexpr(CLUSTER_SIZE):
+                cute.arch.mbarrier_arrive(k_tiles.consumer_get_barrier(state), rank)
+
+    @cute.jit
+    def consume_scores(self, t, k_tiles, pair, num_steps, softmax_scale, wg_tidx):
+        """Consumer 0's step loop: S over all 64 tokens, the online softmax, P and O's
+        rescale factors into shared memory for consumer 1, then ``O_left += P V_left``."""
+        for i in cutlass.range_constexpr(cute.size(t.row_max)):
+            t.row_max[i] = -Float32.inf
+            t.row_sum[i] = 0.0
+        t.acc_o.fill(0.0)
+        scale_log2 = softmax_scale * math.log2(math.e)
+        num_rows = cute.size(t.s_rc, mode=[0])
+        num_cols = cute.size(t.s_rc, mode=[1])
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, NUM_BUFFERS)
+        for step in cutlass.range(num_steps, unroll=1):
+            self.wait_tile(k_tiles, pair, state)
+            buf = state.index
+            self.issue_scores(t, buf)
+            valid_columns = self.valid_columns(t, buf)
+            warpgroup.wait_group(0)
+            for j in cutlass.range_constexpr(num_cols):
+                if (valid_columns >> j) & 1 == 0:
+                    for i in cutlass.range_constexpr(num_rows):
+                        t.s_rc[i, j] = -Float32.inf
+            factors = cute.make_rmem_tensor((num_rows,), Float32)
+            for i in cutlass.range_constexpr(num_rows):
+                # The maximum moves only by more than the threshold (softmax.next_max).
+                m_new = softmax.next_max(t.row_max[i], softmax.row_max(t.s_rc, i), scale_log2)
+                m_scaled = softmax.scaled_max(m_new, scale_log2)
+                factors[i] = softmax.rescale_factor(t.row_max[i], m_scaled, scale_log2)
+                total = softmax.exponentiate_row(t.s_rc, i, scale_log2, m_scaled)
+                t.row_sum[i] = t.row_sum[i] * factors[i] + total
+                t.row_max[i] = m_new
+                softmax.rescale_row(t.o_rc, i, factors[i])
+            t.p_regs.store(t.acc_s.load().to(BFloat16))
+            if step > 0:
+                cute.arch.barrier(barrier_id=P_FREE, number_of_threads=CONSUMER_THREADS)  # consumer 1 read the last P
+            cute.copy(t.p_store, t.p_store.retile(t.p_regs), t.tPsP[None, None, None, 0])
+            if t.lane_writes_row:
+                for i in cutlass.range_constexpr(num_rows):
+                    t.row_stats[t.coord_s[i, 0][0], STAT_SCALE] = factors[i]
+            cute.arch.fence_view_async_shared()
+            cute.arch.barrier_arrive(barrier_id=P_READY, number_of_threads=CONSUMER_THREADS)
+            warpgroup.fence()
+            for k in cutlass.range_constexpr(K_STEPS):
+                cute.gemm(t.tiled_mma_o_rs, t.acc_o, t.p_operand[None, None, k], t.tOrV_rs[None, None, k, buf],
+                          t.acc_o)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            self.release_tile(k_tiles, state, wg_tidx)
+            state.advance()
+
+    @cute.jit
+    def consume_values(self, t, k_tiles, pair, num_steps, wg_tidx):
+        """Consumer 1's step loop: ``O_right`` rescaled by consumer 0's factors, then
+        ``O_right += P V_right`` with P from shared memory."""
+        t.acc_o.fill(0.0)
+        num_rows = cute.size(t.o_rc, mode=[0])
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, NUM_BUFFERS)
+        for step in cutlass.range(num_steps, unroll=1):
+            self.wait_tile(k_tiles, pair, state)
+            buf = state.index
+            cute.arch.barrier(barrier_id=P_READY, number_of_threads=CONSUMER_THREADS)
+            for i in cutlass.range_constexpr(num_rows):
+                softmax.rescale_row(t.o_rc, i, t.row_stats[t.coord_o[i, 0][0], STAT_SCALE])
+            warpgroup.fence()
+            for k in cutlass.range_constexpr(K_STEPS):
+                cute.gemm(t.tiled_mma_o_ss, t.acc_o, t.tOrP_ss[None, None, k, 0], t.tOrV_ss[None, None, k, buf],
+                          t.acc_o)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            if step + 1 < num_steps:
+                cute.arch.barrier_arrive(barrier_id=P_FREE, number_of_threads=CONSUMER_THREADS)
+            self.release_tile(k_tiles, state, wg_tidx)
+            state.advance()
+
+    @cute.jit
+    def finish_pair(self, t, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment, batch,
+                    s, head0, h_q):
+        """The epilogue: consumer 0 publishes each row's sum and maximum; both write
+        their half of O (``write_row``)."""
+        num_rows = cute.size(t.o_rc, mode=[0])
+        if const_expr(t.wg == 0):
+            for i in cutlass.range_constexpr(num_rows):
+                total = utils.quad_sum(t.row_sum[i])
+                if t.lane_writes_row:
+                    t.row_stats[t.coord_s[i, 0][0], STAT_SUM] = total
+                    t.row_stats[t.coord_s[i, 0][0], STAT_MAX] = t.row_max[i]
+        cute.arch.barrier(barrier_id=ROW_SUMS, number_of_threads=CONSUMER_THREADS)
+        for i in cutlass.range_constexpr(num_rows):
+            r = t.coord_o[i, 0][0]
+            self.write_row(t, i, t.row_stats[r, STAT_SUM], t.row_stats[r, STAT_MAX], None, False, mO, mLse, mOAccum,
+                           mLseAccum, mSink, softmax_scale, has_sink, splits, fragment, batch, s, head0, h_q)
+
+    @cute.jit
+    def gather(self, k_tiles, pair, caches, steps_args, sK, token_valid, gather_tidx):
+        """The gather warpgroup's loop: this CTA's 32 tokens of each step, unpacked into
+        both CTAs' tiles once the buffer is free, the next step's loads issued right
+        after, so that they fly while the gatherer waits for the next buffer."""
+        steps, first, num_steps = self.split_steps(*steps_args)
+        token = pair.rank * GATHER_TOKENS + gather_tidx // THREADS_PER_TOKEN
+        part = gather_tidx % THREADS_PER_TOKEN
+        fetched = self.token_registers()
+        next_index = steps.index(first + 1, token)
+        if num_steps > 0:
+            self.fetch(caches, steps.from_extra(first), fetched, steps.index(first, token), part, BOTH_HALVES)
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, NUM_BUFFERS)
+        for step in cutlass.range(num_steps, unroll=1):
+            k_tiles.producer_acquire(state)
+            if gather_tidx == 0:
+                # Both CTAs have read the buffer's last tile: arm for the peer's half.
+                cute.arch.mbarrier_arrive_and_expect_tx(pair.landed + state.index, self.received_bytes)
+            self.unpack(fetched, sK, token_valid, state.index, token, part, BOTH_HALVES,
+                        self.peer_row(pair, sK, token_valid, state.index, token, part))
+            if step + 1 < num_steps:
+                index = next_index
+                next_index = steps.index(first + step + 2, token)
+                self.fetch(caches, steps.from_extra(first + step + 1), fetched, index, part, BOTH_HALVES)
+            cute.arch.fence_view_async_shared()  # the stores, before the consumers' MMAs read them
+            k_tiles.producer_commit(state)
+            state.advance()
+
+    def peer_row(self, pair, sK, token_valid, buf, token, part) -> "PeerRow":
+        """Where this thread's stores of row ``token`` of tile ``buf`` go in the peer's
+        shared memory: its two 16-byte vectors of chunk 0 (those of chunk c lie c *
+        CHUNK_BYTES further: the swizzle permutes a row's vectors by the row alone) and
+        the token's flag, all counted on the peer's landed barrier."""
+        return PeerRow(
+            vectors=[self.k_vector_address(sK.iterator, buf, token, 2 * part + v) + pair.shift
+                     for v in range(ELEMS_PER_THREAD_CHUNK // 8)],
+            flag=(token_valid.iterator + buf * TOKENS + token).toint() + pair.shift,
+            landed=(pair.landed + buf).toint() + pair.shift,
+        )
+
+    def k_vector_address(self, k_base, buf, token, vector):
+        """Byte address in shared memory of 8-column vector ``vector`` of row ``token``
+        of K tile ``buf``: the tile's layout (``make_smem_layout_b``, K-major, 128-byte
+        swizzle) is 64-column chunks of 64 rows each, 8-row atoms of 1024 bytes, a row's
+        16-byte vectors permuted within its 128 bytes by ``vector ^ row % 8``."""
+        chunk = vector // 8
+        row_in_atom = token % 8
+        element = buf * (TOKENS * self.d) + chunk * (TOKENS * CHUNK_COLUMNS) + token // 8 * 512 + row_in_atom * 64
+        return k_base.toint() + element * (BFloat16.width // 8) + ((vector % 8) ^ row_in_atom) * VECTOR_BYTES
+
+
+@dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
+class PairState:
+    """A CTA of a pair: its ``landed`` mbarriers (one per K buffer: the peer's half of
+    the tile has landed), its rank in the cluster, and the shift from an address of its
+    shared memory to the same place in the peer's (``dsmem.peer_shift``)."""
+
+    landed: object
+    rank: object
+    shift: object
+
+
+@dataclass(frozen=True)
+class PeerRow:
+    """Where one thread's unpacked pieces of a token go in the peer's K tile and flags
+    (shared::cluster addresses, ``SparsePairDecodeSm90.peer_row``), counted on the
+    peer's ``landed`` barrier; ``SparseDecodeSm90.unpack`` stores through it."""
+
+    vectors: list  # its two 16-byte vectors of the row's chunk 0
+    flag: object
+    landed: object
+
+    def store(self, values, chunk):
+        words = cute.recast_tensor(values, Int32)
+        for v in range(len(self.vectors)):
+            dsmem.store_async_v4(self.vectors[v] + chunk * CHUNK_BYTES, [words[4 * v + w] for w in range(4)],
+                                 self.landed)
+
+    def store_flag(self, value):
+        dsmem.store_async_b32(self.flag, value, self.landed)
