@@ -772,7 +772,8 @@ class SparseDecodeSm90:
     def store_piece(self, values, k_row, chunk, part, peer):
         """16 bf16 ``values`` into quarter ``part`` of 64-column chunk ``chunk`` of
         ``k_row`` (and of the peer's row)."""
-        cute.autovec_copy(values, cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)))
+        cute.autovec_copy(values,
+                          cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)))
         if const_expr(peer is not None):
             peer.store(values, chunk)
 
