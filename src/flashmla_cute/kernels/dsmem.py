@@ -26,25 +26,18 @@ def peer_shift(smem_address: Int32, peer_rank: Int32, *, loc: Optional[ir.Locati
 
 
 @dsl_user_op
-def store_async_v4(cluster_address: Int32, words, mbar_cluster_address: Int32, *,
-                   loc: Optional[ir.Location] = None, ip: Optional[ir.InsertionPoint] = None) -> None:
-    """``st.async`` of four 32-bit ``words`` (16 bytes, 16-byte aligned) to a
-    shared::cluster address, counted (16 bytes) on the mbarrier at
+def store_async(cluster_address: Int32, words, mbar_cluster_address: Int32, *,
+                loc: Optional[ir.Location] = None, ip: Optional[ir.InsertionPoint] = None) -> None:
+    """``st.async`` of one or four 32-bit ``words`` (4 or 16 bytes, aligned to their
+    size) to a shared::cluster address, counted (their bytes) on the mbarrier at
     ``mbar_cluster_address`` in the same CTA as the destination."""
+    assert len(words) in (1, 4), f"st.async stores 1 or 4 words, not {len(words)}"
     dsmem = llvm.PointerType.get(AddressSpace.dsmem)
     dst = llvm.inttoptr(dsmem, Int32(cluster_address).ir_value(loc=loc, ip=ip), loc=loc, ip=ip)
     mbar = llvm.inttoptr(dsmem, Int32(mbar_cluster_address).ir_value(loc=loc, ip=ip), loc=loc, ip=ip)
-    values = vector.from_elements(ir.VectorType.get([4], Int32.mlir_type),
-                                  [Int32(w).ir_value(loc=loc, ip=ip) for w in words], loc=loc, ip=ip)
-    nvvm.store_async(dst, values, mbar, loc=loc, ip=ip)
-
-
-@dsl_user_op
-def store_async_b32(cluster_address: Int32, word, mbar_cluster_address: Int32, *,
-                    loc: Optional[ir.Location] = None, ip: Optional[ir.InsertionPoint] = None) -> None:
-    """``st.async`` of one 32-bit ``word`` to a shared::cluster address, counted (4 bytes)
-    on the mbarrier at ``mbar_cluster_address`` in the same CTA as the destination."""
-    dsmem = llvm.PointerType.get(AddressSpace.dsmem)
-    dst = llvm.inttoptr(dsmem, Int32(cluster_address).ir_value(loc=loc, ip=ip), loc=loc, ip=ip)
-    mbar = llvm.inttoptr(dsmem, Int32(mbar_cluster_address).ir_value(loc=loc, ip=ip), loc=loc, ip=ip)
-    nvvm.store_async(dst, Int32(word).ir_value(loc=loc, ip=ip), mbar, loc=loc, ip=ip)
+    values = [Int32(w).ir_value(loc=loc, ip=ip) for w in words]
+    if len(values) == 4:
+        value = vector.from_elements(ir.VectorType.get([4], Int32.mlir_type), values, loc=loc, ip=ip)
+    else:
+        value = values[0]
+    nvvm.store_async(dst, value, mbar, loc=loc, ip=ip)

@@ -153,6 +153,7 @@ class SparseDecodeSm90:
     P_TILES = NUM_WARPGROUPS
     THREADS = THREADS
     CLUSTER = 1
+    NUM_STATS = NUM_STATS  # row statistics in shared memory, each HEAD_TILE floats
 
     def __init__(self, layout: fp8_cache.Fp8Layout, has_extra: bool = False):
         self.layout = layout
@@ -320,6 +321,8 @@ class SparseDecodeSm90:
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
 
         self.load_q(mQ, sQ, tidx, batch, s, head0, h_q)
+        for tiled_mma in (tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss):
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
         t = self.warpgroup_tensors(wg, wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
                                    sP_layout)
         for i in cutlass.range_constexpr(cute.size(t.row_max)):
@@ -437,31 +440,35 @@ class SparseDecodeSm90:
     @cute.jit
     def warpgroup_tensors(self, wg, wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
                           sP_layout) -> "WarpgroupTensors":
-        """This thread's MMA fragments, shared-memory views and row state."""
-        for tiled_mma in (tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss):
-            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-        # K of this warpgroup's tokens (32 wg .. 32 wg + 31) of each tile: four of the
-        # tile's eight 8-token swizzle atoms, (token, column, buffer).
-        sK_mine = cute.make_tensor(
-            sK.iterator + wg * (HALF_TOKENS * 64),
-            cute.make_layout(
-                ((8, HALF_TOKENS // 8), (64, self.d // 64), (1, NUM_BUFFERS)),
-                stride=((64, 512), (1, TOKENS * 64), (0, TOKENS * self.d)),
-            ),
-        )
+        """This thread's MMA fragments (S over ``score_keys``, O of this warpgroup's 256
+        value columns), shared-memory views and row state. (The caller sets the MMAs'
+        accumulate flag: in ``sparse_pair_sm90`` before its branch on the role, where a
+        value set inside one role's branch could not be used by the other's code.)"""
         sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
-        fragments = split_o_fragments(wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK_mine,
-                                      self.value_columns(sK, wg), sP,
-                                      (HEAD_TILE, HALF_TOKENS), (HEAD_TILE, DV // NUM_WARPGROUPS), BFloat16)
+        fragments = split_o_fragments(wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ,
+                                      self.score_keys(sK, wg), self.value_columns(sK, wg), sP,
+                                      (HEAD_TILE, self.SCORE_TOKENS), (HEAD_TILE, DV // NUM_WARPGROUPS), BFloat16)
         num_rows = cute.size(fragments["s_rc"], mode=[0])
         return WarpgroupTensors(
             **fragments,
-            row_stats=storage.row_stats.get_tensor(cute.make_layout((HEAD_TILE, NUM_STATS), stride=(1, HEAD_TILE))),
+            row_stats=storage.row_stats.get_tensor(cute.make_layout((HEAD_TILE, self.NUM_STATS),
+                                                                    stride=(1, HEAD_TILE))),
             token_valid=storage.token_valid.get_tensor(cute.make_layout((TOKENS, NUM_BUFFERS))),
             row_max=cute.make_rmem_tensor((num_rows,), Float32),
             row_sum=cute.make_rmem_tensor((num_rows,), Float32),
             wg=wg,
             lane_writes_row=wg_tidx % 4 == 0,
+        )
+
+    def score_keys(self, sK, wg):
+        """K for warpgroup ``wg``'s scores: its tokens (32 wg .. 32 wg + 31) of each
+        tile, four of the tile's eight 8-token swizzle atoms, (token, column, buffer)."""
+        return cute.make_tensor(
+            sK.iterator + wg * (HALF_TOKENS * 64),
+            cute.make_layout(
+                ((8, HALF_TOKENS // 8), (64, self.d // 64), (1, NUM_BUFFERS)),
+                stride=((64, 512), (1, TOKENS * 64), (0, TOKENS * self.d)),
+            ),
         )
 
     def value_columns(self, sK, wg):
@@ -490,9 +497,9 @@ class SparseDecodeSm90:
         """Which of this thread's score columns are valid tokens, one bit each (read from
         shared memory around the S MMA's issue rather than after its wait)."""
         bits = Int32(0)
+        # This warpgroup's tokens start at wg * SCORE_TOKENS unless it scores them all.
+        first_token = t.wg * (TOKENS - self.SCORE_TOKENS)
         for j in cutlass.range_constexpr(cute.size(t.s_rc, mode=[1])):
-            # This warpgroup's tokens start at wg * SCORE_TOKENS unless it scores them all.
-            first_token = t.wg * (TOKENS - self.SCORE_TOKENS)
             bits = bits | (t.token_valid[first_token + t.coord_s[0, j][1], buf] << j)
         return bits
 

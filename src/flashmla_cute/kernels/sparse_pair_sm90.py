@@ -49,9 +49,8 @@ from cutlass.cute.nvgpu import warpgroup
 
 from ..sparse_plan import HEAD_TILE, STEP_TOKENS
 from . import dsmem, softmax, utils
-from .sparse_decode_sm90 import (BOTH_HALVES, CHUNK_COLUMNS, DV, ELEMS_PER_THREAD_CHUNK, NUM_BUFFERS,
-                                 THREADS_PER_TOKEN, VECTOR_BYTES, SparseDecodeSm90, WarpgroupTensors)
-from .split_o import split_o_fragments
+from .sparse_decode_sm90 import (BOTH_HALVES, CHUNK_COLUMNS, ELEMS_PER_THREAD_CHUNK, NUM_BUFFERS, THREADS_PER_TOKEN,
+                                 VECTOR_BYTES, SparseDecodeSm90)
 
 TOKENS = STEP_TOKENS
 CLUSTER_SIZE = 2  # the two head tiles of a query token
@@ -87,6 +86,7 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
     P_TILES = 1
     THREADS = THREADS
     CLUSTER = CLUSTER_SIZE
+    NUM_STATS = NUM_STATS
 
     def __init__(self, layout, has_extra: bool = False):
         super().__init__(layout, has_extra)
@@ -216,15 +216,15 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
                         tidx - CONSUMER_THREADS)
         elif wg == 0:
             cute.arch.setmaxregister_increase(SCORES_REGS)
-            self.consumer(True, mQ, sQ, sK, storage, token_valid, sP_layout, k_tiles, pair, steps_args, mmas, outputs,
+            self.consumer(True, mQ, sQ, sK, storage, sP_layout, k_tiles, pair, steps_args, mmas, outputs,
                           work, tidx)
         else:
             cute.arch.setmaxregister_increase(VALUES_REGS)
-            self.consumer(False, mQ, sQ, sK, storage, token_valid, sP_layout, k_tiles, pair, steps_args, mmas,
+            self.consumer(False, mQ, sQ, sK, storage, sP_layout, k_tiles, pair, steps_args, mmas,
                           outputs, work, tidx)
 
     @cute.jit
-    def consumer(self, scores: cutlass.Constexpr, mQ, sQ, sK, storage, token_valid, sP_layout, k_tiles, pair,
+    def consumer(self, scores: cutlass.Constexpr, mQ, sQ, sK, storage, sP_layout, k_tiles, pair,
                  steps_args, mmas, outputs, work, tidx):
         """Consumer 0 (``scores``) or 1: Q, the step loop of its role, the epilogue."""
         batch, s, head0, h_q, split, splits, whole_batches, topk_splits = work
@@ -235,7 +235,7 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         cute.arch.cp_async_wait_group(0)
         cute.arch.fence_view_async_shared()
         cute.arch.barrier(barrier_id=Q_STORED, number_of_threads=CONSUMER_THREADS)
-        t = self.warpgroup_tensors(wg, wg_tidx, *mmas, sQ, sK, storage, token_valid, sP_layout)
+        t = self.warpgroup_tensors(wg, wg_tidx, *mmas, sQ, sK, storage, sP_layout)
         _steps, _first, num_steps = self.split_steps(*steps_args)
         if const_expr(scores):
             self.consume_scores(t, k_tiles, pair, num_steps, softmax_scale, wg_tidx)
@@ -248,27 +248,9 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         cute.arch.cluster_arrive_relaxed()
         cute.arch.cluster_wait()
 
-    @cute.jit
-    def warpgroup_tensors(self, wg, wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
-                          token_valid, sP_layout) -> WarpgroupTensors:
-        """A consumer thread's MMA fragments (S over the whole tile; O of this
-        warpgroup's 256 value columns), shared-memory views and row state. (The MMAs'
-        accumulate flag is set before the branch on the role: set inside one role's
-        branch, the other's code would use a value that branch made.)"""
-        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
-        fragments = split_o_fragments(wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK,
-                                      self.value_columns(sK, wg), sP, (HEAD_TILE, TOKENS),
-                                      (HEAD_TILE, DV // NUM_CONSUMERS), BFloat16)
-        num_rows = cute.size(fragments["s_rc"], mode=[0])
-        return WarpgroupTensors(
-            **fragments,
-            row_stats=storage.row_stats.get_tensor(cute.make_layout((HEAD_TILE, NUM_STATS), stride=(1, HEAD_TILE))),
-            token_valid=token_valid,
-            row_max=cute.make_rmem_tensor((num_rows,), Float32),
-            row_sum=cute.make_rmem_tensor((num_rows,), Float32),
-            wg=wg,
-            lane_writes_row=wg_tidx % 4 == 0,
-        )
+    def score_keys(self, sK, wg):
+        """K for consumer 0's scores: the whole tiles."""
+        return sK
 
     @cute.jit
     def wait_tile(self, k_tiles, pair, state):
@@ -453,8 +435,8 @@ class PeerRow:
     def store(self, values, chunk):
         words = cute.recast_tensor(values, Int32)
         for v in range(len(self.vectors)):
-            dsmem.store_async_v4(self.vectors[v] + chunk * CHUNK_BYTES, [words[4 * v + w] for w in range(4)],
-                                 self.landed)
+            dsmem.store_async(self.vectors[v] + chunk * CHUNK_BYTES, [words[4 * v + w] for w in range(4)],
+                              self.landed)
 
     def store_flag(self, value):
-        dsmem.store_async_b32(self.flag, value, self.landed)
+        dsmem.store_async(self.flag, [value], self.landed)
