@@ -166,3 +166,18 @@ def test_the_pair_kernel_shares_its_tiles(cubins, name):
     peer_stores = sum("STAS.128" in line for line in step_loop(sass))
     assert peer_stores >= 2 * chunks, f"{name}: {peer_stores} stores into the peer's tile"
     assert "MEMBAR.ALL.GPU" not in sass, f"{name}: a GPU-wide fence"
+
+
+@pytest.mark.parametrize("name", PAIR_NAMES)
+def test_the_pair_kernel_roles_take_their_registers(cubins, name):
+    """Each role of the pair kernel sets its registers (``setmaxnreg``) to its layout's
+    budget (``sparse_pair_sm90.ROLE_REGISTERS``): ptxas drops every ``setmaxnreg`` of a
+    kernel when a budget is below what its role needs, and then all roles run at the
+    launch's share."""
+    from flashmla_cute import fp8_cache
+    from flashmla_cute.kernels.sparse_pair_sm90 import ROLE_REGISTERS
+
+    budget = ROLE_REGISTERS[(fp8_cache.MODEL1 if "model1" in name else fp8_cache.V32).key]
+    taken = sorted(int(m, 16) for m in re.findall(r"USETMAXREG\.\w+(?:\.\w+)*\s+(?:UP\d,\s*)?(0x[0-9a-f]+)",
+                                                      sass_of(cubins[name])))
+    assert taken == sorted([budget.scores, budget.values, budget.gather]), f"{name}: setmaxnreg {taken}"

@@ -47,6 +47,7 @@ import cutlass.cute as cute
 from cutlass import BFloat16, Float32, Int32, Int64, const_expr, pipeline
 from cutlass.cute.nvgpu import warpgroup
 
+from .. import fp8_cache
 from ..sparse_plan import HEAD_TILE, STEP_TOKENS
 from . import dsmem, softmax, utils
 from .sparse_decode_sm90 import (BOTH_HALVES, CHUNK_COLUMNS, ELEMS_PER_THREAD_CHUNK, NUM_BUFFERS, THREADS_PER_TOKEN,
@@ -59,11 +60,7 @@ NUM_CONSUMERS = 2  # warpgroups 0 and 1; the gather warpgroup comes after them
 CONSUMER_THREADS = WARPGROUP_THREADS * NUM_CONSUMERS
 GATHER_THREADS = WARPGROUP_THREADS
 THREADS = CONSUMER_THREADS + GATHER_THREADS
-# Registers a thread of each role keeps (setmaxnreg; the launch gives 3 x 168): consumer
-# 0 holds S of 64 tokens (32), P (16) and its half of O (128); consumer 1 its half of O.
-SCORES_REGS = 208
-VALUES_REGS = 176
-GATHER_REGS = 120
+LAUNCH_REGS = 65536 // THREADS // 8 * 8  # registers a thread has at launch
 GATHER_TOKENS = TOKENS // CLUSTER_SIZE  # tokens of a step one CTA gathers
 K_STEPS = TOKENS // 16  # k-steps of P V over a step's tokens
 CHUNK_BYTES = TOKENS * CHUNK_COLUMNS * BFloat16.width // 8  # a K tile's 64-column chunk: 64 rows of 128 bytes
@@ -75,6 +72,28 @@ Q_STORED, P_READY, P_FREE, ROW_SUMS = 1, 2, 3, 4
 # a step; in the epilogue its row maxima and row sums.
 STAT_MAX, STAT_SCALE, STAT_SUM = 0, 1, 2
 NUM_STATS = 3
+
+
+@dataclass(frozen=True)
+class RoleRegisters:
+    """Registers a thread of each role keeps (``setmaxnreg``; together 3 x
+    ``LAUNCH_REGS``): consumer 0 holds S of 64 tokens (32), P (16) and its half of O
+    (128); consumer 1 its half of O; the gatherer a token's fetched bytes (45) and the
+    values it stores, from more registers the more it has (fewer of its stores wait for
+    the ones before to read their sources)."""
+
+    scores: int
+    values: int
+    gather: int
+
+
+# Per layout, as measured (benchmarks/NOTES.md, "The register budgets of the pair
+# kernel's roles"): V3.2's h_q 128 cases 1-2% faster with the gatherer at 136, MODEL1's
+# p64 cases 0.4-1.1% slower; consumer 0 below 208 costs both (at 192: 4-15%).
+ROLE_REGISTERS = {
+    fp8_cache.V32.key: RoleRegisters(scores=208, values=160, gather=136),
+    fp8_cache.MODEL1.key: RoleRegisters(scores=208, values=176, gather=120),
+}
 
 
 class SparsePairDecodeSm90(SparseDecodeSm90):
@@ -90,6 +109,7 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
 
     def __init__(self, layout, has_extra: bool = False):
         super().__init__(layout, has_extra)
+        self.registers = ROLE_REGISTERS[layout.key]
         # Bytes a CTA receives a step: the peer's tokens' bf16 K rows and their flags.
         self.received_bytes = GATHER_TOKENS * (self.d * BFloat16.width // 8 + Int32.width // 8)
 
@@ -211,15 +231,15 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         # Each role's code is traced under its own register budget: after a join of two
         # budgets, ptxas gives the code the smaller one.
         if wg >= NUM_CONSUMERS:
-            cute.arch.setmaxregister_decrease(GATHER_REGS)
+            take_registers(self.registers.gather)
             self.gather(k_tiles, pair, ((mKCache, pages), (mExtraKCache, extra_pages)), steps_args, sK, token_valid,
                         tidx - CONSUMER_THREADS)
         elif wg == 0:
-            cute.arch.setmaxregister_increase(SCORES_REGS)
+            take_registers(self.registers.scores)
             self.consumer(True, mQ, sQ, sK, storage, sP_layout, k_tiles, pair, steps_args, mmas, outputs,
                           work, tidx)
         else:
-            cute.arch.setmaxregister_increase(VALUES_REGS)
+            take_registers(self.registers.values)
             self.consumer(False, mQ, sQ, sK, storage, sP_layout, k_tiles, pair, steps_args, mmas,
                           outputs, work, tidx)
 
@@ -409,6 +429,17 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         row_in_atom = token % 8
         element = buf * (TOKENS * self.d) + chunk * (TOKENS * CHUNK_COLUMNS) + token // 8 * 512 + row_in_atom * 64
         return k_base.toint() + element * (BFloat16.width // 8) + ((vector % 8) ^ row_in_atom) * VECTOR_BYTES
+
+
+def take_registers(regs: int):
+    """Sets this warpgroup's registers a thread to ``regs``: ``setmaxnreg.inc`` above
+    the launch's share, ``.dec`` below it (an increase to fewer registers than a thread
+    has is an illegal instruction)."""
+    assert regs % 8 == 0 and regs != LAUNCH_REGS, regs
+    if regs > LAUNCH_REGS:
+        cute.arch.setmaxregister_increase(regs)
+    else:
+        cute.arch.setmaxregister_decrease(regs)
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
