@@ -784,6 +784,7 @@ class SparseDecodeSm90:
         if const_expr(peer is not None):
             peer.store(values, chunk)
 
+
 @cute.jit
 def query_row(mIndices, batch, s):
     """``(topk,)``: the index row of query token ``s`` of sequence ``batch``, its start

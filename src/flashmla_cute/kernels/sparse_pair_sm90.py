@@ -39,6 +39,7 @@ Everything else (the steps, splits, fetch, dequantization, combine) is
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -89,7 +90,8 @@ class RoleRegisters:
 
 # Per layout, as measured (benchmarks/NOTES.md, "The register budgets of the pair
 # kernel's roles"): V3.2's h_q 128 cases 1-2% faster with the gatherer at 136, MODEL1's
-# p64 cases 0.4-1.1% slower; consumer 0 below 208 costs both (at 192: 4-15%).
+# p64 cases 0.4-1.1% slower; consumer 0 below 208 costs both (at 192, FlashMLA's
+# budgets: 3-16% slower).
 ROLE_REGISTERS = {
     fp8_cache.V32.key: RoleRegisters(scores=208, values=160, gather=136),
     fp8_cache.MODEL1.key: RoleRegisters(scores=208, values=176, gather=120),
@@ -110,6 +112,8 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
     def __init__(self, layout, has_extra: bool = False):
         super().__init__(layout, has_extra)
         self.registers = ROLE_REGISTERS[layout.key]
+        # More than the launch's registers in all and an increase waits forever.
+        assert sum(dataclasses.astuple(self.registers)) <= 3 * LAUNCH_REGS, self.registers
         # Bytes a CTA receives a step: the peer's tokens' bf16 K rows and their flags.
         self.received_bytes = GATHER_TOKENS * (self.d * BFloat16.width // 8 + Int32.width // 8)
 
