@@ -89,12 +89,14 @@ class RoleRegisters:
 
 
 # Per layout, as measured (benchmarks/NOTES.md, "The register budgets of the pair
-# kernel's roles"): V3.2's h_q 128 cases 1-2% faster with the gatherer at 136, MODEL1's
-# p64 cases 0.4-1.1% slower; consumer 0 below 208 costs both (at 192, FlashMLA's
-# budgets: 3-16% slower).
+# kernel's roles" and "The pair kernel's consumer 0 with more registers"): V3.2's h_q
+# 128 cases 1-2% faster with the gatherer at 136 than at 120, and within 0.6% with
+# consumer 0 at 216 and the gatherer at 128; MODEL1's h_q 128 cases 0.6-1.6% faster with
+# 216 / 160 / 128 than with 208 / 176 / 120. Consumer 0 below 208 costs both layouts
+# (at 192, FlashMLA's budgets: 3-16% slower); consumer 1 below 160 spills.
 ROLE_REGISTERS = {
     fp8_cache.V32.key: RoleRegisters(scores=208, values=160, gather=136),
-    fp8_cache.MODEL1.key: RoleRegisters(scores=208, values=176, gather=120),
+    fp8_cache.MODEL1.key: RoleRegisters(scores=216, values=160, gather=128),
 }
 
 
