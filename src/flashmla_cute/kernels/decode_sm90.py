@@ -74,7 +74,7 @@ from .consumer_barriers import ConsumerBarriers
 from .kv_stages import NUM_STAGES, KvStages
 from .split_o import SplitOFragments, split_o_fragments
 from .combine import CTAS_PER_DECODE_CTA, MlaCombine
-from .utils import accumulators
+from .utils import accumulators, registers_fit, take_registers
 
 BLOCK_N = BLOCK_SIZE  # tokens per KV tile: one page
 TILE_M = ROWS_PER_TILE  # query rows per CTA (the WGMMA's M)
@@ -82,6 +82,7 @@ NUM_CONSUMER_WARPGROUPS = 2
 THREADS = 128 * (1 + NUM_CONSUMER_WARPGROUPS)
 PRODUCER_REGS = 40
 CONSUMER_REGS = 232
+assert registers_fit((PRODUCER_REGS,) + (CONSUMER_REGS,) * NUM_CONSUMER_WARPGROUPS, THREADS)
 
 ROPE_CHUNK = 8  # the K tile's 64-column chunk past the 512 value columns: holds P
 CHUNK = 64  # columns per TMA copy and per 128-byte swizzle atom
@@ -341,11 +342,11 @@ class MlaDecodeSm90:
         work = CtaWork(mSeqlens, mBlockTable, mMeta, mNumSplits, mO, mLse, mOAccum, mLseAccum, softmax_scale,
                        heads_per_kv, part, kv_head, m_tile)
         if warpgroup_idx == 0:
-            cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+            take_registers(PRODUCER_REGS, THREADS)
             if warp_idx == 0:
                 self.produce(tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv, q_ring, work)
         else:
-            cute.arch.setmaxregister_increase(CONSUMER_REGS)
+            take_registers(CONSUMER_REGS, THREADS)
             args = (tidx % 128, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv, q_ring, work)
             if warpgroup_idx == 1:
                 self.consume(0, *args)

@@ -61,7 +61,7 @@ NUM_CONSUMERS = 2  # warpgroups 0 and 1; the gather warpgroup comes after them
 CONSUMER_THREADS = WARPGROUP_THREADS * NUM_CONSUMERS
 GATHER_THREADS = WARPGROUP_THREADS
 THREADS = CONSUMER_THREADS + GATHER_THREADS
-LAUNCH_REGS = 65536 // THREADS // 8 * 8  # registers a thread has at launch
+LAUNCH_REGS = utils.launch_registers(THREADS)
 GATHER_TOKENS = TOKENS // CLUSTER_SIZE  # tokens of a step one CTA gathers
 K_STEPS = TOKENS // 16  # k-steps of P V over a step's tokens
 CHUNK_BYTES = TOKENS * CHUNK_COLUMNS * BFloat16.width // 8  # a K tile's 64-column chunk: 64 rows of 128 bytes
@@ -114,8 +114,7 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
     def __init__(self, layout, has_extra: bool = False):
         super().__init__(layout, has_extra)
         self.registers = ROLE_REGISTERS[layout.key]
-        # More than the launch's registers in all and an increase waits forever.
-        assert sum(dataclasses.astuple(self.registers)) <= 3 * LAUNCH_REGS, self.registers
+        assert utils.registers_fit(dataclasses.astuple(self.registers), THREADS), self.registers
         # Bytes a CTA receives a step: the peer's tokens' bf16 K rows and their flags.
         self.received_bytes = GATHER_TOKENS * (self.d * BFloat16.width // 8 + Int32.width // 8)
 
@@ -237,15 +236,15 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         # Each role's code is traced under its own register budget: after a join of two
         # budgets, ptxas gives the code the smaller one.
         if wg >= NUM_CONSUMERS:
-            take_registers(self.registers.gather)
+            utils.take_registers(self.registers.gather, THREADS)
             self.gather(k_tiles, pair, ((mKCache, pages), (mExtraKCache, extra_pages)), steps_args, sK, token_valid,
                         tidx - CONSUMER_THREADS)
         elif wg == 0:
-            take_registers(self.registers.scores)
+            utils.take_registers(self.registers.scores, THREADS)
             self.consumer(True, mQ, sQ, sK, storage, sP_layout, k_tiles, pair, steps_args, mmas, outputs,
                           work, tidx)
         else:
-            take_registers(self.registers.values)
+            utils.take_registers(self.registers.values, THREADS)
             self.consumer(False, mQ, sQ, sK, storage, sP_layout, k_tiles, pair, steps_args, mmas,
                           outputs, work, tidx)
 
@@ -435,17 +434,6 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         row_in_atom = token % 8
         element = buf * (TOKENS * self.d) + chunk * (TOKENS * CHUNK_COLUMNS) + token // 8 * 512 + row_in_atom * 64
         return k_base.toint() + element * (BFloat16.width // 8) + ((vector % 8) ^ row_in_atom) * VECTOR_BYTES
-
-
-def take_registers(regs: int):
-    """Sets this warpgroup's registers a thread to ``regs``: ``setmaxnreg.inc`` above
-    the launch's share, ``.dec`` below it (an increase to fewer registers than a thread
-    has is an illegal instruction)."""
-    assert regs % 8 == 0 and regs != LAUNCH_REGS, regs
-    if regs > LAUNCH_REGS:
-        cute.arch.setmaxregister_increase(regs)
-    else:
-        cute.arch.setmaxregister_decrease(regs)
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it

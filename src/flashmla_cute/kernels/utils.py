@@ -9,6 +9,33 @@ TMA_EVICT_FIRST = 0x12F0000000000000
 TMA_EVICT_NORMAL = 0x1000000000000000
 
 
+REGISTER_FILE = 65536  # 32-bit registers of an SM
+
+
+def launch_registers(threads: int) -> int:
+    """Registers a thread of a ``threads``-thread CTA has at launch, one CTA an SM: its
+    share of the register file in ``setmaxnreg``'s steps of 8."""
+    return REGISTER_FILE // threads // 8 * 8
+
+
+def registers_fit(budgets, threads: int) -> bool:
+    """Whether the warpgroups' register budgets (one a warpgroup) fit the launch's
+    registers: an increase beyond what the decreases freed waits forever."""
+    return sum(budgets) <= len(budgets) * launch_registers(threads)
+
+
+def take_registers(regs: int, threads: int):
+    """Sets this warpgroup's registers a thread to ``regs``: ``setmaxnreg.inc`` above
+    the launch's share, ``.dec`` below it (an increase to fewer registers than a thread
+    has is an illegal instruction)."""
+    launch = launch_registers(threads)
+    assert regs % 8 == 0 and regs != launch, regs
+    if regs > launch:
+        cute.arch.setmaxregister_increase(regs)
+    else:
+        cute.arch.setmaxregister_decrease(regs)
+
+
 def acc_as_rows_cols(acc: cute.Tensor) -> cute.Tensor:
     """View a WGMMA accumulator fragment ``((2, 2, N/8), M, N)`` as ``(rows, cols)``.
 
