@@ -88,3 +88,26 @@ def test_machine_code(cubins, name):
     if name.startswith("decode"):
         assert "HGMMA" in sass, f"{name} has no WGMMA"
         assert "UTMALDG" in sass, f"{name} has no TMA load"
+
+
+def test_register_budgets_are_checked_against_the_launch():
+    """A CTA of 384 threads starts with 168 registers a thread; budgets fit when their sum
+    is at most the warpgroups' share (an increase beyond what the decreases freed would
+    wait forever)."""
+    from flashmla_cute.kernels import utils
+
+    assert utils.launch_registers(384) == 168
+    assert utils.registers_fit((40, 232, 232), 384)
+    assert not utils.registers_fit((40, 240, 232), 384)
+
+
+@pytest.mark.parametrize("name", [v.name for v in compile_mod.all_variants() if v.name.startswith("decode")])
+def test_the_decode_kernel_roles_take_their_registers(cubins, name):
+    """The producer warpgroup gives registers up (``setmaxnreg.dec``) and both consumer
+    warpgroups take them (``.inc``): ptxas drops every ``setmaxnreg`` of a kernel when a
+    budget is below what its role needs, and then the consumers run at the launch's 168."""
+    from flashmla_cute.kernels.decode_sm90 import CONSUMER_REGS, PRODUCER_REGS
+
+    sass = sass_of(cubins[name])
+    assert re.findall(r"USETMAXREG\.DEALLOC\S*\s+(0x[0-9a-f]+)", sass) == [hex(PRODUCER_REGS)], name
+    assert re.findall(r"USETMAXREG\.TRY_ALLOC\S*\s+UP\d,\s*(0x[0-9a-f]+)", sass) == [hex(CONSUMER_REGS)], name
