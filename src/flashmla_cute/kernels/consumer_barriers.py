@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from cutlass import pipeline
 
-CONSUMER_THREADS = 256  # the two consumer warpgroups
-WARPGROUP_THREADS = 128
+from .utils import WARPGROUP_THREADS
+
+CONSUMER_THREADS = 2 * WARPGROUP_THREADS  # the two consumer warpgroups
 
 LEFT_STATS = 1  # left -> right: m0, s0 and P0 are in shared memory
 RIGHT_STATS = 2  # right -> left: m1, s1 and P1 are in shared memory

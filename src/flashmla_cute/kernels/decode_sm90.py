@@ -74,12 +74,12 @@ from .consumer_barriers import ConsumerBarriers
 from .kv_stages import NUM_STAGES, KvStages
 from .split_o import SplitOFragments, split_o_fragments
 from .combine import CTAS_PER_DECODE_CTA, MlaCombine
-from .utils import accumulators, registers_fit, take_registers
+from .utils import WARPGROUP_THREADS, accumulators, registers_fit, take_registers
 
 BLOCK_N = BLOCK_SIZE  # tokens per KV tile: one page
 TILE_M = ROWS_PER_TILE  # query rows per CTA (the WGMMA's M)
 NUM_CONSUMER_WARPGROUPS = 2
-THREADS = 128 * (1 + NUM_CONSUMER_WARPGROUPS)
+THREADS = WARPGROUP_THREADS * (1 + NUM_CONSUMER_WARPGROUPS)
 PRODUCER_REGS = 40
 CONSUMER_REGS = 232
 assert registers_fit((PRODUCER_REGS,) + (CONSUMER_REGS,) * NUM_CONSUMER_WARPGROUPS, THREADS)
@@ -347,7 +347,7 @@ class MlaDecodeSm90:
                 self.produce(tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv, q_ring, work)
         else:
             take_registers(CONSUMER_REGS, THREADS)
-            args = (tidx % 128, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv, q_ring, work)
+            args = (tidx % WARPGROUP_THREADS, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv, q_ring, work)
             if warpgroup_idx == 1:
                 self.consume(0, *args)
             else:

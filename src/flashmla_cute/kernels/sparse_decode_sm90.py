@@ -88,7 +88,7 @@ from .split_o import SplitOFragments, split_o_fragments
 
 TOKENS = STEP_TOKENS  # indices per step
 NUM_WARPGROUPS = 2
-THREADS = 128 * NUM_WARPGROUPS
+THREADS = utils.WARPGROUP_THREADS * NUM_WARPGROUPS
 THREADS_PER_TOKEN = THREADS // TOKENS  # 4: one token's bytes are gathered by 4 threads
 VECTOR_BYTES = 16
 ELEMS_PER_THREAD_CHUNK = 16  # bf16 values a thread writes per 64-column chunk of a K row
@@ -306,7 +306,7 @@ class SparseDecodeSm90:
         cta, _, _ = cute.arch.block_idx()
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         wg = warp_idx // 4
-        wg_tidx = tidx % 128
+        wg_tidx = tidx % utils.WARPGROUP_THREADS
         h_q = mQ.shape[2]
         batch, s, head_tile, split, splits = self.work_of(cta, mQ.shape[1], (h_q + HEAD_TILE - 1) // HEAD_TILE,
                                                           whole_batches, topk_splits)

@@ -56,12 +56,11 @@ from .sparse_decode_sm90 import (BOTH_HALVES, CHUNK_COLUMNS, ELEMS_PER_THREAD_CH
 
 TOKENS = STEP_TOKENS
 CLUSTER_SIZE = 2  # the two head tiles of a query token
-WARPGROUP_THREADS = 128
+WARPGROUP_THREADS = utils.WARPGROUP_THREADS
 NUM_CONSUMERS = 2  # warpgroups 0 and 1; the gather warpgroup comes after them
 CONSUMER_THREADS = WARPGROUP_THREADS * NUM_CONSUMERS
 GATHER_THREADS = WARPGROUP_THREADS
 THREADS = CONSUMER_THREADS + GATHER_THREADS
-LAUNCH_REGS = utils.launch_registers(THREADS)
 GATHER_TOKENS = TOKENS // CLUSTER_SIZE  # tokens of a step one CTA gathers
 K_STEPS = TOKENS // 16  # k-steps of P V over a step's tokens
 CHUNK_BYTES = TOKENS * CHUNK_COLUMNS * BFloat16.width // 8  # a K tile's 64-column chunk: 64 rows of 128 bytes
@@ -77,11 +76,11 @@ NUM_STATS = 3
 
 @dataclass(frozen=True)
 class RoleRegisters:
-    """Registers a thread of each role keeps (``setmaxnreg``; together 3 x
-    ``LAUNCH_REGS``): consumer 0 holds S of 64 tokens (32), P (16) and its half of O
-    (128); consumer 1 its half of O; the gatherer a token's fetched bytes (45) and the
-    values it stores, from more registers the more it has (fewer of its stores wait for
-    the ones before to read their sources)."""
+    """Registers a thread of each role keeps (``setmaxnreg``; together at most the
+    launch's, ``utils.registers_fit``): consumer 0 holds S of 64 tokens (32), P (16)
+    and its half of O (128); consumer 1 its half of O; the gatherer a token's fetched
+    bytes (45) and the values it stores, from more registers the more it has (fewer of
+    its stores wait for the ones before to read their sources)."""
 
     scores: int
     values: int

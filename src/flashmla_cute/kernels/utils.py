@@ -10,6 +10,7 @@ TMA_EVICT_NORMAL = 0x1000000000000000
 
 
 REGISTER_FILE = 65536  # 32-bit registers of an SM
+WARPGROUP_THREADS = 128  # four warps: the unit of WGMMA and of setmaxnreg
 
 
 def launch_registers(threads: int) -> int:
