@@ -163,8 +163,9 @@ def stamped_steps(stamps: Stamps):
     def create(consumer):
         bars = saved_create.__func__(consumer)
         fields = {name: getattr(bars, name) for name in bars.__dataclass_fields__}
-        for name in ("left_stats", "right_stats"):
-            fields[name] = StampedBarrier(fields[name], name)
+        for name in ("left_stats", "right_stats", "p0_shared", "right_pvs_issued"):
+            if name in fields:
+                fields[name] = StampedBarrier(fields[name], name)
         return consumer_barriers.ConsumerBarriers(**fields)
 
     ring.wait, ring.release, ring.load = wait, release, load
@@ -259,7 +260,8 @@ def summarize(arr, names, label: str) -> None:
             values = sorted(int(arr[role, step, p] - starts[p]) for p in pairs if arr[role, step, p] >= 0)
             if values:
                 print(f"    {step:2d} {name:26s} median {statistics.median(values):7.0f}  "
-                      f"p10 {values[len(values) // 10]:7d}  p90 {values[9 * len(values) // 10]:7d}")
+                      f"p10 {values[len(values) // 10]:7d}  p90 {values[9 * len(values) // 10]:7d}  "
+                      f"({len(values)} pairs)")
 
 
 def run(cases) -> None:

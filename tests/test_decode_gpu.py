@@ -74,6 +74,19 @@ def test_one_long_sequence(requires_hopper):
     run_and_check(inputs, 128, 1, causal=False)
 
 
+@pytest.mark.parametrize("h_q,s_q", [(16, 1), (128, 2)])
+def test_scores_whose_maximum_keeps_growing(requires_hopper, h_q, s_q):
+    # Page j of every sequence scaled by (1 + j), with a large softmax scale: nearly every
+    # block's maximum exceeds the running one, late in the sequence too, so O and the row
+    # sums are rescaled at every step of both consumers (by factors far from 1).
+    inputs = make_decode_inputs(8, s_q, h_q, seqlen=3000, varlen=True, device="cuda")
+    for i in range(inputs.block_table.shape[0]):
+        pages = -(-int(inputs.cache_seqlens[i]) // 64)
+        for j in range(pages):
+            inputs.k_cache[inputs.block_table[i, j]] *= 1 + j
+    run_and_check(inputs, h_q, s_q, causal=True, softmax_scale=10.0)
+
+
 def test_many_short_sequences(requires_hopper):
     gen = torch.Generator().manual_seed(7)
     lens = torch.randint(1, 300, (2048,), generator=gen).tolist()
