@@ -1,7 +1,10 @@
 """Where a pair of blocks' time goes in the decode kernel: the timeline of one CTA.
 
-    python benchmarks/pair_timeline.py [--case B,SEQLEN,H_Q,S_Q ...]
+    python benchmarks/pair_timeline.py [--case B,SEQLEN,H_Q,S_Q ...] [--loads-only]
     python benchmarks/pair_timeline.py --compile-only   # no GPU needed: compiles for sm_90a
+
+With ``--loads-only`` the stamped copy's consumers only wait for each pair's K tiles and
+release them (no MMA, no softmax, outputs not the attention's): the K ring's own pace.
 
 A stamped copy of the decode kernel (a subclass of ``MlaDecodeSm90``; the package's
 kernel is left as it is) reads ``clock64`` in thread 0 of each consumer warpgroup and in
@@ -11,7 +14,8 @@ every release, every barrier between the consumers, every K group the producer
 acquires, and each batch's epilogue (start and end, per batch rather than per pair). The stamps go to a buffer whose address is compiled into the stamped kernel.
 For each step the script prints the median, 10th and 90th percentiles over the CTA's
 pairs, in cycles from the left consumer's start of the pair, and the plain and stamped
-kernels' times per call (alike within noise: the stamps cost little).
+kernels' times per call (alike within noise: the stamps cost little), and how many of the
+CTA's pairs ran each step (a step inside a branch runs in some of them).
 
 Reading it:
 - a stamp right after ``BAR.SYNC.DEFER_BLOCKING`` (the "waited left_stats / right_stats"
@@ -178,11 +182,23 @@ def stamped_steps(stamps: Stamps):
         consumer_barriers.ConsumerBarriers.create = saved_create
 
 
-def stamped_kernel_class(stamps: Stamps):
+def stamped_kernel_class(stamps: Stamps, loads_only: bool = False):
+    """The stamped kernel; with ``loads_only``, its consumers only wait for each pair's K
+    tiles (and Q) and release them: the K ring's own pace, with no MMA and no softmax
+    (its outputs are not the attention's)."""
     import cutlass
     import cutlass.cute as cute
 
     from flashmla_cute.kernels.decode_sm90 import MlaDecodeSm90
+
+    @cute.jit
+    def loads_only_pair(self, t, bars, kv, q, pair, first_state, second_state, has_second, *rest):
+        q.wait(self.all_chunks)
+        kv.wait(first_state, self.all_chunks)
+        kv.release(first_state, self.all_chunks)
+        if has_second:
+            kv.wait(second_state, self.all_chunks)
+            kv.release(second_state, self.all_chunks)
 
     # No data-dependent control flow below: plain Python, traced inline into the kernel.
     def stamped_pair(role_pair):
@@ -207,8 +223,8 @@ def stamped_kernel_class(stamps: Stamps):
             MlaDecodeSm90.produce(self, *args)
             stamps.active = False
 
-        left_pair = stamped_pair(MlaDecodeSm90.left_pair)
-        right_pair = stamped_pair(MlaDecodeSm90.right_pair)
+        left_pair = stamped_pair(loads_only_pair if loads_only else MlaDecodeSm90.left_pair)
+        right_pair = stamped_pair(loads_only_pair if loads_only else MlaDecodeSm90.right_pair)
 
         def block_scores(self, *args):
             MlaDecodeSm90.block_scores(self, *args)
@@ -223,14 +239,15 @@ def stamped_kernel_class(stamps: Stamps):
     return StampedDecode
 
 
-def compile_stamped(stamps: Stamps, options: str):
-    """The stamped bf16 causal decode kernel, compiled with ``options``."""
+def compile_stamped(stamps: Stamps, options: str, loads_only: bool = False):
+    """The stamped bf16 causal decode kernel (``stamped_kernel_class``), compiled with
+    ``options``."""
     import cutlass.cute as cute
 
     from flashmla_cute import compile as compile_mod
 
     kernel, args = compile_mod.decode_variant("bfloat16", True).build()
-    stamped = stamped_kernel_class(stamps)(kernel.dtype, kernel.head_dim, kernel.head_dim_v, kernel.causal)
+    stamped = stamped_kernel_class(stamps, loads_only)(kernel.dtype, kernel.head_dim, kernel.head_dim_v, kernel.causal)
     start = time.time()
     with stamped_steps(stamps):
         fn = cute.compile(stamped, *args, options=options)
@@ -264,7 +281,7 @@ def summarize(arr, names, label: str) -> None:
                       f"({len(values)} pairs)")
 
 
-def run(cases) -> None:
+def run(cases, loads_only: bool = False) -> None:
     import torch
 
     import flashmla_cute
@@ -277,7 +294,7 @@ def run(cases) -> None:
 
     trace = torch.full((len(ROLES) * MAX_STEPS * MAX_PAIRS,), -1, dtype=torch.int64, device="cuda")
     stamps = Stamps(trace.data_ptr())
-    stamped = compile_stamped(stamps, "--enable-tvm-ffi")
+    stamped = compile_stamped(stamps, "--enable-tvm-ffi", loads_only)
     package_get = compile_mod.get
     timer = Timer(25, 100)
 
@@ -320,17 +337,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", type=parse_case, action="append", metavar="B,SEQLEN,H_Q,S_Q",
                         help="a decode case (bf16, causal, h_kv 1); repeatable (default: 128,8192,128,2)")
+    parser.add_argument("--loads-only", action="store_true",
+                        help="the consumers only wait for and release the K tiles: the K ring's own pace")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile the stamped kernel for sm_90a and list its steps (no GPU needed)")
     args = parser.parse_args(argv)
     if args.compile_only:
         os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
         stamps = Stamps(1 << 40)  # any address: the kernel is not run
-        compile_stamped(stamps, "--gpu-arch=sm_90a")
+        compile_stamped(stamps, "--gpu-arch=sm_90a", args.loads_only)
         for role, names in zip(ROLES, stamps.names):
             print(f"{role}: " + "; ".join(names[s] for s in sorted(names)))
         return 0
-    run(args.case or DEFAULT_CASES)
+    run(args.case or DEFAULT_CASES, args.loads_only)
     return 0
 
 

@@ -25,6 +25,18 @@ def test_stamped_kernel_compiles_for_sm90a(tmp_path):
     assert "acquired 0-3 of K0" in roles["producer"]
 
 
+def test_the_loads_only_kernel_compiles_for_sm90a(tmp_path):
+    # Its consumers only wait for and release each pair's K tiles: no S, no barriers
+    # between them.
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", FLASHMLA_CUTE_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, str(TOOL), "--compile-only", "--loads-only"], env=env,
+                          capture_output=True, text=True, check=True)
+    roles = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+    for role in ("left", "right"):
+        assert roles[role].split("; ") == ["start", "waited chunks 0-8", "released 0-8", "waited chunks 0-8",
+                                           "released 0-8", "end"], roles[role]
+
+
 def test_the_package_kernel_is_left_as_it_was():
     from flashmla_cute.kernels import consumer_barriers, kv_stages
 
