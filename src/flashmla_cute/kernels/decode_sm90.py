@@ -84,8 +84,8 @@ PRODUCER_REGS = 40
 CONSUMER_REGS = 232
 assert registers_fit((PRODUCER_REGS,) + (CONSUMER_REGS,) * NUM_CONSUMER_WARPGROUPS, THREADS)
 
-ROPE_CHUNK = 8  # the K tile's 64-column chunk past the 512 value columns: holds P
 CHUNK = 64  # columns per TMA copy and per 128-byte swizzle atom
+ATOM_ROWS = 8  # rows of a 128-byte swizzle atom (1 KB: ATOM_ROWS * CHUNK elements of 16 bits)
 STREAM_BLOCKS = 32  # K tiles: a run this long of one sequence is a stream (k_cache_policy)
 
 # Row statistics in shared memory, each TILE_M floats.
@@ -158,15 +158,19 @@ class MlaDecodeSm90:
     """
 
     def __init__(self, dtype, head_dim: int = 576, head_dim_v: int = 512, causal: bool = False):
-        if head_dim % 64 != 0 or head_dim_v % (64 * NUM_CONSUMER_WARPGROUPS) != 0 or head_dim_v > head_dim:
-            raise ValueError(f"unsupported head dims d={head_dim}, dv={head_dim_v}")
+        # Whole chunks, an equal number a consumer, and at least one chunk past the value
+        # columns (P is exchanged in it).
+        if head_dim % CHUNK != 0 or head_dim_v % (CHUNK * NUM_CONSUMER_WARPGROUPS) != 0 or head_dim_v >= head_dim:
+            raise ValueError(f"unsupported head dims d={head_dim}, dv={head_dim_v}: d and dv must be multiples of "
+                             f"{CHUNK} (dv of {CHUNK * NUM_CONSUMER_WARPGROUPS}), dv < d")
         self.dtype = dtype
         self.head_dim = head_dim
         self.head_dim_v = head_dim_v
         self.causal = causal
         self.dv_per_wg = head_dim_v // NUM_CONSUMER_WARPGROUPS  # O columns per consumer
-        self.k_chunks = head_dim // 64  # 64-column (128-byte) swizzle atoms per row
-        self.lo_chunks = self.dv_per_wg // 64  # chunks of the left consumer's value columns
+        self.k_chunks = head_dim // CHUNK  # 64-column (128-byte) swizzle atoms per row
+        self.lo_chunks = self.dv_per_wg // CHUNK  # chunks of the left consumer's value columns
+        self.rope_chunk = head_dim_v // CHUNK  # the first chunk past the value columns: holds P
         self.lo = range(self.lo_chunks)  # the left consumer's value columns
         self.hi = range(self.lo_chunks, self.k_chunks)  # the right consumer's, and the rope chunk
         self.all_chunks = range(self.k_chunks)
@@ -428,8 +432,8 @@ class MlaDecodeSm90:
         """Stages of ``rows`` x d tiles (Q's, K's: 128-byte swizzle atoms of 8 rows, 64
         columns a chunk, chunk after chunk) as (row, column in chunk, chunk, stage)."""
         return cute.make_layout(
-            ((8, rows // 8), CHUNK, self.k_chunks, stages),
-            stride=((64, 512), 1, rows * CHUNK, rows * self.head_dim),
+            ((ATOM_ROWS, rows // ATOM_ROWS), CHUNK, self.k_chunks, stages),
+            stride=((CHUNK, ATOM_ROWS * CHUNK), 1, rows * CHUNK, rows * self.head_dim),
         )
 
     @cute.jit
@@ -473,17 +477,17 @@ class MlaDecodeSm90:
         sV_mine = cute.make_tensor(
             sK.iterator + wg * (dv_per_wg * BLOCK_N),
             cute.make_layout(
-                ((64, dv_per_wg // 64), (8, BLOCK_N // 8), (1, NUM_STAGES)),
-                stride=((1, BLOCK_N * 64), (64, 512), (0, stage_elems)),
+                ((CHUNK, dv_per_wg // CHUNK), (ATOM_ROWS, BLOCK_N // ATOM_ROWS), (1, NUM_STAGES)),
+                stride=((1, BLOCK_N * CHUNK), (CHUNK, ATOM_ROWS * CHUNK), (0, stage_elems)),
             ),
         )
         # P of each stage's block, kept in that stage's rope chunk: a K-major
         # (query row, token) tile with the same 1 KB swizzle atoms as the K tile.
         sP = cute.make_tensor(
-            sK.iterator + ROPE_CHUNK * (BLOCK_N * 64),
+            sK.iterator + self.rope_chunk * (BLOCK_N * CHUNK),
             cute.make_layout(
-                ((8, TILE_M // 8), (BLOCK_N, 1), (1, NUM_STAGES)),
-                stride=((64, 512), (1, 0), (0, stage_elems)),
+                ((ATOM_ROWS, TILE_M // ATOM_ROWS), (BLOCK_N, 1), (1, NUM_STAGES)),
+                stride=((CHUNK, ATOM_ROWS * CHUNK), (1, 0), (0, stage_elems)),
             ),
         )
         fragments = split_o_fragments(wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, sV_mine, sP,
@@ -777,7 +781,7 @@ class MlaDecodeSm90:
         zeros = cute.make_rmem_tensor((elems_per_piece,), self.dtype)
         zeros.fill(0.0)
         per_row = pieces_per_line * value_chunks
-        for idx in cutlass.range(wg_tidx, (BLOCK_N - first_row) * per_row, 128, unroll=2):
+        for idx in cutlass.range(wg_tidx, (BLOCK_N - first_row) * per_row, WARPGROUP_THREADS, unroll=2):
             row = first_row + idx // per_row
             rest = idx - (row - first_row) * per_row
             chunk = rest // pieces_per_line
