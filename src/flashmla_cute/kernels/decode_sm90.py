@@ -84,8 +84,8 @@ PRODUCER_REGS = 40
 CONSUMER_REGS = 232
 assert registers_fit((PRODUCER_REGS,) + (CONSUMER_REGS,) * NUM_CONSUMER_WARPGROUPS, THREADS)
 
-CHUNK = 64  # columns per TMA copy and per 128-byte swizzle atom
-ATOM_ROWS = 8  # rows of a 128-byte swizzle atom (1 KB: ATOM_ROWS * CHUNK elements of 16 bits)
+CHUNK = utils.ATOM_COLUMNS  # columns per TMA copy and per 128-byte swizzle atom
+ATOM_ROWS = utils.ATOM_ROWS
 STREAM_BLOCKS = 32  # K tiles: a run this long of one sequence is a stream (k_cache_policy)
 
 # Row statistics in shared memory, each TILE_M floats.

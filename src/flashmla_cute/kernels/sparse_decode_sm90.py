@@ -130,7 +130,8 @@ ARRANGEMENTS = {
 }
 BOTH_HALVES = (0, 1)
 DV = fp8_cache.VALUE_DIM
-CHUNK_COLUMNS = 64  # columns of one 128-byte swizzle atom of a K row
+CHUNK_COLUMNS = utils.ATOM_COLUMNS  # columns of one 128-byte swizzle atom of a K row
+ATOM_ROWS = utils.ATOM_ROWS
 NUM_BUFFERS = 2  # K tiles in shared memory: one read by the MMAs, one being written
 HALF_TOKENS = TOKENS // NUM_WARPGROUPS  # a step's tokens whose scores one warpgroup computes
 K_STEPS_PER_HALF = HALF_TOKENS // 16  # k-steps of P V over one warpgroup's tokens
@@ -464,10 +465,10 @@ class SparseDecodeSm90:
         """K for warpgroup ``wg``'s scores: its tokens (32 wg .. 32 wg + 31) of each
         tile, four of the tile's eight 8-token swizzle atoms, (token, column, buffer)."""
         return cute.make_tensor(
-            sK.iterator + wg * (HALF_TOKENS * 64),
+            sK.iterator + wg * (HALF_TOKENS * CHUNK_COLUMNS),
             cute.make_layout(
-                ((8, HALF_TOKENS // 8), (64, self.d // 64), (1, NUM_BUFFERS)),
-                stride=((64, 512), (1, TOKENS * 64), (0, TOKENS * self.d)),
+                ((ATOM_ROWS, HALF_TOKENS // ATOM_ROWS), (CHUNK_COLUMNS, self.d // CHUNK_COLUMNS), (1, NUM_BUFFERS)),
+                stride=((CHUNK_COLUMNS, ATOM_ROWS * CHUNK_COLUMNS), (1, TOKENS * CHUNK_COLUMNS), (0, TOKENS * self.d)),
             ),
         )
 
@@ -477,8 +478,9 @@ class SparseDecodeSm90:
         return cute.make_tensor(
             sK.iterator + wg * (DV // NUM_WARPGROUPS * TOKENS),
             cute.make_layout(
-                ((64, DV // NUM_WARPGROUPS // 64), (8, TOKENS // 8), (1, NUM_BUFFERS)),
-                stride=((1, TOKENS * 64), (64, 512), (0, TOKENS * self.d)),
+                ((CHUNK_COLUMNS, DV // NUM_WARPGROUPS // CHUNK_COLUMNS), (ATOM_ROWS, TOKENS // ATOM_ROWS),
+                 (1, NUM_BUFFERS)),
+                stride=((1, TOKENS * CHUNK_COLUMNS), (CHUNK_COLUMNS, ATOM_ROWS * CHUNK_COLUMNS), (0, TOKENS * self.d)),
             ),
         )
 
