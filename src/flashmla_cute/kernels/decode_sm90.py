@@ -731,7 +731,7 @@ class MlaDecodeSm90:
             bars.mine.arrive_and_wait()
         t.acc_s.fill(0.0)
         warpgroup.fence()
-        steps_per_chunk = CHUNK // 16
+        steps_per_chunk = CHUNK // utils.MMA_K
         for c in cutlass.range_constexpr(self.k_chunks):
             if const_expr(c in kv.group_starts()):  # Q's groups are K's
                 kv.wait(state, range(c, c + 1))

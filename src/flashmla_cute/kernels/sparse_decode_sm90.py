@@ -134,7 +134,7 @@ CHUNK_COLUMNS = utils.ATOM_COLUMNS  # columns of one 128-byte swizzle atom of a 
 ATOM_ROWS = utils.ATOM_ROWS
 NUM_BUFFERS = 2  # K tiles in shared memory: one read by the MMAs, one being written
 HALF_TOKENS = TOKENS // NUM_WARPGROUPS  # a step's tokens whose scores one warpgroup computes
-K_STEPS_PER_HALF = HALF_TOKENS // 16  # k-steps of P V over one warpgroup's tokens
+K_STEPS_PER_HALF = HALF_TOKENS // utils.MMA_K  # k-steps of P V over one warpgroup's tokens
 
 # Row statistics in shared memory, each HEAD_TILE floats: each warpgroup's row maxima of
 # the step's scores, then (in the epilogue) each warpgroup's row sums.

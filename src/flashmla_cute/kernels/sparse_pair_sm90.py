@@ -62,7 +62,7 @@ CONSUMER_THREADS = WARPGROUP_THREADS * NUM_CONSUMERS
 GATHER_THREADS = WARPGROUP_THREADS
 THREADS = CONSUMER_THREADS + GATHER_THREADS
 GATHER_TOKENS = TOKENS // CLUSTER_SIZE  # tokens of a step one CTA gathers
-K_STEPS = TOKENS // 16  # k-steps of P V over a step's tokens
+K_STEPS = TOKENS // utils.MMA_K  # k-steps of P V over a step's tokens
 CHUNK_BYTES = TOKENS * CHUNK_COLUMNS * BFloat16.width // 8  # a K tile's 64-column chunk: 64 rows of 128 bytes
 
 # Named barriers of the consumers (0 is the CTA's, which the gatherer leaves after the setup).

@@ -16,6 +16,7 @@ WARPGROUP_THREADS = 128  # four warps: the unit of WGMMA and of setmaxnreg
 # column of such atoms, and one TMA copy.
 ATOM_COLUMNS = 64
 ATOM_ROWS = 8
+MMA_K = 16  # the k of a 16-bit m64nNk16 WGMMA: one k-step
 
 
 def launch_registers(threads: int) -> int:
