@@ -14,9 +14,10 @@ from .utils import WARPGROUP_THREADS
 CONSUMER_THREADS = 2 * WARPGROUP_THREADS  # the two consumer warpgroups
 
 LEFT_STATS = 1  # left -> right: m0, s0 and P0 are in shared memory
-RIGHT_STATS = 2  # right -> left: m1, s1 and P1 are in shared memory
+RIGHT_STATS = 2  # right -> left: m1 and s1 are in shared memory
 SUMS = 3  # both: a batch's row sums
 WARPGROUP_BASE = 4  # + consumer index: one consumer warpgroup alone
+P1_SHARED = 6  # right -> left: P1 is in shared memory (after RIGHT_STATS)
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
@@ -24,6 +25,7 @@ class ConsumerBarriers:
     mine: pipeline.NamedBarrier  # this consumer warpgroup alone
     left_stats: pipeline.NamedBarrier
     right_stats: pipeline.NamedBarrier
+    p1_shared: pipeline.NamedBarrier
     sums: pipeline.NamedBarrier
 
     @staticmethod
@@ -33,5 +35,6 @@ class ConsumerBarriers:
             mine=pipeline.NamedBarrier(barrier_id=WARPGROUP_BASE + consumer, num_threads=WARPGROUP_THREADS),
             left_stats=pipeline.NamedBarrier(barrier_id=LEFT_STATS, num_threads=CONSUMER_THREADS),
             right_stats=pipeline.NamedBarrier(barrier_id=RIGHT_STATS, num_threads=CONSUMER_THREADS),
+            p1_shared=pipeline.NamedBarrier(barrier_id=P1_SHARED, num_threads=CONSUMER_THREADS),
             sums=pipeline.NamedBarrier(barrier_id=SUMS, num_threads=CONSUMER_THREADS),
         )

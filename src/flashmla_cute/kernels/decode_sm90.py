@@ -33,14 +33,16 @@ Warp roles (384 threads):
         ``s0 = exp(m - m0)``, ``P0 = exp(S0 - m0)``
         -> m0, s0, P0 to right
   3     ``O_L = O_L s0 + P0 V0_L``              ``m1 = max(m0, rowmax S1)``, ``s1 = exp(m0 - m1)``,
-                                                ``P1 = exp(S1 - m1)`` -> m1, s1, P1 to left
-  4                                             ``O_R = O_R s0 + P0 V0_R``
+                                                ``P1 = exp(S1 - m1)`` -> m1, s1 to left
+  4                                             ``O_R = O_R s0 + P0 V0_R``; P1 to left
   5     ``O_L = O_L s1 + P1 V1_L``              ``O_R = O_R s1 + P1 V1_R``
   ====  ======================================  ======================================
 
   Unlike FlashMLA's order, P0 travels unscaled (relative to m0) and the right consumer
   applies ``s1`` to O between its two MMAs, so P0 leaves the left consumer right after
-  its softmax and the right consumer never waits on a second message from it.
+  its softmax and the right consumer never waits on a second message from it. The right
+  consumer sends m1 and s1 before P1, which it stores while ``P0 V0_R`` runs: the three
+  products that close a pair then start as soon as its softmax is done.
   A consumer multiplies by its own P from registers; the other's P comes through shared
   memory, written into the 64 rope columns (512..575) of that block's K stage, which
   nothing reads once S of the block is done. V is the first 512 columns of the same
@@ -597,13 +599,15 @@ class MlaDecodeSm90:
             softmax.rescale_row(t.o_rc, i, s1)
         if has_second:
             kv.wait(second_state, self.all_chunks)
+            bars.p1_shared.arrive_and_wait()
             self.pv_then_release(t.tiled_mma_o_ss, t, t.tOrP_ss, second_state, t.tOrV_ss, kv, self.all_chunks)
 
     @cute.jit
     def right_pair(self, t, bars, kv, q, pair, first_state, second_state, has_second, seqlen, mask_from, scale_log2):
         """The right consumer's part of a pair of blocks (K0, K1): ``S1 = Q K1^T``; with
-        m0 and s0 from the left consumer, the softmax of S1 (m1, s1, P1 to the left
-        consumer); ``O_R = (O_R s0 + P0 V0_R) s1 + P1 V1_R``, P0 still relative to m0."""
+        m0 and s0 from the left consumer, the softmax of S1 (m1 and s1 to the left
+        consumer, then P1, stored while ``P0 V0_R`` runs); ``O_R = (O_R s0 + P0 V0_R) s1 +
+        P1 V1_R``, P0 still relative to m0."""
         num_rows = cute.size(t.s_rc, mode=[0])
         for i in cutlass.range_constexpr(num_rows):
             t.block_max[i] = -Float32.inf
@@ -632,14 +636,21 @@ class MlaDecodeSm90:
             t.row_max[i] = m1
             t.next_scale[i] = s1
             t.o_scale[i] = s0
-        if has_second:
-            self.share_p(t, second_state)  # P1 for the left consumer
+        # m1 and s1 go first; P1 is stored while P0 V0_R runs (the left needs it only for
+        # its P1 V1_L, after its own rescale).
         bars.right_stats.arrive()
         # O's rescale by s0 waits until the message is out: only P0 V0_R needs it.
         for i in cutlass.range_constexpr(num_rows):
             softmax.rescale_row(t.o_rc, i, t.o_scale[i])
         kv.wait(first_state, self.hi)
-        self.pv_then_release(t.tiled_mma_o_ss, t, t.tOrP_ss, first_state, t.tOrV_ss, kv, self.hi)
+        warpgroup.fence()
+        self.pv(t.tiled_mma_o_ss, t.acc_o, t.tOrP_ss, first_state.index, t.tOrV_ss, first_state.index)
+        warpgroup.commit_group()
+        if has_second:
+            self.share_p(t, second_state)  # P1 for the left consumer
+            bars.p1_shared.arrive()
+        warpgroup.wait_group(0)
+        kv.release(first_state, self.hi)
         for i in cutlass.range_constexpr(num_rows):
             softmax.rescale_row(t.o_rc, i, t.next_scale[i])
         if has_second:
