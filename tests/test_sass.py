@@ -90,6 +90,19 @@ def test_machine_code(cubins, name):
         assert "UTMALDG" in sass, f"{name} has no TMA load"
 
 
+@pytest.mark.parametrize("name", [v.name for v in compile_mod.all_variants() if v.name != "metadata"])
+def test_wgmmas_are_not_serialized(cubins, name):
+    """Where ptxas cannot prove that no register of an in-flight WGMMA is touched (a
+    branch on a value it does not see as warp-uniform, say: a reducing barrier's result),
+    it serializes every WGMMA of the kernel, each followed by a wait. The kernels wait
+    for whole chains of WGMMAs (S's 36 k-steps, a P V's 4), so their waits are a few."""
+    sass = sass_of(cubins[name])
+    hgmmas = len(re.findall(r"\bHGMMA\.", sass))
+    waits = len(re.findall(r"\bWARPGROUP\.DEPBAR\b", sass))
+    assert hgmmas > 0, f"{name} has no WGMMA"
+    assert waits * 8 <= hgmmas, f"{name}: {waits} WGMMA waits for {hgmmas} WGMMAs (serialized?)"
+
+
 def test_register_budgets_are_checked_against_the_launch():
     """A CTA of 384 threads starts with 168 registers a thread; budgets fit when their sum
     is at most the warpgroups' share (an increase beyond what the decreases freed would
