@@ -167,8 +167,8 @@ def stamped_steps(stamps: Stamps):
     def create(consumer):
         bars = saved_create.__func__(consumer)
         fields = {name: getattr(bars, name) for name in bars.__dataclass_fields__}
-        for name in ("left_stats", "right_stats", "p0_shared", "right_pvs_issued"):
-            if name in fields:
+        for name in fields:
+            if name not in ("mine", "sums"):  # the messages between the consumers, not the epilogue's
                 fields[name] = StampedBarrier(fields[name], name)
         return consumer_barriers.ConsumerBarriers(**fields)
 
