@@ -584,9 +584,7 @@ class MlaDecodeSm90:
         for i in cutlass.range_constexpr(num_rows):
             softmax.rescale_row(t.o_rc, i, t.o_scale[i])
         kv.release(first_state, self.hi)
-        warpgroup.fence()
-        self.pv(t.tiled_mma_o_rs, t.acc_o, t.p_operand, None, t.tOrV_rs, first_state.index)
-        warpgroup.commit_group()
+        self.issue_pv(t.tiled_mma_o_rs, t, t.p_operand, None, t.tOrV_rs, first_state)
 
         bars.right_stats.arrive_and_wait()
         warpgroup.wait_group(0)
@@ -643,9 +641,7 @@ class MlaDecodeSm90:
         for i in cutlass.range_constexpr(num_rows):
             softmax.rescale_row(t.o_rc, i, t.o_scale[i])
         kv.wait(first_state, self.hi)
-        warpgroup.fence()
-        self.pv(t.tiled_mma_o_ss, t.acc_o, t.tOrP_ss, first_state.index, t.tOrV_ss, first_state.index)
-        warpgroup.commit_group()
+        self.issue_pv(t.tiled_mma_o_ss, t, t.tOrP_ss, first_state, t.tOrV_ss, first_state)
         if has_second:
             self.share_p(t, second_state)  # P1 for the left consumer
             bars.p1_shared.arrive()
@@ -658,16 +654,21 @@ class MlaDecodeSm90:
 
     @cute.jit
     def pv_then_release(self, tiled_mma, t, p, p_state, tOrV, kv, chunks, v_state=None):
-        """``O += P V`` of one block (``p_state`` None: P from registers, else from that
-        stage's shared memory; V of ``v_state``, by default ``p_state``), waited for, then
-        ``chunks`` of V's stage released."""
+        """``O += P V`` of one block (``issue_pv``; V of ``v_state``, by default
+        ``p_state``), waited for, then ``chunks`` of V's stage released."""
         if const_expr(v_state is None):
             v_state = p_state
+        self.issue_pv(tiled_mma, t, p, p_state, tOrV, v_state)
+        warpgroup.wait_group(0)
+        kv.release(v_state, chunks)
+
+    @cute.jit
+    def issue_pv(self, tiled_mma, t, p, p_state, tOrV, v_state):
+        """Issue ``O += P V`` of one block as one commit group, not waited for (``p_state``
+        None: P from registers, else from that stage's shared memory; V of ``v_state``)."""
         warpgroup.fence()
         self.pv(tiled_mma, t.acc_o, p, None if const_expr(p_state is None) else p_state.index, tOrV, v_state.index)
         warpgroup.commit_group()
-        warpgroup.wait_group(0)
-        kv.release(v_state, chunks)
 
     @cute.jit
     def share_p(self, t, state):
