@@ -568,7 +568,7 @@ class MlaDecodeSm90:
         num_rows = cute.size(t.s_rc, mode=[0])
         self.block_scores(pair, first_state, kv, q, t, bars, seqlen, mask_from)
         for i in cutlass.range_constexpr(num_rows):
-            m0 = cute.arch.fmax(t.row_max[i], softmax.row_max(t.s_rc, i))
+            m0 = softmax.next_max(t.row_max[i], softmax.row_max(t.s_rc, i), scale_log2)
             m0_scaled = softmax.scaled_max(m0, scale_log2)
             s0 = softmax.rescale_factor(t.row_max[i], m0_scaled, scale_log2)
             t.row_sum[i] = t.row_sum[i] * s0 + softmax.exponentiate_row(t.s_rc, i, scale_log2, m0_scaled)
@@ -622,7 +622,7 @@ class MlaDecodeSm90:
             r = t.coord_s[i, 0][0]
             m0 = t.stats[r, STAT_M0]
             s0 = t.stats[r, STAT_S0]
-            m1 = cute.arch.fmax(m0, t.block_max[i])
+            m1 = softmax.next_max(m0, t.block_max[i], scale_log2)
             m1_scaled = softmax.scaled_max(m1, scale_log2)
             s1 = softmax.rescale_factor(m0, m1_scaled, scale_log2)
             t.row_sum[i] = t.row_sum[i] * (s0 * s1)
