@@ -46,6 +46,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -601,6 +602,8 @@ def parse_args(argv=None):
     parser.add_argument("--cases", choices=tuple(CASE_SETS), default="all",
                         help="all: the 32-case b = 128 grid; quick: its 5 cases with FlashMLA anchors; "
                         "serving: 14 small-batch cases (default: all)")
+    parser.add_argument("--match", metavar="REGEX", default=None,
+                        help="only the cases of the set whose name (e.g. 'b128 sk8192 h128 s1 var') matches")
     add_run_args(parser, check_help="compare each case once with the float32 reference (cosine distance), "
                  "and each peer's output with ours",
                  no_peers_help="do not time flash_mla / flash_mla_head even if they import")
@@ -615,7 +618,15 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.plot_from and not args.plot:
         parser.error("--plot-from needs --plot FILE.png (where to draw)")
+    if not selected_cases(args):
+        parser.error(f"--match {args.match!r}: no case of --cases {args.cases} matches "
+                     f"(names look like {CASE_SETS[args.cases][0].name!r})")
     return args
+
+
+def selected_cases(args) -> list[Case]:
+    """The cases of ``--cases`` whose names match ``--match`` (all of them without it)."""
+    return [case for case in CASE_SETS[args.cases] if not args.match or re.search(args.match, case.name)]
 
 
 def main(argv=None) -> int:
@@ -652,7 +663,7 @@ def main(argv=None) -> int:
         matmul = measure_matmul(timer)
         print(f"matmul: bf16 {MATMUL_N}^3 in {matmul['ms']:.3f} ms: {matmul['tflops']:.0f} TFLOPS", flush=True)
 
-    cases = CASE_SETS[args.cases]
+    cases = selected_cases(args)
     rows = []
     for i, case in enumerate(cases):
         start = time.perf_counter()

@@ -35,9 +35,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cases", nargs="+")
     parser.add_argument("--payloads", default=",".join(map(str, PAYLOADS)))
+    parser.add_argument("--overheads", default=None, help="fixed costs of a fragment to time, e.g. 2,3,4,5,6")
     args = parser.parse_args()
     payloads = [int(p) for p in args.payloads.split(",")]
+    overheads = [int(f) for f in args.overheads.split(",")] if args.overheads else []
     chosen = scheduler.payload_of
+    package_overhead = scheduler.FIXED_OVERHEAD_BLOCKS
     for name in args.cases:
         b, seqlen, h_q, s_q = parse_case(name)
         x = make_decode_inputs(b, s_q, h_q, seqlens=[seqlen] * b, device="cuda", seed=0)
@@ -50,7 +53,15 @@ def main():
         frags = int(splits[1] - splits[0])
         rows = [f"  package plan: {frags:3d} fragments of seq 0, {graph_time(call(meta, splits)):6.1f} us"]
         parts_all = max(PARTS // scheduler.num_query_tiles(s_q * h_q), 1)
-        for payload in payloads:
+        for overhead in overheads:
+            scheduler.FIXED_OVERHEAD_BLOCKS = overhead
+            meta, splits = scheduler.plan_torch(x.cache_seqlens.cpu(), parts_all)
+            scheduler.FIXED_OVERHEAD_BLOCKS = package_overhead
+            meta, splits = meta.cuda(), splits.cuda()
+            used = int((meta[:, scheduler.BEGIN_BATCH] <= meta[:, scheduler.END_BATCH]).sum())
+            rows.append(f"  overhead {overhead}: {used:3d} of {parts_all} parts used, "
+                        f"{int(splits[1] - splits[0]):3d} fragments of seq 0, {graph_time(call(meta, splits)):6.1f} us")
+        for payload in payloads if not overheads else ():
             scheduler.payload_of = lambda total, parts, batch, payload=payload: max(payload, -(-total // parts))
             for parts in (parts_all, 1):
                 meta, splits = scheduler.plan_torch(x.cache_seqlens.cpu(), parts)

@@ -56,6 +56,15 @@ def test_arguments(bench):
         bench.parse_args(["--cases", "huge"])
 
 
+def test_match_picks_cases_by_name_and_refuses_a_pattern_that_picks_none(bench):
+    args = bench.parse_args(["--cases", "all", "--match", "h128 s. var"])
+    assert [c.name for c in bench.selected_cases(args)] == [
+        f"b128 sk{sk} h128 s{s_q} var" for sk in (4096, 8192) for s_q in (1, 2)]
+    assert bench.selected_cases(bench.parse_args(["--cases", "quick"])) == bench.CASE_SETS["quick"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cases", "serving", "--match", "b128"])  # the serving cases have no b = 128
+
+
 def synthetic_row(bench, case, ms, peers_ms):
     flops, nbytes = 1e12 * ms * 1e-3 * 400, 1e9 * ms * 1e-3 * 2500
     row = {**case._asdict(), "h_kv": 1, "flops": flops, "bytes": nbytes, "ms": ms,
