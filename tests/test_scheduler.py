@@ -93,25 +93,26 @@ def block_list(seqlens, meta):
 
 
 def test_hand_worked_example():
-    # n = [1, 1, 2, 30], costs n + 5 = [6, 6, 7, 35], T = 54, P = 4: payload 14, budget
-    # 19 a part. Part 0 takes sequences 0, 1 and 2 whole (6 + 6 + 7 = 19) and has
-    # nothing left. Part 1 cannot hold sequence 3 (35): it takes 19 - 5 = 14 blocks of
-    # it. Part 2: the rest (16 blocks + 5) does not fit either: 14 more. Part 3, the
-    # last, takes what is left (2 blocks). Sequence 3 has three fragments.
+    # n = [1, 1, 2, 30], costs n + 4 = [5, 5, 6, 34], T = 50, P = 4: payload 13, budget
+    # 17 a part. Part 0 takes sequences 0, 1 and 2 whole (5 + 5 + 6 = 16); the 1 unit
+    # left is not more than F. Part 1 cannot hold sequence 3 (34): it takes 17 - 4 = 13
+    # blocks of it. Part 2: the rest (17 blocks + 4) does not fit either: 13 more. Part
+    # 3, the last, takes what is left (4 blocks). Sequence 3 has three fragments.
+    assert F == 4
     meta, num_splits = scheduler.plan_torch(torch.tensor([0, 64, 65, 1920], dtype=torch.int32), 4)
     assert meta.tolist() == [
         [0, 0, 2, 2, 0, 0, 0, 0],
-        [3, 0, 3, 14, 0, 0, 0, 0],
-        [3, 14, 3, 28, 1, 0, 0, 0],
-        [3, 28, 3, 30, 2, 0, 0, 0],
+        [3, 0, 3, 13, 0, 0, 0, 0],
+        [3, 13, 3, 26, 1, 0, 0, 0],
+        [3, 26, 3, 30, 2, 0, 0, 0],
     ]
     assert num_splits.tolist() == [0, 1, 2, 3, 6]
 
 
 def test_equal_sequences_that_fit_a_part_are_not_split():
-    # b = 128 sequences of 8192 tokens (128 blocks, cost 133) on 132 parts: payload
-    # ceil(17024 / 132) = 129, budget 134. Each part takes one sequence whole; the 1 unit
-    # left is not more than F, so it stops there. 4 parts stay empty; nothing is merged.
+    # b = 128 sequences of 8192 tokens (128 blocks, cost 132) on 132 parts: payload
+    # ceil(16896 / 132) = 128, budget 132. Each part takes one sequence whole, with
+    # nothing left, so it stops there. 4 parts stay empty; nothing is merged.
     b, parts = 128, 132
     meta, num_splits = check_plan([8192] * b, parts)
     assert meta[:b].tolist() == [[i, 0, i, 128, 0, 0, 0, 0] for i in range(b)]
@@ -120,10 +121,10 @@ def test_equal_sequences_that_fit_a_part_are_not_split():
 
 
 def test_short_sequences_are_not_spread_thin():
-    # n = [2, 1], costs [7, 6], T = 13 over P = 8 parts: ceil(T / P) would be 2 and cut
+    # n = [2, 1], costs [6, 5], T = 11 over P = 8 parts: ceil(T / P) would be 2 and cut
     # the first sequence in two, but sequences of at most 2 blocks on average
-    # (T <= (5 + 2) b) give parts at least MIN_PAYLOAD_SHORT = 4: a budget of 9. Part 0
-    # takes the first sequence whole (7); the 2 left are not more than F. Part 1 takes
+    # (T <= (4 + 2) b) give parts at least MIN_PAYLOAD_SHORT = 4: a budget of 8. Part 0
+    # takes the first sequence whole (6); the 2 left are not more than F. Part 1 takes
     # the second; the rest are empty.
     assert scheduler.MIN_PAYLOAD_SHORT == 4
     meta, num_splits = scheduler.plan_torch(torch.tensor([100, 10], dtype=torch.int32), 8)
@@ -133,9 +134,9 @@ def test_short_sequences_are_not_spread_thin():
 
 
 def test_a_part_takes_at_least_min_payload():
-    # n = [4, 1], costs [9, 6], T = 15 > (5 + 2) b over P = 8 parts: payload
-    # MIN_PAYLOAD = 2, budget 7. Part 0 cannot hold the first sequence (9): it takes 2
-    # blocks. Part 1 takes the other 2 (2 + 5 = 7) and has nothing left; part 2 takes
+    # n = [4, 1], costs [8, 5], T = 13 > (4 + 2) b over P = 8 parts: payload
+    # MIN_PAYLOAD = 2, budget 6. Part 0 cannot hold the first sequence (8): it takes 2
+    # blocks. Part 1 takes the other 2 (2 + 4 = 6) and has nothing left; part 2 takes
     # the second sequence.
     assert scheduler.MIN_PAYLOAD == 2
     meta, num_splits = scheduler.plan_torch(torch.tensor([200, 10], dtype=torch.int32), 8)
@@ -146,13 +147,13 @@ def test_a_part_takes_at_least_min_payload():
 
 @pytest.mark.parametrize(
     "total,parts,batch,payload",
-    [(21, 132, 1, 2), (261, 132, 1, 3), (2068, 132, 4, 16), (168, 66, 8, 3), (17024, 132, 128, 129), (7, 132, 1, 4),
-     (8197, 1024, 1, 17)],
+    [(20, 132, 1, 2), (260, 132, 1, 3), (2064, 132, 4, 16), (160, 66, 8, 3), (16896, 132, 128, 128), (6, 132, 1, 4),
+     (8196, 1024, 1, 17)],
 )
 def test_payload_fills_the_parts_or_balances_blocks_against_merges(total, parts, batch, payload):
     # max(ceil(T / P), ceil(sqrt(ceil(T / 32b))), 2 (4 for sequences of 2 blocks or
-    # fewer, T = 7)): b = 1 with 16 blocks (T = 21) takes
-    # 2 a part; with 256 blocks (T = 261), 3; 8192 blocks (T = 8197) over 1024 parts, 17
+    # fewer, T = 6)): b = 1 with 16 blocks (T = 20) takes
+    # 2 a part; with 256 blocks (T = 260), 3; 8192 blocks (T = 8196) over 1024 parts, 17
     # rather than 9; larger batches fill the parts.
     assert scheduler.payload_of(total, parts, batch) == payload
 

@@ -72,8 +72,11 @@ BLOCK_SIZE = 64
 ROWS_PER_TILE = 64
 """Query rows (s_q * h_q / h_kv of them per KV head) handled by one CTA: the MMA's M."""
 
-FIXED_OVERHEAD_BLOCKS = 5
-"""Cost of one sequence fragment beyond its blocks, in units of one block."""
+FIXED_OVERHEAD_BLOCKS = 4
+"""Cost of one sequence fragment beyond its blocks, in units of one block. FlashMLA's
+planner charges 5; on an H100, 4 was 6.5% faster at b = 32, 1024 tokens, h_q 128 (more
+parts used, one block less on the longest) and 1-2% on some b = 128 h_q 128 cases, the
+rest level (``benchmarks/NOTES.md``)."""
 
 MIN_PAYLOAD = 2
 """Least cost a part is given: with a batch of one, parts of 2 blocks finished soonest
