@@ -29,15 +29,18 @@ Warp roles (384 threads):
   step  left                                    right
   ====  ======================================  ======================================
   1     ``S0 = Q K0^T``                         ``S1 = Q K1^T``
-  2     ``m0 = max(m, rowmax S0)``,
+  2     ``m0 = next(m, rowmax S0)``,
         ``s0 = exp(m - m0)``, ``P0 = exp(S0 - m0)``
         -> m0, s0, P0 to right
-  3     ``O_L = O_L s0 + P0 V0_L``              ``m1 = max(m0, rowmax S1)``, ``s1 = exp(m0 - m1)``,
+  3     ``O_L = O_L s0 + P0 V0_L``              ``m1 = next(m0, rowmax S1)``, ``s1 = exp(m0 - m1)``,
                                                 ``P1 = exp(S1 - m1)`` -> m1, s1 to left
   4                                             ``O_R = O_R s0 + P0 V0_R``; P1 to left
   5     ``O_L = O_L s1 + P1 V1_L``              ``O_R = O_R s1 + P1 V1_R``
   ====  ======================================  ======================================
 
+  ``next`` is ``softmax.next_max``: the running maximum moves only when a block's exceeds
+  it by more than a threshold, so once a sequence's first blocks are seen the factors s0
+  and s1 are exactly 1 and O's rescales are skipped.
   Unlike FlashMLA's order, P0 travels unscaled (relative to m0) and the right consumer
   applies ``s1`` to O between its two MMAs, so P0 leaves the left consumer right after
   its softmax and the right consumer never waits on a second message from it. The right
