@@ -8,6 +8,7 @@ The plan the package picks (``get_mla_metadata``) is timed first.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -31,6 +32,27 @@ def parse_case(name: str) -> tuple[int, int, int, int]:
     return fields["b"], fields["sk"], fields["h"], fields.get("s", 1)
 
 
+@contextlib.contextmanager
+def scheduler_overridden(**values):
+    """``scheduler``'s module attributes set to ``values`` inside the block (the planner
+    reads them at each call), and restored afterwards."""
+    saved = {name: getattr(scheduler, name) for name in values}
+    for name, value in values.items():
+        setattr(scheduler, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(scheduler, name, value)
+
+
+def host_plan(cache_seqlens, parts: int, **overrides):
+    """``scheduler.plan_torch`` on ``parts`` parts under ``overrides``, as CUDA tensors."""
+    with scheduler_overridden(**overrides):
+        meta, splits = scheduler.plan_torch(cache_seqlens.cpu(), parts)
+    return meta.cuda(), splits.cuda()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cases", nargs="+")
@@ -39,8 +61,6 @@ def main():
     args = parser.parse_args()
     payloads = [int(p) for p in args.payloads.split(",")]
     overheads = [int(f) for f in args.overheads.split(",")] if args.overheads else []
-    chosen = scheduler.payload_of
-    package_overhead = scheduler.FIXED_OVERHEAD_BLOCKS
     for name in args.cases:
         b, seqlen, h_q, s_q = parse_case(name)
         x = make_decode_inputs(b, s_q, h_q, seqlens=[seqlen] * b, device="cuda", seed=0)
@@ -53,23 +73,21 @@ def main():
         frags = int(splits[1] - splits[0])
         rows = [f"  package plan: {frags:3d} fragments of seq 0, {graph_time(call(meta, splits)):6.1f} us"]
         parts_all = max(PARTS // scheduler.num_query_tiles(s_q * h_q), 1)
-        for overhead in overheads:
-            scheduler.FIXED_OVERHEAD_BLOCKS = overhead
-            meta, splits = scheduler.plan_torch(x.cache_seqlens.cpu(), parts_all)
-            scheduler.FIXED_OVERHEAD_BLOCKS = package_overhead
-            meta, splits = meta.cuda(), splits.cuda()
-            used = int((meta[:, scheduler.BEGIN_BATCH] <= meta[:, scheduler.END_BATCH]).sum())
-            rows.append(f"  overhead {overhead}: {used:3d} of {parts_all} parts used, "
-                        f"{int(splits[1] - splits[0]):3d} fragments of seq 0, {graph_time(call(meta, splits)):6.1f} us")
-        for payload in payloads if not overheads else ():
-            scheduler.payload_of = lambda total, parts, batch, payload=payload: max(payload, -(-total // parts))
-            for parts in (parts_all, 1):
-                meta, splits = scheduler.plan_torch(x.cache_seqlens.cpu(), parts)
-                meta, splits = meta.cuda(), splits.cuda()
-                frags = int(splits[1] - splits[0])
-                rows.append(f"  payload {payload:2d} parts {parts:3d}: {frags:3d} fragments of seq 0, "
+        if overheads:
+            for overhead in overheads:
+                meta, splits = host_plan(x.cache_seqlens, parts_all, FIXED_OVERHEAD_BLOCKS=overhead)
+                used = int((meta[:, scheduler.BEGIN_BATCH] <= meta[:, scheduler.END_BATCH]).sum())
+                rows.append(f"  overhead {overhead}: {used:3d} of {parts_all} parts used, "
+                            f"{int(splits[1] - splits[0]):3d} fragments of seq 0, "
                             f"{graph_time(call(meta, splits)):6.1f} us")
-            scheduler.payload_of = chosen
+        else:
+            for payload in payloads:
+                fixed = lambda total, parts, batch, payload=payload: max(payload, -(-total // parts))
+                for parts in (parts_all, 1):
+                    meta, splits = host_plan(x.cache_seqlens, parts, payload_of=fixed)
+                    frags = int(splits[1] - splits[0])
+                    rows.append(f"  payload {payload:2d} parts {parts:3d}: {frags:3d} fragments of seq 0, "
+                                f"{graph_time(call(meta, splits)):6.1f} us")
         print(name, *rows, sep="\n", flush=True)
 
 
