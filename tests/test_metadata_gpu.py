@@ -33,6 +33,25 @@ def test_gpu_plan_equals_torch_plan(requires_hopper, b):
         assert torch.equal(meta.cpu(), ref_meta), (b, num_parts)
 
 
+def test_gpu_balanced_plan_over_several_chunks(requires_hopper):
+    # More sequences than the planner's CTA has threads, and parts enough for a balanced
+    # plan: its rows are written chunk by chunk, the parts numbered across the chunks.
+    from flashmla_cute import runtime
+    from flashmla_cute.kernels.metadata import PLAN_THREADS
+
+    gen = torch.Generator().manual_seed(5)
+    b = PLAN_THREADS + 500
+    seqlens = torch.randint(0, 300, (b,), generator=gen).to(torch.int32)
+    num_parts = 2 * b
+    blocks = [max(-(-int(x) // scheduler.BLOCK_SIZE), 1) for x in seqlens.tolist()]
+    payload = scheduler.payload_of(sum(blocks) + scheduler.FIXED_OVERHEAD_BLOCKS * b, num_parts, b)
+    assert scheduler.balanced_fragment_blocks(blocks, num_parts, payload) > 0
+    meta, num_splits = runtime.plan_on_gpu(seqlens.cuda(), num_parts)
+    ref_meta, ref_splits = scheduler.plan_torch(seqlens, num_parts)
+    assert torch.equal(num_splits.cpu(), ref_splits)
+    assert torch.equal(meta.cpu(), ref_meta)
+
+
 def test_metadata_is_graph_capturable(requires_hopper):
     import flashmla_cute
 

@@ -46,6 +46,7 @@ def check_plan(seqlens, num_parts):
     blocks = num_blocks(seqlens.tolist())
     total = sum(blocks) + F * b
     payload = scheduler.payload_of(total, num_parts, b)
+    largest = scheduler.balanced_fragment_blocks(blocks, num_parts, payload)  # 0: the walk
 
     assert meta.dtype == torch.int32 and meta.shape == (num_parts, METADATA_INTS)
     assert num_splits.dtype == torch.int32 and num_splits.shape == (b + 1,)
@@ -69,8 +70,16 @@ def check_plan(seqlens, num_parts):
             next_batch, next_block = (batch + 1, 0) if hi == blocks[batch] else (batch, hi)
             touching[batch] += 1
         work_blocks = sum(hi - lo for _, lo, hi in pieces)
-        assert work_blocks <= payload, (p, work_blocks, payload)
-        assert work_blocks + F * len(pieces) <= payload + F, (p, work_blocks, len(pieces), payload)
+        if largest:
+            # Balanced: one fragment a part, of at most ``largest`` blocks, and a
+            # sequence's fragments differ by at most one block.
+            assert len(pieces) == 1 and work_blocks <= largest <= payload + scheduler.BALANCED_SLACK_BLOCKS, (p, row)
+            batch = pieces[0][0]
+            k = -(-blocks[batch] // largest)
+            assert work_blocks in (blocks[batch] // k, -(-blocks[batch] // k)), (p, row, k)
+        else:
+            assert work_blocks <= payload, (p, work_blocks, payload)
+            assert work_blocks + F * len(pieces) <= payload + F, (p, work_blocks, len(pieces), payload)
     assert (next_batch, next_block) == (b, 0), "some blocks are not covered"
 
     splits = num_splits.tolist()
@@ -145,6 +154,32 @@ def test_a_part_takes_at_least_min_payload():
     assert num_splits.tolist() == [0, 2, 3]
 
 
+def test_balanced_plan_cuts_sequences_evenly():
+    # n = [16, 16] (1024 tokens each) over P = 8 parts: T = 40, payload 5. The walk would
+    # cut each sequence 5 + 5 + 5 + 1 (three pairs of blocks on the longest part);
+    # ceil(16 / 5) = 4 fragments a sequence fit the 8 parts, so each goes 4 + 4 + 4 + 4,
+    # one fragment a part.
+    meta, num_splits = check_plan([1024, 1024], 8)
+    assert meta.tolist() == [[i, 4 * j, i, 4 * j + 4, j, 0, 0, 0] for i in range(2) for j in range(4)]
+    assert num_splits.tolist() == [0, 4, 8]
+
+
+def test_balanced_plan_takes_one_block_of_slack():
+    # n = [9, 9, 9] over P = 5: T = 39, payload 8, and 2 fragments a sequence (6) do not
+    # fit; at 8 + BALANCED_SLACK_BLOCKS = 9 each sequence is one fragment on a part of its
+    # own, where the walk would have split two of them over parts of 8 blocks.
+    assert scheduler.BALANCED_SLACK_BLOCKS == 1
+    meta, num_splits = check_plan([576] * 3, 5)
+    empty = [3, 0, 2, 0, 0, 0, 0, 0]
+    assert meta.tolist() == [[i, 0, i, 9, 0, 0, 0, 0] for i in range(3)] + [empty] * 2
+    assert num_splits.tolist() == [0, 1, 2, 3]
+
+
+def test_fragment_blocks():
+    # 10 blocks in 4 fragments: 3, 3, 2, 2.
+    assert [scheduler.fragment_blocks(10, 4, j) for j in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
+
+
 @pytest.mark.parametrize(
     "total,parts,batch,payload",
     [(20, 132, 1, 2), (260, 132, 1, 3), (2064, 132, 4, 16), (160, 66, 8, 3), (16896, 132, 128, 128), (6, 132, 1, 4),
@@ -212,18 +247,15 @@ def test_large_batch(num_parts):
 @pytest.mark.parametrize("num_parts", [1, 2, 7, 132, 200])
 def test_one_huge_sequence(num_parts):
     # 2**31 - 1 tokens, the most an int32 length can say: 33554432 blocks, split across
-    # every part; each takes ``payload`` blocks (its budget less one overhead), the last
-    # the rest.
+    # every part (a balanced plan: ceil(n / payload) fragments fit), in fragments that
+    # differ by at most one block.
     length = 2**31 - 1
     meta, num_splits = check_plan([length], num_parts)
     assert num_splits.tolist() == [0, num_parts]
     n = num_blocks([length])
-    payload = scheduler.payload_of(n[0] + F, num_parts, 1)
     sizes = [hi - lo for row in meta.tolist() for _, lo, hi in part_fragments(row, n)]
     assert len(sizes) == num_parts
-    if num_parts > 1:
-        assert all(size == payload for size in sizes[:-1])
-        assert 0 < sizes[-1] <= payload
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] - sizes[-1] <= 1
 
 
 def test_huge_sequence_among_short_ones():

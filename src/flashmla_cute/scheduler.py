@@ -30,6 +30,19 @@ they leave at most ``T - (P - 1) payload <= payload`` units of T to it. A part's
 sequences are found with prefix sums of the sequences' costs, so the GPU version plans a
 part in one or two warp-wide steps.
 
+Balanced plans
+--------------
+Where there are parts enough, the walk above is not used: if cutting every sequence into
+``k_i = ceil(n_i / m)`` fragments needs no more than ``P`` parts for ``m = payload`` (or,
+failing that, ``payload + BALANCED_SLACK_BLOCKS``), each sequence is cut into ``k_i``
+fragments of nearly equal size (``n_i // k_i``, the first ``n_i % k_i`` of them one block
+more), one a part, in order; the parts past them stay empty. The decode kernel takes a
+part's blocks two at a time, so the walk's cut of a sequence of 16 blocks at a payload
+of 5 (5 + 5 + 5 + 1: three pairs on the longest part) costs a pair more than 4 + 4 + 4 + 4;
+and where the walk's parts hold pieces of two or three sequences, one fragment of ``m``
+blocks a part is shorter (``benchmarks/NOTES.md``, "A part's blocks in pairs"). Such a
+part does at most ``m`` blocks.
+
 Format
 ------
 ``tile_scheduler_metadata``: int32 ``[num_sm_parts, METADATA_INTS]``, one row per part:
@@ -88,6 +101,12 @@ MIN_PAYLOAD_SHORT = 4
 blocks: with the first ``FIXED_OVERHEAD_BLOCKS`` units of every sequence being overhead,
 such a sequence then lands whole in one part (merging two one-block fragments of a
 100-token sequence took 13 us against 10 us for the whole sequence on one CTA)."""
+
+BALANCED_SLACK_BLOCKS = 1
+"""How many blocks a balanced plan's fragments may exceed ``payload`` by, where that
+saves the walk: b = 32 sequences of 16384 tokens on 66 parts (payload 127) then go in
+two fragments of 128 blocks, one a part, instead of parts of 127 blocks over two or
+three fragments (2% faster on an H100, ``benchmarks/NOTES.md``)."""
 
 BLOCKS_PER_FRAGMENT_MERGE = 32
 """Merging 32 more fragments of a sequence costs about as much as one more block on a
@@ -148,6 +167,25 @@ def num_sm_parts(num_sms: int, num_heads_per_head_k: int, num_heads_k: int) -> i
     return max(num_sms // num_heads_k // num_query_tiles(num_heads_per_head_k), 1)
 
 
+def balanced_fragment_blocks(blocks: list[int], num_parts: int, payload: int) -> int:
+    """The largest fragment ``m`` of the balanced plan (the module's docstring), or 0
+    where there is none: the least ``m`` in ``payload .. payload + BALANCED_SLACK_BLOCKS``
+    for which ``sum(ceil(n_i / m))`` fragments fit in ``num_parts`` parts."""
+    for m in range(payload, payload + BALANCED_SLACK_BLOCKS + 1):
+        if sum(-(-n // m) for n in blocks) <= num_parts:
+            return m
+    return 0
+
+
+def fragment_blocks(n: int, k: int, j: int) -> tuple[int, int]:
+    """(first block, one past the last) of fragment ``j`` of a sequence of ``n`` blocks
+    cut into ``k`` nearly equal fragments: ``n // k`` blocks each, the first ``n % k``
+    one more."""
+    size, extra = divmod(n, k)
+    begin = j * size + min(j, extra)
+    return begin, begin + size + (1 if j < extra else 0)
+
+
 def plan_torch(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute the plan on the host from ``cache_seqlens`` (a CUDA tensor is copied to
     the host); the results are on ``cache_seqlens``' device.
@@ -158,13 +196,37 @@ def plan_torch(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
     """
     blocks = [max(-(-int(x) // BLOCK_SIZE), 1) for x in cache_seqlens.tolist()]  # n_i
     b = len(blocks)
-    F = FIXED_OVERHEAD_BLOCKS
-    cost_end = list(itertools.accumulate(n + F for n in blocks))  # C_i + n_i + F
-    total = cost_end[-1] if b > 0 else 0
-    budget = payload_of(total, num_parts, b) + F
+    total = sum(blocks) + FIXED_OVERHEAD_BLOCKS * b
+    payload = payload_of(total, num_parts, b)
+    meta = [[b, 0, b - 1, 0, 0, 0, 0, 0] for _ in range(num_parts)]  # empty parts
+    largest = balanced_fragment_blocks(blocks, num_parts, payload)
+    if largest:
+        fragments = _balanced_parts(blocks, largest, meta)
+    else:
+        fragments = _walked_parts(blocks, total, payload + FIXED_OVERHEAD_BLOCKS, meta)
+    num_splits = [0] + list(itertools.accumulate(fragments))
+    device = cache_seqlens.device
+    return (torch.tensor(meta, dtype=torch.int32, device=device).reshape(num_parts, METADATA_INTS),
+            torch.tensor(num_splits, dtype=torch.int32, device=device))
 
-    empty = [b, 0, b - 1, 0, 0, 0, 0, 0]
-    meta = [list(empty) for _ in range(num_parts)]
+
+def _balanced_parts(blocks: list[int], largest: int, meta: list[list[int]]) -> list[int]:
+    """The balanced plan's rows into ``meta``; returns each sequence's fragment count."""
+    fragments = [-(-n // largest) for n in blocks]
+    p = 0
+    for i, (n, k) in enumerate(zip(blocks, fragments)):
+        for j in range(k):
+            begin, end = fragment_blocks(n, k, j)
+            meta[p][:BEGIN_SPLIT + 1] = [i, begin, i, end, j]
+            p += 1
+    return fragments
+
+
+def _walked_parts(blocks: list[int], total: int, budget: int, meta: list[list[int]]) -> list[int]:
+    """The walk's rows into ``meta`` (parts filled in order, ``budget`` each, the last
+    the rest); returns each sequence's fragment count."""
+    b, num_parts, F = len(blocks), len(meta), FIXED_OVERHEAD_BLOCKS
+    cost_end = list(itertools.accumulate(n + F for n in blocks))  # C_i + n_i + F
     fragments = [0] * b
     batch, block = 0, 0  # where the next part begins
     for p in range(num_parts):
@@ -188,7 +250,4 @@ def plan_torch(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
             block += left - F
             fragments[batch] += 1
             row[END_BATCH], row[END_BLOCK] = batch, block
-    num_splits = [0] + list(itertools.accumulate(fragments))
-    device = cache_seqlens.device
-    return (torch.tensor(meta, dtype=torch.int32, device=device).reshape(num_parts, METADATA_INTS),
-            torch.tensor(num_splits, dtype=torch.int32, device=device))
+    return fragments

@@ -12,7 +12,10 @@ parts in order, as the specification does, reading only shared memory:
   ballot counts those that fit whole (one step, or one more per 32 sequences a part holds).
 
 When the walk reaches the end of the chunk in shared memory, it stops where it is, the
-CTA loads the next chunk, and the walk goes on. The kernel reads ``cache_seqlens`` on
+CTA loads the next chunk, and the walk goes on. A balanced plan (the specification's
+docstring) needs no walk: the CTA counts the fragments it would need for each largest
+fragment it may take, and if they fit, each thread writes the rows of its sequences'
+fragments, their first part found with a prefix sum of the fragment counts. The kernel reads ``cache_seqlens`` on
 the device and never synchronizes with the host (it can be captured in a CUDA graph).
 """
 
@@ -23,6 +26,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32
 
 from ..scheduler import (
+    BALANCED_SLACK_BLOCKS,
     BEGIN_BATCH,
     BEGIN_BLOCK,
     BEGIN_SPLIT,
@@ -91,6 +95,20 @@ class MlaMetadata:
         return x
 
     @cute.jit
+    def block_inclusive_sum(self, x: Int32, warp_sums: cute.Tensor, tidx: Int32):
+        """(the sum of ``x`` over threads ``0 .. tidx``, its sum over the CTA)."""
+        lane = tidx % 32
+        incl = _warp_inclusive_sum(x, lane)
+        if lane == 31:
+            warp_sums[tidx // 32] = incl
+        cute.arch.sync_threads()
+        warp_incl = _warp_inclusive_sum(warp_sums[lane], lane)
+        warp_before = cute.arch.shuffle_sync(warp_incl - warp_sums[lane], tidx // 32)
+        cta_total = cute.arch.shuffle_sync(warp_incl, PLAN_WARPS - 1)
+        cute.arch.sync_threads()  # warp_sums may be written again
+        return warp_before + incl, cta_total
+
+    @cute.jit
     def load_chunk(self, mSeqlens: cute.Tensor, cost_end: cute.Tensor, blocks: cute.Tensor, warp_sums: cute.Tensor,
                    tidx: Int32, first: Int32, cost_before: Int32):
         """Sequence ``first + t``'s block count into ``blocks[t]`` and the end of its cost
@@ -101,16 +119,60 @@ class MlaMetadata:
         if i < mSeqlens.shape[0]:
             n = self.num_blocks(mSeqlens, i)
         cost = n + FIXED_OVERHEAD_BLOCKS if i < mSeqlens.shape[0] else Int32(0)
-        lane = tidx % 32
-        incl = _warp_inclusive_sum(cost, lane)
-        if lane == 31:
-            warp_sums[tidx // 32] = incl
-        cute.arch.sync_threads()
-        warp_before = _warp_inclusive_sum(warp_sums[lane], lane) - warp_sums[lane]
-        warp_before = cute.arch.shuffle_sync(warp_before, tidx // 32)
-        cost_end[tidx] = cost_before + warp_before + incl
+        incl, _ = self.block_inclusive_sum(cost, warp_sums, tidx)
+        cost_end[tidx] = cost_before + incl
         blocks[tidx] = n
         cute.arch.sync_threads()
+
+    @cute.jit
+    def balanced_fragment_blocks(self, mSeqlens: cute.Tensor, warp_sums: cute.Tensor, tidx: Int32,
+                                 num_parts: Int32, payload: Int32) -> Int32:
+        """``scheduler.balanced_fragment_blocks``, in every thread."""
+        largest = Int32(0)
+        for slack in cutlass.range_constexpr(BALANCED_SLACK_BLOCKS + 1):
+            m = payload + slack
+            needed = Int32(0)
+            for i in cutlass.range(tidx, mSeqlens.shape[0], PLAN_THREADS, unroll=1):
+                needed = needed + (self.num_blocks(mSeqlens, i) + m - 1) // m
+            needed = self.block_sum(needed, warp_sums, tidx)
+            if (largest == 0) & (needed <= num_parts):
+                largest = m
+        return largest
+
+    @cute.jit
+    def write_balanced_plan(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mNumSplits: cute.Tensor,
+                            warp_sums: cute.Tensor, tidx: Int32, largest: Int32) -> Int32:
+        """The balanced plan's rows and ``num_splits``: thread ``t`` writes those of
+        sequences ``t``, ``t + PLAN_THREADS``, ...; returns the parts it fills."""
+        parts_before = Int32(0)  # parts of the sequences of the chunks before
+        for first in cutlass.range(0, mSeqlens.shape[0], PLAN_THREADS, unroll=1):
+            i = first + tidx
+            n = Int32(0)
+            k = Int32(0)
+            if i < mSeqlens.shape[0]:
+                n = self.num_blocks(mSeqlens, i)
+                k = (n + largest - 1) // largest
+            incl, chunk_parts = self.block_inclusive_sum(k, warp_sums, tidx)
+            if i < mSeqlens.shape[0]:
+                mNumSplits[i + 1] = parts_before + incl
+                size = n // k
+                extra = n - size * k  # the first ``extra`` fragments take one block more
+                begin = Int32(0)
+                for j in cutlass.range(k, unroll=1):
+                    end = begin + size
+                    if j < extra:
+                        end = end + 1
+                    p = parts_before + incl - k + j
+                    mMeta[p, BEGIN_BATCH] = i
+                    mMeta[p, BEGIN_BLOCK] = begin
+                    mMeta[p, END_BATCH] = i
+                    mMeta[p, END_BLOCK] = end
+                    mMeta[p, BEGIN_SPLIT] = j
+                    for c in cutlass.range_constexpr(BEGIN_SPLIT + 1, METADATA_INTS):
+                        mMeta[p, c] = 0
+                    begin = end
+            parts_before = parts_before + chunk_parts
+        return parts_before
 
     @cute.jit
     def write_row(self, mMeta: cute.Tensor, lane: Int32, p: Int32, begin_batch: Int32, begin_block: Int32,
@@ -159,9 +221,14 @@ class MlaMetadata:
         self.load_chunk(mSeqlens, cost_end, blocks, warp_sums, tidx, Int32(0), Int32(0))
         if b <= PLAN_CHUNK:
             total = cost_end[b - 1]
-        budget = self.payload(total, num_parts, b) + F  # what one part may take, overheads included
+        payload = self.payload(total, num_parts, b)
+        budget = payload + F  # what one part of the walk may take, overheads included
+        largest = self.balanced_fragment_blocks(mSeqlens, warp_sums, tidx, num_parts, payload)
         if tidx == 0:
             mNumSplits[0] = 0
+        parts_filled = Int32(0)
+        if largest > 0:
+            parts_filled = self.write_balanced_plan(mSeqlens, mMeta, mNumSplits, warp_sums, tidx, largest)
 
         # The walk's state (meaningful in warp 0, which alone walks): where the next
         # part begins (sequence ``batch``, block ``block``), the cost ends of sequences
@@ -181,8 +248,7 @@ class MlaMetadata:
         begin_split = Int32(0)
 
         first = Int32(0)  # the chunk's first sequence
-        parts_filled = Int32(0)
-        more_chunks = True
+        more_chunks = largest == 0  # the walk, where the plan is not balanced
         while more_chunks:
             last = cutlass.min(b, first + PLAN_CHUNK)  # one past the chunk's last sequence
             stopped = Int32(0)
