@@ -52,6 +52,29 @@ def test_gpu_balanced_plan_over_several_chunks(requires_hopper):
     assert torch.equal(meta.cpu(), ref_meta)
 
 
+@pytest.mark.parametrize("case", ["grid", "many chunks", "fails late"])
+def test_gpu_packed_plan(requires_hopper, case):
+    # Packed plans (whole sequences), within one chunk of sequences and over several,
+    # and one whose packing fails only past the first chunk (the walk then starts over).
+    from flashmla_cute import runtime
+    from flashmla_cute.kernels.metadata import PLAN_CHUNK
+
+    seqlens, num_parts = {
+        "grid": ([8192] * 128, 66),
+        "many chunks": ([1920] * (3 * PLAN_CHUNK), 7),
+        "fails late": ([1920] * (2 * PLAN_CHUNK) + [2_000_000], 7),
+    }[case]
+    seqlens = torch.tensor(seqlens, dtype=torch.int32)
+    blocks = [max(-(-int(x) // scheduler.BLOCK_SIZE), 1) for x in seqlens.tolist()]
+    payload = scheduler.payload_of(sum(blocks) + scheduler.FIXED_OVERHEAD_BLOCKS * len(blocks), num_parts, len(blocks))
+    packed = scheduler.packed_parts(blocks, payload + scheduler.FIXED_OVERHEAD_BLOCKS, num_parts) is not None
+    assert packed == (case != "fails late")
+    meta, num_splits = runtime.plan_on_gpu(seqlens.cuda(), num_parts)
+    ref_meta, ref_splits = scheduler.plan_torch(seqlens, num_parts)
+    assert torch.equal(num_splits.cpu(), ref_splits)
+    assert torch.equal(meta.cpu(), ref_meta)
+
+
 def test_metadata_is_graph_capturable(requires_hopper):
     import flashmla_cute
 

@@ -46,7 +46,8 @@ def check_plan(seqlens, num_parts):
     blocks = num_blocks(seqlens.tolist())
     total = sum(blocks) + F * b
     payload = scheduler.payload_of(total, num_parts, b)
-    largest = scheduler.balanced_fragment_blocks(blocks, num_parts, payload)  # 0: the walk
+    largest = scheduler.balanced_fragment_blocks(blocks, num_parts, payload)  # 0: packed or the walk
+    packed = not largest and scheduler.packed_parts(blocks, payload + F, num_parts) is not None
 
     assert meta.dtype == torch.int32 and meta.shape == (num_parts, METADATA_INTS)
     assert num_splits.dtype == torch.int32 and num_splits.shape == (b + 1,)
@@ -77,6 +78,10 @@ def check_plan(seqlens, num_parts):
             batch = pieces[0][0]
             k = -(-blocks[batch] // largest)
             assert work_blocks in (blocks[batch] // k, -(-blocks[batch] // k)), (p, row, k)
+        elif packed:
+            # Packed: whole sequences, at most one F over the walk's budget.
+            assert all(lo == 0 and hi == blocks[batch] for batch, lo, hi in pieces), (p, row)
+            assert work_blocks + F * len(pieces) <= payload + 2 * F, (p, work_blocks, len(pieces), payload)
         else:
             assert work_blocks <= payload, (p, work_blocks, payload)
             assert work_blocks + F * len(pieces) <= payload + F, (p, work_blocks, len(pieces), payload)
@@ -173,6 +178,16 @@ def test_balanced_plan_takes_one_block_of_slack():
     empty = [3, 0, 2, 0, 0, 0, 0, 0]
     assert meta.tolist() == [[i, 0, i, 9, 0, 0, 0, 0] for i in range(3)] + [empty] * 2
     assert num_splits.tolist() == [0, 1, 2, 3]
+
+
+def test_packed_plan_keeps_every_sequence_whole():
+    # n = [30] * 7 over P = 4: T = 238, payload 60, budget 64. The walk would fit one
+    # sequence (34) and split the next after 26 blocks; one F more (68) holds two whole
+    # sequences, so the parts go 2 + 2 + 2 + 1 and nothing is merged. (A balanced plan
+    # would need 7 parts.)
+    meta, num_splits = check_plan([1920] * 7, 4)
+    assert meta.tolist() == [[2 * p, 0, min(2 * p + 1, 6), 30, 0, 0, 0, 0] for p in range(4)]
+    assert num_splits.tolist() == list(range(8))
 
 
 def test_fragment_blocks():

@@ -43,6 +43,16 @@ and where the walk's parts hold pieces of two or three sequences, one fragment o
 blocks a part is shorter (``benchmarks/NOTES.md``, "A part's blocks in pairs"). Such a
 part does at most ``m`` blocks.
 
+Packed plans
+------------
+Where the balanced plan does not fit, the parts may still hold every sequence whole:
+filled in order, each takes whole sequences while their costs fit its budget and one
+more ``F`` (what a split would have cost it anyway). If that needs no more than ``P``
+parts, the plan is that, and nothing is merged: b = 128 sequences of 8192 tokens on 66
+parts go two a part (256 blocks) instead of the walk's parts of 252 blocks over three
+fragments, 62 sequences split, 3% faster on an H100 (``benchmarks/NOTES.md``, "Whole
+sequences packed"). Such a part costs at most ``payload + 2 F`` units.
+
 Format
 ------
 ``tile_scheduler_metadata``: int32 ``[num_sm_parts, METADATA_INTS]``, one row per part:
@@ -199,11 +209,15 @@ def plan_torch(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
     total = sum(blocks) + FIXED_OVERHEAD_BLOCKS * b
     payload = payload_of(total, num_parts, b)
     meta = [[b, 0, b - 1, 0, 0, 0, 0, 0] for _ in range(num_parts)]  # empty parts
+    budget = payload + FIXED_OVERHEAD_BLOCKS
     largest = balanced_fragment_blocks(blocks, num_parts, payload)
     if largest:
         fragments = _balanced_parts(blocks, largest, meta)
+    elif (packed := packed_parts(blocks, budget, num_parts)) is not None:
+        packed_meta, fragments = packed
+        meta[:len(packed_meta)] = packed_meta
     else:
-        fragments = _walked_parts(blocks, total, payload + FIXED_OVERHEAD_BLOCKS, meta)
+        fragments = _walked_parts(blocks, total, budget, meta)
     num_splits = [0] + list(itertools.accumulate(fragments))
     device = cache_seqlens.device
     return (torch.tensor(meta, dtype=torch.int32, device=device).reshape(num_parts, METADATA_INTS),
@@ -220,6 +234,24 @@ def _balanced_parts(blocks: list[int], largest: int, meta: list[list[int]]) -> l
             meta[p][:BEGIN_SPLIT + 1] = [i, begin, i, end, j]
             p += 1
     return fragments
+
+
+def packed_parts(blocks: list[int], budget: int, num_parts: int):
+    """The packed plan's rows and fragment counts (one a sequence), or None where it
+    needs more than ``num_parts`` parts or a sequence does not fit an empty part."""
+    limit = budget + FIXED_OVERHEAD_BLOCKS
+    rows = []
+    batch = 0
+    while batch < len(blocks):
+        cost, end = 0, batch
+        while end < len(blocks) and cost + blocks[end] + FIXED_OVERHEAD_BLOCKS <= limit:
+            cost += blocks[end] + FIXED_OVERHEAD_BLOCKS
+            end += 1
+        if end == batch or len(rows) == num_parts:
+            return None
+        rows.append([batch, 0, end - 1, blocks[end - 1], 0, 0, 0, 0])
+        batch = end
+    return rows, [1] * len(blocks)
 
 
 def _walked_parts(blocks: list[int], total: int, budget: int, meta: list[list[int]]) -> list[int]:

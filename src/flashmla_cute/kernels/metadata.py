@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32
+from cutlass import Float32, Int32, const_expr
 
 from ..scheduler import (
     BALANCED_SLACK_BLOCKS,
@@ -192,44 +192,18 @@ class MlaMetadata:
                 v = begin_split
             mMeta[p, lane] = v
 
-    @cute.kernel
-    def kernel(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mNumSplits: cute.Tensor):
-        tidx, _, _ = cute.arch.thread_idx()
+    @cute.jit
+    def walk(self, mMeta: cute.Tensor, mNumSplits: cute.Tensor, mSeqlens: cute.Tensor, cost_end: cute.Tensor,
+             blocks: cute.Tensor, warp_sums: cute.Tensor, walk_state: cute.Tensor, tidx: Int32, total: Int32,
+             budget: Int32, packing: cutlass.Constexpr):
+        """The plan's rows and ``num_splits`` by the walk (``packing`` False), or by the
+        packed plan's walk (whole sequences, ``budget + F`` a part, no last part taking
+        the rest); warp 0 walks, from the first chunk of sequences (in shared memory).
+        Returns (the parts filled, whether every sequence got its parts)."""
         lane = tidx % 32
         b = mSeqlens.shape[0]
         num_parts = mMeta.shape[0]
         F = FIXED_OVERHEAD_BLOCKS
-
-        @cute.struct
-        class Storage:
-            cost_end: cute.struct.MemRange[Int32, PLAN_CHUNK]
-            blocks: cute.struct.MemRange[Int32, PLAN_CHUNK]
-            warp_sums: cute.struct.MemRange[Int32, PLAN_WARPS]
-            walk_state: cute.struct.MemRange[Int32, 2]  # (walk stopped at the chunk's end, parts filled)
-
-        storage = cutlass.memory.SmemAllocator().allocate(Storage)
-        cost_end = storage.cost_end.get_tensor(cute.make_layout((PLAN_CHUNK,)))
-        blocks = storage.blocks.get_tensor(cute.make_layout((PLAN_CHUNK,)))
-        warp_sums = storage.warp_sums.get_tensor(cute.make_layout((PLAN_WARPS,)))
-        walk_state = storage.walk_state.get_tensor(cute.make_layout((2,)))
-
-        total = Int32(0)
-        if b > PLAN_CHUNK:
-            for i in cutlass.range(tidx, b, PLAN_THREADS, unroll=1):
-                total = total + self.num_blocks(mSeqlens, i) + F
-            total = self.block_sum(total, warp_sums, tidx)
-        self.load_chunk(mSeqlens, cost_end, blocks, warp_sums, tidx, Int32(0), Int32(0))
-        if b <= PLAN_CHUNK:
-            total = cost_end[b - 1]
-        payload = self.payload(total, num_parts, b)
-        budget = payload + F  # what one part of the walk may take, overheads included
-        largest = self.balanced_fragment_blocks(mSeqlens, warp_sums, tidx, num_parts, payload)
-        if tidx == 0:
-            mNumSplits[0] = 0
-        parts_filled = Int32(0)
-        if largest > 0:
-            parts_filled = self.write_balanced_plan(mSeqlens, mMeta, mNumSplits, warp_sums, tidx, largest)
-
         # The walk's state (meaningful in warp 0, which alone walks): where the next
         # part begins (sequence ``batch``, block ``block``), the cost ends of sequences
         # ``batch - 1`` and ``batch`` and the blocks of ``batch - 1``, fragments so far.
@@ -248,10 +222,13 @@ class MlaMetadata:
         begin_split = Int32(0)
 
         first = Int32(0)  # the chunk's first sequence
-        more_chunks = largest == 0  # the walk, where the plan is not balanced
+        parts_filled = Int32(0)
+        complete = Int32(1)
+        more_chunks = True
         while more_chunks:
             last = cutlass.min(b, first + PLAN_CHUNK)  # one past the chunk's last sequence
             stopped = Int32(0)
+            failed = Int32(0)
             if tidx < 32:
                 cur_end = cost_end[batch - first]  # batch == first: at the start or where the walk stopped
                 walking = p < num_parts and batch < b
@@ -261,7 +238,9 @@ class MlaMetadata:
                         begin_block = block
                         begin_split = split
                         target = prev_end + block + budget
-                        if p == num_parts - 1:
+                        if const_expr(packing):
+                            target = target + F  # a split's overhead, which packing saves
+                        elif p == num_parts - 1:
                             target = prev_end + block + total + F  # the last part takes the rest
                         in_part = Int32(1)
                     if cur_end <= target:
@@ -293,7 +272,10 @@ class MlaMetadata:
                         left = target - prev_end - block
                         end_batch = batch - 1  # a part always takes something: batch >= 1
                         end_block = prev_blocks
-                        if batch < b and left > F:
+                        if const_expr(packing):
+                            if batch == begin_batch:
+                                failed = Int32(1)  # the next sequence does not fit an empty part
+                        elif batch < b and left > F:
                             # Split the next sequence after ``left - F`` of its blocks.
                             block = block + left - F
                             split = split + 1
@@ -302,18 +284,71 @@ class MlaMetadata:
                         self.write_row(mMeta, lane, p, begin_batch, begin_block, end_batch, end_block, begin_split)
                         p = p + 1
                         in_part = Int32(0)
-                    walking = p < num_parts and batch < b and stopped == 0
+                    walking = p < num_parts and batch < b and stopped == 0 and failed == 0
                 if tidx == 0:
                     walk_state[0] = stopped
                     walk_state[1] = p
+                    walk_state[2] = Int32(batch == b)
             cute.arch.sync_threads()
             more_chunks = walk_state[0] != 0
             parts_filled = walk_state[1]
+            complete = walk_state[2]
             cost_before = cost_end[PLAN_CHUNK - 1]
             cute.arch.sync_threads()  # the chunk is read
             if more_chunks:
                 first = first + PLAN_CHUNK
                 self.load_chunk(mSeqlens, cost_end, blocks, warp_sums, tidx, first, cost_before)
+        return parts_filled, complete
+
+    @cute.kernel
+    def kernel(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mNumSplits: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        lane = tidx % 32
+        b = mSeqlens.shape[0]
+        num_parts = mMeta.shape[0]
+        F = FIXED_OVERHEAD_BLOCKS
+
+        @cute.struct
+        class Storage:
+            cost_end: cute.struct.MemRange[Int32, PLAN_CHUNK]
+            blocks: cute.struct.MemRange[Int32, PLAN_CHUNK]
+            warp_sums: cute.struct.MemRange[Int32, PLAN_WARPS]
+            walk_state: cute.struct.MemRange[Int32, 3]  # (walk stopped at the chunk's end, parts filled, done)
+
+        storage = cutlass.memory.SmemAllocator().allocate(Storage)
+        cost_end = storage.cost_end.get_tensor(cute.make_layout((PLAN_CHUNK,)))
+        blocks = storage.blocks.get_tensor(cute.make_layout((PLAN_CHUNK,)))
+        warp_sums = storage.warp_sums.get_tensor(cute.make_layout((PLAN_WARPS,)))
+        walk_state = storage.walk_state.get_tensor(cute.make_layout((3,)))
+
+        total = Int32(0)
+        if b > PLAN_CHUNK:
+            for i in cutlass.range(tidx, b, PLAN_THREADS, unroll=1):
+                total = total + self.num_blocks(mSeqlens, i) + F
+            total = self.block_sum(total, warp_sums, tidx)
+        self.load_chunk(mSeqlens, cost_end, blocks, warp_sums, tidx, Int32(0), Int32(0))
+        if b <= PLAN_CHUNK:
+            total = cost_end[b - 1]
+        payload = self.payload(total, num_parts, b)
+        budget = payload + F  # what one part of the walk may take, overheads included
+        largest = self.balanced_fragment_blocks(mSeqlens, warp_sums, tidx, num_parts, payload)
+        if tidx == 0:
+            mNumSplits[0] = 0
+        parts_filled = Int32(0)
+        if largest > 0:
+            parts_filled = self.write_balanced_plan(mSeqlens, mMeta, mNumSplits, warp_sums, tidx, largest)
+
+        # Not balanced: packed if every sequence fits whole, else the walk (each starts
+        # from the first chunk of sequences).
+        complete = Int32(largest > 0)
+        if complete == 0:
+            parts_filled, complete = self.walk(mMeta, mNumSplits, mSeqlens, cost_end, blocks, warp_sums, walk_state,
+                                               tidx, total, budget, True)
+        if complete == 0:
+            if b > PLAN_CHUNK:
+                self.load_chunk(mSeqlens, cost_end, blocks, warp_sums, tidx, Int32(0), Int32(0))
+            parts_filled, complete = self.walk(mMeta, mNumSplits, mSeqlens, cost_end, blocks, warp_sums, walk_state,
+                                               tidx, total, budget, False)
 
         # Parts left with nothing to do (the batch ran out first).
         for q in cutlass.range(parts_filled + tidx, num_parts, PLAN_THREADS, unroll=1):
