@@ -12,11 +12,16 @@ parts in order, as the specification does, reading only shared memory:
   ballot counts those that fit whole (one step, or one more per 32 sequences a part holds).
 
 When the walk reaches the end of the chunk in shared memory, it stops where it is, the
-CTA loads the next chunk, and the walk goes on. A balanced plan (the specification's
-docstring) needs no walk: the CTA counts the fragments it would need for each largest
-fragment it may take, and if they fit, each thread writes the rows of its sequences'
-fragments, their first part found with a prefix sum of the fragment counts. The kernel reads ``cache_seqlens`` on
-the device and never synchronizes with the host (it can be captured in a CUDA graph).
+CTA loads the next chunk, and the walk goes on. The specification's other two plans:
+
+- a balanced plan needs no walk: the CTA counts the fragments it would need for each
+  largest fragment it may take, and if they fit, each thread writes the rows of its
+  sequences' fragments, their first part found with a prefix sum of the fragment counts;
+- a packed plan is the walk with one F more a part and no split (``walk``'s packing
+  mode), tried first; where it does not place every sequence, the walk starts over.
+
+The kernel reads ``cache_seqlens`` on the device and never synchronizes with the host
+(it can be captured in a CUDA graph).
 """
 
 from __future__ import annotations
