@@ -12,7 +12,8 @@ Cost model
 A block costs 1 and every sequence fragment costs ``FIXED_OVERHEAD_BLOCKS`` (F) more (its
 Q load, epilogue and, when split, its merge). With total cost ``T = sum(n_i + F)``,
 ``payload`` from ``payload_of`` (at least ``ceil(T / P)``; more for small batches) and
-the budget ``payload + F`` a part:
+the budget ``payload + F`` a part, the plan is the first of three that fits the ``P``
+parts: a balanced plan, a packed plan (both below), else the walk:
 
 - the parts are filled in order, each from where the previous one stopped;
 - a part takes the rest of the current sequence and then whole sequences while each,
@@ -22,8 +23,7 @@ the budget ``payload + F`` a part:
 - the last part takes whatever is left.
 
 So a part that starts a sequence and can hold it whole never splits it (FlashMLA's
-rule): with b = 128 equal sequences on 132 parts every part holds one sequence and
-nothing needs merging. Every part does at most ``payload`` blocks, and at most
+rule, and its whole plan). Every part of the walk does at most ``payload`` blocks, and at most
 ``payload + F`` units counting one F per fragment it touches: the last one too, since
 each part before it ends with a split or less than F of its budget unused, so together
 they leave at most ``T - (P - 1) payload <= payload`` units of T to it. A part's whole
@@ -32,7 +32,7 @@ part in one or two warp-wide steps.
 
 Balanced plans
 --------------
-Where there are parts enough, the walk above is not used: if cutting every sequence into
+Where there are parts enough: if cutting every sequence into
 ``k_i = ceil(n_i / m)`` fragments needs no more than ``P`` parts for ``m = payload`` (or,
 failing that, ``payload + BALANCED_SLACK_BLOCKS``), each sequence is cut into ``k_i``
 fragments of nearly equal size (``n_i // k_i``, the first ``n_i % k_i`` of them one block
