@@ -135,11 +135,10 @@ def test_equal_sequences_that_fit_a_part_are_not_split():
 
 
 def test_short_sequences_are_not_spread_thin():
-    # n = [2, 1], costs [6, 5], T = 11 over P = 8 parts: ceil(T / P) would be 2 and cut
-    # the first sequence in two, but sequences of at most 2 blocks on average
-    # (T <= (4 + 2) b) give parts at least MIN_PAYLOAD_SHORT = 4: a budget of 8. Part 0
-    # takes the first sequence whole (6); the 2 left are not more than F. Part 1 takes
-    # the second; the rest are empty.
+    # n = [2, 1], costs [6, 5], T = 11 over P = 8 parts: ceil(T / P) would be 2, but
+    # sequences of at most 2 blocks on average (T <= (4 + 2) b) give parts at least
+    # MIN_PAYLOAD_SHORT = 4. One fragment a sequence fits the parts (a balanced plan):
+    # part 0 takes the first sequence, part 1 the second; the rest are empty.
     assert scheduler.MIN_PAYLOAD_SHORT == 4
     meta, num_splits = scheduler.plan_torch(torch.tensor([100, 10], dtype=torch.int32), 8)
     empty = [2, 0, 1, 0, 0, 0, 0, 0]
@@ -149,9 +148,8 @@ def test_short_sequences_are_not_spread_thin():
 
 def test_a_part_takes_at_least_min_payload():
     # n = [4, 1], costs [8, 5], T = 13 > (4 + 2) b over P = 8 parts: payload
-    # MIN_PAYLOAD = 2, budget 6. Part 0 cannot hold the first sequence (8): it takes 2
-    # blocks. Part 1 takes the other 2 (2 + 4 = 6) and has nothing left; part 2 takes
-    # the second sequence.
+    # MIN_PAYLOAD = 2. ceil(4 / 2) + 1 = 3 fragments fit the parts (a balanced plan):
+    # the first sequence in two fragments of 2 blocks, the second whole.
     assert scheduler.MIN_PAYLOAD == 2
     meta, num_splits = scheduler.plan_torch(torch.tensor([200, 10], dtype=torch.int32), 8)
     empty = [2, 0, 1, 0, 0, 0, 0, 0]
