@@ -1,35 +1,52 @@
-"""Where a small batch's time goes: the GPU time per call (CUDA-graph replays) for one case
-under plans of fixed payloads (blocks per SM part; ``scheduler.plan_torch`` with
-``scheduler.payload_of`` replaced), on the case's own number of SM parts and on one part, so
-that the cost of a block on a lone CTA and the cost of merging more fragments show apart.
-The plan the package picks (``get_mla_metadata``) is timed first.
+"""Where a call's time goes under other split plans. For each case, the plan the package
+picks (``get_mla_metadata``) is timed first, then, by the option given:
+
+- ``--payloads`` (the default): ``scheduler.plan_torch`` with ``payload_of`` replaced by a
+  fixed payload, on the case's own number of SM parts and on one part, so that the cost
+  of a block on a lone CTA and the cost of merging more fragments show apart;
+- ``--overheads``: the package's plan rule under other fixed costs of a fragment;
+- ``--largest``: balanced plans (every sequence in ``ceil(n / m)`` nearly equal
+  fragments, one a part) of the largest fragments ``m`` given, where they fit the parts;
+- ``--kinds``: the balanced, packed and walked plans the host builds for the case, each
+  where it can be built.
+
+Cases are named as ``bench_decode.py`` names them; with ``var`` (``"b64 sk2048 h32 s2
+var"``) the lengths are drawn as the benchmark draws them, from ``--seed``. ``--timing
+flushed`` times with the benchmark's timer (an L2 flush before each call) instead of
+CUDA-graph replays, whose inputs may stay in L2; ``--rounds`` times every plan in turn
+that many times and keeps each plan's best.
 
     python benchmarks/plan_probe.py "b1 sk1024 h16 s1" [more cases] [--payloads 2,4,8]
+    python benchmarks/plan_probe.py "b32 sk1024 h16 s1" --largest 4,5 --timing flushed --rounds 3
+    python benchmarks/plan_probe.py "b128 sk8192 h128 s1" --kinds --timing flushed --rounds 3
 """
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-import flashmla_cute  # noqa: E402
 from flashmla_cute import scheduler  # noqa: E402
-from flashmla_cute.testing import make_decode_inputs  # noqa: E402
-from kernel_times import graph_time  # noqa: E402
 
 PARTS = 132  # an H100's SMs (divided by the query tiles below)
 PAYLOADS = (2, 3, 4, 6, 8, 12)
+KIND_SLACK_BLOCKS = 8  # how far past the payload --kinds looks for a balanced plan that fits
 
 
-def parse_case(name: str) -> tuple[int, int, int, int]:
-    """``"b1 sk1024 h16 s1"`` -> (b, seqlen, h_q, s_q)."""
+def parse_case(name: str) -> tuple[int, int, int, int, bool]:
+    """``"b1 sk1024 h16 s1"`` -> (b, seqlen, h_q, s_q, varlen); ``s1`` may be left out,
+    ``var`` marks varied lengths."""
     fields = {}
-    for word in name.split():
+    words = name.split()
+    for word in words:
+        if word == "var":
+            continue
         key = "sk" if word.startswith("sk") else word[0]
         fields[key] = int(word[len(key):])
-    return fields["b"], fields["sk"], fields["h"], fields.get("s", 1)
+    return fields["b"], fields["sk"], fields["h"], fields.get("s", 1), "var" in words
 
 
 @contextlib.contextmanager
@@ -47,48 +64,126 @@ def scheduler_overridden(**values):
 
 
 def host_plan(cache_seqlens, parts: int, **overrides):
-    """``scheduler.plan_torch`` on ``parts`` parts under ``overrides``, as CUDA tensors."""
+    """``scheduler.plan_torch`` on ``parts`` parts under ``overrides``, as int32 lists."""
     with scheduler_overridden(**overrides):
         meta, splits = scheduler.plan_torch(cache_seqlens.cpu(), parts)
-    return meta.cuda(), splits.cuda()
+    return meta.tolist(), [b - a for a, b in itertools.pairwise(splits.tolist())]
+
+
+def empty_rows(b: int, parts: int) -> list[list[int]]:
+    """A plan's rows with every part empty."""
+    return [[b, 0, b - 1, 0, 0, 0, 0, 0] for _ in range(parts)]
+
+
+def balanced_plan(blocks: list[int], parts: int, largest: int):
+    """(rows, fragments) of the balanced plan of largest fragment ``largest``
+    (``scheduler.balanced_parts``), or None where its fragments do not fit ``parts``."""
+    if sum(-(-n // largest) for n in blocks) > parts:
+        return None
+    meta = empty_rows(len(blocks), parts)
+    return meta, scheduler.balanced_parts(blocks, largest, meta)
+
+
+def plan_kinds(blocks: list[int], parts: int) -> dict:
+    """{kind: (rows, fragments)}: the balanced plan of the least largest fragment from
+    the payload on that fits (within ``KIND_SLACK_BLOCKS``), the packed plan and the
+    walk, each where it can be built."""
+    b, F = len(blocks), scheduler.FIXED_OVERHEAD_BLOCKS
+    total = sum(blocks) + F * b
+    payload = scheduler.payload_of(total, parts, b)
+    kinds = {}
+    for largest in range(payload, payload + KIND_SLACK_BLOCKS + 1):
+        plan = balanced_plan(blocks, parts, largest)
+        if plan is not None:
+            kinds[f"balanced, largest {largest}"] = plan
+            break
+    packed = scheduler.packed_parts(blocks, payload + F, parts)
+    if packed is not None:
+        rows, fragments = packed
+        meta = empty_rows(b, parts)
+        meta[:len(rows)] = rows
+        kinds["packed"] = (meta, fragments)
+    meta = empty_rows(b, parts)
+    kinds["walk"] = (meta, scheduler.walked_parts(blocks, total, payload + F, meta))
+    return kinds
+
+
+def plan_summary(rows: list[list[int]], fragments: list[int], blocks: list[int]) -> str:
+    """Parts used, fragments in all, sequences split and the longest part's blocks."""
+    longest, used = 0, 0
+    for begin_batch, begin_block, end_batch, end_block in (row[:4] for row in rows):
+        if begin_batch > end_batch:
+            continue
+        used += 1
+        longest = max(longest, sum((end_block if i == end_batch else blocks[i]) - (begin_block if i == begin_batch else 0)
+                                   for i in range(begin_batch, end_batch + 1)))
+    split = sum(1 for k in fragments if k > 1)
+    return f"{used:3d} parts, {sum(fragments):4d} fragments, {split:3d} split, longest {longest:4d} blocks"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cases", nargs="+")
-    parser.add_argument("--payloads", default=",".join(map(str, PAYLOADS)))
-    parser.add_argument("--overheads", default=None, help="fixed costs of a fragment to time, e.g. 2,3,4,5,6")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--payloads", default=None, help=f"fixed payloads to time (default {PAYLOADS})")
+    mode.add_argument("--overheads", default=None, help="fixed costs of a fragment to time, e.g. 2,3,4,5,6")
+    mode.add_argument("--largest", default=None, help="largest fragments of balanced plans to time, e.g. 4,5,8")
+    mode.add_argument("--kinds", action="store_true", help="time the balanced, packed and walked plans")
+    parser.add_argument("--timing", choices=("graph", "flushed"), default="graph")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="seed of varied lengths and of the inputs")
     args = parser.parse_args()
-    payloads = [int(p) for p in args.payloads.split(",")]
-    overheads = [int(f) for f in args.overheads.split(",")] if args.overheads else []
-    for name in args.cases:
-        b, seqlen, h_q, s_q = parse_case(name)
-        x = make_decode_inputs(b, s_q, h_q, seqlens=[seqlen] * b, device="cuda", seed=0)
 
-        def call(meta, splits):
+    import torch
+
+    import flashmla_cute
+    from bench_decode import Timer
+    from flashmla_cute.testing import make_decode_inputs, random_seqlens
+    from kernel_times import graph_time
+
+    timer = Timer(25.0, 200.0) if args.timing == "flushed" else graph_time
+    for name in args.cases:
+        b, seqlen, h_q, s_q, varlen = parse_case(name)
+        seqlens = random_seqlens(b, seqlen, s_q, varlen, args.seed)
+        blocks = [max(-(-n // scheduler.BLOCK_SIZE), 1) for n in seqlens.tolist()]
+        x = make_decode_inputs(b, s_q, h_q, seqlens=seqlens.tolist(), device="cuda", seed=args.seed)
+        parts_all = max(PARTS // scheduler.num_query_tiles(s_q * h_q), 1)
+
+        meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, s_q * h_q, 1)
+        plans = {"package plan": (meta.tolist(), [q - p for p, q in itertools.pairwise(splits.tolist())])}
+        if args.overheads:
+            for overhead in map(int, args.overheads.split(",")):
+                plans[f"overhead {overhead}"] = host_plan(x.cache_seqlens, parts_all, FIXED_OVERHEAD_BLOCKS=overhead)
+        elif args.largest:
+            for largest in map(int, args.largest.split(",")):
+                plan = balanced_plan(blocks, parts_all, largest)
+                if plan is None:
+                    print(f"  balanced, largest {largest}: its fragments need more than {parts_all} parts")
+                else:
+                    plans[f"balanced, largest {largest}"] = plan
+        elif args.kinds:
+            plans.update(plan_kinds(blocks, parts_all))
+        else:
+            for payload in map(int, (args.payloads or ",".join(map(str, PAYLOADS))).split(",")):
+                fixed = lambda total, parts, batch, payload=payload: max(payload, -(-total // parts))
+                for parts in (parts_all, 1):
+                    plans[f"payload {payload:2d} parts {parts:3d}"] = host_plan(x.cache_seqlens, parts, payload_of=fixed)
+
+        def call(rows, fragments):
+            meta = torch.tensor(rows, dtype=torch.int32, device="cuda")
+            splits = torch.tensor([0] + list(itertools.accumulate(fragments)), dtype=torch.int32, device="cuda")
             return lambda: flashmla_cute.flash_mla_with_kvcache(
                 x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits, causal=s_q > 1)
 
-        meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, s_q * h_q, 1)
-        frags = int(splits[1] - splits[0])
-        rows = [f"  package plan: {frags:3d} fragments of seq 0, {graph_time(call(meta, splits)):6.1f} us"]
-        parts_all = max(PARTS // scheduler.num_query_tiles(s_q * h_q), 1)
-        if overheads:
-            for overhead in overheads:
-                meta, splits = host_plan(x.cache_seqlens, parts_all, FIXED_OVERHEAD_BLOCKS=overhead)
-                used = int((meta[:, scheduler.BEGIN_BATCH] <= meta[:, scheduler.END_BATCH]).sum())
-                rows.append(f"  overhead {overhead}: {used:3d} of {parts_all} parts used, "
-                            f"{int(splits[1] - splits[0]):3d} fragments of seq 0, "
-                            f"{graph_time(call(meta, splits)):6.1f} us")
-        else:
-            for payload in payloads:
-                fixed = lambda total, parts, batch, payload=payload: max(payload, -(-total // parts))
-                for parts in (parts_all, 1):
-                    meta, splits = host_plan(x.cache_seqlens, parts, payload_of=fixed)
-                    frags = int(splits[1] - splits[0])
-                    rows.append(f"  payload {payload:2d} parts {parts:3d}: {frags:3d} fragments of seq 0, "
-                                f"{graph_time(call(meta, splits)):6.1f} us")
-        print(name, *rows, sep="\n", flush=True)
+        calls = {label: call(*plan) for label, plan in plans.items()}
+        best = {label: float("inf") for label in plans}
+        for _ in range(args.rounds):
+            for label, fn in calls.items():
+                us = timer(fn) * 1000 if args.timing == "flushed" else timer(fn)
+                best[label] = min(best[label], us)
+        print(name)
+        for label, (rows, fragments) in plans.items():
+            print(f"  {label:28s} {plan_summary(rows, fragments, blocks)}, {best[label]:8.1f} us", flush=True)
 
 
 if __name__ == "__main__":

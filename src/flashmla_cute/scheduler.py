@@ -212,19 +212,19 @@ def plan_torch(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
     budget = payload + FIXED_OVERHEAD_BLOCKS
     largest = balanced_fragment_blocks(blocks, num_parts, payload)
     if largest:
-        fragments = _balanced_parts(blocks, largest, meta)
+        fragments = balanced_parts(blocks, largest, meta)
     elif (packed := packed_parts(blocks, budget, num_parts)) is not None:
         packed_meta, fragments = packed
         meta[:len(packed_meta)] = packed_meta
     else:
-        fragments = _walked_parts(blocks, total, budget, meta)
+        fragments = walked_parts(blocks, total, budget, meta)
     num_splits = [0] + list(itertools.accumulate(fragments))
     device = cache_seqlens.device
     return (torch.tensor(meta, dtype=torch.int32, device=device).reshape(num_parts, METADATA_INTS),
             torch.tensor(num_splits, dtype=torch.int32, device=device))
 
 
-def _balanced_parts(blocks: list[int], largest: int, meta: list[list[int]]) -> list[int]:
+def balanced_parts(blocks: list[int], largest: int, meta: list[list[int]]) -> list[int]:
     """The balanced plan's rows into ``meta``; returns each sequence's fragment count."""
     fragments = [-(-n // largest) for n in blocks]
     p = 0
@@ -254,7 +254,7 @@ def packed_parts(blocks: list[int], budget: int, num_parts: int):
     return rows, [1] * len(blocks)
 
 
-def _walked_parts(blocks: list[int], total: int, budget: int, meta: list[list[int]]) -> list[int]:
+def walked_parts(blocks: list[int], total: int, budget: int, meta: list[list[int]]) -> list[int]:
     """The walk's rows into ``meta`` (parts filled in order, ``budget`` each, the last
     the rest); returns each sequence's fragment count."""
     b, num_parts, F = len(blocks), len(meta), FIXED_OVERHEAD_BLOCKS
