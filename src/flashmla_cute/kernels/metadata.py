@@ -308,7 +308,6 @@ class MlaMetadata:
     @cute.kernel
     def kernel(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mNumSplits: cute.Tensor):
         tidx, _, _ = cute.arch.thread_idx()
-        lane = tidx % 32
         b = mSeqlens.shape[0]
         num_parts = mMeta.shape[0]
         F = FIXED_OVERHEAD_BLOCKS
