@@ -70,17 +70,12 @@ def host_plan(cache_seqlens, parts: int, **overrides):
     return meta.tolist(), [b - a for a, b in itertools.pairwise(splits.tolist())]
 
 
-def empty_rows(b: int, parts: int) -> list[list[int]]:
-    """A plan's rows with every part empty."""
-    return [[b, 0, b - 1, 0, 0, 0, 0, 0] for _ in range(parts)]
-
-
 def balanced_plan(blocks: list[int], parts: int, largest: int):
     """(rows, fragments) of the balanced plan of largest fragment ``largest``
     (``scheduler.balanced_parts``), or None where its fragments do not fit ``parts``."""
-    if sum(-(-n // largest) for n in blocks) > parts:
+    if sum(scheduler.balanced_fragments(blocks, largest)) > parts:
         return None
-    meta = empty_rows(len(blocks), parts)
+    meta = scheduler.empty_rows(len(blocks), parts)
     return meta, scheduler.balanced_parts(blocks, largest, meta)
 
 
@@ -97,13 +92,11 @@ def plan_kinds(blocks: list[int], parts: int) -> dict:
         if plan is not None:
             kinds[f"balanced, largest {largest}"] = plan
             break
-    packed = scheduler.packed_parts(blocks, payload + F, parts)
-    if packed is not None:
-        rows, fragments = packed
-        meta = empty_rows(b, parts)
-        meta[:len(rows)] = rows
+    meta = scheduler.empty_rows(b, parts)
+    fragments = scheduler.packed_parts(blocks, payload + F, meta)
+    if fragments is not None:
         kinds["packed"] = (meta, fragments)
-    meta = empty_rows(b, parts)
+    meta = scheduler.empty_rows(b, parts)
     kinds["walk"] = (meta, scheduler.walked_parts(blocks, total, payload + F, meta))
     return kinds
 
@@ -115,8 +108,9 @@ def plan_summary(rows: list[list[int]], fragments: list[int], blocks: list[int])
         if begin_batch > end_batch:
             continue
         used += 1
-        longest = max(longest, sum((end_block if i == end_batch else blocks[i]) - (begin_block if i == begin_batch else 0)
-                                   for i in range(begin_batch, end_batch + 1)))
+        blocks_done = sum((end_block if i == end_batch else blocks[i]) - (begin_block if i == begin_batch else 0)
+                          for i in range(begin_batch, end_batch + 1))
+        longest = max(longest, blocks_done)
     split = sum(1 for k in fragments if k > 1)
     return f"{used:3d} parts, {sum(fragments):4d} fragments, {split:3d} split, longest {longest:4d} blocks"
 
@@ -167,7 +161,8 @@ def main():
             for payload in map(int, (args.payloads or ",".join(map(str, PAYLOADS))).split(",")):
                 fixed = lambda total, parts, batch, payload=payload: max(payload, -(-total // parts))
                 for parts in (parts_all, 1):
-                    plans[f"payload {payload:2d} parts {parts:3d}"] = host_plan(x.cache_seqlens, parts, payload_of=fixed)
+                    label = f"payload {payload:2d} parts {parts:3d}"
+                    plans[label] = host_plan(x.cache_seqlens, parts, payload_of=fixed)
 
         def call(rows, fragments):
             meta = torch.tensor(rows, dtype=torch.int32, device="cuda")

@@ -67,7 +67,8 @@ def test_gpu_packed_plan(requires_hopper, case):
     seqlens = torch.tensor(seqlens, dtype=torch.int32)
     blocks = [max(-(-int(x) // scheduler.BLOCK_SIZE), 1) for x in seqlens.tolist()]
     payload = scheduler.payload_of(sum(blocks) + scheduler.FIXED_OVERHEAD_BLOCKS * len(blocks), num_parts, len(blocks))
-    packed = scheduler.packed_parts(blocks, payload + scheduler.FIXED_OVERHEAD_BLOCKS, num_parts) is not None
+    packed = scheduler.packed_parts(blocks, payload + scheduler.FIXED_OVERHEAD_BLOCKS,
+                                    scheduler.empty_rows(len(blocks), num_parts)) is not None
     assert packed == (case != "fails late")
     meta, num_splits = runtime.plan_on_gpu(seqlens.cuda(), num_parts)
     ref_meta, ref_splits = scheduler.plan_torch(seqlens, num_parts)

@@ -37,4 +37,5 @@ def test_plan_kinds_are_the_host_plans():
     assert kinds["packed"][0] == meta.tolist()
     assert kinds["packed"][1] == [1] * 128
     assert sum(kinds["walk"][1]) > 128  # the walk splits sequences
-    assert plan_probe.plan_summary(*kinds["packed"], blocks).split() == " 64 parts,  128 fragments,   0 split, longest  256 blocks".split()
+    summary = plan_probe.plan_summary(*kinds["packed"], blocks)
+    assert summary.split() == " 64 parts,  128 fragments,   0 split, longest  256 blocks".split()

@@ -47,7 +47,7 @@ def check_plan(seqlens, num_parts):
     total = sum(blocks) + F * b
     payload = scheduler.payload_of(total, num_parts, b)
     largest = scheduler.balanced_fragment_blocks(blocks, num_parts, payload)  # 0: packed or the walk
-    packed = not largest and scheduler.packed_parts(blocks, payload + F, num_parts) is not None
+    packed = not largest and scheduler.packed_parts(blocks, payload + F, scheduler.empty_rows(b, num_parts)) is not None
 
     assert meta.dtype == torch.int32 and meta.shape == (num_parts, METADATA_INTS)
     assert num_splits.dtype == torch.int32 and num_splits.shape == (b + 1,)

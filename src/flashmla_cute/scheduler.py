@@ -177,12 +177,23 @@ def num_sm_parts(num_sms: int, num_heads_per_head_k: int, num_heads_k: int) -> i
     return max(num_sms // num_heads_k // num_query_tiles(num_heads_per_head_k), 1)
 
 
+def empty_rows(b: int, num_parts: int) -> list[list[int]]:
+    """A plan's rows for ``b`` sequences with every one of ``num_parts`` parts empty."""
+    return [[b, 0, b - 1, 0, 0, 0, 0, 0] for _ in range(num_parts)]
+
+
+def balanced_fragments(blocks: list[int], largest: int) -> list[int]:
+    """Each sequence's fragment count in a balanced plan of largest fragment ``largest``:
+    ``ceil(n_i / largest)``."""
+    return [-(-n // largest) for n in blocks]
+
+
 def balanced_fragment_blocks(blocks: list[int], num_parts: int, payload: int) -> int:
     """The largest fragment ``m`` of the balanced plan (the module's docstring), or 0
     where there is none: the least ``m`` in ``payload .. payload + BALANCED_SLACK_BLOCKS``
     for which ``sum(ceil(n_i / m))`` fragments fit in ``num_parts`` parts."""
     for m in range(payload, payload + BALANCED_SLACK_BLOCKS + 1):
-        if sum(-(-n // m) for n in blocks) <= num_parts:
+        if sum(balanced_fragments(blocks, m)) <= num_parts:
             return m
     return 0
 
@@ -208,16 +219,15 @@ def plan_torch(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
     b = len(blocks)
     total = sum(blocks) + FIXED_OVERHEAD_BLOCKS * b
     payload = payload_of(total, num_parts, b)
-    meta = [[b, 0, b - 1, 0, 0, 0, 0, 0] for _ in range(num_parts)]  # empty parts
+    meta = empty_rows(b, num_parts)
     budget = payload + FIXED_OVERHEAD_BLOCKS
     largest = balanced_fragment_blocks(blocks, num_parts, payload)
     if largest:
         fragments = balanced_parts(blocks, largest, meta)
-    elif (packed := packed_parts(blocks, budget, num_parts)) is not None:
-        packed_meta, fragments = packed
-        meta[:len(packed_meta)] = packed_meta
     else:
-        fragments = walked_parts(blocks, total, budget, meta)
+        fragments = packed_parts(blocks, budget, meta)
+        if fragments is None:
+            fragments = walked_parts(blocks, total, budget, meta)
     num_splits = [0] + list(itertools.accumulate(fragments))
     device = cache_seqlens.device
     return (torch.tensor(meta, dtype=torch.int32, device=device).reshape(num_parts, METADATA_INTS),
@@ -226,7 +236,7 @@ def plan_torch(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
 
 def balanced_parts(blocks: list[int], largest: int, meta: list[list[int]]) -> list[int]:
     """The balanced plan's rows into ``meta``; returns each sequence's fragment count."""
-    fragments = [-(-n // largest) for n in blocks]
+    fragments = balanced_fragments(blocks, largest)
     p = 0
     for i, (n, k) in enumerate(zip(blocks, fragments)):
         for j in range(k):
@@ -236,9 +246,10 @@ def balanced_parts(blocks: list[int], largest: int, meta: list[list[int]]) -> li
     return fragments
 
 
-def packed_parts(blocks: list[int], budget: int, num_parts: int):
-    """The packed plan's rows and fragment counts (one a sequence), or None where it
-    needs more than ``num_parts`` parts or a sequence does not fit an empty part."""
+def packed_parts(blocks: list[int], budget: int, meta: list[list[int]]) -> list[int] | None:
+    """The packed plan's rows into ``meta``; returns each sequence's fragment count (one),
+    or None, leaving ``meta`` as it was, where it needs more parts than ``meta`` has or a
+    sequence does not fit an empty part."""
     limit = budget + FIXED_OVERHEAD_BLOCKS
     rows = []
     batch = 0
@@ -247,11 +258,12 @@ def packed_parts(blocks: list[int], budget: int, num_parts: int):
         while end < len(blocks) and cost + blocks[end] + FIXED_OVERHEAD_BLOCKS <= limit:
             cost += blocks[end] + FIXED_OVERHEAD_BLOCKS
             end += 1
-        if end == batch or len(rows) == num_parts:
+        if end == batch or len(rows) == len(meta):
             return None
         rows.append([batch, 0, end - 1, blocks[end - 1], 0, 0, 0, 0])
         batch = end
-    return rows, [1] * len(blocks)
+    meta[:len(rows)] = rows
+    return [1] * len(blocks)
 
 
 def walked_parts(blocks: list[int], total: int, budget: int, meta: list[list[int]]) -> list[int]:
