@@ -52,28 +52,33 @@ def test_gpu_balanced_plan_over_several_chunks(requires_hopper):
     assert torch.equal(meta.cpu(), ref_meta)
 
 
-@pytest.mark.parametrize("case", ["grid", "many chunks", "fails late"])
+@pytest.mark.parametrize("case", ["grid", "fails late", "too many to pack"])
 def test_gpu_packed_plan(requires_hopper, case):
-    # Packed plans (whole sequences), within one chunk of sequences and over several,
-    # and one whose packing fails only past the first chunk (the walk then starts over).
+    # A packed plan (whole sequences); a packing that fails only at the last of
+    # PACKED_MAX_BATCH sequences (the walk then starts over); and more sequences than
+    # PACKED_MAX_BATCH over three chunks, which would pack but are walked.
     from flashmla_cute import runtime
     from flashmla_cute.kernels.metadata import PLAN_CHUNK
 
+    most = scheduler.PACKED_MAX_BATCH
     seqlens, num_parts = {
         "grid": ([8192] * 128, 66),
-        "many chunks": ([1920] * (3 * PLAN_CHUNK), 7),
-        "fails late": ([1920] * (2 * PLAN_CHUNK) + [2_000_000], 7),
+        "fails late": ([1920] * (most - 1) + [2_000_000], 7),
+        "too many to pack": ([1920] * (3 * PLAN_CHUNK), 1685),  # payload 62, as in test_scheduler
     }[case]
     seqlens = torch.tensor(seqlens, dtype=torch.int32)
     blocks = [max(-(-int(x) // scheduler.BLOCK_SIZE), 1) for x in seqlens.tolist()]
     payload = scheduler.payload_of(sum(blocks) + scheduler.FIXED_OVERHEAD_BLOCKS * len(blocks), num_parts, len(blocks))
-    packed = scheduler.packed_parts(blocks, payload + scheduler.FIXED_OVERHEAD_BLOCKS,
-                                    scheduler.empty_rows(len(blocks), num_parts)) is not None
-    assert packed == (case != "fails late")
+    assert not scheduler.balanced_fragment_blocks(blocks, num_parts, payload)
+    would_pack = scheduler.packed_parts(blocks, payload + scheduler.FIXED_OVERHEAD_BLOCKS,
+                                        scheduler.empty_rows(len(blocks), num_parts)) is not None
+    assert would_pack == (case != "fails late")
     meta, num_splits = runtime.plan_on_gpu(seqlens.cuda(), num_parts)
     ref_meta, ref_splits = scheduler.plan_torch(seqlens, num_parts)
     assert torch.equal(num_splits.cpu(), ref_splits)
     assert torch.equal(meta.cpu(), ref_meta)
+    packed = ref_splits.tolist() == list(range(len(blocks) + 1))
+    assert packed == (case == "grid")
 
 
 def test_metadata_is_graph_capturable(requires_hopper):

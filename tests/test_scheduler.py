@@ -47,7 +47,8 @@ def check_plan(seqlens, num_parts):
     total = sum(blocks) + F * b
     payload = scheduler.payload_of(total, num_parts, b)
     largest = scheduler.balanced_fragment_blocks(blocks, num_parts, payload)  # 0: packed or the walk
-    packed = not largest and scheduler.packed_parts(blocks, payload + F, scheduler.empty_rows(b, num_parts)) is not None
+    packed = (not largest and b <= scheduler.PACKED_MAX_BATCH
+              and scheduler.packed_parts(blocks, payload + F, scheduler.empty_rows(b, num_parts)) is not None)
 
     assert meta.dtype == torch.int32 and meta.shape == (num_parts, METADATA_INTS)
     assert num_splits.dtype == torch.int32 and num_splits.shape == (b + 1,)
@@ -186,6 +187,20 @@ def test_packed_plan_keeps_every_sequence_whole():
     meta, num_splits = check_plan([1920] * 7, 4)
     assert meta.tolist() == [[2 * p, 0, min(2 * p + 1, 6), 30, 0, 0, 0, 0] for p in range(4)]
     assert num_splits.tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("b", [scheduler.PACKED_MAX_BATCH, scheduler.PACKED_MAX_BATCH + 1])
+def test_packing_is_tried_for_batches_up_to_packed_max_batch(b):
+    # n = [30] * b (costs 34) over P = 141: payload 62, budget 66. The walk takes one
+    # sequence and 66 - 34 - F = 28 blocks of the next; one F more (70) holds two whole
+    # sequences, so up to PACKED_MAX_BATCH = 256 sequences the parts go two by two
+    # (129 parts of 141); past it the walk decides.
+    assert scheduler.PACKED_MAX_BATCH == 256
+    meta, num_splits = check_plan([1920] * b, 141)
+    packed = num_splits.tolist() == list(range(b + 1))
+    assert packed == (b <= scheduler.PACKED_MAX_BATCH)
+    first_part = [0, 0, 1, 30, 0, 0, 0, 0] if packed else [0, 0, 1, 28, 0, 0, 0, 0]
+    assert meta[0].tolist() == first_part
 
 
 def test_fragment_blocks():

@@ -51,7 +51,8 @@ more ``F`` (what a split would have cost it anyway). If that needs no more than 
 parts, the plan is that, and nothing is merged: b = 128 sequences of 8192 tokens on 66
 parts go two a part (256 blocks) instead of the walk's parts of 252 blocks over three
 fragments, 62 sequences split, 3% faster on an H100 (``benchmarks/NOTES.md``, "Whole
-sequences packed"). Such a part costs at most ``payload + 2 F`` units.
+sequences packed"). Such a part costs at most ``payload + 2 F`` units. Packing is tried
+only for batches of at most ``PACKED_MAX_BATCH`` sequences.
 
 Format
 ------
@@ -117,6 +118,13 @@ BALANCED_SLACK_BLOCKS = 1
 saves the walk: b = 32 sequences of 16384 tokens on 66 parts (payload 127) then go in
 two fragments of 128 blocks, one a part, instead of parts of 127 blocks over two or
 three fragments (2% faster on an H100, ``benchmarks/NOTES.md``)."""
+
+PACKED_MAX_BATCH = 256
+"""Most sequences a packed plan is tried for. It paid where it was measured (b = 128 on
+33-66 parts, 3% on an H100); with hundreds of sequences the walk splits at most one a
+part, few of them, and the packed attempt, which walks the parts once before the walk
+does, doubled the planner's time at b >= 512 (``benchmarks/NOTES.md``, "The plan's own
+time")."""
 
 BLOCKS_PER_FRAGMENT_MERGE = 32
 """Merging 32 more fragments of a sequence costs about as much as one more block on a
@@ -222,12 +230,13 @@ def plan_torch(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
     meta = empty_rows(b, num_parts)
     budget = payload + FIXED_OVERHEAD_BLOCKS
     largest = balanced_fragment_blocks(blocks, num_parts, payload)
+    fragments = None
     if largest:
         fragments = balanced_parts(blocks, largest, meta)
-    else:
+    elif b <= PACKED_MAX_BATCH:
         fragments = packed_parts(blocks, budget, meta)
-        if fragments is None:
-            fragments = walked_parts(blocks, total, budget, meta)
+    if fragments is None:
+        fragments = walked_parts(blocks, total, budget, meta)
     num_splits = [0] + list(itertools.accumulate(fragments))
     device = cache_seqlens.device
     return (torch.tensor(meta, dtype=torch.int32, device=device).reshape(num_parts, METADATA_INTS),

@@ -18,7 +18,8 @@ CTA loads the next chunk, and the walk goes on. The specification's other two pl
   largest fragment it may take, and if they fit, each thread writes the rows of its
   sequences' fragments, their first part found with a prefix sum of the fragment counts;
 - a packed plan is the walk with one F more a part and no split (``walk``'s packing
-  mode), tried first; where it does not place every sequence, the walk starts over.
+  mode), tried first for batches of at most ``PACKED_MAX_BATCH`` sequences (one chunk);
+  where it does not place every sequence, the walk starts over.
 
 The kernel reads ``cache_seqlens`` on the device and never synchronizes with the host
 (it can be captured in a CUDA graph).
@@ -43,12 +44,14 @@ from ..scheduler import (
     METADATA_INTS,
     MIN_PAYLOAD,
     MIN_PAYLOAD_SHORT,
+    PACKED_MAX_BATCH,
     SHORT_SEQUENCE_BLOCKS,
 )
 
 PLAN_THREADS = 1024
 PLAN_CHUNK = PLAN_THREADS  # sequences whose cost ends are in shared memory at once: one a thread
 PLAN_WARPS = PLAN_THREADS // 32
+assert PACKED_MAX_BATCH <= PLAN_CHUNK  # a packed attempt walks the first chunk only
 
 
 @cute.jit
@@ -70,6 +73,17 @@ class MlaMetadata:
     @cute.jit
     def num_blocks(self, mSeqlens: cute.Tensor, i: Int32) -> Int32:
         return cutlass.max((mSeqlens[i] + BLOCK_SIZE - 1) // BLOCK_SIZE, 1)
+
+    @cute.jit
+    def sequence_blocks(self, mSeqlens: cute.Tensor, blocks: cute.Tensor, i: Int32, tidx: Int32) -> Int32:
+        """Sequence ``i``'s block count (``i = first + tidx`` of a chunk's ``first``):
+        from the first chunk's copy in shared memory where the batch fits one chunk."""
+        n = Int32(0)
+        if mSeqlens.shape[0] <= PLAN_CHUNK:
+            n = blocks[tidx]
+        else:
+            n = self.num_blocks(mSeqlens, i)
+        return n
 
     @cute.jit
     def payload(self, total: Int32, num_parts: Int32, b: Int32) -> Int32:
@@ -130,15 +144,15 @@ class MlaMetadata:
         cute.arch.sync_threads()
 
     @cute.jit
-    def balanced_fragment_blocks(self, mSeqlens: cute.Tensor, warp_sums: cute.Tensor, tidx: Int32,
-                                 num_parts: Int32, payload: Int32) -> Int32:
+    def balanced_fragment_blocks(self, mSeqlens: cute.Tensor, blocks: cute.Tensor, warp_sums: cute.Tensor,
+                                 tidx: Int32, num_parts: Int32, payload: Int32) -> Int32:
         """``scheduler.balanced_fragment_blocks``, in every thread."""
         largest = Int32(0)
         for slack in cutlass.range_constexpr(BALANCED_SLACK_BLOCKS + 1):
             m = payload + slack
             needed = Int32(0)
             for i in cutlass.range(tidx, mSeqlens.shape[0], PLAN_THREADS, unroll=1):
-                needed = needed + (self.num_blocks(mSeqlens, i) + m - 1) // m
+                needed = needed + (self.sequence_blocks(mSeqlens, blocks, i, tidx) + m - 1) // m
             needed = self.block_sum(needed, warp_sums, tidx)
             if (largest == 0) & (needed <= num_parts):
                 largest = m
@@ -146,7 +160,7 @@ class MlaMetadata:
 
     @cute.jit
     def write_balanced_plan(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mNumSplits: cute.Tensor,
-                            warp_sums: cute.Tensor, tidx: Int32, largest: Int32) -> Int32:
+                            blocks: cute.Tensor, warp_sums: cute.Tensor, tidx: Int32, largest: Int32) -> Int32:
         """The balanced plan's rows and ``num_splits``: thread ``t`` writes those of
         sequences ``t``, ``t + PLAN_THREADS``, ...; returns the parts it fills."""
         parts_before = Int32(0)  # parts of the sequences of the chunks before
@@ -155,7 +169,7 @@ class MlaMetadata:
             n = Int32(0)
             k = Int32(0)
             if i < mSeqlens.shape[0]:
-                n = self.num_blocks(mSeqlens, i)
+                n = self.sequence_blocks(mSeqlens, blocks, i, tidx)
                 k = (n + largest - 1) // largest
             incl, chunk_parts = self.block_inclusive_sum(k, warp_sums, tidx)
             if i < mSeqlens.shape[0]:
@@ -335,22 +349,21 @@ class MlaMetadata:
             total = cost_end[b - 1]
         payload = self.payload(total, num_parts, b)
         budget = payload + F  # what one part of the walk may take, overheads included
-        largest = self.balanced_fragment_blocks(mSeqlens, warp_sums, tidx, num_parts, payload)
+        largest = self.balanced_fragment_blocks(mSeqlens, blocks, warp_sums, tidx, num_parts, payload)
         if tidx == 0:
             mNumSplits[0] = 0
         parts_filled = Int32(0)
         if largest > 0:
-            parts_filled = self.write_balanced_plan(mSeqlens, mMeta, mNumSplits, warp_sums, tidx, largest)
+            parts_filled = self.write_balanced_plan(mSeqlens, mMeta, mNumSplits, blocks, warp_sums, tidx, largest)
 
-        # Not balanced: packed if every sequence fits whole, else the walk (each starts
-        # from the first chunk of sequences).
+        # Not balanced: packed if the batch is small enough and every sequence fits
+        # whole, else the walk (each from the first chunk of sequences, which a packed
+        # attempt, of one chunk, has not left).
         complete = Int32(largest > 0)
-        if complete == 0:
+        if complete == 0 and b <= PACKED_MAX_BATCH:
             parts_filled, complete = self.walk(mMeta, mNumSplits, mSeqlens, cost_end, blocks, warp_sums, walk_state,
                                                tidx, total, budget, True)
         if complete == 0:
-            if b > PLAN_CHUNK:
-                self.load_chunk(mSeqlens, cost_end, blocks, warp_sums, tidx, Int32(0), Int32(0))
             parts_filled, complete = self.walk(mMeta, mNumSplits, mSeqlens, cost_end, blocks, warp_sums, walk_state,
                                                tidx, total, budget, False)
 
