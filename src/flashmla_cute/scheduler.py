@@ -199,7 +199,10 @@ def balanced_fragments(blocks: list[int], largest: int) -> list[int]:
 def balanced_fragment_blocks(blocks: list[int], num_parts: int, payload: int) -> int:
     """The largest fragment ``m`` of the balanced plan (the module's docstring), or 0
     where there is none: the least ``m`` in ``payload .. payload + BALANCED_SLACK_BLOCKS``
-    for which ``sum(ceil(n_i / m))`` fragments fit in ``num_parts`` parts."""
+    for which ``sum(ceil(n_i / m))`` fragments fit in ``num_parts`` parts. None does with
+    more sequences than parts (each needs a fragment), which is decided without a count."""
+    if len(blocks) > num_parts:
+        return 0
     for m in range(payload, payload + BALANCED_SLACK_BLOCKS + 1):
         if sum(balanced_fragments(blocks, m)) <= num_parts:
             return m

@@ -14,9 +14,10 @@ parts in order, as the specification does, reading only shared memory:
 When the walk reaches the end of the chunk in shared memory, it stops where it is, the
 CTA loads the next chunk, and the walk goes on. The specification's other two plans:
 
-- a balanced plan needs no walk: the CTA counts the fragments it would need for each
-  largest fragment it may take, and if they fit, each thread writes the rows of its
-  sequences' fragments, their first part found with a prefix sum of the fragment counts;
+- a balanced plan needs no walk: where there are no more sequences than parts, the CTA
+  counts the fragments it would need for each largest fragment it may take, and if they
+  fit, each thread writes the rows of its sequences' fragments, their first part found
+  with a prefix sum of the fragment counts;
 - a packed plan is the walk with one F more a part and no split (``walk``'s packing
   mode), tried first for batches of at most ``PACKED_MAX_BATCH`` sequences (one chunk);
   where it does not place every sequence, the walk starts over.
@@ -349,7 +350,9 @@ class MlaMetadata:
             total = cost_end[b - 1]
         payload = self.payload(total, num_parts, b)
         budget = payload + F  # what one part of the walk may take, overheads included
-        largest = self.balanced_fragment_blocks(mSeqlens, blocks, warp_sums, tidx, num_parts, payload)
+        largest = Int32(0)
+        if b <= num_parts:  # else each sequence's fragment alone needs more parts than there are
+            largest = self.balanced_fragment_blocks(mSeqlens, blocks, warp_sums, tidx, num_parts, payload)
         if tidx == 0:
             mNumSplits[0] = 0
         parts_filled = Int32(0)
