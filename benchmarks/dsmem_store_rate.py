@@ -12,6 +12,12 @@ cluster store at once, as in the crossover; the ``st.async`` rounds come in phas
 ``PHASE_ROUNDS``, each waited for on the receiving CTA's mbarrier (its transaction count
 holds under 1 MB) and closed by a cluster barrier. Rates are per SM, from CUDA-event
 medians.
+
+Each store pattern is run twice: with a warp's 32 stores side by side (512 contiguous
+bytes), and with a thread's 16 bytes every 32 bytes (spread 2: each 32-byte
+sector half written by one instruction, as a warp of the sparse pair kernel's gatherer
+writes a K tile's swizzled rows), to tell whether the path between SMs moves whole
+sectors.
 """
 
 import sys
@@ -38,9 +44,10 @@ class StoreRate:
     """Rounds of 16-byte stores into this CTA's shared memory (``OWN``) or the cluster
     peer's (``PEER``, ``PEER_ASYNC``)."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, spread: int):
         self.to_peer = target != OWN
         self.by_async = target == PEER_ASYNC
+        self.spread = spread  # a thread's 16 bytes every ``spread`` * 16 bytes
 
     @cute.jit
     def __call__(self, out: cute.Tensor, rounds: Int32, ctas: Int32, stream):
@@ -73,12 +80,20 @@ class StoreRate:
         out[cta * THREADS + tidx] = buffer[tidx * VECTOR_WORDS]
 
     @cute.jit
+    def word_of(self, tidx, r):
+        """The first word of thread ``tidx``'s store of round ``r``: rounds fill the
+        buffer in turn, odd rounds the halves that even ones skip when spread."""
+        step = THREADS * VECTOR_WORDS * self.spread
+        return (tidx * VECTOR_WORDS * self.spread + (r % self.spread) * VECTOR_WORDS
+                + (r // self.spread) * step) % BUFFER_WORDS
+
+    @cute.jit
     def store_rounds(self, buffer, rounds, tidx):
         base = buffer.iterator
         if const_expr(self.to_peer):
             base = cute.arch.map_dsmem_ptr(buffer.iterator, cute.arch.block_idx_in_cluster() ^ 1)
         for r in cutlass.range(rounds, unroll=1):
-            word = (tidx * VECTOR_WORDS + r * (THREADS * VECTOR_WORDS)) % BUFFER_WORDS
+            word = self.word_of(tidx, r)
             words = vector.from_elements(ir.VectorType.get([VECTOR_WORDS], Int32.mlir_type),
                                          [Int32(r + k).ir_value() for k in range(VECTOR_WORDS)])
             address = (base + word).to_llvm_ptr()
@@ -94,8 +109,7 @@ class StoreRate:
             if tidx == 0:
                 cute.arch.mbarrier_arrive_and_expect_tx(landed, PHASE_ROUNDS * THREADS * VECTOR_WORDS * 4)
             for r in cutlass.range(PHASE_ROUNDS, unroll=1):
-                word = cute.assume((tidx * VECTOR_WORDS + r * (THREADS * VECTOR_WORDS)) % BUFFER_WORDS,
-                                   divby=VECTOR_WORDS)
+                word = cute.assume(self.word_of(tidx, r), divby=VECTOR_WORDS)
                 cute.arch.store_async_dsmem(buffer.iterator + word, tuple(Int32(r + k) for k in range(VECTOR_WORDS)),
                                             landed, peer)
             cute.arch.mbarrier_wait(landed, phase % 2)  # this phase's bytes from the peer have landed
@@ -128,13 +142,16 @@ def main() -> int:
     ctas = 2 * (sms // 2) * WAVES
     out = torch.empty(ctas * THREADS, dtype=torch.int32, device="cuda")
     stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
-    print(f"{'stores':<14} {'rounds':>7} {'us':>10} {'GB/s per SM':>12}")
+    print(f"{'stores':<14} {'spread':>6} {'rounds':>7} {'us':>10} {'GB/s per SM':>12}")
     for target in (OWN, PEER, PEER_ASYNC):
-        compiled = cute.compile(StoreRate(target), from_dlpack(out), Int32(PHASE_ROUNDS), Int32(ctas), stream)
-        for rounds in (1024, 16384):
-            seconds = median_seconds(lambda: compiled(from_dlpack(out), Int32(rounds), Int32(ctas), stream))
-            bytes_per_sm = THREADS * VECTOR_WORDS * 4 * rounds * ctas / sms
-            print(f"{target:<14} {rounds:>7} {seconds * 1e6:>10.1f} {bytes_per_sm / seconds / 1e9:>12.1f}")
+        for spread in (1, 2):
+            compiled = cute.compile(StoreRate(target, spread), from_dlpack(out), Int32(PHASE_ROUNDS), Int32(ctas),
+                                    stream)
+            for rounds in (1024, 16384):
+                seconds = median_seconds(lambda: compiled(from_dlpack(out), Int32(rounds), Int32(ctas), stream))
+                bytes_per_sm = THREADS * VECTOR_WORDS * 4 * rounds * ctas / sms
+                print(f"{target:<14} {spread:>6} {rounds:>7} {seconds * 1e6:>10.1f} "
+                      f"{bytes_per_sm / seconds / 1e9:>12.1f}")
     return 0
 
 
