@@ -51,7 +51,7 @@ from cutlass.cute.nvgpu import warpgroup
 from .. import fp8_cache
 from ..sparse_plan import HEAD_TILE, STEP_TOKENS
 from . import dsmem, softmax, utils
-from .sparse_decode_sm90 import (ATOM_ROWS, BOTH_HALVES, CHUNK_COLUMNS, ELEMS_PER_THREAD_CHUNK, NUM_BUFFERS,
+from .sparse_decode_sm90 import (ATOM_ROWS, BOTH_HALVES, CHUNK_COLUMNS, NUM_BUFFERS,
                                  THREADS_PER_TOKEN, VECTOR_BYTES, SparseDecodeSm90)
 
 TOKENS = STEP_TOKENS
@@ -109,6 +109,7 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
     THREADS = THREADS
     CLUSTER = CLUSTER_SIZE
     NUM_STATS = NUM_STATS
+    SPREAD_PIECES = True  # whole 32-byte sectors into the peer's tile
 
     def __init__(self, layout, has_extra: bool = False):
         super().__init__(layout, has_extra)
@@ -414,12 +415,12 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
 
     def peer_row(self, pair, sK, token_valid, buf, token, part) -> "PeerRow":
         """Where this thread's stores of row ``token`` of tile ``buf`` go in the peer's
-        shared memory: its two 16-byte vectors of chunk 0 (those of chunk c lie c *
+        shared memory: its two 16-byte vectors of chunk 0 (``piece_vectors``) (those of chunk c lie c *
         CHUNK_BYTES further: the swizzle permutes a row's vectors by the row alone) and
         the token's flag, all counted on the peer's landed barrier."""
         return PeerRow(
-            vectors=[self.k_vector_address(sK.iterator, buf, token, 2 * part + v) + pair.shift
-                     for v in range(ELEMS_PER_THREAD_CHUNK // 8)],
+            vectors=[self.k_vector_address(sK.iterator, buf, token, vector) + pair.shift
+                     for vector in self.piece_vectors(part)],
             flag=(token_valid.iterator + buf * TOKENS + token).toint() + pair.shift,
             landed=(pair.landed + buf).toint() + pair.shift,
         )
