@@ -13,11 +13,12 @@ cluster store at once, as in the crossover; the ``st.async`` rounds come in phas
 holds under 1 MB) and closed by a cluster barrier. Rates are per SM, from CUDA-event
 medians.
 
-Each store pattern is run twice: with a warp's 32 stores side by side (512 contiguous
-bytes), and with a thread's 16 bytes every 32 bytes (spread 2: each 32-byte
-sector half written by one instruction, as a warp of the sparse pair kernel's gatherer
-writes a K tile's swizzled rows), to tell whether the path between SMs moves whole
-sectors.
+Each store pattern is run three ways (``PATTERNS``): a warp's 32 stores side by side
+(512 contiguous bytes); a thread's 16 bytes every 32 bytes (each 32-byte sector half
+written by one instruction, as the sparse pair kernel's gatherer first wrote its K
+tiles' swizzled rows); and four threads' 64 bytes every 128 (each 128-byte line half
+written, as the gatherer's 8 rows of a store instruction now are), to tell whether the
+path between SMs moves whole sectors, or whole lines.
 """
 
 import sys
@@ -38,16 +39,19 @@ WAVES = 4
 SHARED_ADDRESS_SPACE = 3
 PHASE_ROUNDS = 128  # st.async rounds counted on one mbarrier phase: 512 KB
 OWN, PEER, PEER_ASYNC = "own", "peer", "peer st.async"
+# (name, contiguous 16-byte vectors a run, runs spaced by this many run lengths)
+PATTERNS = (("512 B", 1, 1), ("16 B / 32", 1, 2), ("64 B / 128", 4, 2))
 
 
 class StoreRate:
     """Rounds of 16-byte stores into this CTA's shared memory (``OWN``) or the cluster
     peer's (``PEER``, ``PEER_ASYNC``)."""
 
-    def __init__(self, target: str, spread: int):
+    def __init__(self, target: str, run: int, spread: int):
         self.to_peer = target != OWN
         self.by_async = target == PEER_ASYNC
-        self.spread = spread  # a thread's 16 bytes every ``spread`` * 16 bytes
+        self.run = run  # threads whose 16-byte vectors lie side by side
+        self.spread = spread  # such runs every ``spread`` run lengths
 
     @cute.jit
     def __call__(self, out: cute.Tensor, rounds: Int32, ctas: Int32, stream):
@@ -82,10 +86,10 @@ class StoreRate:
     @cute.jit
     def word_of(self, tidx, r):
         """The first word of thread ``tidx``'s store of round ``r``: rounds fill the
-        buffer in turn, odd rounds the halves that even ones skip when spread."""
-        step = THREADS * VECTOR_WORDS * self.spread
-        return (tidx * VECTOR_WORDS * self.spread + (r % self.spread) * VECTOR_WORDS
-                + (r // self.spread) * step) % BUFFER_WORDS
+        buffer in turn, a spread pattern's rounds the gaps that the ones before left."""
+        vector = ((tidx // self.run) * self.run * self.spread + (r % self.spread) * self.run + tidx % self.run
+                  + (r // self.spread) * THREADS * self.spread)
+        return (vector * VECTOR_WORDS) % BUFFER_WORDS
 
     @cute.jit
     def store_rounds(self, buffer, rounds, tidx):
@@ -142,15 +146,15 @@ def main() -> int:
     ctas = 2 * (sms // 2) * WAVES
     out = torch.empty(ctas * THREADS, dtype=torch.int32, device="cuda")
     stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
-    print(f"{'stores':<14} {'spread':>6} {'rounds':>7} {'us':>10} {'GB/s per SM':>12}")
+    print(f"{'stores':<14} {'pattern':>11} {'rounds':>7} {'us':>10} {'GB/s per SM':>12}")
     for target in (OWN, PEER, PEER_ASYNC):
-        for spread in (1, 2):
-            compiled = cute.compile(StoreRate(target, spread), from_dlpack(out), Int32(PHASE_ROUNDS), Int32(ctas),
-                                    stream)
+        for pattern, run, spread in PATTERNS:
+            compiled = cute.compile(StoreRate(target, run, spread), from_dlpack(out), Int32(PHASE_ROUNDS),
+                                    Int32(ctas), stream)
             for rounds in (1024, 16384):
                 seconds = median_seconds(lambda: compiled(from_dlpack(out), Int32(rounds), Int32(ctas), stream))
                 bytes_per_sm = THREADS * VECTOR_WORDS * 4 * rounds * ctas / sms
-                print(f"{target:<14} {spread:>6} {rounds:>7} {seconds * 1e6:>10.1f} "
+                print(f"{target:<14} {pattern:>11} {rounds:>7} {seconds * 1e6:>10.1f} "
                       f"{bytes_per_sm / seconds / 1e9:>12.1f}")
     return 0
 
