@@ -88,14 +88,14 @@ class RoleRegisters:
 
 
 # Per layout, as measured (benchmarks/NOTES.md, "The register budgets of the pair
-# kernel's roles" and "The pair kernel's consumer 0 with more registers"): V3.2's h_q
-# 128 cases 1-2% faster with the gatherer at 136 than at 120, and within 0.6% with
-# consumer 0 at 216 and the gatherer at 128; MODEL1's h_q 128 cases 0.6-1.6% faster with
-# 216 / 160 / 128 than with 208 / 176 / 120. Consumer 0 below 208 costs both layouts
-# (at 192, FlashMLA's budgets: 3-16% slower); consumer 1 below 160 spills.
+# kernel's roles", "The pair kernel's consumer 0 with more registers" and "Two earlier
+# probes again, on whole-sector stores"): consumer 0 below 208 costs both layouts (at
+# 192, FlashMLA's budgets: 3-16% slower), consumer 1 below 160 spills. Since the
+# gatherer stores whole sectors into the peer's tile, MODEL1's h_q 128 cases are 1-1.5%
+# faster with 208 / 160 / 136 than with 216 / 160 / 128, and V3.2's 1.2-1.4% slower.
 ROLE_REGISTERS = {
     fp8_cache.V32.key: RoleRegisters(scores=208, values=160, gather=136),
-    fp8_cache.MODEL1.key: RoleRegisters(scores=216, values=160, gather=128),
+    fp8_cache.MODEL1.key: RoleRegisters(scores=208, values=160, gather=136),
 }
 
 
@@ -333,12 +333,14 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
                 for i in cutlass.range_constexpr(num_rows):
                     t.row_stats[t.coord_s[i, 0][0], STAT_SCALE] = factors[i]
             cute.arch.fence_view_async_shared()
-            cute.arch.barrier_arrive(barrier_id=P_READY, number_of_threads=CONSUMER_THREADS)
             warpgroup.fence()
             for k in cutlass.range_constexpr(K_STEPS):
                 cute.gemm(t.tiled_mma_o_rs, t.acc_o, t.p_operand[None, None, k], t.tOrV_rs[None, None, k, buf],
                           t.acc_o)
             warpgroup.commit_group()
+            # Consumer 1 is let go only once this P V is issued, so that it goes first on
+            # the tensor cores: consumer 0's step is the one the gatherer waits on.
+            cute.arch.barrier_arrive(barrier_id=P_READY, number_of_threads=CONSUMER_THREADS)
             warpgroup.wait_group(0)
             self.release_tile(k_tiles, state, wg_tidx)
             state.advance()
