@@ -28,8 +28,9 @@ reads; a cluster-scope arrive put a GPU-wide fence into every step and cost 15-1
 
 The rate at which an SM stores into its peer's shared memory (about 25 GB/s,
 ``benchmarks/dsmem_store_rate.py``) makes the exchange of half a tile a step take 1.5 us
-at least: it pays only because the gather warpgroup spreads it over the whole step
-while the consumers multiply (benchmarks/NOTES.md, "The gather warpgroup's pairs with
+at least, and that only where every store instruction fills whole 32-byte sectors (half
+sectors halve the rate; ``SPREAD_PIECES``): it pays only because the gather warpgroup
+spreads it over the whole step while the consumers multiply (benchmarks/NOTES.md, "The gather warpgroup's pairs with
 FlashMLA's consumer roles"). With 64 heads or fewer there is nothing to share, and the
 eight-warp kernel of ``sparse_decode_sm90`` is faster.
 
