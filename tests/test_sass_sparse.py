@@ -108,12 +108,13 @@ def test_what_runs_beside_the_scores(cubins, name):
 
 @pytest.mark.parametrize("name", SPARSE_NAMES)
 def test_how_the_output_leaves(cubins, name):
-    """The eight-warp MODEL1 variants stage the output's rows in shared memory and store
-    them 16 bytes at a time (``Arrangement.stage_output_rows``); the V3.2 variants and
-    the pair kernel store from the accumulators (staging measured slower for V3.2), so
-    none of their global stores is 16 bytes wide."""
+    """The pair kernels and the eight-warp MODEL1 variants stage the output's rows in
+    shared memory and store them 16 bytes at a time (``finish_pair``,
+    ``Arrangement.stage_output_rows``); the eight-warp V3.2 variants store from the
+    accumulators (staging measured slower there), so none of their global stores is 16
+    bytes wide."""
     wide_stores = re.findall(r"\bSTG\.E\.128\b", sass_of(cubins[name]))
-    if "model1" in name and name in EIGHT_WARP_NAMES:
+    if "model1" in name or name in PAIR_NAMES:
         assert wide_stores, f"{name}: the output rows are not stored 16 bytes at a time"
     else:
         assert not wide_stores, f"{name}: 16-byte global stores in the V3.2 epilogue"

@@ -52,7 +52,7 @@ from cutlass.cute.nvgpu import warpgroup
 from .. import fp8_cache
 from ..sparse_plan import HEAD_TILE, STEP_TOKENS
 from . import dsmem, softmax, utils
-from .sparse_decode_sm90 import (ATOM_ROWS, BOTH_HALVES, CHUNK_COLUMNS, NUM_BUFFERS,
+from .sparse_decode_sm90 import (ATOM_ROWS, BOTH_HALVES, CHUNK_COLUMNS, DV, NUM_BUFFERS,
                                  THREADS_PER_TOKEN, VECTOR_BYTES, SparseDecodeSm90)
 
 TOKENS = STEP_TOKENS
@@ -268,8 +268,8 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         else:
             self.consume_values(t, k_tiles, pair, num_steps, wg_tidx)
         fragment = whole_batches + (batch - whole_batches) * topk_splits + split  # when split
-        self.finish_pair(t, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment, batch, s,
-                         head0, h_q)
+        self.finish_pair(t, storage, tidx, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits,
+                         fragment, batch, s, head0, h_q)
         # No CTA leaves while its peer may still arrive on its barriers.
         cute.arch.cluster_arrive_relaxed()
         cute.arch.cluster_wait()
@@ -371,10 +371,14 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
             state.advance()
 
     @cute.jit
-    def finish_pair(self, t, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment, batch,
-                    s, head0, h_q):
+    def finish_pair(self, t, storage, tidx, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits,
+                    fragment, batch, s, head0, h_q):
         """The epilogue: consumer 0 publishes each row's sum and maximum; both write
-        their half of O (``write_row``)."""
+        their half of O (``write_row``). The output's rows go through shared memory
+        (the K buffers: after the last step nothing reads them, and the peer's gatherer,
+        whose steps are this CTA's, has nothing more to store), then out whole
+        (``utils.copy_rows``): stored from the accumulators, a bf16 pair is half a
+        sector in each of 8 rows per instruction."""
         num_rows = cute.size(t.o_rc, mode=[0])
         if const_expr(t.wg == 0):
             for i in cutlass.range_constexpr(num_rows):
@@ -382,11 +386,17 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
                 if t.lane_writes_row:
                     t.row_stats[t.coord_s[i, 0][0], STAT_SUM] = total
                     t.row_stats[t.coord_s[i, 0][0], STAT_MAX] = t.row_max[i]
+        # Also: both consumers' last P V have read the K buffers.
         cute.arch.barrier(barrier_id=ROW_SUMS, number_of_threads=CONSUMER_THREADS)
+        staged_out = storage.sK.get_tensor(utils.staged_rows_layout(HEAD_TILE, DV, BFloat16))
         for i in cutlass.range_constexpr(num_rows):
             r = t.coord_o[i, 0][0]
-            self.write_row(t, i, t.row_stats[r, STAT_SUM], t.row_stats[r, STAT_MAX], None, False, mO, mLse, mOAccum,
-                           mLseAccum, mSink, softmax_scale, has_sink, splits, fragment, batch, s, head0, h_q)
+            self.write_row(t, i, t.row_stats[r, STAT_SUM], t.row_stats[r, STAT_MAX], staged_out, True, mO, mLse,
+                           mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment, batch, s, head0, h_q)
+        if splits == 1:
+            cute.arch.barrier(barrier_id=ROW_SUMS, number_of_threads=CONSUMER_THREADS)  # every row staged
+            utils.copy_rows(staged_out, lambda r: mO[batch, s, head0 + r, None], cutlass.min(h_q - head0, HEAD_TILE),
+                            tidx, CONSUMER_THREADS)
 
     @cute.jit
     def gather(self, k_tiles, pair, caches, steps_args, sK, token_valid, gather_tidx):
