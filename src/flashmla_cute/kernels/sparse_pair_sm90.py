@@ -30,8 +30,8 @@ The rate at which an SM stores into its peer's shared memory (about 25 GB/s,
 ``benchmarks/dsmem_store_rate.py``) makes the exchange of half a tile a step take 1.5 us
 at least, and that only where every store instruction fills whole 32-byte sectors (half
 sectors halve the rate; ``SPREAD_PIECES``): it pays only because the gather warpgroup
-spreads it over the whole step while the consumers multiply (benchmarks/NOTES.md, "The gather warpgroup's pairs with
-FlashMLA's consumer roles"). With 64 heads or fewer there is nothing to share, and the
+spreads it over the whole step while the consumers multiply (benchmarks/NOTES.md, "The
+gather warpgroup's pairs with FlashMLA's consumer roles"). With 64 heads or fewer there is nothing to share, and the
 eight-warp kernel of ``sparse_decode_sm90`` is faster.
 
 Everything else (the steps, splits, fetch, dequantization, combine) is
@@ -339,8 +339,9 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
                 cute.gemm(t.tiled_mma_o_rs, t.acc_o, t.p_operand[None, None, k], t.tOrV_rs[None, None, k, buf],
                           t.acc_o)
             warpgroup.commit_group()
-            # Consumer 1 is let go only once this P V is issued, so that it goes first on
-            # the tensor cores: consumer 0's step is the one the gatherer waits on.
+            # Consumer 1 is let go only once this P V is issued (FlashMLA's order), so that
+            # it goes first on the tensor cores: level on the production cases, 2.6% off
+            # the peak h_q 128 case (benchmarks/NOTES.md, "Two earlier probes again").
             cute.arch.barrier_arrive(barrier_id=P_READY, number_of_threads=CONSUMER_THREADS)
             warpgroup.wait_group(0)
             self.release_tile(k_tiles, state, wg_tidx)
@@ -428,9 +429,9 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
 
     def peer_row(self, pair, sK, token_valid, buf, token, part) -> "PeerRow":
         """Where this thread's stores of row ``token`` of tile ``buf`` go in the peer's
-        shared memory: its two 16-byte vectors of chunk 0 (``piece_vectors``) (those of chunk c lie c *
-        CHUNK_BYTES further: the swizzle permutes a row's vectors by the row alone) and
-        the token's flag, all counted on the peer's landed barrier."""
+        shared memory: its two 16-byte vectors of chunk 0 (``piece_vectors``; those of
+        chunk c lie c * CHUNK_BYTES further: the swizzle permutes a row's vectors by the
+        row alone) and the token's flag, all counted on the peer's landed barrier."""
         return PeerRow(
             vectors=[self.k_vector_address(sK.iterator, buf, token, vector) + pair.shift
                      for vector in self.piece_vectors(part)],
