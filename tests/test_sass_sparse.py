@@ -186,3 +186,28 @@ def test_the_pair_kernel_roles_take_their_registers(cubins, name):
     taken = sorted(int(m, 16) for m in re.findall(r"USETMAXREG\.\w+(?:\.\w+)*\s+(?:UP\d,\s*)?(0x[0-9a-f]+)",
                                                       sass_of(cubins[name])))
     assert taken == sorted([budget.scores, budget.values, budget.gather]), f"{name}: setmaxnreg {taken}"
+
+
+@pytest.mark.parametrize("layout", ["V3.2", "MODEL1"])
+def test_the_pair_kernel_stores_whole_sectors(layout):
+    """The four threads of a token take the 8 vectors (8 columns, 16 bf16 bytes) of each
+    64-column chunk of its K row between them, and each store instruction of the pair
+    kernel's gatherer (vector j of every thread) fills whole 32-byte sectors of every
+    row once the 128-byte swizzle (vector ^ row % 8) has placed them: the path between
+    SMs moves sectors, and half-filled ones halve its rate. The eight-warp kernel, with
+    no peer, keeps a thread's two vectors side by side (one 16-byte load)."""
+    from flashmla_cute import fp8_cache
+    from flashmla_cute.kernels.sparse_decode_sm90 import THREADS_PER_TOKEN, SparseDecodeSm90
+    from flashmla_cute.kernels.sparse_pair_sm90 import SparsePairDecodeSm90
+
+    fp8_layout = {"V3.2": fp8_cache.V32, "MODEL1": fp8_cache.MODEL1}[layout]
+    for kernel in (SparsePairDecodeSm90(fp8_layout), SparseDecodeSm90(fp8_layout)):
+        pieces = [kernel.piece_vectors(part) for part in range(THREADS_PER_TOKEN)]
+        assert sorted(v for piece in pieces for v in piece) == list(range(8))
+    pair = SparsePairDecodeSm90(fp8_layout)
+    for row in range(8):
+        for j in range(2):
+            slots = {pair.piece_vectors(part)[j] ^ row for part in range(THREADS_PER_TOKEN)}
+            assert {slot ^ 1 for slot in slots} == slots, (row, j, slots)  # both halves of each sector
+    eight_warp = SparseDecodeSm90(fp8_layout)
+    assert [eight_warp.piece_vectors(part) for part in range(THREADS_PER_TOKEN)] == [(0, 1), (2, 3), (4, 5), (6, 7)]
