@@ -91,6 +91,7 @@ NUM_WARPGROUPS = 2
 THREADS = utils.WARPGROUP_THREADS * NUM_WARPGROUPS
 THREADS_PER_TOKEN = THREADS // TOKENS  # 4: one token's bytes are gathered by 4 threads
 VECTOR_BYTES = 16
+VECTOR_COLUMNS = VECTOR_BYTES // (BFloat16.width // 8)  # 8: bf16 columns of a 16-byte vector of a K row
 ELEMS_PER_THREAD_CHUNK = 16  # bf16 values a thread writes per 64-column chunk of a K row
 # Latent chunks of a token's first half (with its scales; the second half has the rest
 # and the rope values): fetched and unpacked apart from the rest, so that one half can
@@ -702,7 +703,7 @@ class SparseDecodeSm90:
                 for j in cutlass.range_constexpr(piece_loads):
                     cute.copy(latent_load,
                               cute.local_tile(row, (piece_bytes,), (chunk * (CHUNK_COLUMNS // piece_bytes)
-                                                                    + vectors[j] * 8 // piece_bytes,)),
+                                                                    + vectors[j] * VECTOR_COLUMNS // piece_bytes,)),
                               cute.local_tile(fetched.latent[None, chunk], (piece_bytes,), (j,)))
             if const_expr(1 in halves):
                 # The rope part starts on a 16-byte boundary: its 16-byte pieces are its
@@ -807,8 +808,9 @@ class SparseDecodeSm90:
         if const_expr(self.SPREAD_PIECES):
             vectors = self.piece_vectors(part)
             for j in cutlass.range_constexpr(2):
-                cute.autovec_copy(cute.local_tile(values, (8,), (j,)),
-                                  cute.local_tile(k_row, (8,), (chunk * (CHUNK_COLUMNS // 8) + vectors[j],)))
+                cute.autovec_copy(cute.local_tile(values, (VECTOR_COLUMNS,), (j,)),
+                                  cute.local_tile(k_row, (VECTOR_COLUMNS,),
+                                                  (chunk * (CHUNK_COLUMNS // VECTOR_COLUMNS) + vectors[j],)))
         else:
             cute.autovec_copy(values,
                               cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)))
