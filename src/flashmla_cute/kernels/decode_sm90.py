@@ -558,6 +558,10 @@ class MlaDecodeSm90:
                     self.right_pair(t, bars, kv, q, pair, first_state, second_state, has_second, seqlen, mask_from,
                                     scale_log2)
                 tiles_seen = tiles_seen + cutlass.min(last - pair, 2)
+            if first >= last:
+                # No block, so no S waited for this batch's Q, which is loaded all the
+                # same: the CTA does not end while that load may still be landing.
+                q.wait(self.all_chunks)
             q_ring.release(q_state, self.all_chunks)
             q_state.advance()
             self.finish_batch(wg, t, bars, work, batch, seqlen)

@@ -1,0 +1,81 @@
+"""Times the sparse call on some of ``bench_sparse.py``'s cases under forced plans (every
+sequence's tiles cut into ``k`` fragments, for each ``k`` asked), beside the plan that
+``sparse_plan.plan_splits`` picks and FlashMLA's current kernel when it imports: where the
+split model's constants (``sparse_plan.CTA_COST_STEPS``, ``MERGE_COST_STEPS``) stand against
+the GPU. Same timing as ``bench_sparse.py`` (medians, an L2 flush before each call, input
+sets cycled past L2). Needs a Hopper (sm_90) GPU.
+
+    python benchmarks/sparse_plan_probe.py [--match REGEX] [--splits 4,8,11,16]
+"""
+
+import argparse
+import re
+import sys
+
+import bench_decode
+import bench_sparse
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--match", default=r"^(MODEL1 )?b2 ", help="cases of bench_sparse's 'all' set whose name "
+                        "matches (default: the b = 2 cases)")
+    parser.add_argument("--splits", default="4,6,8,11,16,22,32", help="fragment counts to force, comma-separated")
+    parser.add_argument("--no-peers", action="store_true", help=f"do not time {bench_sparse.PEER} even if it imports")
+    parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per measurement (default: 25)")
+    parser.add_argument("--rep-ms", type=float, default=200.0, help="timed time per measurement (default: 200)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    args = parser.parse_args(argv)
+    reason = bench_decode.no_hopper_reason("sparse_plan_probe.py")
+    if reason:
+        print(reason, file=sys.stderr)
+        return 2
+    bench_decode.import_package()
+    import torch
+
+    from flashmla_cute import api, runtime, sparse_plan, sparse_runtime
+
+    peers = bench_decode.import_peers(not args.no_peers, names=(bench_sparse.PEER,))
+    timer = bench_decode.Timer(args.warmup_ms, args.rep_ms)
+    l2 = bench_decode.l2_bytes()
+    num_sms = runtime.num_sms(torch.cuda.current_device())
+    chosen_plan = sparse_runtime.plan_splits
+    forced = [int(k) for k in args.splits.split(",")]
+    for i, case in enumerate(bench_sparse.CASE_SETS["all"]):
+        if not re.search(args.match, case.name):
+            continue
+        seqlens = bench_sparse.case_seqlens(case, args.seed)
+        extra_seqlens = bench_sparse.case_seqlens(case, args.seed, extra=True) if case.extra_topk else None
+        extra_topk_length = bench_sparse.case_extra_topk_length(case, args.seed)
+        n_sets = bench_decode.input_sets(bench_sparse.sparse_bytes(case), l2)
+        sets = [bench_sparse.make_inputs(case, seqlens, args.seed + j, "cuda", extra_seqlens, extra_topk_length)
+                for j in range(n_sets)]
+        picked = chosen_plan(case.b, case.s_q, case.h_q, case.topk + case.extra_topk, num_sms)
+        times = {}
+        for k in [None] + forced:
+            sparse_runtime.plan_splits = chosen_plan if k is None else (
+                lambda *_, k=k: sparse_plan.SparsePlan(0, k))
+            call = bench_sparse.planned_caller(api, sets[0])
+            times[f"picked {tuple(picked)}" if k is None else f"k={k}"] = time_call(timer, call, sets)
+        sparse_runtime.plan_splits = chosen_plan
+        for peer, module in peers.items():
+            times[peer] = time_call(timer, bench_sparse.planned_caller(module, sets[0]), sets)
+        print(f"{case.name}: " + ", ".join(f"{name} {ms * 1000:.1f} us" for name, ms in times.items()), flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    return 0
+
+
+def time_call(timer, call, sets) -> float:
+    """``timer``'s median of ``call`` cycling through ``sets``."""
+    counter = [0]
+
+    def fn():
+        call(sets[counter[0] % len(sets)])
+        counter[0] += 1
+
+    return timer(fn)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
