@@ -5,7 +5,11 @@ split model's constants (``sparse_plan.CTA_COST_STEPS``, ``MERGE_COST_STEPS``) s
 the GPU. Same timing as ``bench_sparse.py`` (medians, an L2 flush before each call, input
 sets cycled past L2). Needs a Hopper (sm_90) GPU.
 
-    python benchmarks/sparse_plan_probe.py [--match REGEX] [--splits 4,8,11,16]
+    python benchmarks/sparse_plan_probe.py [--match REGEX] [--splits 4,8,11,16] [--profile]
+
+``--profile`` also prints, for the picked plan and the peer, each kernel of one call (the
+torch profiler's CUDA times, the L2 flushed before it) and the span from the first
+kernel's start to the last one's end.
 """
 
 import argparse
@@ -21,6 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--match", default=r"^(MODEL1 )?b2 ", help="cases of bench_sparse's 'all' set whose name "
                         "matches (default: the b = 2 cases)")
     parser.add_argument("--splits", default="4,6,8,11,16,22,32", help="fragment counts to force, comma-separated")
+    parser.add_argument("--profile", action="store_true", help="also print each kernel's time in one call")
     parser.add_argument("--no-peers", action="store_true", help=f"do not time {bench_sparse.PEER} even if it imports")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per measurement (default: 25)")
     parser.add_argument("--rep-ms", type=float, default=200.0, help="timed time per measurement (default: 200)")
@@ -58,12 +63,40 @@ def main(argv=None) -> int:
             call = bench_sparse.planned_caller(api, sets[0])
             times[f"picked {tuple(picked)}" if k is None else f"k={k}"] = time_call(timer, call, sets)
         sparse_runtime.plan_splits = chosen_plan
+        calls = {"ours": bench_sparse.planned_caller(api, sets[0])}
         for peer, module in peers.items():
-            times[peer] = time_call(timer, bench_sparse.planned_caller(module, sets[0]), sets)
+            calls[peer] = bench_sparse.planned_caller(module, sets[0])
+            times[peer] = time_call(timer, calls[peer], sets)
         print(f"{case.name}: " + ", ".join(f"{name} {ms * 1000:.1f} us" for name, ms in times.items()), flush=True)
+        if args.profile:
+            for name, call in calls.items():
+                print(f"    {name}: {profile_call(call, sets[1 % len(sets)])}", flush=True)
         del sets
         torch.cuda.empty_cache()
     return 0
+
+
+def profile_call(call, inputs) -> str:
+    """Each CUDA kernel of one ``call(inputs)`` after an L2 flush, with the span of them all."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    for _ in range(3):  # warm
+        call(inputs)
+    flush.zero_()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        flush.zero_()
+        call(inputs)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = sorted(kernels, key=lambda e: e.time_range.start)[1:]  # the flush first
+    if not kernels:
+        return "no kernels seen"
+    span = kernels[-1].time_range.end - kernels[0].time_range.start
+    parts = [f"{e.name[:40]} {e.time_range.elapsed_us():.1f}" for e in kernels]
+    return "; ".join(parts) + f" | span {span:.1f} us"
 
 
 def time_call(timer, call, sets) -> float:
