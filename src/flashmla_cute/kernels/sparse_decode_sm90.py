@@ -166,7 +166,6 @@ class SparseDecodeSm90:
         self.d = layout.head_dim  # key width: Q, K and S's reduction
         self.latent_chunks = layout.latent_dim // CHUNK_COLUMNS  # FP8 chunks of a K row (8 or 7)
         self.arrangement = ARRANGEMENTS[layout.key]
-        self.q_vectors_per_row = self.d // 8  # 16-byte pieces of a bf16 row of Q
 
     # ------------------------------------------------------------------ host side
     @cute.jit
@@ -628,19 +627,31 @@ class SparseDecodeSm90:
         copy, all of a thread's copies in flight at once (the wait before the first step
         ends them); rows past h_q are zeros. The indices' load and the first K fetch go
         out meanwhile, so a CTA's start waits for one of these latencies, not for them
-        in a row."""
-        vectors = HEAD_TILE * self.q_vectors_per_row
-        assert vectors % THREADS == 0, f"{vectors} Q vectors do not divide among {THREADS} threads"
+        in a row.
+
+        A thread copies the same 16-byte vector of every 64-column chunk of its rows
+        (``tidx // 8`` and every ``THREADS // 8``-th row after it), so that its copies
+        differ by constant offsets: the addresses are worked out once, where a vector
+        index dealt out over whole rows cost about 50 instructions a copy and, at a
+        CTA's start, as many instruction-cache misses (benchmarks/NOTES.md, "The b2
+        cases: a CTA's start")."""
+        chunk_vectors = CHUNK_COLUMNS // VECTOR_COLUMNS
+        rows_per_pass = THREADS // chunk_vectors
+        assert HEAD_TILE % rows_per_pass == 0 and self.d % CHUNK_COLUMNS == 0, "Q's tile is not whole chunks"
         copy_atom = cute.make_copy_atom(cpasync.CopyG2SOp(), mQ.element_type, num_bits_per_copy=128)
-        for i in cutlass.range_constexpr(vectors // THREADS):
-            v = tidx + i * THREADS
-            r = v // self.q_vectors_per_row
-            c = v - r * self.q_vectors_per_row
-            dst = cute.local_tile(sQ[r, None, 0], (8,), (c,))
+        vector = tidx % chunk_vectors
+        for p in cutlass.range_constexpr(HEAD_TILE // rows_per_pass):
+            r = tidx // chunk_vectors + p * rows_per_pass
+            dst_row = sQ[r, None, 0]
             if head0 + r < h_q:
-                cute.copy(copy_atom, cute.local_tile(mQ[batch, s, head0 + r, None], (8,), (c,)), dst)
+                src_row = mQ[batch, s, head0 + r, None]
+                for chunk in cutlass.range_constexpr(self.d // CHUNK_COLUMNS):
+                    c = chunk * chunk_vectors + vector
+                    cute.copy(copy_atom, cute.local_tile(src_row, (VECTOR_COLUMNS,), (c,)),
+                              cute.local_tile(dst_row, (VECTOR_COLUMNS,), (c,)))
             else:
-                dst.fill(0.0)
+                for chunk in cutlass.range_constexpr(self.d // CHUNK_COLUMNS):
+                    cute.local_tile(dst_row, (VECTOR_COLUMNS,), (chunk * chunk_vectors + vector,)).fill(0.0)
         cute.arch.cp_async_commit_group()
 
     def piece_vectors(self, part) -> tuple:
