@@ -3,7 +3,9 @@ sequence's tiles cut into ``k`` fragments, for each ``k`` asked), beside the pla
 ``sparse_plan.plan_splits`` picks and FlashMLA's current kernel when it imports: where the
 split model's constants (``sparse_plan.CTA_COST_STEPS``, ``MERGE_COST_STEPS``) stand against
 the GPU. Same timing as ``bench_sparse.py`` (medians, an L2 flush before each call, input
-sets cycled past L2). Needs a Hopper (sm_90) GPU.
+sets cycled past L2). A forced count may leave fragments with no step
+(``ceil(steps / k) * (k - 1) >= steps``, ``steps = topk / 64``), which the package's plans
+never do (``tests/test_sparse_plan.py``). Needs a Hopper (sm_90) GPU.
 
     python benchmarks/sparse_plan_probe.py [--match REGEX] [--splits 4,8,11,16] [--profile]
 
@@ -15,14 +17,22 @@ kernel's start to the last one's end.
 import argparse
 import re
 import sys
+from pathlib import Path
 
-import bench_decode
-import bench_sparse
+# The cases, inputs and calls are bench_sparse's, the timer bench_decode's, beside this file.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import bench_decode  # noqa: E402
+import bench_sparse  # noqa: E402
+
+SMALLEST_BATCHES = r"^(MODEL1 )?b2 "
+"""The default ``--match``: the b = 2 cases, whose time the split count should set."""
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--match", default=r"^(MODEL1 )?b2 ", help="cases of bench_sparse's 'all' set whose name "
+    parser.add_argument("--match", default=SMALLEST_BATCHES, help="cases of bench_sparse's 'all' set whose name "
                         "matches (default: the b = 2 cases)")
     parser.add_argument("--splits", default="4,6,8,11,16,22,32", help="fragment counts to force, comma-separated")
     parser.add_argument("--profile", action="store_true", help="also print each kernel's time in one call")
@@ -46,7 +56,7 @@ def main(argv=None) -> int:
     num_sms = runtime.num_sms(torch.cuda.current_device())
     chosen_plan = sparse_runtime.plan_splits
     forced = [int(k) for k in args.splits.split(",")]
-    for i, case in enumerate(bench_sparse.CASE_SETS["all"]):
+    for case in bench_sparse.CASE_SETS["all"]:
         if not re.search(args.match, case.name):
             continue
         seqlens = bench_sparse.case_seqlens(case, args.seed)
