@@ -5,8 +5,8 @@ its design needs: WGMMA (HGMMA) for both products, 16-byte gathers from the cach
 instruction, and no local memory (LDL/STL: register spills or stack arrays); beside it,
 the combine kernels it launches, one of them within 64 registers; and the step's
 schedule, dequantization and epilogue where they were chosen by measurement
-(``sparse_decode_sm90.Arrangement``), and a step loop that finds its tokens without
-dividing, and whose latent loads carry cache hints."""
+(``sparse_decode_sm90.Arrangement``), a step loop that finds its tokens without
+dividing, and whose latent loads carry cache hints, and Q's copies addressed once."""
 
 import glob
 import os
@@ -118,6 +118,23 @@ def test_how_the_output_leaves(cubins, name):
         assert wide_stores, f"{name}: the output rows are not stored 16 bytes at a time"
     else:
         assert not wide_stores, f"{name}: 16-byte global stores in the V3.2 epilogue"
+
+
+@pytest.mark.parametrize("name", SPARSE_NAMES)
+def test_q_copies_are_addressed_once(cubins, name):
+    """``load_q``: a thread copies one 16-byte vector of every 64-column chunk of each of
+    its two rows of Q (256 threads, 8 a row's chunk), so a row's copies (``LDGSTS``)
+    follow one another within a few instructions, their addresses constant offsets
+    apart; dealt out as one vector index over whole rows they were about 54 instructions
+    apart, which a CTA's start paid for (benchmarks/NOTES.md, "The b2 cases: a CTA's
+    start"). The pair kernel has the copies twice, one role each."""
+    instructions = [line for line in sass_of(cubins[name]).splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
+    copies = [i for i, line in enumerate(instructions) if "LDGSTS" in line]
+    chunks = 8 if "model1" in name else 9  # Q's width, 512 or 576, in 64-column chunks
+    row_copies = 2 * (2 if name in PAIR_NAMES else 1)
+    assert len(copies) == chunks * row_copies, f"{name}: {len(copies)} Q copies"
+    close = sum(later - earlier <= 8 for earlier, later in zip(copies, copies[1:]))
+    assert close == (chunks - 1) * row_copies, f"{name}: Q's copies are not addressed once"
 
 
 @pytest.mark.parametrize("name", SPARSE_NAMES)
