@@ -132,6 +132,7 @@ ARRANGEMENTS = {
 BOTH_HALVES = (0, 1)
 DV = fp8_cache.VALUE_DIM
 CHUNK_COLUMNS = utils.ATOM_COLUMNS  # columns of one 128-byte swizzle atom of a K row
+CHUNK_VECTORS = CHUNK_COLUMNS // VECTOR_COLUMNS  # 8: 16-byte vectors of a bf16 row's chunk
 ATOM_ROWS = utils.ATOM_ROWS
 NUM_BUFFERS = 2  # K tiles in shared memory: one read by the MMAs, one being written
 HALF_TOKENS = TOKENS // NUM_WARPGROUPS  # a step's tokens whose scores one warpgroup computes
@@ -635,23 +636,22 @@ class SparseDecodeSm90:
         index dealt out over whole rows cost about 50 instructions a copy and, at a
         CTA's start, as many instruction-cache misses (benchmarks/NOTES.md, "The b2
         cases: a CTA's start")."""
-        chunk_vectors = CHUNK_COLUMNS // VECTOR_COLUMNS
-        rows_per_pass = THREADS // chunk_vectors
+        rows_per_pass = THREADS // CHUNK_VECTORS
         assert HEAD_TILE % rows_per_pass == 0 and self.d % CHUNK_COLUMNS == 0, "Q's tile is not whole chunks"
         copy_atom = cute.make_copy_atom(cpasync.CopyG2SOp(), mQ.element_type, num_bits_per_copy=128)
-        vector = tidx % chunk_vectors
+        vector = tidx % CHUNK_VECTORS
         for p in cutlass.range_constexpr(HEAD_TILE // rows_per_pass):
-            r = tidx // chunk_vectors + p * rows_per_pass
+            r = tidx // CHUNK_VECTORS + p * rows_per_pass
             dst_row = sQ[r, None, 0]
             if head0 + r < h_q:
                 src_row = mQ[batch, s, head0 + r, None]
                 for chunk in cutlass.range_constexpr(self.d // CHUNK_COLUMNS):
-                    c = chunk * chunk_vectors + vector
+                    c = chunk * CHUNK_VECTORS + vector
                     cute.copy(copy_atom, cute.local_tile(src_row, (VECTOR_COLUMNS,), (c,)),
                               cute.local_tile(dst_row, (VECTOR_COLUMNS,), (c,)))
             else:
                 for chunk in cutlass.range_constexpr(self.d // CHUNK_COLUMNS):
-                    cute.local_tile(dst_row, (VECTOR_COLUMNS,), (chunk * chunk_vectors + vector,)).fill(0.0)
+                    cute.local_tile(dst_row, (VECTOR_COLUMNS,), (chunk * CHUNK_VECTORS + vector,)).fill(0.0)
         cute.arch.cp_async_commit_group()
 
     def piece_vectors(self, part) -> tuple:
@@ -821,7 +821,7 @@ class SparseDecodeSm90:
             for j in cutlass.range_constexpr(2):
                 cute.autovec_copy(cute.local_tile(values, (VECTOR_COLUMNS,), (j,)),
                                   cute.local_tile(k_row, (VECTOR_COLUMNS,),
-                                                  (chunk * (CHUNK_COLUMNS // VECTOR_COLUMNS) + vectors[j],)))
+                                                  (chunk * CHUNK_VECTORS + vectors[j],)))
         else:
             cute.autovec_copy(values,
                               cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)))

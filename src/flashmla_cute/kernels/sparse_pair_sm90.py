@@ -52,8 +52,8 @@ from cutlass.cute.nvgpu import warpgroup
 from .. import fp8_cache
 from ..sparse_plan import HEAD_TILE, STEP_TOKENS
 from . import dsmem, softmax, utils
-from .sparse_decode_sm90 import (ATOM_ROWS, BOTH_HALVES, CHUNK_COLUMNS, DV, NUM_BUFFERS,
-                                 THREADS_PER_TOKEN, VECTOR_BYTES, VECTOR_COLUMNS, SparseDecodeSm90)
+from .sparse_decode_sm90 import (ATOM_ROWS, BOTH_HALVES, CHUNK_COLUMNS, CHUNK_VECTORS, DV, NUM_BUFFERS,
+                                 THREADS_PER_TOKEN, VECTOR_BYTES, SparseDecodeSm90)
 
 TOKENS = STEP_TOKENS
 CLUSTER_SIZE = 2  # the two head tiles of a query token
@@ -444,13 +444,12 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         of K tile ``buf``: the tile's layout (``make_smem_layout_b``, K-major, 128-byte
         swizzle) is 64-column chunks of 64 rows each, 8-row atoms of 1024 bytes, a row's
         16-byte vectors permuted within its 128 bytes by ``vector ^ row % 8``."""
-        vectors_per_row = CHUNK_COLUMNS // VECTOR_COLUMNS  # 8: a row of an atom
-        chunk = vector // vectors_per_row
+        chunk = vector // CHUNK_VECTORS
         row_in_atom = token % ATOM_ROWS
         element = (buf * (TOKENS * self.d) + chunk * (TOKENS * CHUNK_COLUMNS)
                    + token // ATOM_ROWS * (ATOM_ROWS * CHUNK_COLUMNS) + row_in_atom * CHUNK_COLUMNS)
         return (k_base.toint() + element * (BFloat16.width // 8)
-                + ((vector % vectors_per_row) ^ row_in_atom) * VECTOR_BYTES)
+                + ((vector % CHUNK_VECTORS) ^ row_in_atom) * VECTOR_BYTES)
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
