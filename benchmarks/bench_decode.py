@@ -159,6 +159,10 @@ def import_peers(wanted: bool, names=tuple(PEER_LABELS)) -> dict:
 # --------------------------------------------------------------------------- timing
 
 
+FLUSH_BYTES = 256 * 1024 * 1024
+"""What is zeroed before each timed call to empty L2 (triton's ``do_bench`` zeroes as much)."""
+
+
 class Timer:
     """Median milliseconds of ``fn()``; ``fn`` may cycle through input sets itself."""
 
@@ -182,7 +186,7 @@ class Timer:
     def _events_median(self, fn) -> float:
         import torch
 
-        flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+        flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
         fn()
         torch.cuda.synchronize()
         # Estimate one call's time to turn the millisecond budgets into counts.
@@ -344,6 +348,19 @@ def run_case(modules: dict, testing, case: Case, dtype, timer: Timer, l2: int, c
     return result
 
 
+def cycled(call, sets: list):
+    """``fn()`` that calls ``call`` on ``sets`` in turn, the next set each time (what a
+    ``Timer`` times, so that consecutive calls do not share L2)."""
+    counter = [0]
+
+    def fn():
+        inp = sets[counter[0] % len(sets)]
+        counter[0] += 1
+        call(inp)
+
+    return fn
+
+
 def time_and_check(calls: dict, sets: list, reference, timer: Timer, flops: float, nbytes: float | None,
                    result: dict) -> None:
     """Each implementation of ``calls`` (``impl -> call(inputs) -> (out, lse)``, ours
@@ -371,14 +388,7 @@ def time_and_check(calls: dict, sets: list, reference, timer: Timer, flops: floa
             result[column(impl, "cos_lse")] = float(testing.cosine_distance(lse, ours_lse))
         del out, lse
 
-        counter = [0]
-
-        def fn():
-            inp = sets[counter[0] % len(sets)]
-            counter[0] += 1
-            call(inp)
-
-        ms = timer(fn)
+        ms = timer(cycled(call, sets))
         result[column(impl, "ms")] = ms
         if nbytes is not None:
             result[column(impl, "gbps")] = nbytes / (ms * 1e-3) / 1e9

@@ -267,22 +267,26 @@ def planned_caller(module, first: SparseInputs):
     return call
 
 
+def case_inputs(case: Case, seed: int, l2: int, device="cuda"):
+    """(the main cache's lengths, the extra cache's or None, the input sets): as many
+    sets, alike but for their values, as keep consecutive calls from sharing L2
+    (``bench_decode.input_sets``)."""
+    seqlens = case_seqlens(case, seed)
+    extra_seqlens = case_seqlens(case, seed, extra=True) if case.extra_topk else None
+    extra_topk_length = case_extra_topk_length(case, seed)
+    n_sets = bench_decode.input_sets(sparse_bytes(case), l2)
+    sets = [make_inputs(case, seqlens, seed + i, device, extra_seqlens, extra_topk_length) for i in range(n_sets)]
+    return seqlens, extra_seqlens, sets
+
+
 def run_case(modules: dict, case: Case, timer, l2: int, check: bool, seed: int, device="cuda") -> dict:
     """Times every implementation in ``modules`` (ours first) on the same inputs."""
     import torch
 
-    seqlens = case_seqlens(case, seed)
-    extra_seqlens = case_seqlens(case, seed, extra=True) if case.extra_topk else None
-    extra_topk_length = case_extra_topk_length(case, seed)
-
-    def make_set(i):
-        return make_inputs(case, seqlens, seed + i, device, extra_seqlens, extra_topk_length)
-
-    first = make_set(0)
+    seqlens, extra_seqlens, sets = case_inputs(case, seed, l2, device)
+    first, n_sets = sets[0], len(sets)
     nbytes = sparse_bytes(case)
     flops = sparse_flops(case)
-    n_sets = bench_decode.input_sets(nbytes, l2)
-    sets = [first] + [make_set(i) for i in range(1, n_sets)]
 
     cache_bytes = int(first.k_cache.numel()) + (0 if first.extra_k_cache is None else int(first.extra_k_cache.numel()))
     result = {

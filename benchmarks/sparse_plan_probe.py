@@ -59,24 +59,20 @@ def main(argv=None) -> int:
     for case in bench_sparse.CASE_SETS["all"]:
         if not re.search(args.match, case.name):
             continue
-        seqlens = bench_sparse.case_seqlens(case, args.seed)
-        extra_seqlens = bench_sparse.case_seqlens(case, args.seed, extra=True) if case.extra_topk else None
-        extra_topk_length = bench_sparse.case_extra_topk_length(case, args.seed)
-        n_sets = bench_decode.input_sets(bench_sparse.sparse_bytes(case), l2)
-        sets = [bench_sparse.make_inputs(case, seqlens, args.seed + j, "cuda", extra_seqlens, extra_topk_length)
-                for j in range(n_sets)]
+        _, _, sets = bench_sparse.case_inputs(case, args.seed, l2)
         picked = chosen_plan(case.b, case.s_q, case.h_q, case.topk + case.extra_topk, num_sms)
         times = {}
         for k in [None] + forced:
             sparse_runtime.plan_splits = chosen_plan if k is None else (
                 lambda *_, k=k: sparse_plan.SparsePlan(0, k))
             call = bench_sparse.planned_caller(api, sets[0])
-            times[f"picked {tuple(picked)}" if k is None else f"k={k}"] = time_call(timer, call, sets)
+            times[f"picked {tuple(picked)}" if k is None else f"k={k}"] = timer(bench_decode.cycled(call, sets))
+            if k is None:
+                calls = {"ours": call}  # the package's plan, profiled below
         sparse_runtime.plan_splits = chosen_plan
-        calls = {"ours": bench_sparse.planned_caller(api, sets[0])}
         for peer, module in peers.items():
             calls[peer] = bench_sparse.planned_caller(module, sets[0])
-            times[peer] = time_call(timer, calls[peer], sets)
+            times[peer] = timer(bench_decode.cycled(calls[peer], sets))
         print(f"{case.name}: " + ", ".join(f"{name} {ms * 1000:.1f} us" for name, ms in times.items()), flush=True)
         if args.profile:
             for name, call in calls.items():
@@ -91,7 +87,7 @@ def profile_call(call, inputs) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    flush = torch.empty(bench_decode.FLUSH_BYTES, dtype=torch.int8, device="cuda")
     for _ in range(3):  # warm
         call(inputs)
     flush.zero_()
@@ -107,17 +103,6 @@ def profile_call(call, inputs) -> str:
     span = kernels[-1].time_range.end - kernels[0].time_range.start
     parts = [f"{e.name[:40]} {e.time_range.elapsed_us():.1f}" for e in kernels]
     return "; ".join(parts) + f" | span {span:.1f} us"
-
-
-def time_call(timer, call, sets) -> float:
-    """``timer``'s median of ``call`` cycling through ``sets``."""
-    counter = [0]
-
-    def fn():
-        call(sets[counter[0] % len(sets)])
-        counter[0] += 1
-
-    return timer(fn)
 
 
 if __name__ == "__main__":
