@@ -6,7 +6,7 @@ instruction, and no local memory (LDL/STL: register spills or stack arrays); bes
 the combine kernels it launches, one of them within 64 registers; and the step's
 schedule, dequantization and epilogue where they were chosen by measurement
 (``sparse_decode_sm90.Arrangement``), a step loop that finds its tokens without
-dividing, and whose latent loads carry cache hints, and Q's copies addressed once."""
+dividing, and whose latent loads carry cache hints, and Q by TMA."""
 
 import glob
 import os
@@ -121,20 +121,18 @@ def test_how_the_output_leaves(cubins, name):
 
 
 @pytest.mark.parametrize("name", SPARSE_NAMES)
-def test_q_copies_are_addressed_once(cubins, name):
-    """``load_q``: a thread copies one 16-byte vector of every 64-column chunk of each of
-    its two rows of Q (256 threads, 8 a row's chunk), so a row's copies (``LDGSTS``)
-    follow one another within a few instructions, their addresses constant offsets
-    apart; dealt out as one vector index over whole rows they were about 54 instructions
-    apart, which a CTA's start paid for (benchmarks/NOTES.md, "The b2 cases: a CTA's
-    start"). The pair kernel has the copies twice, one role each."""
+def test_q_comes_by_tma_before_the_first_mma(cubins, name):
+    """Q's tile comes by TMA (``start_q_load``), one copy per 64-column chunk, issued
+    before the first MMA: no thread copies any of it itself (``cp.async``, LDGSTS),
+    where those copies and their addresses were a consumer's first instructions
+    (benchmarks/NOTES.md, "Sparse Q through TMA"). ptxas may keep a second copy of the
+    issue for a divergent warp; the first ``chunks`` copies come before any HGMMA."""
     instructions = [line for line in sass_of(cubins[name]).splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
-    copies = [i for i, line in enumerate(instructions) if "LDGSTS" in line]
+    assert not any("LDGSTS" in line for line in instructions), f"{name}: threads copy Q"
     chunks = 8 if "model1" in name else 9  # Q's width, 512 or 576, in 64-column chunks
-    row_copies = 2 * (2 if name in PAIR_NAMES else 1)
-    assert len(copies) == chunks * row_copies, f"{name}: {len(copies)} Q copies"
-    close = sum(later - earlier <= 8 for earlier, later in zip(copies, copies[1:]))
-    assert close == (chunks - 1) * row_copies, f"{name}: Q's copies are not addressed once"
+    copies = [i for i, line in enumerate(instructions) if "UTMALDG" in line]
+    first_mma = next(i for i, line in enumerate(instructions) if "HGMMA" in line)
+    assert len(copies) >= chunks and copies[chunks - 1] < first_mma, f"{name}: Q's copies {copies}, first MMA {first_mma}"
 
 
 @pytest.mark.parametrize("name", SPARSE_NAMES)

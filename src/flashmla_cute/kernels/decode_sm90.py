@@ -241,14 +241,10 @@ class MlaDecodeSm90:
         # first chunks and K's two halves can be released and refilled separately
         # (kv_stages.py). A chunk of either is 64 rows of one 128-byte swizzle atom
         # (the A and B operand layouts of a K-major 64 x 64 tile are the same).
-        chunk_layout = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (TILE_M, BLOCK_N, CHUNK), dtype, 1)
-        tma_q, tma_q_tensor = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(), q_tma_src, cute.select(chunk_layout, mode=[0, 1]), (TILE_M, CHUNK)
-        )
-        tma_k, tma_k_tensor = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(), k_tma_src, cute.select(chunk_layout, mode=[0, 1]), (BLOCK_N, CHUNK)
-        )
-        self.chunk_bytes = cute.size_in_bytes(dtype, cute.select(chunk_layout, mode=[0, 1]))
+        assert TILE_M == BLOCK_N == utils.CHUNK_ROWS, "Q's and K's chunks are one TMA box"
+        tma_q, tma_q_tensor = utils.chunk_tma_atom(q_tma_src, dtype)
+        tma_k, tma_k_tensor = utils.chunk_tma_atom(k_tma_src, dtype)
+        self.chunk_bytes = utils.chunk_bytes(dtype)
 
         @cute.struct
         class SharedStorage:
@@ -393,8 +389,8 @@ class MlaDecodeSm90:
         gQ = cute.flat_divide(mQ_tma, (TILE_M, CHUNK))  # (64, 64, tiles_m, chunks, h_kv, b)
         gK = cute.flat_divide(mK_tma, (BLOCK_N, CHUNK))  # (64, 64, 1, chunks, h_kv, pages)
         # Q and the K stages as (row, column-in-chunk, chunk, stage).
-        sQ_chunks = cute.make_tensor(sQ.iterator, self.chunked_layout(TILE_M, 1))
-        sK_chunks = cute.make_tensor(sK.iterator, self.chunked_layout(BLOCK_N, NUM_STAGES))
+        sQ_chunks = cute.make_tensor(sQ.iterator, utils.chunked_layout(TILE_M, self.head_dim, 1))
+        sK_chunks = cute.make_tensor(sK.iterator, utils.chunked_layout(BLOCK_N, self.head_dim, NUM_STAGES))
         tQsQ, tQgQ = cpasync.tma_partition(
             tma_q, 0, cute.make_layout(1), cute.group_modes(sQ_chunks, 0, 2), cute.group_modes(gQ, 0, 2)
         )
@@ -432,14 +428,6 @@ class MlaDecodeSm90:
             for block in cutlass.range(split, last, unroll=1):
                 self.load_k(tma_k, tKgK, tKsK, kv, kv_state, work, batch, block, cache_policy, self.all_chunks)
                 kv_state.advance()
-
-    def chunked_layout(self, rows: int, stages: int) -> cute.Layout:
-        """Stages of ``rows`` x d tiles (Q's, K's: 128-byte swizzle atoms of 8 rows, 64
-        columns a chunk, chunk after chunk) as (row, column in chunk, chunk, stage)."""
-        return cute.make_layout(
-            ((ATOM_ROWS, rows // ATOM_ROWS), CHUNK, self.k_chunks, stages),
-            stride=((CHUNK, ATOM_ROWS * CHUNK), 1, rows * CHUNK, rows * self.head_dim),
-        )
 
     @cute.jit
     def k_cache_policy(self, num_blocks: Int32, num_m_tiles: Int32) -> Int64:

@@ -67,7 +67,7 @@ K_STEPS = TOKENS // utils.MMA_K  # k-steps of P V over a step's tokens
 CHUNK_BYTES = TOKENS * CHUNK_COLUMNS * BFloat16.width // 8  # a K tile's 64-column chunk: 64 rows of 128 bytes
 
 # Named barriers of the consumers (0 is the CTA's, which the gatherer leaves after the setup).
-Q_STORED, P_READY, P_FREE, ROW_SUMS = 1, 2, 3, 4
+P_READY, P_FREE, ROW_SUMS = 1, 2, 3
 
 # Row statistics in shared memory, each HEAD_TILE floats: consumer 0's rescale factors of
 # a step; in the epilogue its row maxima and row sums.
@@ -149,6 +149,7 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
 
         @cute.struct
         class SharedStorage:
+            q_full: cute.struct.MemRange[Int64, 1]  # Q's TMA copies have landed
             k_tile_mbar: cute.struct.MemRange[Int64, 2 * NUM_BUFFERS]  # full and empty of each K tile
             peer_landed: cute.struct.MemRange[Int64, NUM_BUFFERS]  # the peer's half of each K tile
             token_valid: cute.struct.Align[cute.struct.MemRange[Int32, TOKENS * NUM_BUFFERS], VECTOR_BYTES]
@@ -167,6 +168,8 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         tiled_mma_o_rs: cute.TiledMma,
         tiled_mma_o_ss: cute.TiledMma,
         mQ: cute.Tensor,
+        tma_q: cute.CopyAtom,
+        mQ_tma: cute.Tensor,
         mKCache: cute.Tensor,
         pages: cute.FastDivmodDivisorV2,
         mIndices: cute.Tensor,
@@ -217,10 +220,14 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         rank = Int32(cute.arch.block_idx_in_cluster())
         pair = PairState(storage.peer_landed.data_ptr(), rank,
                          dsmem.peer_shift(storage.peer_landed.data_ptr().toint(), 1 - rank))
+        q_full = storage.q_full.data_ptr()
         if tidx == 0:
             for b in cutlass.range_constexpr(NUM_BUFFERS):
                 cute.arch.mbarrier_init(pair.landed + b, 1)
+            cute.arch.mbarrier_init(q_full, 1)
         cute.arch.mbarrier_init_fence()
+        if tidx == 0:
+            self.start_q_load(tma_q, mQ_tma, sQ, q_full, batch, s, head_tile)
         # Both CTAs' barriers are initialized before either stores into the other.
         cute.arch.cluster_arrive_relaxed()
         cute.arch.cluster_wait()
@@ -242,28 +249,27 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
                         tidx - CONSUMER_THREADS)
         elif wg == 0:
             utils.take_registers(self.registers.scores, THREADS)
-            self.consumer(True, mQ, sQ, sK, storage, sP_layout, k_tiles, pair, steps_args, mmas, outputs,
+            self.consumer(True, q_full, sQ, sK, storage, sP_layout, k_tiles, pair, steps_args, mmas, outputs,
                           work, tidx)
         else:
             utils.take_registers(self.registers.values, THREADS)
-            self.consumer(False, mQ, sQ, sK, storage, sP_layout, k_tiles, pair, steps_args, mmas,
+            self.consumer(False, q_full, sQ, sK, storage, sP_layout, k_tiles, pair, steps_args, mmas,
                           outputs, work, tidx)
 
     @cute.jit
-    def consumer(self, scores: cutlass.Constexpr, mQ, sQ, sK, storage, sP_layout, k_tiles, pair,
+    def consumer(self, scores: cutlass.Constexpr, q_full, sQ, sK, storage, sP_layout, k_tiles, pair,
                  steps_args, mmas, outputs, work, tidx):
-        """Consumer 0 (``scores``) or 1: Q, the step loop of its role, the epilogue."""
+        """Consumer 0 (``scores``) or 1: the step loop of its role (consumer 0's once
+        Q's copies, ``q_full``, have landed; consumer 1 never reads Q), the epilogue."""
         batch, s, head0, h_q, split, splits, whole_batches, topk_splits = work
         mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink = outputs
         wg = 0 if const_expr(scores) else 1
         wg_tidx = tidx % WARPGROUP_THREADS
-        self.load_q(mQ, sQ, tidx, batch, s, head0, h_q)
-        cute.arch.cp_async_wait_group(0)
-        cute.arch.fence_view_async_shared()
-        cute.arch.barrier(barrier_id=Q_STORED, number_of_threads=CONSUMER_THREADS)
         t = self.warpgroup_tensors(wg, wg_tidx, *mmas, sQ, sK, storage, sP_layout)
         _steps, _first, num_steps = self.split_steps(*steps_args)
         if const_expr(scores):
+            # Also when there is no step: the CTA does not end with Q's copies in flight.
+            cute.arch.mbarrier_wait(q_full, 0)
             self.consume_scores(t, k_tiles, pair, num_steps, softmax_scale, wg_tidx)
         else:
             self.consume_values(t, k_tiles, pair, num_steps, wg_tidx)

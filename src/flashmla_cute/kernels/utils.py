@@ -2,7 +2,10 @@
 
 import cutlass
 import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32
+from cutlass.cute.nvgpu import cpasync
+from cutlass.tensor_utils import LayoutEnum
 
 # L2 eviction-priority hints for TMA loads (CUTLASS's CacheHintSm90 values).
 TMA_EVICT_FIRST = 0x12F0000000000000
@@ -17,6 +20,38 @@ WARPGROUP_THREADS = 128  # four warps: the unit of WGMMA and of setmaxnreg
 ATOM_COLUMNS = 64
 ATOM_ROWS = 8
 MMA_K = 16  # the k of a 16-bit m64nNk16 WGMMA: one k-step
+CHUNK_ROWS = 64  # rows of the Q and K tiles that the kernels load by TMA: a chunk's box
+
+
+def chunk_layout(dtype) -> cute.ComposedLayout:
+    """One 64-column chunk of a ``CHUNK_ROWS``-row K-major tile in shared memory (128-byte
+    swizzle): the box of one TMA copy (the A and B operand layouts of a K-major 64 x 64
+    tile are the same)."""
+    tile = (CHUNK_ROWS, CHUNK_ROWS, ATOM_COLUMNS)
+    return cute.select(sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, tile, dtype, 1), mode=[0, 1])
+
+
+def chunk_bytes(dtype) -> int:
+    """Bytes of one chunk's TMA copy."""
+    return cute.size_in_bytes(dtype, chunk_layout(dtype))
+
+
+def chunk_tma_atom(src: cute.Tensor, dtype):
+    """The TMA load of one chunk (``chunk_layout``) of ``src``, a (row, column, ...)
+    view of a tensor in global memory: (atom, the TMA view of ``src``). Rows and columns
+    past ``src``'s extents land as zeros."""
+    return cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), src, chunk_layout(dtype),
+                                       (CHUNK_ROWS, ATOM_COLUMNS))
+
+
+def chunked_layout(rows: int, width: int, stages: int) -> cute.Layout:
+    """Stages of ``rows`` x ``width`` K-major tiles in shared memory (128-byte swizzle
+    atoms of 8 rows, 64 columns a chunk, chunk after chunk) as (row, column in chunk,
+    chunk, stage): the TMA copies' view of them."""
+    return cute.make_layout(
+        ((ATOM_ROWS, rows // ATOM_ROWS), ATOM_COLUMNS, width // ATOM_COLUMNS, stages),
+        stride=((ATOM_COLUMNS, ATOM_ROWS * ATOM_COLUMNS), 1, rows * ATOM_COLUMNS, rows * width),
+    )
 
 
 def launch_registers(threads: int) -> int:
