@@ -339,6 +339,7 @@ class SparseDecodeSm90:
         if tidx == 0:
             cute.arch.mbarrier_init(q_full, 1)
             cute.arch.mbarrier_init_fence()
+        if warp_idx == 0:
             self.start_q_load(tma_q, mQ_tma, sQ, q_full, batch, s, head_tile)
         for tiled_mma in (tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss):
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
@@ -638,7 +639,7 @@ class SparseDecodeSm90:
 
     @cute.jit
     def start_q_load(self, tma_q, mQ_tma, sQ, q_full, batch, s, head_tile):
-        """One thread: start the TMA copies of query token (``batch``, ``s``)'s head tile
+        """One warp (whose first thread initialized ``q_full``): start the TMA copies of query token (``batch``, ``s``)'s head tile
         ``head_tile`` of Q (64 x d) into ``sQ``, one a 64-column chunk, counted on the
         mbarrier ``q_full`` (phase 0); heads past h_q land as zeros. Issued at the CTA's
         start, as FlashMLA loads Q: where each consumer thread copied its share of Q,
@@ -646,7 +647,10 @@ class SparseDecodeSm90:
         and its wait held back the first S (benchmarks/NOTES.md, "Sparse Q through
         TMA")."""
         chunks = self.d // CHUNK_COLUMNS
-        cute.arch.mbarrier_arrive_and_expect_tx(q_full, chunks * utils.chunk_bytes(BFloat16))
+        with cute.arch.elect_one():
+            cute.arch.mbarrier_arrive_and_expect_tx(q_full, chunks * utils.chunk_bytes(BFloat16))
+        # Each copy is issued by one thread of the warp (the DSL elects it): called from
+        # one thread alone, the election waits for lanes that never come.
         gQ = cute.flat_divide(mQ_tma, (HEAD_TILE, CHUNK_COLUMNS))  # (64, 64, head tiles, chunks, s_q, b)
         sQ_chunks = cute.make_tensor(sQ.iterator, utils.chunked_layout(HEAD_TILE, self.d, 1))
         tQsQ, tQgQ = cpasync.tma_partition(tma_q, 0, cute.make_layout(1), cute.group_modes(sQ_chunks, 0, 2),

@@ -196,7 +196,8 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
     ):
         tidx, _, _ = cute.arch.thread_idx()
         cta, _, _ = cute.arch.block_idx()
-        wg = cute.arch.make_warp_uniform(cute.arch.warp_idx()) // 4
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        wg = warp_idx // 4
         h_q = mQ.shape[2]
         batch, s, head_tile, split, splits = self.work_of(cta, mQ.shape[1], (h_q + HEAD_TILE - 1) // HEAD_TILE,
                                                           whole_batches, topk_splits)
@@ -226,7 +227,7 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
                 cute.arch.mbarrier_init(pair.landed + b, 1)
             cute.arch.mbarrier_init(q_full, 1)
         cute.arch.mbarrier_init_fence()
-        if tidx == 0:
+        if warp_idx == 0:
             self.start_q_load(tma_q, mQ_tma, sQ, q_full, batch, s, head_tile)
         # Both CTAs' barriers are initialized before either stores into the other.
         cute.arch.cluster_arrive_relaxed()
