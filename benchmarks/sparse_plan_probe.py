@@ -10,8 +10,9 @@ never do (``tests/test_sparse_plan.py``). Needs a Hopper (sm_90) GPU.
     python benchmarks/sparse_plan_probe.py [--match REGEX] [--splits 4,8,11,16] [--profile]
 
 ``--profile`` also prints, for the picked plan and the peer, each kernel of one call (the
-torch profiler's CUDA times, the L2 flushed before it) and the span from the first
-kernel's start to the last one's end.
+torch profiler's CUDA times, the L2 flushed before it: each kernel's start after the
+flush's end, and its time) and the span from the first kernel's start to the last one's
+end.
 """
 
 import argparse
@@ -96,12 +97,14 @@ def profile_call(call, inputs) -> str:
         flush.zero_()
         call(inputs)
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    kernels = sorted(kernels, key=lambda e: e.time_range.start)[1:]  # the flush first
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    flush_end, kernels = events[0].time_range.end, events[1:]  # the flush first
     if not kernels:
         return "no kernels seen"
     span = kernels[-1].time_range.end - kernels[0].time_range.start
-    parts = [f"{e.name[:40]} {e.time_range.elapsed_us():.1f}" for e in kernels]
+    # Each kernel as its name, its start after the flush's end (+us) and its time.
+    parts = [f"{e.name[:40]} +{e.time_range.start - flush_end:.1f} {e.time_range.elapsed_us():.1f}" for e in kernels]
     return "; ".join(parts) + f" | span {span:.1f} us"
 
 
