@@ -6,7 +6,8 @@ instruction, and no local memory (LDL/STL: register spills or stack arrays); bes
 the combine kernels it launches, one of them within 64 registers; and the step's
 schedule, dequantization and epilogue where they were chosen by measurement
 (``sparse_decode_sm90.Arrangement``), a step loop that finds its tokens without
-dividing, and whose latent loads carry cache hints, and Q by TMA."""
+dividing, and whose latent loads carry cache hints, and Q's copies addressed once
+(the eight-warp kernel) or made by TMA (the pair kernel)."""
 
 import glob
 import os
@@ -30,6 +31,16 @@ SPARSE_NAMES = [variant.name for variant in compile_mod.sparse_decode_variants()
 # The eight-warp kernel (one head tile a query token) and the pair kernel (two).
 EIGHT_WARP_NAMES = [name for name in SPARSE_NAMES if "_pair" not in name]
 PAIR_NAMES = [name for name in SPARSE_NAMES if "_pair" in name]
+
+
+def instruction_lines(cubin) -> list:
+    """The machine code's instructions, one a line."""
+    return [line for line in sass_of(cubin).splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
+
+
+def q_chunks(name: str) -> int:
+    """Q's width (576 for V3.2, 512 for MODEL1) in 64-column chunks."""
+    return 8 if "model1" in name else 9
 
 
 @pytest.fixture(scope="module")
@@ -120,15 +131,32 @@ def test_how_the_output_leaves(cubins, name):
         assert not wide_stores, f"{name}: 16-byte global stores in the V3.2 epilogue"
 
 
-@pytest.mark.parametrize("name", SPARSE_NAMES)
+@pytest.mark.parametrize("name", EIGHT_WARP_NAMES)
+def test_q_copies_are_addressed_once(cubins, name):
+    """``load_q``: a thread copies one 16-byte vector of every 64-column chunk of each of
+    its two rows of Q (256 threads, 8 a row's chunk), so a row's copies (``LDGSTS``)
+    follow one another within a few instructions, their addresses constant offsets
+    apart; dealt out as one vector index over whole rows they were about 54 instructions
+    apart, which a CTA's start paid for (benchmarks/NOTES.md, "The b2 cases: a CTA's
+    start"). (The pair kernel loads Q by TMA.)"""
+    instructions = instruction_lines(cubins[name])
+    copies = [i for i, line in enumerate(instructions) if "LDGSTS" in line]
+    chunks = q_chunks(name)
+    row_copies = 2
+    assert len(copies) == chunks * row_copies, f"{name}: {len(copies)} Q copies"
+    close = sum(later - earlier <= 8 for earlier, later in zip(copies, copies[1:]))
+    assert close == (chunks - 1) * row_copies, f"{name}: Q's copies are not addressed once"
+
+
+@pytest.mark.parametrize("name", PAIR_NAMES)
 def test_q_comes_by_tma_before_the_first_mma(cubins, name):
-    """Q's tile comes by TMA (``start_q_load``), one copy per 64-column chunk, issued
-    before the first MMA: no thread copies any of it itself (``cp.async``, LDGSTS),
-    where those copies and their addresses were a consumer's first instructions
+    """The pair kernel's Q comes by TMA (``start_q_load``), one copy per 64-column
+    chunk, issued before the first MMA: no thread copies any of it itself
+    (``cp.async``, LDGSTS), where those copies were both consumers' first instructions
     (benchmarks/NOTES.md, "Sparse Q through TMA")."""
-    instructions = [line for line in sass_of(cubins[name]).splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
+    instructions = instruction_lines(cubins[name])
     assert not any("LDGSTS" in line for line in instructions), f"{name}: threads copy Q"
-    chunks = 8 if "model1" in name else 9  # Q's width, 512 or 576, in 64-column chunks
+    chunks = q_chunks(name)
     copies = [i for i, line in enumerate(instructions) if "UTMALDG" in line]
     first_mma = next(i for i, line in enumerate(instructions) if "HGMMA" in line)
     assert len(copies) == chunks and copies[-1] < first_mma, f"{name}: Q's copies {copies}, first MMA {first_mma}"

@@ -13,7 +13,7 @@ gathering one step overlaps the MMAs of the one before:
    valid (a negative index, one past the cache, or a position at or past
    ``topk_length``) is never read: its row is zeros and its score is masked to -inf.
 2. attend: each warpgroup computes ``S = Q K^T`` for all 64 heads (Q, 64 x d, loaded
-   once by TMA, ``start_q_load``) over 32 of the step's 64 tokens; the rows' maxima go through shared memory, so
+   once) over 32 of the step's 64 tokens; the rows' maxima go through shared memory, so
    both run the online softmax against the same maxima; each accumulates ``O += P V``
    for its own 256 of the 512 value columns: its own P (registers) times its tokens' V
    rows, then the other's P (stored with stmatrix into shared memory) times the other
@@ -65,7 +65,7 @@ attention sink (``out *= exp(lse) / (exp(lse) + exp(sink))``, lse unchanged; the
 kernel applies it to split ones) and writes out and lse (for MODEL1 the output's rows
 through shared memory, ``Arrangement.stage_output_rows``); a row that saw no valid token
 gets out 0 and lse +inf. Heads past ``h_q`` (fewer than 64 or 128 heads) are zero rows
-of Q (past the bounds of Q's TMA copies) that are never stored.
+of Q that are never stored.
 """
 
 from __future__ import annotations
@@ -220,13 +220,6 @@ class SparseDecodeSm90:
 
         self.shared_storage = self.shared_storage_type(sQ_layout, sK_layout, sP_layout)
         b, s_q, h_q = mQ.shape[0], mQ.shape[1], mQ.shape[2]
-        # Q's TMA view: (head, column, query token, batch).
-        assert HEAD_TILE == utils.CHUNK_ROWS, "a head tile of Q is not one TMA box high"
-        tma_q, mQ_tma = utils.chunk_tma_atom(
-            cute.make_tensor(mQ.iterator, cute.make_layout(
-                (h_q, self.d, s_q, b), stride=(mQ.layout.stride[2], 1, mQ.layout.stride[1], mQ.layout.stride[0]))),
-            dtype,
-        )
         head_tiles = (h_q + HEAD_TILE - 1) // HEAD_TILE
         # The partials of fragment k of split sequence i at index mNumSplits[i] + k, as
         # one KV head of s_q * h_q rows (row s * h_q + h), the layout the combine kernel reads.
@@ -238,10 +231,10 @@ class SparseDecodeSm90:
         pages = cute.FastDivmodDivisorV2(mKCache.shape[1])
         extra_pages = cute.FastDivmodDivisorV2(mExtraKCache.shape[1])
         self.kernel(
-            tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, mQ, tma_q, mQ_tma, mKCache, pages, mIndices, mTopkLength, mExtraKCache,
-            extra_pages, mExtraIndices, mExtraTopkLength, mSink, mO, mLse, mOAccum, mLseAccum, softmax_scale,
-            has_topk_length, has_sink, extra_topk, has_extra_topk_length, whole_batches, topk_splits, sQ_layout,
-            sK_layout, sP_layout,
+            tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, *self.q_sources(mQ), mKCache, pages, mIndices, mTopkLength,
+            mExtraKCache, extra_pages, mExtraIndices, mExtraTopkLength, mSink, mO, mLse, mOAccum, mLseAccum,
+            softmax_scale, has_topk_length, has_sink, extra_topk, has_extra_topk_length, whole_batches, topk_splits,
+            sQ_layout, sK_layout, sP_layout,
         ).launch(
             grid=[num_ctas, 1, 1],  # grid.x has no 65535 limit
             block=[self.THREADS, 1, 1],
@@ -260,6 +253,11 @@ class SparseDecodeSm90:
         else:
             self.launch_combine(1, *merge_args)
 
+    def q_sources(self, mQ) -> tuple:
+        """The kernel's arguments that Q is loaded from: Q itself (``load_q``; the pair
+        kernel adds a TMA view of it)."""
+        return (mQ,)
+
     @cute.jit
     def shared_storage_type(self, sQ_layout, sK_layout, sP_layout):
         """The shared memory's layout (a ``cute.struct``)."""
@@ -267,7 +265,6 @@ class SparseDecodeSm90:
 
         @cute.struct
         class SharedStorage:
-            q_full: cute.struct.MemRange[Int64, 1]  # Q's TMA copies have landed
             token_valid: cute.struct.MemRange[Int32, TOKENS * NUM_BUFFERS]
             row_stats: cute.struct.MemRange[Float32, HEAD_TILE * NUM_STATS]
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sQ_layout)], 1024]
@@ -290,9 +287,7 @@ class SparseDecodeSm90:
         tiled_mma_s: cute.TiledMma,
         tiled_mma_o_rs: cute.TiledMma,
         tiled_mma_o_ss: cute.TiledMma,
-        mQ: cute.Tensor,  # for its shape
-        tma_q: cute.CopyAtom,
-        mQ_tma: cute.Tensor,  # Q's TMA view (head, column, query token, batch)
+        mQ: cute.Tensor,
         mKCache: cute.Tensor,
         pages: cute.FastDivmodDivisorV2,  # the page size of mKCache
         mIndices: cute.Tensor,
@@ -335,12 +330,7 @@ class SparseDecodeSm90:
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
 
-        q_full = storage.q_full.data_ptr()
-        if tidx == 0:
-            cute.arch.mbarrier_init(q_full, 1)
-            cute.arch.mbarrier_init_fence()
-        if warp_idx == 0:
-            self.start_q_load(tma_q, mQ_tma, sQ, q_full, batch, s, head_tile)
+        self.load_q(mQ, sQ, tidx, batch, s, head0, h_q)
         for tiled_mma in (tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss):
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
         t = self.warpgroup_tensors(wg, wg_tidx, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage,
@@ -370,9 +360,9 @@ class SparseDecodeSm90:
             next_index = steps.index(first + 2, token)
             if num_steps > 1:
                 self.fetch(caches, steps.from_extra(first + 1), fetched, index, part, (0,))
+        cute.arch.cp_async_wait_group(0)  # this thread's part of Q has landed
         cute.arch.fence_view_async_shared()
-        cute.arch.sync_threads()  # tile 0 is stored (and Q's barrier initialized)
-        cute.arch.mbarrier_wait(q_full, 0)
+        cute.arch.sync_threads()  # Q and tile 0 are stored
         for step in cutlass.range(num_steps, unroll=1):
             buf = step % NUM_BUFFERS
             has_next = step + 1 < num_steps
@@ -638,25 +628,38 @@ class SparseDecodeSm90:
                     mLseAccum[fragment, 0, row] = lse
 
     @cute.jit
-    def start_q_load(self, tma_q, mQ_tma, sQ, q_full, batch, s, head_tile):
-        """One warp (whose first thread initialized ``q_full``): start the TMA copies of query token (``batch``, ``s``)'s head tile
-        ``head_tile`` of Q (64 x d) into ``sQ``, one a 64-column chunk, counted on the
-        mbarrier ``q_full`` (phase 0); heads past h_q land as zeros. Issued at the CTA's
-        start, as FlashMLA loads Q: where each consumer thread copied its share of Q,
-        its copies and their addresses were the first instructions of every consumer
-        and its wait held back the first S (benchmarks/NOTES.md, "Sparse Q through
-        TMA")."""
-        chunks = self.d // CHUNK_COLUMNS
-        with cute.arch.elect_one():
-            cute.arch.mbarrier_arrive_and_expect_tx(q_full, chunks * utils.chunk_bytes(BFloat16))
-        # Each copy is issued by one thread of the warp (the DSL elects it): called from
-        # one thread alone, the election waits for lanes that never come.
-        gQ = cute.flat_divide(mQ_tma, (HEAD_TILE, CHUNK_COLUMNS))  # (64, 64, head tiles, chunks, s_q, b)
-        sQ_chunks = cute.make_tensor(sQ.iterator, utils.chunked_layout(HEAD_TILE, self.d, 1))
-        tQsQ, tQgQ = cpasync.tma_partition(tma_q, 0, cute.make_layout(1), cute.group_modes(sQ_chunks, 0, 2),
-                                           cute.group_modes(gQ, 0, 2))
-        for c in cutlass.range_constexpr(chunks):
-            cute.copy(tma_q, tQgQ[None, head_tile, c, s, batch], tQsQ[None, c, 0], tma_bar_ptr=q_full)
+    def load_q(self, mQ, sQ, tidx, batch, s, head0, h_q):
+        """Start copying Q's 64 head rows into shared memory with ``cp.async``, 16 bytes a
+        copy, all of a thread's copies in flight at once (the wait before the first step
+        ends them); rows past h_q are zeros. The indices' load and the first K fetch go
+        out meanwhile, so a CTA's start waits for one of these latencies, not for them
+        in a row.
+
+        A thread copies the same 16-byte vector of every 64-column chunk of its rows
+        (``tidx // 8`` and every ``THREADS // 8``-th row after it), so that its copies
+        differ by constant offsets: the addresses are worked out once, where a vector
+        index dealt out over whole rows cost about 50 instructions a copy and, at a
+        CTA's start, as many instruction-cache misses (benchmarks/NOTES.md, "The b2
+        cases: a CTA's start"). The pair kernel loads Q by TMA instead (1-2.6% faster
+        there); in this kernel TMA measured 1-2% slower on the peak h_q 64 case
+        (benchmarks/NOTES.md, "Sparse Q through TMA")."""
+        rows_per_pass = THREADS // CHUNK_VECTORS
+        assert HEAD_TILE % rows_per_pass == 0 and self.d % CHUNK_COLUMNS == 0, "Q's tile is not whole chunks"
+        copy_atom = cute.make_copy_atom(cpasync.CopyG2SOp(), mQ.element_type, num_bits_per_copy=128)
+        vector = tidx % CHUNK_VECTORS
+        for p in cutlass.range_constexpr(HEAD_TILE // rows_per_pass):
+            r = tidx // CHUNK_VECTORS + p * rows_per_pass
+            dst_row = sQ[r, None, 0]
+            if head0 + r < h_q:
+                src_row = mQ[batch, s, head0 + r, None]
+                for chunk in cutlass.range_constexpr(self.d // CHUNK_COLUMNS):
+                    c = chunk * CHUNK_VECTORS + vector
+                    cute.copy(copy_atom, cute.local_tile(src_row, (VECTOR_COLUMNS,), (c,)),
+                              cute.local_tile(dst_row, (VECTOR_COLUMNS,), (c,)))
+            else:
+                for chunk in cutlass.range_constexpr(self.d // CHUNK_COLUMNS):
+                    cute.local_tile(dst_row, (VECTOR_COLUMNS,), (chunk * CHUNK_VECTORS + vector,)).fill(0.0)
+        cute.arch.cp_async_commit_group()
 
     def piece_vectors(self, part) -> tuple:
         """The two 8-column vectors (of a 64-column chunk's 8) of a token's K row that the

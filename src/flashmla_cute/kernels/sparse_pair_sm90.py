@@ -20,6 +20,9 @@ mbarrier, into the same place of the peer's (``PeerRow``). Roles (384 threads):
   ``P_READY``), rescales ``O_right`` and multiplies P (shared memory) by ``V_right``,
   then returns the P buffer (``P_FREE``).
 
+Q's tile comes by TMA (``start_q_load``), issued by consumer 0's first warp at the CTA's
+start; only consumer 0 waits for it.
+
 The K tiles form a two-stage ring (``pipeline.PipelineAsync``): a buffer is full when
 this CTA's gatherer has committed it and the peer's bytes have landed, and free when
 both consumers of both CTAs have read it (each consumer's arrive goes to both CTAs'
@@ -47,7 +50,7 @@ from dataclasses import dataclass
 import cutlass
 import cutlass.cute as cute
 from cutlass import BFloat16, Float32, Int32, Int64, const_expr, pipeline
-from cutlass.cute.nvgpu import warpgroup
+from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from .. import fp8_cache
 from ..sparse_plan import HEAD_TILE, STEP_TOKENS
@@ -119,6 +122,16 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         # Bytes a CTA receives a step: the peer's tokens' bf16 K rows and their flags.
         self.received_bytes = GATHER_TOKENS * (self.d * BFloat16.width // 8 + Int32.width // 8)
 
+    def q_sources(self, mQ) -> tuple:
+        """Q (for its shape), and the TMA load of its chunks (``start_q_load``) with
+        its view of Q as (head, column, query token, batch)."""
+        assert HEAD_TILE == utils.CHUNK_ROWS, "a head tile of Q is not one TMA box high"
+        b, s_q, h_q = mQ.shape[0], mQ.shape[1], mQ.shape[2]
+        stride = mQ.layout.stride
+        view = cute.make_tensor(mQ.iterator, cute.make_layout((h_q, self.d, s_q, b),
+                                                              stride=(stride[2], 1, stride[1], stride[0])))
+        return (mQ, *utils.chunk_tma_atom(view, BFloat16))
+
     @staticmethod
     @cute.jit
     def work_of(cta, s_q, head_tiles, whole_batches, topk_splits):
@@ -167,9 +180,9 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         tiled_mma_s: cute.TiledMma,
         tiled_mma_o_rs: cute.TiledMma,
         tiled_mma_o_ss: cute.TiledMma,
-        mQ: cute.Tensor,
+        mQ: cute.Tensor,  # for its shape
         tma_q: cute.CopyAtom,
-        mQ_tma: cute.Tensor,
+        mQ_tma: cute.Tensor,  # Q's TMA view (q_sources)
         mKCache: cute.Tensor,
         pages: cute.FastDivmodDivisorV2,
         mIndices: cute.Tensor,
@@ -280,6 +293,27 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         # No CTA leaves while its peer may still arrive on its barriers.
         cute.arch.cluster_arrive_relaxed()
         cute.arch.cluster_wait()
+
+    @cute.jit
+    def start_q_load(self, tma_q, mQ_tma, sQ, q_full, batch, s, head_tile):
+        """One warp (whose first thread initialized ``q_full``): start the TMA copies of
+        query token (``batch``, ``s``)'s head tile ``head_tile`` of Q (64 x d) into
+        ``sQ``, one a 64-column chunk, counted on the mbarrier ``q_full`` (phase 0);
+        heads past h_q land as zeros (the copies' bounds). Issued at the CTA's start, as
+        FlashMLA loads Q: copied by the consumers themselves (``load_q``), the copies
+        were both consumers' first instructions and consumer 1 waited at a barrier for
+        Q, which it never reads (benchmarks/NOTES.md, "Sparse Q through TMA")."""
+        chunks = self.d // CHUNK_COLUMNS
+        with cute.arch.elect_one():
+            cute.arch.mbarrier_arrive_and_expect_tx(q_full, chunks * utils.chunk_bytes(BFloat16))
+        # Each copy is issued by one thread of the warp (the DSL elects it): called from
+        # one thread alone, the election waits for lanes that never come.
+        gQ = cute.flat_divide(mQ_tma, (HEAD_TILE, CHUNK_COLUMNS))  # (64, 64, head tiles, chunks, s_q, b)
+        sQ_chunks = cute.make_tensor(sQ.iterator, utils.chunked_layout(HEAD_TILE, self.d, 1))
+        tQsQ, tQgQ = cpasync.tma_partition(tma_q, 0, cute.make_layout(1), cute.group_modes(sQ_chunks, 0, 2),
+                                           cute.group_modes(gQ, 0, 2))
+        for c in cutlass.range_constexpr(chunks):
+            cute.copy(tma_q, tQgQ[None, head_tile, c, s, batch], tQsQ[None, c, 0], tma_bar_ptr=q_full)
 
     def score_keys(self, sK, wg):
         """K for consumer 0's scores: the whole tiles."""
