@@ -7,12 +7,13 @@ sets cycled past L2). A forced count may leave fragments with no step
 (``ceil(steps / k) * (k - 1) >= steps``, ``steps = topk / 64``), which the package's plans
 never do (``tests/test_sparse_plan.py``). Needs a Hopper (sm_90) GPU.
 
-    python benchmarks/sparse_plan_probe.py [--match REGEX] [--splits 4,8,11,16] [--profile]
+    python benchmarks/sparse_plan_probe.py [--match REGEX] [--splits 4,8,11,16] [--profile] [--graphs]
 
-``--profile`` also prints, for the picked plan and the peer, each kernel of one call (the
-torch profiler's CUDA times, the L2 flushed before it: each kernel's start after the
-flush's end, and its time) and the span from the first kernel's start to the last one's
-end.
+``--graphs`` also times the picked plan's call and the peer's replayed from CUDA graphs
+(one a set), which leaves the host's time out. ``--profile`` also prints, for the picked
+plan and the peer, each kernel of one call (the torch profiler's CUDA times, the L2
+flushed before it: each kernel's start after the flush's end, and its time) and the span
+from the first kernel's start to the last one's end.
 """
 
 import argparse
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
                         "matches (default: the b = 2 cases)")
     parser.add_argument("--splits", default="4,6,8,11,16,22,32", help="fragment counts to force, comma-separated")
     parser.add_argument("--profile", action="store_true", help="also print each kernel's time in one call")
+    parser.add_argument("--graphs", action="store_true", help="also time the picked plan's call and the peer's "
+                        "replayed from CUDA graphs (no host time)")
     parser.add_argument("--no-peers", action="store_true", help=f"do not time {bench_sparse.PEER} even if it imports")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per measurement (default: 25)")
     parser.add_argument("--rep-ms", type=float, default=200.0, help="timed time per measurement (default: 200)")
@@ -74,6 +77,9 @@ def main(argv=None) -> int:
         for peer, module in peers.items():
             calls[peer] = bench_sparse.planned_caller(module, sets[0])
             times[peer] = timer(bench_decode.cycled(calls[peer], sets))
+        if args.graphs:
+            for name, call in list(calls.items()):
+                times[f"{name} graph"] = timer(bench_decode.graph_replays(call, sets))
         print(f"{case.name}: " + ", ".join(f"{name} {ms * 1000:.1f} us" for name, ms in times.items()), flush=True)
         if args.profile:
             for name, call in calls.items():
