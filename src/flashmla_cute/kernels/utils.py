@@ -23,7 +23,7 @@ MMA_K = 16  # the k of a 16-bit m64nNk16 WGMMA: one k-step
 CHUNK_ROWS = 64  # rows of the Q and K tiles that the kernels load by TMA: a chunk's box
 
 
-def chunk_layout(dtype) -> cute.ComposedLayout:
+def chunk_box_layout(dtype) -> cute.ComposedLayout:
     """One 64-column chunk of a ``CHUNK_ROWS``-row K-major tile in shared memory (128-byte
     swizzle): the box of one TMA copy (the A and B operand layouts of a K-major 64 x 64
     tile are the same)."""
@@ -33,14 +33,14 @@ def chunk_layout(dtype) -> cute.ComposedLayout:
 
 def chunk_bytes(dtype) -> int:
     """Bytes of one chunk's TMA copy."""
-    return cute.size_in_bytes(dtype, chunk_layout(dtype))
+    return cute.size_in_bytes(dtype, chunk_box_layout(dtype))
 
 
 def chunk_tma_atom(src: cute.Tensor, dtype):
-    """The TMA load of one chunk (``chunk_layout``) of ``src``, a (row, column, ...)
+    """The TMA load of one chunk (``chunk_box_layout``) of ``src``, a (row, column, ...)
     view of a tensor in global memory: (atom, the TMA view of ``src``). Rows and columns
     past ``src``'s extents land as zeros."""
-    return cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), src, chunk_layout(dtype),
+    return cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), src, chunk_box_layout(dtype),
                                        (CHUNK_ROWS, ATOM_COLUMNS))
 
 
