@@ -361,25 +361,6 @@ def cycled(call, sets: list):
     return fn
 
 
-def graph_replays(call, sets: list):
-    """``fn()`` that replays, in turn, one CUDA graph per input set, each capturing
-    ``call(set)`` (after a call outside the capture): the call's GPU work without its
-    host time, as an engine that captures its decode step runs it."""
-    import torch
-
-    for inp in sets:
-        call(inp)
-    torch.cuda.synchronize()
-    pool = torch.cuda.graph_pool_handle()
-    graphs = []
-    for inp in sets:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            call(inp)
-        graphs.append(graph)
-    return cycled(lambda graph: graph.replay(), graphs)
-
-
 def time_and_check(calls: dict, sets: list, reference, timer: Timer, flops: float, nbytes: float | None,
                    result: dict) -> None:
     """Each implementation of ``calls`` (``impl -> call(inputs) -> (out, lse)``, ours
