@@ -101,7 +101,8 @@ def test_fast_and_checked_paths_agree(requires_hopper, monkeypatch):
 # ------------------------------------------------------------ the split workspace
 # All layers of a step share one plan: the first call with a plan allocates the fp32
 # workspace for split partial results and keeps it on the plan's tensor for the calls
-# after it on the same stream; a call on another stream allocates its own.
+# after it on the same stream; a call on another stream allocates its own, and the plan
+# keeps both.
 
 
 def split_heavy_args():
@@ -114,7 +115,10 @@ def split_heavy_args():
 
 
 def kept_workspace(meta):
-    return getattr(meta, runtime._WORKSPACE_ATTR)[1]
+    """The workspace the plan keeps for calls on the current stream."""
+    stream = torch.cuda.current_stream().cuda_stream
+    (workspace,) = [w for (s, _), w in runtime.kept_workspaces(meta).items() if s == stream]
+    return workspace
 
 
 def test_workspace_is_kept_for_the_plans_next_calls(requires_hopper):
@@ -143,12 +147,13 @@ def test_other_streams_get_their_own_workspace(requires_hopper):
     with torch.cuda.stream(side):
         for q in queries[:2]:
             results.append(flashmla_cute.flash_mla_with_kvcache(**{**args, "q": q}))
-    on_side = kept_workspace(meta)
+        on_side = kept_workspace(meta)
     for q in queries[2:]:
         results.append(flashmla_cute.flash_mla_with_kvcache(**{**args, "q": q}))
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     assert on_side is not on_default and on_side.data_ptr() != on_default.data_ptr()
+    assert kept_workspace(meta) is on_default  # the side stream's calls took nothing from it
     for q, (out, lse) in zip(queries, results):
         ref = reference({**args, "q": q})
         assert cosine_distance(out, ref[0]) < 1e-5 and cosine_distance(lse, ref[1]) < 1e-5

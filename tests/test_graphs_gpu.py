@@ -53,3 +53,80 @@ def test_graph_replay_follows_new_lengths_and_pages(requires_hopper):
         ref_out, ref_lse = flash_mla_reference(x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, causal=True)
         assert cosine_distance(out.float(), ref_out.float()) < 1e-5
         assert cosine_distance(lse, ref_lse) < 1e-5
+
+
+# ------------------------------------- graphs captured on streams of their own, one plan
+# A plan keeps its split workspaces for the calls made with it; a graph that captured a
+# call must not depend on them: here two graphs share one plan, each warmed up and
+# captured on a stream of its own (as serving engines capture one graph per batch size),
+# with an eager call on the default stream after them. Every replay must still match
+# the reference (a workspace freed under a graph made these replays fault).
+
+
+def captured_on_a_stream_of_its_own(step):
+    """``step()`` warmed up and captured on a new stream: (graph, what the capture returned)."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+        stream.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            result = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph, result
+
+
+def replays_match(queries, graphs_and_outputs, reference):
+    for graph, _ in graphs_and_outputs:
+        graph.replay()
+    torch.cuda.synchronize()
+    for q, (_, (out, lse)) in zip(queries, graphs_and_outputs):
+        ref_out, ref_lse = reference(q)
+        assert cosine_distance(out.float(), ref_out.float()) < 1e-5
+        assert cosine_distance(lse, ref_lse) < 1e-5
+
+
+def test_two_graphs_on_two_streams_share_a_dense_plan(requires_hopper):
+    x = make_decode_inputs(2, 1, 64, seqlens=[8000, 50], device="cuda", seed=2)
+    meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, 64, 1)
+    assert int(splits[1] - splits[0]) > 1  # the long sequence is split: the workspace is used
+    queries = [torch.randn_like(x.q) / 10 for _ in range(3)]
+
+    def call(q):
+        return flashmla_cute.flash_mla_with_kvcache(q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits)
+
+    def reference(q):
+        return flash_mla_reference(q, x.k_cache, x.block_table, x.cache_seqlens, 512)
+
+    captured = [captured_on_a_stream_of_its_own(lambda q=q: call(q)) for q in queries[:2]]
+    replays_match(queries, captured, reference)
+    eager = call(queries[2])  # the plan's own workspace for the default stream
+    replays_match(queries, captured, reference)
+    ref_out, _ = reference(queries[2])
+    assert cosine_distance(eager[0].float(), ref_out.float()) < 1e-5
+
+
+def test_two_graphs_on_two_streams_share_a_sparse_plan(requires_hopper):
+    from flashmla_cute import api
+    from flashmla_cute.sparse_reference import sparse_mla_reference
+    from flashmla_cute.sparse_testing import make_sparse_decode_inputs
+
+    x = make_sparse_decode_inputs(2, 1, 64, 4096, 2048, 64, seed=4, with_sink=True, device="cuda")
+    plan, _ = api.get_mla_metadata()
+    queries = [torch.randn_like(x.q) / 10 for _ in range(3)]
+
+    def call(q):
+        return api.flash_mla_with_kvcache(q, x.k_cache, None, None, 512, plan, softmax_scale=x.softmax_scale,
+                                          is_fp8_kvcache=True, indices=x.indices, attn_sink=x.attn_sink)
+
+    def reference(q):
+        return sparse_mla_reference(q, x.k_cache, x.indices, None, x.attn_sink, x.softmax_scale)
+
+    captured = [captured_on_a_stream_of_its_own(lambda q=q: call(q)) for q in queries[:2]]
+    replays_match(queries, captured, reference)
+    eager = call(queries[2])
+    replays_match(queries, captured, reference)
+    ref_out, _ = reference(queries[2])
+    assert cosine_distance(eager[0].float(), ref_out.float()) < 1e-5

@@ -170,22 +170,38 @@ def split_workspace(holder, elems: int, device_index: int) -> torch.Tensor:
 
     All layers of a decoding step share one plan and run one after another on one
     stream, so the workspace is allocated by the first call with a plan and kept on it
-    for the next calls, which save an allocation. It is reused only by calls on the
-    stream it was made for, with the same size: work on one stream runs in order, so no
-    two kernels ever use it at once, and the caching allocator hands its memory to
-    nothing else while the plan lives. A call on another stream or of another size makes
-    its own (and keeps that instead).
+    for the next calls, which save an allocation. Calls on one stream run in order, so
+    no two kernels ever use one workspace at once; each stream (and size) gets its own,
+    and a plan keeps every workspace it handed out while it lives: one freed would leave
+    a CUDA graph that captured a call using it replaying into memory that is no longer
+    its own (two graphs captured on two streams with one plan did exactly that).
+
+    A call being captured into a CUDA graph gets a workspace of its own, allocated in the
+    capture from the graph's memory pool, where torch keeps it for the graph's replays:
+    the graph depends neither on the plan's life nor on the calls made with it later.
     """
-    stream = torch._C._cuda_getCurrentRawStream(device_index)
-    kept = getattr(holder, _WORKSPACE_ATTR, None)
-    if kept is not None and kept[0] == stream and kept[1].numel() == elems:
-        return kept[1]
-    workspace = torch.empty(elems, dtype=torch.float32, device=torch.device("cuda", device_index))
-    try:
-        setattr(holder, _WORKSPACE_ATTR, (stream, workspace))
-    except (AttributeError, RuntimeError):  # a type without attributes: not kept
-        pass
+    if torch._C._cuda_isCurrentStreamCapturing():
+        return torch.empty(elems, dtype=torch.float32, device=torch.device("cuda", device_index))
+    key = (torch._C._cuda_getCurrentRawStream(device_index), elems)
+    kept = kept_workspaces(holder)
+    workspace = kept.get(key)
+    if workspace is None:
+        workspace = torch.empty(elems, dtype=torch.float32, device=torch.device("cuda", device_index))
+        kept[key] = workspace
     return workspace
+
+
+def kept_workspaces(holder) -> dict:
+    """The workspaces kept on ``holder`` by ``split_workspace``, by (raw stream, size);
+    a fresh dict, not kept, for a holder that takes no attributes."""
+    kept = getattr(holder, _WORKSPACE_ATTR, None)
+    if kept is None:
+        kept = {}
+        try:
+            setattr(holder, _WORKSPACE_ATTR, kept)
+        except (AttributeError, RuntimeError):  # a type without attributes: not kept
+            pass
+    return kept
 
 
 def decode_launch(problem, dtype: torch.dtype, device_index: int) -> DecodeLaunch:
