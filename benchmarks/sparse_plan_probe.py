@@ -13,7 +13,9 @@ never do (``tests/test_sparse_plan.py``). Needs a Hopper (sm_90) GPU.
 (one a set), which leaves the host's time out. ``--profile`` also prints, for the picked
 plan and the peer, each kernel of one call (the torch profiler's CUDA times, the L2
 flushed before it: each kernel's start after the flush's end, and its time) and the span
-from the first kernel's start to the last one's end.
+from the first kernel's start to the last one's end. With both, the flush and the call
+are replayed from one CUDA graph under the profiler, so each kernel's start after the
+flush is the GPU's alone (eager, it includes the host's time to the launch).
 """
 
 import argparse
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
         print(f"{case.name}: " + ", ".join(f"{name} {ms * 1000:.1f} us" for name, ms in times.items()), flush=True)
         if args.profile:
             for name, call in calls.items():
-                print(f"    {name}: {profile_call(call, sets[1 % len(sets)])}", flush=True)
+                print(f"    {name}: {profile_call(call, sets[1 % len(sets)], args.graphs)}", flush=True)
         del sets
         torch.cuda.empty_cache()
     return 0
@@ -99,19 +101,31 @@ def graph_replays(call, sets: list):
     return bench_decode.cycled(lambda graph: graph.replay(), graphs)
 
 
-def profile_call(call, inputs) -> str:
-    """Each CUDA kernel of one ``call(inputs)`` after an L2 flush, with the span of them all."""
+def profile_call(call, inputs, graphed: bool = False) -> str:
+    """Each CUDA kernel of one ``call(inputs)`` after an L2 flush, with the span of them all
+    (``graphed``: the flush and the call replayed from one CUDA graph)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    import kernel_times
+
     flush = torch.empty(bench_decode.FLUSH_BYTES, dtype=torch.int8, device="cuda")
-    for _ in range(3):  # warm
+
+    def flushed_call():
+        flush.zero_()
         call(inputs)
+
+    if graphed:
+        graph = kernel_times.capture(flushed_call, calls=1)
+        run = graph.replay
+    else:
+        for _ in range(3):  # warm
+            call(inputs)
+        run = flushed_call
     flush.zero_()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        flush.zero_()
-        call(inputs)
+        run()
         torch.cuda.synchronize()
     events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                     key=lambda e: e.time_range.start)
