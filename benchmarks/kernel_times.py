@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 import flashmla_cute  # noqa: E402
-from flashmla_cute.testing import make_decode_inputs, random_seqlens  # noqa: E402
+from flashmla_cute.testing import capture_graph, make_decode_inputs, random_seqlens  # noqa: E402
 
 # (b, seqlen, h_q, s_q, varlen)
 ANCHORS = [(128, 8192, 16, 1, False), (128, 8192, 64, 1, False), (128, 8192, 128, 1, False),
@@ -70,19 +70,9 @@ def ours(x, s_q, h_q):
 
 
 def capture(step, calls: int = CALLS) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of ``calls`` calls of ``step``, after a warm-up on the capture stream
-    (per-stream workspaces exist before capture)."""
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-        stream.synchronize()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                step()
-    torch.cuda.current_stream().wait_stream(stream)
+    """A CUDA graph of ``calls`` calls of ``step`` (``testing.capture_graph``: warmed up
+    and captured on a stream of its own), replayed once."""
+    graph, _ = capture_graph(step, calls)
     graph.replay()
     torch.cuda.synchronize()
     return graph

@@ -6,7 +6,7 @@ import torch
 
 import flashmla_cute
 from flashmla_cute.reference import flash_mla_reference
-from flashmla_cute.testing import cosine_distance, make_decode_inputs
+from flashmla_cute.testing import capture_graph, cosine_distance, make_decode_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -58,24 +58,9 @@ def test_graph_replay_follows_new_lengths_and_pages(requires_hopper):
 # ------------------------------------- graphs captured on streams of their own, one plan
 # A plan keeps its split workspaces for the calls made with it; a graph that captured a
 # call must not depend on them: here two graphs share one plan, each warmed up and
-# captured on a stream of its own (as serving engines capture one graph per batch size),
-# with an eager call on the default stream after them. Every replay must still match
-# the reference (a workspace freed under a graph made these replays fault).
-
-
-def captured_on_a_stream_of_its_own(step):
-    """``step()`` warmed up and captured on a new stream: (graph, what the capture returned)."""
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-        stream.synchronize()
-        with torch.cuda.graph(graph, stream=stream):
-            result = step()
-    torch.cuda.current_stream().wait_stream(stream)
-    return graph, result
+# captured on a stream of its own (``testing.capture_graph``), with an eager call on the
+# default stream after them. Every replay must still match the reference (a workspace
+# freed under a graph made these replays fault).
 
 
 def replays_match(queries, graphs_and_outputs, reference):
@@ -100,7 +85,7 @@ def test_two_graphs_on_two_streams_share_a_dense_plan(requires_hopper):
     def reference(q):
         return flash_mla_reference(q, x.k_cache, x.block_table, x.cache_seqlens, 512)
 
-    captured = [captured_on_a_stream_of_its_own(lambda q=q: call(q)) for q in queries[:2]]
+    captured = [capture_graph(lambda q=q: call(q)) for q in queries[:2]]
     replays_match(queries, captured, reference)
     eager = call(queries[2])  # the plan's own workspace for the default stream
     replays_match(queries, captured, reference)
@@ -124,7 +109,7 @@ def test_two_graphs_on_two_streams_share_a_sparse_plan(requires_hopper):
     def reference(q):
         return sparse_mla_reference(q, x.k_cache, x.indices, None, x.attn_sink, x.softmax_scale)
 
-    captured = [captured_on_a_stream_of_its_own(lambda q=q: call(q)) for q in queries[:2]]
+    captured = [capture_graph(lambda q=q: call(q)) for q in queries[:2]]
     replays_match(queries, captured, reference)
     eager = call(queries[2])
     replays_match(queries, captured, reference)

@@ -1,5 +1,6 @@
 """Helpers shared by the tests and the benchmarks: random paged decode inputs, the
-cosine distance used to compare results, and FLOP and byte counts.
+cosine distance used to compare results, FLOP and byte counts, and a CUDA graph's
+capture.
 
 Importing this module needs only torch (no GPU, no CUTLASS).
 """
@@ -236,3 +237,22 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
     start_s = time.perf_counter()
     fn()
     return (time.perf_counter() - start_s) * 1e3
+
+
+def capture_graph(step: Callable[[], object], calls: int = 1, warmups: int = 3):
+    """``(graph, result)``: a CUDA graph of ``calls`` calls of ``step`` and what the last
+    one returned (its outputs, rewritten by every replay). Captured on a new stream after
+    ``warmups`` calls on it, which do the first-use work (compiles, buffers kept for
+    later calls) outside the capture, as serving engines capture a graph per batch size."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            step()
+        stream.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                result = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph, result
