@@ -34,8 +34,8 @@ The rate at which an SM stores into its peer's shared memory (about 25 GB/s,
 at least, and that only where every store instruction fills whole 32-byte sectors (half
 sectors halve the rate; ``SPREAD_PIECES``): it pays only because the gather warpgroup
 spreads it over the whole step while the consumers multiply (benchmarks/NOTES.md, "The
-gather warpgroup's pairs with FlashMLA's consumer roles"). With 64 heads or fewer there is nothing to share, and the
-eight-warp kernel of ``sparse_decode_sm90`` is faster.
+gather warpgroup's pairs with FlashMLA's consumer roles"). With 64 heads or fewer there
+is nothing to share, and the eight-warp kernel of ``sparse_decode_sm90`` is faster.
 
 Everything else (the steps, splits, fetch, dequantization, combine) is
 ``sparse_decode_sm90``'s.
