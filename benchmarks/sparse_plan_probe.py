@@ -11,9 +11,9 @@ never do (``tests/test_sparse_plan.py``). Needs a Hopper (sm_90) GPU.
 
 ``--graphs`` also times the picked plan's call and the peer's replayed from CUDA graphs
 (one a set), which leaves the host's time out. ``--profile`` also prints, for the picked
-plan and the peer, each kernel of one call (the torch profiler's CUDA times, the L2
-flushed before it: each kernel's start after the flush's end, and its time) and the span
-from the first kernel's start to the last one's end. With both, the flush and the call
+plan, each forced one and the peer, each kernel of one call (the torch profiler's CUDA
+times, the L2 flushed before it: each kernel's start after the flush's end, and its time)
+and the span from the first kernel's start to the last one's end. With both, the flush and the call
 are replayed from one CUDA graph under the profiler, so each kernel's start after the
 flush is the GPU's alone (eager, it includes the host's time to the launch).
 """
@@ -68,6 +68,7 @@ def main(argv=None) -> int:
         _, _, sets = bench_sparse.case_inputs(case, args.seed, l2)
         picked = chosen_plan(case.b, case.s_q, case.h_q, case.topk + case.extra_topk, num_sms)
         times = {}
+        forced_profiles = {}  # printed after the picked plan's, with --profile
         for k in [None] + forced:
             sparse_runtime.plan_splits = chosen_plan if k is None else (
                 lambda *_, k=k: sparse_plan.SparsePlan(0, k))
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
             times[f"picked {tuple(picked)}" if k is None else f"k={k}"] = timer(bench_decode.cycled(call, sets))
             if k is None:
                 calls = {"ours": call}  # the package's plan, profiled below
+            elif args.profile:  # while the plan is forced: each call plans anew
+                forced_profiles[f"ours k={k}"] = profile_call(call, sets[1 % len(sets)], args.graphs)
         sparse_runtime.plan_splits = chosen_plan
         for peer, module in peers.items():
             calls[peer] = bench_sparse.planned_caller(module, sets[0])
@@ -86,6 +89,8 @@ def main(argv=None) -> int:
         if args.profile:
             for name, call in calls.items():
                 print(f"    {name}: {profile_call(call, sets[1 % len(sets)], args.graphs)}", flush=True)
+            for name, profiled in forced_profiles.items():
+                print(f"    {name}: {profiled}", flush=True)
         del sets
         torch.cuda.empty_cache()
     return 0
