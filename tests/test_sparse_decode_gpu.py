@@ -12,8 +12,10 @@ import math
 import pytest
 import torch
 
+from flashmla_cute import runtime, sparse_runtime
 from flashmla_cute.api import flash_mla_with_kvcache, get_mla_metadata
 from flashmla_cute.fp8_cache import MODEL1, V32
+from flashmla_cute.kernels.combine import GROUP_ROW_FRAGMENTS
 from flashmla_cute.sparse_reference import sparse_mla_reference
 from flashmla_cute.sparse_testing import NAN_BYTE, make_sparse_decode_inputs, page_bytes, with_page_stride
 from flashmla_cute.testing import cosine_distance, written_by_a_long_kernel
@@ -165,6 +167,19 @@ def test_reads_what_the_kernel_before_it_wrote(requires_hopper):
     inp = make_sparse_decode_inputs(20, 2, 128, 1024, 576, 61, seed=11, with_sink=True, device=requires_hopper)
     inp.q = written_by_a_long_kernel(inp.q, seed=11)
     check(inp)
+
+
+@pytest.mark.parametrize("b,s_q,h_q,seqlen,topk", [(2, 2, 128, 4096, 2048), (1, 3, 10, 2100, 2048),
+                                                   (1, 1, 64, 16500, 16384)])
+def test_many_fragments_are_merged_through_shared_memory(requires_hopper, b, s_q, h_q, seqlen, topk):
+    """Query tokens split into more fragments than a thread group merges are merged with
+    the fragments' rows staged in shared memory (``combine.MlaStagedCombine``): V3.2's
+    b = 2 production case, rows that leave the last block of the merge part-filled
+    (3 x 10), and 64 fragments (several rounds of ``STAGED_ROUND_FRAGMENTS``)."""
+    plan = sparse_runtime.plan_splits(b, s_q, h_q, topk, runtime.num_sms(torch.cuda.current_device()))
+    assert plan.splits > GROUP_ROW_FRAGMENTS
+    check(make_sparse_decode_inputs(b, s_q, h_q, seqlen, topk, 64, seed=topk + h_q, with_sink=True,
+                                    device=requires_hopper))
 
 
 @pytest.mark.parametrize("h_q", [1, 16, 100, 127])

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, const_expr, pipeline
+from cutlass.cute.nvgpu import cpasync
 
 from ..scheduler import ROWS_PER_TILE
 from .utils import accumulators
@@ -330,6 +331,122 @@ class MlaCombine:
         cute.autovec_copy(out_piece, cute.local_tile(mO[batch, s, head, None], (VEC,), (piece_idx,)))
         if piece_idx == 0:
             mLse[batch, head, s] = lse
+
+
+# The staged merge (``MlaStagedCombine``): a CTA's thread groups take a row each, and the
+# row's fragments come into shared memory by bulk copies, up to STAGED_ROUND_FRAGMENTS of
+# each at a time (4 rows x 16 fragments x 2 KB: 128 KB, one CTA an SM).
+STAGED_ROWS_PER_CTA = COMBINE_FRAGMENT_GROUPS
+STAGED_ROUND_FRAGMENTS = 16
+
+
+class MlaStagedCombine(MlaCombine):
+    """The merge of sequences of many fragments with the fragments' rows staged in shared
+    memory: the bytes a thread waits for are not held in its registers, so that all of
+    a CTA's fragments are in flight at once and the merge costs one round trip to L2
+    (``STAGED_ROUND_FRAGMENTS`` fragments a round), however many rows an SM takes.
+
+    Grid ``(row blocks, h_kv, b)``: CTA ``(i, h, q)`` merges rows ``STAGED_ROWS_PER_CTA
+    i ..`` of KV head ``h`` of sequence ``q`` (nothing where that sequence is whole),
+    thread group ``g`` row ``g`` of them, a thread one 16-byte piece. Launched as the
+    decode kernel's programmatic dependent; CTA (0, 0, 0) always waits for it, as in
+    ``MlaCombine``."""
+
+    def __init__(self, dtype, head_dim_v: int = 512):
+        super().__init__(dtype, head_dim_v, ctas_per_sm=1)
+
+    @cute.jit
+    def launch_staged(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mNumSplits: cute.Tensor, mO: cute.Tensor,
+                      mLse: cute.Tensor, mSink: cute.Tensor, has_sink: Int32, heads_per_kv: Int32, stream):
+        """Launch on ``stream`` as the programmatic dependent of the kernel before it
+        (the arguments as ``MlaCombine.launch``'s)."""
+        rows = mOAccum.shape[2]
+        row_blocks = (rows + STAGED_ROWS_PER_CTA - 1) // STAGED_ROWS_PER_CTA
+        self.staged_kernel(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, heads_per_kv).launch(
+            grid=[row_blocks, mOAccum.shape[1], mO.shape[0]], block=[COMBINE_THREADS, 1, 1], stream=stream,
+            use_pdl=True, min_blocks_per_mp=1,
+        )
+
+    @cute.kernel
+    def staged_kernel(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mNumSplits: cute.Tensor, mO: cute.Tensor,
+                      mLse: cute.Tensor, mSink: cute.Tensor, has_sink: Int32, heads_per_kv: Int32):
+        tidx, _, _ = cute.arch.thread_idx()
+        row_block, kv_head, batch = cute.arch.block_idx()
+        dv = self.head_dim_v
+        row_bytes = dv * Float32.width // 8
+
+        @cute.struct
+        class Storage:
+            landed: cute.struct.MemRange[cutlass.Int64, 1]
+            rows: cute.struct.Align[cute.struct.MemRange[Float32, STAGED_ROUND_FRAGMENTS * STAGED_ROWS_PER_CTA * dv],
+                                    128]
+
+        storage = cutlass.memory.SmemAllocator().allocate(Storage)
+        landed = storage.landed.data_ptr()
+        # (fragment of the round, row of the CTA, value)
+        staged = storage.rows.get_tensor(cute.make_layout((STAGED_ROUND_FRAGMENTS, STAGED_ROWS_PER_CTA, dv),
+                                                           stride=(STAGED_ROWS_PER_CTA * dv, dv, 1)))
+        row_copy = cute.make_copy_atom(cpasync.CopyBulkG2SOp(), Float32, num_bits_per_copy=dv * Float32.width)
+        if tidx == 0:
+            cute.arch.mbarrier_init(landed, 1)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+
+        rows = mOAccum.shape[2]
+        first_row = row_block * STAGED_ROWS_PER_CTA
+        cta_rows = cutlass.min(rows - first_row, STAGED_ROWS_PER_CTA)
+        first = mNumSplits[batch]
+        num_frags = mNumSplits[batch + 1] - first
+        if (row_block == 0) & (kv_head == 0) & (batch == 0):
+            cute.arch.griddepcontrol_wait()
+        if num_frags > 1:
+            # The decode kernel's partials are complete past this point.
+            cute.arch.griddepcontrol_wait()
+            group = tidx // THREADS_PER_ROW
+            piece_idx = tidx % THREADS_PER_ROW
+            row = first_row + group
+            running_max = -Float32.inf
+            running_sum = Float32(0.0)
+            acc = cute.make_rmem_tensor((VEC,), Float32)
+            acc.fill(0.0)
+            phase = Int32(0)
+            for k0 in cutlass.range(0, num_frags, STAGED_ROUND_FRAGMENTS, unroll=1):
+                round_frags = cutlass.min(num_frags - k0, STAGED_ROUND_FRAGMENTS)
+                if tidx < 32:
+                    # The first warp: its first lane arms the barrier for the round's
+                    # bytes, then every lane issues copies of its own, one (fragment,
+                    # row) of 2 KB each (bulk copies are not elected).
+                    if tidx == 0:
+                        cute.arch.mbarrier_arrive_and_expect_tx(landed, round_frags * cta_rows * row_bytes)
+                    cute.arch.sync_warp()
+                    for c in cutlass.range(tidx, round_frags * cta_rows, 32, unroll=1):
+                        f = c // cta_rows
+                        r = c - f * cta_rows
+                        cute.copy(row_copy, mOAccum[first + k0 + f, kv_head, first_row + r, None], staged[f, r, None],
+                                  mbar_ptr=landed)
+                # The log-sum-exps, read while the rows land.
+                pieces = cute.make_rmem_tensor((STAGED_ROUND_FRAGMENTS, VEC), Float32)
+                lses = cute.make_rmem_tensor((STAGED_ROUND_FRAGMENTS,), Float32)
+                pieces.fill(0.0)
+                for f in cutlass.range_constexpr(STAGED_ROUND_FRAGMENTS):
+                    lses[f] = -Float32.inf
+                    if (f < round_frags) & (group < cta_rows):
+                        lses[f] = mLseAccum[first + k0 + f, kv_head, row]
+                cute.arch.mbarrier_wait(landed, phase)
+                phase = phase ^ 1
+                if group < cta_rows:
+                    for f in cutlass.range_constexpr(STAGED_ROUND_FRAGMENTS):
+                        if f < round_frags:
+                            piece = cute.local_tile(staged[f, group, None], (VEC,), (piece_idx,)).load()
+                            for e in cutlass.range_constexpr(VEC):
+                                pieces[f, e] = piece[e]
+                    running_max, running_sum = fold_fragments(acc, running_max, running_sum, lses, pieces, k0,
+                                                              num_frags)
+                # Every thread has read the round's rows before the next round's copies.
+                cute.arch.sync_threads()
+            if group < cta_rows:
+                self.store_row(mO, mLse, mSink, has_sink, acc, running_max, running_sum, batch, kv_head, row,
+                               heads_per_kv, piece_idx)
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it

@@ -83,7 +83,7 @@ from cutlass.tensor_utils import LayoutEnum
 from .. import fp8_cache
 from ..sparse_plan import HEAD_TILE, STEP_TOKENS
 from . import softmax, utils
-from .combine import CTAS_PER_SPARSE_CTA, GROUP_ROW_FRAGMENTS, MlaCombine
+from .combine import CTAS_PER_SPARSE_CTA, GROUP_ROW_FRAGMENTS, MlaCombine, MlaStagedCombine
 from .split_o import SplitOFragments, split_o_fragments
 
 TOKENS = STEP_TOKENS  # indices per step
@@ -249,7 +249,8 @@ class SparseDecodeSm90:
         merge_args = (mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q, cutlass.min(num_ctas, num_sms),
                       stream)
         if topk_splits > GROUP_ROW_FRAGMENTS:
-            self.launch_combine(2, *merge_args)
+            MlaStagedCombine(BFloat16, DV).launch_staged(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink,
+                                                         h_q, stream)
         else:
             self.launch_combine(1, *merge_args)
 
