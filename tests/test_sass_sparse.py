@@ -67,13 +67,16 @@ def test_sparse_machine_code(cubins, name):
 
 
 @pytest.mark.parametrize("name", SPARSE_NAMES)
-def test_sparse_variants_carry_a_combine_for_two_ctas_an_sm(cubins, name):
+def test_sparse_variants_carry_a_staged_combine(cubins, name):
     """The sparse kernel's host function launches one of two combine kernels
-    (``kernels/combine.py``, ``FRAGS_IN_FLIGHT``): one for two 512-thread CTAs an SM,
-    within 64 registers a thread, and one with the warp-per-row merge for one."""
-    combines = sorted(count for kernel, count in kernel_registers(cubins[name]).items() if "Combine" in kernel)
+    (``kernels/combine.py``): the merge with the warp-per-row path, and, for query tokens
+    of many fragments, the merge whose fragments' rows come into shared memory by bulk
+    copies (``UBLKCP``), both one 512-thread CTA an SM (at most 128 registers)."""
+    combines = {kernel: count for kernel, count in kernel_registers(cubins[name]).items() if "Combine" in kernel}
     assert len(combines) == 2, f"{name}: {len(combines)} combine kernels"
-    assert combines[0] <= 64 < combines[1] <= 128, f"{name}: combine registers {combines}"
+    assert sum("Staged" in kernel for kernel in combines) == 1, f"{name}: {sorted(combines)}"
+    assert max(combines.values()) <= 128, f"{name}: combine registers {combines}"
+    assert "UBLKCP" in sass_of(cubins[name]), f"{name}: no bulk copy"
 
 
 def instructions(sass: str) -> list[str]:

@@ -11,6 +11,9 @@ rows (a CTA per row for a batch of one) and each row's fragments over four threa
 groups, so that the fragments are read by many SMs with many loads in flight. (The
 decode kernel once merged sequences of two fragments itself, in the CTA that finished
 last; the combine kernel measured faster also there: b32 sk1024 h128 62 -> 50 us.)
+The sparse kernel's query tokens of many fragments are merged by ``MlaStagedCombine``,
+which brings the fragments' rows into shared memory by bulk copies rather than into
+registers, so that all of them are in flight at once.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, const_expr, pipeline
+from cutlass import Float32, Int32, pipeline
 from cutlass.cute.nvgpu import cpasync
 
 from ..scheduler import ROWS_PER_TILE
@@ -29,16 +32,11 @@ VEC = 4  # fp32 values per 16-byte load
 THREADS_PER_ROW = 128  # one row's 512 values, as 16-byte pieces
 COMBINE_FRAGMENT_GROUPS = 4  # thread groups of a combine CTA that read a row's fragments side by side
 COMBINE_THREADS = THREADS_PER_ROW * COMBINE_FRAGMENT_GROUPS
-# Fragments whose loads a combine thread has in flight, by the combine CTAs resident on
-# an SM at once (``MlaCombine``'s ``ctas_per_sm``): one with the warp-per-row merge,
-# whose 4 fragments x 16 values a lane take 128 registers; two without it, at 64, where
-# more than 4 spill. The sparse kernel launches the two-CTA combine where its split query
-# tokens have more fragments than a thread group merges (GROUP_ROW_FRAGMENTS), so that
-# every row is merged by the groups side by side, twice the rows at once: its b = 2 cases
-# (512 rows of 9-11 fragments) 3-13% faster; with fewer fragments, and after the dense
-# kernel, the warp merge at one CTA an SM measured 1-9% faster (benchmarks/NOTES.md,
-# "The sparse kernel's merge at two CTAs an SM").
-FRAGS_IN_FLIGHT = {1: 8, 2: 4}
+# Fragments whose loads a thread of ``MlaCombine`` has in flight: its CTA of 512 threads
+# runs alone on an SM, at up to 128 registers a thread, which the warp-per-row merge's 4
+# fragments x 16 values a lane take. (The sparse kernel's query tokens of more fragments
+# than a thread group merges, GROUP_ROW_FRAGMENTS, go to ``MlaStagedCombine``.)
+FRAGS_IN_FLIGHT = 8
 GROUP_ROW_FRAGMENTS = 8  # a sequence of at most this many fragments is merged a thread group per row
 WARPS_PER_CTA = COMBINE_THREADS // 32
 WARP_ROW_FRAGMENTS = 4  # a sequence of at most this many fragments is merged a warp per row
@@ -79,28 +77,20 @@ class MlaCombine:
     A CTA is ``COMBINE_FRAGMENT_GROUPS`` groups of 128 threads, each thread one 16-byte
     piece of a row, summing fragments with a running maximum, ``FRAGS_IN_FLIGHT``
     fragments' loads at a time. A sequence of very few fragments (at most
-    ``WARP_ROW_FRAGMENTS``) has each warp merge rows of its own, where the CTA merges by
-    warp; one of few (at most ``GROUP_ROW_FRAGMENTS``) has each group merge rows of its
-    own, ``FRAGS_IN_FLIGHT`` fragments' loads at once; one of many has all
-    the groups read each row's fragments side by side (group ``f`` the fragments ``f``,
-    ``f + groups``, ... in runs of ``FRAGS_IN_FLIGHT``), then combines the groups'
-    sums through shared memory.
+    ``WARP_ROW_FRAGMENTS``) has each warp merge rows of its own; one of few (at most
+    ``GROUP_ROW_FRAGMENTS``) has each group merge rows of its own, ``FRAGS_IN_FLIGHT``
+    fragments' loads at once; one of many has all the groups read each row's fragments
+    side by side (group ``f`` the fragments ``f``, ``f + groups``, ... in runs of
+    ``FRAGS_IN_FLIGHT``), then combines the groups' sums through shared memory.
 
-    Static configuration: output dtype, ``head_dim_v`` and ``ctas_per_sm``, the CTAs an
-    SM holds at once: 1 with the warp-per-row merge, 2 without it (its sequences then
-    go to the thread groups), the launch bounding registers to fit.
+    Static configuration: output dtype and ``head_dim_v``.
     """
 
-    def __init__(self, dtype, head_dim_v: int = 512, ctas_per_sm: int = 1):
+    def __init__(self, dtype, head_dim_v: int = 512):
         if THREADS_PER_ROW * VEC != head_dim_v:
             raise ValueError(f"head_dim_v must be {THREADS_PER_ROW * VEC}, got {head_dim_v}")
-        if ctas_per_sm not in FRAGS_IN_FLIGHT:
-            raise ValueError(f"ctas_per_sm must be one of {sorted(FRAGS_IN_FLIGHT)}, got {ctas_per_sm}")
         self.dtype = dtype
         self.head_dim_v = head_dim_v
-        self.ctas_per_sm = ctas_per_sm
-        self.merges_by_warp = ctas_per_sm == 1
-        self.frags_in_flight = FRAGS_IN_FLIGHT[ctas_per_sm]
 
     @cute.jit
     def __call__(
@@ -146,7 +136,7 @@ class MlaCombine:
                     row_groups).launch(
             grid=[num_slots, mOAccum.shape[1], row_groups], block=[COMBINE_THREADS, 1, 1], stream=stream,
             use_pdl=after_producer, preferred_smem_carveout=SHARED_MEMORY_CARVEOUT_PERCENT,
-            min_blocks_per_mp=self.ctas_per_sm,
+            min_blocks_per_mp=1,
         )
 
     @cute.kernel
@@ -191,10 +181,7 @@ class MlaCombine:
             if num_frags > 1:
                 # The decode kernel's partials are complete past this point.
                 cute.arch.griddepcontrol_wait()
-                by_warp = False
-                if const_expr(self.merges_by_warp):
-                    by_warp = num_frags <= WARP_ROW_FRAGMENTS
-                if by_warp:
+                if num_frags <= WARP_ROW_FRAGMENTS:
                     # Very few (a large batch's split sequences): a warp per row, so that
                     # the CTA has 16 rows in flight rather than 4.
                     for row in cutlass.range(first_row(row_group, row_groups, tidx // 32, WARPS_PER_CTA, rows), rows,
@@ -229,15 +216,15 @@ class MlaCombine:
         running_sum = Float32(0.0)
         acc = cute.make_rmem_tensor((VEC,), Float32)
         acc.fill(0.0)
-        step = num_groups * self.frags_in_flight
-        for k0 in cutlass.range(group * self.frags_in_flight, num_frags, step, unroll=1):
+        step = num_groups * FRAGS_IN_FLIGHT
+        for k0 in cutlass.range(group * FRAGS_IN_FLIGHT, num_frags, step, unroll=1):
             # All loads first (the merge is bound by their latency); fragments past the
             # last are not read (they would double the bytes of a run's last loads)
             # and weigh 0.
-            pieces = cute.make_rmem_tensor((self.frags_in_flight, VEC), Float32)
-            lses = cute.make_rmem_tensor((self.frags_in_flight,), Float32)
+            pieces = cute.make_rmem_tensor((FRAGS_IN_FLIGHT, VEC), Float32)
+            lses = cute.make_rmem_tensor((FRAGS_IN_FLIGHT,), Float32)
             pieces.fill(0.0)
-            for f in cutlass.range_constexpr(self.frags_in_flight):
+            for f in cutlass.range_constexpr(FRAGS_IN_FLIGHT):
                 if k0 + f < num_frags:
                     k = first + k0 + f
                     lses[f] = mLseAccum[k, kv_head, row]
@@ -334,8 +321,8 @@ class MlaCombine:
 
 
 # The staged merge (``MlaStagedCombine``): a CTA's thread groups take a row each, and the
-# row's fragments come into shared memory by bulk copies, up to STAGED_ROUND_FRAGMENTS of
-# each at a time (4 rows x 16 fragments x 2 KB: 128 KB, one CTA an SM).
+# rows' fragments come into shared memory by bulk copies, STAGED_ROUND_FRAGMENTS of each
+# row at a time (4 rows x 16 fragments x 2 KB: 128 KB, one CTA an SM).
 STAGED_ROWS_PER_CTA = COMBINE_FRAGMENT_GROUPS
 STAGED_ROUND_FRAGMENTS = 16
 
@@ -351,9 +338,6 @@ class MlaStagedCombine(MlaCombine):
     thread group ``g`` row ``g`` of them, a thread one 16-byte piece. Launched as the
     decode kernel's programmatic dependent; CTA (0, 0, 0) always waits for it, as in
     ``MlaCombine``."""
-
-    def __init__(self, dtype, head_dim_v: int = 512):
-        super().__init__(dtype, head_dim_v, ctas_per_sm=1)
 
     @cute.jit
     def launch_staged(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mNumSplits: cute.Tensor, mO: cute.Tensor,

@@ -242,17 +242,18 @@ class SparseDecodeSm90:
             stream=stream,
             min_blocks_per_mp=1,
         )
-        # Split query tokens: their fragments merged (and the sink applied) by the combine
-        # kernel, launched as this kernel's programmatic dependent; at two CTAs an SM
-        # where every row has more fragments than a thread group merges (combine.py,
-        # FRAGS_IN_FLIGHT).
-        merge_args = (mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q, cutlass.min(num_ctas, num_sms),
-                      stream)
+        # Split query tokens: their fragments merged (and the sink applied) by a combine
+        # kernel launched as this kernel's programmatic dependent: with the fragments'
+        # rows staged in shared memory where every row has more fragments than a thread
+        # group merges (combine.py; the b = 2 cases: 0.6-0.9 us faster than the thread
+        # groups side by side, benchmarks/NOTES.md, "The many-fragment merge staged in
+        # shared memory").
+        merge_args = (mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q)
         if topk_splits > GROUP_ROW_FRAGMENTS:
-            MlaStagedCombine(BFloat16, DV).launch_staged(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink,
-                                                         h_q, stream)
+            MlaStagedCombine(BFloat16, DV).launch_staged(*merge_args, stream)
         else:
-            self.launch_combine(1, *merge_args)
+            MlaCombine(BFloat16, DV).launch(*merge_args, cutlass.min(num_ctas, num_sms), CTAS_PER_SPARSE_CTA, stream,
+                                            True)
 
     def q_sources(self, mQ) -> tuple:
         """The kernel's arguments that Q is loaded from: Q itself (``load_q``; the pair
@@ -274,12 +275,6 @@ class SparseDecodeSm90:
             sP: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sP_layout)], 1024]
 
         return SharedStorage
-
-    def launch_combine(self, ctas_per_sm: int, mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q,
-                       producer_ctas, stream):
-        """The combine kernel at ``ctas_per_sm`` CTAs an SM, after this kernel."""
-        MlaCombine(BFloat16, DV, ctas_per_sm).launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q,
-                                                     producer_ctas, CTAS_PER_SPARSE_CTA, stream, True)
 
     # ---------------------------------------------------------------- device side
     @cute.kernel
