@@ -9,8 +9,8 @@ never do (``tests/test_sparse_plan.py``). Needs a Hopper (sm_90) GPU.
 
     python benchmarks/sparse_plan_probe.py [--match REGEX] [--splits 4,8,11,16] [--profile] [--graphs]
 
-``--graphs`` also times the picked plan's call and the peer's replayed from CUDA graphs
-(one a set), which leaves the host's time out. ``--profile`` also prints, for the picked
+``--graphs`` also times each plan's call and the peer's replayed from CUDA graphs (one a
+set), which leaves the host's time out. ``--profile`` also prints, for the picked
 plan, each forced one and the peer, each kernel of one call (the torch profiler's CUDA
 times, the L2 flushed before it: each kernel's start after the flush's end, and its time)
 and the span from the first kernel's start to the last one's end. With both, the flush and the call
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                         "matches (default: the b = 2 cases)")
     parser.add_argument("--splits", default="4,6,8,11,16,22,32", help="fragment counts to force, comma-separated")
     parser.add_argument("--profile", action="store_true", help="also print each kernel's time in one call")
-    parser.add_argument("--graphs", action="store_true", help="also time the picked plan's call and the peer's "
+    parser.add_argument("--graphs", action="store_true", help="also time each plan's call and the peer's "
                         "replayed from CUDA graphs (no host time)")
     parser.add_argument("--no-peers", action="store_true", help=f"do not time {bench_sparse.PEER} even if it imports")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per measurement (default: 25)")
@@ -76,7 +76,11 @@ def main(argv=None) -> int:
             times[f"picked {tuple(picked)}" if k is None else f"k={k}"] = timer(bench_decode.cycled(call, sets))
             if k is None:
                 calls = {"ours": call}  # the package's plan, profiled below
-            elif args.profile:  # while the plan is forced: each call plans anew
+                continue
+            # While the plan is forced (each call plans anew):
+            if args.graphs:
+                times[f"k={k} graph"] = timer(graph_replays(call, sets))
+            if args.profile:
                 forced_profiles[f"ours k={k}"] = profile_call(call, sets[1 % len(sets)], args.graphs)
         sparse_runtime.plan_splits = chosen_plan
         for peer, module in peers.items():
