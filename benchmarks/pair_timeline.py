@@ -11,7 +11,8 @@ kernel is left as it is) reads ``clock64`` in thread 0 of each consumer warpgrou
 lane 0 of the producer warp of one CTA (part 0, KV head 0, query tile 0) at the steps of
 the schedule: a pair's start and end, S done, every wait for a K group that returns,
 every release, every barrier between the consumers, every K group the producer
-acquires, and each batch's epilogue (start and end, per batch rather than per pair). The stamps go to a buffer whose address is compiled into the stamped kernel.
+acquires, and each batch's epilogue (start and end, per batch rather than per pair).
+The stamps go to a buffer whose address is compiled into the stamped kernel.
 For each step the script prints the median, 10th and 90th percentiles over the CTA's
 pairs, in cycles from the left consumer's start of the pair, and the plain and stamped
 kernels' times per call (alike within noise: the stamps cost little), and how many of the

@@ -160,7 +160,8 @@ class MlaCombine:
         class Storage:
             group_max: cute.struct.MemRange[Float32, COMBINE_FRAGMENT_GROUPS]
             group_sum: cute.struct.MemRange[Float32, COMBINE_FRAGMENT_GROUPS]
-            group_acc: cute.struct.Align[cute.struct.MemRange[Float32, COMBINE_FRAGMENT_GROUPS * THREADS_PER_ROW * VEC], 16]
+            group_acc: cute.struct.Align[
+                cute.struct.MemRange[Float32, COMBINE_FRAGMENT_GROUPS * THREADS_PER_ROW * VEC], 16]
 
         storage = cutlass.memory.SmemAllocator().allocate(Storage)
         groups = GroupPartials(

@@ -352,7 +352,8 @@ class MlaDecodeSm90:
                 self.produce(tma_q, mQ_tma, tma_k, mK_tma, sQ, sK, kv, q_ring, work)
         else:
             take_registers(CONSUMER_REGS, THREADS)
-            args = (tidx % WARPGROUP_THREADS, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv, q_ring, work)
+            args = (tidx % WARPGROUP_THREADS, tiled_mma_s, tiled_mma_o_rs, tiled_mma_o_ss, sQ, sK, storage, kv, q_ring,
+                    work)
             if warpgroup_idx == 1:
                 self.consume(0, *args)
             else:
@@ -450,8 +451,8 @@ class MlaDecodeSm90:
         512 columns) into the next stage, each group as soon as both consumers are done
         with it."""
         page = work.mBlockTable[batch, block]
-        kv.load(kv_state, tma_k, tKgK[None, 0, None, work.kv_head, page], tKsK[None, None, kv_state.index], cache_policy,
-                chunks)
+        kv.load(kv_state, tma_k, tKgK[None, 0, None, work.kv_head, page], tKsK[None, None, kv_state.index],
+                cache_policy, chunks)
 
     @staticmethod
     def kv_stage(count: Int32) -> pipeline.PipelineState:
