@@ -74,7 +74,7 @@ def test_sparse_variants_carry_a_staged_combine(cubins, name):
     copies (``UBLKCP``), both one 512-thread CTA an SM (at most 128 registers)."""
     combines = {kernel: count for kernel, count in kernel_registers(cubins[name]).items() if "Combine" in kernel}
     assert len(combines) == 2, f"{name}: {len(combines)} combine kernels"
-    assert sum("Staged" in kernel for kernel in combines) == 1, f"{name}: {sorted(combines)}"
+    assert sum("staged" in kernel for kernel in combines) == 1, f"{name}: {sorted(combines)}"
     assert max(combines.values()) <= 128, f"{name}: combine registers {combines}"
     assert "UBLKCP" in sass_of(cubins[name]), f"{name}: no bulk copy"
 

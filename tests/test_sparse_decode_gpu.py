@@ -173,7 +173,7 @@ def test_reads_what_the_kernel_before_it_wrote(requires_hopper):
                                                    (1, 1, 64, 16500, 16384)])
 def test_many_fragments_are_merged_through_shared_memory(requires_hopper, b, s_q, h_q, seqlen, topk):
     """Query tokens split into more fragments than a thread group merges are merged with
-    the fragments' rows staged in shared memory (``combine.MlaStagedCombine``): V3.2's
+    the fragments' rows staged in shared memory (``MlaCombine.launch_staged``): V3.2's
     b = 2 production case, rows that leave the last block of the merge part-filled
     (3 x 10), and 64 fragments (several rounds of ``STAGED_ROUND_FRAGMENTS``)."""
     plan = sparse_runtime.plan_splits(b, s_q, h_q, topk, runtime.num_sms(torch.cuda.current_device()))

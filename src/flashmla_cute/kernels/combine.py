@@ -11,9 +11,9 @@ rows (a CTA per row for a batch of one) and each row's fragments over four threa
 groups, so that the fragments are read by many SMs with many loads in flight. (The
 decode kernel once merged sequences of two fragments itself, in the CTA that finished
 last; the combine kernel measured faster also there: b32 sk1024 h128 62 -> 50 us.)
-The sparse kernel's query tokens of many fragments are merged by ``MlaStagedCombine``,
-which brings the fragments' rows into shared memory by bulk copies rather than into
-registers, so that all of them are in flight at once.
+The sparse kernel's query tokens of many fragments are merged by the same class's staged
+kernel (``launch_staged``), which brings the fragments' rows into shared memory by bulk
+copies rather than into registers, so that all of them are in flight at once.
 """
 
 from __future__ import annotations
@@ -35,11 +35,16 @@ COMBINE_THREADS = THREADS_PER_ROW * COMBINE_FRAGMENT_GROUPS
 # Fragments whose loads a thread of ``MlaCombine`` has in flight: its CTA of 512 threads
 # runs alone on an SM, at up to 128 registers a thread, which the warp-per-row merge's 4
 # fragments x 16 values a lane take. (The sparse kernel's query tokens of more fragments
-# than a thread group merges, GROUP_ROW_FRAGMENTS, go to ``MlaStagedCombine``.)
+# than a thread group merges, GROUP_ROW_FRAGMENTS, go to ``launch_staged``.)
 FRAGS_IN_FLIGHT = 8
 GROUP_ROW_FRAGMENTS = 8  # a sequence of at most this many fragments is merged a thread group per row
 WARPS_PER_CTA = COMBINE_THREADS // 32
 WARP_ROW_FRAGMENTS = 4  # a sequence of at most this many fragments is merged a warp per row
+# The staged merge (``launch_staged``): a CTA's thread groups take a row each, and the
+# rows' fragments come into shared memory by bulk copies, STAGED_ROUND_FRAGMENTS of each
+# row at a time (4 rows x 16 fragments x 2 KB: 128 KB, one CTA an SM).
+STAGED_ROWS_PER_CTA = COMBINE_FRAGMENT_GROUPS
+STAGED_ROUND_FRAGMENTS = 16
 # Combine CTAs launched per CTA of the kernel that wrote the partials (``launch``'s
 # ``ctas_per_producer``), measured (benchmarks/NOTES.md, "Small sparse batches" and
 # "Where the serving cases below FlashMLA lose"): the dense decode kernel's split
@@ -295,56 +300,19 @@ class MlaCombine:
         barrier.arrive_and_wait()
 
     @cute.jit
-    def store_row(self, mO, mLse, mSink, has_sink, acc, row_max, total, batch, kv_head, row, heads_per_kv,
-                  piece_idx):
-        """``acc / total`` (this thread's piece of the row) into ``mO``; the row's
-        log-sum-exp ``row_max + log(total)`` into ``mLse``. An attention sink adds
-        ``exp(sink - row_max)`` to the output's divisor only."""
-        s = row // heads_per_kv
-        head = kv_head * heads_per_kv + (row - s * heads_per_kv)
-        # Every fragment empty for this row: it sees no key (FlashMLA: out 0, lse +inf).
-        inv_total = Float32(0.0)
-        lse = Float32.inf
-        if total > 0.0:
-            ref = finite_or_zero(row_max)
-            lse = ref + cute.math.log(total, fastmath=False)
-            divisor = total
-            if has_sink != 0:
-                # +inf sink gives 0, -inf leaves the output as it is.
-                divisor = total + cute.math.exp(mSink[head] - ref, fastmath=False)
-            inv_total = 1.0 / divisor
-        out_piece = cute.make_rmem_tensor((VEC,), self.dtype)
-        for e in cutlass.range_constexpr(VEC):
-            out_piece[e] = (acc[e] * inv_total).to(self.dtype)
-        cute.autovec_copy(out_piece, cute.local_tile(mO[batch, s, head, None], (VEC,), (piece_idx,)))
-        if piece_idx == 0:
-            mLse[batch, head, s] = lse
-
-
-# The staged merge (``MlaStagedCombine``): a CTA's thread groups take a row each, and the
-# rows' fragments come into shared memory by bulk copies, STAGED_ROUND_FRAGMENTS of each
-# row at a time (4 rows x 16 fragments x 2 KB: 128 KB, one CTA an SM).
-STAGED_ROWS_PER_CTA = COMBINE_FRAGMENT_GROUPS
-STAGED_ROUND_FRAGMENTS = 16
-
-
-class MlaStagedCombine(MlaCombine):
-    """The merge of sequences of many fragments with the fragments' rows staged in shared
-    memory: the bytes a thread waits for are not held in its registers, so that all of
-    a CTA's fragments are in flight at once and the merge costs one round trip to L2
-    (``STAGED_ROUND_FRAGMENTS`` fragments a round), however many rows an SM takes.
-
-    Grid ``(row blocks, h_kv, b)``: CTA ``(i, h, q)`` merges rows ``STAGED_ROWS_PER_CTA
-    i ..`` of KV head ``h`` of sequence ``q`` (nothing where that sequence is whole),
-    thread group ``g`` row ``g`` of them, a thread one 16-byte piece. Launched as the
-    decode kernel's programmatic dependent; CTA (0, 0, 0) always waits for it, as in
-    ``MlaCombine``."""
-
-    @cute.jit
     def launch_staged(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mNumSplits: cute.Tensor, mO: cute.Tensor,
                       mLse: cute.Tensor, mSink: cute.Tensor, has_sink: Int32, heads_per_kv: Int32, stream):
-        """Launch on ``stream`` as the programmatic dependent of the kernel before it
-        (the arguments as ``MlaCombine.launch``'s)."""
+        """The merge of sequences of many fragments with the fragments' rows staged in
+        shared memory: the bytes a thread waits for are not held in its registers, so
+        that all of a CTA's fragments are in flight at once and the merge costs one round
+        trip to L2 (``STAGED_ROUND_FRAGMENTS`` fragments a round), however many rows an SM
+        takes. Launched on ``stream`` as the programmatic dependent of the kernel before
+        it (the arguments as ``launch``'s).
+
+        Grid ``(row blocks, h_kv, b)``: CTA ``(i, h, q)`` merges rows
+        ``STAGED_ROWS_PER_CTA i ..`` of KV head ``h`` of sequence ``q`` (nothing where
+        that sequence is whole), thread group ``g`` row ``g`` of them, a thread one
+        16-byte piece; CTA (0, 0, 0) always waits for the kernel before it."""
         rows = mOAccum.shape[2]
         row_blocks = (rows + STAGED_ROWS_PER_CTA - 1) // STAGED_ROWS_PER_CTA
         self.staged_kernel(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, heads_per_kv).launch(
@@ -432,6 +400,32 @@ class MlaStagedCombine(MlaCombine):
             if group < cta_rows:
                 self.store_row(mO, mLse, mSink, has_sink, acc, running_max, running_sum, batch, kv_head, row,
                                heads_per_kv, piece_idx)
+
+    @cute.jit
+    def store_row(self, mO, mLse, mSink, has_sink, acc, row_max, total, batch, kv_head, row, heads_per_kv,
+                  piece_idx):
+        """``acc / total`` (this thread's piece of the row) into ``mO``; the row's
+        log-sum-exp ``row_max + log(total)`` into ``mLse``. An attention sink adds
+        ``exp(sink - row_max)`` to the output's divisor only."""
+        s = row // heads_per_kv
+        head = kv_head * heads_per_kv + (row - s * heads_per_kv)
+        # Every fragment empty for this row: it sees no key (FlashMLA: out 0, lse +inf).
+        inv_total = Float32(0.0)
+        lse = Float32.inf
+        if total > 0.0:
+            ref = finite_or_zero(row_max)
+            lse = ref + cute.math.log(total, fastmath=False)
+            divisor = total
+            if has_sink != 0:
+                # +inf sink gives 0, -inf leaves the output as it is.
+                divisor = total + cute.math.exp(mSink[head] - ref, fastmath=False)
+            inv_total = 1.0 / divisor
+        out_piece = cute.make_rmem_tensor((VEC,), self.dtype)
+        for e in cutlass.range_constexpr(VEC):
+            out_piece[e] = (acc[e] * inv_total).to(self.dtype)
+        cute.autovec_copy(out_piece, cute.local_tile(mO[batch, s, head, None], (VEC,), (piece_idx,)))
+        if piece_idx == 0:
+            mLse[batch, head, s] = lse
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it

@@ -83,7 +83,7 @@ from cutlass.tensor_utils import LayoutEnum
 from .. import fp8_cache
 from ..sparse_plan import HEAD_TILE, STEP_TOKENS
 from . import softmax, utils
-from .combine import CTAS_PER_SPARSE_CTA, GROUP_ROW_FRAGMENTS, MlaCombine, MlaStagedCombine
+from .combine import CTAS_PER_SPARSE_CTA, GROUP_ROW_FRAGMENTS, MlaCombine
 from .split_o import SplitOFragments, split_o_fragments
 
 TOKENS = STEP_TOKENS  # indices per step
@@ -250,7 +250,7 @@ class SparseDecodeSm90:
         # shared memory").
         merge_args = (mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q)
         if topk_splits > GROUP_ROW_FRAGMENTS:
-            MlaStagedCombine(BFloat16, DV).launch_staged(*merge_args, stream)
+            MlaCombine(BFloat16, DV).launch_staged(*merge_args, stream)
         else:
             MlaCombine(BFloat16, DV).launch(*merge_args, cutlass.min(num_ctas, num_sms), CTAS_PER_SPARSE_CTA, stream,
                                             True)
