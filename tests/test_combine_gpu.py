@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from flashmla_cute import scheduler
+from flashmla_cute.kernels.combine import COMBINE_FRAGMENT_GROUPS, FRAGS_IN_FLIGHT
 from flashmla_cute.launch_args import CombineArgs
 
 pytestmark = pytest.mark.gpu
@@ -25,11 +26,13 @@ def torch_merge(o_accum, lse_accum, num_splits, b):
     return torch.stack(outs), torch.stack(lses)
 
 
-# Sequences of 1-3 fragments each (37 random lengths on 50 parts: merged a warp per
-# row), and of 7-8 (a thread group per row).
+# (lengths, SM parts): sequences of 1-3 fragments each (37 random lengths on 50 parts:
+# merged a warp per row), of 7-8 (a thread group per row), and one of more fragments
+# than the CTA's thread groups load at once (the groups side by side, in several runs).
 LENGTHS = {
-    "short": lambda gen: torch.randint(0, 3000, (37,), generator=gen, dtype=torch.int32),
-    "long": lambda gen: torch.tensor([5000, 4500, 64, 5000, 4000, 0, 4500, 3500], dtype=torch.int32),
+    "short": (lambda gen: torch.randint(0, 3000, (37,), generator=gen, dtype=torch.int32), 50),
+    "long": (lambda gen: torch.tensor([5000, 4500, 64, 5000, 4000, 0, 4500, 3500], dtype=torch.int32), 50),
+    "one very long": (lambda gen: torch.tensor([100000, 64], dtype=torch.int32), 132),
 }
 
 
@@ -40,9 +43,9 @@ def test_combine_matches_torch_merge(requires_hopper, dtype, s_q, h_q, h_kv, len
     from flashmla_cute import runtime
 
     gen = torch.Generator().manual_seed(1234 + s_q * h_q)
-    seqlens = LENGTHS[lengths](gen)
+    make_lengths, num_parts = LENGTHS[lengths]
+    seqlens = make_lengths(gen)
     b = seqlens.shape[0]
-    num_parts = 50
     meta, num_splits = scheduler.plan_torch(seqlens, num_parts)
     hpk = h_q // h_kv
     rows = s_q * hpk
@@ -69,8 +72,11 @@ def test_combine_matches_torch_merge(requires_hopper, dtype, s_q, h_q, h_kv, len
     # [b, h_kv, rows(s, hpk), dv] -> [b, s_q, h_q, dv]; [b, h_kv, rows] -> [b, h_q, s_q]
     ref_out = ref_out.view(b, h_kv, s_q, hpk, 512).permute(0, 2, 1, 3, 4).reshape(b, s_q, h_q, 512)
     ref_lse = ref_lse.view(b, h_kv, s_q, hpk).permute(0, 1, 3, 2).reshape(b, h_q, s_q)
-    split = (num_splits[1:] - num_splits[:-1]).cpu() > 1
+    fragments = (num_splits[1:] - num_splits[:-1]).cpu()
+    split = fragments > 1
     assert split.any() and (~split).any()
+    if lengths == "one very long":
+        assert fragments.max() > COMBINE_FRAGMENT_GROUPS * FRAGS_IN_FLIGHT
     torch.testing.assert_close(out.cpu()[split].double(), ref_out[split], atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse.cpu()[split].double(), ref_lse[split], atol=1e-4, rtol=1e-5)
     # Unsplit sequences belong to the decode kernel: untouched.
