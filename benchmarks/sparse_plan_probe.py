@@ -10,12 +10,12 @@ never do (``tests/test_sparse_plan.py``). Needs a Hopper (sm_90) GPU.
     python benchmarks/sparse_plan_probe.py [--match REGEX] [--splits 4,8,11,16] [--profile] [--graphs]
 
 ``--graphs`` also times each plan's call and the peer's replayed from CUDA graphs (one a
-set), which leaves the host's time out. ``--profile`` also prints, for the picked
-plan, each forced one and the peer, each kernel of one call (the torch profiler's CUDA
-times, the L2 flushed before it: each kernel's start after the flush's end, and its time)
-and the span from the first kernel's start to the last one's end. With both, the flush and the call
-are replayed from one CUDA graph under the profiler, so each kernel's start after the
-flush is the GPU's alone (eager, it includes the host's time to the launch).
+set), which leaves the host's time out. ``--profile`` also prints, for the picked plan,
+each forced one and the peer, each kernel of one call (the torch profiler's CUDA times,
+the L2 flushed before it: each kernel's start after the flush's end, and its time) and
+the span from the first kernel's start to the last one's end. With both, the flush and
+the call are replayed from one CUDA graph under the profiler, so each kernel's start
+after the flush is the GPU's alone (eager, it includes the host's time to the launch).
 """
 
 import argparse

@@ -3,8 +3,8 @@
 its design needs: WGMMA (HGMMA) for both products, 16-byte gathers from the cache
 (LDG.128) and 16-byte stores of the dequantized tile (STS.128), the FP8 conversion
 instruction, and no local memory (LDL/STL: register spills or stack arrays); beside it,
-the combine kernels it launches, one of them within 64 registers; and the step's
-schedule, dequantization and epilogue where they were chosen by measurement
+the combine kernels it launches, one of them staging fragments by bulk copies; and the
+step's schedule, dequantization and epilogue where they were chosen by measurement
 (``sparse_decode_sm90.Arrangement``), a step loop that finds its tokens without
 dividing, and whose latent loads carry cache hints, and Q's copies addressed once
 (the eight-warp kernel) or made by TMA (the pair kernel)."""
@@ -31,11 +31,6 @@ SPARSE_NAMES = [variant.name for variant in compile_mod.sparse_decode_variants()
 # The eight-warp kernel (one head tile a query token) and the pair kernel (two).
 EIGHT_WARP_NAMES = [name for name in SPARSE_NAMES if "_pair" not in name]
 PAIR_NAMES = [name for name in SPARSE_NAMES if "_pair" in name]
-
-
-def instruction_lines(cubin) -> list:
-    """The machine code's instructions, one a line."""
-    return [line for line in sass_of(cubin).splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
 
 
 def q_chunks(name: str) -> int:
@@ -142,8 +137,8 @@ def test_q_copies_are_addressed_once(cubins, name):
     apart; dealt out as one vector index over whole rows they were about 54 instructions
     apart, which a CTA's start paid for (benchmarks/NOTES.md, "The b2 cases: a CTA's
     start"). (The pair kernel loads Q by TMA.)"""
-    instructions = instruction_lines(cubins[name])
-    copies = [i for i, line in enumerate(instructions) if "LDGSTS" in line]
+    code = instructions(sass_of(cubins[name]))
+    copies = [i for i, line in enumerate(code) if "LDGSTS" in line]
     chunks = q_chunks(name)
     row_copies = 2
     assert len(copies) == chunks * row_copies, f"{name}: {len(copies)} Q copies"
@@ -157,11 +152,11 @@ def test_q_comes_by_tma_before_the_first_mma(cubins, name):
     chunk, issued before the first MMA: no thread copies any of it itself
     (``cp.async``, LDGSTS), where those copies were both consumers' first instructions
     (benchmarks/NOTES.md, "Sparse Q through TMA")."""
-    instructions = instruction_lines(cubins[name])
-    assert not any("LDGSTS" in line for line in instructions), f"{name}: threads copy Q"
+    code = instructions(sass_of(cubins[name]))
+    assert not any("LDGSTS" in line for line in code), f"{name}: threads copy Q"
     chunks = q_chunks(name)
-    copies = [i for i, line in enumerate(instructions) if "UTMALDG" in line]
-    first_mma = next(i for i, line in enumerate(instructions) if "HGMMA" in line)
+    copies = [i for i, line in enumerate(code) if "UTMALDG" in line]
+    first_mma = next(i for i, line in enumerate(code) if "HGMMA" in line)
     assert len(copies) == chunks and copies[-1] < first_mma, f"{name}: Q's copies {copies}, first MMA {first_mma}"
 
 

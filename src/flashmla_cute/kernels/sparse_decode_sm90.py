@@ -248,6 +248,8 @@ class SparseDecodeSm90:
         # group merges (combine.py; the b = 2 cases: 0.6-0.9 us faster than the thread
         # groups side by side, benchmarks/NOTES.md, "The many-fragment merge staged in
         # shared memory").
+        # (The merge object is made in each branch: a Python object cannot be carried
+        # through a branch on a run-time value.)
         merge_args = (mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, h_q)
         if topk_splits > GROUP_ROW_FRAGMENTS:
             MlaCombine(BFloat16, DV).launch_staged(*merge_args, stream)
