@@ -1,0 +1,240 @@
+"""Where the sparse pair kernel's CTAs spend their lives: when each one starts, is set up,
+has its first K tile, ends its steps and leaves, on one clock for all SMs.
+
+    python benchmarks/sparse_cta_timeline.py [--match REGEX]     # default: '^b2 '
+    python benchmarks/sparse_cta_timeline.py --compile-only      # no GPU needed
+
+A stamped copy of the pair kernel (a subclass of ``SparsePairDecodeSm90``; the package's
+kernel is left as it is) reads the GPU's global timer (``%globaltimer``, nanoseconds, the
+same on every SM) in one thread of every CTA at the points of ``POINTS``: the kernel's
+entry (the first warp, before it starts Q's copy), consumer 0 past the cluster's setup
+barrier, Q landed, the first K tile full, the step loop's end, the epilogue's end and the
+CTA's exit (past the last cluster barrier); and in the gather warpgroup's first thread
+its start, the first tile unpacked (the first step's bytes fetched) and its end. The
+stamps go to a buffer whose address is compiled into the stamped kernel.
+
+For each production case whose name matches ``--match`` (``bench_sparse.py``'s cases),
+the script times the plain and the stamped call (``bench_decode``'s timer, an L2 flush
+before each call), then stamps one call after a flush and prints, for each point, the
+median, minimum and maximum over the CTAs of its time from the first CTA's entry, in
+microseconds, and each CTA's life (exit - entry). The global timer may tick more
+coarsely than a nanosecond; the smallest step between distinct stamps is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+MAX_CTAS = 4096  # CTAs of one call that are stamped
+POINTS = ("entry", "setup done", "Q landed", "first tile full", "steps done", "epilogue done", "exit",
+          "gather start", "first tile unpacked", "gather end")
+"""The stamped points, in the order of the trace's columns."""
+
+
+class Stamps:
+    """Trace-time state of the stamping: the trace buffer (a tensor at a compiled-in
+    address, ``MAX_CTAS`` rows of ``len(POINTS)`` int64 stamps, -1 where none)."""
+
+    def __init__(self, address: int):
+        self.address = address
+
+    def stamp(self, point: str, enabled, first_only: bool = False):
+        """Store the global timer at ``point`` of this CTA's row where ``enabled``;
+        ``first_only``: only if the point has no stamp yet (a point inside a loop)."""
+        import cutlass.cute as cute
+        from cutlass import Int64
+
+        ptr = cute.make_ptr(Int64, self.address, cute.AddressSpace.gmem, assumed_align=8)
+        trace = cute.make_tensor(ptr, cute.make_layout(MAX_CTAS * len(POINTS)))
+        cta, _, _ = cute.arch.block_idx()
+        store_time(trace, enabled & (cta < MAX_CTAS), cta * len(POINTS) + POINTS.index(point), first_only)
+
+
+@functools.cache
+def time_store():
+    """``store(trace, enabled, idx, first_only)``: ``trace[idx]`` = the global timer
+    where ``enabled`` (built once; the DSL is imported only when a kernel is compiled)."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass import Int64
+    from cutlass._mlir.dialects import llvm
+    from cutlass.cutlass_dsl import T, dsl_user_op
+
+    @dsl_user_op
+    def global_timer(*, loc=None, ip=None) -> Int64:
+        return Int64(llvm.inline_asm(T.i64(), [], "mov.u64 $0, %globaltimer;", "=l", has_side_effects=True,
+                                     is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip))
+
+    @cute.jit
+    def store(trace: cute.Tensor, enabled, idx, first_only: cutlass.Constexpr):
+        if enabled:
+            if cutlass.const_expr(first_only):
+                if trace[idx] < 0:
+                    trace[idx] = global_timer()
+            else:
+                trace[idx] = global_timer()
+
+    return store
+
+
+def store_time(trace, enabled, idx, first_only: bool):
+    time_store()(trace, enabled, idx, first_only)
+
+
+def stamped_kernel_class(stamps: Stamps):
+    """The stamped pair kernel: the package's, with ``stamps.stamp`` around the methods
+    that mark the points."""
+    import cutlass.cute as cute
+
+    from flashmla_cute.kernels.sparse_pair_sm90 import CONSUMER_THREADS, SparsePairDecodeSm90 as Pair
+
+    def first_thread():
+        tidx, _, _ = cute.arch.thread_idx()
+        return tidx == 0
+
+    # No data-dependent control flow below: plain Python, traced inline into the kernel.
+    class StampedPair(Pair):
+        def start_q_load(self, *args):
+            stamps.stamp("entry", first_thread())
+            Pair.start_q_load(self, *args)
+
+        def consumer(self, scores, *args):
+            if scores:
+                stamps.stamp("setup done", first_thread())
+            Pair.consumer(self, scores, *args)
+            if scores:
+                stamps.stamp("exit", first_thread())
+
+        def consume_scores(self, *args):
+            stamps.stamp("Q landed", first_thread())
+            Pair.consume_scores(self, *args)
+            stamps.stamp("steps done", first_thread())
+
+        def wait_tile(self, *args):
+            Pair.wait_tile(self, *args)
+            stamps.stamp("first tile full", first_thread(), first_only=True)
+
+        def finish_pair(self, *args):
+            Pair.finish_pair(self, *args)
+            stamps.stamp("epilogue done", first_thread())
+
+        def gather(self, *args):
+            gather_tidx = args[-1]
+            stamps.stamp("gather start", gather_tidx == 0)
+            Pair.gather(self, *args)
+            stamps.stamp("gather end", gather_tidx == 0)
+
+        def unpack(self, *args, **kwargs):
+            Pair.unpack(self, *args, **kwargs)
+            tidx, _, _ = cute.arch.thread_idx()
+            stamps.stamp("first tile unpacked", tidx == CONSUMER_THREADS, first_only=True)
+
+    return StampedPair
+
+
+def compile_stamped(stamps: Stamps, options: str):
+    """The stamped V3.2 pair kernel (no extra cache), compiled with ``options``; returns
+    (its variant's name, the compiled function)."""
+    import cutlass.cute as cute
+
+    from flashmla_cute import compile as compile_mod
+
+    variant = compile_mod.sparse_decode_variant("v32", False, pair_heads=True)
+    kernel, args = variant.build()
+    stamped = stamped_kernel_class(stamps)(kernel.layout, kernel.has_extra)
+    start = time.time()
+    fn = cute.compile(stamped, *args, options=options)
+    print(f"compiled the stamped kernel in {time.time() - start:.1f} s", flush=True)
+    return variant.name, fn
+
+
+def summarize(trace, label: str) -> None:
+    """Each point's time from the first CTA's entry over the stamped CTAs (median, min,
+    max, in us), and the CTAs' lives. ``trace``: (MAX_CTAS, len(POINTS)) int64, -1 where
+    no stamp."""
+    rows = [row for row in trace.tolist() if row[0] >= 0]
+    print(f"\n== {label}: {len(rows)} CTAs stamped")
+    if not rows:
+        return
+    t0 = min(row[0] for row in rows)
+    stamps = sorted({v for row in rows for v in row if v >= 0})
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    if steps:
+        print(f"  smallest step between stamps: {min(steps)} ns")
+    for p, point in enumerate(POINTS):
+        values = sorted((row[p] - t0) / 1000 for row in rows if row[p] >= 0)
+        if values:
+            print(f"  {point:20s} median {statistics.median(values):7.2f}  min {values[0]:7.2f}  "
+                  f"max {values[-1]:7.2f} us  ({len(values)} CTAs)")
+    exit_p = POINTS.index("exit")
+    lives = sorted((row[exit_p] - row[0]) / 1000 for row in rows if row[exit_p] >= 0)
+    if lives:
+        print(f"  {'life (exit - entry)':20s} median {statistics.median(lives):7.2f}  min {lives[0]:7.2f}  "
+              f"max {lives[-1]:7.2f} us")
+
+
+def run(match: str) -> None:
+    import torch
+
+    from flashmla_cute import api
+    from flashmla_cute import compile as compile_mod
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_decode
+    import bench_sparse
+
+    trace = torch.full((MAX_CTAS, len(POINTS)), -1, dtype=torch.int64, device="cuda")
+    name, stamped = compile_stamped(Stamps(trace.data_ptr()), "--enable-tvm-ffi")
+    package_get = compile_mod.get
+    timer = bench_decode.Timer(25, 100)
+    flush = torch.empty(bench_decode.FLUSH_BYTES, dtype=torch.int8, device="cuda")
+
+    def use(get):
+        compile_mod.get = get
+        api._known_sparse.clear()
+
+    try:
+        for case in bench_sparse.CASE_SETS["production"]:
+            if not re.search(match, case.name):
+                continue
+            inputs = bench_sparse.make_inputs(case, bench_sparse.case_seqlens(case, 0), 0, "cuda")
+            use(package_get)
+            call = bench_sparse.planned_caller(api, inputs)
+            plain_ms = timer(lambda: call(inputs))
+            use(lambda variant: stamped if variant.name == name else package_get(variant))
+            call = bench_sparse.planned_caller(api, inputs)
+            stamped_ms = timer(lambda: call(inputs))
+            trace.fill_(-1)
+            flush.zero_()
+            call(inputs)
+            torch.cuda.synchronize()
+            summarize(trace.cpu(), f"{case.name}: plain {plain_ms * 1000:.1f} us, stamped {stamped_ms * 1000:.1f} us")
+    finally:
+        use(package_get)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--match", default="^b2 ", metavar="REGEX",
+                        help="the production cases whose names match (default: '^b2 ')")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the stamped kernel for sm_90a (no GPU needed)")
+    args = parser.parse_args(argv)
+    if args.compile_only:
+        os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+        compile_stamped(Stamps(1 << 40), "--gpu-arch=sm_90a")  # any address: the kernel is not run
+        return 0
+    run(args.match)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
