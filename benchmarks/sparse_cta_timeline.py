@@ -55,7 +55,7 @@ class Stamps:
         ptr = cute.make_ptr(Int64, self.address, cute.AddressSpace.gmem, assumed_align=8)
         trace = cute.make_tensor(ptr, cute.make_layout(MAX_CTAS * len(POINTS)))
         cta, _, _ = cute.arch.block_idx()
-        store_time(trace, enabled & (cta < MAX_CTAS), cta * len(POINTS) + POINTS.index(point), first_only)
+        time_store()(trace, enabled & (cta < MAX_CTAS), cta * len(POINTS) + POINTS.index(point), first_only)
 
 
 @functools.cache
@@ -83,10 +83,6 @@ def time_store():
                 trace[idx] = global_timer()
 
     return store
-
-
-def store_time(trace, enabled, idx, first_only: bool):
-    time_store()(trace, enabled, idx, first_only)
 
 
 def stamped_kernel_class(stamps: Stamps):
