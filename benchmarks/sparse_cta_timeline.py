@@ -8,9 +8,11 @@ A stamped copy of the pair kernel (a subclass of ``SparsePairDecodeSm90``; the p
 kernel is left as it is) reads the GPU's global timer (``%globaltimer``, nanoseconds, the
 same on every SM) in one thread of every CTA at the points of ``POINTS``: the kernel's
 entry (the first warp, before it starts Q's copy), consumer 0 past the cluster's setup
-barrier, Q landed, the first K tile full, the step loop's end, the epilogue's end and the
-CTA's exit (past the last cluster barrier); and in the gather warpgroup's first thread
-its start, the first tile unpacked (the first step's bytes fetched) and its end. The
+barrier, Q landed, the first K tile full, the step loop's end, the first output row's
+start (both consumers past their steps), the epilogue's end and the CTA's exit (past the
+last cluster barrier); and in the gather warpgroup's first thread its start, its first
+fetch issued (its index loaded: the fetch branches on it), the first tile unpacked (the
+first step's bytes fetched) and its end. The
 stamps go to a buffer whose address is compiled into the stamped kernel.
 
 For each production case whose name matches ``--match`` (``bench_sparse.py``'s cases),
@@ -34,8 +36,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 MAX_CTAS = 4096  # CTAs of one call that are stamped
-POINTS = ("entry", "setup done", "Q landed", "first tile full", "steps done", "epilogue done", "exit",
-          "gather start", "first tile unpacked", "gather end")
+POINTS = ("entry", "setup done", "Q landed", "first tile full", "steps done", "rows start", "epilogue done", "exit",
+          "gather start", "first fetch out", "first tile unpacked", "gather end")
 """The stamped points, in the order of the trace's columns."""
 
 
@@ -118,6 +120,10 @@ def stamped_kernel_class(stamps: Stamps):
             Pair.wait_tile(self, *args)
             stamps.stamp("first tile full", first_thread(), first_only=True)
 
+        def write_row(self, *args):
+            stamps.stamp("rows start", first_thread(), first_only=True)
+            Pair.write_row(self, *args)
+
         def finish_pair(self, *args):
             Pair.finish_pair(self, *args)
             stamps.stamp("epilogue done", first_thread())
@@ -127,6 +133,11 @@ def stamped_kernel_class(stamps: Stamps):
             stamps.stamp("gather start", gather_tidx == 0)
             Pair.gather(self, *args)
             stamps.stamp("gather end", gather_tidx == 0)
+
+        def fetch(self, *args):
+            Pair.fetch(self, *args)
+            tidx, _, _ = cute.arch.thread_idx()
+            stamps.stamp("first fetch out", tidx == CONSUMER_THREADS, first_only=True)
 
         def unpack(self, *args, **kwargs):
             Pair.unpack(self, *args, **kwargs)
