@@ -242,9 +242,11 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         cute.arch.mbarrier_init_fence()
         if warp_idx == 0:
             self.start_q_load(tma_q, mQ_tma, sQ, q_full, batch, s, head_tile)
-        # Both CTAs' barriers are initialized before either stores into the other.
+        # Both CTAs' barriers are initialized before either stores into the other or
+        # arrives on the other's: every thread arrives here and waits (``wait_for_peer``)
+        # only where its role first needs the peer, so that the gatherer's first loads
+        # fly over the barrier's round trip.
         cute.arch.cluster_arrive_relaxed()
-        cute.arch.cluster_wait()
 
         steps_args = (mIndices, mTopkLength, has_topk_length, mExtraIndices, mExtraTopkLength, has_extra_topk_length,
                       extra_topk, batch, s, split, splits)
@@ -281,6 +283,7 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         wg_tidx = tidx % WARPGROUP_THREADS
         t = self.warpgroup_tensors(wg, wg_tidx, *mmas, sQ, sK, storage, sP_layout)
         _steps, _first, num_steps = self.split_steps(*steps_args)
+        self.wait_for_peer()
         if const_expr(scores):
             # Also when there is no step: the CTA does not end with Q's copies in flight.
             cute.arch.mbarrier_wait(q_full, 0)
@@ -292,6 +295,12 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
                          fragment, batch, s, head0, h_q)
         # No CTA leaves while its peer may still arrive on its barriers.
         cute.arch.cluster_arrive_relaxed()
+        cute.arch.cluster_wait()
+
+    def wait_for_peer(self):
+        """Until both CTAs of the pair have initialized their barriers (the kernel's
+        cluster arrive): before a role's first store into the peer or arrive on its
+        barriers."""
         cute.arch.cluster_wait()
 
     @cute.jit
@@ -444,7 +453,8 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
     def gather(self, k_tiles, pair, caches, steps_args, sK, token_valid, gather_tidx):
         """The gather warpgroup's loop: this CTA's 32 tokens of each step, unpacked into
         both CTAs' tiles once the buffer is free, the next step's loads issued right
-        after, so that they fly while the gatherer waits for the next buffer."""
+        after, so that they fly while the gatherer waits for the next buffer; the first
+        step's loads go out before the wait for the peer's setup."""
         steps, first, num_steps = self.split_steps(*steps_args)
         token = pair.rank * GATHER_TOKENS + gather_tidx // THREADS_PER_TOKEN
         part = gather_tidx % THREADS_PER_TOKEN
@@ -452,6 +462,10 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         next_index = steps.index(first + 1, token)
         if num_steps > 0:
             self.fetch(caches, steps.from_extra(first), fetched, steps.index(first, token), part, BOTH_HALVES)
+        # The first step's index and FP8 loads are out: from the CTA's start, they took
+        # ~3.8 us to the first tile unpacked, the cluster's setup ~0.5 us before them
+        # (benchmarks/NOTES.md, "The pair kernel's CTA timeline").
+        self.wait_for_peer()
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, NUM_BUFFERS)
         for step in cutlass.range(num_steps, unroll=1):
             k_tiles.producer_acquire(state)
