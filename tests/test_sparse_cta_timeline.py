@@ -28,7 +28,8 @@ def test_the_stamped_class_overrides_only_its_own_methods():
     stamped = tool.stamped_kernel_class(tool.Stamps(0))
     assert issubclass(stamped, SparsePairDecodeSm90)
     assert dict(SparsePairDecodeSm90.__dict__) == before
-    for name in ("start_q_load", "consumer", "consume_scores", "wait_tile", "finish_pair", "gather", "unpack"):
+    for name in ("start_q_load", "wait_for_peer", "consumer", "consume_scores", "wait_tile", "write_row",
+                 "finish_pair", "gather", "fetch", "unpack"):
         # A method renamed in the kernel would leave its stamp untaken, silently.
         assert callable(getattr(SparsePairDecodeSm90, name, None)), f"the pair kernel has no {name}"
         assert name in stamped.__dict__, name
