@@ -79,8 +79,8 @@ class Stamps:
         self.step += 1
         assert step < EPILOGUE_STEPS[0], f"more than {EPILOGUE_STEPS[0]} steps: {label}"
         self.names[self.role][step] = label
-        store_clock(self.trace, self.enabled & (self.pair < MAX_PAIRS),
-                    (self.role * MAX_STEPS + step) * MAX_PAIRS + self.pair)
+        clock_store()(self.trace, self.enabled & (self.pair < MAX_PAIRS),
+                      (self.role * MAX_STEPS + step) * MAX_PAIRS + self.pair)
 
     def epilogue(self, end: bool, batch):
         """A consumer starts (``end`` False) or ends a batch's epilogue; stamped at the
@@ -88,7 +88,8 @@ class Stamps:
         if not self.active or self.role == PRODUCER:
             return
         step = EPILOGUE_STEPS[int(end)]
-        store_clock(self.trace, self.enabled & (batch < MAX_PAIRS), (self.role * MAX_STEPS + step) * MAX_PAIRS + batch)
+        clock_store()(self.trace, self.enabled & (batch < MAX_PAIRS),
+                      (self.role * MAX_STEPS + step) * MAX_PAIRS + batch)
 
     def producer_acquired(self, group: int, chunks: range, count):
         """The producer has acquired K group ``group`` of its ``count``-th K tile."""
@@ -99,7 +100,7 @@ class Stamps:
             self.names[PRODUCER][2 * group + second] = f"acquired {chunks.start}-{chunks.stop - 1} of {block}"
         pair = count // 2
         step = 2 * group + count % 2
-        store_clock(self.trace, self.enabled & (pair < MAX_PAIRS), (PRODUCER * MAX_STEPS + step) * MAX_PAIRS + pair)
+        clock_store()(self.trace, self.enabled & (pair < MAX_PAIRS), (PRODUCER * MAX_STEPS + step) * MAX_PAIRS + pair)
 
 
 @functools.cache
@@ -114,10 +115,6 @@ def clock_store():
             trace[idx] = cute.arch.clock64()
 
     return store
-
-
-def store_clock(trace, enabled, idx):
-    clock_store()(trace, enabled, idx)
 
 
 @contextlib.contextmanager
