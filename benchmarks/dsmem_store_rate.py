@@ -1,8 +1,11 @@
 """How fast an SM can store into shared memory: its own (``st.shared.v4``) against the
-other CTA's of a cluster of two, by ``st.shared::cluster.v4`` (distributed shared memory)
-or by ``st.async`` (counted on the peer's mbarrier, as FlashMLA's crossover stores).
+other CTA's of a cluster of two, by ``st.shared::cluster.v4`` (distributed shared memory),
+by ``st.async`` (counted on the peer's mbarrier, as FlashMLA's crossover stores), or by
+bulk copies of its own shared memory into the peer's (``cp.async.bulk.shared::cluster``,
+the copy engine's path: no thread's stores, so the SM's load/store pipeline stays free).
 
     python benchmarks/dsmem_store_rate.py
+    python benchmarks/dsmem_store_rate.py --compile-only   # no GPU needed
 
 A sparse kernel that shares dequantized K tiles between the two head tiles of a query
 token (FlashMLA's "crossover") sends half of each tile to the other CTA; this rate says
@@ -13,7 +16,8 @@ cluster store at once, as in the crossover; the ``st.async`` rounds come in phas
 holds under 1 MB) and closed by a cluster barrier. Rates are per SM, from CUDA-event
 medians.
 
-Each store pattern is run three ways (``PATTERNS``): a warp's 32 stores side by side
+A bulk round is one 4 KB copy (a round's bytes), issued by the CTA's first thread; its
+patterns are not stores' and it runs once. Each store pattern is run three ways (``PATTERNS``): a warp's 32 stores side by side
 (512 contiguous bytes); a thread's 16 bytes every 32 bytes (each 32-byte sector half
 written by one instruction, as the sparse pair kernel's gatherer first wrote its K
 tiles' swizzled rows); and four threads' 64 bytes every 128 (each 128-byte line half
@@ -21,6 +25,7 @@ written, as the gatherer's 8 rows of a store instruction now are), to tell wheth
 path between SMs moves whole sectors, or whole lines.
 """
 
+import os
 import sys
 
 import torch
@@ -30,7 +35,10 @@ import cutlass.cute as cute
 from cutlass import Int32, const_expr
 from cutlass._mlir import ir
 from cutlass._mlir.dialects import llvm, vector
-from cutlass.cutlass_dsl import T
+from cutlass.cutlass_dsl import T, dsl_user_op
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from flashmla_cute.kernels import dsmem  # noqa: E402
 
 THREADS = 256
 BUFFER_WORDS = 16384  # 64 KB of int32
@@ -38,7 +46,8 @@ VECTOR_WORDS = 4  # 16 bytes a store
 WAVES = 4
 SHARED_ADDRESS_SPACE = 3
 PHASE_ROUNDS = 128  # st.async rounds counted on one mbarrier phase: 512 KB
-OWN, PEER, PEER_ASYNC = "own", "peer", "peer st.async"
+ROUND_BYTES = THREADS * VECTOR_WORDS * 4  # 4 KB: what a round of every thread's stores moves
+OWN, PEER, PEER_ASYNC, PEER_BULK = "own", "peer", "peer st.async", "peer bulk copy"
 # (name, contiguous 16-byte vectors a run, runs spaced by this many run lengths)
 PATTERNS = (("512 B", 1, 1), ("16 B / 32", 1, 2), ("64 B / 128", 4, 2))
 
@@ -50,6 +59,7 @@ class StoreRate:
     def __init__(self, target: str, run: int, spread: int):
         self.to_peer = target != OWN
         self.by_async = target == PEER_ASYNC
+        self.by_bulk = target == PEER_BULK
         self.run = run  # threads whose 16-byte vectors lie side by side
         self.spread = spread  # such runs every ``spread`` run lengths
 
@@ -77,6 +87,8 @@ class StoreRate:
         cute.arch.cluster_wait()  # the peer has started: its shared memory and mbarrier exist
         if const_expr(self.by_async):
             self.async_rounds(buffer, landed, rounds, tidx)
+        elif const_expr(self.by_bulk):
+            self.bulk_rounds(buffer, landed, rounds, tidx)
         else:
             self.store_rounds(buffer, rounds, tidx)
         cute.arch.cluster_arrive()
@@ -121,6 +133,36 @@ class StoreRate:
             cute.arch.cluster_wait()  # neither sends the next phase before both have received this one
 
 
+    @cute.jit
+    def bulk_rounds(self, buffer, landed, rounds, tidx):
+        """As ``async_rounds``, each round one 4 KB bulk copy of this CTA's buffer into
+        the same place of the peer's, from the first thread."""
+        own = buffer.iterator.toint()
+        shift = dsmem.peer_shift(own, cute.arch.block_idx_in_cluster() ^ 1)
+        for phase in cutlass.range(rounds // PHASE_ROUNDS, unroll=1):
+            if tidx == 0:
+                cute.arch.mbarrier_arrive_and_expect_tx(landed, PHASE_ROUNDS * ROUND_BYTES)
+                for r in cutlass.range(PHASE_ROUNDS, unroll=1):
+                    source = own + (r * ROUND_BYTES) % (BUFFER_WORDS * 4)
+                    copy_bulk_to_peer(source + shift, source, ROUND_BYTES, landed.toint() + shift)
+            cute.arch.mbarrier_wait(landed, phase % 2)
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
+
+
+@dsl_user_op
+def copy_bulk_to_peer(cluster_address, source_address, size, mbar_cluster_address, *, loc=None, ip=None):
+    """``cp.async.bulk`` of ``size`` bytes (a multiple of 16) of this CTA's shared memory
+    at ``source_address`` to the shared::cluster address ``cluster_address``, counted on
+    the mbarrier at ``mbar_cluster_address`` (in the destination's CTA)."""
+    operands = [Int32(v).ir_value(loc=loc, ip=ip) for v in (cluster_address, source_address, size,
+                                                            mbar_cluster_address)]
+    llvm.inline_asm(None, operands,
+                    "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
+                    "r,r,r,r", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+                    loc=loc, ip=ip)
+
+
 def median_seconds(fn, reps: int = 10) -> float:
     fn()
     torch.cuda.synchronize()
@@ -135,7 +177,23 @@ def median_seconds(fn, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def compile_only(targets=(OWN, PEER, PEER_ASYNC, PEER_BULK), options: str = "--gpu-arch=sm_90a") -> None:
+    """Compile the ``targets``' modes, every pattern, for sm_90a (no GPU needed)."""
+    from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
+
+    out = make_fake_tensor(Int32, (THREADS,), (1,))
+    for target in targets:
+        for pattern, run, spread in PATTERNS[:1] if target == PEER_BULK else PATTERNS:
+            cute.compile(StoreRate(target, run, spread), out, Int32(PHASE_ROUNDS), Int32(2),
+                         make_fake_stream(use_tvm_ffi_env_stream=False), options=options)
+            print(f"compiled {target}, {pattern}", flush=True)
+
+
 def main() -> int:
+    if "--compile-only" in sys.argv[1:]:
+        os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+        compile_only()
+        return 0
     if not torch.cuda.is_available():
         print("needs a GPU")
         return 1
@@ -147,13 +205,13 @@ def main() -> int:
     out = torch.empty(ctas * THREADS, dtype=torch.int32, device="cuda")
     stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
     print(f"{'stores':<14} {'pattern':>11} {'rounds':>7} {'us':>10} {'GB/s per SM':>12}")
-    for target in (OWN, PEER, PEER_ASYNC):
-        for pattern, run, spread in PATTERNS:
+    for target in (OWN, PEER, PEER_ASYNC, PEER_BULK):
+        for pattern, run, spread in PATTERNS[:1] if target == PEER_BULK else PATTERNS:
             compiled = cute.compile(StoreRate(target, run, spread), from_dlpack(out), Int32(PHASE_ROUNDS),
                                     Int32(ctas), stream)
             for rounds in (1024, 16384):
                 seconds = median_seconds(lambda: compiled(from_dlpack(out), Int32(rounds), Int32(ctas), stream))
-                bytes_per_sm = THREADS * VECTOR_WORDS * 4 * rounds * ctas / sms
+                bytes_per_sm = ROUND_BYTES * rounds * ctas / sms
                 print(f"{target:<14} {pattern:>11} {rounds:>7} {seconds * 1e6:>10.1f} "
                       f"{bytes_per_sm / seconds / 1e9:>12.1f}")
     return 0
