@@ -462,9 +462,9 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         next_index = steps.index(first + 1, token)
         if num_steps > 0:
             self.fetch(caches, steps.from_extra(first), fetched, steps.index(first, token), part, BOTH_HALVES)
-        # The first step's index and FP8 loads are out: from the CTA's start, they took
-        # ~3.8 us to the first tile unpacked, the cluster's setup ~0.5 us before them
-        # (benchmarks/NOTES.md, "The pair kernel's CTA timeline").
+        # The first step's index and FP8 loads are out, over the cluster's setup (~0.5
+        # us): at b2 the chain from them to the first tile unpacked is ~3 us of a CTA's
+        # ~15 (benchmarks/NOTES.md, "The pair kernel's CTA timeline").
         self.wait_for_peer()
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, NUM_BUFFERS)
         for step in cutlass.range(num_steps, unroll=1):
