@@ -17,12 +17,13 @@ holds under 1 MB) and closed by a cluster barrier. Rates are per SM, from CUDA-e
 medians.
 
 A bulk round is one 4 KB copy (a round's bytes), issued by the CTA's first thread; its
-patterns are not stores' and it runs once. Each store pattern is run three ways (``PATTERNS``): a warp's 32 stores side by side
-(512 contiguous bytes); a thread's 16 bytes every 32 bytes (each 32-byte sector half
-written by one instruction, as the sparse pair kernel's gatherer first wrote its K
-tiles' swizzled rows); and four threads' 64 bytes every 128 (each 128-byte line half
-written, as the gatherer's 8 rows of a store instruction now are), to tell whether the
-path between SMs moves whole sectors, or whole lines.
+patterns are not stores' and it runs once (``patterns_of``). Each store pattern is run
+three ways (``PATTERNS``): a warp's 32 stores side by side (512 contiguous bytes); a
+thread's 16 bytes every 32 bytes (each 32-byte sector half written by one instruction,
+as the sparse pair kernel's gatherer first wrote its K tiles' swizzled rows); and four
+threads' 64 bytes every 128 (each 128-byte line half written, as the gatherer's 8 rows
+of a store instruction now are), to tell whether the path between SMs moves whole
+sectors, or whole lines.
 """
 
 import os
@@ -50,6 +51,13 @@ ROUND_BYTES = THREADS * VECTOR_WORDS * 4  # 4 KB: what a round of every thread's
 OWN, PEER, PEER_ASYNC, PEER_BULK = "own", "peer", "peer st.async", "peer bulk copy"
 # (name, contiguous 16-byte vectors a run, runs spaced by this many run lengths)
 PATTERNS = (("512 B", 1, 1), ("16 B / 32", 1, 2), ("64 B / 128", 4, 2))
+TARGETS = (OWN, PEER, PEER_ASYNC, PEER_BULK)
+
+
+def patterns_of(target: str) -> tuple:
+    """The store patterns run for ``target``: all of them, or for bulk copies (whose
+    bytes no thread stores) the first alone."""
+    return PATTERNS[:1] if target == PEER_BULK else PATTERNS
 
 
 class StoreRate:
@@ -123,7 +131,7 @@ class StoreRate:
         peer = cute.arch.block_idx_in_cluster() ^ 1
         for phase in cutlass.range(rounds // PHASE_ROUNDS, unroll=1):
             if tidx == 0:
-                cute.arch.mbarrier_arrive_and_expect_tx(landed, PHASE_ROUNDS * THREADS * VECTOR_WORDS * 4)
+                cute.arch.mbarrier_arrive_and_expect_tx(landed, PHASE_ROUNDS * ROUND_BYTES)
             for r in cutlass.range(PHASE_ROUNDS, unroll=1):
                 word = cute.assume(self.word_of(tidx, r), divby=VECTOR_WORDS)
                 cute.arch.store_async_dsmem(buffer.iterator + word, tuple(Int32(r + k) for k in range(VECTOR_WORDS)),
@@ -131,7 +139,6 @@ class StoreRate:
             cute.arch.mbarrier_wait(landed, phase % 2)  # this phase's bytes from the peer have landed
             cute.arch.cluster_arrive()
             cute.arch.cluster_wait()  # neither sends the next phase before both have received this one
-
 
     @cute.jit
     def bulk_rounds(self, buffer, landed, rounds, tidx):
@@ -177,13 +184,13 @@ def median_seconds(fn, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def compile_only(targets=(OWN, PEER, PEER_ASYNC, PEER_BULK), options: str = "--gpu-arch=sm_90a") -> None:
+def compile_only(targets=TARGETS, options: str = "--gpu-arch=sm_90a") -> None:
     """Compile the ``targets``' modes, every pattern, for sm_90a (no GPU needed)."""
     from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
 
     out = make_fake_tensor(Int32, (THREADS,), (1,))
     for target in targets:
-        for pattern, run, spread in PATTERNS[:1] if target == PEER_BULK else PATTERNS:
+        for pattern, run, spread in patterns_of(target):
             cute.compile(StoreRate(target, run, spread), out, Int32(PHASE_ROUNDS), Int32(2),
                          make_fake_stream(use_tvm_ffi_env_stream=False), options=options)
             print(f"compiled {target}, {pattern}", flush=True)
@@ -205,8 +212,8 @@ def main() -> int:
     out = torch.empty(ctas * THREADS, dtype=torch.int32, device="cuda")
     stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
     print(f"{'stores':<14} {'pattern':>11} {'rounds':>7} {'us':>10} {'GB/s per SM':>12}")
-    for target in (OWN, PEER, PEER_ASYNC, PEER_BULK):
-        for pattern, run, spread in PATTERNS[:1] if target == PEER_BULK else PATTERNS:
+    for target in TARGETS:
+        for pattern, run, spread in patterns_of(target):
             compiled = cute.compile(StoreRate(target, run, spread), from_dlpack(out), Int32(PHASE_ROUNDS),
                                     Int32(ctas), stream)
             for rounds in (1024, 16384):

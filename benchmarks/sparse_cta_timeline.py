@@ -12,8 +12,8 @@ barrier, Q landed, the first K tile full, the step loop's end, the first output 
 start (both consumers past their steps), the epilogue's end and the CTA's exit (past the
 last cluster barrier); and in the gather warpgroup's first thread its start, its first
 fetch issued (its index loaded: the fetch branches on it), the first tile unpacked (the
-first step's bytes fetched) and its end. The
-stamps go to a buffer whose address is compiled into the stamped kernel.
+first step's bytes fetched) and its end. The stamps go to a buffer whose address is
+compiled into the stamped kernel.
 
 For each production case whose name matches ``--match`` (``bench_sparse.py``'s cases),
 the script times the plain and the stamped call (``bench_decode``'s timer, an L2 flush
@@ -109,6 +109,10 @@ def stamped_kernel_class(stamps: Stamps):
         tidx, _, _ = cute.arch.thread_idx()
         return tidx == 0
 
+    def first_gather_thread():
+        tidx, _, _ = cute.arch.thread_idx()
+        return tidx == CONSUMER_THREADS
+
     # No data-dependent control flow below: plain Python, traced inline into the kernel.
     class StampedPair(Pair):
         def start_q_load(self, *args):
@@ -142,20 +146,17 @@ def stamped_kernel_class(stamps: Stamps):
             stamps.stamp("epilogue done", first_thread())
 
         def gather(self, *args):
-            gather_tidx = args[-1]
-            stamps.stamp("gather start", gather_tidx == 0)
+            stamps.stamp("gather start", first_gather_thread())
             Pair.gather(self, *args)
-            stamps.stamp("gather end", gather_tidx == 0)
+            stamps.stamp("gather end", first_gather_thread())
 
         def fetch(self, *args):
             Pair.fetch(self, *args)
-            tidx, _, _ = cute.arch.thread_idx()
-            stamps.stamp("first fetch out", tidx == CONSUMER_THREADS, first_only=True)
+            stamps.stamp("first fetch out", first_gather_thread(), first_only=True)
 
         def unpack(self, *args, **kwargs):
             Pair.unpack(self, *args, **kwargs)
-            tidx, _, _ = cute.arch.thread_idx()
-            stamps.stamp("first tile unpacked", tidx == CONSUMER_THREADS, first_only=True)
+            stamps.stamp("first tile unpacked", first_gather_thread(), first_only=True)
 
     return StampedPair
 
@@ -236,7 +237,9 @@ def run(match: str) -> None:
             flush.zero_()
             call(inputs)
             torch.cuda.synchronize()
-            summarize(trace.cpu().masked_fill(trace.cpu() == NO_STAMP, -1), f"{case.name}: plain {plain_ms * 1000:.1f} us, stamped {stamped_ms * 1000:.1f} us")
+            stamped_trace = trace.cpu()
+            summarize(stamped_trace.masked_fill(stamped_trace == NO_STAMP, -1),
+                      f"{case.name}: plain {plain_ms * 1000:.1f} us, stamped {stamped_ms * 1000:.1f} us")
     finally:
         use(package_get)
 
