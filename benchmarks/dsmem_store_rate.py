@@ -36,7 +36,7 @@ import cutlass.cute as cute
 from cutlass import Int32, const_expr
 from cutlass._mlir import ir
 from cutlass._mlir.dialects import llvm, vector
-from cutlass.cutlass_dsl import T, dsl_user_op
+from cutlass.cutlass_dsl import T
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 from flashmla_cute.kernels import dsmem  # noqa: E402
@@ -151,23 +151,10 @@ class StoreRate:
                 cute.arch.mbarrier_arrive_and_expect_tx(landed, PHASE_ROUNDS * ROUND_BYTES)
                 for r in cutlass.range(PHASE_ROUNDS, unroll=1):
                     source = own + (r * ROUND_BYTES) % (BUFFER_WORDS * 4)
-                    copy_bulk_to_peer(source + shift, source, ROUND_BYTES, landed.toint() + shift)
+                    dsmem.copy_bulk(source + shift, source, ROUND_BYTES, landed.toint() + shift)
             cute.arch.mbarrier_wait(landed, phase % 2)
             cute.arch.cluster_arrive()
             cute.arch.cluster_wait()
-
-
-@dsl_user_op
-def copy_bulk_to_peer(cluster_address, source_address, size, mbar_cluster_address, *, loc=None, ip=None):
-    """``cp.async.bulk`` of ``size`` bytes (a multiple of 16) of this CTA's shared memory
-    at ``source_address`` to the shared::cluster address ``cluster_address``, counted on
-    the mbarrier at ``mbar_cluster_address`` (in the destination's CTA)."""
-    operands = [Int32(v).ir_value(loc=loc, ip=ip) for v in (cluster_address, source_address, size,
-                                                            mbar_cluster_address)]
-    llvm.inline_asm(None, operands,
-                    "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
-                    "r,r,r,r", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
-                    loc=loc, ip=ip)
 
 
 def median_seconds(fn, reps: int = 10) -> float:

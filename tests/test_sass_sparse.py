@@ -82,13 +82,16 @@ def instructions(sass: str) -> list[str]:
 def step_loop(sass: str) -> list[str]:
     """The instructions of the loop that fetches the next tile's tokens: in the
     eight-warp kernel the step loop, from S's first k-step to the barrier after the
-    step's last P V k-step; in the pair kernel the gather warpgroup's, from its first
-    asynchronous store into the peer (``STAS``) to the commit of the tile."""
+    step's last P V k-step; in the pair kernel the gather warpgroup's, from its wait for
+    a free buffer to the barrier after its stores (``ROWS_STORED``), before it sends its
+    rows to the peer."""
+    from flashmla_cute.kernels.sparse_pair_sm90 import ROWS_STORED
+
     code = instructions(sass)
-    if any("STAS.128" in line for line in code):
-        first = next(i for i, line in enumerate(code) if "STAS.128" in line)
-        last = max(i for i, line in enumerate(code) if "STAS.128" in line)
-        end = next(i for i in range(last, len(code)) if "SYNCS.ARRIVE.TRANS64.A1T0" in code[i])
+    rows_stored = re.compile(rf"BAR\.SYNC\.DEFER_BLOCKING 0x{ROWS_STORED:x}\b")
+    if any(rows_stored.search(line) for line in code):
+        end = next(i for i, line in enumerate(code) if rows_stored.search(line))
+        first = max(i for i in range(end) if "SYNCS.PHASECHK.TRANS64.TRYWAIT" in code[i])
         return code[first:end]
     first = next(i for i, line in enumerate(code) if "HGMMA.64x32x16" in line)
     last = max(i for i, line in enumerate(code) if "HGMMA" in line)
@@ -200,16 +203,18 @@ def test_the_latent_loads_carry_cache_hints(cubins, name):
 @pytest.mark.parametrize("name", PAIR_NAMES)
 def test_the_pair_kernel_shares_its_tiles(cubins, name):
     """The pair kernel: one warpgroup computes S over a step's 64 tokens (m64n64k16, 36
-    k-steps for V3.2's 576 columns, 32 for MODEL1's 512); the gatherer stores every
-    dequantized vector into the peer CTA's tile too (``STAS.128``, 18 or 16 a token
-    quarter); and no GPU-wide fence (``MEMBAR.ALL.GPU``) comes with the release of a
+    k-steps for V3.2's 576 columns, 32 for MODEL1's 512); the gatherer's rows of a tile
+    go to the peer CTA's as one bulk copy a 64-column chunk and one of their flags
+    (``UBLKCP.S.S``, shared memory to shared memory), no thread storing into the peer
+    (``STAS``); and no GPU-wide fence (``MEMBAR.ALL.GPU``) comes with the release of a
     tile to both CTAs, which cost 15-19% of the kernel's time."""
     sass = sass_of(cubins[name])
     k_steps = 32 if "model1" in name else 36
     assert len(re.findall(r"\bHGMMA\.64x64x16\b", sass)) == k_steps, f"{name}: S is not m64n64k16"
     chunks = 8 if "model1" in name else 9  # 64-column chunks of a K row, rope included
-    peer_stores = sum("STAS.128" in line for line in step_loop(sass))
-    assert peer_stores >= 2 * chunks, f"{name}: {peer_stores} stores into the peer's tile"
+    copies = len(re.findall(r"\bUBLKCP\.S\.S\b", sass))
+    assert copies == chunks + 1, f"{name}: {copies} bulk copies into the peer's tile"
+    assert "STAS" not in sass, f"{name}: a thread stores into the peer's tile"
     assert "MEMBAR.ALL.GPU" not in sass, f"{name}: a GPU-wide fence"
 
 
@@ -233,9 +238,10 @@ def test_the_pair_kernel_stores_whole_sectors(layout):
     """The four threads of a token take the 8 vectors (8 columns, 16 bf16 bytes) of each
     64-column chunk of its K row between them, and each store instruction of the pair
     kernel's gatherer (vector j of every thread) fills whole 32-byte sectors of every
-    row once the 128-byte swizzle (vector ^ row % 8) has placed them: the path between
-    SMs moves sectors, and half-filled ones halve its rate. The eight-warp kernel, with
-    no peer, keeps a thread's two vectors side by side (one 16-byte load)."""
+    row once the 128-byte swizzle (vector ^ row % 8) has placed them (chosen while the
+    gatherer's threads stored into the peer's tile, where half-filled sectors halved the
+    rate). The eight-warp kernel keeps a thread's two vectors side by side (one 16-byte
+    load)."""
     from flashmla_cute import fp8_cache
     from flashmla_cute.kernels.sparse_decode_sm90 import THREADS_PER_TOKEN, SparseDecodeSm90
     from flashmla_cute.kernels.sparse_pair_sm90 import SparsePairDecodeSm90

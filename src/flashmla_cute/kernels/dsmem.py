@@ -1,15 +1,15 @@
-"""Stores into the shared memory of the other CTA of a cluster of two, by address.
+"""Bulk copies into the shared memory of the other CTA of a cluster of two, by address.
 
 ``mapa`` maps one shared-memory address of this CTA to the same place in a peer CTA;
 within a CTA's shared memory the map is a constant shift, so a kernel maps its base
-once (``peer_shift``) and adds the shift to each local address it stores to, instead of
-a ``mapa`` per store."""
+once (``peer_shift``) and adds the shift to each local address it copies to, instead of
+a ``mapa`` per copy."""
 
 from typing import Optional
 
 from cutlass import AddressSpace, Int32
 from cutlass._mlir import ir
-from cutlass._mlir.dialects import llvm, nvvm, vector
+from cutlass._mlir.dialects import llvm, nvvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 
@@ -26,18 +26,17 @@ def peer_shift(smem_address: Int32, peer_rank: Int32, *, loc: Optional[ir.Locati
 
 
 @dsl_user_op
-def store_async(cluster_address: Int32, words, mbar_cluster_address: Int32, *,
-                loc: Optional[ir.Location] = None, ip: Optional[ir.InsertionPoint] = None) -> None:
-    """``st.async`` of one or four 32-bit ``words`` (4 or 16 bytes, aligned to their
-    size) to a shared::cluster address, counted (their bytes) on the mbarrier at
-    ``mbar_cluster_address`` in the same CTA as the destination."""
-    assert len(words) in (1, 4), f"st.async stores 1 or 4 words, not {len(words)}"
-    dsmem = llvm.PointerType.get(AddressSpace.dsmem)
-    dst = llvm.inttoptr(dsmem, Int32(cluster_address).ir_value(loc=loc, ip=ip), loc=loc, ip=ip)
-    mbar = llvm.inttoptr(dsmem, Int32(mbar_cluster_address).ir_value(loc=loc, ip=ip), loc=loc, ip=ip)
-    values = [Int32(w).ir_value(loc=loc, ip=ip) for w in words]
-    if len(values) == 4:
-        value = vector.from_elements(ir.VectorType.get([4], Int32.mlir_type), values, loc=loc, ip=ip)
-    else:
-        value = values[0]
-    nvvm.store_async(dst, value, mbar, loc=loc, ip=ip)
+def copy_bulk(cluster_address: Int32, source_address: Int32, size: int, mbar_cluster_address: Int32, *,
+              loc: Optional[ir.Location] = None, ip: Optional[ir.InsertionPoint] = None) -> None:
+    """``cp.async.bulk`` of ``size`` bytes (a multiple of 16, both addresses aligned to 16)
+    of this CTA's shared memory at ``source_address`` to the shared::cluster address
+    ``cluster_address``, by the copy engine, counted on the mbarrier at
+    ``mbar_cluster_address`` (in the destination's CTA). The source's stores must be
+    ordered before it by ``fence.proxy.async`` (and a barrier, where other threads made
+    them)."""
+    operands = [Int32(v).ir_value(loc=loc, ip=ip) for v in (cluster_address, source_address, size,
+                                                            mbar_cluster_address)]
+    llvm.inline_asm(None, operands,
+                    "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
+                    "r,r,r,r", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
+                    loc=loc, ip=ip)

@@ -665,9 +665,9 @@ class SparseDecodeSm90:
         16-byte load of FP8 columns; or, with ``SPREAD_PIECES``, ``part`` and ``part +
         4``, two 8-byte loads, so that each of the thread's stores and those of the
         token's other three threads fill 64 contiguous bytes of the row (the swizzle
-        permutes whole 32-byte sectors of it). The pair kernel's stores into the peer's
-        tile cross between SMs in whole 32-byte sectors: half-filled sectors halve their
-        rate (benchmarks/NOTES.md, "The path between the two CTAs of a pair")."""
+        permutes whole 32-byte sectors of it). Chosen for the pair kernel when its
+        threads stored into the peer's tile, where half-filled sectors halved the rate
+        (benchmarks/NOTES.md, "The path between the two CTAs of a pair")."""
         if const_expr(self.SPREAD_PIECES):
             return (part, part + THREADS_PER_TOKEN)
         return (2 * part, 2 * part + 1)
@@ -783,18 +783,15 @@ class SparseDecodeSm90:
         return scales
 
     @cute.jit
-    def unpack(self, fetched, sK, token_valid, buf, token, part, halves: tuple, peer=None):
+    def unpack(self, fetched, sK, token_valid, buf, token, part, halves: tuple):
         """Dequantize what ``fetch`` read of ``halves`` into quarter ``part`` (16 columns
         of each of their 64-column chunks) of row ``token`` of K tile ``buf`` (zeros for
         an invalid token), and the token's valid flag; the second half also stores the
-        rope values. With a ``peer`` (``sparse_pair_sm90.PeerRow``), every store goes to
-        the same place of the other CTA's tile as well."""
+        rope values."""
         valid = fetched.valid[0] != 0
         if const_expr(0 in halves):
             if part == 0:
                 token_valid[token, buf] = fetched.valid[0]
-                if const_expr(peer is not None):
-                    peer.store_flag(fetched.valid[0])
         k_row = sK[token, None, buf]
         values = cute.make_rmem_tensor((ELEMS_PER_THREAD_CHUNK,), BFloat16)
         first, end = self.chunks_of(halves)
@@ -807,20 +804,20 @@ class SparseDecodeSm90:
                     values.store(fp8.to(Float32).to(BFloat16) * BFloat16(scales[chunk]))
                 else:
                     values.store((fp8.to(Float32) * scales[chunk]).to(BFloat16))
-                self.store_piece(values, k_row, chunk, part, peer)
+                self.store_piece(values, k_row, chunk, part)
             if const_expr(with_rope):
                 values.store(cute.recast_tensor(fetched.rope, BFloat16).load())
-                self.store_piece(values, k_row, self.latent_chunks, part, peer)
+                self.store_piece(values, k_row, self.latent_chunks, part)
         else:
             values.fill(0.0)
             # With the second half, the rope columns (chunk latent_chunks) too.
             for chunk in cutlass.range_constexpr(first, end + int(with_rope)):
-                self.store_piece(values, k_row, chunk, part, peer)
+                self.store_piece(values, k_row, chunk, part)
 
     @cute.jit
-    def store_piece(self, values, k_row, chunk, part, peer):
+    def store_piece(self, values, k_row, chunk, part):
         """16 bf16 ``values`` into thread ``part``'s two vectors (``piece_vectors``) of
-        64-column chunk ``chunk`` of ``k_row`` (and of the peer's row)."""
+        64-column chunk ``chunk`` of ``k_row``."""
         if const_expr(self.SPREAD_PIECES):
             vectors = self.piece_vectors(part)
             for j in cutlass.range_constexpr(2):
@@ -830,8 +827,6 @@ class SparseDecodeSm90:
         else:
             cute.autovec_copy(values,
                               cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)))
-        if const_expr(peer is not None):
-            peer.store(values, chunk)
 
 
 @cute.jit

@@ -3,14 +3,15 @@
 (FlashMLA's "crossover"), each CTA in FlashMLA's arrangement of three warpgroups.
 
 Both head tiles of a query token attend to the same 64 tokens a step, so each CTA of the
-pair gathers and dequantizes only half of them (32) and stores every dequantized 16-byte
-vector into its own K tile and, with ``st.async`` counted on the peer's ``landed``
-mbarrier, into the same place of the peer's (``PeerRow``). Roles (384 threads):
+pair gathers and dequantizes only half of them (32) into its own K tile, and the copy
+engine copies those rows (a 4 KB run of each 64-column chunk) and their valid flags into
+the same places of the peer's tile (``send_rows``, ``cp.async.bulk`` counted on the
+peer's ``landed`` mbarrier). Roles (384 threads):
 
 - the **gather** warpgroup (``gather``): four threads a token fetch its FP8 bytes (the
-  fetch of ``sparse_decode_sm90``) and unpack them into both CTAs' tiles; the next
-  step's loads go out as soon as a tile is unpacked, so they fly while the gatherer
-  waits for the next free buffer.
+  fetch of ``sparse_decode_sm90``) and unpack them into this CTA's tile, and one thread
+  sends them on to the peer's; the next step's loads go out as soon as a tile is
+  unpacked, so they fly while the gatherer waits for the next free buffer.
 - **consumer 0** (``consume_scores``): ``S = Q K^T`` over all 64 tokens (m64n64k16; one
   warpgroup reads Q and K once: 147 KB of shared memory a step for V3.2, where two
   warpgroups at N = 32 read 221 KB), the whole online softmax (no exchange of row
@@ -29,13 +30,12 @@ both consumers of both CTAs have read it (each consumer's arrive goes to both CT
 barriers, at CTA scope like FlashMLA's: it only has to follow the consumer's finished
 reads; a cluster-scope arrive put a GPU-wide fence into every step and cost 15-19%).
 
-The rate at which an SM stores into its peer's shared memory (about 25 GB/s,
-``benchmarks/dsmem_store_rate.py``) makes the exchange of half a tile a step take 1.5 us
-at least, and that only where every store instruction fills whole 32-byte sectors (half
-sectors halve the rate; ``SPREAD_PIECES``): it pays only because the gather warpgroup
-spreads it over the whole step while the consumers multiply (benchmarks/NOTES.md, "The
-gather warpgroup's pairs with FlashMLA's consumer roles"). With 64 heads or fewer there
-is nothing to share, and the eight-warp kernel of ``sparse_decode_sm90`` is faster.
+Threads' stores into the peer's shared memory (``st.async``, as FlashMLA's crossover
+stores) run at about 25 GB/s an SM (``benchmarks/dsmem_store_rate.py``) and hold up the
+loads issued after them; the copy engine's bulk copies leave the gatherer's threads and
+their load/store pipeline free for the next step's loads (benchmarks/NOTES.md, "The copy
+engine's path between the CTAs of a pair"). With 64 heads or fewer there is nothing to
+share, and the eight-warp kernel of ``sparse_decode_sm90`` is faster.
 
 Everything else (the steps, splits, fetch, dequantization, combine) is
 ``sparse_decode_sm90``'s.
@@ -69,8 +69,10 @@ GATHER_TOKENS = TOKENS // CLUSTER_SIZE  # tokens of a step one CTA gathers
 K_STEPS = TOKENS // utils.MMA_K  # k-steps of P V over a step's tokens
 CHUNK_BYTES = TOKENS * CHUNK_COLUMNS * BFloat16.width // 8  # a K tile's 64-column chunk: 64 rows of 128 bytes
 
-# Named barriers of the consumers (0 is the CTA's, which the gatherer leaves after the setup).
-P_READY, P_FREE, ROW_SUMS = 1, 2, 3
+# Named barriers of the consumers (0 is the CTA's, which the gatherer leaves after the
+# setup), and the gatherer's own: its rows of a tile are stored, and may be sent.
+P_READY, P_FREE, ROW_SUMS, ROWS_STORED = 1, 2, 3, 4
+HALF_CHUNK_BYTES = GATHER_TOKENS * CHUNK_COLUMNS * BFloat16.width // 8  # a CTA's rows of a chunk: 4 KB in one run
 
 # Row statistics in shared memory, each HEAD_TILE floats: consumer 0's rescale factors of
 # a step; in the epilogue its row maxima and row sums.
@@ -113,7 +115,7 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
     THREADS = THREADS
     CLUSTER = CLUSTER_SIZE
     NUM_STATS = NUM_STATS
-    SPREAD_PIECES = True  # whole 32-byte sectors into the peer's tile
+    SPREAD_PIECES = True  # chosen for stores into the peer's tile; to measure again with bulk copies
 
     def __init__(self, layout, has_extra: bool = False):
         super().__init__(layout, has_extra)
@@ -472,39 +474,36 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
             if gather_tidx == 0:
                 # Both CTAs have read the buffer's last tile: arm for the peer's half.
                 cute.arch.mbarrier_arrive_and_expect_tx(pair.landed + state.index, self.received_bytes)
-            self.unpack(fetched, sK, token_valid, state.index, token, part, BOTH_HALVES,
-                        self.peer_row(pair, sK, token_valid, state.index, token, part))
+            self.unpack(fetched, sK, token_valid, state.index, token, part, BOTH_HALVES)
             if step + 1 < num_steps:
                 index = next_index
                 next_index = steps.index(first + step + 2, token)
                 self.fetch(caches, steps.from_extra(first + step + 1), fetched, index, part, BOTH_HALVES)
-            cute.arch.fence_view_async_shared()  # the stores, before the consumers' MMAs read them
+            # The stores, before the consumers' MMAs and the copy engine read them.
+            cute.arch.fence_view_async_shared()
+            cute.arch.barrier(barrier_id=ROWS_STORED, number_of_threads=GATHER_THREADS)
+            if gather_tidx == 0:
+                self.send_rows(pair, sK, token_valid, state.index)
             k_tiles.producer_commit(state)
             state.advance()
 
-    def peer_row(self, pair, sK, token_valid, buf, token, part) -> "PeerRow":
-        """Where this thread's stores of row ``token`` of tile ``buf`` go in the peer's
-        shared memory: its two 16-byte vectors of chunk 0 (``piece_vectors``; those of
-        chunk c lie c * CHUNK_BYTES further: the swizzle permutes a row's vectors by the
-        row alone) and the token's flag, all counted on the peer's landed barrier."""
-        return PeerRow(
-            vectors=[self.k_vector_address(sK.iterator, buf, token, vector) + pair.shift
-                     for vector in self.piece_vectors(part)],
-            flag=(token_valid.iterator + buf * TOKENS + token).toint() + pair.shift,
-            landed=(pair.landed + buf).toint() + pair.shift,
-        )
-
-    def k_vector_address(self, k_base, buf, token, vector):
-        """Byte address in shared memory of 8-column vector ``vector`` of row ``token``
-        of K tile ``buf``: the tile's layout (``make_smem_layout_b``, K-major, 128-byte
-        swizzle) is 64-column chunks of 64 rows each, 8-row atoms of 1024 bytes, a row's
-        16-byte vectors permuted within its 128 bytes by ``vector ^ row % 8``."""
-        chunk = vector // CHUNK_VECTORS
-        row_in_atom = token % ATOM_ROWS
-        element = (buf * (TOKENS * self.d) + chunk * (TOKENS * CHUNK_COLUMNS)
-                   + token // ATOM_ROWS * (ATOM_ROWS * CHUNK_COLUMNS) + row_in_atom * CHUNK_COLUMNS)
-        return (k_base.toint() + element * (BFloat16.width // 8)
-                + ((vector % CHUNK_VECTORS) ^ row_in_atom) * VECTOR_BYTES)
+    @cute.jit
+    def send_rows(self, pair, sK, token_valid, buf):
+        """One thread: this CTA's rows of K tile ``buf`` (a 4 KB run of each 64-column
+        chunk: 32 rows of 128 bytes, the swizzle permuting within a row) and their flags,
+        copied by the copy engine into the same places of the peer's tile, counted on the
+        peer's ``landed`` barrier. The gatherer's own stores stay its own: its next
+        step's loads no longer queue behind stores into the peer (benchmarks/NOTES.md,
+        "The copy engine's path between the CTAs of a pair")."""
+        landed = (pair.landed + buf).toint() + pair.shift
+        element_bytes = BFloat16.width // 8
+        first_row = buf * (TOKENS * self.d) + pair.rank * (GATHER_TOKENS * CHUNK_COLUMNS)  # in elements
+        rows = sK.iterator.toint() + first_row * element_bytes
+        for chunk in cutlass.range_constexpr(self.d // CHUNK_COLUMNS):
+            source = rows + chunk * CHUNK_BYTES
+            dsmem.copy_bulk(source + pair.shift, source, HALF_CHUNK_BYTES, landed)
+        flags = (token_valid.iterator + buf * TOKENS + pair.rank * GATHER_TOKENS).toint()
+        dsmem.copy_bulk(flags + pair.shift, flags, GATHER_TOKENS * Int32.width // 8, landed)
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
@@ -516,23 +515,3 @@ class PairState:
     landed: object
     rank: object
     shift: object
-
-
-@dataclass(frozen=True)
-class PeerRow:
-    """Where one thread's unpacked pieces of a token go in the peer's K tile and flags
-    (shared::cluster addresses, ``SparsePairDecodeSm90.peer_row``), counted on the
-    peer's ``landed`` barrier; ``SparseDecodeSm90.unpack`` stores through it."""
-
-    vectors: list  # its two 16-byte vectors of the row's chunk 0
-    flag: object
-    landed: object
-
-    def store(self, values, chunk):
-        words = cute.recast_tensor(values, Int32)
-        for v in range(len(self.vectors)):
-            dsmem.store_async(self.vectors[v] + chunk * CHUNK_BYTES, [words[4 * v + w] for w in range(4)],
-                              self.landed)
-
-    def store_flag(self, value):
-        dsmem.store_async(self.flag, [value], self.landed)
