@@ -115,7 +115,7 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
     THREADS = THREADS
     CLUSTER = CLUSTER_SIZE
     NUM_STATS = NUM_STATS
-    SPREAD_PIECES = True  # chosen for stores into the peer's tile; to measure again with bulk copies
+    SPREAD_PIECES = False  # a thread's two vectors side by side, as the eight-warp kernel's
 
     def __init__(self, layout, has_extra: bool = False):
         super().__init__(layout, has_extra)
