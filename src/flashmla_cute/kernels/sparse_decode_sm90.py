@@ -157,9 +157,6 @@ class SparseDecodeSm90:
     THREADS = THREADS
     CLUSTER = 1
     NUM_STATS = NUM_STATS  # row statistics in shared memory, each HEAD_TILE floats
-    # Whether a token's thread ``part`` takes 8-column vectors ``part`` and ``part + 4``
-    # of each 64-column chunk rather than ``2 part`` and ``2 part + 1`` (``piece_vectors``).
-    SPREAD_PIECES = False
 
     def __init__(self, layout: fp8_cache.Fp8Layout, has_extra: bool = False):
         self.layout = layout
@@ -661,15 +658,11 @@ class SparseDecodeSm90:
 
     def piece_vectors(self, part) -> tuple:
         """The two 8-column vectors (of a 64-column chunk's 8) of a token's K row that the
-        token's thread ``part`` fetches, dequantizes and stores: side by side, one
-        16-byte load of FP8 columns; or, with ``SPREAD_PIECES``, ``part`` and ``part +
-        4``, two 8-byte loads, so that each of the thread's stores and those of the
-        token's other three threads fill 64 contiguous bytes of the row (the swizzle
-        permutes whole 32-byte sectors of it). Chosen for the pair kernel when its
-        threads stored into the peer's tile, where half-filled sectors halved the rate
-        (benchmarks/NOTES.md, "The path between the two CTAs of a pair")."""
-        if const_expr(self.SPREAD_PIECES):
-            return (part, part + THREADS_PER_TOKEN)
+        token's thread ``part`` fetches, dequantizes and stores: side by side, one 16-byte
+        load of FP8 columns. (The pair kernel once took ``part`` and ``part + 4``, two
+        8-byte loads, so that its threads' stores into the peer's tile filled whole
+        32-byte sectors; since the copy engine sends the rows, it takes these too:
+        benchmarks/NOTES.md, "The pair kernel's exchange by bulk copies".)"""
         return (2 * part, 2 * part + 1)
 
     def token_registers(self) -> "TokenRegisters":
@@ -705,25 +698,19 @@ class SparseDecodeSm90:
             # token's next chunks, and L1 keeps each line for the load right after
             # that reads its other half (FlashMLA's hints). "The gather's loads and
             # L2": 0.6-1% off the h_q 128 cases, under 0.6% either way elsewhere.
-            # Each 8-column vector of a chunk is 8 FP8 bytes: one load of both where they
-            # lie side by side, else one each.
-            piece_loads = 2 if const_expr(self.SPREAD_PIECES) else 1
-            piece_bytes = ELEMS_PER_THREAD_CHUNK // piece_loads
             latent_load = cute.make_copy_atom(
-                cute.nvgpu.CopyG2ROp(), Uint8, num_bits_per_copy=8 * piece_bytes,
+                cute.nvgpu.CopyG2ROp(), Uint8, num_bits_per_copy=8 * ELEMS_PER_THREAD_CHUNK,
                 l2_prefetch_size=cute.nvgpu.L2PrefetchSize.SIZE_256B,
                 l1c_evict_priority=cute.nvgpu.CacheEvictionPriority.EVICT_LAST,
             )
-            vectors = self.piece_vectors(part)
             for chunk in cutlass.range_constexpr(*self.chunks_of(halves)):
-                for j in cutlass.range_constexpr(piece_loads):
-                    cute.copy(latent_load,
-                              cute.local_tile(row, (piece_bytes,), (chunk * (CHUNK_COLUMNS // piece_bytes)
-                                                                    + vectors[j] * VECTOR_COLUMNS // piece_bytes,)),
-                              cute.local_tile(fetched.latent[None, chunk], (piece_bytes,), (j,)))
+                cute.copy(latent_load,
+                          cute.local_tile(row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)),
+                          fetched.latent[None, chunk])
             if const_expr(1 in halves):
                 # The rope part starts on a 16-byte boundary: its 16-byte pieces are its
                 # 8-column vectors, of which this thread takes its two.
+                vectors = self.piece_vectors(part)
                 for piece in cutlass.range_constexpr(2):
                     cute.autovec_copy(
                         cute.local_tile(row, (VECTOR_BYTES,),
@@ -818,16 +805,8 @@ class SparseDecodeSm90:
     def store_piece(self, values, k_row, chunk, part):
         """16 bf16 ``values`` into thread ``part``'s two vectors (``piece_vectors``) of
         64-column chunk ``chunk`` of ``k_row``."""
-        if const_expr(self.SPREAD_PIECES):
-            vectors = self.piece_vectors(part)
-            for j in cutlass.range_constexpr(2):
-                cute.autovec_copy(cute.local_tile(values, (VECTOR_COLUMNS,), (j,)),
-                                  cute.local_tile(k_row, (VECTOR_COLUMNS,),
-                                                  (chunk * CHUNK_VECTORS + vectors[j],)))
-        else:
-            cute.autovec_copy(values,
-                              cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)))
-
+        cute.autovec_copy(values,
+                          cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)))
 
 @cute.jit
 def query_row(mIndices, batch, s):

@@ -30,12 +30,16 @@ both consumers of both CTAs have read it (each consumer's arrive goes to both CT
 barriers, at CTA scope like FlashMLA's: it only has to follow the consumer's finished
 reads; a cluster-scope arrive put a GPU-wide fence into every step and cost 15-19%).
 
-Threads' stores into the peer's shared memory (``st.async``, as FlashMLA's crossover
-stores) run at about 25 GB/s an SM (``benchmarks/dsmem_store_rate.py``) and hold up the
-loads issued after them; the copy engine's bulk copies leave the gatherer's threads and
-their load/store pipeline free for the next step's loads (benchmarks/NOTES.md, "The copy
-engine's path between the CTAs of a pair"). With 64 heads or fewer there is nothing to
-share, and the eight-warp kernel of ``sparse_decode_sm90`` is faster.
+The path between the SMs of a pair moves about 25 GB/s an SM, fed by threads' stores
+(``st.async``, as FlashMLA's crossover) or by the copy engine alike
+(``benchmarks/dsmem_store_rate.py``), so the exchange of half a tile a step takes 1.5 us
+at least: it pays only because it runs while the consumers multiply. Sent by the copy
+engine it takes no instruction of the gatherer's threads, and their stores need not fill
+whole 32-byte sectors of the peer's tile as threads' stores into it must; so a thread
+fetches its two vectors of a chunk side by side, one 16-byte load where whole-sector
+stores needed two 8-byte ones (3% off the V3.2 cases; benchmarks/NOTES.md, "The pair
+kernel's exchange by bulk copies"). With 64 heads or fewer there is nothing to share,
+and the eight-warp kernel of ``sparse_decode_sm90`` is faster.
 
 Everything else (the steps, splits, fetch, dequantization, combine) is
 ``sparse_decode_sm90``'s.
@@ -55,8 +59,8 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from .. import fp8_cache
 from ..sparse_plan import HEAD_TILE, STEP_TOKENS
 from . import dsmem, softmax, utils
-from .sparse_decode_sm90 import (ATOM_ROWS, BOTH_HALVES, CHUNK_COLUMNS, CHUNK_VECTORS, DV, NUM_BUFFERS,
-                                 THREADS_PER_TOKEN, VECTOR_BYTES, SparseDecodeSm90)
+from .sparse_decode_sm90 import (BOTH_HALVES, CHUNK_COLUMNS, DV, NUM_BUFFERS, THREADS_PER_TOKEN, VECTOR_BYTES,
+                                 SparseDecodeSm90)
 
 TOKENS = STEP_TOKENS
 CLUSTER_SIZE = 2  # the two head tiles of a query token
@@ -96,9 +100,9 @@ class RoleRegisters:
 # Per layout, as measured (benchmarks/NOTES.md, "The register budgets of the pair
 # kernel's roles", "The pair kernel's consumer 0 with more registers" and "Two earlier
 # probes again, on whole-sector stores"): consumer 0 below 208 costs both layouts (at
-# 192, FlashMLA's budgets: 3-16% slower), consumer 1 below 160 spills. Since the
-# gatherer stores whole sectors into the peer's tile, MODEL1's h_q 128 cases are 1-1.5%
-# faster with 208 / 160 / 136 than with 216 / 160 / 128, and V3.2's 1.2-1.4% slower.
+# 192, FlashMLA's budgets: 3-16% slower), consumer 1 below 160 spills. Measured when the
+# gatherer's threads stored whole sectors into the peer's tile: MODEL1's h_q 128 cases
+# 1-1.5% faster with 208 / 160 / 136 than with 216 / 160 / 128, V3.2's 1.2-1.4% slower.
 ROLE_REGISTERS = {
     fp8_cache.V32.key: RoleRegisters(scores=208, values=160, gather=136),
     fp8_cache.MODEL1.key: RoleRegisters(scores=208, values=160, gather=136),
@@ -115,7 +119,6 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
     THREADS = THREADS
     CLUSTER = CLUSTER_SIZE
     NUM_STATS = NUM_STATS
-    SPREAD_PIECES = False  # a thread's two vectors side by side, as the eight-warp kernel's
 
     def __init__(self, layout, has_extra: bool = False):
         super().__init__(layout, has_extra)
@@ -301,7 +304,7 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
 
     def wait_for_peer(self):
         """Until both CTAs of the pair have initialized their barriers (the kernel's
-        cluster arrive): before a role's first store into the peer or arrive on its
+        cluster arrive): before a role's first copy into the peer or arrive on its
         barriers."""
         cute.arch.cluster_wait()
 
@@ -454,8 +457,8 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
     @cute.jit
     def gather(self, k_tiles, pair, caches, steps_args, sK, token_valid, gather_tidx):
         """The gather warpgroup's loop: this CTA's 32 tokens of each step, unpacked into
-        both CTAs' tiles once the buffer is free, the next step's loads issued right
-        after, so that they fly while the gatherer waits for the next buffer; the first
+        its tile once the buffer is free and sent on to the peer's, the next step's loads
+        issued right after the unpack, so that they fly while the gatherer waits for the next buffer; the first
         step's loads go out before the wait for the peer's setup."""
         steps, first, num_steps = self.split_steps(*steps_args)
         token = pair.rank * GATHER_TOKENS + gather_tidx // THREADS_PER_TOKEN
@@ -492,9 +495,9 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
         """One thread: this CTA's rows of K tile ``buf`` (a 4 KB run of each 64-column
         chunk: 32 rows of 128 bytes, the swizzle permuting within a row) and their flags,
         copied by the copy engine into the same places of the peer's tile, counted on the
-        peer's ``landed`` barrier. The gatherer's own stores stay its own: its next
-        step's loads no longer queue behind stores into the peer (benchmarks/NOTES.md,
-        "The copy engine's path between the CTAs of a pair")."""
+        peer's ``landed`` barrier. The copy engine moves them no faster than threads'
+        stores would, but spares the threads' stores the whole-sector pattern those into
+        the peer need (benchmarks/NOTES.md, "The pair kernel's exchange by bulk copies")."""
         landed = (pair.landed + buf).toint() + pair.shift
         element_bytes = BFloat16.width // 8
         first_row = buf * (TOKENS * self.d) + pair.rank * (GATHER_TOKENS * CHUNK_COLUMNS)  # in elements
