@@ -83,14 +83,10 @@ def step_loop(sass: str) -> list[str]:
     """The instructions of the loop that fetches the next tile's tokens: in the
     eight-warp kernel the step loop, from S's first k-step to the barrier after the
     step's last P V k-step; in the pair kernel the gather warpgroup's, from its wait for
-    a free buffer to the barrier after its stores (``ROWS_STORED``), before it sends its
-    rows to the peer."""
-    from flashmla_cute.kernels.sparse_pair_sm90 import ROWS_STORED
-
+    a free buffer to its first bulk copy of rows into the peer's tile (``UBLKCP.S.S``)."""
     code = instructions(sass)
-    rows_stored = re.compile(rf"BAR\.SYNC\.DEFER_BLOCKING 0x{ROWS_STORED:x}\b")
-    if any(rows_stored.search(line) for line in code):
-        end = next(i for i, line in enumerate(code) if rows_stored.search(line))
+    if any("UBLKCP.S.S" in line for line in code):
+        end = next(i for i, line in enumerate(code) if "UBLKCP.S.S" in line)
         first = max(i for i in range(end) if "SYNCS.PHASECHK.TRANS64.TRYWAIT" in code[i])
         return code[first:end]
     first = next(i for i, line in enumerate(code) if "HGMMA.64x32x16" in line)

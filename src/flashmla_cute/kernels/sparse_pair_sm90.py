@@ -73,10 +73,10 @@ GATHER_TOKENS = TOKENS // CLUSTER_SIZE  # tokens of a step one CTA gathers
 K_STEPS = TOKENS // utils.MMA_K  # k-steps of P V over a step's tokens
 CHUNK_BYTES = TOKENS * CHUNK_COLUMNS * BFloat16.width // 8  # a K tile's 64-column chunk: 64 rows of 128 bytes
 
-# Named barriers of the consumers (0 is the CTA's, which the gatherer leaves after the
-# setup), and the gatherer's own: its rows of a tile are stored, and may be sent.
-P_READY, P_FREE, ROW_SUMS, ROWS_STORED = 1, 2, 3, 4
-HALF_CHUNK_BYTES = GATHER_TOKENS * CHUNK_COLUMNS * BFloat16.width // 8  # a CTA's rows of a chunk: 4 KB in one run
+# Named barriers of the consumers (0 is the CTA's, which the gatherer leaves after the setup).
+P_READY, P_FREE, ROW_SUMS = 1, 2, 3
+WARP_TOKENS = cute.arch.WARP_SIZE // THREADS_PER_TOKEN  # 8: tokens a gather warp unpacks, one 8-row swizzle atom
+WARP_CHUNK_BYTES = WARP_TOKENS * CHUNK_COLUMNS * BFloat16.width // 8  # a warp's rows of a chunk: 1 KB in one run
 
 # Row statistics in shared memory, each HEAD_TILE floats: consumer 0's rescale factors of
 # a step; in the epilogue its row maxima and row sums.
@@ -482,31 +482,32 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
                 index = next_index
                 next_index = steps.index(first + step + 2, token)
                 self.fetch(caches, steps.from_extra(first + step + 1), fetched, index, part, BOTH_HALVES)
-            # The stores, before the consumers' MMAs and the copy engine read them.
+            # The stores, before the consumers' MMAs and the copy engine read them; each
+            # warp sends its own rows as soon as they are stored.
             cute.arch.fence_view_async_shared()
-            cute.arch.barrier(barrier_id=ROWS_STORED, number_of_threads=GATHER_THREADS)
-            if gather_tidx == 0:
-                self.send_rows(pair, sK, token_valid, state.index)
+            cute.arch.sync_warp()
+            if gather_tidx % cute.arch.WARP_SIZE == 0:
+                self.send_rows(pair, sK, token_valid, state.index, gather_tidx // cute.arch.WARP_SIZE)
             k_tiles.producer_commit(state)
             state.advance()
 
     @cute.jit
-    def send_rows(self, pair, sK, token_valid, buf):
-        """One thread: this CTA's rows of K tile ``buf`` (a 4 KB run of each 64-column
-        chunk: 32 rows of 128 bytes, the swizzle permuting within a row) and their flags,
-        copied by the copy engine into the same places of the peer's tile, counted on the
-        peer's ``landed`` barrier. The copy engine moves them no faster than threads'
-        stores would, but spares the threads' stores the whole-sector pattern those into
-        the peer need (benchmarks/NOTES.md, "The pair kernel's exchange by bulk copies")."""
+    def send_rows(self, pair, sK, token_valid, buf, warp):
+        """Lane 0 of gather warp ``warp``: its 8 rows of K tile ``buf`` (a 1 KB run of each
+        64-column chunk: one 8-row swizzle atom, the swizzle permuting within a row) and
+        their flags, copied by the copy engine into the same places of the peer's tile,
+        counted on the peer's ``landed`` barrier. The copy engine moves them no faster
+        than threads' stores would, but spares the threads' stores the whole-sector
+        pattern those into the peer need (benchmarks/NOTES.md, "The pair kernel's
+        exchange by bulk copies"); a warp's own copies need no barrier of the warpgroup."""
         landed = (pair.landed + buf).toint() + pair.shift
-        element_bytes = BFloat16.width // 8
-        first_row = buf * (TOKENS * self.d) + pair.rank * (GATHER_TOKENS * CHUNK_COLUMNS)  # in elements
-        rows = sK.iterator.toint() + first_row * element_bytes
+        first_token = pair.rank * GATHER_TOKENS + warp * WARP_TOKENS
+        rows = sK.iterator.toint() + (buf * (TOKENS * self.d) + first_token * CHUNK_COLUMNS) * (BFloat16.width // 8)
         for chunk in cutlass.range_constexpr(self.d // CHUNK_COLUMNS):
             source = rows + chunk * CHUNK_BYTES
-            dsmem.copy_bulk(source + pair.shift, source, HALF_CHUNK_BYTES, landed)
-        flags = (token_valid.iterator + buf * TOKENS + pair.rank * GATHER_TOKENS).toint()
-        dsmem.copy_bulk(flags + pair.shift, flags, GATHER_TOKENS * Int32.width // 8, landed)
+            dsmem.copy_bulk(source + pair.shift, source, WARP_CHUNK_BYTES, landed)
+        flags = (token_valid.iterator + buf * TOKENS + first_token).toint()
+        dsmem.copy_bulk(flags + pair.shift, flags, WARP_TOKENS * Int32.width // 8, landed)
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
