@@ -22,8 +22,8 @@ three ways (``PATTERNS``): a warp's 32 stores side by side (512 contiguous bytes
 thread's 16 bytes every 32 bytes (each 32-byte sector half written by one instruction,
 as the sparse pair kernel's gatherer first wrote its K tiles' swizzled rows); and four
 threads' 64 bytes every 128 (each 128-byte line half written, as the gatherer's 8 rows
-of a store instruction now are), to tell whether the path between SMs moves whole
-sectors, or whole lines.
+of a store instruction were while its threads stored into the peer), to tell whether the
+path between SMs moves whole sectors, or whole lines.
 """
 
 import os

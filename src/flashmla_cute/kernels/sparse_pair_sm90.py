@@ -4,13 +4,14 @@
 
 Both head tiles of a query token attend to the same 64 tokens a step, so each CTA of the
 pair gathers and dequantizes only half of them (32) into its own K tile, and the copy
-engine copies those rows (a 4 KB run of each 64-column chunk) and their valid flags into
-the same places of the peer's tile (``send_rows``, ``cp.async.bulk`` counted on the
-peer's ``landed`` mbarrier). Roles (384 threads):
+engine copies those rows (each gather warp's 8 rows, a 1 KB run of each 64-column chunk,
+as soon as the warp has stored them) and their valid flags into the same places of the
+peer's tile (``send_rows``, ``cp.async.bulk`` counted on the peer's ``landed``
+mbarrier). Roles (384 threads):
 
 - the **gather** warpgroup (``gather``): four threads a token fetch its FP8 bytes (the
-  fetch of ``sparse_decode_sm90``) and unpack them into this CTA's tile, and one thread
-  sends them on to the peer's; the next step's loads go out as soon as a tile is
+  fetch of ``sparse_decode_sm90``) and unpack them into this CTA's tile, and one lane
+  of each warp sends its warp's rows on to the peer's; the next step's loads go out as soon as a tile is
   unpacked, so they fly while the gatherer waits for the next free buffer.
 - **consumer 0** (``consume_scores``): ``S = Q K^T`` over all 64 tokens (m64n64k16; one
   warpgroup reads Q and K once: 147 KB of shared memory a step for V3.2, where two
@@ -37,8 +38,10 @@ at least: it pays only because it runs while the consumers multiply. Sent by the
 engine it takes no instruction of the gatherer's threads, and their stores need not fill
 whole 32-byte sectors of the peer's tile as threads' stores into it must; so a thread
 fetches its two vectors of a chunk side by side, one 16-byte load where whole-sector
-stores needed two 8-byte ones (3% off the V3.2 cases; benchmarks/NOTES.md, "The pair
-kernel's exchange by bulk copies"). With 64 heads or fewer there is nothing to share,
+stores needed two 8-byte ones. With each warp sending its own rows (no barrier of the
+gather warpgroup before the copies), the h_q 128 cases past b2 are 4-5% faster than with
+threads' stores (benchmarks/NOTES.md, "The pair kernel's exchange by bulk copies", "Each
+gather warp sends its own rows"). With 64 heads or fewer there is nothing to share,
 and the eight-warp kernel of ``sparse_decode_sm90`` is faster.
 
 Everything else (the steps, splits, fetch, dequantization, combine) is
