@@ -267,14 +267,15 @@ def planned_caller(module, first: SparseInputs):
     return call
 
 
-def case_inputs(case: Case, seed: int, l2: int, device="cuda"):
+def case_inputs(case: Case, seed: int, l2: int, device="cuda", n_sets: int | None = None):
     """(the main cache's lengths, the extra cache's or None, the input sets): as many
     sets, alike but for their values, as keep consecutive calls from sharing L2
-    (``bench_decode.input_sets``)."""
+    (``bench_decode.input_sets``), or ``n_sets``."""
     seqlens = case_seqlens(case, seed)
     extra_seqlens = case_seqlens(case, seed, extra=True) if case.extra_topk else None
     extra_topk_length = case_extra_topk_length(case, seed)
-    n_sets = bench_decode.input_sets(sparse_bytes(case), l2)
+    if n_sets is None:
+        n_sets = bench_decode.input_sets(sparse_bytes(case), l2)
     sets = [make_inputs(case, seqlens, seed + i, device, extra_seqlens, extra_topk_length) for i in range(n_sets)]
     return seqlens, extra_seqlens, sets
 

@@ -2,6 +2,7 @@
 has its first K tile, ends its steps and leaves, on one clock for all SMs.
 
     python benchmarks/sparse_cta_timeline.py [--match REGEX]     # default: '^b2 '
+    python benchmarks/sparse_cta_timeline.py --match '^MODEL1 b2 .*extralen'
     python benchmarks/sparse_cta_timeline.py --compile-only      # no GPU needed
 
 A stamped copy of the pair kernel (a subclass of ``SparsePairDecodeSm90``; the package's
@@ -10,17 +11,19 @@ same on every SM) in one thread of every CTA at the points of ``POINTS``: the ke
 entry (the first warp, before it starts Q's copy), consumer 0 past the cluster's setup
 barrier, Q landed, the first K tile full, the step loop's end, the first output row's
 start (both consumers past their steps), the epilogue's end and the CTA's exit (past the
-last cluster barrier); and in the gather warpgroup's first thread its start, its first
-fetch issued (its index loaded: the fetch branches on it), the first tile unpacked (the
-first step's bytes fetched) and its end. The stamps go to a buffer whose address is
-compiled into the stamped kernel.
+last cluster barrier); in the gather warpgroup's first thread its start, its first fetch
+issued (its index loaded: the fetch branches on it), the first tile unpacked (the first
+step's bytes fetched) and its end; and in consumer 1's first thread the end of its steps
+and of its epilogue. The stamps go to a buffer whose address is compiled into the
+stamped kernel.
 
-For each production case whose name matches ``--match`` (``bench_sparse.py``'s cases),
-the script times the plain and the stamped call (``bench_decode``'s timer, an L2 flush
-before each call), then stamps one call after a flush and prints, for each point, the
-median, minimum and maximum over the CTAs of its time from the first CTA's entry, in
-microseconds, and each CTA's life (exit - entry). The global timer may tick more
-coarsely than a nanosecond; the smallest step between distinct stamps is printed.
+For each case of ``bench_sparse.py`` that runs the pair kernel (V3.2's production cases,
+MODEL1's at h_q 128) and whose name matches ``--match``, the script times the plain and
+the stamped call (``bench_decode``'s timer, an L2 flush before each call), then stamps
+one call after a flush and prints, for each point, the median, minimum and maximum over
+the CTAs of its time from the first CTA's entry, in microseconds, and each CTA's life
+(exit - entry). The global timer may tick more coarsely than a nanosecond; the smallest
+step between distinct stamps is printed.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_decode, bench_sparse
 
 MAX_CTAS = 4096  # CTAs of one call that are stamped
 POINTS = ("entry", "setup done", "Q landed", "first tile full", "steps done", "rows start", "epilogue done", "exit",
-          "gather start", "first fetch out", "first tile unpacked", "gather end")
+          "gather start", "first fetch out", "first tile unpacked", "gather end", "values steps done",
+          "values epilogue done")
 """The stamped points, in the order of the trace's columns."""
 NO_STAMP = 2**63 - 1
 """The trace's value where a point has no stamp (above every time: ``first_only``
@@ -103,7 +108,7 @@ def stamped_kernel_class(stamps: Stamps):
     that mark the points."""
     import cutlass.cute as cute
 
-    from flashmla_cute.kernels.sparse_pair_sm90 import CONSUMER_THREADS, SparsePairDecodeSm90 as Pair
+    from flashmla_cute.kernels.sparse_pair_sm90 import CONSUMER_THREADS, WARPGROUP_THREADS, SparsePairDecodeSm90 as Pair
 
     def first_thread():
         tidx, _, _ = cute.arch.thread_idx()
@@ -112,6 +117,10 @@ def stamped_kernel_class(stamps: Stamps):
     def first_gather_thread():
         tidx, _, _ = cute.arch.thread_idx()
         return tidx == CONSUMER_THREADS
+
+    def first_values_thread():
+        tidx, _, _ = cute.arch.thread_idx()
+        return tidx == WARPGROUP_THREADS
 
     # No data-dependent control flow below: plain Python, traced inline into the kernel.
     class StampedPair(Pair):
@@ -141,9 +150,14 @@ def stamped_kernel_class(stamps: Stamps):
             stamps.stamp("rows start", first_thread(), first_only=True)
             Pair.write_row(self, *args)
 
+        def consume_values(self, *args):
+            Pair.consume_values(self, *args)
+            stamps.stamp("values steps done", first_values_thread())
+
         def finish_pair(self, *args):
             Pair.finish_pair(self, *args)
             stamps.stamp("epilogue done", first_thread())
+            stamps.stamp("values epilogue done", first_values_thread())
 
         def gather(self, *args):
             stamps.stamp("gather start", first_gather_thread())
@@ -161,20 +175,31 @@ def stamped_kernel_class(stamps: Stamps):
     return StampedPair
 
 
-def compile_stamped(stamps: Stamps, options: str):
-    """The stamped V3.2 pair kernel (no extra cache), compiled with ``options``; returns
-    (its variant's name, the compiled function)."""
+PAIR_VARIANTS = (("v32", False), ("model1", True))
+"""The pair kernel's variants (layout, extra cache) that the traced cases run."""
+
+
+def traced_cases() -> list:
+    """``bench_sparse.py``'s cases that run the pair kernel: V3.2's production cases and
+    MODEL1's with more than one head tile."""
+    import bench_sparse
+
+    from flashmla_cute.sparse_plan import HEAD_TILE
+
+    return bench_sparse.CASE_SETS["production"] + [c for c in bench_sparse.CASE_SETS["model1"] if c.h_q > HEAD_TILE]
+
+
+def compile_stamped(stamps: Stamps, options: str, variant):
+    """The stamped pair kernel of ``variant`` (a pair variant of
+    ``compile.sparse_decode_variant``), compiled with ``options``."""
     import cutlass.cute as cute
 
-    from flashmla_cute import compile as compile_mod
-
-    variant = compile_mod.sparse_decode_variant("v32", False, pair_heads=True)
     kernel, args = variant.build()
     stamped = stamped_kernel_class(stamps)(kernel.layout, kernel.has_extra)
     start = time.time()
     fn = cute.compile(stamped, *args, options=options)
-    print(f"compiled the stamped kernel in {time.time() - start:.1f} s", flush=True)
-    return variant.name, fn
+    print(f"compiled the stamped kernel ({variant.name}) in {time.time() - start:.1f} s", flush=True)
+    return fn
 
 
 def summarize(trace, label: str) -> None:
@@ -208,13 +233,22 @@ def run(match: str) -> None:
     from flashmla_cute import api
     from flashmla_cute import compile as compile_mod
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_decode
     import bench_sparse
 
     trace = torch.full((MAX_CTAS, len(POINTS)), NO_STAMP, dtype=torch.int64, device="cuda")
-    name, stamped = compile_stamped(Stamps(trace.data_ptr()), "--enable-tvm-ffi")
+    pair_variants = {v.name: v for v in (compile_mod.sparse_decode_variant(layout, extra, pair_heads=True)
+                                         for layout, extra in PAIR_VARIANTS)}
+    stamped = {}  # compiled on first use, by variant name
     package_get = compile_mod.get
+
+    def stamped_get(variant):
+        if variant.name not in pair_variants:
+            return package_get(variant)
+        if variant.name not in stamped:
+            stamped[variant.name] = compile_stamped(Stamps(trace.data_ptr()), "--enable-tvm-ffi", variant)
+        return stamped[variant.name]
+
     timer = bench_decode.Timer(25, 100)
     flush = torch.empty(bench_decode.FLUSH_BYTES, dtype=torch.int8, device="cuda")
 
@@ -223,14 +257,14 @@ def run(match: str) -> None:
         api._known_sparse.clear()
 
     try:
-        for case in bench_sparse.CASE_SETS["production"]:
+        for case in traced_cases():
             if not re.search(match, case.name):
                 continue
-            inputs = bench_sparse.make_inputs(case, bench_sparse.case_seqlens(case, 0), 0, "cuda")
+            (inputs,) = bench_sparse.case_inputs(case, 0, 0, n_sets=1)[2]
             use(package_get)
             call = bench_sparse.planned_caller(api, inputs)
             plain_ms = timer(lambda: call(inputs))
-            use(lambda variant: stamped if variant.name == name else package_get(variant))
+            use(stamped_get)
             call = bench_sparse.planned_caller(api, inputs)
             stamped_ms = timer(lambda: call(inputs))
             trace.fill_(NO_STAMP)
@@ -247,13 +281,17 @@ def run(match: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--match", default="^b2 ", metavar="REGEX",
-                        help="the production cases whose names match (default: '^b2 ')")
+                        help="the traced cases whose names match (default: '^b2 ')")
     parser.add_argument("--compile-only", action="store_true",
-                        help="compile the stamped kernel for sm_90a (no GPU needed)")
+                        help="compile the stamped kernels for sm_90a (no GPU needed)")
     args = parser.parse_args(argv)
     if args.compile_only:
         os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
-        compile_stamped(Stamps(1 << 40), "--gpu-arch=sm_90a")  # any address: the kernel is not run
+        from flashmla_cute import compile as compile_mod
+
+        for layout, extra in PAIR_VARIANTS:  # any address: the kernels are not run
+            compile_stamped(Stamps(1 << 40), "--gpu-arch=sm_90a",
+                            compile_mod.sparse_decode_variant(layout, extra, pair_heads=True))
         return 0
     run(args.match)
     return 0

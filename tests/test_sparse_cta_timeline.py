@@ -17,7 +17,23 @@ def test_stamped_kernel_compiles_for_sm90a(tmp_path):
     env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", FLASHMLA_CUTE_CACHE_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, str(TOOL), "--compile-only"], env=env, capture_output=True, text=True,
                           check=True)
-    assert "compiled the stamped kernel" in done.stdout
+    compiled = re.findall(r"compiled the stamped kernel \((\w+)\)", done.stdout)
+    assert len(compiled) == len(load_script(TOOL).PAIR_VARIANTS), done.stdout
+
+
+def test_it_traces_the_cases_that_run_the_pair_kernel():
+    """V3.2's production cases and MODEL1's with two head tiles (h_q 64 runs the
+    eight-warp kernel, which has no stamps), each of a layout the tool compiles."""
+    from flashmla_cute import fp8_cache
+    from flashmla_cute.sparse_plan import HEAD_TILE
+
+    tool = load_script(TOOL)
+    cases = tool.traced_cases()
+    key_of = {layout.name: layout.key for layout in fp8_cache.LAYOUTS}
+    assert {key_of[case.layout] for case in cases} == {"v32", "model1"}
+    assert all(case.h_q > HEAD_TILE for case in cases)
+    compiled = set(tool.PAIR_VARIANTS)
+    assert all((key_of[case.layout], case.extra_topk > 0) in compiled for case in cases)
 
 
 def test_the_stamped_class_overrides_only_its_own_methods():
@@ -28,8 +44,8 @@ def test_the_stamped_class_overrides_only_its_own_methods():
     stamped = tool.stamped_kernel_class(tool.Stamps(0))
     assert issubclass(stamped, SparsePairDecodeSm90)
     assert dict(SparsePairDecodeSm90.__dict__) == before
-    for name in ("start_q_load", "wait_for_peer", "consumer", "consume_scores", "wait_tile", "write_row",
-                 "finish_pair", "gather", "fetch", "unpack"):
+    for name in ("start_q_load", "wait_for_peer", "consumer", "consume_scores", "consume_values", "wait_tile",
+                 "write_row", "finish_pair", "gather", "fetch", "unpack"):
         # A method renamed in the kernel would leave its stamp untaken, silently.
         assert callable(getattr(SparsePairDecodeSm90, name, None)), f"the pair kernel has no {name}"
         assert name in stamped.__dict__, name
