@@ -11,8 +11,9 @@ mbarrier). Roles (384 threads):
 
 - the **gather** warpgroup (``gather``): four threads a token fetch its FP8 bytes (the
   fetch of ``sparse_decode_sm90``) and unpack them into this CTA's tile, and one lane
-  of each warp sends its warp's rows on to the peer's; the next step's loads go out as soon as a tile is
-  unpacked, so they fly while the gatherer waits for the next free buffer.
+  of each warp sends its warp's rows on to the peer's; the next step's loads go out as
+  soon as a tile is unpacked, so they fly while the gatherer waits for the next free
+  buffer.
 - **consumer 0** (``consume_scores``): ``S = Q K^T`` over all 64 tokens (m64n64k16; one
   warpgroup reads Q and K once: 147 KB of shared memory a step for V3.2, where two
   warpgroups at N = 32 read 221 KB), the whole online softmax (no exchange of row
@@ -461,8 +462,8 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
     def gather(self, k_tiles, pair, caches, steps_args, sK, token_valid, gather_tidx):
         """The gather warpgroup's loop: this CTA's 32 tokens of each step, unpacked into
         its tile once the buffer is free and sent on to the peer's, the next step's loads
-        issued right after the unpack, so that they fly while the gatherer waits for the next buffer; the first
-        step's loads go out before the wait for the peer's setup."""
+        issued right after the unpack, so that they fly while the gatherer waits for the
+        next buffer; the first step's loads go out before the wait for the peer's setup."""
         steps, first, num_steps = self.split_steps(*steps_args)
         token = pair.rank * GATHER_TOKENS + gather_tidx // THREADS_PER_TOKEN
         part = gather_tidx % THREADS_PER_TOKEN
