@@ -179,6 +179,13 @@ PAIR_VARIANTS = (("v32", False), ("model1", True))
 """The pair kernel's variants (layout, extra cache) that the traced cases run."""
 
 
+def pair_variants() -> list:
+    """``PAIR_VARIANTS`` as ``compile.sparse_decode_variant``'s variants."""
+    from flashmla_cute import compile as compile_mod
+
+    return [compile_mod.sparse_decode_variant(layout, extra, pair_heads=True) for layout, extra in PAIR_VARIANTS]
+
+
 def traced_cases() -> list:
     """``bench_sparse.py``'s cases that run the pair kernel: V3.2's production cases and
     MODEL1's with more than one head tile."""
@@ -237,13 +244,12 @@ def run(match: str) -> None:
     import bench_sparse
 
     trace = torch.full((MAX_CTAS, len(POINTS)), NO_STAMP, dtype=torch.int64, device="cuda")
-    pair_variants = {v.name: v for v in (compile_mod.sparse_decode_variant(layout, extra, pair_heads=True)
-                                         for layout, extra in PAIR_VARIANTS)}
+    stamped_names = {variant.name for variant in pair_variants()}
     stamped = {}  # compiled on first use, by variant name
     package_get = compile_mod.get
 
     def stamped_get(variant):
-        if variant.name not in pair_variants:
+        if variant.name not in stamped_names:
             return package_get(variant)
         if variant.name not in stamped:
             stamped[variant.name] = compile_stamped(Stamps(trace.data_ptr()), "--enable-tvm-ffi", variant)
@@ -287,11 +293,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.compile_only:
         os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
-        from flashmla_cute import compile as compile_mod
-
-        for layout, extra in PAIR_VARIANTS:  # any address: the kernels are not run
-            compile_stamped(Stamps(1 << 40), "--gpu-arch=sm_90a",
-                            compile_mod.sparse_decode_variant(layout, extra, pair_heads=True))
+        for variant in pair_variants():  # any address: the kernels are not run
+            compile_stamped(Stamps(1 << 40), "--gpu-arch=sm_90a", variant)
         return 0
     run(args.match)
     return 0

@@ -808,6 +808,7 @@ class SparseDecodeSm90:
         cute.autovec_copy(values,
                           cute.local_tile(k_row, (ELEMS_PER_THREAD_CHUNK,), (chunk * THREADS_PER_TOKEN + part,)))
 
+
 @cute.jit
 def query_row(mIndices, batch, s):
     """``(topk,)``: the index row of query token ``s`` of sequence ``batch``, its start
