@@ -242,7 +242,8 @@ def test_the_pair_kernel_roles_take_their_registers(cubins, name):
 def test_the_four_threads_of_a_token_cover_each_chunk(layout):
     """The four threads of a token take the 8 vectors (8 columns, 16 bf16 bytes) of each
     64-column chunk of its K row between them, two side by side each (one 16-byte load
-    of FP8 bytes), in both kernels."""
+    of FP8 bytes), in both kernels: thread ``part`` the vectors ``2 part`` and ``2 part +
+    1``, which is where the latent loads and the stores of the unpack put them."""
     from flashmla_cute import fp8_cache
     from flashmla_cute.kernels.sparse_decode_sm90 import THREADS_PER_TOKEN, SparseDecodeSm90
     from flashmla_cute.kernels.sparse_pair_sm90 import SparsePairDecodeSm90
@@ -251,4 +252,4 @@ def test_the_four_threads_of_a_token_cover_each_chunk(layout):
     for kernel in (SparsePairDecodeSm90(fp8_layout), SparseDecodeSm90(fp8_layout)):
         pieces = [kernel.piece_vectors(part) for part in range(THREADS_PER_TOKEN)]
         assert sorted(v for piece in pieces for v in piece) == list(range(8))
-        assert all(second == first + 1 for first, second in pieces)
+        assert pieces == [(0, 1), (2, 3), (4, 5), (6, 7)]
