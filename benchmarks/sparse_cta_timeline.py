@@ -110,67 +110,62 @@ def stamped_kernel_class(stamps: Stamps):
 
     from flashmla_cute.kernels.sparse_pair_sm90 import CONSUMER_THREADS, WARPGROUP_THREADS, SparsePairDecodeSm90 as Pair
 
-    def first_thread():
-        tidx, _, _ = cute.arch.thread_idx()
-        return tidx == 0
+    # Each role's first thread, the one that stamps the role's points.
+    SCORES_THREAD, VALUES_THREAD, GATHER_THREAD = 0, WARPGROUP_THREADS, CONSUMER_THREADS
 
-    def first_gather_thread():
+    def thread_is(first):
         tidx, _, _ = cute.arch.thread_idx()
-        return tidx == CONSUMER_THREADS
-
-    def first_values_thread():
-        tidx, _, _ = cute.arch.thread_idx()
-        return tidx == WARPGROUP_THREADS
+        return tidx == first
 
     # No data-dependent control flow below: plain Python, traced inline into the kernel.
     class StampedPair(Pair):
         def start_q_load(self, *args):
-            stamps.stamp("entry", first_thread())
+            stamps.stamp("entry", thread_is(SCORES_THREAD))
             Pair.start_q_load(self, *args)
 
         def wait_for_peer(self):
             Pair.wait_for_peer(self)
-            stamps.stamp("setup done", first_thread())
+            stamps.stamp("setup done", thread_is(SCORES_THREAD))
 
         def consumer(self, scores, *args):
             Pair.consumer(self, scores, *args)
             if scores:
-                stamps.stamp("exit", first_thread())
+                stamps.stamp("exit", thread_is(SCORES_THREAD))
 
         def consume_scores(self, *args):
-            stamps.stamp("Q landed", first_thread())
+            stamps.stamp("Q landed", thread_is(SCORES_THREAD))
             Pair.consume_scores(self, *args)
-            stamps.stamp("steps done", first_thread())
+            stamps.stamp("steps done", thread_is(SCORES_THREAD))
 
         def wait_tile(self, *args):
             Pair.wait_tile(self, *args)
-            stamps.stamp("first tile full", first_thread(), first_only=True)
+            stamps.stamp("first tile full", thread_is(SCORES_THREAD), first_only=True)
 
         def write_row(self, *args):
-            stamps.stamp("rows start", first_thread(), first_only=True)
+            stamps.stamp("rows start", thread_is(SCORES_THREAD), first_only=True)
             Pair.write_row(self, *args)
 
         def consume_values(self, *args):
             Pair.consume_values(self, *args)
-            stamps.stamp("values steps done", first_values_thread())
+            stamps.stamp("values steps done", thread_is(VALUES_THREAD))
 
         def finish_pair(self, *args):
             Pair.finish_pair(self, *args)
-            stamps.stamp("epilogue done", first_thread())
-            stamps.stamp("values epilogue done", first_values_thread())
+            stamps.stamp("epilogue done", thread_is(SCORES_THREAD))
+            stamps.stamp("values epilogue done", thread_is(VALUES_THREAD))
 
         def gather(self, *args):
-            stamps.stamp("gather start", first_gather_thread())
+            stamps.stamp("gather start", thread_is(GATHER_THREAD))
             Pair.gather(self, *args)
-            stamps.stamp("gather end", first_gather_thread())
+            stamps.stamp("gather end", thread_is(GATHER_THREAD))
 
         def fetch(self, *args):
             Pair.fetch(self, *args)
-            stamps.stamp("first fetch out", first_gather_thread(), first_only=True)
+            stamps.stamp("first fetch out", thread_is(GATHER_THREAD), first_only=True)
 
         def unpack(self, *args, **kwargs):
             Pair.unpack(self, *args, **kwargs)
-            stamps.stamp("first tile unpacked", first_gather_thread(), first_only=True)
+            stamps.stamp("first tile unpacked", thread_is(GATHER_THREAD), first_only=True)
 
     return StampedPair
 
