@@ -81,6 +81,9 @@ CHUNK_BYTES = TOKENS * CHUNK_COLUMNS * BFloat16.width // 8  # a K tile's 64-colu
 P_READY, P_FREE, ROW_SUMS = 1, 2, 3
 WARP_TOKENS = cute.arch.WARP_SIZE // THREADS_PER_TOKEN  # 8: tokens a gather warp unpacks, one 8-row swizzle atom
 WARP_CHUNK_BYTES = WARP_TOKENS * CHUNK_COLUMNS * BFloat16.width // 8  # a warp's rows of a chunk: 1 KB in one run
+# send_rows copies a warp's rows of a chunk as one run: they are one swizzle atom (the
+# swizzle permutes vectors within a row only).
+assert WARP_TOKENS == utils.ATOM_ROWS, (WARP_TOKENS, utils.ATOM_ROWS)
 
 # Row statistics in shared memory, each HEAD_TILE floats: consumer 0's rescale factors of
 # a step; in the epilogue its row maxima and row sums.
