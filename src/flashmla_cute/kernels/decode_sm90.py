@@ -619,19 +619,16 @@ class MlaDecodeSm90:
             m0 = t.stats[r, STAT_M0]
             s0 = t.stats[r, STAT_S0]
             m1 = softmax.next_max(m0, t.block_max[i], scale_log2)
-            m1_scaled = softmax.scaled_max(m1, scale_log2)
-            s1 = softmax.rescale_factor(m0, m1_scaled, scale_log2)
+            s1 = softmax.rescale_factor(m0, softmax.scaled_max(m1, scale_log2), scale_log2)
             t.row_sum[i] = t.row_sum[i] * (s0 * s1)
-            if has_second:
-                t.row_sum[i] = t.row_sum[i] + softmax.exponentiate_row(t.s_rc, i, scale_log2, m1_scaled)
             if t.lane_writes_row:
                 t.stats[r, STAT_M1] = m1
                 t.stats[r, STAT_S1] = s1
             t.row_max[i] = m1
             t.next_scale[i] = s1
             t.o_scale[i] = s0
-        # m1 and s1 go first; P1 is stored while P0 V0_R runs (the left needs it only for
-        # its P1 V1_L, after its own rescale).
+        # m1 and s1 go first, before P1 is exponentiated: the left needs them (to free
+        # K0's lo half and rescale O_L) long before it needs P1.
         bars.right_stats.arrive()
         # O's rescale by s0 waits until the message is out: only P0 V0_R needs it.
         for i in cutlass.range_constexpr(num_rows):
@@ -639,7 +636,13 @@ class MlaDecodeSm90:
         kv.wait(first_state, self.hi)
         self.issue_pv(t.tiled_mma_o_ss, t, t.tOrP_ss, first_state, t.tOrV_ss, first_state)
         if has_second:
-            self.share_p(t, second_state)  # P1 for the left consumer
+            # P1 while P0 V0_R runs (it reads P0 and V0_R from shared memory, not S1's
+            # registers), both rows in one block so that their exponentials interleave;
+            # then stored for the left consumer's P1 V1_L.
+            for i in cutlass.range_constexpr(num_rows):
+                m1_scaled = softmax.scaled_max(t.row_max[i], scale_log2)
+                t.row_sum[i] = t.row_sum[i] + softmax.exponentiate_row(t.s_rc, i, scale_log2, m1_scaled)
+            self.share_p(t, second_state)
             bars.p1_shared.arrive()
         warpgroup.wait_group(0)
         kv.release(first_state, self.hi)
