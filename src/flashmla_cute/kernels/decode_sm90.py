@@ -32,9 +32,10 @@ Warp roles (384 threads):
   2     ``m0 = next(m, rowmax S0)``,
         ``s0 = exp(m - m0)``, ``P0 = exp(S0 - m0)``
         -> m0, s0, P0 to right
-  3     ``O_L = O_L s0 + P0 V0_L``              ``m1 = next(m0, rowmax S1)``, ``s1 = exp(m0 - m1)``,
-                                                ``P1 = exp(S1 - m1)`` -> m1, s1 to left
-  4                                             ``O_R = O_R s0 + P0 V0_R``; P1 to left
+  3     ``O_L = O_L s0 + P0 V0_L``              ``m1 = next(m0, rowmax S1)``, ``s1 = exp(m0 - m1)``
+                                                -> m1, s1 to left
+  4                                             ``O_R = O_R s0 + P0 V0_R``; meanwhile
+                                                ``P1 = exp(S1 - m1)`` -> P1 to left
   5     ``O_L = O_L s1 + P1 V1_L``              ``O_R = O_R s1 + P1 V1_R``
   ====  ======================================  ======================================
 
@@ -44,8 +45,9 @@ Warp roles (384 threads):
   Unlike FlashMLA's order, P0 travels unscaled (relative to m0) and the right consumer
   applies ``s1`` to O between its two MMAs, so P0 leaves the left consumer right after
   its softmax and the right consumer never waits on a second message from it. The right
-  consumer sends m1 and s1 before P1, which it stores while ``P0 V0_R`` runs: the three
-  products that close a pair then start as soon as its softmax is done.
+  consumer sends m1 and s1 as soon as it has them and issues ``P0 V0_R``; it
+  exponentiates P1 and stores it while that product runs, so that the left frees K0's
+  lo half and the tensor pipe gets ``P0 V0_R`` without waiting for P1.
   A consumer multiplies by its own P from registers; the other's P comes through shared
   memory, written into the 64 rope columns (512..575) of that block's K stage, which
   nothing reads once S of the block is done. V is the first 512 columns of the same
