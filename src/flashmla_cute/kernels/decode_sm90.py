@@ -602,8 +602,8 @@ class MlaDecodeSm90:
     def right_pair(self, t, bars, kv, q, pair, first_state, second_state, has_second, seqlen, mask_from, scale_log2):
         """The right consumer's part of a pair of blocks (K0, K1): ``S1 = Q K1^T``; with
         m0 and s0 from the left consumer, the softmax of S1 (m1 and s1 to the left
-        consumer, then P1, stored while ``P0 V0_R`` runs); ``O_R = (O_R s0 + P0 V0_R) s1 +
-        P1 V1_R``, P0 still relative to m0."""
+        consumer, then P1, exponentiated and stored while ``P0 V0_R`` runs);
+        ``O_R = (O_R s0 + P0 V0_R) s1 + P1 V1_R``, P0 still relative to m0."""
         num_rows = cute.size(t.s_rc, mode=[0])
         for i in cutlass.range_constexpr(num_rows):
             t.block_max[i] = -Float32.inf
