@@ -51,7 +51,8 @@ def test_combine_matches_torch_merge(requires_hopper, dtype, s_q, h_q, h_kv, len
     rows = s_q * hpk
     n_acc = b + num_parts
     dev = "cuda"
-    o_accum = torch.randn(n_acc, h_kv, rows, 512, generator=gen).to(dev)
+    # Partials are stored in the output's dtype (scheduler.PARTIAL_VALUE_BYTES).
+    o_accum = torch.randn(n_acc, h_kv, rows, 512, generator=gen).to(dev, dtype)
     lse_accum = (torch.randn(n_acc, h_kv, rows, generator=gen) * 5).to(dev)
     # Some fragments saw no key for some rows, and some rows saw none at all.
     lse_accum[torch.rand(lse_accum.shape, generator=gen).to(dev) < 0.2] = float("-inf")
@@ -62,7 +63,7 @@ def test_combine_matches_torch_merge(requires_hopper, dtype, s_q, h_q, h_kv, len
     out = torch.full((b, s_q, h_q, 512), sentinel, dtype=dtype, device=dev)
     lse = torch.full((b, h_q, s_q), sentinel, dtype=torch.float32, device=dev)
 
-    accum = torch.cat([o_accum.flatten(), lse_accum.flatten()])  # the decode kernel's workspace layout
+    accum = torch.cat([o_accum.flatten().view(torch.float32), lse_accum.flatten()])  # the decode kernel's workspace
     assert accum.numel() == scheduler.accumulator_elems(n_acc, h_kv, rows, 512)
     runtime.combine_fn(dtype, 512)(*CombineArgs(accum=accum, meta=meta, num_splits=num_splits, o=out, lse=lse,
                                                 heads_per_kv=hpk))

@@ -160,12 +160,20 @@ METADATA_INTS = 8
 BEGIN_BATCH, BEGIN_BLOCK, END_BATCH, END_BLOCK, BEGIN_SPLIT = range(5)
 
 
+PARTIAL_VALUE_BYTES = 2
+"""Bytes of one value of a split fragment's partial output: partials are stored in the
+output's 16-bit dtype (bf16 or fp16), their log-sum-exps in fp32. The partials' bytes,
+written by the decode kernel and read back by the merge, are what a split call pays for
+splitting; at 16 bits they are half of fp32's, for a second rounding of each partial
+(benchmarks/NOTES.md, "Partials in the output's dtype")."""
+
+
 def accumulator_elems(num_acc: int, h_kv: int, rows_per_kv: int, dv: int) -> int:
     """fp32 elements that hold the split fragments' partial results: ``num_acc = b +
-    num_parts`` rows of partial outputs ``[h_kv, rows_per_kv, dv]``, then as many rows
-    of their log-sum-exps ``[h_kv, rows_per_kv]`` (``kernels/utils.accumulators``
-    makes the two views)."""
-    return num_acc * h_kv * rows_per_kv * (dv + 1)
+    num_parts`` rows of partial outputs ``[h_kv, rows_per_kv, dv]`` of
+    ``PARTIAL_VALUE_BYTES`` each, then as many rows of their fp32 log-sum-exps ``[h_kv,
+    rows_per_kv]`` (``kernels/utils.accumulators`` makes the two views)."""
+    return num_acc * h_kv * rows_per_kv * (dv * PARTIAL_VALUE_BYTES // 4 + 1)
 
 
 def split_workspace_elems(b: int, num_parts: int, h_kv: int, rows_per_kv: int, dv: int) -> int:

@@ -1,8 +1,8 @@
 """Merging the partial results of split sequences into ``out`` and ``lse``.
 
 The decode kernel writes, for every fragment of a sequence that the scheduler split
-over several SM parts, the fragment's normalized fp32 output ``O_k`` and its
-log-sum-exp ``L_k`` (``-inf`` when the fragment saw no key of that row). The merged
+over several SM parts, the fragment's normalized output ``O_k`` (in the output's 16-bit
+dtype, ``scheduler.PARTIAL_VALUE_BYTES``) and its fp32 log-sum-exp ``L_k`` (``-inf`` when the fragment saw no key of that row). The merged
 result is ``out = sum_k exp(L_k - L) O_k`` with ``L = log(sum_k exp(L_k))``.
 
 Every split sequence is merged by ``MlaCombine``, a kernel launched right after the
@@ -28,8 +28,8 @@ from cutlass.cute.nvgpu import cpasync
 from ..scheduler import ROWS_PER_TILE
 from .utils import accumulators
 
-VEC = 4  # fp32 values per 16-byte load
-THREADS_PER_ROW = 128  # one row's 512 values, as 16-byte pieces
+VEC = 4  # partial values a thread loads at once (8 bytes): a row's piece
+THREADS_PER_ROW = 128  # one row's 512 values, as pieces of VEC
 COMBINE_FRAGMENT_GROUPS = 4  # thread groups of a combine CTA that read a row's fragments side by side
 COMBINE_THREADS = THREADS_PER_ROW * COMBINE_FRAGMENT_GROUPS
 # Fragments whose loads a thread of ``MlaCombine`` has in flight: its CTA of 512 threads
@@ -42,7 +42,7 @@ WARPS_PER_CTA = COMBINE_THREADS // 32
 WARP_ROW_FRAGMENTS = 4  # a sequence of at most this many fragments is merged a warp per row
 # The staged merge (``launch_staged``): a CTA's thread groups take a row each, and the
 # rows' fragments come into shared memory by bulk copies, STAGED_ROUND_FRAGMENTS of each
-# row at a time (4 rows x 16 fragments x 2 KB: 128 KB, one CTA an SM).
+# row at a time (4 rows x 16 fragments x 1 KB: 64 KB).
 STAGED_ROWS_PER_CTA = COMBINE_FRAGMENT_GROUPS
 STAGED_ROUND_FRAGMENTS = 16
 # Combine CTAs launched per CTA of the kernel that wrote the partials (``launch``'s
@@ -79,7 +79,7 @@ class MlaCombine:
     merge waits (``griddepcontrol.wait``), and CTA (0, 0, 0) always does, so that
     this kernel never completes before the one it depends on.
 
-    A CTA is ``COMBINE_FRAGMENT_GROUPS`` groups of 128 threads, each thread one 16-byte
+    A CTA is ``COMBINE_FRAGMENT_GROUPS`` groups of 128 threads, each thread one 8-byte
     piece of a row, summing fragments with a running maximum, ``FRAGS_IN_FLIGHT``
     fragments' loads at a time. A sequence of very few fragments (at most
     ``WARP_ROW_FRAGMENTS``) has each warp merge rows of its own; one of few (at most
@@ -112,7 +112,7 @@ class MlaCombine:
         rows = mO.shape[1] * heads_per_kv
         h_kv = mO.shape[2] // heads_per_kv
         num_acc = mO.shape[0] + mMeta.shape[0]
-        mOAccum, mLseAccum = accumulators(mAccum, num_acc, h_kv, rows, self.head_dim_v)
+        mOAccum, mLseAccum = accumulators(mAccum, num_acc, h_kv, rows, self.head_dim_v, self.dtype)
         num_m_tiles = (rows + ROWS_PER_TILE - 1) // ROWS_PER_TILE
         self.launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, mLse, Int32(0), heads_per_kv,
                     mMeta.shape[0] * num_m_tiles, CTAS_PER_DECODE_CTA, stream, False)
@@ -235,6 +235,7 @@ class MlaCombine:
                     k = first + k0 + f
                     lses[f] = mLseAccum[k, kv_head, row]
                     piece = cute.local_tile(mOAccum[k, kv_head, row, None], (VEC,), (piece_idx,)).load()
+                    piece = piece.to(Float32)
                     for e in cutlass.range_constexpr(VEC):
                         pieces[f, e] = piece[e]
             running_max, running_sum = fold_fragments(acc, running_max, running_sum, lses, pieces, k0, num_frags)
@@ -244,7 +245,7 @@ class MlaCombine:
     def merge_row_by_warp(self, mOAccum, mLseAccum, mO, mLse, mSink, has_sink, lane, batch, kv_head, row, first,
                           num_frags, heads_per_kv):
         """Merge one row of a sequence of at most ``WARP_ROW_FRAGMENTS`` fragments with one
-        warp: lane ``l`` takes the row's 16-byte pieces ``l, l + 32, ...``, and every
+        warp: lane ``l`` takes the row's 8-byte pieces ``l, l + 32, ...``, and every
         fragment's loads are issued at once (the slots past the last fragment are not
         read and weigh 0)."""
         pieces_per_lane = THREADS_PER_ROW // 32
@@ -258,6 +259,7 @@ class MlaCombine:
                 lses[f] = mLseAccum[k, kv_head, row]
                 for i in cutlass.range_constexpr(pieces_per_lane):
                     piece = cute.local_tile(mOAccum[k, kv_head, row, None], (VEC,), (lane + 32 * i,)).load()
+                    piece = piece.to(Float32)
                     for e in cutlass.range_constexpr(VEC):
                         pieces[f, i * VEC + e] = piece[e]
         acc = cute.make_rmem_tensor((pieces_per_lane * VEC,), Float32)
@@ -312,7 +314,7 @@ class MlaCombine:
         Grid ``(row blocks, h_kv, b)``: CTA ``(i, h, q)`` merges rows
         ``STAGED_ROWS_PER_CTA i ..`` of KV head ``h`` of sequence ``q`` (nothing where
         that sequence is whole), thread group ``g`` row ``g`` of them, a thread one
-        16-byte piece; CTA (0, 0, 0) always waits for the kernel before it."""
+        8-byte piece; CTA (0, 0, 0) always waits for the kernel before it."""
         rows = mOAccum.shape[2]
         row_blocks = (rows + STAGED_ROWS_PER_CTA - 1) // STAGED_ROWS_PER_CTA
         self.staged_kernel(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, heads_per_kv).launch(
@@ -326,20 +328,20 @@ class MlaCombine:
         tidx, _, _ = cute.arch.thread_idx()
         row_block, kv_head, batch = cute.arch.block_idx()
         dv = self.head_dim_v
-        row_bytes = dv * Float32.width // 8
+        row_bytes = dv * self.dtype.width // 8
 
         @cute.struct
         class Storage:
             landed: cute.struct.MemRange[cutlass.Int64, 1]
-            rows: cute.struct.Align[cute.struct.MemRange[Float32, STAGED_ROUND_FRAGMENTS * STAGED_ROWS_PER_CTA * dv],
-                                    128]
+            rows: cute.struct.Align[
+                cute.struct.MemRange[self.dtype, STAGED_ROUND_FRAGMENTS * STAGED_ROWS_PER_CTA * dv], 128]
 
         storage = cutlass.memory.SmemAllocator().allocate(Storage)
         landed = storage.landed.data_ptr()
         # (fragment of the round, row of the CTA, value)
         staged = storage.rows.get_tensor(cute.make_layout((STAGED_ROUND_FRAGMENTS, STAGED_ROWS_PER_CTA, dv),
                                                            stride=(STAGED_ROWS_PER_CTA * dv, dv, 1)))
-        row_copy = cute.make_copy_atom(cpasync.CopyBulkG2SOp(), Float32, num_bits_per_copy=dv * Float32.width)
+        row_copy = cute.make_copy_atom(cpasync.CopyBulkG2SOp(), self.dtype, num_bits_per_copy=dv * self.dtype.width)
         if tidx == 0:
             cute.arch.mbarrier_init(landed, 1)
         cute.arch.mbarrier_init_fence()
@@ -368,7 +370,7 @@ class MlaCombine:
                 if tidx < 32:
                     # The first warp: its first lane arms the barrier for the round's
                     # bytes, then every lane issues copies of its own, one (fragment,
-                    # row) of 2 KB each (bulk copies are not elected).
+                    # row) of 1 KB each (bulk copies are not elected).
                     if tidx == 0:
                         cute.arch.mbarrier_arrive_and_expect_tx(landed, round_frags * cta_rows * row_bytes)
                     cute.arch.sync_warp()
@@ -390,7 +392,7 @@ class MlaCombine:
                 if group < cta_rows:
                     for f in cutlass.range_constexpr(STAGED_ROUND_FRAGMENTS):
                         if f < round_frags:
-                            piece = cute.local_tile(staged[f, group, None], (VEC,), (piece_idx,)).load()
+                            piece = cute.local_tile(staged[f, group, None], (VEC,), (piece_idx,)).load().to(Float32)
                             for e in cutlass.range_constexpr(VEC):
                                 pieces[f, e] = piece[e]
                     running_max, running_sum = fold_fragments(acc, running_max, running_sum, lses, pieces, k0,

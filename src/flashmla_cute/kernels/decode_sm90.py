@@ -212,7 +212,7 @@ class MlaDecodeSm90:
         row_stride = mQ.layout.stride[2]
         num_acc = mO.shape[0] + mMeta.shape[0]
         num_m_tiles = (rows_per_kv + TILE_M - 1) // TILE_M
-        mOAccum, mLseAccum = accumulators(mAccum, num_acc, num_kv_heads, rows_per_kv, dv)
+        mOAccum, mLseAccum = accumulators(mAccum, num_acc, num_kv_heads, rows_per_kv, dv, dtype)
 
         # TMA views: (rows, d, h_kv, b) for Q and (token, d, h_kv, page) for K.
         q_tma_src = cute.make_tensor(
@@ -682,8 +682,8 @@ class MlaDecodeSm90:
     @cute.jit
     def finish_batch(self, wg: cutlass.Constexpr, t, bars, work: CtaWork, batch, seqlen):
         """The batch's epilogue: total row sums (each consumer summed its own blocks),
-        normalize, store the output, or the fragment's fp32 partial for the combine
-        kernel when the sequence was split."""
+        normalize, store the output, or the fragment's partial (in the output's dtype)
+        for the combine kernel when the sequence was split."""
         mNumSplits, mO, mLse, mOAccum, mLseAccum = work.mNumSplits, work.mO, work.mLse, work.mOAccum, work.mLseAccum
         heads_per_kv, kv_head = work.heads_per_kv, work.kv_head
         num_rows = cute.size(t.s_rc, mode=[0])
@@ -722,7 +722,7 @@ class MlaDecodeSm90:
                         mLse[batch, head, s] = lse
                 else:
                     utils.store_acc_row(t.o_rc, t.coord_o, i, inv, mOAccum[split_idx, kv_head, row, None],
-                                        wg * self.dv_per_wg, Float32)
+                                        wg * self.dv_per_wg, self.dtype)
                     if wg == 0 and t.lane_writes_row:
                         mLseAccum[split_idx, kv_head, row] = lse
         # Nobody may overwrite the sums before both consumers read them.

@@ -45,7 +45,7 @@ instead::
 Split over topk (``sparse_plan``, from shapes alone): the first ``whole_batches``
 sequences' tiles get one CTA each, launched first; the other sequences' tiles are shared
 by ``topk_splits`` CTAs each, which take equal shares of the steps (of both caches) and
-write fp32 partials, merged by the combine kernel (``combine.py``, launched as this
+write bf16 partials, merged by the combine kernel (``combine.py``, launched as this
 kernel's programmatic dependent). The grid is one-dimensional: CTA ``x`` finds its
 sequence, tile and share in ``work_of``.
 
@@ -179,7 +179,7 @@ class SparseDecodeSm90:
         mSink: cute.Tensor,  # (h_q,) fp32, or any one float when has_sink == 0
         mO: cute.Tensor,  # (b, s_q, h_q, 512) bf16
         mLse: cute.Tensor,  # (b, h_q, s_q) fp32
-        mAccum: cute.Tensor,  # fp32 partials of the split sequences' fragments (utils.accumulators)
+        mAccum: cute.Tensor,  # partials of the split sequences' fragments (utils.accumulators)
         mNumSplits: cute.Tensor,  # (b + 1,) int32: sparse_plan.SparsePlan.fragment_offsets
         softmax_scale: Float32,
         has_topk_length: Int32,
@@ -221,7 +221,7 @@ class SparseDecodeSm90:
         # The partials of fragment k of split sequence i at index mNumSplits[i] + k, as
         # one KV head of s_q * h_q rows (row s * h_q + h), the layout the combine kernel reads.
         num_fragments = whole_batches + (b - whole_batches) * topk_splits
-        mOAccum, mLseAccum = utils.accumulators(mAccum, num_fragments, 1, s_q * h_q, DV)
+        mOAccum, mLseAccum = utils.accumulators(mAccum, num_fragments, 1, s_q * h_q, DV, BFloat16)
         num_ctas = num_fragments * s_q * head_tiles
         # Each cache's page size as a divisor made here, on the host: the kernel divides
         # a cache position by it with a multiply and shifts (``token_bytes``).
@@ -561,13 +561,12 @@ class SparseDecodeSm90:
     def finish(self, t, storage, tidx, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment,
                batch, s, head0, h_q):
         """The epilogue: the row sums of both warpgroups; the output (with the sink) or,
-        when the query token's topk is split, this fragment's fp32 partial (lse -inf when
-        it saw no valid token).
+        when the query token's topk is split, this fragment's partial in bf16 (lse -inf
+        when it saw no valid token).
 
-        Where ``Arrangement.stage_output_rows``, the output's rows go through shared memory
-        (``utils.copy_rows``): from the accumulators a bf16 pair is 4 bytes, so a store
-        instruction writes half a sector in each of 8 rows. The partials' fp32 pairs
-        fill whole sectors and are stored from the accumulators."""
+        Where ``Arrangement.stage_output_rows``, the output's or the partial's rows go
+        through shared memory (``utils.copy_rows``): from the accumulators a bf16 pair
+        is 4 bytes, so a store instruction writes half a sector in each of 8 rows."""
         num_rows = cute.size(t.s_rc, mode=[0])
         for i in cutlass.range_constexpr(num_rows):
             total = utils.quad_sum(t.row_sum[i])
@@ -582,17 +581,28 @@ class SparseDecodeSm90:
             self.write_row(t, i, total, t.row_max[i], staged_out, self.arrangement.stage_output_rows, mO, mLse,
                            mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment, batch, s, head0, h_q)
         if const_expr(self.arrangement.stage_output_rows):
-            if splits == 1:
-                cute.arch.sync_threads()
-                utils.copy_rows(staged_out, lambda r: mO[batch, s, head0 + r, None],
-                                cutlass.min(h_q - head0, HEAD_TILE), tidx, THREADS)
+            cute.arch.sync_threads()
+            self.copy_staged_rows(staged_out, mO, mOAccum, splits, fragment, batch, s, head0, h_q, tidx, THREADS)
+
+    @cute.jit
+    def copy_staged_rows(self, staged_out, mO, mOAccum, splits, fragment, batch, s, head0, h_q, tidx,
+                         threads: cutlass.Constexpr):
+        """The rows that ``write_row`` staged, out whole (``utils.copy_rows``): into the
+        output, or this fragment's partial rows where the query token is split."""
+        num_rows = cutlass.min(h_q - head0, HEAD_TILE)
+        if splits == 1:
+            utils.copy_rows(staged_out, lambda r: mO[batch, s, head0 + r, None], num_rows, tidx, threads)
+        else:
+            utils.copy_rows(staged_out, lambda r: mOAccum[fragment, 0, s * h_q + head0 + r, None], num_rows, tidx,
+                            threads)
 
     @cute.jit
     def write_row(self, t, i, total, row_max, staged_out, staged: bool, mO, mLse, mOAccum, mLseAccum, mSink,
                   softmax_scale, has_sink, splits, fragment, batch, s, head0, h_q):
         """This thread's part of row ``i`` of its warpgroup's O, divided by the row's
-        ``total`` (of P), into the output (with the sink; into ``staged_out`` where
-        ``staged``) or this fragment's fp32 partial; warpgroup 0 writes the row's lse."""
+        ``total`` (of P), into the output (with the sink) or this fragment's bf16
+        partial, either into ``staged_out`` where ``staged``; warpgroup 0 writes the
+        row's lse."""
         r = t.coord_o[i, 0][0]
         head = head0 + r
         col0 = t.wg * (DV // NUM_WARPGROUPS)
@@ -618,7 +628,10 @@ class SparseDecodeSm90:
                     mLse[batch, head, s] = lse
             else:
                 row = s * h_q + head
-                utils.store_acc_row(t.o_rc, t.coord_o, i, inv, mOAccum[fragment, 0, row, None], col0, Float32)
+                partial_row = mOAccum[fragment, 0, row, None]
+                if const_expr(staged):
+                    partial_row = staged_out[r, None]
+                utils.store_acc_row(t.o_rc, t.coord_o, i, inv, partial_row, col0, BFloat16)
                 if writes_lse:
                     mLseAccum[fragment, 0, row] = lse
 

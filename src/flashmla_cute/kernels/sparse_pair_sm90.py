@@ -437,7 +437,7 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
     def finish_pair(self, t, storage, tidx, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits,
                     fragment, batch, s, head0, h_q):
         """The epilogue: consumer 0 publishes each row's sum and maximum; both write
-        their half of O (``write_row``). The output's rows go through shared memory
+        their half of O (``write_row``). The output's or the partial's rows go through shared memory
         (the K buffers: after the last step nothing reads them, and the peer's gatherer,
         whose steps are this CTA's, has nothing more to store), then out whole
         (``utils.copy_rows``): stored from the accumulators, a bf16 pair is half a
@@ -456,10 +456,8 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
             r = t.coord_o[i, 0][0]
             self.write_row(t, i, t.row_stats[r, STAT_SUM], t.row_stats[r, STAT_MAX], staged_out, True, mO, mLse,
                            mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits, fragment, batch, s, head0, h_q)
-        if splits == 1:
-            cute.arch.barrier(barrier_id=ROW_SUMS, number_of_threads=CONSUMER_THREADS)  # every row staged
-            utils.copy_rows(staged_out, lambda r: mO[batch, s, head0 + r, None], cutlass.min(h_q - head0, HEAD_TILE),
-                            tidx, CONSUMER_THREADS)
+        cute.arch.barrier(barrier_id=ROW_SUMS, number_of_threads=CONSUMER_THREADS)  # every row staged
+        self.copy_staged_rows(staged_out, mO, mOAccum, splits, fragment, batch, s, head0, h_q, tidx, CONSUMER_THREADS)
 
     @cute.jit
     def gather(self, k_tiles, pair, caches, steps_args, sK, token_valid, gather_tidx):

@@ -7,6 +7,8 @@ from cutlass import Float32
 from cutlass.cute.nvgpu import cpasync
 from cutlass.tensor_utils import LayoutEnum
 
+from ..scheduler import PARTIAL_VALUE_BYTES
+
 # L2 eviction-priority hints for TMA loads (CUTLASS's CacheHintSm90 values).
 TMA_EVICT_FIRST = 0x12F0000000000000
 TMA_EVICT_NORMAL = 0x1000000000000000
@@ -120,17 +122,21 @@ def acc_as_operand_a(acc_layout: cute.Layout) -> cute.Layout:
 
 
 @cute.jit
-def accumulators(mAccum: cute.Tensor, num_acc, h_kv, rows, dv: cutlass.Constexpr):
+def accumulators(mAccum: cute.Tensor, num_acc, h_kv, rows, dv: cutlass.Constexpr, partial_dtype: cutlass.Constexpr):
     """Views of the one fp32 split workspace (``scheduler.split_workspace_elems``) as
-    the partial outputs ``(num_acc, h_kv, rows, dv)`` followed by their log-sum-exps
-    ``(num_acc, h_kv, rows)``; ``num_acc = b + num_parts`` bounds the fragments."""
+    the partial outputs ``(num_acc, h_kv, rows, dv)`` in ``partial_dtype`` (the output's
+    16-bit dtype, ``scheduler.PARTIAL_VALUE_BYTES``) followed by their fp32
+    log-sum-exps ``(num_acc, h_kv, rows)``; ``num_acc = b + num_parts`` bounds the
+    fragments."""
+    assert partial_dtype.width == PARTIAL_VALUE_BYTES * 8, "partials are stored in the output's 16-bit dtype"
     o_elems = num_acc * h_kv * rows * dv
     o_accum = cute.make_tensor(
-        mAccum.iterator,
+        cute.recast_ptr(mAccum.iterator, dtype=partial_dtype),
         cute.make_layout((num_acc, h_kv, rows, dv), stride=(h_kv * rows * dv, rows * dv, dv, 1)),
     )
+    # dv is even, so the partial outputs end on an fp32 element.
     lse_accum = cute.make_tensor(
-        mAccum.iterator + o_elems,
+        mAccum.iterator + o_elems * partial_dtype.width // Float32.width,
         cute.make_layout((num_acc, h_kv, rows), stride=(h_kv * rows, rows, 1)),
     )
     return o_accum, lse_accum
