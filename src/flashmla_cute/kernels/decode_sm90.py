@@ -710,8 +710,8 @@ class MlaDecodeSm90:
             if seqlen > table_tokens:
                 inv = Float32.nan
                 lse = Float32.nan
-            if row < rows_per_kv:
-                if num_frags == 1:
+            if num_frags == 1:
+                if row < rows_per_kv:
                     if total == 0.0:
                         lse = Float32.inf  # no visible key: FlashMLA's convention
                     s = row // heads_per_kv
@@ -720,11 +720,12 @@ class MlaDecodeSm90:
                                         self.dtype)
                     if wg == 0 and t.lane_writes_row:
                         mLse[batch, head, s] = lse
-                else:
-                    utils.store_acc_row(t.o_rc, t.coord_o, i, inv, mOAccum[split_idx, kv_head, row, None],
-                                        wg * self.dv_per_wg, self.dtype)
-                    if wg == 0 and t.lane_writes_row:
-                        mLseAccum[split_idx, kv_head, row] = lse
+            else:
+                # Every lane stores (its shuffles), the rows past the query's only where valid.
+                utils.store_acc_row_sectors(t.o_rc, t.coord_o, i, inv, mOAccum[split_idx, kv_head, row, None],
+                                            wg * self.dv_per_wg, self.dtype, row < rows_per_kv)
+                if wg == 0 and t.lane_writes_row and row < rows_per_kv:
+                    mLseAccum[split_idx, kv_head, row] = lse
         # Nobody may overwrite the sums before both consumers read them.
         bars.sums.arrive_and_wait()
 

@@ -3,7 +3,7 @@
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import Float32
+from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import cpasync
 from cutlass.tensor_utils import LayoutEnum
 
@@ -153,6 +153,40 @@ def store_acc_row(o_rc, coord_o, i: cutlass.Constexpr, scale, dst_row: cute.Tens
         pair[1] = (o_rc[i, 2 * jj + 1] * scale).to(dtype)
         col = col0 + coord_o[i, 2 * jj][1]
         cute.autovec_copy(pair, cute.local_tile(dst_row, (2,), (col // 2,)))
+
+
+@cute.jit
+def store_acc_row_sectors(o_rc, coord_o, i: cutlass.Constexpr, scale, dst_row: cute.Tensor, col0,
+                          dtype: cutlass.Constexpr, valid):
+    """``store_acc_row`` into global memory for a 16-bit ``dtype``, each 32-byte sector
+    of the row written whole by one store instruction of a quad.
+
+    A quad's pairs of one column group (``8j .. 8j + 7``) are half a sector, so pair
+    stores write every sector in two halves, and L2 reads a half-written sector's other
+    half from DRAM (benchmarks/NOTES.md, "Partials in the output's dtype": that read,
+    not the bytes, set the split h_q 128 cases' epilogue). Here the quad's two
+    neighbouring groups (one sector, 16 columns) are exchanged between neighbouring
+    threads in one shuffle: an even thread sends its pair of the second group and an
+    odd one its pair of the first, so that each holds 4 consecutive values, which it
+    stores with one 8-byte store. Every lane of the warp must call it (the shuffles);
+    only where ``valid`` (the same in a quad: its threads share their rows) is
+    ``dst_row`` written."""
+    odd = cute.arch.lane_idx() % 2
+    for m in cutlass.range_constexpr(cute.size(o_rc, mode=[1]) // 4):
+        values = cute.make_rmem_tensor((4,), dtype)
+        for e in cutlass.range_constexpr(4):
+            values[e] = (o_rc[i, 4 * m + e] * scale).to(dtype)
+        pairs = cute.recast_tensor(values, Int32)  # this thread's pair of each group
+        first, second = pairs[0], pairs[1]
+        got = cute.arch.shuffle_sync_bfly(Int32(cutlass.select_(odd != 0, first, second)), offset=1)
+        run = cute.make_rmem_tensor((2,), Int32)
+        run[0] = Int32(cutlass.select_(odd != 0, got, first))
+        run[1] = Int32(cutlass.select_(odd != 0, second, got))
+        # Quad lanes 0-3 now hold the sector's values 0-3, 8-11, 4-7, 12-15: lane q's
+        # run starts 6 values past its first pair's column where q is odd.
+        col = col0 + coord_o[i, 4 * m][1] + 6 * odd
+        if valid:
+            cute.autovec_copy(cute.recast_tensor(run, dtype), cute.local_tile(dst_row, (4,), (col // 4,)))
 
 
 STAGED_ROW_PAD_BYTES = 16
