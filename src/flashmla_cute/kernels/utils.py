@@ -172,21 +172,28 @@ def store_acc_row_sectors(o_rc, coord_o, i: cutlass.Constexpr, scale, dst_row: c
     only where ``valid`` (the same in a quad: its threads share their rows) is
     ``dst_row`` written."""
     odd = cute.arch.lane_idx() % 2
-    for m in cutlass.range_constexpr(cute.size(o_rc, mode=[1]) // 4):
+    # Quad lanes 0-3 end with the sector's values 0-3, 8-11, 4-7, 12-15: lane q's run
+    # starts 6 values past its first pair's column where q is odd. Its run of sector m
+    # is 16 m columns further (its pairs sit at 8 j + 2 q), so the run's index is
+    # worked out once a row and the stores' addresses differ by constants.
+    first_run = (col0 + coord_o[i, 0][1] + 6 * odd) // 4
+    num_sectors = cute.size(o_rc, mode=[1]) // 4
+    runs = cute.make_rmem_tensor((2, num_sectors), Int32)  # run m: runs[None, m], contiguous
+    for m in cutlass.range_constexpr(num_sectors):
         values = cute.make_rmem_tensor((4,), dtype)
         for e in cutlass.range_constexpr(4):
             values[e] = (o_rc[i, 4 * m + e] * scale).to(dtype)
         pairs = cute.recast_tensor(values, Int32)  # this thread's pair of each group
         first, second = pairs[0], pairs[1]
         got = cute.arch.shuffle_sync_bfly(Int32(cutlass.select_(odd != 0, first, second)), offset=1)
-        run = cute.make_rmem_tensor((2,), Int32)
-        run[0] = Int32(cutlass.select_(odd != 0, got, first))
-        run[1] = Int32(cutlass.select_(odd != 0, second, got))
-        # Quad lanes 0-3 now hold the sector's values 0-3, 8-11, 4-7, 12-15: lane q's
-        # run starts 6 values past its first pair's column where q is odd.
-        col = col0 + coord_o[i, 4 * m][1] + 6 * odd
-        if valid:
-            cute.autovec_copy(cute.recast_tensor(run, dtype), cute.local_tile(dst_row, (4,), (col // 4,)))
+        runs[0, m] = Int32(cutlass.select_(odd != 0, got, first))
+        runs[1, m] = Int32(cutlass.select_(odd != 0, second, got))
+    # One branch around all the row's stores (one per store repeated the address's
+    # arithmetic in each).
+    if valid:
+        for m in cutlass.range_constexpr(num_sectors):
+            cute.autovec_copy(cute.recast_tensor(runs[None, m], dtype),
+                              cute.local_tile(dst_row, (4,), (first_run + 4 * m,)))
 
 
 STAGED_ROW_PAD_BYTES = 16
