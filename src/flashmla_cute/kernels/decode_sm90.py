@@ -711,15 +711,15 @@ class MlaDecodeSm90:
                 inv = Float32.nan
                 lse = Float32.nan
             if num_frags == 1:
-                if row < rows_per_kv:
-                    if total == 0.0:
-                        lse = Float32.inf  # no visible key: FlashMLA's convention
-                    s = row // heads_per_kv
-                    head = kv_head * heads_per_kv + (row - s * heads_per_kv)
-                    utils.store_acc_row(t.o_rc, t.coord_o, i, inv, mO[batch, s, head, None], wg * self.dv_per_wg,
-                                        self.dtype)
-                    if wg == 0 and t.lane_writes_row:
-                        mLse[batch, head, s] = lse
+                if total == 0.0:
+                    lse = Float32.inf  # no visible key: FlashMLA's convention
+                s = row // heads_per_kv
+                head = kv_head * heads_per_kv + (row - s * heads_per_kv)
+                # Every lane stores (its shuffles), the rows past the query's only where valid.
+                utils.store_acc_row_sectors(t.o_rc, t.coord_o, i, inv, mO[batch, s, head, None], wg * self.dv_per_wg,
+                                            self.dtype, row < rows_per_kv)
+                if wg == 0 and t.lane_writes_row and row < rows_per_kv:
+                    mLse[batch, head, s] = lse
             else:
                 # Every lane stores (its shuffles), the rows past the query's only where valid.
                 utils.store_acc_row_sectors(t.o_rc, t.coord_o, i, inv, mOAccum[split_idx, kv_head, row, None],
