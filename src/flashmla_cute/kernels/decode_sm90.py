@@ -95,6 +95,10 @@ CHUNK = utils.ATOM_COLUMNS  # columns per TMA copy and per 128-byte swizzle atom
 ATOM_ROWS = utils.ATOM_ROWS
 STREAM_BLOCKS = 32  # K tiles: a run this long of one sequence is a stream (k_cache_policy)
 
+# An output or partial row's start: both tensors are compiled as 16-byte aligned, with
+# strides in whole 16-byte units (compile.py), and a row is dv values.
+ROW_ALIGN_BYTES = 16
+
 # Row statistics in shared memory, each TILE_M floats.
 STAT_M0, STAT_S0, STAT_M1, STAT_S1, STAT_SUM_L, STAT_SUM_R = range(6)
 NUM_STATS = 6
@@ -710,21 +714,25 @@ class MlaDecodeSm90:
             if seqlen > table_tokens:
                 inv = Float32.nan
                 lse = Float32.nan
-            if num_frags == 1:
-                if total == 0.0:
-                    lse = Float32.inf  # no visible key: FlashMLA's convention
-                s = row // heads_per_kv
-                head = kv_head * heads_per_kv + (row - s * heads_per_kv)
-                # Every lane stores (its shuffles), the rows past the query's only where valid.
-                utils.store_acc_row_sectors(t.o_rc, t.coord_o, i, inv, mO[batch, s, head, None], wg * self.dv_per_wg,
-                                            self.dtype, row < rows_per_kv)
-                if wg == 0 and t.lane_writes_row and row < rows_per_kv:
+            s = row // heads_per_kv
+            head = kv_head * heads_per_kv + (row - s * heads_per_kv)
+            whole = num_frags == 1
+            # The output's row or the fragment's partial row, through one copy of the
+            # store's code (a CTA of few blocks runs its epilogue's code cold). Every
+            # lane stores (its shuffles), the rows past the query's only where valid.
+            dst_addr = cutlass.select_(whole, mO[batch, s, head, None].iterator.toint(),
+                                       mOAccum[split_idx, kv_head, row, None].iterator.toint())
+            dst_row = cute.make_tensor(
+                cute.make_ptr(self.dtype, Int64(dst_addr), cute.AddressSpace.gmem, assumed_align=ROW_ALIGN_BYTES),
+                cute.make_layout((mO.shape[3],)))
+            utils.store_acc_row_sectors(t.o_rc, t.coord_o, i, inv, dst_row, wg * self.dv_per_wg, self.dtype,
+                                        row < rows_per_kv)
+            if wg == 0 and t.lane_writes_row and row < rows_per_kv:
+                if whole:
+                    if total == 0.0:
+                        lse = Float32.inf  # no visible key: FlashMLA's convention
                     mLse[batch, head, s] = lse
-            else:
-                # Every lane stores (its shuffles), the rows past the query's only where valid.
-                utils.store_acc_row_sectors(t.o_rc, t.coord_o, i, inv, mOAccum[split_idx, kv_head, row, None],
-                                            wg * self.dv_per_wg, self.dtype, row < rows_per_kv)
-                if wg == 0 and t.lane_writes_row and row < rows_per_kv:
+                else:
                     mLseAccum[split_idx, kv_head, row] = lse
         # Nobody may overwrite the sums before both consumers read them.
         bars.sums.arrive_and_wait()
