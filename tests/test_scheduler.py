@@ -302,3 +302,13 @@ def test_plan_follows_the_tensor_device_and_dtype():
 )
 def test_num_sm_parts(num_sms, rows, h_kv, expected):
     assert scheduler.num_sm_parts(num_sms, rows, h_kv) == expected
+
+
+def test_split_workspace_holds_16_bit_partials_then_fp32_log_sum_exps():
+    # The kernels view one fp32 workspace as partial outputs of PARTIAL_VALUE_BYTES each
+    # (the output's dtype), then one fp32 log-sum-exp per partial row.
+    b, num_parts, h_kv, rows, dv = 3, 5, 2, 24, 512
+    values = scheduler.split_workspace_values(b, num_parts, h_kv, rows, dv)
+    assert values == (b + num_parts) * h_kv * rows * dv
+    elems = scheduler.split_workspace_elems(b, num_parts, h_kv, rows, dv)
+    assert elems * 4 == values * scheduler.PARTIAL_VALUE_BYTES + (b + num_parts) * h_kv * rows * 4

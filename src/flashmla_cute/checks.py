@@ -274,11 +274,11 @@ def check_decode_args(
 
     heads_per_kv = h_q // h_kv
     num_parts = meta.shape[0]
-    elems = scheduler.split_workspace_elems(b, num_parts, h_kv, s_q * heads_per_kv, dv)
-    if elems > _INT32_MAX:
+    values = scheduler.split_workspace_values(b, num_parts, h_kv, s_q * heads_per_kv, dv)
+    if values > _INT32_MAX:
         raise ValueError(
             f"the split-KV workspace for b={b}, {num_parts} SM parts and s_q * h_q = {s_q * h_q} "
-            f"would hold {elems} values, more than the kernels index (2**31 - 1): split the batch"
+            f"would hold {values} values, more than the kernels index (2**31 - 1): split the batch"
         )
     return DecodeProblem(
         b=b,

@@ -42,7 +42,7 @@ class SparseDecodeArgs(NamedTuple):
     sink: Any  # [h_q] float32, or a one-element stand-in when has_sink is 0
     o: Any  # [b, s_q, h_q, 512] bf16
     lse: Any  # [b, h_q, s_q] float32
-    accum: Any  # the split sequences' fp32 partials
+    accum: Any  # the split sequences' partials (scheduler.accumulator_elems float32)
     num_splits: Any  # [b + 1] int32: sparse_plan.SparsePlan.fragment_offsets
     softmax_scale: Any  # float
     has_topk_length: Any  # int, 0 or 1

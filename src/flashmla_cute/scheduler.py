@@ -176,6 +176,12 @@ def accumulator_elems(num_acc: int, h_kv: int, rows_per_kv: int, dv: int) -> int
     return num_acc * h_kv * rows_per_kv * (dv * PARTIAL_VALUE_BYTES // 4 + 1)
 
 
+def split_workspace_values(b: int, num_parts: int, h_kv: int, rows_per_kv: int, dv: int) -> int:
+    """The partial output values of the decode kernel's split workspace, the most that its
+    kernels index (with 32-bit integers)."""
+    return (b + num_parts) * h_kv * rows_per_kv * dv
+
+
 def split_workspace_elems(b: int, num_parts: int, h_kv: int, rows_per_kv: int, dv: int) -> int:
     """Size of the decode kernel's split workspace in fp32 elements: the partial results
     of up to ``b + num_parts - 1`` fragments (``accumulator_elems``)."""

@@ -49,7 +49,7 @@ class SparseLaunch(NamedTuple):
     layout: fp8_cache.Fp8Layout
     out_shape: tuple  # (b, s_q, h_q, 512)
     lse_shape: tuple  # (b, h_q, s_q)
-    accum_elems: int  # fp32 partials of the split query tokens' fragments
+    accum_elems: int  # the split query tokens' fragments' partials (scheduler.accumulator_elems)
     num_splits: torch.Tensor  # the combine kernel's fragment offsets (SparsePlan.fragment_offsets)
     plan: SparsePlan
     num_sms: int

@@ -5,8 +5,8 @@ tiles of a part read the same K tiles, and side by side they fetch each from L2 
 once (three times less L2 traffic at h_q 128, s_q 2). A CTA walks the contiguous range of
 (batch, 64-token block) work that the scheduler gave its part (see ``scheduler.py``),
 and for each batch in that range runs flash-attention's online softmax over its blocks,
-then writes either the final output or, when the sequence was split across parts, an
-fp32 partial (O, LSE). Split sequences are merged by the combine kernel, launched by
+then writes either the final output or, when the sequence was split across parts, a
+partial (O in the output's dtype, its LSE in fp32). Split sequences are merged by the combine kernel, launched by
 the same host call as this kernel's programmatic dependent, which spreads the merge over
 many SMs (see ``combine.py``).
 
@@ -126,7 +126,7 @@ class ConsumerTensors(SplitOFragments):
 class CtaWork:
     """What one CTA decodes and where its results go: the lengths, page table and plan
     it reads, its SM part, KV head and query tile, and the outputs it writes (the final
-    output and log-sum-exp of a whole sequence, fp32 partials of a split one)."""
+    output and log-sum-exp of a whole sequence, the partials of a split one)."""
 
     mSeqlens: cute.Tensor  # (b,) int32
     mBlockTable: cute.Tensor  # (b, max_blocks) int32
@@ -687,7 +687,8 @@ class MlaDecodeSm90:
     def finish_batch(self, wg: cutlass.Constexpr, t, bars, work: CtaWork, batch, seqlen):
         """The batch's epilogue: total row sums (each consumer summed its own blocks),
         normalize, store the output, or the fragment's partial (in the output's dtype)
-        for the combine kernel when the sequence was split."""
+        for the combine kernel when the sequence was split; either row whole sectors at
+        a time (``utils.store_acc_row_sectors``)."""
         mNumSplits, mO, mLse, mOAccum, mLseAccum = work.mNumSplits, work.mO, work.mLse, work.mOAccum, work.mLseAccum
         heads_per_kv, kv_head = work.heads_per_kv, work.kv_head
         num_rows = cute.size(t.s_rc, mode=[0])

@@ -134,9 +134,10 @@ def accumulators(mAccum: cute.Tensor, num_acc, h_kv, rows, dv: cutlass.Constexpr
         cute.recast_ptr(mAccum.iterator, dtype=partial_dtype),
         cute.make_layout((num_acc, h_kv, rows, dv), stride=(h_kv * rows * dv, rows * dv, dv, 1)),
     )
-    # dv is even, so the partial outputs end on an fp32 element.
+    # dv is even, so the partial outputs end on an fp32 element (divided, not multiplied
+    # by the widths: o_elems may be near the 32-bit limit).
     lse_accum = cute.make_tensor(
-        mAccum.iterator + o_elems * partial_dtype.width // Float32.width,
+        mAccum.iterator + o_elems // (Float32.width // partial_dtype.width),
         cute.make_layout((num_acc, h_kv, rows), stride=(h_kv * rows, rows, 1)),
     )
     return o_accum, lse_accum
