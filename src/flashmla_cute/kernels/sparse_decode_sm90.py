@@ -612,8 +612,8 @@ class SparseDecodeSm90:
         if total > 0.0:
             lse = row_max * softmax_scale + cute.math.log(total, fastmath=False)
             inv = cute.arch.rcp_approx(total)
-        if splits == 1:
-            if head < h_q:
+        if head < h_q:
+            if splits == 1:
                 factor = inv
                 if (total > 0.0) & (has_sink != 0):
                     # exp(lse) / (exp(lse) + exp(sink)): +inf sink gives 0, -inf leaves 1.
@@ -626,17 +626,14 @@ class SparseDecodeSm90:
                 utils.store_acc_row(t.o_rc, t.coord_o, i, factor, out_row, col0, BFloat16)
                 if writes_lse:
                     mLse[batch, head, s] = lse
-        else:
-            row = s * h_q + head
-            if const_expr(staged):
-                if head < h_q:
-                    utils.store_acc_row(t.o_rc, t.coord_o, i, inv, staged_out[r, None], col0, BFloat16)
             else:
-                # Every lane stores (its shuffles), the rows past h_q only where valid.
-                utils.store_acc_row_sectors(t.o_rc, t.coord_o, i, inv, mOAccum[fragment, 0, row, None], col0,
-                                            BFloat16, head < h_q)
-            if writes_lse & (head < h_q):
-                mLseAccum[fragment, 0, row] = lse
+                row = s * h_q + head
+                partial_row = mOAccum[fragment, 0, row, None]
+                if const_expr(staged):
+                    partial_row = staged_out[r, None]
+                utils.store_acc_row(t.o_rc, t.coord_o, i, inv, partial_row, col0, BFloat16)
+                if writes_lse:
+                    mLseAccum[fragment, 0, row] = lse
 
     @cute.jit
     def load_q(self, mQ, sQ, tidx, batch, s, head0, h_q):
