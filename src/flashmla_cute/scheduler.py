@@ -75,7 +75,7 @@ covered whole; the fragment of every batch after the first starts at split numbe
 
 ``num_splits``: int32 ``[b + 1]``, the exclusive prefix sum of the number of fragments
 of each sequence: sequence ``i`` is cut into ``num_splits[i + 1] - num_splits[i]``
-fragments (>= 1), whose partial results live at rows ``num_splits[i] + k`` of the fp32
+fragments (>= 1), whose partial results live at rows ``num_splits[i] + k`` of the
 accumulators (``k`` the fragment number). A sequence with one fragment is written to
 the output directly by the decode kernel; the others are merged by the combine kernel.
 There are at most ``b + num_sm_parts - 1`` fragments in all: a part splits at most one
