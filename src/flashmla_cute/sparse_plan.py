@@ -34,8 +34,8 @@ MERGE_COST_STEPS = 2.0
 MERGE_STEPS_PER_FRAGMENT = 1 / 32
 """The combine kernel's cost per fragment, in steps: a fragment's 64 x 512 partial
 written and read again, at about 3 TB/s over the whole GPU. Measured with fp32 partials
-(128 KB); the 16-bit ones of now (``scheduler.PARTIAL_VALUE_BYTES``) take half, and the
-plans were left as measured."""
+(128 KB); the 16-bit ones (``scheduler.PARTIAL_VALUE_BYTES``) take half, and the plans
+were left as measured."""
 
 MAX_SPLITS = 64
 """The most fragments a tile is cut into."""

@@ -6,9 +6,9 @@ once (three times less L2 traffic at h_q 128, s_q 2). A CTA walks the contiguous
 (batch, 64-token block) work that the scheduler gave its part (see ``scheduler.py``),
 and for each batch in that range runs flash-attention's online softmax over its blocks,
 then writes either the final output or, when the sequence was split across parts, a
-partial (O in the output's dtype, its LSE in fp32). Split sequences are merged by the combine kernel, launched by
-the same host call as this kernel's programmatic dependent, which spreads the merge over
-many SMs (see ``combine.py``).
+partial (O in the output's dtype, its LSE in fp32). Split sequences are merged by the
+combine kernel, launched by the same host call as this kernel's programmatic dependent,
+which spreads the merge over many SMs (see ``combine.py``).
 
 Warp roles (384 threads):
 

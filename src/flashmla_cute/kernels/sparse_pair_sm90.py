@@ -437,10 +437,10 @@ class SparsePairDecodeSm90(SparseDecodeSm90):
     def finish_pair(self, t, storage, tidx, mO, mLse, mOAccum, mLseAccum, mSink, softmax_scale, has_sink, splits,
                     fragment, batch, s, head0, h_q):
         """The epilogue: consumer 0 publishes each row's sum and maximum; both write
-        their half of O (``write_row``). The output's or the partial's rows go through shared memory
-        (the K buffers: after the last step nothing reads them, and the peer's gatherer,
-        whose steps are this CTA's, has nothing more to store), then out whole
-        (``utils.copy_rows``): stored from the accumulators, a bf16 pair is half a
+        their half of O (``write_row``). The output's or the partial's rows go through
+        shared memory (the K buffers: after the last step nothing reads them, and the
+        peer's gatherer, whose steps are this CTA's, has nothing more to store), then out
+        whole (``utils.copy_rows``): stored from the accumulators, a bf16 pair is half a
         sector in each of 8 rows per instruction."""
         num_rows = cute.size(t.o_rc, mode=[0])
         if const_expr(t.wg == 0):

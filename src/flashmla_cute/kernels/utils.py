@@ -163,9 +163,10 @@ def store_acc_row_sectors(o_rc, coord_o, i: cutlass.Constexpr, scale, dst_row: c
     of the row written whole by one store instruction of a quad.
 
     A quad's pairs of one column group (``8j .. 8j + 7``) are half a sector, so pair
-    stores write every sector in two halves, and L2 reads a half-written sector's other
-    half from DRAM (benchmarks/NOTES.md, "Partials in the output's dtype": that read,
-    not the bytes, set the split h_q 128 cases' epilogue). Here the quad's two
+    stores write every sector in two halves; the split h_q 128 cases' epilogue took
+    ~2.5 us longer so than with whole-sector fp32 stores of twice the bytes (about what
+    reading each half-written sector's other half from DRAM would cost;
+    benchmarks/NOTES.md, "Partials in the output's dtype"). Here the quad's two
     neighbouring groups (one sector, 16 columns) are exchanged between neighbouring
     threads in one shuffle: an even thread sends its pair of the second group and an
     odd one its pair of the first, so that each holds 4 consecutive values, which it
