@@ -1,0 +1,128 @@
+"""SM clock and power while one workload runs back to back: the bf16 matmul that
+``bench_decode.py`` takes as its ceiling, and decode cases for this package and, when
+they import, FlashMLA's two builds. A compute-bound decode kernel's share of that
+ceiling depends on the clock each one holds under the board's power limit, which
+``bench_decode.py``'s medians cannot show.
+
+    python benchmarks/clock_probe.py [--seconds 3] [--cases "b128 sk8192 h128 s2" ...]
+
+Each phase calls one workload for ``--seconds`` with no flush between calls (the decode
+inputs are larger than L2), timing groups of calls with CUDA events, while
+``nvidia-smi`` samples the SM clock, the power draw and the active clock-event reasons
+every 100 ms. Prints, per phase: median time a call, TFLOPS, and the median clock and
+power over the phase's samples (its first second left out, while the clock settles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decode import CALLERS, CASE_SETS, D, DV, H_KV, MATMUL_N, OURS, Case, import_package, import_peers  # noqa: E402
+
+SAMPLE_MS = 100
+SETTLE_S = 1.0  # samples this early in a phase are left out
+CALLS_PER_GROUP = 10
+QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
+
+
+class Sampler:
+    """``nvidia-smi`` in the background: (host time, SM MHz, watts, reasons) rows."""
+
+    def __init__(self):
+        self.rows = []
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", f"-lms={SAMPLE_MS}"],
+            stdout=subprocess.PIPE, text=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                self.rows.append((time.monotonic(), float(parts[0]), float(parts[1]), parts[2]))
+            except (ValueError, IndexError):
+                pass
+
+    def between(self, t0: float, t1: float) -> list:
+        return [r for r in self.rows if t0 <= r[0] <= t1]
+
+    def stop(self):
+        self.proc.terminate()
+
+
+def run_phase(fn, seconds: float) -> tuple[list, float, float]:
+    """Calls ``fn`` in groups for ``seconds``: per-call times (ms) and the phase's host span."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(CALLS_PER_GROUP):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / CALLS_PER_GROUP)
+    return times, t0, time.monotonic()
+
+
+def decode_phases(case: Case, impls: dict, testing):
+    seqlens = testing.random_seqlens(case.b, case.seqlen, case.s_q, case.varlen, 0)
+    inp = testing.make_decode_inputs(case.b, case.s_q, case.h_q, h_kv=H_KV, seqlen=case.seqlen, d=D,
+                                     dtype=torch.bfloat16, device="cuda", seed=0, seqlens=seqlens)
+    flops = testing.decode_flops(seqlens, case.s_q, case.h_q, D, DV)
+    for impl, module in impls.items():
+        call = CALLERS[impl](module, inp, case)
+        yield f"{case.name} {impl}", (lambda: call(inp)), flops
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--cases", nargs="*", default=["b128 sk8192 h128 s2"])
+    args = parser.parse_args()
+
+    impls = {OURS: import_package(), **import_peers(True)}
+    from flashmla_cute import testing
+    by_name = {c.name: c for cases in CASE_SETS.values() for c in cases}
+
+    a = torch.randn(MATMUL_N, MATMUL_N, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn_like(a)
+    c = torch.empty_like(a)
+    phases = [("matmul", lambda: torch.matmul(a, b, out=c), 2.0 * MATMUL_N**3)]
+    for name in args.cases:
+        phases += list(decode_phases(by_name[name], impls, testing))
+    phases.append(("matmul again", phases[0][1], phases[0][2]))
+
+    sampler = Sampler()
+    time.sleep(0.5)
+    rows = []
+    for label, fn, flops in phases:
+        times, t0, t1 = run_phase(fn, args.seconds)
+        samples = sampler.between(t0 + SETTLE_S, t1)
+        ms = statistics.median(times)
+        clock = statistics.median(s[1] for s in samples) if samples else float("nan")
+        watts = statistics.median(s[2] for s in samples) if samples else float("nan")
+        reasons = sorted({s[3] for s in samples})
+        rows.append((label, ms, flops / (ms * 1e-3) / 1e12, clock, watts, " ".join(reasons)))
+        time.sleep(1.0)
+    sampler.stop()
+
+    print(f"{'phase':34} {'ms':>8} {'TFLOPS':>7} {'MHz':>6} {'W':>6}  reasons")
+    for label, ms, tflops, clock, watts, reasons in rows:
+        print(f"{label:34} {ms:8.4f} {tflops:7.1f} {clock:6.0f} {watts:6.0f}  {reasons}")
+
+
+if __name__ == "__main__":
+    main()
