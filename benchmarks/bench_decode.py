@@ -569,7 +569,9 @@ def add_run_args(parser: argparse.ArgumentParser, check_help: str, no_peers_help
     parser.add_argument("--json", metavar="PATH", default=None, help="also write every number to this JSON file")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per measurement (default: 25)")
     parser.add_argument("--rep-ms", type=float, default=200.0, help="timed time per measurement (default: 200)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random inputs: a case's are drawn from seed + 1000 x its position in its "
+                             "case set (default: 0)")
 
 
 def print_run_setup(ours, peer_modules: dict, timer: "Timer", l2: int, args) -> None:
@@ -634,9 +636,13 @@ def parse_args(argv=None):
     return args
 
 
-def selected_cases(args) -> list[Case]:
-    """The cases of ``--cases`` whose names match ``--match`` (all of them without it)."""
-    return [case for case in CASE_SETS[args.cases] if not args.match or re.search(args.match, case.name)]
+def selected_cases(args) -> list[tuple[int, Case]]:
+    """The cases of ``--cases`` whose names match ``--match`` (all of them without it),
+    each with its position in the whole set: a case's inputs are drawn from a seed of
+    that position, so that a case rerun alone with ``--match`` sees the same lengths
+    and values as in the whole set's run."""
+    return [(i, case) for i, case in enumerate(CASE_SETS[args.cases])
+            if not args.match or re.search(args.match, case.name)]
 
 
 def main(argv=None) -> int:
@@ -675,7 +681,7 @@ def main(argv=None) -> int:
 
     cases = selected_cases(args)
     rows = []
-    for i, case in enumerate(cases):
+    for n, (i, case) in enumerate(cases):
         start = time.perf_counter()
         r = run_case(modules, testing, case, dtype, timer, l2, args.check, args.seed + 1000 * i)
         r["gbps_vs_copy"] = r["gbps"] / copy["gbps"]
@@ -684,7 +690,7 @@ def main(argv=None) -> int:
         extra = f", cos out {r['cos_out']:.2e} lse {r['cos_lse']:.2e}" if args.check else ""
         extra += "".join(f", {peer} {r[column(peer, 'ms')]:.3f} ms" for peer in peers)
         extra += f", ratio {r['ratio']:.2f}" if peers else ""
-        print(f"[{i + 1}/{len(cases)}] {case.name}: {r['ms']:.3f} ms, {r['gbps']:.0f} GB/s, "
+        print(f"[{n + 1}/{len(cases)}] {case.name}: {r['ms']:.3f} ms, {r['gbps']:.0f} GB/s, "
               f"{r['tflops']:.1f} TFLOPS{extra} ({time.perf_counter() - start:.1f} s)", flush=True)
 
     summary = ratio_summary(rows, peers)

@@ -11,7 +11,8 @@ picks (``get_mla_metadata``) is timed first, then, by the option given:
   where it can be built.
 
 Cases are named as ``bench_decode.py`` names them; with ``var`` (``"b64 sk2048 h32 s2
-var"``) the lengths are drawn as the benchmark draws them, from ``--seed``. ``--timing
+var"``) the lengths are drawn as the benchmark draws them, from ``--seed`` (the benchmark's
+seed for a case is its ``--seed`` + 1000 x the case's position in its set). ``--timing
 flushed`` times with the benchmark's timer (an L2 flush before each call) instead of
 CUDA-graph replays, whose inputs may stay in L2; ``--rounds`` times every plan in turn
 that many times and keeps each plan's best.

@@ -58,11 +58,18 @@ def test_arguments(bench):
 
 def test_match_picks_cases_by_name_and_refuses_a_pattern_that_picks_none(bench):
     args = bench.parse_args(["--cases", "all", "--match", "h128 s. var"])
-    assert [c.name for c in bench.selected_cases(args)] == [
+    assert [c.name for _, c in bench.selected_cases(args)] == [
         f"b128 sk{sk} h128 s{s_q} var" for sk in (4096, 8192) for s_q in (1, 2)]
-    assert bench.selected_cases(bench.parse_args(["--cases", "quick"])) == bench.CASE_SETS["quick"]
+    assert [c for _, c in bench.selected_cases(bench.parse_args(["--cases", "quick"]))] == bench.CASE_SETS["quick"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--cases", "serving", "--match", "b128"])  # the serving cases have no b = 128
+
+
+def test_a_matched_case_keeps_its_position_in_the_whole_set_so_its_inputs_are_the_same(bench):
+    whole = bench.CASE_SETS["all"]
+    matched = bench.selected_cases(bench.parse_args(["--cases", "all", "--match", "sk8192 h128 s2 var"]))
+    assert matched == [(whole.index(bench.Case(128, 8192, 128, 2, True)), bench.Case(128, 8192, 128, 2, True))]
+    assert matched[0][0] == len(whole) - 1
 
 
 def synthetic_row(bench, case, ms, peers_ms):
