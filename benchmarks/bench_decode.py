@@ -29,8 +29,10 @@ machine drift by several percent between runs, ratios taken in one run drift muc
 (benchmarks/NOTES.md describes the method and keeps the measurements).
 Metadata is computed once per case, outside the timed region. Times come from
 ``triton.testing.do_bench`` (median; it flushes L2 before each run) or, without triton,
-from CUDA events around single calls after an L2 flush. Cases whose inputs are smaller
-than 4x L2 rotate between several input sets.
+from CUDA events around single calls after an L2 flush; each implementation is timed in
+``--rounds`` rounds (3), the order turned by one place a round, and its time is the median
+of its rounds (at the board's power limit, what ran just before a kernel moves its clock).
+Cases whose inputs are smaller than 4x L2 rotate between several input sets.
 
 ``--json`` and ``--csv`` write every number (device, date, ceilings, every column of every
 case); ``--plot`` draws GB/s and TFLOPS per case and implementation with the ceilings
@@ -311,7 +313,7 @@ def input_sets(nbytes: int, l2: int) -> int:
 
 
 def run_case(modules: dict, testing, case: Case, dtype, timer: Timer, l2: int, check: bool, seed: int,
-             device: str = "cuda") -> dict:
+             device: str = "cuda", rounds: int = 1) -> dict:
     """Times every implementation in ``modules`` (ours first) on the same inputs."""
     import torch
 
@@ -341,7 +343,7 @@ def run_case(modules: dict, testing, case: Case, dtype, timer: Timer, l2: int, c
         return flash_mla_reference(first.q, first.k_cache, first.block_table, first.cache_seqlens, DV, causal=True)
 
     calls = {impl: CALLERS[impl](module, first, case) for impl, module in modules.items()}
-    time_and_check(calls, sets, reference if check else None, timer, flops, nbytes, result)
+    time_and_check(calls, sets, reference if check else None, timer, flops, nbytes, result, rounds)
     result.update(compare_with_peers(result, [impl for impl in modules if impl != OURS]))
     del sets, first
     torch.cuda.empty_cache()
@@ -362,12 +364,19 @@ def cycled(call, sets: list):
 
 
 def time_and_check(calls: dict, sets: list, reference, timer: Timer, flops: float, nbytes: float | None,
-                   result: dict) -> None:
+                   result: dict, rounds: int = 1) -> None:
     """Each implementation of ``calls`` (``impl -> call(inputs) -> (out, lse)``, ours
     first): one call outside the timed region (compiling, planning), then with a
     ``reference`` (``() -> (out, lse)`` on ``sets[0]``) the cosine distance of ours to it
-    and of each peer to ours, then the median time over calls cycling through ``sets``.
-    Writes ``result``'s columns (``gbps`` only where ``nbytes`` is given)."""
+    and of each peer to ours; then ``rounds`` rounds, each timing every implementation
+    (the median time over calls cycling through ``sets``), the order turned by one place
+    a round; an implementation's time is the median of its rounds. Writes ``result``'s
+    columns (``gbps`` only where ``nbytes`` is given; ``ms_rounds``, every round's time).
+
+    Why rounds in turned orders: at the board's power limit a compute-bound kernel's
+    clock depends on what ran just before it (the reference, the previous case, the
+    implementation before it), so a fixed order favours some implementation by a few
+    percent (benchmarks/NOTES.md, "The order of the implementations")."""
     import torch
 
     from flashmla_cute import testing
@@ -388,8 +397,15 @@ def time_and_check(calls: dict, sets: list, reference, timer: Timer, flops: floa
             result[column(impl, "cos_lse")] = float(testing.cosine_distance(lse, ours_lse))
         del out, lse
 
-        ms = timer(cycled(call, sets))
+    impls = list(calls)
+    times = {impl: [] for impl in impls}
+    for r in range(rounds):
+        for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
+            times[impl].append(timer(cycled(calls[impl], sets)))
+    for impl in impls:
+        ms = statistics.median(times[impl])
         result[column(impl, "ms")] = ms
+        result[column(impl, "ms_rounds")] = times[impl]
         if nbytes is not None:
             result[column(impl, "gbps")] = nbytes / (ms * 1e-3) / 1e9
         result[column(impl, "tflops")] = flops / (ms * 1e-3) / 1e12
@@ -572,6 +588,9 @@ def add_run_args(parser: argparse.ArgumentParser, check_help: str, no_peers_help
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random inputs: a case's are drawn from seed + 1000 x its position in its "
                              "case set (default: 0)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of timing every implementation, the order turned by one each round; a time is "
+                             "the median of its rounds (default: 3)")
 
 
 def print_run_setup(ours, peer_modules: dict, timer: "Timer", l2: int, args) -> None:
@@ -583,7 +602,8 @@ def print_run_setup(ours, peer_modules: dict, timer: "Timer", l2: int, args) -> 
           f"flashmla_cute from {Path(ours.__file__).parent}")
     for peer, module in peer_modules.items():
         print(f"peer: {peer} ({PEER_LABELS[peer]}) from {Path(module.__file__).parent}")
-    print(f"timing: {timer.name}, warmup {args.warmup_ms} ms, rep {args.rep_ms} ms")
+    print(f"timing: {timer.name}, warmup {args.warmup_ms} ms, rep {args.rep_ms} ms, median of {args.rounds} rounds "
+          f"in turned orders")
 
 
 def run_record(timer: "Timer", l2: int, args, **fields) -> dict:
@@ -602,6 +622,7 @@ def run_record(timer: "Timer", l2: int, args, **fields) -> dict:
         "timing": timer.name,
         "warmup_ms": args.warmup_ms,
         "rep_ms": args.rep_ms,
+        "rounds": args.rounds,
         **fields,
     }
 
@@ -683,7 +704,7 @@ def main(argv=None) -> int:
     rows = []
     for n, (i, case) in enumerate(cases):
         start = time.perf_counter()
-        r = run_case(modules, testing, case, dtype, timer, l2, args.check, args.seed + 1000 * i)
+        r = run_case(modules, testing, case, dtype, timer, l2, args.check, args.seed + 1000 * i, rounds=args.rounds)
         r["gbps_vs_copy"] = r["gbps"] / copy["gbps"]
         r["tflops_vs_matmul"] = r["tflops"] / matmul["tflops"]
         rows.append(r)

@@ -32,7 +32,8 @@ Cases (``--cases``, default ``all``), from FlashMLA's sparse decoding test:
 Each implementation is planned once per case (a fresh ``get_mla_metadata()`` plan, filled
 by a first call outside the timed region) and then timed by bench_decode's method:
 ``triton.testing.do_bench`` median with an L2 flush before each call (CUDA events without
-triton); cases that move less than 4x L2 per call cycle through several input sets.
+triton), the median of ``--rounds`` rounds in turned orders; cases that move less than 4x
+L2 per call cycle through several input sets.
 TFLOPS count ``2 * b * s_q * h_q * (topk + extra_topk) * (d_qk + 512)`` (scores and values;
 every extra entry, whatever extra_topk_length); ``ratio`` = FlashMLA's time / ours (above 1:
 ours is faster). ``--check`` compares ours with the float32 reference (``sparse_reference``)
@@ -280,7 +281,7 @@ def case_inputs(case: Case, seed: int, l2: int, device="cuda", n_sets: int | Non
     return seqlens, extra_seqlens, sets
 
 
-def run_case(modules: dict, case: Case, timer, l2: int, check: bool, seed: int, device="cuda") -> dict:
+def run_case(modules: dict, case: Case, timer, l2: int, check: bool, seed: int, device="cuda", rounds: int = 1) -> dict:
     """Times every implementation in ``modules`` (ours first) on the same inputs."""
     import torch
 
@@ -303,7 +304,7 @@ def run_case(modules: dict, case: Case, timer, l2: int, check: bool, seed: int, 
                                     extra_indices=first.extra_indices, extra_topk_length=first.extra_topk_length)
 
     calls = {impl: planned_caller(module, first) for impl, module in modules.items()}  # compiles ours
-    bench_decode.time_and_check(calls, sets, reference if check else None, timer, flops, None, result)
+    bench_decode.time_and_check(calls, sets, reference if check else None, timer, flops, None, result, rounds)
     result.update(bench_decode.compare_with_peers(result, [impl for impl in modules if impl != OURS]))
     del sets, first
     torch.cuda.empty_cache()
@@ -378,7 +379,7 @@ def main(argv=None) -> int:
     rows = []
     for i, case in enumerate(cases):
         start = time.perf_counter()
-        r = run_case(modules, case, timer, l2, args.check, args.seed + 1000 * i)
+        r = run_case(modules, case, timer, l2, args.check, args.seed + 1000 * i, rounds=args.rounds)
         r["tflops_vs_matmul"] = r["tflops"] / matmul["tflops"]
         rows.append(r)
         extra = f", cos out {r['cos_out']:.2e} lse {r['cos_lse']:.2e}" if args.check else ""

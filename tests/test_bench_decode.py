@@ -212,3 +212,30 @@ def test_every_implementation_runs_on_the_same_inputs_and_is_compared_with_ours(
     assert row["cos_out"] < 1e-5 and row["cos_lse"] < 1e-5  # ours against the reference
     assert row["flash_mla_cos_out"] == 0.0 and row["flash_mla_head_cos_lse"] == 0.0  # peers against ours
     assert len(plans) == 1 and plans[0].plans == 1  # planned by its first call, then reused for every set
+
+
+def test_every_implementation_is_timed_in_rounds_in_turned_orders_and_keeps_its_median(bench, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    order = []
+    seconds = {"flashmla_cute": iter([3.0, 1.0, 2.0]), "flash_mla": iter([5.0, 4.0, 6.0]),
+               "flash_mla_head": iter([7.0, 9.0, 8.0])}
+
+    def caller(impl):
+        def call(inputs):
+            order.append(impl)
+            return torch.zeros(1), torch.zeros(1)
+        return call
+
+    def timer(fn):
+        fn()
+        return next(seconds[order[-1]])
+
+    calls = {impl: caller(impl) for impl in seconds}
+    result = {}
+    bench.time_and_check(calls, [None], None, timer, flops=1e9, nbytes=None, result=result, rounds=3)
+    ours, feb, head = "flashmla_cute", "flash_mla", "flash_mla_head"
+    assert order[3:] == [ours, feb, head, feb, head, ours, head, ours, feb]  # after one untimed call each
+    assert (result["ms"], result["flash_mla_ms"], result["flash_mla_head_ms"]) == (2.0, 5.0, 8.0)
+    assert result["ms_rounds"] == [3.0, 1.0, 2.0]
