@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flashmla_cute
-from flashmla_cute import api, fp8_cache
+from flashmla_cute import api, fp8_cache, sparse_checks, sparse_plan
 from flashmla_cute.api import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata
 from flashmla_cute.sparse_reference import sparse_mla_reference
 from flashmla_cute.sparse_testing import make_sparse_decode_inputs
@@ -186,6 +186,21 @@ def test_bad_sparse_arguments(inp, case):
     what, error, message = BAD_SPARSE[case]
     with pytest.raises(error, match=message):
         sparse_call(inp, **bad_overrides(inp, what))
+
+
+def test_no_sparse_batch_is_refused_for_the_split_workspace():
+    # Dense calls whose split workspace would pass the kernels' 32-bit indices are refused
+    # ("split the batch"); a sparse plan never splits that far (sparse_plan). b = 8191 of
+    # 4 query tokens and 128 heads, where no split plan fits, is accepted and planned
+    # whole for any SM count. On the meta device: the shapes without the memory.
+    b, s_q, h_q, topk = 8191, 4, 128, 2048
+    q = torch.empty(b, s_q, h_q, 576, dtype=torch.bfloat16, device="meta")
+    k_cache = torch.empty(1, 64, 1, 656, dtype=torch.uint8, device="meta")
+    indices = torch.empty(b, s_q, topk, dtype=torch.int32, device="meta")
+    problem = sparse_checks.check_sparse_decode_args(q, k_cache, 512, None, False, True, indices)
+    assert (problem.b, problem.s_q, problem.h_q, problem.topk) == (b, s_q, h_q, topk)
+    for num_sms in (78, 114, 132):
+        assert sparse_plan.plan_splits(b, s_q, h_q, topk, num_sms) == sparse_plan.SparsePlan(b, 1)
 
 
 def test_dense_refuses_sparse_arguments():
