@@ -60,7 +60,7 @@ def main() -> None:
     device = pick_device()
     gen = torch.Generator().manual_seed(0)
     b, s_q, h_q, topk, num_layers = 4, 2, 128, 512, 3  # s_q = 2: one extra MTP token
-    page = 64  # tokens per page: any page size works for sparse decoding
+    page = 64  # tokens per page: sparse decoding takes any page size below 2**31 bytes
     seqlens = torch.randint(1000, 3000, (b,), generator=gen)
     layout = LAYOUTS[args.layout]
     k_cache, block_table = paged_cache(layout, seqlens, page, gen, device)

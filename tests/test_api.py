@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flashmla_cute
-from flashmla_cute import api, fp8_cache
+from flashmla_cute import api, fp8_cache, sparse_checks, sparse_plan
 from flashmla_cute.api import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata
 from flashmla_cute.sparse_reference import sparse_mla_reference
 from flashmla_cute.sparse_testing import make_sparse_decode_inputs
@@ -114,6 +114,17 @@ BAD_SPARSE = {
     "cache token stride": ("cache strided", ValueError, r"k_cache must hold each page's tokens back to back"),
     "cache page stride": ("cache pages 4 GiB apart", ValueError,
                           r"k_cache.stride\(0\) \(page stride\) must be at most 4294967295 bytes"),
+    # Pages of more than 2**31 - 1 bytes (the kernel's offsets in a page are 32-bit), of
+    # one page or more, in the main cache or the extra one.
+    "cache page past 2**31 bytes": ("one page of 3273604 tokens", ValueError,
+                                    r"k_cache.shape\[1\] \(page block size\) must be at most 3273603 for the V3.2 "
+                                    r"layout \(pages of at most 2147483647 bytes.*got shape \(1, 3273604, 1, 656\); "
+                                    r"use smaller pages"),
+    "model1 page past 2**31 bytes": ("model1 pages of 3677199 tokens", ValueError,
+                                     r"k_cache.shape\[1\] \(page block size\) must be at most 3677198 for the MODEL1 "
+                                     r"layout.*got shape \(2, 3677199, 1, 584\)"),
+    "extra page past 2**31 bytes": ("extra page of 3273604 tokens", ValueError,
+                                    r"extra_k_cache.shape\[1\] \(page block size\) must be at most 3273603"),
     "indices row stride": ("index rows 2**32 apart", ValueError,
                            r"indices.stride\(1\) must be at most 4294967295 elements"),
     "q dtype": ("q fp16", TypeError, "q must have dtype torch.bfloat16"),
@@ -160,6 +171,13 @@ def bad_overrides(inp, what):
         # On the meta device: a view of 4 GiB without the memory (refused before any device check).
         "cache pages 4 GiB apart": lambda: dict(k_cache=torch.empty(2**34, dtype=torch.uint8, device="meta").as_strided(
             (4, 16, 1, 656), (2**32, 656, 656, 1))),
+        "one page of 3273604 tokens": lambda: dict(k_cache=torch.empty(1, 3273604, 1, 656, dtype=torch.uint8,
+                                                                       device="meta")),
+        "model1 pages of 3677199 tokens": lambda: dict(q=model1_q, k_cache=torch.empty(
+            2, 3677199, 1, 584, dtype=torch.uint8, device="meta")),
+        "extra page of 3273604 tokens": lambda: dict(
+            extra_k_cache=torch.empty(1, 3273604, 1, 656, dtype=torch.uint8, device="meta"),
+            extra_indices_in_kvcache=idx),
         "index rows 2**32 apart": lambda: dict(indices=torch.empty(2**35, dtype=torch.int32, device="meta").as_strided(
             idx.shape, (idx.shape[2], 2**32, 1))),
         "q fp16": lambda: dict(q=q.half()),
@@ -186,6 +204,37 @@ def test_bad_sparse_arguments(inp, case):
     what, error, message = BAD_SPARSE[case]
     with pytest.raises(error, match=message):
         sparse_call(inp, **bad_overrides(inp, what))
+
+
+def test_no_sparse_batch_is_refused_for_the_split_workspace():
+    # Dense calls whose split workspace would pass the kernels' 32-bit indices are refused
+    # ("split the batch"); a sparse plan never splits that far (sparse_plan). b = 8191 of
+    # 4 query tokens and 128 heads, where no split plan fits, is accepted and planned
+    # whole for any SM count. On the meta device: the shapes without the memory.
+    b, s_q, h_q, topk = 8191, 4, 128, 2048
+    q = torch.empty(b, s_q, h_q, 576, dtype=torch.bfloat16, device="meta")
+    k_cache = torch.empty(1, 64, 1, 656, dtype=torch.uint8, device="meta")
+    indices = torch.empty(b, s_q, topk, dtype=torch.int32, device="meta")
+    problem = sparse_checks.check_sparse_decode_args(q, k_cache, 512, None, False, True, indices)
+    assert (problem.b, problem.s_q, problem.h_q, problem.topk) == (b, s_q, h_q, topk)
+    for num_sms in (78, 114, 132):
+        assert sparse_plan.plan_splits(b, s_q, h_q, topk, num_sms) == sparse_plan.SparsePlan(b, 1)
+
+
+def test_sparse_pages_of_up_to_2_31_bytes_are_accepted():
+    # The page sizes just below the refusals above: 3273603 x 656 and 3677198 x 584
+    # bytes, at most 2**31 - 1, in the main cache and the extra one, of one page or more.
+    # On the meta device: the shapes without the memory.
+    for head_dim, page_size, bytes_per_token in ((576, 3273603, 656), (512, 3677198, 584)):
+        q = torch.empty(2, 1, 16, head_dim, dtype=torch.bfloat16, device="meta")
+        indices = torch.empty(2, 1, 64, dtype=torch.int32, device="meta")
+        k_cache = torch.empty(1, page_size, 1, bytes_per_token, dtype=torch.uint8, device="meta")
+        extra_k_cache = torch.empty(3, page_size, 1, bytes_per_token, dtype=torch.uint8, device="meta")
+        problem = sparse_checks.check_sparse_decode_args(q, k_cache, 512, None, False, True, indices,
+                                                         extra_k_cache=extra_k_cache, extra_indices_in_kvcache=indices)
+        assert (problem.num_blocks, problem.page_size) == (1, page_size)
+        assert (problem.extra_num_blocks, problem.extra_page_size) == (3, page_size)
+        assert page_size * bytes_per_token <= sparse_checks.MAX_PAGE_BYTES == 2**31 - 1
 
 
 def test_dense_refuses_sparse_arguments():

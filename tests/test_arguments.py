@@ -267,6 +267,28 @@ def test_checks_read_no_tensor_values():
     assert problem.b == B
 
 
+def meta_decode_args(b: int, s_q: int, h_q: int, num_parts: int) -> dict:
+    """A dense call's arguments for ``b`` sequences on the meta device (no memory): one
+    cache page, a plan of ``num_parts`` parts."""
+    def empty(*shape, dtype=torch.int32):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    return dict(q=empty(b, s_q, h_q, D, dtype=torch.bfloat16), k_cache=empty(1, 64, 1, D, dtype=torch.bfloat16),
+                block_table=empty(b, 1), cache_seqlens=empty(b), head_dim_v=DV,
+                tile_scheduler_metadata=empty(num_parts, scheduler.METADATA_INTS), num_splits=empty(b + 1))
+
+
+def test_split_workspace_past_32_bit_indices_is_refused():
+    # s_q 4 x h_q 128 rows of 512 values: 2**18 partial values a workspace row, and
+    # b + num_parts rows; the kernels index at most 2**31 - 1 values, 8191 rows.
+    s_q, h_q, num_parts = 4, 128, 16
+    checks.check_decode_args(**meta_decode_args(8191 - num_parts, s_q, h_q, num_parts))
+    with pytest.raises(ValueError, match=r"split-KV workspace for b=8176, 16 SM parts and s_q \* h_q = 512 would "
+                                         r"hold 2147483648 values, more than the kernels index \(2\*\*31 - 1\): "
+                                         r"split the batch"):
+        checks.check_decode_args(**meta_decode_args(8192 - num_parts, s_q, h_q, num_parts))
+
+
 def test_decode_problem_fields():
     args = good_args()
     args["softmax_scale"] = 0.25

@@ -36,8 +36,6 @@ MAX_S_Q = 4
 """The most query tokens per sequence (``q.shape[1]``) a call takes: the largest ``s_q``
 the GPU tests check against the reference."""
 
-_INT32_MAX = 2**31 - 1
-
 TMA_ALIGN_BYTES = 16
 """TMA needs 16-byte aligned base addresses and strides that are multiples of 16 bytes."""
 
@@ -275,7 +273,7 @@ def check_decode_args(
     heads_per_kv = h_q // h_kv
     num_parts = meta.shape[0]
     values = scheduler.split_workspace_values(b, num_parts, h_kv, s_q * heads_per_kv, dv)
-    if values > _INT32_MAX:
+    if values > scheduler.MAX_PARTIAL_VALUES:
         raise ValueError(
             f"the split-KV workspace for b={b}, {num_parts} SM parts and s_q * h_q = {s_q * h_q} "
             f"would hold {values} values, more than the kernels index (2**31 - 1): split the batch"

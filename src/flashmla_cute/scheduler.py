@@ -176,10 +176,21 @@ def accumulator_elems(num_acc: int, h_kv: int, rows_per_kv: int, dv: int) -> int
     return num_acc * h_kv * rows_per_kv * (dv * PARTIAL_VALUE_BYTES // 4 + 1)
 
 
+MAX_PARTIAL_VALUES = 2**31 - 1
+"""The most partial output values a split workspace may hold: the kernels index the
+partials (``kernels/utils.accumulators``) with 32-bit integers."""
+
+
+def partial_values(num_acc: int, h_kv: int, rows_per_kv: int, dv: int) -> int:
+    """The partial output values of ``num_acc`` rows of accumulators (``accumulator_elems``):
+    what the kernels index, at most ``MAX_PARTIAL_VALUES``."""
+    return num_acc * h_kv * rows_per_kv * dv
+
+
 def split_workspace_values(b: int, num_parts: int, h_kv: int, rows_per_kv: int, dv: int) -> int:
-    """The partial output values of the decode kernel's split workspace, the most that its
-    kernels index (with 32-bit integers)."""
-    return (b + num_parts) * h_kv * rows_per_kv * dv
+    """The partial output values of the decode kernel's split workspace (``partial_values``
+    of its ``b + num_parts`` rows)."""
+    return partial_values(b + num_parts, h_kv, rows_per_kv, dv)
 
 
 def split_workspace_elems(b: int, num_parts: int, h_kv: int, rows_per_kv: int, dv: int) -> int:

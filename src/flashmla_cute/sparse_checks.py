@@ -49,6 +49,14 @@ MAX_STRIDE = 2**32 - 1
 query-token dimensions (in elements): the kernel finds a page's and an index row's start
 with 32 x 32 -> 64-bit multiplies. (A dimension of size 1 may have any stride.)"""
 
+MAX_PAGE_BYTES = 2**31 - 1
+"""The largest cache page, ``page_size`` x the layout's bytes a token (a MODEL1 page's
+padding not counted): the kernel adds a token's offsets in its page to the page's start
+as 32-bit integers (``SparseDecodeSm90.token_bytes``), its row's (slot x row bytes) and
+its scales' (V3.2: in the row; MODEL1: after the page's rows, page_size x 576, then slot
+x 8). All of them lie inside the page: in a page of at most 2**31 - 1 bytes each of them,
+and any sum of them, fits in an int32; past that they can wrap."""
+
 
 class SparseDecodeProblem(NamedTuple):
     """The sizes and options of one validated sparse ``flash_mla_with_kvcache`` call."""
@@ -164,8 +172,8 @@ def check_sparse_decode_args(
 
 def _check_cache(name: str, cache, layout: fp8_cache.Fp8Layout) -> tuple[int, int]:
     """dtype, shape and strides of a cache of ``layout`` (V3.2: each page's tokens back to
-    back; MODEL1: its page view, ``fp8_cache.model1_cache_bytes``); returns
-    ``(num_blocks, page_size)``."""
+    back; MODEL1: its page view, ``fp8_cache.model1_cache_bytes``) and its page size
+    (``MAX_PAGE_BYTES``); returns ``(num_blocks, page_size)``."""
     fp8_cache.cache_bytes(cache, layout, name)
     num_blocks, page_size = cache.shape[:2]
     if page_size < 1:
@@ -174,6 +182,14 @@ def _check_cache(name: str, cache, layout: fp8_cache.Fp8Layout) -> tuple[int, in
         raise ValueError(
             f"{name} must hold each page's tokens back to back: strides (any, {layout.bytes_per_token}, any, 1), "
             f"got {tuple(cache.stride())}"
+        )
+    max_page_size = MAX_PAGE_BYTES // layout.bytes_per_token
+    if page_size > max_page_size:
+        raise ValueError(
+            f"{name}.shape[1] (page block size) must be at most {max_page_size} for the {layout.name} layout "
+            f"(pages of at most {MAX_PAGE_BYTES} bytes, 2**31 - 1, at {layout.bytes_per_token} bytes a token: "
+            f"the kernel's offsets in a page are 32-bit), got shape {tuple(cache.shape)}; "
+            f"use smaller pages (more of them)"
         )
     if num_blocks > 1 and cache.stride(0) > MAX_STRIDE:
         raise ValueError(f"{name}.stride(0) (page stride) must be at most {MAX_STRIDE} bytes (2**32 - 1), "

@@ -12,12 +12,24 @@ steps plus ``CTA_COST_STEPS``; CTAs run ``num_sms`` at a time, the long ones fir
 sequences add the merge, a fixed part and one proportional to the partials written and
 read. Plans depend on shapes only, so they need no look at the indices and no host
 synchronization (CUDA graphs replay them as they are).
+
+The kernels index the split workspace with 32-bit integers, so a split plan whose
+partials would pass ``scheduler.MAX_PARTIAL_VALUES`` is no candidate
+(``SparsePlan.workspace_values``). A split plan has more than ``b`` fragments, each with
+``s_q * h_q`` rows of 512 values (the whole sequences' slots, unused, included): at s_q 4
+and h_q 128, 8191 fragments fit, so from b = 8191 on every tile is kept whole. That plan
+writes no partials, so the sparse checks refuse no shape for the workspace, whatever the
+SM count (the dense checks refuse such batches: the dense workspace is sized by the
+caller's plan).
 """
 
 from __future__ import annotations
 
 import functools
 from typing import NamedTuple
+
+from . import scheduler
+from .fp8_cache import VALUE_DIM
 
 HEAD_TILE = 64
 """Query heads per CTA (the WGMMA's M); fewer heads are padded."""
@@ -50,6 +62,20 @@ class SparsePlan(NamedTuple):
     def num_fragments(self, b: int) -> int:
         """Fragments of partial results per (query token, head tile) slot of the workspace."""
         return self.whole_batches + (b - self.whole_batches) * self.splits
+
+    def workspace_fragments(self, b: int) -> int:
+        """Fragments the split workspace holds: all of them where tiles are split, else
+        one (the kernel then writes no partial, but takes a workspace all the same)."""
+        return self.num_fragments(b) if self.splits > 1 else 1
+
+    def workspace_values(self, b: int, s_q: int, h_q: int) -> int:
+        """Partial output values of the split workspace (``scheduler.partial_values``):
+        a fragment's ``s_q * h_q`` rows of 512, one KV head's (``utils.accumulators``)."""
+        return scheduler.partial_values(self.workspace_fragments(b), 1, s_q * h_q, VALUE_DIM)
+
+    def workspace_elems(self, b: int, s_q: int, h_q: int) -> int:
+        """The split workspace's size in fp32 elements (``scheduler.accumulator_elems``)."""
+        return scheduler.accumulator_elems(self.workspace_fragments(b), 1, s_q * h_q, VALUE_DIM)
 
     def fragment_offsets(self, b: int) -> list[int]:
         """``num_splits`` of the combine kernel: sequence ``i``'s fragments start at
@@ -86,11 +112,13 @@ def modelled_time(plan: SparsePlan, b: int, jobs: int, steps: int, num_sms: int)
 @functools.lru_cache(maxsize=1024)
 def plan_splits(b: int, s_q: int, h_q: int, topk: int, num_sms: int) -> SparsePlan:
     """The plan with the least modelled time; on ties, fewer splits, then more whole
-    sequences. Whole-sequence counts tried: all, none, and those that fill whole waves."""
+    sequences. Whole-sequence counts tried: all, none, and those that fill whole waves;
+    split plans only where the kernels can index their partials (the module's docstring)."""
     jobs = jobs_per_batch(s_q, h_q)
     steps = max(-(-topk // STEP_TOKENS), 1)
     wholes = {0, b} | {min(m * num_sms // jobs, b) for m in range(1, b * jobs // num_sms + 1)}
+    split_plans = (SparsePlan(w, k) for w in sorted(wholes) if w < b for k in range(2, min(steps, MAX_SPLITS) + 1))
     candidates = [SparsePlan(b, 1)] + [
-        SparsePlan(w, k) for w in sorted(wholes) if w < b for k in range(2, min(steps, MAX_SPLITS) + 1)
+        p for p in split_plans if p.workspace_values(b, s_q, h_q) <= scheduler.MAX_PARTIAL_VALUES
     ]
     return min(candidates, key=lambda p: (modelled_time(p, b, jobs, steps, num_sms), p.splits, -p.whole_batches))

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import compile as compile_mod
-from . import fp8_cache, runtime, scheduler
+from . import fp8_cache, runtime
 from .launch_args import SparseDecodeArgs
 from .sparse_checks import SparseDecodeProblem
 from .sparse_plan import SparsePlan, plan_splits
@@ -49,7 +49,7 @@ class SparseLaunch(NamedTuple):
     layout: fp8_cache.Fp8Layout
     out_shape: tuple  # (b, s_q, h_q, 512)
     lse_shape: tuple  # (b, h_q, s_q)
-    accum_elems: int  # the split query tokens' fragments' partials (scheduler.accumulator_elems)
+    accum_elems: int  # the split query tokens' fragments' partials (SparsePlan.workspace_elems)
     num_splits: torch.Tensor  # the combine kernel's fragment offsets (SparsePlan.fragment_offsets)
     plan: SparsePlan
     num_sms: int
@@ -63,7 +63,6 @@ def sparse_launch(problem: SparseDecodeProblem, device: torch.device) -> SparseL
     num_sms = runtime.num_sms(device.index)
     plan = plan_splits(b, s_q, h_q, problem.topk + problem.extra_topk, num_sms)
     has_extra = problem.extra_topk > 0
-    fragments = plan.num_fragments(b) if plan.splits > 1 else 1
     return SparseLaunch(
         # Two head tiles a query token: the pair kernel, whose CTAs share their K tiles.
         fn=compile_mod.get(compile_mod.sparse_decode_variant(problem.layout.key, has_extra,
@@ -71,7 +70,7 @@ def sparse_launch(problem: SparseDecodeProblem, device: torch.device) -> SparseL
         layout=problem.layout,
         out_shape=(b, s_q, h_q, fp8_cache.VALUE_DIM),
         lse_shape=(b, h_q, s_q),
-        accum_elems=scheduler.accumulator_elems(fragments, 1, s_q * h_q, fp8_cache.VALUE_DIM),
+        accum_elems=plan.workspace_elems(b, s_q, h_q),
         num_splits=split_offsets(b, plan, device),
         plan=plan,
         num_sms=num_sms,

@@ -741,7 +741,8 @@ class SparseDecodeSm90:
         by the page size with a multiply and shifts (not a division's dependent chain),
         a page's start is one 32 x 32 -> 64-bit multiply (page strides are below 2**32
         bytes, the checks), and the row and the scales come from that one start (V3.2's
-        scales are an immediate offset of the row's loads). Together 5-7% off V3.2's
+        scales are an immediate offset of the row's loads) by 32-bit offsets (a page's
+        bytes fit in an int32, the checks' ``MAX_PAGE_BYTES``). Together 5-7% off V3.2's
         time and 1-2.5% off MODEL1's (benchmarks/NOTES.md)."""
         page, slot = divmod(index, pages)
         # A multiple of 16 bytes, or page 0 of a cache of one page (whose page stride
