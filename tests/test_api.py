@@ -125,6 +125,10 @@ BAD_SPARSE = {
                                      r"layout.*got shape \(2, 3677199, 1, 584\)"),
     "extra page past 2**31 bytes": ("extra page of 3273604 tokens", ValueError,
                                     r"extra_k_cache.shape\[1\] \(page block size\) must be at most 3273603"),
+    # More tokens than int32 indices name (the kernel's validity test would wrap).
+    "cache past 2**31 tokens": ("cache of 2**31 tokens", ValueError,
+                                r"k_cache must hold at most 2147483647 tokens \(2\*\*31 - 1: int32 indices name "
+                                r"them\), got 65537 pages of 32768 = 2147516416"),
     "indices row stride": ("index rows 2**32 apart", ValueError,
                            r"indices.stride\(1\) must be at most 4294967295 elements"),
     "q dtype": ("q fp16", TypeError, "q must have dtype torch.bfloat16"),
@@ -178,6 +182,8 @@ def bad_overrides(inp, what):
         "extra page of 3273604 tokens": lambda: dict(
             extra_k_cache=torch.empty(1, 3273604, 1, 656, dtype=torch.uint8, device="meta"),
             extra_indices_in_kvcache=idx),
+        "cache of 2**31 tokens": lambda: dict(k_cache=torch.empty(65537, 32768, 1, 656, dtype=torch.uint8,
+                                                                  device="meta")),
         "index rows 2**32 apart": lambda: dict(indices=torch.empty(2**35, dtype=torch.int32, device="meta").as_strided(
             idx.shape, (idx.shape[2], 2**32, 1))),
         "q fp16": lambda: dict(q=q.half()),

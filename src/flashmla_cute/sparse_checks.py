@@ -57,6 +57,11 @@ its scales' (V3.2: in the row; MODEL1: after the page's rows, page_size x 576, t
 x 8). All of them lie inside the page: in a page of at most 2**31 - 1 bytes each of them,
 and any sum of them, fits in an int32; past that they can wrap."""
 
+MAX_CACHE_TOKENS = 2**31 - 1
+"""The most tokens a cache may hold (``num_blocks * page_size``): the indices that name
+them are int32, and the kernel tests an index against the cache's token count in 32-bit
+integers (a larger count would wrap, and valid tokens would read as invalid)."""
+
 
 class SparseDecodeProblem(NamedTuple):
     """The sizes and options of one validated sparse ``flash_mla_with_kvcache`` call."""
@@ -172,8 +177,9 @@ def check_sparse_decode_args(
 
 def _check_cache(name: str, cache, layout: fp8_cache.Fp8Layout) -> tuple[int, int]:
     """dtype, shape and strides of a cache of ``layout`` (V3.2: each page's tokens back to
-    back; MODEL1: its page view, ``fp8_cache.model1_cache_bytes``) and its page size
-    (``MAX_PAGE_BYTES``); returns ``(num_blocks, page_size)``."""
+    back; MODEL1: its page view, ``fp8_cache.model1_cache_bytes``), its page size
+    (``MAX_PAGE_BYTES``) and its token count (``MAX_CACHE_TOKENS``); returns
+    ``(num_blocks, page_size)``."""
     fp8_cache.cache_bytes(cache, layout, name)
     num_blocks, page_size = cache.shape[:2]
     if page_size < 1:
@@ -190,6 +196,12 @@ def _check_cache(name: str, cache, layout: fp8_cache.Fp8Layout) -> tuple[int, in
             f"(pages of at most {MAX_PAGE_BYTES} bytes, 2**31 - 1, at {layout.bytes_per_token} bytes a token: "
             f"the kernel's offsets in a page are 32-bit), got shape {tuple(cache.shape)}; "
             f"use smaller pages (more of them)"
+        )
+    if num_blocks * page_size > MAX_CACHE_TOKENS:
+        raise ValueError(
+            f"{name} must hold at most {MAX_CACHE_TOKENS} tokens (2**31 - 1: int32 indices name them), got "
+            f"{num_blocks} pages of {page_size} = {num_blocks * page_size} (shape {tuple(cache.shape)}); "
+            f"use fewer pages"
         )
     if num_blocks > 1 and cache.stride(0) > MAX_STRIDE:
         raise ValueError(f"{name}.stride(0) (page stride) must be at most {MAX_STRIDE} bytes (2**32 - 1), "
