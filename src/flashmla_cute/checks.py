@@ -22,6 +22,7 @@ import torch
 
 from . import scheduler
 from .compile import HEAD_DIMS
+from .launch_args import ALIGN_BYTES
 
 PAGE_SIZE = scheduler.BLOCK_SIZE
 """Tokens per page of the paged KV cache."""
@@ -36,8 +37,9 @@ MAX_S_Q = 4
 """The most query tokens per sequence (``q.shape[1]``) a call takes: the largest ``s_q``
 the GPU tests check against the reference."""
 
-TMA_ALIGN_BYTES = 16
-"""TMA needs 16-byte aligned base addresses and strides that are multiples of 16 bytes."""
+TMA_ALIGN_BYTES = ALIGN_BYTES
+"""TMA needs 16-byte aligned base addresses and strides that are multiples of 16 bytes
+(``launch_args.ALIGN_BYTES``, what the kernels are compiled for)."""
 
 
 class DecodeProblem(NamedTuple):

@@ -40,7 +40,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from .launch_args import CombineArgs, DecodeArgs, MetadataArgs, SparseDecodeArgs
+from .launch_args import ALIGN_BYTES, CombineArgs, DecodeArgs, MetadataArgs, SparseDecodeArgs
 from .scheduler import BLOCK_SIZE, METADATA_INTS
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -93,7 +93,7 @@ def _stride(divisibility: int = 1):
 
 
 def _s16():
-    return _stride(8)
+    return _stride(ALIGN_BYTES // 2)  # in 16-bit elements
 
 
 def _stream():
@@ -122,15 +122,15 @@ def decode_variant(dtype: str, causal: bool, head_dim: int = 576, head_dim_v: in
         b, h_kv, q_rows, s_q, h_q = (_i32() for _ in range(5))
         d, dv = head_dim, head_dim_v
         args = DecodeArgs(
-            q=_fake(dt, (b, 1, q_rows, d), (_s16(), _s16(), _s16(), 1), 16),
-            k=_fake(dt, (_i32(), BLOCK_SIZE, h_kv, d), (_s16(), _s16(), _s16(), 1), 16),
+            q=_fake(dt, (b, 1, q_rows, d), (_s16(), _s16(), _s16(), 1), ALIGN_BYTES),
+            k=_fake(dt, (_i32(), BLOCK_SIZE, h_kv, d), (_s16(), _s16(), _s16(), 1), ALIGN_BYTES),
             block_table=_fake(cutlass.Int32, (b, _i32()), (_stride(), 1)),
             seqlens=_fake(cutlass.Int32, (b,), (1,)),
             meta=_plan_rows(),
             num_splits=_fake(cutlass.Int32, (_i32(),), (1,)),
-            o=_fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), 16),
+            o=_fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), ALIGN_BYTES),
             lse=_fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
-            accum=_fake(cutlass.Float32, (_i32(),), (1,), 16),
+            accum=_fake(cutlass.Float32, (_i32(),), (1,), ALIGN_BYTES),
             softmax_scale=Float32(1.0),
             heads_per_kv=Int32(1),
         ) + (_stream(),)
@@ -151,10 +151,10 @@ def combine_variant(dtype: str, head_dim_v: int = 512) -> Variant:
         b, s_q, h_q = (_i32() for _ in range(3))
         dv = head_dim_v
         args = CombineArgs(
-            accum=_fake(cutlass.Float32, (_i32(),), (1,), 16),
+            accum=_fake(cutlass.Float32, (_i32(),), (1,), ALIGN_BYTES),
             meta=_plan_rows(),
             num_splits=_fake(cutlass.Int32, (_i32(),), (1,)),
-            o=_fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), 16),
+            o=_fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), ALIGN_BYTES),
             lse=_fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
             heads_per_kv=Int32(1),
         ) + (_stream(),)
@@ -186,7 +186,7 @@ def sparse_cache_fake(layout):
     and reads only the page stride, which may be anything for a cache of one page."""
     import cutlass
 
-    return _fake(cutlass.Uint8, (_i32(), _i32(), 1, layout.bytes_per_token), (_stride(), _stride(), _stride(), 1), 16)
+    return _fake(cutlass.Uint8, (_i32(), _i32(), 1, layout.bytes_per_token), (_stride(), _stride(), _stride(), 1), ALIGN_BYTES)
 
 
 def sparse_decode_variant(layout_name: str = "v32", has_extra: bool = False, pair_heads: bool = False) -> Variant:
@@ -206,7 +206,7 @@ def sparse_decode_variant(layout_name: str = "v32", has_extra: bool = False, pai
 
         b, s_q, h_q = (_i32() for _ in range(3))
         args = SparseDecodeArgs(
-            q=_fake(cutlass.BFloat16, (b, s_q, h_q, layout.head_dim), (_s16(), _s16(), _s16(), 1), 16),
+            q=_fake(cutlass.BFloat16, (b, s_q, h_q, layout.head_dim), (_s16(), _s16(), _s16(), 1), ALIGN_BYTES),
             k_cache=sparse_cache_fake(layout),
             indices=_fake(cutlass.Int32, (b, s_q, _i32()), (_stride(), _stride(), 1)),
             topk_length=_fake(cutlass.Int32, (_i32(),), (1,)),
@@ -214,9 +214,9 @@ def sparse_decode_variant(layout_name: str = "v32", has_extra: bool = False, pai
             extra_indices=_fake(cutlass.Int32, (_i32(), _i32(), _i32()), (_stride(), _stride(), 1)),
             extra_topk_length=_fake(cutlass.Int32, (_i32(),), (1,)),
             sink=_fake(cutlass.Float32, (_i32(),), (1,)),
-            o=_fake(cutlass.BFloat16, (b, s_q, h_q, fp8_cache.VALUE_DIM), (_s16(), _s16(), _s16(), 1), 16),
+            o=_fake(cutlass.BFloat16, (b, s_q, h_q, fp8_cache.VALUE_DIM), (_s16(), _s16(), _s16(), 1), ALIGN_BYTES),
             lse=_fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
-            accum=_fake(cutlass.Float32, (_i32(),), (1,), 16),
+            accum=_fake(cutlass.Float32, (_i32(),), (1,), ALIGN_BYTES),
             num_splits=_fake(cutlass.Int32, (_i32(),), (1,)),
             softmax_scale=Float32(1.0),
             has_topk_length=Int32(0),

@@ -12,6 +12,12 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+ALIGN_BYTES = 16
+"""The base address and the strides (but the last, 1) of every tensor argument the
+kernels read or write in bulk: multiples of 16 bytes. TMA requires it of Q and the caches,
+the vectorized stores of the outputs assume it (a row's start), and the compiled
+functions are specialized for it (``compile``); the checks refuse other tensors."""
+
 
 class DecodeArgs(NamedTuple):
     """``kernels.decode_sm90.MlaDecodeSm90``'s arguments."""

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import fp8_cache
+from .launch_args import ALIGN_BYTES
 from .checks import (
     _check_contiguous,
     _check_device,
@@ -41,8 +42,9 @@ HEAD_TILE = 64
 MAX_HEADS = 2 * HEAD_TILE
 """Query heads sharing the one latent KV head: up to 128."""
 
-VECTOR_BYTES = 16
-"""The kernel reads the cache, q and the output 16 bytes at a time."""
+VECTOR_BYTES = ALIGN_BYTES
+"""The kernel reads the cache, q and the output 16 bytes at a time (``launch_args.ALIGN_BYTES``,
+what it is compiled for)."""
 
 MAX_STRIDE = 2**32 - 1
 """The largest cache page stride (in bytes) and index-tensor stride of the batch and

@@ -76,6 +76,7 @@ from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from . import softmax, utils
+from ..launch_args import ALIGN_BYTES
 from ..scheduler import BEGIN_BATCH, BEGIN_BLOCK, BEGIN_SPLIT, BLOCK_SIZE, END_BATCH, END_BLOCK, ROWS_PER_TILE
 from .consumer_barriers import ConsumerBarriers
 from .kv_stages import NUM_STAGES, KvStages
@@ -96,8 +97,8 @@ ATOM_ROWS = utils.ATOM_ROWS
 STREAM_BLOCKS = 32  # K tiles: a run this long of one sequence is a stream (k_cache_policy)
 
 # An output or partial row's start: both tensors are compiled as 16-byte aligned, with
-# strides in whole 16-byte units (compile.py), and a row is dv values.
-ROW_ALIGN_BYTES = 16
+# strides in whole 16-byte units, and a row is dv values.
+ROW_ALIGN_BYTES = ALIGN_BYTES
 
 # Row statistics in shared memory, each TILE_M floats.
 STAT_M0, STAT_S0, STAT_M1, STAT_S1, STAT_SUM_L, STAT_SUM_R = range(6)
