@@ -34,8 +34,29 @@ CALLS_PER_GROUP = 10
 QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
 
 
+def parse_sample(line: str, now: float):
+    """One ``nvidia-smi`` line of ``QUERY`` as (host time, SM MHz, watts, reasons), or
+    None for a line that is not one (a header, "[N/A]")."""
+    parts = [p.strip() for p in line.split(",")]
+    try:
+        return now, float(parts[0]), float(parts[1]), parts[2]
+    except (ValueError, IndexError):
+        return None
+
+
+def phase_summary(samples: list, t0: float, t1: float) -> tuple[float, float, str]:
+    """Median SM MHz and watts of the samples of a phase run from ``t0`` to ``t1``
+    (host times), its first ``SETTLE_S`` left out, and the clock-event reasons seen (NaN
+    and "" without samples)."""
+    kept = [s for s in samples if t0 + SETTLE_S <= s[0] <= t1]
+    if not kept:
+        return float("nan"), float("nan"), ""
+    return (statistics.median(s[1] for s in kept), statistics.median(s[2] for s in kept),
+            " ".join(sorted({s[3] for s in kept})))
+
+
 class Sampler:
-    """``nvidia-smi`` in the background: (host time, SM MHz, watts, reasons) rows."""
+    """``nvidia-smi`` in the background: ``parse_sample`` rows."""
 
     def __init__(self):
         self.rows = []
@@ -47,14 +68,9 @@ class Sampler:
 
     def _read(self):
         for line in self.proc.stdout:
-            parts = [p.strip() for p in line.split(",")]
-            try:
-                self.rows.append((time.monotonic(), float(parts[0]), float(parts[1]), parts[2]))
-            except (ValueError, IndexError):
-                pass
-
-    def between(self, t0: float, t1: float) -> list:
-        return [r for r in self.rows if t0 <= r[0] <= t1]
+            sample = parse_sample(line, time.monotonic())
+            if sample is not None:
+                self.rows.append(sample)
 
     def stop(self):
         self.proc.terminate()
@@ -110,12 +126,9 @@ def main():
     rows = []
     for label, fn, flops in phases:
         times, t0, t1 = run_phase(fn, args.seconds)
-        samples = sampler.between(t0 + SETTLE_S, t1)
         ms = statistics.median(times)
-        clock = statistics.median(s[1] for s in samples) if samples else float("nan")
-        watts = statistics.median(s[2] for s in samples) if samples else float("nan")
-        reasons = sorted({s[3] for s in samples})
-        rows.append((label, ms, flops / (ms * 1e-3) / 1e12, clock, watts, " ".join(reasons)))
+        clock, watts, reasons = phase_summary(list(sampler.rows), t0, t1)
+        rows.append((label, ms, flops / (ms * 1e-3) / 1e12, clock, watts, reasons))
         time.sleep(1.0)
     sampler.stop()
 
