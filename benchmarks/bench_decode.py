@@ -578,6 +578,14 @@ def plot(record: dict, path: str) -> None:
     print(f"wrote {path}")
 
 
+def positive_int(text: str) -> int:
+    """An argument that must be a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_run_args(parser: argparse.ArgumentParser, check_help: str, no_peers_help: str) -> None:
     """The flags every benchmark script of this folder takes besides its cases."""
     parser.add_argument("--check", action="store_true", help=check_help)
@@ -588,7 +596,7 @@ def add_run_args(parser: argparse.ArgumentParser, check_help: str, no_peers_help
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random inputs: a case's are drawn from seed + 1000 x its position in its "
                              "case set (default: 0)")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=positive_int, default=3,
                         help="rounds of timing every implementation, the order turned by one each round; a time is "
                              "the median of its rounds (default: 3)")
 

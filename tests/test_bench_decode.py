@@ -214,6 +214,12 @@ def test_every_implementation_runs_on_the_same_inputs_and_is_compared_with_ours(
     assert len(plans) == 1 and plans[0].plans == 1  # planned by its first call, then reused for every set
 
 
+def test_rounds_default_to_three_and_must_be_at_least_one(bench):
+    assert bench.parse_args([]).rounds == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rounds", "0"])
+
+
 def test_every_implementation_is_timed_in_rounds_in_turned_orders_and_keeps_its_median(bench, monkeypatch):
     import torch
 
