@@ -253,6 +253,28 @@ def compile_stamped(stamps: Stamps, options: str, loads_only: bool = False):
     return fn
 
 
+@contextlib.contextmanager
+def decode_kernel_swapped(fn):
+    """The package's calls run the compiled decode kernel ``fn`` (a stamped copy) instead
+    of their own until the block ends (None: their own); the package's is restored."""
+    from flashmla_cute import compile as compile_mod
+    from flashmla_cute import interface, runtime
+
+    package_get = compile_mod.get
+
+    def use(get):
+        compile_mod.get = get
+        runtime.decode_fn.cache_clear()
+        interface._known_decodes.clear()
+
+    try:
+        if fn is not None:
+            use(lambda variant: fn if variant.name.startswith("decode_sm90") else package_get(variant))
+        yield
+    finally:
+        use(package_get)
+
+
 def summarize(arr, names, label: str) -> None:
     """Medians and spread of every step, in cycles from the left consumer's pair start."""
     starts = arr[0, 0]
@@ -283,8 +305,6 @@ def run(cases, loads_only: bool = False) -> None:
     import torch
 
     import flashmla_cute
-    from flashmla_cute import compile as compile_mod
-    from flashmla_cute import interface, runtime
     from flashmla_cute.testing import make_decode_inputs, random_seqlens
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -293,35 +313,24 @@ def run(cases, loads_only: bool = False) -> None:
     trace = torch.full((len(ROLES) * MAX_STEPS * MAX_PAIRS,), -1, dtype=torch.int64, device="cuda")
     stamps = Stamps(trace.data_ptr())
     stamped = compile_stamped(stamps, "--enable-tvm-ffi", loads_only)
-    package_get = compile_mod.get
     timer = Timer(25, 100)
+    for b, seqlen, h_q, s_q in cases:
+        seqlens = random_seqlens(b, seqlen, s_q, False, 0)
+        x = make_decode_inputs(b, s_q, h_q, h_kv=1, seqlen=seqlen, device="cuda", seed=0, seqlens=seqlens)
+        meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, s_q * h_q, 1)
 
-    def use(get):
-        compile_mod.get = get
-        runtime.decode_fn.cache_clear()
-        interface._known_decodes.clear()
+        def call():
+            return flashmla_cute.flash_mla_with_kvcache(x.q, x.k_cache, x.block_table, x.cache_seqlens, 512,
+                                                        meta, splits, causal=True)
 
-    try:
-        for b, seqlen, h_q, s_q in cases:
-            seqlens = random_seqlens(b, seqlen, s_q, False, 0)
-            x = make_decode_inputs(b, s_q, h_q, h_kv=1, seqlen=seqlen, device="cuda", seed=0, seqlens=seqlens)
-            meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, s_q * h_q, 1)
-
-            def call():
-                return flashmla_cute.flash_mla_with_kvcache(x.q, x.k_cache, x.block_table, x.cache_seqlens, 512,
-                                                            meta, splits, causal=True)
-
-            use(package_get)
-            plain_ms = timer(call)
-            use(lambda variant: stamped if variant.name.startswith("decode_sm90") else package_get(variant))
+        plain_ms = timer(call)
+        with decode_kernel_swapped(stamped):
             stamped_ms = timer(call)
             trace.fill_(-1)
             call()
             torch.cuda.synchronize()
-            summarize(trace.view(len(ROLES), MAX_STEPS, MAX_PAIRS).cpu(), stamps.names,
-                      f"b{b} sk{seqlen} h{h_q} s{s_q}: plain {plain_ms:.4f} ms, stamped {stamped_ms:.4f} ms")
-    finally:
-        use(package_get)
+        summarize(trace.view(len(ROLES), MAX_STEPS, MAX_PAIRS).cpu(), stamps.names,
+                  f"b{b} sk{seqlen} h{h_q} s{s_q}: plain {plain_ms:.4f} ms, stamped {stamped_ms:.4f} ms")
 
 
 def parse_case(text: str):

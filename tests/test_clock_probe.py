@@ -22,3 +22,33 @@ def test_a_phase_keeps_its_samples_after_the_clock_settles():
     assert probe.phase_summary(samples, t0, t0 + 3.0) == (1450.0, 698.0, "0x4")
     clock, watts, reasons = probe.phase_summary(samples, 100.0, 103.0)
     assert math.isnan(clock) and math.isnan(watts) and reasons == ""
+
+
+def test_each_decode_phase_calls_its_own_implementation():
+    # The phases are listed before any runs: each must keep its own call.
+    called = []
+    callers = {name: (lambda name: lambda module, inp, case: lambda x: called.append(name))(name)
+               for name in ("flashmla_cute", "flash_mla", "flash_mla_head")}
+    original = probe.CALLERS
+    probe.CALLERS = callers
+    try:
+        class Testing:
+            @staticmethod
+            def random_seqlens(*args):
+                return None
+
+            @staticmethod
+            def make_decode_inputs(*args, **kwargs):
+                return None
+
+            @staticmethod
+            def decode_flops(*args):
+                return 1.0
+
+        case = probe.Case(1, 64, 16)
+        phases = list(probe.decode_phases(case, {name: None for name in callers}, Testing))
+    finally:
+        probe.CALLERS = original
+    for _, fn, _, _ in phases:
+        fn()
+    assert called == ["flashmla_cute", "flash_mla", "flash_mla_head"]
