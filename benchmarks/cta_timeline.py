@@ -1,0 +1,174 @@
+"""When each CTA of the dense decode kernel starts, begins its last epilogue and ends, on
+one clock for all SMs: whether a call's time is its CTAs' common pace or the last of
+them.
+
+    python benchmarks/cta_timeline.py [--case B,SEQLEN,H_Q,S_Q ...]
+    python benchmarks/cta_timeline.py --compile-only   # no GPU needed: compiles for sm_90a
+
+A stamped copy of the decode kernel (a subclass of ``MlaDecodeSm90``; the package's
+kernel is left as it is) reads the GPU's global timer (``%globaltimer``, the same on every
+SM) in the first thread of each consumer warpgroup at the points of ``POINTS``: the
+consumer's start, the start of each batch's epilogue (the last one is kept: the end of
+the CTA's last K tile) and its end. The stamps go to a buffer whose address is compiled
+into the stamped kernel, one row a CTA (``m_tile + tiles * (kv_head + heads * part)``).
+
+For each case the script times the plain and the stamped call (``bench_decode``'s timer,
+an L2 flush before each call), then stamps one call after a flush and prints, for each
+point, percentiles over the CTAs of its time from the first CTA's start, in
+microseconds, and how far the CTAs' ends spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_decode, pair_timeline, sparse_cta_timeline
+
+MAX_CTAS = 4096  # CTAs of one call that are stamped
+POINTS = ("left start", "left last epilogue", "left end", "right start", "right last epilogue", "right end")
+"""The stamped points, in the order of the trace's columns."""
+DEFAULT_CASES = [(128, 8192, 128, 2), (128, 4096, 128, 2)]
+NO_STAMP = -1
+
+
+class Stamps:
+    """Trace-time state: the trace buffer's address (``MAX_CTAS`` rows of ``len(POINTS)``
+    int64 stamps)."""
+
+    def __init__(self, address: int):
+        self.address = address
+
+    def stamp(self, point: str, enabled):
+        """Store the global timer at ``point`` of this CTA's row where ``enabled`` (a
+        later store of the same point replaces an earlier one)."""
+        import cutlass.cute as cute
+        from cutlass import Int64
+
+        from sparse_cta_timeline import time_store
+
+        ptr = cute.make_ptr(Int64, self.address, cute.AddressSpace.gmem, assumed_align=8)
+        trace = cute.make_tensor(ptr, cute.make_layout(MAX_CTAS * len(POINTS)))
+        m_tile, kv_head, part = cute.arch.block_idx()
+        tiles, heads, _ = cute.arch.grid_dim()
+        cta = m_tile + tiles * (kv_head + heads * part)
+        time_store()(trace, enabled & (cta < MAX_CTAS), cta * len(POINTS) + POINTS.index(point), False)
+
+
+def stamped_kernel_class(stamps: Stamps):
+    """The stamped decode kernel: the package's, with ``stamps.stamp`` around ``consume``
+    and ``finish_batch``."""
+    import cutlass
+
+    from flashmla_cute.kernels.decode_sm90 import MlaDecodeSm90
+
+    roles = ("left", "right")
+
+    # No data-dependent control flow below: plain Python, traced inline into the kernel.
+    class StampedDecode(MlaDecodeSm90):
+        def consume(self, wg: cutlass.Constexpr, wg_tidx, *args):
+            stamps.stamp(f"{roles[wg]} start", wg_tidx == 0)
+            MlaDecodeSm90.consume(self, wg, wg_tidx, *args)
+            stamps.stamp(f"{roles[wg]} end", wg_tidx == 0)
+
+        def finish_batch(self, wg: cutlass.Constexpr, t, *args):
+            stamps.stamp(f"{roles[wg]} last epilogue", t.wg_tidx == 0)
+            MlaDecodeSm90.finish_batch(self, wg, t, *args)
+
+    return StampedDecode
+
+
+def compile_stamped(stamps: Stamps, options: str):
+    """The stamped bf16 causal decode kernel, compiled with ``options``."""
+    import cutlass.cute as cute
+
+    from flashmla_cute import compile as compile_mod
+
+    kernel, args = compile_mod.decode_variant("bfloat16", True).build()
+    stamped = stamped_kernel_class(stamps)(kernel.dtype, kernel.head_dim, kernel.head_dim_v, kernel.causal)
+    start = time.time()
+    fn = cute.compile(stamped, *args, options=options)
+    print(f"compiled the stamped kernel in {time.time() - start:.1f} s", flush=True)
+    return fn
+
+
+def percentiles(values: list) -> str:
+    values = sorted(values)
+    pick = [values[int(q * (len(values) - 1))] for q in (0.0, 0.1, 0.5, 0.9, 1.0)]
+    return "min {:8.1f}  p10 {:8.1f}  median {:8.1f}  p90 {:8.1f}  max {:8.1f} us".format(*pick)
+
+
+def summarize(rows: list, label: str) -> None:
+    """Each point's time from the first CTA's start over the stamped CTAs, and the spread
+    of the CTAs' ends. ``rows``: one list of ``len(POINTS)`` stamps (ns) a CTA that ran."""
+    print(f"\n== {label}: {len(rows)} CTAs stamped")
+    if not rows:
+        return
+    t0 = min(row[0] for row in rows)
+    for p, point in enumerate(POINTS):
+        values = [(row[p] - t0) / 1000 for row in rows if row[p] != NO_STAMP]
+        if values:
+            print(f"  {point:20s} {percentiles(values)}")
+    end = POINTS.index("right end")
+    ends = sorted((row[end] - t0) / 1000 for row in rows if row[end] != NO_STAMP)
+    if ends:
+        print(f"  the last CTA ends {ends[-1] - statistics.median(ends):.1f} us after the median one; "
+              f"{sum(e > 0.97 * ends[-1] for e in ends)} of {len(ends)} CTAs end in the last 3% of the span")
+
+
+def run(cases) -> None:
+    import torch
+
+    import flashmla_cute
+    from flashmla_cute.testing import make_decode_inputs, random_seqlens
+
+    from bench_decode import FLUSH_BYTES, Timer
+    from pair_timeline import decode_kernel_swapped
+
+    trace = torch.full((MAX_CTAS, len(POINTS)), NO_STAMP, dtype=torch.int64, device="cuda")
+    stamped = compile_stamped(Stamps(trace.data_ptr()), "--enable-tvm-ffi")
+    timer = Timer(25, 100)
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    for b, seqlen, h_q, s_q in cases:
+        seqlens = random_seqlens(b, seqlen, s_q, False, 0)
+        x = make_decode_inputs(b, s_q, h_q, h_kv=1, seqlen=seqlen, device="cuda", seed=0, seqlens=seqlens)
+        meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, s_q * h_q, 1)
+
+        def call():
+            return flashmla_cute.flash_mla_with_kvcache(x.q, x.k_cache, x.block_table, x.cache_seqlens, 512,
+                                                        meta, splits, causal=True)
+
+        plain_ms = timer(call)
+        with decode_kernel_swapped(stamped):
+            stamped_ms = timer(call)
+            trace.fill_(NO_STAMP)
+            flush.zero_()
+            call()
+            torch.cuda.synchronize()
+        rows = [row for row in trace.tolist() if row[0] != NO_STAMP]
+        summarize(rows, f"b{b} sk{seqlen} h{h_q} s{s_q}: plain {plain_ms * 1000:.1f} us, "
+                        f"stamped {stamped_ms * 1000:.1f} us")
+
+
+def main(argv=None) -> int:
+    from pair_timeline import parse_case
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", type=parse_case, action="append", metavar="B,SEQLEN,H_Q,S_Q",
+                        help="a case to stamp (repeatable; default: b128 sk8192 and sk4096, h_q 128, s_q 2)")
+    parser.add_argument("--compile-only", action="store_true", help="compile the stamped kernel for sm_90a")
+    args = parser.parse_args(argv)
+    if args.compile_only:
+        os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+        compile_stamped(Stamps(1 << 40), "--gpu-arch=sm_90a")  # any address: the kernel is not run
+        return 0
+    run(args.case or DEFAULT_CASES)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
