@@ -123,25 +123,15 @@ def summarize(rows: list, label: str) -> None:
 def run(cases) -> None:
     import torch
 
-    import flashmla_cute
-    from flashmla_cute.testing import make_decode_inputs, random_seqlens
-
     from bench_decode import FLUSH_BYTES, Timer
-    from pair_timeline import decode_kernel_swapped
+    from pair_timeline import case_call, decode_kernel_swapped
 
     trace = torch.full((MAX_CTAS, len(POINTS)), NO_STAMP, dtype=torch.int64, device="cuda")
     stamped = compile_stamped(Stamps(trace.data_ptr()), "--enable-tvm-ffi")
     timer = Timer(25, 100)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
     for b, seqlen, h_q, s_q in cases:
-        seqlens = random_seqlens(b, seqlen, s_q, False, 0)
-        x = make_decode_inputs(b, s_q, h_q, h_kv=1, seqlen=seqlen, device="cuda", seed=0, seqlens=seqlens)
-        meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, s_q * h_q, 1)
-
-        def call():
-            return flashmla_cute.flash_mla_with_kvcache(x.q, x.k_cache, x.block_table, x.cache_seqlens, 512,
-                                                        meta, splits, causal=True)
-
+        call = case_call(b, seqlen, h_q, s_q)
         plain_ms = timer(call)
         with decode_kernel_swapped(stamped):
             stamped_ms = timer(call)

@@ -301,11 +301,25 @@ def summarize(arr, names, label: str) -> None:
                       f"({len(values)} pairs)")
 
 
-def run(cases, loads_only: bool = False) -> None:
-    import torch
-
+def case_call(b: int, seqlen: int, h_q: int, s_q: int):
+    """A package call (causal) on fresh inputs of one case with fixed lengths, planned
+    once; it runs whichever decode kernel is in place (``decode_kernel_swapped``)."""
     import flashmla_cute
     from flashmla_cute.testing import make_decode_inputs, random_seqlens
+
+    seqlens = random_seqlens(b, seqlen, s_q, False, 0)
+    x = make_decode_inputs(b, s_q, h_q, h_kv=1, seqlen=seqlen, device="cuda", seed=0, seqlens=seqlens)
+    meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, s_q * h_q, 1)
+
+    def call():
+        return flashmla_cute.flash_mla_with_kvcache(x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits,
+                                                    causal=True)
+
+    return call
+
+
+def run(cases, loads_only: bool = False) -> None:
+    import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_decode import Timer
@@ -315,14 +329,7 @@ def run(cases, loads_only: bool = False) -> None:
     stamped = compile_stamped(stamps, "--enable-tvm-ffi", loads_only)
     timer = Timer(25, 100)
     for b, seqlen, h_q, s_q in cases:
-        seqlens = random_seqlens(b, seqlen, s_q, False, 0)
-        x = make_decode_inputs(b, s_q, h_q, h_kv=1, seqlen=seqlen, device="cuda", seed=0, seqlens=seqlens)
-        meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, s_q * h_q, 1)
-
-        def call():
-            return flashmla_cute.flash_mla_with_kvcache(x.q, x.k_cache, x.block_table, x.cache_seqlens, 512,
-                                                        meta, splits, causal=True)
-
+        call = case_call(b, seqlen, h_q, s_q)
         plain_ms = timer(call)
         with decode_kernel_swapped(stamped):
             stamped_ms = timer(call)
