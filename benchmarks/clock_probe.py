@@ -35,7 +35,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import CALLERS, CASE_SETS, D, DV, H_KV, MATMUL_N, OURS, Case, import_package, import_peers  # noqa: E402
+from bench_decode import (CALLERS, CASE_SETS, D, DV, H_KV, MATMUL_N, OURS, Case,  # noqa: E402
+                          import_package, import_peers)
 
 SAMPLE_MS = 100
 SETTLE_S = 1.0  # samples this early in a phase are left out

@@ -186,7 +186,8 @@ def sparse_cache_fake(layout):
     and reads only the page stride, which may be anything for a cache of one page."""
     import cutlass
 
-    return _fake(cutlass.Uint8, (_i32(), _i32(), 1, layout.bytes_per_token), (_stride(), _stride(), _stride(), 1), ALIGN_BYTES)
+    return _fake(cutlass.Uint8, (_i32(), _i32(), 1, layout.bytes_per_token), (_stride(), _stride(), _stride(), 1),
+                 ALIGN_BYTES)
 
 
 def sparse_decode_variant(layout_name: str = "v32", has_extra: bool = False, pair_heads: bool = False) -> Variant:
