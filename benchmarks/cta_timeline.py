@@ -9,13 +9,16 @@ A stamped copy of the decode kernel (a subclass of ``MlaDecodeSm90``; the packag
 kernel is left as it is) reads the GPU's global timer (``%globaltimer``, the same on every
 SM) in the first thread of each consumer warpgroup at the points of ``POINTS``: the
 consumer's start, the start of each batch's epilogue (the last one is kept: the end of
-the CTA's last K tile) and its end. The stamps go to a buffer whose address is compiled
-into the stamped kernel, one row a CTA (``m_tile + tiles * (kv_head + heads * part)``).
+the CTA's last K tile) and its end; and it sums in ``SUMS`` the time each consumer spends
+in its pairs of blocks and counts them. The stamps go to a buffer whose address is
+compiled into the stamped kernel, one row a CTA (``m_tile + tiles * (kv_head + heads *
+part)``).
 
 For each case the script times the plain and the stamped call (``bench_decode``'s timer,
 an L2 flush before each call), then stamps one call after a flush and prints, for each
 point, percentiles over the CTAs of its time from the first CTA's start, in
-microseconds, and how far the CTAs' ends spread.
+microseconds, how far the CTAs' ends spread, each CTA's mean time a pair and the share
+of its life spent in pairs.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_decode, 
 
 MAX_CTAS = 4096  # CTAs of one call that are stamped
 POINTS = ("left start", "left last epilogue", "left end", "right start", "right last epilogue", "right end")
-"""The stamped points, in the order of the trace's columns."""
+"""The stamped points, in the order of the trace's first columns."""
+SUMS = ("left pairs ns", "left pairs", "right pairs ns", "right pairs")
+"""The summed columns after them: each consumer's time in its pairs (ns) and its pairs."""
+COLUMNS = POINTS + SUMS
 DEFAULT_CASES = [(128, 8192, 128, 2), (128, 4096, 128, 2)]
 NO_STAMP = -1
 
@@ -43,20 +49,52 @@ class Stamps:
     def __init__(self, address: int):
         self.address = address
 
-    def stamp(self, point: str, enabled):
-        """Store the global timer at ``point`` of this CTA's row where ``enabled`` (a
-        later store of the same point replaces an earlier one)."""
+    def _slot(self, column: str):
+        """(this CTA's row exists, the trace and the index of ``column`` in the row)."""
         import cutlass.cute as cute
         from cutlass import Int64
 
-        from sparse_cta_timeline import time_store
-
         ptr = cute.make_ptr(Int64, self.address, cute.AddressSpace.gmem, assumed_align=8)
-        trace = cute.make_tensor(ptr, cute.make_layout(MAX_CTAS * len(POINTS)))
+        trace = cute.make_tensor(ptr, cute.make_layout(MAX_CTAS * len(COLUMNS)))
         m_tile, kv_head, part = cute.arch.block_idx()
         tiles, heads, _ = cute.arch.grid_dim()
         cta = m_tile + tiles * (kv_head + heads * part)
-        time_store()(trace, enabled & (cta < MAX_CTAS), cta * len(POINTS) + POINTS.index(point), False)
+        return cta < MAX_CTAS, trace, cta * len(COLUMNS) + COLUMNS.index(column)
+
+    def stamp(self, point: str, enabled):
+        """Store the global timer at ``point`` of this CTA's row where ``enabled`` (a
+        later store of the same point replaces an earlier one)."""
+        from sparse_cta_timeline import time_store
+
+        in_trace, trace, idx = self._slot(point)
+        time_store()(trace, enabled & in_trace, idx, False)
+
+    def add(self, column: str, enabled, sign: int = 0):
+        """Add to ``column`` of this CTA's row where ``enabled``: the global timer times
+        ``sign`` (+1 or -1: a span's end and start), or 1 with ``sign`` 0 (a count)."""
+        in_trace, trace, idx = self._slot(column)
+        trace_add()(trace, enabled & in_trace, idx, sign)
+
+
+def trace_add():
+    """``add(trace, enabled, idx, sign)``, ``Stamps.add``'s device side."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass import Int64
+
+    from sparse_cta_timeline import timer_ops
+
+    global_timer, reduce = timer_ops()
+
+    @cute.jit
+    def add(trace: cute.Tensor, enabled, idx, sign: cutlass.Constexpr):
+        if enabled:
+            value = Int64(1)
+            if cutlass.const_expr(sign != 0):
+                value = global_timer() * Int64(sign)
+            reduce("add.u64", (trace.iterator + idx).toint(), value)
+
+    return add
 
 
 def stamped_kernel_class(stamps: Stamps):
@@ -78,6 +116,18 @@ def stamped_kernel_class(stamps: Stamps):
         def finish_batch(self, wg: cutlass.Constexpr, t, *args):
             stamps.stamp(f"{roles[wg]} last epilogue", t.wg_tidx == 0)
             MlaDecodeSm90.finish_batch(self, wg, t, *args)
+
+        def left_pair(self, t, *args):
+            timed_pair(MlaDecodeSm90.left_pair, "left", self, t, *args)
+
+        def right_pair(self, t, *args):
+            timed_pair(MlaDecodeSm90.right_pair, "right", self, t, *args)
+
+    def timed_pair(role_pair, role: str, self, t, *args):
+        stamps.add(f"{role} pairs", t.wg_tidx == 0)
+        stamps.add(f"{role} pairs ns", t.wg_tidx == 0, -1)
+        role_pair(self, t, *args)
+        stamps.add(f"{role} pairs ns", t.wg_tidx == 0, 1)
 
     return StampedDecode
 
@@ -103,8 +153,9 @@ def percentiles(values: list) -> str:
 
 
 def summarize(rows: list, label: str) -> None:
-    """Each point's time from the first CTA's start over the stamped CTAs, and the spread
-    of the CTAs' ends. ``rows``: one list of ``len(POINTS)`` stamps (ns) a CTA that ran."""
+    """Each point's time from the first CTA's start over the stamped CTAs, the spread of
+    the CTAs' ends, and each CTA's time a pair. ``rows``: one list of ``len(COLUMNS)``
+    values (ns, counts) a CTA that ran."""
     print(f"\n== {label}: {len(rows)} CTAs stamped")
     if not rows:
         return
@@ -118,6 +169,15 @@ def summarize(rows: list, label: str) -> None:
     if ends:
         print(f"  the last CTA ends {ends[-1] - statistics.median(ends):.1f} us after the median one; "
               f"{sum(e > 0.97 * ends[-1] for e in ends)} of {len(ends)} CTAs end in the last 3% of the span")
+    for role in ("left", "right"):
+        ns, count = COLUMNS.index(f"{role} pairs ns"), COLUMNS.index(f"{role} pairs")
+        start, stop = POINTS.index(f"{role} start"), POINTS.index(f"{role} end")
+        working = [row for row in rows if row[count] > 0]
+        if working:
+            print(f"  {role + ' time a pair':20s} " + percentiles([row[ns] / row[count] / 1000 for row in working]))
+            shares = sorted(row[ns] / (row[stop] - row[start]) for row in working)
+            print(f"  {role + ' share in pairs':20s} median {100 * statistics.median(shares):.1f}%, "
+                  f"min {100 * shares[0]:.1f}% ({len(working)} CTAs with pairs)")
 
 
 def run(cases) -> None:
@@ -126,7 +186,7 @@ def run(cases) -> None:
     from bench_decode import FLUSH_BYTES, Timer
     from pair_timeline import case_call, decode_kernel_swapped
 
-    trace = torch.full((MAX_CTAS, len(POINTS)), NO_STAMP, dtype=torch.int64, device="cuda")
+    trace = torch.full((MAX_CTAS, len(COLUMNS)), NO_STAMP, dtype=torch.int64, device="cuda")
     stamped = compile_stamped(Stamps(trace.data_ptr()), "--enable-tvm-ffi")
     timer = Timer(25, 100)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
@@ -136,6 +196,7 @@ def run(cases) -> None:
         with decode_kernel_swapped(stamped):
             stamped_ms = timer(call)
             trace.fill_(NO_STAMP)
+            trace[:, len(POINTS):] = 0  # the sums start at 0
             flush.zero_()
             call()
             torch.cuda.synchronize()

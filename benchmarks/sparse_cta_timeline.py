@@ -69,12 +69,12 @@ class Stamps:
 
 
 @functools.cache
-def time_store():
-    """``store(trace, enabled, idx, first_only)``: ``trace[idx]`` = the global timer
-    where ``enabled``, or with ``first_only`` the smaller of the two (the trace starts at
-    ``NO_STAMP``); built once, the DSL is imported only when a kernel is compiled."""
-    import cutlass
-    import cutlass.cute as cute
+def timer_ops():
+    """``(global_timer, reduce)``: ``global_timer()`` reads ``%globaltimer`` (ns);
+    ``reduce(op, address, value)`` is a ``red.global.<op>`` (``"min.s64"``, ``"add.u64"``:
+    PTX adds 64-bit integers only as unsigned, the same bits) on an int64 in global memory. A reduction, not a read and a store: the stamping thread
+    must not wait for a load (a round trip to DRAM after the flush) at a point it
+    stamps. Built once; the DSL is imported only when a kernel is compiled."""
     from cutlass import Int64
     from cutlass._mlir.dialects import llvm
     from cutlass.cutlass_dsl import T, dsl_user_op
@@ -85,18 +85,29 @@ def time_store():
                                      is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip))
 
     @dsl_user_op
-    def keep_earliest(address, value, *, loc=None, ip=None):
-        # A reduction, not a read of the trace and a store: the stamping thread must not
-        # wait for a load (a round trip to DRAM after the flush) at a point it stamps.
+    def reduce(op: str, address, value, *, loc=None, ip=None):
         llvm.inline_asm(None, [Int64(address).ir_value(loc=loc, ip=ip), Int64(value).ir_value(loc=loc, ip=ip)],
-                        "red.global.min.s64 [$0], $1;", "l,l", has_side_effects=True, is_align_stack=False,
+                        f"red.global.{op} [$0], $1;", "l,l", has_side_effects=True, is_align_stack=False,
                         asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
+
+    return global_timer, reduce
+
+
+@functools.cache
+def time_store():
+    """``store(trace, enabled, idx, first_only)``: ``trace[idx]`` = the global timer
+    where ``enabled``, or with ``first_only`` the smaller of the two (the trace starts at
+    ``NO_STAMP``)."""
+    import cutlass
+    import cutlass.cute as cute
+
+    global_timer, reduce = timer_ops()
 
     @cute.jit
     def store(trace: cute.Tensor, enabled, idx, first_only: cutlass.Constexpr):
         if enabled:
             if cutlass.const_expr(first_only):
-                keep_earliest((trace.iterator + idx).toint(), global_timer())
+                reduce("min.s64", (trace.iterator + idx).toint(), global_timer())
             else:
                 trace[idx] = global_timer()
 
