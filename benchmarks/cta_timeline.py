@@ -24,6 +24,7 @@ of its life spent in pairs.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -76,8 +77,10 @@ class Stamps:
         trace_add()(trace, enabled & in_trace, idx, sign)
 
 
+@functools.cache
 def trace_add():
-    """``add(trace, enabled, idx, sign)``, ``Stamps.add``'s device side."""
+    """``add(trace, enabled, idx, sign)``, ``Stamps.add``'s device side; built once, as
+    ``sparse_cta_timeline.time_store``."""
     import cutlass
     import cutlass.cute as cute
     from cutlass import Int64

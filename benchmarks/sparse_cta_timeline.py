@@ -72,9 +72,10 @@ class Stamps:
 def timer_ops():
     """``(global_timer, reduce)``: ``global_timer()`` reads ``%globaltimer`` (ns);
     ``reduce(op, address, value)`` is a ``red.global.<op>`` (``"min.s64"``, ``"add.u64"``:
-    PTX adds 64-bit integers only as unsigned, the same bits) on an int64 in global memory. A reduction, not a read and a store: the stamping thread
-    must not wait for a load (a round trip to DRAM after the flush) at a point it
-    stamps. Built once; the DSL is imported only when a kernel is compiled."""
+    PTX adds 64-bit integers only as unsigned, the same bits) on an int64 in global
+    memory. A reduction, not a read and a store: the stamping thread must not wait for a
+    load (a round trip to DRAM after the flush) at a point it stamps. Built once; the
+    DSL is imported only when a kernel is compiled."""
     from cutlass import Int64
     from cutlass._mlir.dialects import llvm
     from cutlass.cutlass_dsl import T, dsl_user_op

@@ -3,7 +3,8 @@
 The decode kernel writes, for every fragment of a sequence that the scheduler split
 over several SM parts, the fragment's normalized output ``O_k`` (in the output's 16-bit
 dtype, ``scheduler.PARTIAL_VALUE_BYTES``) and its fp32 log-sum-exp ``L_k`` (``-inf``
-when the fragment saw no key of that row). The merged result is ``out = sum_k exp(L_k - L) O_k`` with ``L = log(sum_k exp(L_k))``.
+when the fragment saw no key of that row). The merged result is
+``out = sum_k exp(L_k - L) O_k`` with ``L = log(sum_k exp(L_k))``.
 
 Every split sequence is merged by ``MlaCombine``, a kernel launched right after the
 decode kernel as its programmatic dependent: it spreads each sequence's merge over its
