@@ -10,7 +10,7 @@ kernel is left as it is) reads the GPU's global timer (``%globaltimer``, the sam
 SM) in the first thread of each consumer warpgroup at the points of ``POINTS``: the
 consumer's start, the start of each batch's epilogue (the last one is kept: the end of
 the CTA's last K tile) and its end; and it sums in ``SUMS`` the time each consumer spends
-in its pairs of blocks and counts them. The stamps go to a buffer whose address is
+in its pairs of blocks and counts them, and keeps the SM it ran on. The stamps go to a buffer whose address is
 compiled into the stamped kernel, one row a CTA (``m_tile + tiles * (kv_head + heads *
 part)``).
 
@@ -18,7 +18,7 @@ For each case the script times the plain and the stamped call (``bench_decode``'
 an L2 flush before each call), then stamps one call after a flush and prints, for each
 point, percentiles over the CTAs of its time from the first CTA's start, in
 microseconds, how far the CTAs' ends spread, each CTA's mean time a pair and the share
-of its life spent in pairs.
+of its life spent in pairs, and that time a pair by SM.
 """
 
 from __future__ import annotations
@@ -38,14 +38,17 @@ POINTS = ("left start", "left last epilogue", "left end", "right start", "right 
 """The stamped points, in the order of the trace's first columns."""
 SUMS = ("left pairs ns", "left pairs", "right pairs ns", "right pairs")
 """The summed columns after them: each consumer's time in its pairs (ns) and its pairs."""
-COLUMNS = POINTS + SUMS
+SM = "sm"
+"""The last column: the SM the CTA ran on (``%smid``)."""
+COLUMNS = POINTS + SUMS + (SM,)
+SM_BIN = 8  # SMs a bin of the time-a-pair-by-SM line
 DEFAULT_CASES = [(128, 8192, 128, 2), (128, 4096, 128, 2)]
 NO_STAMP = -1
 
 
 class Stamps:
-    """Trace-time state: the trace buffer's address (``MAX_CTAS`` rows of ``len(POINTS)``
-    int64 stamps)."""
+    """Trace-time state: the trace buffer's address (``MAX_CTAS`` rows of ``len(COLUMNS)``
+    int64 values)."""
 
     def __init__(self, address: int):
         self.address = address
@@ -69,6 +72,11 @@ class Stamps:
 
         in_trace, trace, idx = self._slot(point)
         time_store()(trace, enabled & in_trace, idx, False)
+
+    def record_sm(self, enabled):
+        """Store this CTA's SM number in its row where ``enabled``."""
+        in_trace, trace, idx = self._slot(SM)
+        sm_store()(trace, enabled & in_trace, idx)
 
     def add(self, column: str, enabled, sign: int = 0):
         """Add to ``column`` of this CTA's row where ``enabled``: the global timer times
@@ -100,6 +108,20 @@ def trace_add():
     return add
 
 
+@functools.cache
+def sm_store():
+    """``store(trace, enabled, idx)``, ``Stamps.record_sm``'s device side."""
+    import cutlass.cute as cute
+    from cutlass import Int64
+
+    @cute.jit
+    def store(trace: cute.Tensor, enabled, idx):
+        if enabled:
+            trace[idx] = Int64(cute.arch.smid())
+
+    return store
+
+
 def stamped_kernel_class(stamps: Stamps):
     """The stamped decode kernel: the package's, with ``stamps.stamp`` around ``consume``
     and ``finish_batch``."""
@@ -113,6 +135,8 @@ def stamped_kernel_class(stamps: Stamps):
     class StampedDecode(MlaDecodeSm90):
         def consume(self, wg: cutlass.Constexpr, wg_tidx, *args):
             stamps.stamp(f"{roles[wg]} start", wg_tidx == 0)
+            if cutlass.const_expr(wg == 0):
+                stamps.record_sm(wg_tidx == 0)
             MlaDecodeSm90.consume(self, wg, wg_tidx, *args)
             stamps.stamp(f"{roles[wg]} end", wg_tidx == 0)
 
@@ -170,7 +194,8 @@ def summarize(rows: list, label: str) -> None:
     end = POINTS.index("right end")
     ends = sorted((row[end] - t0) / 1000 for row in rows if row[end] != NO_STAMP)
     if ends:
-        print(f"  the last CTA ends {ends[-1] - statistics.median(ends):.1f} us after the median one; "
+        print(f"  the last CTA ends {ends[-1] - statistics.median(ends):.1f} us after the median one "
+              f"and {ends[-1] - statistics.mean(ends):.1f} us after the mean; "
               f"{sum(e > 0.97 * ends[-1] for e in ends)} of {len(ends)} CTAs end in the last 3% of the span")
     for role in ("left", "right"):
         ns, count = COLUMNS.index(f"{role} pairs ns"), COLUMNS.index(f"{role} pairs")
@@ -181,6 +206,20 @@ def summarize(rows: list, label: str) -> None:
             shares = sorted(row[ns] / (row[stop] - row[start]) for row in working)
             print(f"  {role + ' share in pairs':20s} median {100 * statistics.median(shares):.1f}%, "
                   f"min {100 * shares[0]:.1f}% ({len(working)} CTAs with pairs)")
+    print_pair_time_by_sm(rows)
+
+
+def print_pair_time_by_sm(rows: list) -> None:
+    """The left consumer's mean time a pair over the CTAs of each bin of ``SM_BIN`` SMs
+    (by ``%smid``), in us: whether the slow CTAs are the SMs' or the work's."""
+    ns, count, sm = COLUMNS.index("left pairs ns"), COLUMNS.index("left pairs"), COLUMNS.index(SM)
+    bins = {}
+    for row in rows:
+        if row[count] > 0 and row[sm] != NO_STAMP:
+            bins.setdefault(row[sm] // SM_BIN, []).append(row[ns] / row[count] / 1000)
+    if bins:
+        cells = [f"{b * SM_BIN}: {statistics.mean(v):.2f}" for b, v in sorted(bins.items())]
+        print(f"  left time a pair by SM (first SM of each {SM_BIN}: mean us) " + ", ".join(cells))
 
 
 def run(cases) -> None:
@@ -199,7 +238,7 @@ def run(cases) -> None:
         with decode_kernel_swapped(stamped):
             stamped_ms = timer(call)
             trace.fill_(NO_STAMP)
-            trace[:, len(POINTS):] = 0  # the sums start at 0
+            trace[:, len(POINTS):len(POINTS) + len(SUMS)] = 0  # the sums start at 0
             flush.zero_()
             call()
             torch.cuda.synchronize()

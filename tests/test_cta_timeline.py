@@ -21,14 +21,17 @@ def test_stamped_kernel_compiles_for_sm90a(tmp_path):
 def test_summary_times_points_from_the_first_start_and_tells_the_ends_spread(capsys):
     tool = load_script(TOOL)
     us = 1000
-    # Per CTA: the six points (ns), then each consumer's time in pairs (ns) and its pairs.
-    rows = [[0, 90 * us, 100 * us, 0, 91 * us, 100 * us, 80 * us, 20, 80 * us, 20],
-            [5 * us, 95 * us, 104 * us, 5 * us, 96 * us, 105 * us, 88 * us, 20, 90 * us, 20],
-            [2 * us, 80 * us, 90 * us, 2 * us, 81 * us, 92 * us, 72 * us, 20, 72 * us, 20]]
+    # Per CTA: the six points (ns), each consumer's time in pairs (ns) and its pairs, its SM.
+    rows = [[0, 90 * us, 100 * us, 0, 91 * us, 100 * us, 80 * us, 20, 80 * us, 20, 3],
+            [5 * us, 95 * us, 104 * us, 5 * us, 96 * us, 105 * us, 88 * us, 20, 90 * us, 20, 9],
+            [2 * us, 80 * us, 90 * us, 2 * us, 81 * us, 92 * us, 72 * us, 20, 72 * us, 20, 1]]
     tool.summarize(rows, "case")
     out = capsys.readouterr().out
     assert "3 CTAs stamped" in out
     assert "right end" in out and "max    105.0 us" in out
-    assert "the last CTA ends 5.0 us after the median one; 1 of 3 CTAs end in the last 3% of the span" in out
+    assert ("the last CTA ends 5.0 us after the median one and 6.0 us after the mean; "
+            "1 of 3 CTAs end in the last 3% of the span") in out
     assert "left time a pair     min      3.6  p10      3.6  median      4.0  p90      4.0  max      4.4 us" in out
     assert "left share in pairs  median 81.8%, min 80.0% (3 CTAs with pairs)" in out
+    # SMs 3 and 1 share the first bin of eight (4.0 and 3.6 us a pair), SM 9 the second.
+    assert "left time a pair by SM (first SM of each 8: mean us) 0: 3.80, 8: 4.40" in out
