@@ -3,6 +3,7 @@ one clock for all SMs: whether a call's time is its CTAs' common pace or the las
 them.
 
     python benchmarks/cta_timeline.py [--case B,SEQLEN,H_Q,S_Q ...]
+    python benchmarks/cta_timeline.py --loads-only [--case ...]   # the K stream alone
     python benchmarks/cta_timeline.py --compile-only   # no GPU needed: compiles for sm_90a
 
 A stamped copy of the decode kernel (a subclass of ``MlaDecodeSm90``; the package's
@@ -122,12 +123,18 @@ def sm_store():
     return store
 
 
-def stamped_kernel_class(stamps: Stamps):
+def stamped_kernel_class(stamps: Stamps, loads_only: bool = False):
     """The stamped decode kernel: the package's, with ``stamps.stamp`` around ``consume``
-    and ``finish_batch``."""
+    and ``finish_batch``; with ``loads_only``, its pairs are ``pair_timeline``'s that only
+    wait for their K tiles and release them."""
     import cutlass
 
     from flashmla_cute.kernels.decode_sm90 import MlaDecodeSm90
+    from pair_timeline import loads_only_pair_method
+
+    pair_methods = {"left": MlaDecodeSm90.left_pair, "right": MlaDecodeSm90.right_pair}
+    if loads_only:
+        pair_methods = dict.fromkeys(pair_methods, loads_only_pair_method())
 
     roles = ("left", "right")
 
@@ -145,10 +152,10 @@ def stamped_kernel_class(stamps: Stamps):
             MlaDecodeSm90.finish_batch(self, wg, t, *args)
 
         def left_pair(self, t, *args):
-            timed_pair(MlaDecodeSm90.left_pair, "left", self, t, *args)
+            timed_pair(pair_methods["left"], "left", self, t, *args)
 
         def right_pair(self, t, *args):
-            timed_pair(MlaDecodeSm90.right_pair, "right", self, t, *args)
+            timed_pair(pair_methods["right"], "right", self, t, *args)
 
     def timed_pair(role_pair, role: str, self, t, *args):
         stamps.add(f"{role} pairs", t.wg_tidx == 0)
@@ -159,14 +166,15 @@ def stamped_kernel_class(stamps: Stamps):
     return StampedDecode
 
 
-def compile_stamped(stamps: Stamps, options: str):
-    """The stamped bf16 causal decode kernel, compiled with ``options``."""
+def compile_stamped(stamps: Stamps, options: str, loads_only: bool = False):
+    """The stamped bf16 causal decode kernel (``stamped_kernel_class``), compiled with
+    ``options``."""
     import cutlass.cute as cute
 
     from flashmla_cute import compile as compile_mod
 
     kernel, args = compile_mod.decode_variant("bfloat16", True).build()
-    stamped = stamped_kernel_class(stamps)(kernel.dtype, kernel.head_dim, kernel.head_dim_v, kernel.causal)
+    stamped = stamped_kernel_class(stamps, loads_only)(kernel.dtype, kernel.head_dim, kernel.head_dim_v, kernel.causal)
     start = time.time()
     fn = cute.compile(stamped, *args, options=options)
     print(f"compiled the stamped kernel in {time.time() - start:.1f} s", flush=True)
@@ -191,12 +199,12 @@ def summarize(rows: list, label: str) -> None:
         values = [(row[p] - t0) / 1000 for row in rows if row[p] != NO_STAMP]
         if values:
             print(f"  {point:20s} {percentiles(values)}")
-    end = POINTS.index("right end")
-    ends = sorted((row[end] - t0) / 1000 for row in rows if row[end] != NO_STAMP)
+    end, count = POINTS.index("right end"), COLUMNS.index("right pairs")
+    ends = sorted((row[end] - t0) / 1000 for row in rows if row[end] != NO_STAMP and row[count] > 0)
     if ends:
-        print(f"  the last CTA ends {ends[-1] - statistics.median(ends):.1f} us after the median one "
-              f"and {ends[-1] - statistics.mean(ends):.1f} us after the mean; "
-              f"{sum(e > 0.97 * ends[-1] for e in ends)} of {len(ends)} CTAs end in the last 3% of the span")
+        print(f"  of the CTAs with pairs, the last ends {ends[-1] - statistics.median(ends):.1f} us after the median "
+              f"one and {ends[-1] - statistics.mean(ends):.1f} us after the mean; "
+              f"{sum(e > 0.97 * ends[-1] for e in ends)} of {len(ends)} end in the last 3% of the span")
     for role in ("left", "right"):
         ns, count = COLUMNS.index(f"{role} pairs ns"), COLUMNS.index(f"{role} pairs")
         start, stop = POINTS.index(f"{role} start"), POINTS.index(f"{role} end")
@@ -222,14 +230,14 @@ def print_pair_time_by_sm(rows: list) -> None:
         print(f"  left time a pair by SM (first SM of each {SM_BIN}: mean us) " + ", ".join(cells))
 
 
-def run(cases) -> None:
+def run(cases, loads_only: bool = False) -> None:
     import torch
 
     from bench_decode import FLUSH_BYTES, Timer
     from pair_timeline import case_call, decode_kernel_swapped
 
     trace = torch.full((MAX_CTAS, len(COLUMNS)), NO_STAMP, dtype=torch.int64, device="cuda")
-    stamped = compile_stamped(Stamps(trace.data_ptr()), "--enable-tvm-ffi")
+    stamped = compile_stamped(Stamps(trace.data_ptr()), "--enable-tvm-ffi", loads_only)
     timer = Timer(25, 100)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
     for b, seqlen, h_q, s_q in cases:
@@ -253,13 +261,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", type=parse_case, action="append", metavar="B,SEQLEN,H_Q,S_Q",
                         help="a case to stamp (repeatable; default: b128 sk8192 and sk4096, h_q 128, s_q 2)")
+    parser.add_argument("--loads-only", action="store_true",
+                        help="stamp pair_timeline's kernel whose pairs only wait for their K tiles")
     parser.add_argument("--compile-only", action="store_true", help="compile the stamped kernel for sm_90a")
     args = parser.parse_args(argv)
     if args.compile_only:
         os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
-        compile_stamped(Stamps(1 << 40), "--gpu-arch=sm_90a")  # any address: the kernel is not run
+        compile_stamped(Stamps(1 << 40), "--gpu-arch=sm_90a", args.loads_only)  # any address: not run
         return 0
-    run(args.case or DEFAULT_CASES)
+    run(args.case or DEFAULT_CASES, args.loads_only)
     return 0
 
 

@@ -180,14 +180,12 @@ def stamped_steps(stamps: Stamps):
         consumer_barriers.ConsumerBarriers.create = saved_create
 
 
-def stamped_kernel_class(stamps: Stamps, loads_only: bool = False):
-    """The stamped kernel; with ``loads_only``, its consumers only wait for each pair's K
-    tiles (and Q) and release them: the K ring's own pace, with no MMA and no softmax
-    (its outputs are not the attention's)."""
-    import cutlass
+@functools.cache
+def loads_only_pair_method():
+    """A consumer's pair method (``left_pair`` / ``right_pair``'s arguments) that only waits
+    for the pair's K tiles (and Q) and releases them: the K ring's own pace, with no MMA
+    and no softmax (the outputs are not the attention's)."""
     import cutlass.cute as cute
-
-    from flashmla_cute.kernels.decode_sm90 import MlaDecodeSm90
 
     @cute.jit
     def loads_only_pair(self, t, bars, kv, q, pair, first_state, second_state, has_second, *rest):
@@ -197,6 +195,20 @@ def stamped_kernel_class(stamps: Stamps, loads_only: bool = False):
         if has_second:
             kv.wait(second_state, self.all_chunks)
             kv.release(second_state, self.all_chunks)
+
+    return loads_only_pair
+
+
+def stamped_kernel_class(stamps: Stamps, loads_only: bool = False):
+    """The stamped kernel; with ``loads_only``, its consumers only wait for each pair's K
+    tiles (and Q) and release them: the K ring's own pace, with no MMA and no softmax
+    (its outputs are not the attention's)."""
+    import cutlass
+    import cutlass.cute as cute
+
+    from flashmla_cute.kernels.decode_sm90 import MlaDecodeSm90
+
+    loads_only_pair = loads_only_pair_method()
 
     # No data-dependent control flow below: plain Python, traced inline into the kernel.
     def stamped_pair(role_pair):

@@ -6,15 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import load_script
 
 TOOL = Path(__file__).resolve().parent.parent / "benchmarks" / "cta_timeline.py"
 
 
-def test_stamped_kernel_compiles_for_sm90a(tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--loads-only"]], ids=["full", "loads-only"])
+def test_stamped_kernel_compiles_for_sm90a(tmp_path, flags):
     env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", FLASHMLA_CUTE_CACHE_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, str(TOOL), "--compile-only"], env=env, capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run([sys.executable, str(TOOL), "--compile-only", *flags], env=env, capture_output=True,
+                          text=True, check=True)
     assert "compiled the stamped kernel" in done.stdout
 
 
@@ -29,8 +32,8 @@ def test_summary_times_points_from_the_first_start_and_tells_the_ends_spread(cap
     out = capsys.readouterr().out
     assert "3 CTAs stamped" in out
     assert "right end" in out and "max    105.0 us" in out
-    assert ("the last CTA ends 5.0 us after the median one and 6.0 us after the mean; "
-            "1 of 3 CTAs end in the last 3% of the span") in out
+    assert ("of the CTAs with pairs, the last ends 5.0 us after the median one and 6.0 us after the mean; "
+            "1 of 3 end in the last 3% of the span") in out
     assert "left time a pair     min      3.6  p10      3.6  median      4.0  p90      4.0  max      4.4 us" in out
     assert "left share in pairs  median 81.8%, min 80.0% (3 CTAs with pairs)" in out
     # SMs 3 and 1 share the first bin of eight (4.0 and 3.6 us a pair), SM 9 the second.
