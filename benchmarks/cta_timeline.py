@@ -10,10 +10,10 @@ A stamped copy of the decode kernel (a subclass of ``MlaDecodeSm90``; the packag
 kernel is left as it is) reads the GPU's global timer (``%globaltimer``, the same on every
 SM) in the first thread of each consumer warpgroup at the points of ``POINTS``: the
 consumer's start, the start of each batch's epilogue (the last one is kept: the end of
-the CTA's last K tile) and its end; and it sums in ``SUMS`` the time each consumer spends
-in its pairs of blocks and counts them, and keeps the SM it ran on. The stamps go to a buffer whose address is
-compiled into the stamped kernel, one row a CTA (``m_tile + tiles * (kv_head + heads *
-part)``).
+the CTA's last K tile) and its end; it sums in ``SUMS`` the time each consumer spends in
+its pairs of blocks and counts them; and it keeps the SM the CTA ran on. The stamps go to
+a buffer whose address is compiled into the stamped kernel, one row a CTA (``m_tile +
+tiles * (kv_head + heads * part)``).
 
 For each case the script times the plain and the stamped call (``bench_decode``'s timer,
 an L2 flush before each call), then stamps one call after a flush and prints, for each
