@@ -29,7 +29,6 @@ import functools
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_decode, pair_timeline, sparse_cta_timeline
@@ -169,16 +168,9 @@ def stamped_kernel_class(stamps: Stamps, loads_only: bool = False):
 def compile_stamped(stamps: Stamps, options: str, loads_only: bool = False):
     """The stamped bf16 causal decode kernel (``stamped_kernel_class``), compiled with
     ``options``."""
-    import cutlass.cute as cute
+    from pair_timeline import compile_decode_subclass
 
-    from flashmla_cute import compile as compile_mod
-
-    kernel, args = compile_mod.decode_variant("bfloat16", True).build()
-    stamped = stamped_kernel_class(stamps, loads_only)(kernel.dtype, kernel.head_dim, kernel.head_dim_v, kernel.causal)
-    start = time.time()
-    fn = cute.compile(stamped, *args, options=options)
-    print(f"compiled the stamped kernel in {time.time() - start:.1f} s", flush=True)
-    return fn
+    return compile_decode_subclass(stamped_kernel_class(stamps, loads_only), options)
 
 
 def percentiles(values: list) -> str:

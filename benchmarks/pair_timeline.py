@@ -249,20 +249,26 @@ def stamped_kernel_class(stamps: Stamps, loads_only: bool = False):
     return StampedDecode
 
 
-def compile_stamped(stamps: Stamps, options: str, loads_only: bool = False):
-    """The stamped bf16 causal decode kernel (``stamped_kernel_class``), compiled with
-    ``options``."""
+def compile_decode_subclass(kernel_class, options: str, tracing=contextlib.nullcontext()):
+    """``kernel_class`` (a subclass of the decode kernel) built as the package's bf16 causal
+    variant and compiled with ``options``, traced inside the context ``tracing``."""
     import cutlass.cute as cute
 
     from flashmla_cute import compile as compile_mod
 
     kernel, args = compile_mod.decode_variant("bfloat16", True).build()
-    stamped = stamped_kernel_class(stamps, loads_only)(kernel.dtype, kernel.head_dim, kernel.head_dim_v, kernel.causal)
+    stamped = kernel_class(kernel.dtype, kernel.head_dim, kernel.head_dim_v, kernel.causal)
     start = time.time()
-    with stamped_steps(stamps):
+    with tracing:
         fn = cute.compile(stamped, *args, options=options)
     print(f"compiled the stamped kernel in {time.time() - start:.1f} s", flush=True)
     return fn
+
+
+def compile_stamped(stamps: Stamps, options: str, loads_only: bool = False):
+    """The stamped bf16 causal decode kernel (``stamped_kernel_class``), compiled with
+    ``options``."""
+    return compile_decode_subclass(stamped_kernel_class(stamps, loads_only), options, stamped_steps(stamps))
 
 
 @contextlib.contextmanager
