@@ -2,7 +2,7 @@
 one clock for all SMs: whether a call's time is its CTAs' common pace or the last of
 them.
 
-    python benchmarks/cta_timeline.py [--case B,SEQLEN,H_Q,S_Q ...]
+    python benchmarks/cta_timeline.py [--case B,SEQLEN,H_Q,S_Q[,var] ...]
     python benchmarks/cta_timeline.py --loads-only [--case ...]   # the K stream alone
     python benchmarks/cta_timeline.py --compile-only   # no GPU needed: compiles for sm_90a
 
@@ -19,7 +19,9 @@ For each case the script times the plain and the stamped call (``bench_decode``'
 an L2 flush before each call), then stamps one call after a flush and prints, for each
 point, percentiles over the CTAs of its time from the first CTA's start, in
 microseconds, how far the CTAs' ends spread, each CTA's mean time a pair and the share
-of its life spent in pairs, and that time a pair by SM.
+of its life spent in pairs, that time a pair by SM, and what a fragment costs: each
+CTA's life fitted over the CTAs as a cost a pair plus a cost a fragment of its part
+(``print_fragment_cost``; a varied-length case gives the parts different counts).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ SM = "sm"
 """The last column: the SM the CTA ran on (``%smid``)."""
 COLUMNS = POINTS + SUMS + (SM,)
 SM_BIN = 8  # SMs a bin of the time-a-pair-by-SM line
-DEFAULT_CASES = [(128, 8192, 128, 2), (128, 4096, 128, 2)]
+DEFAULT_CASES = [(128, 8192, 128, 2, False), (128, 4096, 128, 2, False)]
 NO_STAMP = -1
 
 
@@ -222,18 +224,72 @@ def print_pair_time_by_sm(rows: list) -> None:
         print(f"  left time a pair by SM (first SM of each {SM_BIN}: mean us) " + ", ".join(cells))
 
 
+def part_work(meta: list, seqlens: list) -> list:
+    """(fragments, pairs of blocks) of each part of the plan ``meta`` (its rows) for
+    ``seqlens``: the batches of its range and, in each, its blocks two at a time, as the
+    decode kernel takes them."""
+    from flashmla_cute.scheduler import BEGIN_BATCH, BEGIN_BLOCK, BLOCK_SIZE, END_BATCH, END_BLOCK
+
+    work = []
+    for row in meta:
+        fragments = pairs = 0
+        for batch in range(row[BEGIN_BATCH], row[END_BATCH] + 1):
+            num_blocks = -(-seqlens[batch] // BLOCK_SIZE)
+            first = row[BEGIN_BLOCK] if batch == row[BEGIN_BATCH] else 0
+            last = min(row[END_BLOCK], num_blocks) if batch == row[END_BATCH] else num_blocks
+            fragments += 1
+            pairs += max(-(-(last - first) // 2), 0)
+        work.append((fragments, pairs))
+    return work
+
+
+def print_fragment_cost(rows: dict, work: list, tiles: int) -> None:
+    """Fits each CTA's life (its first start to its last end, us) as ``a pairs + b
+    fragments + c`` over the CTAs with pairs (``rows``: trace rows by CTA index, ``work``:
+    ``part_work`` of the plan, ``tiles`` query tiles a part), prints a fragment's cost in
+    blocks (``b / (a / 2)``, against the planner's F) and the CTAs' mean end by their part's
+    fragment count."""
+    import torch
+
+    from flashmla_cute.scheduler import FIXED_OVERHEAD_BLOCKS
+
+    start, end = POINTS.index("left start"), POINTS.index("right end")
+    t0 = min(row[start] for row in rows.values())
+    samples = []  # (pairs, fragments, start us, end us)
+    for index, row in rows.items():
+        fragments, pairs = work[index // tiles]
+        if pairs > 0 and row[end] != NO_STAMP:
+            samples.append((pairs, fragments, (row[start] - t0) / 1000, (row[end] - t0) / 1000))
+    if len(samples) < 4 or len({s[1] for s in samples}) < 2:
+        print("  a fragment's cost: the parts' fragment counts do not vary enough to fit it")
+        return
+    x = torch.tensor([[p, f, 1.0] for p, f, _, _ in samples], dtype=torch.float64)
+    life = torch.tensor([[e - b] for _, _, b, e in samples], dtype=torch.float64)
+    (a, b, c), = torch.linalg.lstsq(x, life).solution.T.tolist()
+    residual = (x @ torch.tensor([[a], [b], [c]], dtype=torch.float64) - life).pow(2).mean().sqrt().item()
+    print(f"  life of a CTA = {a:.3f} us a pair + {b:.2f} us a fragment + {c:.1f} us (rms residual {residual:.2f} us, "
+          f"{len(samples)} CTAs): a fragment costs {2 * b / a:.2f} blocks (the planner charges {FIXED_OVERHEAD_BLOCKS})")
+    by_count = {}
+    for pairs, fragments, _, stop in samples:
+        by_count.setdefault(fragments, []).append((stop, pairs))
+    print("  by fragments of the part (CTAs, mean pairs, mean end us): " + "; ".join(
+        f"{f}: {len(v)}, {statistics.mean(p for _, p in v):.1f}, {statistics.mean(e for e, _ in v):.1f}"
+        for f, v in sorted(by_count.items())))
+
+
 def run(cases, loads_only: bool = False) -> None:
     import torch
 
     from bench_decode import FLUSH_BYTES, Timer
-    from pair_timeline import case_call, decode_kernel_swapped
+    from flashmla_cute.scheduler import num_query_tiles
+    from pair_timeline import case_call, case_label, decode_kernel_swapped
 
     trace = torch.full((MAX_CTAS, len(COLUMNS)), NO_STAMP, dtype=torch.int64, device="cuda")
     stamped = compile_stamped(Stamps(trace.data_ptr()), "--enable-tvm-ffi", loads_only)
     timer = Timer(25, 100)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
-    for b, seqlen, h_q, s_q in cases:
-        call = case_call(b, seqlen, h_q, s_q)
+    for case in cases:
+        call, seqlens, meta = case_call(*case)
         plain_ms = timer(call)
         with decode_kernel_swapped(stamped):
             stamped_ms = timer(call)
@@ -242,17 +298,20 @@ def run(cases, loads_only: bool = False) -> None:
             flush.zero_()
             call()
             torch.cuda.synchronize()
-        rows = [row for row in trace.tolist() if row[0] != NO_STAMP]
-        summarize(rows, f"b{b} sk{seqlen} h{h_q} s{s_q}: plain {plain_ms * 1000:.1f} us, "
-                        f"stamped {stamped_ms * 1000:.1f} us")
+        rows = {index: row for index, row in enumerate(trace.tolist()) if row[0] != NO_STAMP}
+        summarize(list(rows.values()), f"{case_label(*case)}: plain {plain_ms * 1000:.1f} us, "
+                                       f"stamped {stamped_ms * 1000:.1f} us")
+        _, _, h_q, s_q, _ = case
+        print_fragment_cost(rows, part_work(meta, seqlens), num_query_tiles(s_q * h_q))
 
 
 def main(argv=None) -> int:
     from pair_timeline import parse_case
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", type=parse_case, action="append", metavar="B,SEQLEN,H_Q,S_Q",
-                        help="a case to stamp (repeatable; default: b128 sk8192 and sk4096, h_q 128, s_q 2)")
+    parser.add_argument("--case", type=parse_case, action="append", metavar="B,SEQLEN,H_Q,S_Q[,var]",
+                        help="a case to stamp (var: varied lengths; repeatable; default: b128 sk8192 and "
+                             "sk4096, h_q 128, s_q 2)")
     parser.add_argument("--loads-only", action="store_true",
                         help="stamp pair_timeline's kernel whose pairs only wait for their K tiles")
     parser.add_argument("--compile-only", action="store_true", help="compile the stamped kernel for sm_90a")

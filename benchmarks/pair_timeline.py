@@ -1,6 +1,6 @@
 """Where a pair of blocks' time goes in the decode kernel: the timeline of one CTA.
 
-    python benchmarks/pair_timeline.py [--case B,SEQLEN,H_Q,S_Q ...] [--loads-only]
+    python benchmarks/pair_timeline.py [--case B,SEQLEN,H_Q,S_Q[,var] ...] [--loads-only]
     python benchmarks/pair_timeline.py --compile-only   # no GPU needed: compiles for sm_90a
 
 With ``--loads-only`` the stamped copy's consumers only wait for each pair's K tiles and
@@ -37,6 +37,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable, NamedTuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
@@ -45,7 +46,7 @@ MAX_STEPS = 32  # stamped steps per role and pair
 EPILOGUE_STEPS = (MAX_STEPS - 2, MAX_STEPS - 1)  # a batch's epilogue start and end, stamped per batch
 ROLES = ("left", "right", "producer")
 PRODUCER = 2
-DEFAULT_CASES = [(128, 8192, 128, 2)]
+DEFAULT_CASES = [(128, 8192, 128, 2, False)]
 
 
 class Stamps:
@@ -319,21 +320,34 @@ def summarize(arr, names, label: str) -> None:
                       f"({len(values)} pairs)")
 
 
-def case_call(b: int, seqlen: int, h_q: int, s_q: int):
-    """A package call (causal) on fresh inputs of one case with fixed lengths, planned
-    once; it runs whichever decode kernel is in place (``decode_kernel_swapped``)."""
+class CaseCall(NamedTuple):
+    """A package call of one case (``case_call``) and what it was planned with."""
+
+    call: Callable
+    seqlens: list  # each sequence's length
+    meta: list  # the plan's rows (``scheduler.py``)
+
+
+def case_call(b: int, seqlen: int, h_q: int, s_q: int, varlen: bool = False) -> CaseCall:
+    """A package call (causal) on fresh inputs of one case, with fixed lengths or (``varlen``)
+    ``random_seqlens``' varied ones of seed 0, planned once; it runs whichever decode
+    kernel is in place (``decode_kernel_swapped``)."""
     import flashmla_cute
     from flashmla_cute.testing import make_decode_inputs, random_seqlens
 
-    seqlens = random_seqlens(b, seqlen, s_q, False, 0)
-    x = make_decode_inputs(b, s_q, h_q, h_kv=1, seqlen=seqlen, device="cuda", seed=0, seqlens=seqlens)
+    seqlens = random_seqlens(b, seqlen, s_q, varlen, 0)
+    x = make_decode_inputs(b, s_q, h_q, 1, seqlen, varlen, device="cuda", seed=0, seqlens=seqlens)
     meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, s_q * h_q, 1)
 
     def call():
         return flashmla_cute.flash_mla_with_kvcache(x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits,
                                                     causal=True)
 
-    return call
+    return CaseCall(call, seqlens.tolist(), meta.tolist())
+
+
+def case_label(b: int, seqlen: int, h_q: int, s_q: int, varlen: bool) -> str:
+    return f"b{b} sk{seqlen} h{h_q} s{s_q}" + (" var" if varlen else "")
 
 
 def run(cases, loads_only: bool = False) -> None:
@@ -346,8 +360,8 @@ def run(cases, loads_only: bool = False) -> None:
     stamps = Stamps(trace.data_ptr())
     stamped = compile_stamped(stamps, "--enable-tvm-ffi", loads_only)
     timer = Timer(25, 100)
-    for b, seqlen, h_q, s_q in cases:
-        call = case_call(b, seqlen, h_q, s_q)
+    for case in cases:
+        call = case_call(*case).call
         plain_ms = timer(call)
         with decode_kernel_swapped(stamped):
             stamped_ms = timer(call)
@@ -355,20 +369,28 @@ def run(cases, loads_only: bool = False) -> None:
             call()
             torch.cuda.synchronize()
         summarize(trace.view(len(ROLES), MAX_STEPS, MAX_PAIRS).cpu(), stamps.names,
-                  f"b{b} sk{seqlen} h{h_q} s{s_q}: plain {plain_ms:.4f} ms, stamped {stamped_ms:.4f} ms")
+                  f"{case_label(*case)}: plain {plain_ms:.4f} ms, stamped {stamped_ms:.4f} ms")
 
 
-def parse_case(text: str):
-    values = tuple(int(v) for v in text.split(","))
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"--case wants B,SEQLEN,H_Q,S_Q, got {text!r}")
-    return values
+def parse_case(text: str) -> tuple:
+    """``B,SEQLEN,H_Q,S_Q`` (fixed lengths) or ``B,SEQLEN,H_Q,S_Q,var`` (varied) as
+    ``(b, seqlen, h_q, s_q, varlen)``."""
+    fields = text.split(",")
+    varlen = len(fields) == 5 and fields[4] == "var"
+    try:
+        values = tuple(int(v) for v in fields[:4])
+    except ValueError:
+        values = ()
+    if len(values) != 4 or len(fields) != 4 + varlen:
+        raise argparse.ArgumentTypeError(f"--case wants B,SEQLEN,H_Q,S_Q or B,SEQLEN,H_Q,S_Q,var, got {text!r}")
+    return values + (varlen,)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", type=parse_case, action="append", metavar="B,SEQLEN,H_Q,S_Q",
-                        help="a decode case (bf16, causal, h_kv 1); repeatable (default: 128,8192,128,2)")
+    parser.add_argument("--case", type=parse_case, action="append", metavar="B,SEQLEN,H_Q,S_Q[,var]",
+                        help="a decode case (bf16, causal, h_kv 1; var: varied lengths); repeatable "
+                             "(default: 128,8192,128,2)")
     parser.add_argument("--loads-only", action="store_true",
                         help="the consumers only wait for and release the K tiles: the K ring's own pace")
     parser.add_argument("--compile-only", action="store_true",
