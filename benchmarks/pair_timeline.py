@@ -242,7 +242,7 @@ def stamped_kernel_class(stamps: Stamps, loads_only: bool = False):
             stamps.consumer_step("S done")
 
         def finish_batch(self, *args):
-            batch = args[-2]
+            batch = args[-1].batch  # its Fragment
             stamps.epilogue(False, batch)
             MlaDecodeSm90.finish_batch(self, *args)
             stamps.epilogue(True, batch)

@@ -150,6 +150,19 @@ class CtaWork:
 
 
 @dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
+class Fragment:
+    """One batch of a CTA's part as its consumers take it: the sequence, its length, the
+    part's blocks of it, and where the result goes (``MlaDecodeSm90.fragment``)."""
+
+    batch: object  # Int32
+    seqlen: object
+    first: object  # the part's first block of the sequence
+    last: object  # one past its last
+    whole: object  # the sequence is not split: the output is written here
+    split_idx: object  # else: the accumulators' row of this fragment's partial
+
+
+@dataclass(frozen=True)  # frozen: the DSL's loops read it without carrying it
 class BatchQ:
     """A batch's Q tile as S waits for it: the one-stage ring Q is loaded through and
     the batch's state in it."""
@@ -368,15 +381,17 @@ class MlaDecodeSm90:
 
     @cute.jit
     def blocks_of(self, work: CtaWork, batch: Int32, begin_batch: Int32, begin_block: Int32, end_batch: Int32,
-                  end_block: Int32):
-        """(seqlen, first block, one past the last block) that this part loads for ``batch``.
+                  end_block: Int32, seqlen=None):
+        """(seqlen, first block, one past the last block) that this part loads for ``batch``
+        (``seqlen``: the sequence's length, read here where None).
 
         Blocks at or past ``ceil(seqlen / 64)`` are never loaded (a sequence of length 0
         has a block slot in the plan, but nothing to read), nor past the block table's
         width: a length the table cannot hold is never read out of bounds (the epilogue
         writes NaN for such a sequence instead of a silently truncated result).
         """
-        seqlen = work.mSeqlens[batch]
+        if const_expr(seqlen is None):
+            seqlen = work.mSeqlens[batch]
         num_blocks = cutlass.min((seqlen + BLOCK_N - 1) // BLOCK_N, work.mBlockTable.shape[1])
         first = Int32(0)
         if batch == begin_batch:
@@ -525,9 +540,16 @@ class MlaDecodeSm90:
         num_rows = cute.size(t.s_rc, mode=[0])
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
         tiles_seen = Int32(0)
+        # What a batch's first S and its epilogue need from the plan is read a batch
+        # ahead or at the batch's start, off the path of both: each read is an L2 round
+        # trip. (An empty part's range is (b, b - 1): it reads sequence b - 1, unused.)
+        begin_split = work.mMeta[work.part, BEGIN_SPLIT]
+        next_seqlen = work.mSeqlens[cutlass.min(begin_batch, end_batch)]
 
         for batch in cutlass.range(begin_batch, end_batch + 1, unroll=1):
-            seqlen, first, last = self.blocks_of(work, batch, begin_batch, begin_block, end_batch, end_block)
+            f = self.fragment(work, batch, next_seqlen, begin_split, begin_batch, begin_block, end_batch, end_block)
+            next_seqlen = work.mSeqlens[cutlass.min(batch + 1, end_batch)]
+            seqlen, first, last = f.seqlen, f.first, f.last
             # Per-row limit on visible kv positions (causal: query token s sees < seqlen - (s_q - 1 - s)).
             for i in cutlass.range_constexpr(num_rows):
                 row = work.m_tile * TILE_M + t.coord_s[i, 0][0]
@@ -560,7 +582,19 @@ class MlaDecodeSm90:
                 q.wait(self.all_chunks)
             q_ring.release(q_state, self.all_chunks)
             q_state.advance()
-            self.finish_batch(wg, t, bars, work, batch, seqlen)
+            self.finish_batch(wg, t, bars, work, f)
+
+    @cute.jit
+    def fragment(self, work: CtaWork, batch: Int32, seqlen: Int32, begin_split: Int32, begin_batch: Int32,
+                 begin_block: Int32, end_batch: Int32, end_block: Int32) -> Fragment:
+        """``batch`` of the part as a ``Fragment`` (``seqlen`` its length, ``begin_split`` the
+        part's first fragment number, from its plan row)."""
+        seqlen, first, last = self.blocks_of(work, batch, begin_batch, begin_block, end_batch, end_block, seqlen)
+        first_split = work.mNumSplits[batch]
+        split_idx = first_split
+        if batch == begin_batch:
+            split_idx = split_idx + begin_split
+        return Fragment(batch, seqlen, first, last, work.mNumSplits[batch + 1] - first_split == 1, split_idx)
 
     @cute.jit
     def left_pair(self, t, bars, kv, q, pair, first_state, second_state, has_second, seqlen, mask_from, scale_log2):
@@ -685,13 +719,14 @@ class MlaDecodeSm90:
         cute.arch.fence_view_async_shared()
 
     @cute.jit
-    def finish_batch(self, wg: cutlass.Constexpr, t, bars, work: CtaWork, batch, seqlen):
+    def finish_batch(self, wg: cutlass.Constexpr, t, bars, work: CtaWork, f: Fragment):
         """The batch's epilogue: total row sums (each consumer summed its own blocks),
         normalize, store the output, or the fragment's partial (in the output's dtype)
         for the combine kernel when the sequence was split; either row whole sectors at
         a time (``utils.store_acc_row_sectors``)."""
-        mNumSplits, mO, mLse, mOAccum, mLseAccum = work.mNumSplits, work.mO, work.mLse, work.mOAccum, work.mLseAccum
+        mO, mLse, mOAccum, mLseAccum = work.mO, work.mLse, work.mOAccum, work.mLseAccum
         heads_per_kv, kv_head = work.heads_per_kv, work.kv_head
+        batch, seqlen, whole, split_idx = f.batch, f.seqlen, f.whole, f.split_idx
         num_rows = cute.size(t.s_rc, mode=[0])
         rows_per_kv = mOAccum.shape[2]
         table_tokens = work.mBlockTable.shape[1] * BLOCK_N
@@ -700,10 +735,6 @@ class MlaDecodeSm90:
             if t.lane_writes_row:
                 t.stats[t.coord_s[i, 0][0], STAT_SUM_L + wg] = total
         bars.sums.arrive_and_wait()
-        num_frags = mNumSplits[batch + 1] - mNumSplits[batch]
-        split_idx = mNumSplits[batch]
-        if batch == work.mMeta[work.part, BEGIN_BATCH]:
-            split_idx = split_idx + work.mMeta[work.part, BEGIN_SPLIT]
         for i in cutlass.range_constexpr(num_rows):
             r = t.coord_s[i, 0][0]
             row = work.m_tile * TILE_M + r
@@ -718,7 +749,6 @@ class MlaDecodeSm90:
                 lse = Float32.nan
             s = row // heads_per_kv
             head = kv_head * heads_per_kv + (row - s * heads_per_kv)
-            whole = num_frags == 1
             # The output's row or the fragment's partial row, through one copy of the
             # store's code (a CTA of few blocks runs its epilogue's code cold). Every
             # lane stores (its shuffles), the rows past the query's only where valid.
