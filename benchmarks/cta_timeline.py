@@ -306,10 +306,10 @@ def run(cases, loads_only: bool = False) -> None:
 
 
 def main(argv=None) -> int:
-    from pair_timeline import parse_case
+    from pair_timeline import CASE_METAVAR, parse_case
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", type=parse_case, action="append", metavar="B,SEQLEN,H_Q,S_Q[,var]",
+    parser.add_argument("--case", type=parse_case, action="append", metavar=CASE_METAVAR,
                         help="a case to stamp (var: varied lengths; repeatable; default: b128 sk8192 and "
                              "sk4096, h_q 128, s_q 2)")
     parser.add_argument("--loads-only", action="store_true",

@@ -372,6 +372,10 @@ def run(cases, loads_only: bool = False) -> None:
                   f"{case_label(*case)}: plain {plain_ms:.4f} ms, stamped {stamped_ms:.4f} ms")
 
 
+CASE_METAVAR = "B,SEQLEN,H_Q,S_Q[,var]"
+"""A ``--case`` of this tool and of ``cta_timeline.py`` (``parse_case``)."""
+
+
 def parse_case(text: str) -> tuple:
     """``B,SEQLEN,H_Q,S_Q`` (fixed lengths) or ``B,SEQLEN,H_Q,S_Q,var`` (varied) as
     ``(b, seqlen, h_q, s_q, varlen)``."""
@@ -382,13 +386,13 @@ def parse_case(text: str) -> tuple:
     except ValueError:
         values = ()
     if len(values) != 4 or len(fields) != 4 + varlen:
-        raise argparse.ArgumentTypeError(f"--case wants B,SEQLEN,H_Q,S_Q or B,SEQLEN,H_Q,S_Q,var, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--case wants {CASE_METAVAR}, got {text!r}")
     return values + (varlen,)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", type=parse_case, action="append", metavar="B,SEQLEN,H_Q,S_Q[,var]",
+    parser.add_argument("--case", type=parse_case, action="append", metavar=CASE_METAVAR,
                         help="a decode case (bf16, causal, h_kv 1; var: varied lengths); repeatable "
                              "(default: 128,8192,128,2)")
     parser.add_argument("--loads-only", action="store_true",
