@@ -16,7 +16,8 @@ The stamps go to a buffer whose address is compiled into the stamped kernel.
 For each step the script prints the median, 10th and 90th percentiles over the CTA's
 pairs, in cycles from the left consumer's start of the pair, and the plain and stamped
 kernels' times per call (alike within noise: the stamps cost little), and how many of the
-CTA's pairs ran each step (a step inside a branch runs in some of them).
+CTA's pairs ran each step (a step inside a branch runs in some of them); then what each of
+the CTA's batch changes cost (``summarize_batch_changes``).
 
 Reading it:
 - a stamp right after ``BAR.SYNC.DEFER_BLOCKING`` (the "waited left_stats / right_stats"
@@ -320,6 +321,45 @@ def summarize(arr, names, label: str) -> None:
                       f"({len(values)} pairs)")
 
 
+def summarize_batch_changes(arr, names) -> None:
+    """What a change of batch costs each consumer: for every batch whose epilogue lies
+    between two stamped pairs with consecutive numbers, the cycles from the last pair's end
+    to the epilogue, the epilogue, on to the next batch's first pair, that pair's S, and
+    the two pairs' periods against the median period (their excess is the change's cost)."""
+    starts = arr[0, 0]
+    steady = [int(starts[p + 1] - starts[p]) for p in range(MAX_PAIRS - 1) if starts[p] >= 0 and starts[p + 1] >= 0]
+    if len(steady) < 3:
+        return
+    period = statistics.median(steady)
+    for role in (0, 1):
+        step_of = {name: step for step, name in names[role].items()}
+        if not {"start", "end", "S done"} <= step_of.keys():
+            continue
+        start, end, s_done = (arr[role, step_of[name]] for name in ("start", "end", "S done"))
+        begin_epi, end_epi = (arr[role, step] for step in EPILOGUE_STEPS)
+        rows = []
+        for b in range(MAX_PAIRS):
+            if begin_epi[b] < 0 or end_epi[b] < 0:
+                continue
+            before = [p for p in range(MAX_PAIRS) if 0 <= end[p] <= begin_epi[b]]
+            after = [p for p in range(MAX_PAIRS) if start[p] >= end_epi[b]]
+            if not before or not after:
+                continue
+            last, first = max(before, key=lambda p: end[p]), min(after, key=lambda p: start[p])
+            if first != last + 1 or first + 1 >= MAX_PAIRS or starts[first + 1] < 0 or s_done[first] < 0:
+                continue
+            rows.append((end_epi[b] - begin_epi[b], begin_epi[b] - end[last], start[first] - end_epi[b],
+                         s_done[first] - start[first], starts[first] - starts[last] - period,
+                         starts[first + 1] - starts[first] - period))
+        if not rows:
+            continue
+        columns = list(zip(*rows))
+        labels = ("epilogue", "last pair's end -> epilogue", "epilogue -> next pair", "next pair's S",
+                  "last pair's excess period", "first pair's excess period")
+        print(f"  {ROLES[role]}: {len(rows)} batch changes (steady period {period:.0f} cycles); medians: "
+              + ", ".join(f"{label} {statistics.median(int(v) for v in col):.0f}" for label, col in zip(labels, columns)))
+
+
 class CaseCall(NamedTuple):
     """A package call of one case (``case_call``) and what it was planned with."""
 
@@ -368,8 +408,9 @@ def run(cases, loads_only: bool = False) -> None:
             trace.fill_(-1)
             call()
             torch.cuda.synchronize()
-        summarize(trace.view(len(ROLES), MAX_STEPS, MAX_PAIRS).cpu(), stamps.names,
-                  f"{case_label(*case)}: plain {plain_ms:.4f} ms, stamped {stamped_ms:.4f} ms")
+        arr = trace.view(len(ROLES), MAX_STEPS, MAX_PAIRS).cpu()
+        summarize(arr, stamps.names, f"{case_label(*case)}: plain {plain_ms:.4f} ms, stamped {stamped_ms:.4f} ms")
+        summarize_batch_changes(arr, stamps.names)
 
 
 CASE_METAVAR = "B,SEQLEN,H_Q,S_Q[,var]"

@@ -70,3 +70,26 @@ def test_summary_reads_steps_from_each_pair_start_and_epilogues_per_batch(capsys
     medians = {m.group(1).strip(): int(m.group(2)) for m in re.finditer(r"^\s+\d+ (.+?) median\s+(-?\d+)", out, re.M)}
     assert medians["S done"] == 1200
     assert medians["acquired 0-3 of K0"] == -1300
+
+
+def test_a_batch_change_is_measured_between_the_pairs_around_its_epilogue(capsys):
+    import torch
+
+    tool = load_script(TOOL)
+    arr = torch.full((len(tool.ROLES), tool.MAX_STEPS, tool.MAX_PAIRS), -1, dtype=torch.int64)
+    begin, end = tool.EPILOGUE_STEPS
+    # Pairs 0-3 of one batch, its epilogue, pairs 4-7 of the next; the change costs
+    # the last pair 3000 cycles more than the 5000 of a steady period and the first 500.
+    starts = [5000 * p for p in range(4)] + [23000, 28500, 33500, 38500]
+    for p, start in enumerate(starts):
+        arr[0, 0, p] = start  # start
+        arr[0, 1, p] = start + 1200  # S done
+        arr[0, 2, p] = start + 4800  # end
+    arr[0, begin, 0], arr[0, end, 0] = 20000, 22000  # pair 3 ends at 19800
+    names = [{0: "start", 1: "S done", 2: "end"}, {}, {}]
+    tool.summarize_batch_changes(arr, names)
+    out = capsys.readouterr().out
+    assert "left: 1 batch changes (steady period 5000 cycles)" in out
+    for part in ("epilogue 2000", "last pair's end -> epilogue 200", "epilogue -> next pair 1000",
+                 "next pair's S 1200", "last pair's excess period 3000", "first pair's excess period 500"):
+        assert part in out, part
