@@ -1,10 +1,12 @@
 """Where a pair of blocks' time goes in the decode kernel: the timeline of one CTA.
 
-    python benchmarks/pair_timeline.py [--case B,SEQLEN,H_Q,S_Q[,var] ...] [--loads-only]
+    python benchmarks/pair_timeline.py [--case B,SEQLEN,H_Q,S_Q[,var] ...] [--loads-only | --no-output-stores]
     python benchmarks/pair_timeline.py --compile-only   # no GPU needed: compiles for sm_90a
 
 With ``--loads-only`` the stamped copy's consumers only wait for each pair's K tiles and
 release them (no MMA, no softmax, outputs not the attention's): the K ring's own pace.
+With ``--no-output-stores`` its epilogues do all but store the output rows (a probe of
+what the stores cost; the outputs are not written).
 
 A stamped copy of the decode kernel (a subclass of ``MlaDecodeSm90``; the package's
 kernel is left as it is) reads ``clock64`` in thread 0 of each consumer warpgroup and in
@@ -267,10 +269,36 @@ def compile_decode_subclass(kernel_class, options: str, tracing=contextlib.nullc
     return fn
 
 
-def compile_stamped(stamps: Stamps, options: str, loads_only: bool = False):
+@contextlib.contextmanager
+def output_stores_left_out():
+    """The decode kernel's epilogue stores no output row while a kernel is compiled in
+    the block (``utils.store_acc_row_sectors`` called with nothing valid); the package's
+    own afterwards."""
+    import cutlass
+
+    from flashmla_cute.kernels import utils
+
+    store = utils.store_acc_row_sectors
+
+    def no_store(*args):
+        store(*args[:-1], cutlass.Boolean(False))
+
+    utils.store_acc_row_sectors = no_store
+    try:
+        yield
+    finally:
+        utils.store_acc_row_sectors = store
+
+
+def compile_stamped(stamps: Stamps, options: str, loads_only: bool = False, output_stores: bool = True):
     """The stamped bf16 causal decode kernel (``stamped_kernel_class``), compiled with
-    ``options``."""
-    return compile_decode_subclass(stamped_kernel_class(stamps, loads_only), options, stamped_steps(stamps))
+    ``options`` (without ``output_stores``: ``output_stores_left_out``)."""
+    tracing = contextlib.ExitStack()
+    tracing.enter_context(stamped_steps(stamps))
+    if not output_stores:
+        tracing.enter_context(output_stores_left_out())
+    with tracing:
+        return compile_decode_subclass(stamped_kernel_class(stamps, loads_only), options)
 
 
 @contextlib.contextmanager
@@ -390,7 +418,7 @@ def case_label(b: int, seqlen: int, h_q: int, s_q: int, varlen: bool) -> str:
     return f"b{b} sk{seqlen} h{h_q} s{s_q}" + (" var" if varlen else "")
 
 
-def run(cases, loads_only: bool = False) -> None:
+def run(cases, loads_only: bool = False, output_stores: bool = True) -> None:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -398,7 +426,7 @@ def run(cases, loads_only: bool = False) -> None:
 
     trace = torch.full((len(ROLES) * MAX_STEPS * MAX_PAIRS,), -1, dtype=torch.int64, device="cuda")
     stamps = Stamps(trace.data_ptr())
-    stamped = compile_stamped(stamps, "--enable-tvm-ffi", loads_only)
+    stamped = compile_stamped(stamps, "--enable-tvm-ffi", loads_only, output_stores)
     timer = Timer(25, 100)
     for case in cases:
         call = case_call(*case).call
@@ -438,17 +466,19 @@ def main(argv=None) -> int:
                              "(default: 128,8192,128,2)")
     parser.add_argument("--loads-only", action="store_true",
                         help="the consumers only wait for and release the K tiles: the K ring's own pace")
+    parser.add_argument("--no-output-stores", action="store_true",
+                        help="the epilogues do all but store the output rows (what the stores cost)")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile the stamped kernel for sm_90a and list its steps (no GPU needed)")
     args = parser.parse_args(argv)
     if args.compile_only:
         os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
         stamps = Stamps(1 << 40)  # any address: the kernel is not run
-        compile_stamped(stamps, "--gpu-arch=sm_90a", args.loads_only)
+        compile_stamped(stamps, "--gpu-arch=sm_90a", args.loads_only, not args.no_output_stores)
         for role, names in zip(ROLES, stamps.names):
             print(f"{role}: " + "; ".join(names[s] for s in sorted(names)))
         return 0
-    run(args.case or DEFAULT_CASES, args.loads_only)
+    run(args.case or DEFAULT_CASES, args.loads_only, not args.no_output_stores)
     return 0
 
 
