@@ -93,3 +93,19 @@ def test_a_batch_change_is_measured_between_the_pairs_around_its_epilogue(capsys
     for part in ("epilogue 2000", "last pair's end -> epilogue 200", "epilogue -> next pair 1000",
                  "next pair's S 1200", "last pair's excess period 3000", "first pair's excess period 500"):
         assert part in out, part
+
+
+def test_the_kernel_without_output_stores_compiles_for_sm90a(tmp_path):
+    # The probe of what the epilogue's stores cost: the same steps, no output row stored.
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", FLASHMLA_CUTE_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, str(TOOL), "--compile-only", "--no-output-stores"], env=env,
+                          capture_output=True, text=True, check=True)
+    roles = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+    assert "S done" in roles["left"].split("; "), roles["left"]
+    from flashmla_cute.kernels import utils
+
+    tool = load_script(TOOL)
+    store = utils.store_acc_row_sectors
+    with tool.output_stores_left_out():
+        assert utils.store_acc_row_sectors is not store
+    assert utils.store_acc_row_sectors is store
