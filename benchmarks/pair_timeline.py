@@ -1,12 +1,13 @@
 """Where a pair of blocks' time goes in the decode kernel: the timeline of one CTA.
 
-    python benchmarks/pair_timeline.py [--case B,SEQLEN,H_Q,S_Q[,var] ...] [--loads-only | --no-output-stores]
+    python benchmarks/pair_timeline.py [--case B,SEQLEN,H_Q,S_Q[,var] ...] [--loads-only] [--no-output-stores]
     python benchmarks/pair_timeline.py --compile-only   # no GPU needed: compiles for sm_90a
 
 With ``--loads-only`` the stamped copy's consumers only wait for each pair's K tiles and
 release them (no MMA, no softmax, outputs not the attention's): the K ring's own pace.
 With ``--no-output-stores`` its epilogues do all but store the output rows (a probe of
-what the stores cost; the outputs are not written).
+what the stores cost; the outputs are not written, and the work only the stores need,
+their packing and shuffles, is compiled away with them).
 
 A stamped copy of the decode kernel (a subclass of ``MlaDecodeSm90``; the package's
 kernel is left as it is) reads ``clock64`` in thread 0 of each consumer warpgroup and in
