@@ -431,7 +431,11 @@ class MlaDecodeSm90:
             if batch == begin_batch:
                 q_ring.load(*q_load, self.lo)
             seqlen, first, last = self.blocks_of(work, batch, begin_batch, begin_block, end_batch, end_block)
-            cache_policy = self.k_cache_policy(last - first, num_m_tiles)
+            # A long run of one sequence read by a single query tile, the memory-bound
+            # case, is a stream: its K tiles get their own L2 treatment (k_cache_policy,
+            # load_k's prefetch).
+            stream = (last - first >= STREAM_BLOCKS) & (num_m_tiles == 1)
+            cache_policy = self.k_cache_policy(stream)
             # A later Q goes between the halves of the batch's first K tile: S's first
             # k-steps need only the lo halves of Q and of that tile (the rings' groups),
             # and Q's buffer frees up only when the previous batch's last block is done,
@@ -439,42 +443,54 @@ class MlaDecodeSm90:
             # rather than branches: pipeline states are advanced in loop bodies.)
             split = cutlass.min(first + 1, last)
             for block in cutlass.range(first, split, unroll=1):
-                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, work, batch, block, cache_policy, self.lo)
+                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, work, batch, block, cache_policy, stream, self.lo)
             if batch == begin_batch:
                 q_ring.load(*q_load, self.hi)
             else:
                 q_ring.load(*q_load, self.all_chunks)
             q_state.advance()
             for block in cutlass.range(first, split, unroll=1):
-                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, work, batch, block, cache_policy, self.hi)
+                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, work, batch, block, cache_policy, stream, self.hi)
                 kv_state.advance()
             for block in cutlass.range(split, last, unroll=1):
-                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, work, batch, block, cache_policy, self.all_chunks)
+                self.load_k(tma_k, tKgK, tKsK, kv, kv_state, work, batch, block, cache_policy, stream, self.all_chunks)
                 kv_state.advance()
 
     @cute.jit
-    def k_cache_policy(self, num_blocks: Int32, num_m_tiles: Int32) -> Int64:
-        """L2 eviction priority of a run of ``num_blocks`` K tiles of one sequence.
+    def k_cache_policy(self, stream) -> Int64:
+        """L2 eviction priority of a run of K tiles of one sequence.
 
-        ``EVICT_FIRST``, except for a long run (``STREAM_BLOCKS`` or more) read by a
-        single query tile, the memory-bound case: there the default priority was 2-3%
-        faster when the kernels before this one left L2 full of dirty lines, and slower
-        for short runs and for several query tiles sharing each K tile (measured, with
-        no known cause: benchmarks/NOTES.md, "The memory-bound gap: the K loads'
-        eviction hint")."""
+        ``EVICT_FIRST``, except for a ``stream`` (a run of ``STREAM_BLOCKS`` or more read
+        by a single query tile, the memory-bound case): there the default priority was
+        2-3% faster when the kernels before this one left L2 full of dirty lines, and
+        slower for short runs and for several query tiles sharing each K tile
+        (measured, with no known cause: benchmarks/NOTES.md, "The memory-bound gap: the
+        K loads' eviction hint")."""
         policy = Int64(utils.TMA_EVICT_FIRST)
-        if (num_blocks >= STREAM_BLOCKS) & (num_m_tiles == 1):
+        if stream:
             policy = Int64(utils.TMA_EVICT_NORMAL)
         return policy
 
     @cute.jit
-    def load_k(self, tma_k, tKgK, tKsK, kv, kv_state, work: CtaWork, batch, block, cache_policy, chunks):
+    def load_k(self, tma_k, tKgK, tKsK, kv, kv_state, work: CtaWork, batch, block, cache_policy, stream, chunks):
         """TMA of ``chunks`` (whole groups) of one 64-token page of K (and V, its first
         512 columns) into the next stage, each group as soon as both consumers are done
-        with it."""
+        with it.
+
+        In a ``stream``, the page's hi chunks are asked of L2 as its lo half is copied:
+        the hi half is released later (after ``P0 V0_R``), and the stream is bound by
+        the bytes in flight (sk8192 h16 s1 0.7% faster; with several query tiles or short
+        runs, 1-5% slower: benchmarks/NOTES.md, "a block's hi half asked of L2")."""
         page = work.mBlockTable[batch, block]
-        kv.load(kv_state, tma_k, tKgK[None, 0, None, work.kv_head, page], tKsK[None, None, kv_state.index],
-                cache_policy, chunks)
+        src = tKgK[None, 0, None, work.kv_head, page]
+        dst = tKsK[None, None, kv_state.index]
+        if const_expr(self.lo.start in chunks):
+            kv.load(kv_state, tma_k, src, dst, cache_policy, self.lo)
+            if stream:
+                for c in cutlass.range_constexpr(self.hi.start, self.hi.stop):
+                    cute.prefetch(tma_k, src[None, c])
+        if const_expr(self.hi.start in chunks):
+            kv.load(kv_state, tma_k, src, dst, cache_policy, self.hi)
 
     @staticmethod
     def kv_stage(count: Int32) -> pipeline.PipelineState:
