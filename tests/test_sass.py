@@ -124,3 +124,17 @@ def test_the_decode_kernel_roles_take_their_registers(cubins, name):
     sass = sass_of(cubins[name])
     assert re.findall(r"USETMAXREG\.DEALLOC\S*\s+(0x[0-9a-f]+)", sass) == [hex(PRODUCER_REGS)], name
     assert re.findall(r"USETMAXREG\.TRY_ALLOC\S*\s+UP\d,\s*(0x[0-9a-f]+)", sass) == [hex(CONSUMER_REGS)], name
+
+
+@pytest.mark.parametrize("name", [v.name for v in compile_mod.all_variants() if v.name.startswith("decode_sm90")])
+def test_the_dense_producer_asks_l2_for_a_streams_second_halves(cubins, name):
+    """In a stream the producer prefetches a page's hi chunks into L2 (a TMA prefetch a
+    chunk, 5 a page) as it copies the page's lo half, in both places a lo half is copied
+    (a batch's first block, and the blocks after it); nowhere else."""
+    import cutlass
+
+    from flashmla_cute.kernels import decode_sm90
+
+    kernel = decode_sm90.MlaDecodeSm90(cutlass.BFloat16)
+    sass = sass_of(cubins[name])
+    assert len(re.findall(r"\bUTMAPF\.L2\b", sass)) == 2 * len(kernel.hi), name
