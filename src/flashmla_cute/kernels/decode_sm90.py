@@ -18,7 +18,9 @@ Warp roles (384 threads):
   one 64-column chunk per copy. Each stage completes on
   two mbarriers, for its "lo" chunks (the left consumer's 256 value columns) and its
   "hi" chunks (the rest), which are also released separately, so that the next block's
-  first chunks load while the current pair of blocks is still being finished.
+  first chunks load while the current pair of blocks is still being finished. In a
+  stream (one query tile on a long run of one sequence, the memory-bound case) a page's
+  hi chunks are also asked of L2 when its lo half is copied (``load_k``).
 - warpgroups 1 and 2: the consumers, "left" and "right". The 64x512 fp32 output O is
   split by columns: left owns ``O_L = O[:, :256]``, right ``O_R = O[:, 256:]``. Blocks
   are taken in pairs ``(K0, K1)`` and the two consumers run a variant of FlashMLA's
