@@ -298,8 +298,7 @@ def compile_stamped(stamps: Stamps, options: str, loads_only: bool = False, outp
     tracing.enter_context(stamped_steps(stamps))
     if not output_stores:
         tracing.enter_context(output_stores_left_out())
-    with tracing:
-        return compile_decode_subclass(stamped_kernel_class(stamps, loads_only), options)
+    return compile_decode_subclass(stamped_kernel_class(stamps, loads_only), options, tracing)
 
 
 @contextlib.contextmanager
