@@ -323,14 +323,27 @@ def decode_kernel_swapped(fn):
         use(package_get)
 
 
+def inner_pairs(arr, roles=(0,)) -> list[int]:
+    """The pairs every consumer of ``roles`` stamped the start of, the CTA's first and last
+    left out (its start and its end are not a steady pair)."""
+    return [p for p in range(MAX_PAIRS) if all(arr[role, 0, p] >= 0 for role in roles)][1:-1]
+
+
+def pair_periods(arr, pairs) -> list[int]:
+    """Cycles from each of ``pairs`` to the next pair's start (the left consumer's), where
+    that pair is among them too, sorted: the one definition of a period both summaries use."""
+    starts = arr[0, 0]
+    return sorted(int(starts[q] - starts[p]) for p, q in zip(pairs, pairs[1:]) if q == p + 1)
+
+
 def summarize(arr, names, label: str) -> None:
     """Medians and spread of every step, in cycles from the left consumer's pair start."""
     starts = arr[0, 0]
-    pairs = [p for p in range(MAX_PAIRS) if starts[p] >= 0 and arr[1, 0, p] >= 0][1:-1]
+    pairs = inner_pairs(arr, roles=(0, 1))
     if len(pairs) < 3:
         print(f"\n== {label}: too few stamped pairs ({len(pairs)})")
         return
-    periods = sorted(int(starts[q] - starts[p]) for p, q in zip(pairs, pairs[1:]) if q == p + 1)
+    periods = pair_periods(arr, pairs)
     print(f"\n== {label}: {len(pairs)} pairs, period median {statistics.median(periods):.0f} cycles "
           f"(p10 {periods[len(periods) // 10]}, p90 {periods[9 * len(periods) // 10]})")
     for role, role_name in enumerate(ROLES):
@@ -355,7 +368,7 @@ def summarize_batch_changes(arr, names) -> None:
     to the epilogue, the epilogue, on to the next batch's first pair, that pair's S, and
     the two pairs' periods against the median period (their excess is the change's cost)."""
     starts = arr[0, 0]
-    steady = [int(starts[p + 1] - starts[p]) for p in range(MAX_PAIRS - 1) if starts[p] >= 0 and starts[p + 1] >= 0]
+    steady = pair_periods(arr, inner_pairs(arr))
     if len(steady) < 3:
         return
     period = statistics.median(steady)
