@@ -1,6 +1,7 @@
 """Where a pair of blocks' time goes in the decode kernel: the timeline of one CTA.
 
     python benchmarks/pair_timeline.py [--case B,SEQLEN,H_Q,S_Q[,var] ...] [--loads-only] [--no-output-stores]
+                                       [--sustained SECONDS]
     python benchmarks/pair_timeline.py --compile-only   # no GPU needed: compiles for sm_90a
 
 With ``--loads-only`` the stamped copy's consumers only wait for each pair's K tiles and
@@ -20,7 +21,12 @@ For each step the script prints the median, 10th and 90th percentiles over the C
 pairs, in cycles from the left consumer's start of the pair, and the plain and stamped
 kernels' times per call (alike within noise: the stamps cost little), and how many of the
 CTA's pairs ran each step (a step inside a branch runs in some of them); then what each of
-the CTA's batch changes cost (``summarize_batch_changes``).
+the CTA's batch changes cost (``summarize_batch_changes``). The left consumer's pair
+starts are also read on the global timer, so the header gives the SM's clock over the
+CTA's pairs and a pair's time in microseconds. With ``--sustained SECONDS`` the same
+follows for the last of SECONDS of back-to-back calls: a pair's cycles with the clock
+where the board's power limit holds it, beside the call stamped after the timer's
+flushed calls.
 
 Reading it:
 - a stamp right after ``BAR.SYNC.DEFER_BLOCKING`` (the "waited left_stats / right_stats"
@@ -44,10 +50,12 @@ import time
 from typing import Callable, NamedTuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_decode, clock_probe, sparse_cta_timeline
 
 MAX_PAIRS = 512  # pairs of one CTA that are stamped
 MAX_STEPS = 32  # stamped steps per role and pair
 EPILOGUE_STEPS = (MAX_STEPS - 2, MAX_STEPS - 1)  # a batch's epilogue start and end, stamped per batch
+TIMER_STEP = MAX_STEPS - 3  # the left consumer's pair start on the global timer (ns), beside its clock64
 ROLES = ("left", "right", "producer")
 PRODUCER = 2
 DEFAULT_CASES = [(128, 8192, 128, 2, False)]
@@ -82,10 +90,13 @@ class Stamps:
             return
         step = self.step
         self.step += 1
-        assert step < EPILOGUE_STEPS[0], f"more than {EPILOGUE_STEPS[0]} steps: {label}"
+        assert step < TIMER_STEP, f"more than {TIMER_STEP} steps: {label}"
         self.names[self.role][step] = label
-        clock_store()(self.trace, self.enabled & (self.pair < MAX_PAIRS),
-                      (self.role * MAX_STEPS + step) * MAX_PAIRS + self.pair)
+        enabled = self.enabled & (self.pair < MAX_PAIRS)
+        clock_store()(self.trace, enabled, (self.role * MAX_STEPS + step) * MAX_PAIRS + self.pair)
+        if self.role == 0 and step == 0:
+            # The same instant on the global timer: the clock's rate over the CTA's pairs.
+            timer_store()(self.trace, enabled, TIMER_STEP * MAX_PAIRS + self.pair)
 
     def epilogue(self, end: bool, batch):
         """A consumer starts (``end`` False) or ends a batch's epilogue; stamped at the
@@ -118,6 +129,24 @@ def clock_store():
     def store(trace: cute.Tensor, enabled, idx):
         if enabled:
             trace[idx] = cute.arch.clock64()
+
+    return store
+
+
+@functools.cache
+def timer_store():
+    """``store(trace, enabled, idx)``: ``trace[idx]`` = the global timer (ns) where
+    ``enabled`` (built once, like ``clock_store``)."""
+    import cutlass.cute as cute
+
+    from sparse_cta_timeline import timer_ops
+
+    global_timer, _ = timer_ops()
+
+    @cute.jit
+    def store(trace: cute.Tensor, enabled, idx):
+        if enabled:
+            trace[idx] = global_timer()
 
     return store
 
@@ -336,16 +365,28 @@ def pair_periods(arr, pairs) -> list[int]:
     return sorted(int(starts[q] - starts[p]) for p, q in zip(pairs, pairs[1:]) if q == p + 1)
 
 
+def clock_mhz(arr, pairs) -> float:
+    """The stamped SM's clock over ``pairs``: the left consumer's ``clock64`` cycles from
+    the first pair's start to the last's, over the global timer's nanoseconds between
+    the same two stamps (NaN where they do not advance)."""
+    first, last = pairs[0], pairs[-1]
+    ns = int(arr[0, TIMER_STEP, last] - arr[0, TIMER_STEP, first])
+    return int(arr[0, 0, last] - arr[0, 0, first]) * 1e3 / ns if ns > 0 else float("nan")
+
+
 def summarize(arr, names, label: str) -> None:
-    """Medians and spread of every step, in cycles from the left consumer's pair start."""
+    """Medians and spread of every step, in cycles from the left consumer's pair start,
+    after the period and the SM clock over the CTA's pairs."""
     starts = arr[0, 0]
     pairs = inner_pairs(arr, roles=(0, 1))
     if len(pairs) < 3:
         print(f"\n== {label}: too few stamped pairs ({len(pairs)})")
         return
     periods = pair_periods(arr, pairs)
+    mhz = clock_mhz(arr, pairs)
     print(f"\n== {label}: {len(pairs)} pairs, period median {statistics.median(periods):.0f} cycles "
-          f"(p10 {periods[len(periods) // 10]}, p90 {periods[9 * len(periods) // 10]})")
+          f"(p10 {periods[len(periods) // 10]}, p90 {periods[9 * len(periods) // 10]}), "
+          f"clock {mhz:.0f} MHz: {statistics.median(periods) / mhz:.2f} us a pair")
     for role, role_name in enumerate(ROLES):
         print(f"  {role_name}")
         if role != PRODUCER:
@@ -431,11 +472,11 @@ def case_label(b: int, seqlen: int, h_q: int, s_q: int, varlen: bool) -> str:
     return f"b{b} sk{seqlen} h{h_q} s{s_q}" + (" var" if varlen else "")
 
 
-def run(cases, loads_only: bool = False, output_stores: bool = True) -> None:
+def run(cases, loads_only: bool = False, output_stores: bool = True, sustained: float = 0.0) -> None:
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_decode import Timer
+    from clock_probe import run_phase
 
     trace = torch.full((len(ROLES) * MAX_STEPS * MAX_PAIRS,), -1, dtype=torch.int64, device="cuda")
     stamps = Stamps(trace.data_ptr())
@@ -452,6 +493,15 @@ def run(cases, loads_only: bool = False, output_stores: bool = True) -> None:
         arr = trace.view(len(ROLES), MAX_STEPS, MAX_PAIRS).cpu()
         summarize(arr, stamps.names, f"{case_label(*case)}: plain {plain_ms:.4f} ms, stamped {stamped_ms:.4f} ms")
         summarize_batch_changes(arr, stamps.names)
+        if sustained > 0:
+            # Back to back with no flush until the board holds its clock where its power
+            # limit sets it; the last call's stamps are what the trace keeps.
+            with decode_kernel_swapped(stamped):
+                times, _, _ = run_phase(call, sustained)
+            arr = trace.view(len(ROLES), MAX_STEPS, MAX_PAIRS).cpu()
+            summarize(arr, stamps.names, f"{case_label(*case)} back to back for {sustained:g} s: stamped "
+                                         f"{statistics.median(times):.4f} ms a call, the last one stamped")
+            summarize_batch_changes(arr, stamps.names)
 
 
 CASE_METAVAR = "B,SEQLEN,H_Q,S_Q[,var]"
@@ -481,6 +531,9 @@ def main(argv=None) -> int:
                         help="the consumers only wait for and release the K tiles: the K ring's own pace")
     parser.add_argument("--no-output-stores", action="store_true",
                         help="the epilogues do all but store the output rows (what the stores cost)")
+    parser.add_argument("--sustained", type=float, default=0.0, metavar="SECONDS",
+                        help="also stamp the last of SECONDS of back-to-back calls (no flush): the pair "
+                             "under the board's power limit")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile the stamped kernel for sm_90a and list its steps (no GPU needed)")
     args = parser.parse_args(argv)
@@ -491,7 +544,7 @@ def main(argv=None) -> int:
         for role, names in zip(ROLES, stamps.names):
             print(f"{role}: " + "; ".join(names[s] for s in sorted(names)))
         return 0
-    run(args.case or DEFAULT_CASES, args.loads_only, not args.no_output_stores)
+    run(args.case or DEFAULT_CASES, args.loads_only, not args.no_output_stores, args.sustained)
     return 0
 
 

@@ -56,6 +56,7 @@ def test_summary_reads_steps_from_each_pair_start_and_epilogues_per_batch(capsys
     arr = torch.full((len(tool.ROLES), tool.MAX_STEPS, tool.MAX_PAIRS), -1, dtype=torch.int64)
     for p in range(10):
         arr[0, 0, p] = 5000 * p  # left start
+        arr[0, tool.TIMER_STEP, p] = 1_000_000 + 3000 * p  # the same on the global timer (ns)
         arr[0, 1, p] = 5000 * p + 1200  # left: S done
         arr[1, 0, p] = 5000 * p + 500  # right start
         arr[2, 0, p] = 5000 * p - 1300  # producer: K0's first group
@@ -66,6 +67,7 @@ def test_summary_reads_steps_from_each_pair_start_and_epilogues_per_batch(capsys
     tool.summarize(arr, names, "synthetic")
     out = capsys.readouterr().out
     assert "8 pairs, period median 5000 cycles" in out  # the first and last pair are left out
+    assert "clock 1667 MHz: 3.00 us a pair" in out  # 5000 cycles every 3000 ns
     assert "epilogue: median 2500 cycles over 2 batches (min 2000, max 3000)" in out
     medians = {m.group(1).strip(): int(m.group(2)) for m in re.finditer(r"^\s+\d+ (.+?) median\s+(-?\d+)", out, re.M)}
     assert medians["S done"] == 1200
