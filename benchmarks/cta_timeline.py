@@ -280,15 +280,15 @@ def print_fragment_cost(rows: dict, work: list, tiles: int) -> None:
 def run(cases, loads_only: bool = False) -> None:
     import torch
 
-    from bench_decode import FLUSH_BYTES, Timer
+    from bench_decode import FLUSH_BYTES, Case, Timer
     from flashmla_cute.scheduler import num_query_tiles
-    from pair_timeline import case_call, case_label, decode_kernel_swapped
+    from pair_timeline import case_call, decode_kernel_swapped
 
     trace = torch.full((MAX_CTAS, len(COLUMNS)), NO_STAMP, dtype=torch.int64, device="cuda")
     stamped = compile_stamped(Stamps(trace.data_ptr()), "--enable-tvm-ffi", loads_only)
     timer = Timer(25, 100)
     flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
-    for case in cases:
+    for case in map(Case._make, cases):
         call, seqlens, meta = case_call(*case)
         plain_ms = timer(call)
         with decode_kernel_swapped(stamped):
@@ -299,10 +299,9 @@ def run(cases, loads_only: bool = False) -> None:
             call()
             torch.cuda.synchronize()
         rows = {index: row for index, row in enumerate(trace.tolist()) if row[0] != NO_STAMP}
-        summarize(list(rows.values()), f"{case_label(*case)}: plain {plain_ms * 1000:.1f} us, "
+        summarize(list(rows.values()), f"{case.name}: plain {plain_ms * 1000:.1f} us, "
                                        f"stamped {stamped_ms * 1000:.1f} us")
-        _, _, h_q, s_q, _ = case
-        print_fragment_cost(rows, part_work(meta, seqlens), num_query_tiles(s_q * h_q))
+        print_fragment_cost(rows, part_work(meta, seqlens), num_query_tiles(case.s_q * case.h_q))
 
 
 def main(argv=None) -> int:

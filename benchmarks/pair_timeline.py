@@ -468,21 +468,17 @@ def case_call(b: int, seqlen: int, h_q: int, s_q: int, varlen: bool = False) -> 
     return CaseCall(call, seqlens.tolist(), meta.tolist())
 
 
-def case_label(b: int, seqlen: int, h_q: int, s_q: int, varlen: bool) -> str:
-    return f"b{b} sk{seqlen} h{h_q} s{s_q}" + (" var" if varlen else "")
-
-
 def run(cases, loads_only: bool = False, output_stores: bool = True, sustained: float = 0.0) -> None:
     import torch
 
-    from bench_decode import Timer
+    from bench_decode import Case, Timer
     from clock_probe import run_phase
 
     trace = torch.full((len(ROLES) * MAX_STEPS * MAX_PAIRS,), -1, dtype=torch.int64, device="cuda")
     stamps = Stamps(trace.data_ptr())
     stamped = compile_stamped(stamps, "--enable-tvm-ffi", loads_only, output_stores)
     timer = Timer(25, 100)
-    for case in cases:
+    for case in map(Case._make, cases):
         call = case_call(*case).call
         plain_ms = timer(call)
         with decode_kernel_swapped(stamped):
@@ -491,7 +487,7 @@ def run(cases, loads_only: bool = False, output_stores: bool = True, sustained: 
             call()
             torch.cuda.synchronize()
         arr = trace.view(len(ROLES), MAX_STEPS, MAX_PAIRS).cpu()
-        summarize(arr, stamps.names, f"{case_label(*case)}: plain {plain_ms:.4f} ms, stamped {stamped_ms:.4f} ms")
+        summarize(arr, stamps.names, f"{case.name}: plain {plain_ms:.4f} ms, stamped {stamped_ms:.4f} ms")
         summarize_batch_changes(arr, stamps.names)
         if sustained > 0:
             # Back to back with no flush until the board holds its clock where its power
@@ -499,7 +495,7 @@ def run(cases, loads_only: bool = False, output_stores: bool = True, sustained: 
             with decode_kernel_swapped(stamped):
                 times, _, _ = run_phase(call, sustained)
             arr = trace.view(len(ROLES), MAX_STEPS, MAX_PAIRS).cpu()
-            summarize(arr, stamps.names, f"{case_label(*case)} back to back for {sustained:g} s: stamped "
+            summarize(arr, stamps.names, f"{case.name} back to back for {sustained:g} s: stamped "
                                          f"{statistics.median(times):.4f} ms a call, the last one stamped")
             summarize_batch_changes(arr, stamps.names)
 
