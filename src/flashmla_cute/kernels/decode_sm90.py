@@ -8,7 +8,9 @@ and for each batch in that range runs flash-attention's online softmax over its 
 then writes either the final output or, when the sequence was split across parts, a
 partial (O in the output's dtype, its LSE in fp32). Split sequences are merged by the
 combine kernel, launched by the same host call as this kernel's programmatic dependent,
-which spreads the merge over many SMs (see ``combine.py``).
+which spreads the merge over many SMs (see ``combine.py``). This kernel is itself launched
+as the programmatic dependent of whatever kernel precedes it on the stream: its CTAs set up
+while that one drains and wait for it before touching global memory.
 
 Warp roles (384 threads):
 
@@ -306,6 +308,10 @@ class MlaDecodeSm90:
             block=[THREADS, 1, 1],
             stream=stream,
             min_blocks_per_mp=1,
+            # A programmatic dependent of the kernel before it on the stream: its CTAs
+            # start and set up their barriers while that kernel drains, and wait for
+            # it (``griddepcontrol.wait``) before anything in global memory.
+            use_pdl=True,
         )
         # The split sequences' merge.
         MlaCombine(dtype, dv).launch(mOAccum, mLseAccum, mNumSplits, mO, mLse, mLse, Int32(0), heads_per_kv,
@@ -356,6 +362,10 @@ class MlaDecodeSm90:
         # of Q with the same half of K.
         q_ring = KvStages.create(storage.q_mbar.data_ptr(), self.kv_groups, self.chunk_bytes, consumer_warps, 1)
         cute.arch.mbarrier_init_fence()
+        # Nothing global before this: the kernel before this one on the stream may still
+        # be writing Q, the cache, the lengths or the plan, or reading what this one
+        # overwrites (the split workspace of the call before).
+        cute.arch.griddepcontrol_wait()
         cute.arch.sync_threads()
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
