@@ -346,9 +346,6 @@ class MlaDecodeSm90:
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         warpgroup_idx = warp_idx // 4
 
-        # The combine kernel may start now: its CTAs wait for this grid's end, on SMs
-        # that CTAs of this grid with little or no work leave early.
-        cute.arch.griddepcontrol_launch_dependents()
         smem = cutlass.memory.SmemAllocator()
         storage = smem.allocate(self.shared_storage)
 
@@ -366,6 +363,11 @@ class MlaDecodeSm90:
         # be writing Q, the cache, the lengths or the plan, or reading what this one
         # overwrites (the split workspace of the call before).
         cute.arch.griddepcontrol_wait()
+        # The combine kernel may start now: its CTAs wait for this grid's end, on SMs
+        # that CTAs of this grid with little or no work leave early. Not before the wait
+        # above: the combine reads the plan's fragment counts before it waits, so this
+        # grid lets it start only once the kernel that wrote the plan has completed.
+        cute.arch.griddepcontrol_launch_dependents()
         cute.arch.sync_threads()
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
