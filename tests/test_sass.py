@@ -138,3 +138,31 @@ def test_the_dense_producer_asks_l2_for_a_streams_second_halves(cubins, name):
     kernel = decode_sm90.MlaDecodeSm90(cutlass.BFloat16)
     sass = sass_of(cubins[name])
     assert len(re.findall(r"\bUTMAPF\.L2\b", sass)) == 2 * len(kernel.hi), name
+
+
+def kernel_sass(sass: str, marker: str) -> str:
+    """The machine code of the one kernel of a cubin's disassembly whose section name
+    contains ``marker`` (a cubin holds the decode kernel and the combine it launches)."""
+    sections = re.split(r"^//-+ \.text\.", sass, flags=re.MULTILINE)[1:]
+    found = [s for s in sections if marker in s.splitlines()[0]]
+    assert len(found) == 1, f"{len(found)} kernels named like {marker}"
+    return found[0]
+
+
+GLOBAL_ACCESS = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?(?:LDG|STG|LD|ST|ATOMG|ATOM|REDG|RED|UTMALDG|UTMAPF|"
+                           r"UTMASTG|UBLKCP|UBLKPF|CCTL)\b")
+
+
+@pytest.mark.parametrize("name", [v.name for v in compile_mod.all_variants() if v.name.startswith("decode_sm90")])
+def test_the_dense_kernel_waits_for_the_kernel_before(cubins, name):
+    """The dense decode kernel is launched as the programmatic dependent of whatever
+    kernel precedes it on the stream: nothing in global memory is touched before its
+    ``griddepcontrol.wait`` (``ACQBULK``), and its own dependent, the combine, which reads
+    the plan before it waits, is allowed to launch (``PREEXIT``) only after that wait."""
+    decode = kernel_sass(sass_of(cubins[name]), "MlaDecodeSm90")
+    waits = [int(a, 16) for a in re.findall(r"/\*([0-9a-f]+)\*/\s+ACQBULK\b", decode)]
+    triggers = [int(a, 16) for a in re.findall(r"/\*([0-9a-f]+)\*/\s+PREEXIT\b", decode)]
+    accesses = [int(a, 16) for a in GLOBAL_ACCESS.findall(decode)]
+    assert len(waits) == 1 and len(triggers) == 1 and accesses, (waits, triggers, len(accesses))
+    assert waits[0] < triggers[0], "the combine may launch before the wait"
+    assert waits[0] < min(accesses), f"a global access at {min(accesses):#x} before the wait at {waits[0]:#x}"
