@@ -76,9 +76,10 @@ class MlaCombine:
     few, no more than fit in one wave.
 
     A CTA reads the fragment counts before it waits for the decode kernel (the plan
-    was written before the decode kernel started); only a CTA with a sequence to
-    merge waits (``griddepcontrol.wait``), and CTA (0, 0, 0) always does, so that
-    this kernel never completes before the one it depends on.
+    was complete before the decode kernel let this one launch: the dense decode kernel
+    does so only once its own wait for the kernel before it has returned); only a CTA
+    with a sequence to merge waits (``griddepcontrol.wait``), and CTA (0, 0, 0) always
+    does, so that this kernel never completes before the one it depends on.
 
     A CTA is ``COMBINE_FRAGMENT_GROUPS`` groups of 128 threads, each thread one 8-byte
     piece of a row, summing fragments with a running maximum, ``FRAGS_IN_FLIGHT``
