@@ -478,6 +478,12 @@ def run(cases, loads_only: bool = False, output_stores: bool = True, sustained: 
     stamps = Stamps(trace.data_ptr())
     stamped = compile_stamped(stamps, "--enable-tvm-ffi", loads_only, output_stores)
     timer = Timer(25, 100)
+
+    def report(label: str) -> None:
+        arr = trace.view(len(ROLES), MAX_STEPS, MAX_PAIRS).cpu()
+        summarize(arr, stamps.names, label)
+        summarize_batch_changes(arr, stamps.names)
+
     for case in map(Case._make, cases):
         call = case_call(*case).call
         plain_ms = timer(call)
@@ -486,18 +492,14 @@ def run(cases, loads_only: bool = False, output_stores: bool = True, sustained: 
             trace.fill_(-1)
             call()
             torch.cuda.synchronize()
-        arr = trace.view(len(ROLES), MAX_STEPS, MAX_PAIRS).cpu()
-        summarize(arr, stamps.names, f"{case.name}: plain {plain_ms:.4f} ms, stamped {stamped_ms:.4f} ms")
-        summarize_batch_changes(arr, stamps.names)
+        report(f"{case.name}: plain {plain_ms:.4f} ms, stamped {stamped_ms:.4f} ms")
         if sustained > 0:
             # Back to back with no flush until the board holds its clock where its power
             # limit sets it; the last call's stamps are what the trace keeps.
             with decode_kernel_swapped(stamped):
                 times, _, _ = run_phase(call, sustained)
-            arr = trace.view(len(ROLES), MAX_STEPS, MAX_PAIRS).cpu()
-            summarize(arr, stamps.names, f"{case.name} back to back for {sustained:g} s: stamped "
-                                         f"{statistics.median(times):.4f} ms a call, the last one stamped")
-            summarize_batch_changes(arr, stamps.names)
+            report(f"{case.name} back to back for {sustained:g} s: stamped "
+                   f"{statistics.median(times):.4f} ms a call, the last one stamped")
 
 
 CASE_METAVAR = "B,SEQLEN,H_Q,S_Q[,var]"

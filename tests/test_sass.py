@@ -149,8 +149,13 @@ def kernel_sass(sass: str, marker: str) -> str:
     return found[0]
 
 
-GLOBAL_ACCESS = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?(?:LDG|STG|LD|ST|ATOMG|ATOM|REDG|RED|UTMALDG|UTMAPF|"
-                           r"UTMASTG|UBLKCP|UBLKPF|CCTL)\b")
+def addresses(code: str, opcodes: str) -> list[int]:
+    """Addresses of the instructions of ``code`` whose opcode matches ``opcodes`` (a
+    regular expression), guarded by a predicate or not."""
+    return [int(a, 16) for a in re.findall(rf"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?(?:{opcodes})\b", code)]
+
+
+GLOBAL_ACCESS = "LDG|STG|LD|ST|ATOMG|ATOM|REDG|RED|UTMALDG|UTMAPF|UTMASTG|UBLKCP|UBLKPF|CCTL"
 
 
 @pytest.mark.parametrize("name", [v.name for v in compile_mod.all_variants() if v.name.startswith("decode_sm90")])
@@ -160,9 +165,7 @@ def test_the_dense_kernel_waits_for_the_kernel_before(cubins, name):
     ``griddepcontrol.wait`` (``ACQBULK``), and its own dependent, the combine, which reads
     the plan before it waits, is allowed to launch (``PREEXIT``) only after that wait."""
     decode = kernel_sass(sass_of(cubins[name]), "MlaDecodeSm90")
-    waits = [int(a, 16) for a in re.findall(r"/\*([0-9a-f]+)\*/\s+ACQBULK\b", decode)]
-    triggers = [int(a, 16) for a in re.findall(r"/\*([0-9a-f]+)\*/\s+PREEXIT\b", decode)]
-    accesses = [int(a, 16) for a in GLOBAL_ACCESS.findall(decode)]
+    waits, triggers, accesses = (addresses(decode, opcodes) for opcodes in ("ACQBULK", "PREEXIT", GLOBAL_ACCESS))
     assert len(waits) == 1 and len(triggers) == 1 and accesses, (waits, triggers, len(accesses))
     assert waits[0] < triggers[0], "the combine may launch before the wait"
     assert waits[0] < min(accesses), f"a global access at {min(accesses):#x} before the wait at {waits[0]:#x}"

@@ -308,9 +308,7 @@ class MlaDecodeSm90:
             block=[THREADS, 1, 1],
             stream=stream,
             min_blocks_per_mp=1,
-            # A programmatic dependent of the kernel before it on the stream: its CTAs
-            # start and set up their barriers while that kernel drains, and wait for
-            # it (``griddepcontrol.wait``) before anything in global memory.
+            # A programmatic dependent of the kernel before it (its wait: ``kernel``).
             use_pdl=True,
         )
         # The split sequences' merge.
