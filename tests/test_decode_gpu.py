@@ -69,6 +69,20 @@ def test_mixed_lengths_including_empty(requires_hopper):
     assert (out[0] == 0).all() and torch.isposinf(lse[0]).all()
 
 
+def test_empty_sequences_with_a_block_table_of_width_0(requires_hopper):
+    # Nothing to read: the kernel must not touch the table (it has no entry), and every
+    # row comes out as FlashMLA's empty sequence (zeros, lse +inf).
+    import flashmla_cute
+
+    inputs = make_decode_inputs(3, 1, 16, seqlens=[0, 0, 0], device="cuda")
+    block_table = inputs.block_table[:, :0]
+    meta, num_splits = flashmla_cute.get_mla_metadata(inputs.cache_seqlens, 16, 1)
+    out, lse = flashmla_cute.flash_mla_with_kvcache(
+        inputs.q, inputs.k_cache, block_table, inputs.cache_seqlens, 512, meta, num_splits
+    )
+    assert (out == 0).all() and torch.isposinf(lse).all()
+
+
 def test_one_long_sequence(requires_hopper):
     inputs = make_decode_inputs(1, 1, 128, seqlens=[65536], device="cuda")
     run_and_check(inputs, 128, 1, causal=False)
