@@ -226,20 +226,16 @@ def print_pair_time_by_sm(rows: list) -> None:
 
 def part_work(meta: list, seqlens: list) -> list:
     """(fragments, pairs of blocks) of each part of the plan ``meta`` (its rows) for
-    ``seqlens``: the batches of its range and, in each, its blocks two at a time, as the
-    decode kernel takes them."""
-    from flashmla_cute.scheduler import BEGIN_BATCH, BEGIN_BLOCK, BLOCK_SIZE, END_BATCH, END_BLOCK
+    ``seqlens``: its fragments (``scheduler.part_fragments``) and, in each, the blocks the
+    decode kernel loads (none past a sequence's last page) two at a time."""
+    from flashmla_cute.scheduler import BLOCK_SIZE, part_fragments, plan_blocks
 
+    blocks = plan_blocks(seqlens)
     work = []
     for row in meta:
-        fragments = pairs = 0
-        for batch in range(row[BEGIN_BATCH], row[END_BATCH] + 1):
-            num_blocks = -(-seqlens[batch] // BLOCK_SIZE)
-            first = row[BEGIN_BLOCK] if batch == row[BEGIN_BATCH] else 0
-            last = min(row[END_BLOCK], num_blocks) if batch == row[END_BATCH] else num_blocks
-            fragments += 1
-            pairs += max(-(-(last - first) // 2), 0)
-        work.append((fragments, pairs))
+        pieces = part_fragments(row, blocks)
+        loaded = [min(last, -(-seqlens[batch] // BLOCK_SIZE)) - first for batch, first, last in pieces]
+        work.append((len(pieces), sum(-(-max(n, 0) // 2) for n in loaded)))
     return work
 
 

@@ -19,31 +19,16 @@ from flashmla_cute.scheduler import (
     END_BLOCK,
     FIXED_OVERHEAD_BLOCKS as F,
     METADATA_INTS,
+    part_fragments,
+    plan_blocks,
 )
-
-
-def num_blocks(seqlens):
-    return [max(-(-int(x) // 64), 1) for x in seqlens]
-
-
-def part_fragments(row, blocks):
-    """The (batch, first block, end block) pieces of one part's range, in order."""
-    bb, bk, eb, ek = int(row[BEGIN_BATCH]), int(row[BEGIN_BLOCK]), int(row[END_BATCH]), int(row[END_BLOCK])
-    if bb > eb:
-        return []
-    if bb == eb:
-        return [(bb, bk, ek)]
-    pieces = [(bb, bk, blocks[bb])]
-    pieces += [(i, 0, blocks[i]) for i in range(bb + 1, eb)]
-    pieces.append((eb, 0, ek))
-    return pieces
 
 
 def check_plan(seqlens, num_parts):
     seqlens = torch.as_tensor(seqlens, dtype=torch.int32)
     meta, num_splits = scheduler.plan_torch(seqlens, num_parts)
     b = seqlens.numel()
-    blocks = num_blocks(seqlens.tolist())
+    blocks = plan_blocks(seqlens.tolist())
     total = sum(blocks) + F * b
     payload = scheduler.payload_of(total, num_parts, b)
     largest = scheduler.balanced_fragment_blocks(blocks, num_parts, payload)  # 0: packed or the walk
@@ -99,7 +84,7 @@ def check_plan(seqlens, num_parts):
 
 def block_list(seqlens, meta):
     """Every (batch, block) pair the plan assigns, in part order."""
-    blocks = num_blocks(seqlens)
+    blocks = plan_blocks(seqlens)
     out = []
     for row in meta.tolist():
         for batch, lo, hi in part_fragments(row, blocks):
@@ -240,7 +225,7 @@ def test_one_part_takes_everything():
 @pytest.mark.parametrize("num_parts", [1, 2, 3, 5, 8, 13, 40])
 def test_small_plans_cover_each_block_once_in_order(seqlens, num_parts):
     meta, _ = check_plan(seqlens, num_parts)
-    expected = [(i, k) for i, n in enumerate(num_blocks(seqlens)) for k in range(n)]
+    expected = [(i, k) for i, n in enumerate(plan_blocks(seqlens)) for k in range(n)]
     assert block_list(seqlens, meta) == expected
 
 
@@ -280,7 +265,7 @@ def test_one_huge_sequence(num_parts):
     length = 2**31 - 1
     meta, num_splits = check_plan([length], num_parts)
     assert num_splits.tolist() == [0, num_parts]
-    n = num_blocks([length])
+    n = plan_blocks([length])
     sizes = [hi - lo for row in meta.tolist() for _, lo, hi in part_fragments(row, n)]
     assert len(sizes) == num_parts
     assert sizes == sorted(sizes, reverse=True) and sizes[0] - sizes[-1] <= 1

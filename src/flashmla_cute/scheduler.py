@@ -243,6 +243,25 @@ def fragment_blocks(n: int, k: int, j: int) -> tuple[int, int]:
     return begin, begin + size + (1 if j < extra else 0)
 
 
+def plan_blocks(seqlens) -> list[int]:
+    """``n_i``: the blocks each sequence of ``seqlens`` (lengths) counts for in the plan;
+    an empty sequence counts for one (its fragment, with nothing to load)."""
+    return [max(-(-int(x) // BLOCK_SIZE), 1) for x in seqlens]
+
+
+def part_fragments(row, blocks: list[int]) -> list[tuple[int, int, int]]:
+    """The fragments of one part's plan ``row``, in order, as (batch, first block, one
+    past the last block), for sequences of ``plan_blocks`` ``blocks``: the rest of the
+    first batch from ``BEGIN_BLOCK``, the batches in between whole, the last one up to
+    ``END_BLOCK``. An empty part has none."""
+    bb, bk, eb, ek = (int(row[c]) for c in (BEGIN_BATCH, BEGIN_BLOCK, END_BATCH, END_BLOCK))
+    if bb > eb:
+        return []
+    if bb == eb:
+        return [(bb, bk, ek)]
+    return [(bb, bk, blocks[bb])] + [(i, 0, blocks[i]) for i in range(bb + 1, eb)] + [(eb, 0, ek)]
+
+
 def plan_torch(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute the plan on the host from ``cache_seqlens`` (a CUDA tensor is copied to
     the host); the results are on ``cache_seqlens``' device.
@@ -251,7 +270,7 @@ def plan_torch(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tenso
     module's docstring. This is the specification of the plan: the GPU kernel in
     ``kernels/metadata.py`` computes the same numbers.
     """
-    blocks = [max(-(-int(x) // BLOCK_SIZE), 1) for x in cache_seqlens.tolist()]  # n_i
+    blocks = plan_blocks(cache_seqlens.tolist())  # n_i
     b = len(blocks)
     total = sum(blocks) + FIXED_OVERHEAD_BLOCKS * b
     payload = payload_of(total, num_parts, b)
