@@ -24,6 +24,18 @@ from flashmla_cute.scheduler import (
 )
 
 
+def test_a_sequence_counts_its_pages_and_an_empty_one_counts_one():
+    assert plan_blocks([0, 1, 63, 64, 65, 128, 129]) == [1, 1, 1, 1, 2, 2, 3]
+
+
+def test_a_part_row_reads_as_its_fragments():
+    blocks = [5, 7, 9, 4, 6]
+    row = [1, 3, 3, 2, 1, 0, 0, 0]  # from batch 1 block 3 to batch 3 before block 2, split 1
+    assert part_fragments(row, blocks) == [(1, 3, 7), (2, 0, 9), (3, 0, 2)]
+    assert part_fragments([4, 2, 4, 5, 0, 0, 0, 0], blocks) == [(4, 2, 5)]
+    assert part_fragments([5, 0, 4, 0, 0, 0, 0, 0], blocks) == []  # an empty part: (b, 0, b - 1, 0, 0)
+
+
 def check_plan(seqlens, num_parts):
     seqlens = torch.as_tensor(seqlens, dtype=torch.int32)
     meta, num_splits = scheduler.plan_torch(seqlens, num_parts)
