@@ -330,6 +330,16 @@ def test_cpu_call_is_the_reference(dtype, causal):
     assert not torch.isnan(out).any()
 
 
+def test_cpu_call_takes_empty_sequences_with_a_block_table_of_width_0():
+    # As on the GPU (test_decode_gpu.py): nothing to read, FlashMLA's empty sequence.
+    inp = make_decode_inputs(3, 1, 16, seqlens=[0, 0, 0], seed=5)
+    meta, num_splits = flashmla_cute.get_mla_metadata(inp.cache_seqlens, 16, 1)
+    out, lse = flashmla_cute.flash_mla_with_kvcache(
+        inp.q, inp.k_cache, inp.block_table[:, :0], inp.cache_seqlens, 512, meta, num_splits
+    )
+    assert (out == 0).all() and torch.isposinf(lse).all()
+
+
 def test_full_size_cpu_call_accepts_integer_scale():
     inp = make_decode_inputs(2, 2, 16, seqlens=[1, 200], seed=3)
     meta, num_splits = flashmla_cute.get_mla_metadata(inp.cache_seqlens, 32, 1)
