@@ -114,7 +114,10 @@ def test_register_budgets_are_checked_against_the_launch():
     assert not utils.registers_fit((40, 240, 232), 384)
 
 
-@pytest.mark.parametrize("name", [v.name for v in compile_mod.all_variants() if v.name.startswith("decode")])
+DENSE_VARIANTS = [v.name for v in compile_mod.all_variants() if v.name.startswith("decode_sm90")]
+
+
+@pytest.mark.parametrize("name", DENSE_VARIANTS)
 def test_the_decode_kernel_roles_take_their_registers(cubins, name):
     """The producer warpgroup gives registers up (``setmaxnreg.dec``) and both consumer
     warpgroups take them (``.inc``): ptxas drops every ``setmaxnreg`` of a kernel when a
@@ -126,7 +129,7 @@ def test_the_decode_kernel_roles_take_their_registers(cubins, name):
     assert re.findall(r"USETMAXREG\.TRY_ALLOC\S*\s+UP\d,\s*(0x[0-9a-f]+)", sass) == [hex(CONSUMER_REGS)], name
 
 
-@pytest.mark.parametrize("name", [v.name for v in compile_mod.all_variants() if v.name.startswith("decode_sm90")])
+@pytest.mark.parametrize("name", DENSE_VARIANTS)
 def test_the_dense_producer_asks_l2_for_a_streams_second_halves(cubins, name):
     """In a stream the producer prefetches a page's hi chunks into L2 (a TMA prefetch a
     chunk, 5 a page) as it copies the page's lo half, in both places a lo half is copied
@@ -158,7 +161,7 @@ def addresses(code: str, opcodes: str) -> list[int]:
 GLOBAL_ACCESS = "LDG|STG|LD|ST|ATOMG|ATOM|REDG|RED|UTMALDG|UTMAPF|UTMASTG|UBLKCP|UBLKPF|CCTL"
 
 
-@pytest.mark.parametrize("name", [v.name for v in compile_mod.all_variants() if v.name.startswith("decode_sm90")])
+@pytest.mark.parametrize("name", DENSE_VARIANTS)
 def test_the_dense_kernel_waits_for_the_kernel_before(cubins, name):
     """The dense decode kernel is launched as the programmatic dependent of whatever
     kernel precedes it on the stream: nothing in global memory is touched before its
