@@ -166,7 +166,7 @@ def stamped_steps(stamps: Stamps):
 
     def wait(self, state, chunks):
         saved["wait"](self, state, chunks)
-        if self.num_stages == ring_stages and (chunks.start in (0, 4) or len(chunks) > 1):
+        if self.num_stages == ring_stages and (chunks.start in self.group_starts() or len(chunks) > 1):
             stamps.consumer_step(f"waited chunks {chunks.start}-{chunks.stop - 1}")
 
     def release(self, state, chunks):
