@@ -128,7 +128,8 @@ def loads_only_kernel():
 
     trace = torch.full((len(pair_timeline.ROLES) * pair_timeline.MAX_STEPS * pair_timeline.MAX_PAIRS,), -1,
                        dtype=torch.int64, device="cuda")
-    kernel = pair_timeline.compile_stamped(pair_timeline.Stamps(trace.data_ptr()), "--enable-tvm-ffi", True)
+    kernel = pair_timeline.compile_stamped(pair_timeline.Stamps(trace.data_ptr()), "--enable-tvm-ffi",
+                                           pair_timeline.LOADS_ONLY)
     return kernel, trace
 
 

@@ -1,11 +1,16 @@
 """Where a pair of blocks' time goes in the decode kernel: the timeline of one CTA.
 
-    python benchmarks/pair_timeline.py [--case B,SEQLEN,H_Q,S_Q[,var] ...] [--loads-only] [--no-output-stores]
-                                       [--sustained SECONDS]
+    python benchmarks/pair_timeline.py [--case B,SEQLEN,H_Q,S_Q[,var] ...] [--loads-only | --scores-only]
+                                       [--no-output-stores] [--sustained SECONDS]
     python benchmarks/pair_timeline.py --compile-only   # no GPU needed: compiles for sm_90a
 
 With ``--loads-only`` the stamped copy's consumers only wait for each pair's K tiles and
 release them (no MMA, no softmax, outputs not the attention's): the K ring's own pace.
+With ``--scores-only`` they also compute S as the kernel's pairs do (the left on a pair's
+first block, the right on its second, side by side, each group's k-steps as it lands),
+then release both tiles (no softmax, no P V): the K ring's pace with S's shared-memory
+reads beside the copies. Beside a ``--loads-only`` run, it says whether S's reads delay
+the K groups' landings.
 With ``--no-output-stores`` its epilogues do all but store the output rows (a probe of
 what the stores cost; the outputs are not written, and the work only the stores need,
 their packing and shuffles, is compiled away with them).
@@ -214,6 +219,11 @@ def stamped_steps(stamps: Stamps):
         consumer_barriers.ConsumerBarriers.create = saved_create
 
 
+FULL, LOADS_ONLY, SCORES_ONLY = "full", "loads only", "scores only"
+"""What the stamped kernel's pairs do (``stamped_kernel_class``): the package's pairs, only
+wait for and release the K tiles, or that and S."""
+
+
 @functools.cache
 def loads_only_pair_method():
     """A consumer's pair method (``left_pair`` / ``right_pair``'s arguments) that only waits
@@ -233,16 +243,50 @@ def loads_only_pair_method():
     return loads_only_pair
 
 
-def stamped_kernel_class(stamps: Stamps, loads_only: bool = False):
-    """The stamped kernel; with ``loads_only``, its consumers only wait for each pair's K
-    tiles (and Q) and release them: the K ring's own pace, with no MMA and no softmax
-    (its outputs are not the attention's)."""
+@functools.cache
+def scores_only_pair_methods():
+    """The left and right consumers' pair methods that compute S as the package's pairs
+    do (the left ``S0`` on the pair's first block, the right ``S1`` on its second, each
+    group's k-steps as it lands) and release both K tiles: no softmax and no P V (the
+    outputs are not the attention's)."""
+    import cutlass.cute as cute
+
+    @cute.jit
+    def left_scores_only(self, t, bars, kv, q, pair, first_state, second_state, has_second, seqlen, mask_from, _):
+        self.block_scores(pair, first_state, kv, q, t, bars, seqlen, mask_from)
+        kv.release(first_state, self.all_chunks)
+        if has_second:
+            kv.wait(second_state, self.all_chunks)
+            kv.release(second_state, self.all_chunks)
+
+    @cute.jit
+    def right_scores_only(self, t, bars, kv, q, pair, first_state, second_state, has_second, seqlen, mask_from, _):
+        if has_second:
+            self.block_scores(pair + 1, second_state, kv, q, t, bars, seqlen, mask_from)
+            kv.release(second_state, self.all_chunks)
+        else:
+            q.wait(self.all_chunks)  # no S here, but the batch's Q lands before it is released
+        kv.wait(first_state, self.all_chunks)
+        kv.release(first_state, self.all_chunks)
+
+    return left_scores_only, right_scores_only
+
+
+def stamped_kernel_class(stamps: Stamps, pairs: str = FULL):
+    """The stamped kernel, its pairs as ``pairs`` says (``FULL``, ``LOADS_ONLY``: its
+    consumers only wait for each pair's K tiles (and Q) and release them, the K ring's own
+    pace; ``SCORES_ONLY``: that and S, ``scores_only_pair_methods``). Without the full
+    pairs its outputs are not the attention's."""
     import cutlass
     import cutlass.cute as cute
 
     from flashmla_cute.kernels.decode_sm90 import MlaDecodeSm90
 
-    loads_only_pair = loads_only_pair_method()
+    pair_methods = {
+        FULL: (MlaDecodeSm90.left_pair, MlaDecodeSm90.right_pair),
+        LOADS_ONLY: (loads_only_pair_method(),) * 2,
+        SCORES_ONLY: scores_only_pair_methods(),
+    }[pairs]
 
     # No data-dependent control flow below: plain Python, traced inline into the kernel.
     def stamped_pair(role_pair):
@@ -267,8 +311,8 @@ def stamped_kernel_class(stamps: Stamps, loads_only: bool = False):
             MlaDecodeSm90.produce(self, *args)
             stamps.active = False
 
-        left_pair = stamped_pair(loads_only_pair if loads_only else MlaDecodeSm90.left_pair)
-        right_pair = stamped_pair(loads_only_pair if loads_only else MlaDecodeSm90.right_pair)
+        left_pair = stamped_pair(pair_methods[0])
+        right_pair = stamped_pair(pair_methods[1])
 
         def block_scores(self, *args):
             MlaDecodeSm90.block_scores(self, *args)
@@ -320,14 +364,15 @@ def output_stores_left_out():
         utils.store_acc_row_sectors = store
 
 
-def compile_stamped(stamps: Stamps, options: str, loads_only: bool = False, output_stores: bool = True):
-    """The stamped bf16 causal decode kernel (``stamped_kernel_class``), compiled with
-    ``options`` (without ``output_stores``: ``output_stores_left_out``)."""
+def compile_stamped(stamps: Stamps, options: str, pairs: str = FULL, output_stores: bool = True):
+    """The stamped bf16 causal decode kernel (``stamped_kernel_class``, its pairs as
+    ``pairs`` says), compiled with ``options`` (without ``output_stores``:
+    ``output_stores_left_out``)."""
     tracing = contextlib.ExitStack()
     tracing.enter_context(stamped_steps(stamps))
     if not output_stores:
         tracing.enter_context(output_stores_left_out())
-    return compile_decode_subclass(stamped_kernel_class(stamps, loads_only), options, tracing)
+    return compile_decode_subclass(stamped_kernel_class(stamps, pairs), options, tracing)
 
 
 @contextlib.contextmanager
@@ -468,7 +513,7 @@ def case_call(b: int, seqlen: int, h_q: int, s_q: int, varlen: bool = False) -> 
     return CaseCall(call, seqlens.tolist(), meta.tolist())
 
 
-def run(cases, loads_only: bool = False, output_stores: bool = True, sustained: float = 0.0) -> None:
+def run(cases, pairs: str = FULL, output_stores: bool = True, sustained: float = 0.0) -> None:
     import torch
 
     from bench_decode import Case, Timer
@@ -476,7 +521,7 @@ def run(cases, loads_only: bool = False, output_stores: bool = True, sustained: 
 
     trace = torch.full((len(ROLES) * MAX_STEPS * MAX_PAIRS,), -1, dtype=torch.int64, device="cuda")
     stamps = Stamps(trace.data_ptr())
-    stamped = compile_stamped(stamps, "--enable-tvm-ffi", loads_only, output_stores)
+    stamped = compile_stamped(stamps, "--enable-tvm-ffi", pairs, output_stores)
     timer = Timer(25, 100)
 
     def report(label: str) -> None:
@@ -525,8 +570,12 @@ def main(argv=None) -> int:
     parser.add_argument("--case", type=parse_case, action="append", metavar=CASE_METAVAR,
                         help="a decode case (bf16, causal, h_kv 1; var: varied lengths); repeatable "
                              "(default: 128,8192,128,2)")
-    parser.add_argument("--loads-only", action="store_true",
-                        help="the consumers only wait for and release the K tiles: the K ring's own pace")
+    kinds = parser.add_mutually_exclusive_group()
+    kinds.add_argument("--loads-only", dest="pairs", action="store_const", const=LOADS_ONLY, default=FULL,
+                       help="the consumers only wait for and release the K tiles: the K ring's own pace")
+    kinds.add_argument("--scores-only", dest="pairs", action="store_const", const=SCORES_ONLY,
+                       help="the consumers compute S on their blocks and release the K tiles: the ring's "
+                            "pace with S's shared-memory reads beside the copies")
     parser.add_argument("--no-output-stores", action="store_true",
                         help="the epilogues do all but store the output rows (what the stores cost)")
     parser.add_argument("--sustained", type=float, default=0.0, metavar="SECONDS",
@@ -538,11 +587,11 @@ def main(argv=None) -> int:
     if args.compile_only:
         os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
         stamps = Stamps(1 << 40)  # any address: the kernel is not run
-        compile_stamped(stamps, "--gpu-arch=sm_90a", args.loads_only, not args.no_output_stores)
+        compile_stamped(stamps, "--gpu-arch=sm_90a", args.pairs, not args.no_output_stores)
         for role, names in zip(ROLES, stamps.names):
             print(f"{role}: " + "; ".join(names[s] for s in sorted(names)))
         return 0
-    run(args.case or DEFAULT_CASES, args.loads_only, not args.no_output_stores, args.sustained)
+    run(args.case or DEFAULT_CASES, args.pairs, not args.no_output_stores, args.sustained)
     return 0
 
 

@@ -25,16 +25,33 @@ def test_stamped_kernel_compiles_for_sm90a(tmp_path):
     assert "acquired 0-3 of K0" in roles["producer"]
 
 
+def compiled_steps(tmp_path, option: str) -> dict:
+    """Each role's stamped steps of the kernel ``--compile-only option`` builds."""
+    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", FLASHMLA_CUTE_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, str(TOOL), "--compile-only", option], env=env,
+                          capture_output=True, text=True, check=True)
+    roles = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+    return {role: steps.split("; ") for role, steps in roles.items()}
+
+
 def test_the_loads_only_kernel_compiles_for_sm90a(tmp_path):
     # Its consumers only wait for and release each pair's K tiles: no S, no barriers
     # between them.
-    env = dict(os.environ, CUTE_DSL_ARCH="sm_90a", FLASHMLA_CUTE_CACHE_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, str(TOOL), "--compile-only", "--loads-only"], env=env,
-                          capture_output=True, text=True, check=True)
-    roles = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+    roles = compiled_steps(tmp_path, "--loads-only")
     for role in ("left", "right"):
-        assert roles[role].split("; ") == ["start", "waited chunks 0-8", "released 0-8", "waited chunks 0-8",
-                                           "released 0-8", "end"], roles[role]
+        assert roles[role] == ["start", "waited chunks 0-8", "released 0-8", "waited chunks 0-8", "released 0-8",
+                               "end"], roles[role]
+
+
+def test_the_scores_only_kernel_compiles_for_sm90a(tmp_path):
+    # Its consumers compute S on their blocks, waiting for each K group as it lands, and
+    # release both tiles: no softmax, no P V, no barriers between them.
+    roles = compiled_steps(tmp_path, "--scores-only")
+    for role in ("left", "right"):
+        steps = roles[role]
+        assert steps[0] == "start" and steps[-1] == "end", steps
+        assert "S done" in steps and steps.count("released 0-8") == 2, steps
+        assert not any(s.startswith(("arrived", "waited left", "waited right", "waited p1")) for s in steps), steps
 
 
 def test_the_package_kernel_is_left_as_it_was():
