@@ -131,13 +131,10 @@ def stamped_kernel_class(stamps: Stamps, loads_only: bool = False):
     import cutlass
 
     from flashmla_cute.kernels.decode_sm90 import MlaDecodeSm90
-    from pair_timeline import loads_only_pair_method
-
-    pair_methods = {"left": MlaDecodeSm90.left_pair, "right": MlaDecodeSm90.right_pair}
-    if loads_only:
-        pair_methods = dict.fromkeys(pair_methods, loads_only_pair_method())
+    from pair_timeline import FULL, LOADS_ONLY, pair_methods
 
     roles = ("left", "right")
+    methods = dict(zip(roles, pair_methods(LOADS_ONLY if loads_only else FULL)))
 
     # No data-dependent control flow below: plain Python, traced inline into the kernel.
     class StampedDecode(MlaDecodeSm90):
@@ -153,10 +150,10 @@ def stamped_kernel_class(stamps: Stamps, loads_only: bool = False):
             MlaDecodeSm90.finish_batch(self, wg, t, *args)
 
         def left_pair(self, t, *args):
-            timed_pair(pair_methods["left"], "left", self, t, *args)
+            timed_pair(methods["left"], "left", self, t, *args)
 
         def right_pair(self, t, *args):
-            timed_pair(pair_methods["right"], "right", self, t, *args)
+            timed_pair(methods["right"], "right", self, t, *args)
 
     def timed_pair(role_pair, role: str, self, t, *args):
         stamps.add(f"{role} pairs", t.wg_tidx == 0)

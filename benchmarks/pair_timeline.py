@@ -272,21 +272,30 @@ def scores_only_pair_methods():
     return left_scores_only, right_scores_only
 
 
+def pair_methods(pairs: str) -> tuple:
+    """The left and right consumers' pair methods for ``pairs`` (``FULL``: the package's;
+    ``LOADS_ONLY``: they only wait for each pair's K tiles (and Q) and release them, the K
+    ring's own pace; ``SCORES_ONLY``: that and S, ``scores_only_pair_methods``). Without
+    the full pairs the kernel's outputs are not the attention's."""
+    from flashmla_cute.kernels.decode_sm90 import MlaDecodeSm90
+
+    if pairs == FULL:
+        return MlaDecodeSm90.left_pair, MlaDecodeSm90.right_pair
+    if pairs == LOADS_ONLY:
+        return (loads_only_pair_method(),) * 2
+    if pairs == SCORES_ONLY:
+        return scores_only_pair_methods()
+    raise ValueError(f"pairs must be one of {FULL!r}, {LOADS_ONLY!r}, {SCORES_ONLY!r}, got {pairs!r}")
+
+
 def stamped_kernel_class(stamps: Stamps, pairs: str = FULL):
-    """The stamped kernel, its pairs as ``pairs`` says (``FULL``, ``LOADS_ONLY``: its
-    consumers only wait for each pair's K tiles (and Q) and release them, the K ring's own
-    pace; ``SCORES_ONLY``: that and S, ``scores_only_pair_methods``). Without the full
-    pairs its outputs are not the attention's."""
+    """The stamped kernel, its pairs as ``pairs`` says (``pair_methods``)."""
     import cutlass
     import cutlass.cute as cute
 
     from flashmla_cute.kernels.decode_sm90 import MlaDecodeSm90
 
-    pair_methods = {
-        FULL: (MlaDecodeSm90.left_pair, MlaDecodeSm90.right_pair),
-        LOADS_ONLY: (loads_only_pair_method(),) * 2,
-        SCORES_ONLY: scores_only_pair_methods(),
-    }[pairs]
+    left_method, right_method = pair_methods(pairs)
 
     # No data-dependent control flow below: plain Python, traced inline into the kernel.
     def stamped_pair(role_pair):
@@ -311,8 +320,8 @@ def stamped_kernel_class(stamps: Stamps, pairs: str = FULL):
             MlaDecodeSm90.produce(self, *args)
             stamps.active = False
 
-        left_pair = stamped_pair(pair_methods[0])
-        right_pair = stamped_pair(pair_methods[1])
+        left_pair = stamped_pair(left_method)
+        right_pair = stamped_pair(right_method)
 
         def block_scores(self, *args):
             MlaDecodeSm90.block_scores(self, *args)
