@@ -104,14 +104,9 @@ def plan_kinds(blocks: list[int], parts: int) -> dict:
 
 def plan_summary(rows: list[list[int]], fragments: list[int], blocks: list[int]) -> str:
     """Parts used, fragments in all, sequences split and the longest part's blocks."""
-    longest, used = 0, 0
-    for begin_batch, begin_block, end_batch, end_block in (row[:4] for row in rows):
-        if begin_batch > end_batch:
-            continue
-        used += 1
-        blocks_done = sum((end_block if i == end_batch else blocks[i]) - (begin_block if i == begin_batch else 0)
-                          for i in range(begin_batch, end_batch + 1))
-        longest = max(longest, blocks_done)
+    parts = [scheduler.part_fragments(row, blocks) for row in rows]
+    used = sum(1 for pieces in parts if pieces)
+    longest = max((sum(last - first for _, first, last in pieces) for pieces in parts), default=0)
     split = sum(1 for k in fragments if k > 1)
     return f"{used:3d} parts, {sum(fragments):4d} fragments, {split:3d} split, longest {longest:4d} blocks"
 
@@ -140,7 +135,7 @@ def main():
     for name in args.cases:
         b, seqlen, h_q, s_q, varlen = parse_case(name)
         seqlens = random_seqlens(b, seqlen, s_q, varlen, args.seed)
-        blocks = [max(-(-n // scheduler.BLOCK_SIZE), 1) for n in seqlens.tolist()]
+        blocks = scheduler.plan_blocks(seqlens.tolist())
         x = make_decode_inputs(b, s_q, h_q, seqlens=seqlens.tolist(), device="cuda", seed=args.seed)
         parts_all = max(PARTS // scheduler.num_query_tiles(s_q * h_q), 1)
 
