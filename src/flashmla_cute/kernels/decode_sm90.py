@@ -21,8 +21,9 @@ Warp roles (384 threads):
   two mbarriers, for its "lo" chunks (the left consumer's 256 value columns) and its
   "hi" chunks (the rest), which are also released separately, so that the next block's
   first chunks load while the current pair of blocks is still being finished. In a
-  stream (one query tile on a long run of one sequence, the memory-bound case) a page's
-  hi chunks are also asked of L2 when its lo half is copied (``load_k``).
+  stream (a long run of one sequence read by one query tile, the memory-bound case, or
+  by two) a page's hi chunks are also asked of L2 when its lo half is copied
+  (``load_k``).
 - warpgroups 1 and 2: the consumers, "left" and "right". The 64x512 fp32 output O is
   split by columns: left owns ``O_L = O[:, :256]``, right ``O_R = O[:, 256:]``. Blocks
   are taken in pairs ``(K0, K1)`` and the two consumers run a variant of FlashMLA's
@@ -99,6 +100,10 @@ assert registers_fit((PRODUCER_REGS,) + (CONSUMER_REGS,) * NUM_CONSUMER_WARPGROU
 CHUNK = utils.ATOM_COLUMNS  # columns per TMA copy and per 128-byte swizzle atom
 ATOM_ROWS = utils.ATOM_ROWS
 STREAM_BLOCKS = 32  # K tiles: a run this long of one sequence is a stream (k_cache_policy)
+# A run read by two query tiles side by side is a stream from this length (runs of ~32
+# were 4% slower streamed, of 64 and more ~1% faster: benchmarks/NOTES.md, "K at the
+# default L2 priority where one or two query tiles read a long run").
+SHARED_STREAM_BLOCKS = 2 * STREAM_BLOCKS
 
 # An output or partial row's start: both tensors are compiled as 16-byte aligned, with
 # strides in whole 16-byte units, and a row is dv values.
@@ -443,10 +448,12 @@ class MlaDecodeSm90:
             if batch == begin_batch:
                 q_ring.load(*q_load, self.lo)
             seqlen, first, last = self.blocks_of(work, batch, begin_batch, begin_block, end_batch, end_block)
-            # A long run of one sequence read by a single query tile, the memory-bound
-            # case, is a stream: its K tiles get their own L2 treatment (k_cache_policy,
-            # load_k's prefetch).
-            stream = (last - first >= STREAM_BLOCKS) & (num_m_tiles == 1)
+            # A long run of one sequence read by one query tile (the memory-bound case)
+            # or by two (a longer run) is a stream: its K tiles get their own L2
+            # treatment (k_cache_policy, load_k's prefetch).
+            run = last - first
+            stream = ((run >= STREAM_BLOCKS) & (num_m_tiles == 1)) | ((run >= SHARED_STREAM_BLOCKS) &
+                                                                     (num_m_tiles == 2))
             cache_policy = self.k_cache_policy(stream)
             # A later Q goes between the halves of the batch's first K tile: S's first
             # k-steps need only the lo halves of Q and of that tile (the rings' groups),
@@ -473,11 +480,13 @@ class MlaDecodeSm90:
         """L2 eviction priority of a run of K tiles of one sequence.
 
         ``EVICT_FIRST``, except for a ``stream`` (a run of ``STREAM_BLOCKS`` or more read
-        by a single query tile, the memory-bound case): there the default priority was
-        2-3% faster when the kernels before this one left L2 full of dirty lines, and
-        slower for short runs and for several query tiles sharing each K tile
+        by a single query tile, the memory-bound case, or of ``SHARED_STREAM_BLOCKS`` or
+        more read by two): there the default priority was 2-3% faster with one query
+        tile and ~1% with two when the kernels before this one left L2 full of dirty
+        lines, and slower for short runs and for four query tiles sharing each K tile
         (measured, with no known cause: benchmarks/NOTES.md, "The memory-bound gap: the
-        K loads' eviction hint")."""
+        K loads' eviction hint", "K at the default L2 priority where one or two query
+        tiles read a long run")."""
         policy = Int64(utils.TMA_EVICT_FIRST)
         if stream:
             policy = Int64(utils.TMA_EVICT_NORMAL)
@@ -491,7 +500,7 @@ class MlaDecodeSm90:
 
         In a ``stream``, the page's hi chunks are asked of L2 as its lo half is copied:
         the hi half is released later (after ``P0 V0_R``), and the stream is bound by
-        the bytes in flight (sk8192 h16 s1 0.7% faster; with several query tiles or short
+        the bytes in flight (sk8192 h16 s1 0.7% faster; with four query tiles or short
         runs, 1-5% slower: benchmarks/NOTES.md, "a block's hi half asked of L2")."""
         page = work.mBlockTable[batch, block]
         src = tKgK[None, 0, None, work.kv_head, page]
