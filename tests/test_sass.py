@@ -143,6 +143,17 @@ def test_the_dense_producer_asks_l2_for_a_streams_second_halves(cubins, name):
     assert len(re.findall(r"\bUTMAPF\.L2\b", sass)) == 2 * len(kernel.hi), name
 
 
+def test_which_runs_are_streams():
+    """A run of one sequence's K tiles is a stream (the default L2 priority, the hi
+    halves asked of L2) where one query tile reads 32 tiles or more of it, or two read 64
+    or more; where four or more tiles share each K tile, never."""
+    from flashmla_cute.kernels.decode_sm90 import is_stream
+
+    assert is_stream(32, 1) and not is_stream(31, 1)
+    assert is_stream(64, 2) and not is_stream(63, 2) and not is_stream(32, 2)
+    assert not any(is_stream(run, tiles) for run in (64, 128, 10_000) for tiles in (3, 4, 8))
+
+
 def kernel_sass(sass: str, marker: str) -> str:
     """The machine code of the one kernel of a cubin's disassembly whose section name
     contains ``marker`` (a cubin holds the decode kernel and the combine it launches)."""

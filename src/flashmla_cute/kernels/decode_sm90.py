@@ -105,6 +105,14 @@ STREAM_BLOCKS = 32  # K tiles: a run this long of one sequence is a stream (k_ca
 # default L2 priority where one or two query tiles read a long run").
 SHARED_STREAM_BLOCKS = 2 * STREAM_BLOCKS
 
+
+def is_stream(run, num_m_tiles):
+    """Whether a run of ``run`` K tiles of one sequence, read by ``num_m_tiles`` query
+    tiles side by side, is a stream (``k_cache_policy``, ``load_k``'s prefetch): one tile
+    on ``STREAM_BLOCKS`` or more, two on ``SHARED_STREAM_BLOCKS`` or more; never more
+    tiles. Plain operators: traced inline on the kernel's values, or run on ints."""
+    return ((run >= STREAM_BLOCKS) & (num_m_tiles == 1)) | ((run >= SHARED_STREAM_BLOCKS) & (num_m_tiles == 2))
+
 # An output or partial row's start: both tensors are compiled as 16-byte aligned, with
 # strides in whole 16-byte units, and a row is dv values.
 ROW_ALIGN_BYTES = ALIGN_BYTES
@@ -451,9 +459,7 @@ class MlaDecodeSm90:
             # A long run of one sequence read by one query tile (the memory-bound case)
             # or by two (a longer run) is a stream: its K tiles get their own L2
             # treatment (k_cache_policy, load_k's prefetch).
-            run = last - first
-            stream = ((run >= STREAM_BLOCKS) & (num_m_tiles == 1)) | ((run >= SHARED_STREAM_BLOCKS) &
-                                                                     (num_m_tiles == 2))
+            stream = is_stream(last - first, num_m_tiles)
             cache_policy = self.k_cache_policy(stream)
             # A later Q goes between the halves of the batch's first K tile: S's first
             # k-steps need only the lo halves of Q and of that tile (the rings' groups),
