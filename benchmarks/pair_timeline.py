@@ -561,15 +561,15 @@ CASE_METAVAR = "B,SEQLEN,H_Q,S_Q[,var]"
 
 
 def parse_case(text: str) -> tuple:
-    """``B,SEQLEN,H_Q,S_Q`` (fixed lengths) or ``B,SEQLEN,H_Q,S_Q,var`` (varied) as
-    ``(b, seqlen, h_q, s_q, varlen)``."""
+    """``B,SEQLEN,H_Q,S_Q`` (fixed lengths) or ``B,SEQLEN,H_Q,S_Q,var`` (varied), four
+    positive integers, as ``(b, seqlen, h_q, s_q, varlen)``."""
     fields = text.split(",")
     varlen = len(fields) == 5 and fields[4] == "var"
     try:
         values = tuple(int(v) for v in fields[:4])
     except ValueError:
         values = ()
-    if len(values) != 4 or len(fields) != 4 + varlen:
+    if len(values) != 4 or len(fields) != 4 + varlen or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"--case wants {CASE_METAVAR}, got {text!r}")
     return values + (varlen,)
 

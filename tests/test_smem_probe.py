@@ -10,8 +10,10 @@ from conftest import load_script
 probe = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "smem_probe.py")
 
 
-def test_a_case_is_four_positive_integers():
-    assert probe.parse_case("128,4096,128,1") == (128, 4096, 128, 1)
+def test_a_case_is_four_positive_integers_and_maybe_var():
+    # The timeline tools' cases (pair_timeline.parse_case).
+    assert probe.parse_case("128,4096,128,1") == (128, 4096, 128, 1, False)
+    assert probe.parse_case("128,4096,128,1,var") == (128, 4096, 128, 1, True)
     for bad in ("128,4096,128", "128,4096,128,0", "128,4096,h128,1", "128,4096,128,1,2"):
-        with pytest.raises(argparse.ArgumentTypeError, match="b,seqlen,h_q,s_q"):
+        with pytest.raises(argparse.ArgumentTypeError, match="B,SEQLEN,H_Q,S_Q"):
             probe.parse_case(bad)
