@@ -819,13 +819,6 @@ class MlaDecodeSm90:
         (``q``, a ``BatchQ``) have landed."""
         stage = state.index
         block_start = block * BLOCK_N
-        if block_start + BLOCK_N > seqlen:
-            # Cache slots past the sequence end hold anything (NaN in the tests): zero
-            # them, so that 0 * slot cannot poison O through P V.
-            kv.wait(state, self.all_chunks)
-            self.zero_tail_rows(t.sK, stage, seqlen - block_start, t.wg_tidx)
-            cute.arch.fence_view_async_shared()
-            bars.mine.arrive_and_wait()
         t.acc_s.fill(0.0)
         warpgroup.fence()
         steps_per_chunk = CHUNK // utils.MMA_K
@@ -839,6 +832,15 @@ class MlaDecodeSm90:
         warpgroup.wait_group(0)
         if block_start + BLOCK_N > mask_from:
             softmax.mask_scores(t.s_rc, t.coord_s, block_start, t.row_limit)
+            if block_start + BLOCK_N > seqlen:
+                # Cache slots past the sequence end hold anything (NaN in the tests):
+                # their scores are masked whatever they hold, but 0 * slot would poison
+                # O through P V. Zeroed after S, so that S of a partial block starts on
+                # its first landed chunks; no other S reads this block, and the other
+                # consumer's product with it waits for this consumer's next message.
+                self.zero_tail_rows(t.sK, stage, seqlen - block_start, t.wg_tidx)
+                cute.arch.fence_view_async_shared()
+                bars.mine.arrive_and_wait()
 
     @cute.jit
     def pv(self, tiled_mma, acc_o, p, p_stage, tOrV, v_stage):
