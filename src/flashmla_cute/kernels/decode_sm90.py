@@ -815,8 +815,10 @@ class MlaDecodeSm90:
     @cute.jit
     def block_scores(self, block, state, kv, q, t, bars, seqlen, mask_from):
         """``S = Q K^T`` of one block into ``t.acc_s``, with keys a row may not see at
-        -inf. Each chunk's k-steps are issued as soon as that chunk of K and of Q
-        (``q``, a ``BatchQ``) have landed."""
+        -inf; a block that reaches past the sequence's end then has the value columns
+        of its rows past the end zeroed, for both consumers' products. Each chunk's
+        k-steps are issued as soon as that chunk of K and of Q (``q``, a ``BatchQ``)
+        have landed."""
         stage = state.index
         block_start = block * BLOCK_N
         t.acc_s.fill(0.0)
@@ -832,7 +834,7 @@ class MlaDecodeSm90:
         warpgroup.wait_group(0)
         if block_start + BLOCK_N > mask_from:
             softmax.mask_scores(t.s_rc, t.coord_s, block_start, t.row_limit)
-            if block_start + BLOCK_N > seqlen:
+            if block_start + BLOCK_N > seqlen:  # (mask_from <= seqlen)
                 # Cache slots past the sequence end hold anything (NaN in the tests):
                 # their scores are masked whatever they hold, but 0 * slot would poison
                 # O through P V. Zeroed after S, so that S of a partial block starts on
