@@ -312,12 +312,21 @@ def input_sets(nbytes: int, l2: int) -> int:
     return 1 if nbytes >= 4 * l2 else min(MAX_INPUT_SETS, max(2, math.ceil(4 * l2 / nbytes)))
 
 
+def case_seqlens(testing, case: Case, seed: int, multiple: int = 1):
+    """The sequence lengths of ``case`` drawn from ``seed``, each rounded up to a
+    ``multiple`` of tokens (1: as drawn). A multiple of 64 leaves no partial last block, of
+    128 no odd count of blocks: timed beside the lengths as drawn, that separates what a
+    sequence's last blocks cost from the rest of a varied-length case."""
+    seqlens = testing.random_seqlens(case.b, case.seqlen, case.s_q, case.varlen, seed)
+    return (seqlens + multiple - 1) // multiple * multiple
+
+
 def run_case(modules: dict, testing, case: Case, dtype, timer: Timer, l2: int, check: bool, seed: int,
-             device: str = "cuda", rounds: int = 1) -> dict:
+             device: str = "cuda", rounds: int = 1, lengths_multiple: int = 1) -> dict:
     """Times every implementation in ``modules`` (ours first) on the same inputs."""
     import torch
 
-    seqlens = testing.random_seqlens(case.b, case.seqlen, case.s_q, case.varlen, seed)
+    seqlens = case_seqlens(testing, case, seed, lengths_multiple)
 
     def inputs(set_seed):
         return testing.make_decode_inputs(
@@ -334,7 +343,8 @@ def run_case(modules: dict, testing, case: Case, dtype, timer: Timer, l2: int, c
     sets = [first] + [inputs(seed + i) for i in range(1, n_sets)]
 
     result = {
-        **case._asdict(), "h_kv": H_KV, "total_kv_tokens": int(seqlens.sum()), "input_sets": n_sets,
+        **case._asdict(), "h_kv": H_KV, "total_kv_tokens": int(seqlens.sum()), "lengths_multiple": lengths_multiple,
+        "input_sets": n_sets,
         "flops": float(flops), "bytes": float(nbytes),
     }
     def reference():
@@ -656,6 +666,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
                         help="dtype of q and the KV cache (default: bfloat16)")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the copy and matmul measurements")
+    parser.add_argument("--lengths-multiple", type=positive_int, default=1, metavar="TOKENS",
+                        help="round every sequence length up to a multiple of TOKENS (64: no partial last "
+                        "block; 128: no odd block count), to time what a sequence's last blocks cost (default: 1)")
     args = parser.parse_args(argv)
     if args.plot_from and not args.plot:
         parser.error("--plot-from needs --plot FILE.png (where to draw)")
@@ -712,7 +725,8 @@ def main(argv=None) -> int:
     rows = []
     for n, (i, case) in enumerate(cases):
         start = time.perf_counter()
-        r = run_case(modules, testing, case, dtype, timer, l2, args.check, args.seed + 1000 * i, rounds=args.rounds)
+        r = run_case(modules, testing, case, dtype, timer, l2, args.check, args.seed + 1000 * i, rounds=args.rounds,
+                     lengths_multiple=args.lengths_multiple)
         r["gbps_vs_copy"] = r["gbps"] / copy["gbps"]
         r["tflops_vs_matmul"] = r["tflops"] / matmul["tflops"]
         rows.append(r)

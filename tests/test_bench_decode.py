@@ -220,6 +220,20 @@ def test_rounds_default_to_three_and_must_be_at_least_one(bench):
         bench.parse_args(["--rounds", "0"])
 
 
+def test_lengths_rounded_up_to_a_multiple_keep_the_draw_and_must_be_positive(bench):
+    from flashmla_cute import testing
+
+    case = bench.Case(128, 8192, 128, 2, True)
+    drawn = bench.case_seqlens(testing, case, seed=31000)
+    assert bench.parse_args([]).lengths_multiple == 1
+    assert bench.case_seqlens(testing, case, seed=31000, multiple=1).tolist() == drawn.tolist()
+    for multiple in (64, 128):
+        rounded = bench.case_seqlens(testing, case, seed=31000, multiple=multiple)
+        assert (rounded % multiple == 0).all() and (rounded >= drawn).all() and (rounded - drawn < multiple).all()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--lengths-multiple", "0"])
+
+
 def test_every_implementation_is_timed_in_rounds_in_turned_orders_and_keeps_its_median(bench, monkeypatch):
     import torch
 
