@@ -19,8 +19,9 @@ token, so they run non-causal.
 Rank 0 then computes the same attention on one device over the whole context and prints
 the cosine distance of the merged result to it, with PASS (out and lse under 1e-5) or
 FAIL; every rank exits with status 1 on FAIL. With ``--iters`` > 1 it also prints the
-median time of each rank's attention, of the exchange and merge, and of the single-device
-attention over the whole context.
+median time of each rank's attention, of the exchange (``all_gather``), of the merge, and
+of the single-device attention over the whole context. The exchange's time is the
+machine's path between its GPUs (NVLink, or through the host where there is none).
 
 ``--backend nccl`` (the default) puts rank ``r`` on GPU ``LOCAL_RANK`` (a Hopper GPU);
 ``--backend gloo`` runs on the CPU through the package's CPU path (the float32
@@ -99,13 +100,18 @@ def attention(x: DecodeInputs, s_q: int, h_q: int, causal: bool):
     )
 
 
-def gather_and_merge(out: torch.Tensor, lse: torch.Tensor, world: int):
-    """Every rank's (out, lse), merged in rank order into the attention over all keys
-    (``out`` float32)."""
+def gather(out: torch.Tensor, lse: torch.Tensor, world: int):
+    """Every rank's (out, lse), in rank order."""
     outs = [torch.empty_like(out) for _ in range(world)]
     lses = [torch.empty_like(lse) for _ in range(world)]
     dist.all_gather(outs, out)
     dist.all_gather(lses, lse)
+    return outs, lses
+
+
+def merge(outs: list[torch.Tensor], lses: list[torch.Tensor]):
+    """The ranks' (out, lse) merged in rank order into the attention over all keys
+    (``out`` float32)."""
     # Merged in float32 and rounded once, by the caller, rather than after every merge.
     outs = [o.float() for o in outs]
     merged_out, merged_lse = outs[0], lses[0]
@@ -179,11 +185,14 @@ def run(args, device: torch.device) -> int:
         whole = None  # a rank keeps only its own pages; rank 0 keeps the whole for the check
 
     out, lse = attention(local, s_q, h_q, causal)
-    merged_out, merged_lse = gather_and_merge(out, lse, world)
+    outs, lses = gather(out, lse, world)
+    merged_out, merged_lse = merge(outs, lses)
 
     local_ms = median_ms(lambda: attention(local, s_q, h_q, causal), args.iters, device)
-    merge_ms = median_ms(lambda: gather_and_merge(out, lse, world), args.iters, device)
-    stats = torch.tensor([float(local.cache_seqlens.sum()), local_ms, merge_ms], dtype=torch.float64, device=device)
+    gather_ms = median_ms(lambda: gather(out, lse, world), args.iters, device)
+    merge_ms = median_ms(lambda: merge(outs, lses), args.iters, device)
+    stats = torch.tensor([float(local.cache_seqlens.sum()), local_ms, gather_ms, merge_ms], dtype=torch.float64,
+                         device=device)
     all_stats = [torch.empty_like(stats) for _ in range(world)]
     dist.all_gather(all_stats, stats)
 
@@ -191,9 +200,9 @@ def run(args, device: torch.device) -> int:
     if rank == 0:
         print(f"{world} ranks ({args.backend}, {device.type}), batch {args.batch}, context {args.context} tokens, "
               f"s_q {s_q}{' (causal)' if s_q > 1 else ''}, h_q {h_q}, d {D}, dv {DV}")
-        for r, (tokens, r_local_ms, r_merge_ms) in enumerate(t.tolist() for t in all_stats):
+        for r, (tokens, r_local_ms, r_gather_ms, r_merge_ms) in enumerate(t.tolist() for t in all_stats):
             print(f"rank {r}: {int(tokens)} cache tokens ({'causal' if r == world - 1 else 'non-causal'}), "
-                  f"attention {r_local_ms:.3f} ms, all_gather + merge {r_merge_ms:.3f} ms")
+                  f"attention {r_local_ms:.3f} ms, all_gather {r_gather_ms:.3f} ms, merge {r_merge_ms:.3f} ms")
         ref_out, ref_lse = attention(whole, s_q, h_q, causal=True)
         single_ms = median_ms(lambda: attention(whole, s_q, h_q, causal=True), args.iters, device)
         print(f"one device over the whole context: attention {single_ms:.3f} ms")

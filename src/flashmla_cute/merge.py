@@ -48,31 +48,25 @@ def merge_attention_states(
     """
     _check(out_a, lse_a, out_b, lse_b)
 
-    # lse is [b, h_q, s_q]; out is [b, s_q, h_q, dv]: bring lse to out's row order.
-    lse_a_rows = lse_a.transpose(1, 2)  # [b, s_q, h_q]
-    lse_b_rows = lse_b.transpose(1, 2)
-    empty_a = torch.isinf(lse_a_rows)
-    empty_b = torch.isinf(lse_b_rows)
-
-    # Subtract the larger lse so that both exponentials are <= 1. Empty rows are replaced
-    # by -inf, which gives weight exactly 0; if both are empty the shift is 0 (not -inf,
-    # which would make inf - inf = NaN).
-    neg_inf = torch.full((), -math.inf, dtype=torch.float32, device=lse_a.device)
-    la = torch.where(empty_a, neg_inf, lse_a_rows)
-    lb = torch.where(empty_b, neg_inf, lse_b_rows)
-    both_empty = empty_a & empty_b
-    shift = torch.where(both_empty, torch.zeros_like(la), torch.maximum(la, lb))
-    wa = torch.exp(la - shift)
-    wb = torch.exp(lb - shift)
-    total = wa + wb  # in [1, 2] unless both are empty (then 0)
-    safe_total = torch.where(both_empty, torch.ones_like(total), total)
+    # Both halves side by side, lse brought to out's row order ([2, b, s_q, h_q]): the
+    # merge is then a dozen tensor operations whatever the shapes, which is what it costs
+    # the host (each operation is a launch on a GPU).
+    lse_rows = torch.stack((lse_a, lse_b)).transpose(2, 3)
+    empty = torch.isinf(lse_rows)
+    # An empty half gets weight exactly 0: its lse becomes -inf. The larger lse is
+    # subtracted so that both exponentials are <= 1; where both halves are empty the shift
+    # is finite instead of -inf (which would make -inf - -inf = NaN), and both weights are 0.
+    lse_rows = lse_rows.masked_fill(empty, -math.inf)
+    shift = lse_rows.amax(0).clamp_min(torch.finfo(torch.float32).min)
+    weights = torch.exp(lse_rows - shift)
+    total = weights.sum(0)  # in [1, 2] unless both are empty (then 0)
+    weights = weights / total.clamp_min(torch.finfo(torch.float32).tiny)
 
     # An empty half's out is ignored even if it is not 0 (NaN included).
-    contrib_a = torch.where(empty_a[..., None], 0.0, out_a.float() * (wa / safe_total)[..., None])
-    contrib_b = torch.where(empty_b[..., None], 0.0, out_b.float() * (wb / safe_total)[..., None])
-    out = (contrib_a + contrib_b).to(out_a.dtype)
+    outs = torch.stack((out_a, out_b)).float().masked_fill(empty[..., None], 0.0)
+    out = (outs * weights[..., None]).sum(0).to(out_a.dtype)
 
-    lse = torch.where(both_empty, torch.full_like(shift, math.inf), shift + torch.log(safe_total))
+    lse = torch.where(total > 0, shift + torch.log(total), math.inf)
     return out, lse.transpose(1, 2).contiguous()
 
 
