@@ -20,8 +20,9 @@ Rank 0 then computes the same attention on one device over the whole context and
 the cosine distance of the merged result to it, with PASS (out and lse under 1e-5) or
 FAIL; every rank exits with status 1 on FAIL. With ``--iters`` > 1 it also prints the
 median time of each rank's attention, of the exchange (``all_gather``), of the merge, and
-of the single-device attention over the whole context. The exchange's time is the
-machine's path between its GPUs (NVLink, or through the host where there is none).
+of the single-device attention over the whole context. At these sizes (a few hundred
+kilobytes a rank) the exchange and the merge take far longer than moving or adding their
+bytes would: their times are mostly the host's, a launch per operation.
 
 ``--backend nccl`` (the default) puts rank ``r`` on GPU ``LOCAL_RANK`` (a Hopper GPU);
 ``--backend gloo`` runs on the CPU through the package's CPU path (the float32
