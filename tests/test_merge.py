@@ -127,6 +127,35 @@ def test_large_lse_values_do_not_overflow():
     torch.testing.assert_close(lse, torch.logaddexp(lse_a, lse_b) + 1000)
 
 
+MAX_MERGE_OPERATIONS = 26  # the merge's tensor operations (views included), as written
+
+
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_the_merge_is_a_few_tensor_operations_whatever_the_batch(s_q):
+    # At decode sizes a merge's time is its operations' launches, not their arithmetic
+    # (benchmarks/NOTES.md, "The context-parallel example's exchange and merge"): their
+    # number must not grow with the batch or the heads.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOperations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for b, h_q in ((1, 16), (4, 128), (32, 64)):
+        out_a, out_b = (torch.randn(b, s_q, h_q, DV, dtype=torch.bfloat16) for _ in range(2))
+        lse_a, lse_b = (torch.randn(b, h_q, s_q) for _ in range(2))
+        with CountOperations() as ops:
+            merge_attention_states(out_a, lse_a, out_b, lse_b)
+        counts.append(ops.count)
+    assert len(set(counts)) == 1 and counts[0] <= MAX_MERGE_OPERATIONS, counts
+
+
 def _bad(**changes):
     out, lse = random_state()
     args = {"out_a": out, "lse_a": lse, "out_b": out.clone(), "lse_b": lse.clone()}
