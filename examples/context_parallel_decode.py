@@ -21,8 +21,9 @@ the cosine distance of the merged result to it, with PASS (out and lse under 1e-
 FAIL; every rank exits with status 1 on FAIL. With ``--iters`` > 1 it also prints the
 median time of each rank's attention, of the exchange (``all_gather``), of the merge, and
 of the single-device attention over the whole context. At these sizes (a few hundred
-kilobytes a rank) the exchange and the merge take far longer than moving or adding their
-bytes would: their times are mostly the host's, a launch per operation.
+kilobytes a rank) the exchange takes far longer than moving its bytes would: its time is
+mostly the host's. The merge is one kernel a pair of ranks on Hopper GPUs (float32
+results: the merge rounds once, at the end).
 
 ``--backend nccl`` (the default) puts rank ``r`` on GPU ``LOCAL_RANK`` (a Hopper GPU);
 ``--backend gloo`` runs on the CPU through the package's CPU path (the float32

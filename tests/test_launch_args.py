@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from flashmla_cute.launch_args import CombineArgs, DecodeArgs, MetadataArgs, SparseDecodeArgs
+from flashmla_cute.launch_args import CombineArgs, DecodeArgs, MergeArgs, MetadataArgs, SparseDecodeArgs
 
 
 def host_name(kernel_parameter: str) -> str:
@@ -28,6 +28,7 @@ def kernel_parameters(kernel_class) -> list[str]:
     ("flashmla_cute.kernels.decode_sm90", "MlaDecodeSm90", DecodeArgs),
     ("flashmla_cute.kernels.sparse_decode_sm90", "SparseDecodeSm90", SparseDecodeArgs),
     ("flashmla_cute.kernels.combine", "MlaCombine", CombineArgs),
+    ("flashmla_cute.kernels.merge_states", "MlaMergeStates", MergeArgs),
     ("flashmla_cute.kernels.metadata", "MlaMetadata", MetadataArgs),
 ])
 def test_fields_follow_the_kernel_parameters(module, class_name, args):
@@ -42,6 +43,7 @@ def test_compile_step_passes_the_tuples_and_a_stream():
     for variant, args in ((compile_mod.decode_variant("bfloat16", False), DecodeArgs),
                           (compile_mod.sparse_decode_variant(), SparseDecodeArgs),
                           (compile_mod.combine_variant("bfloat16"), CombineArgs),
+                          (compile_mod.merge_variant("float32"), MergeArgs),
                           (compile_mod.metadata_variant(), MetadataArgs)):
         _, fake = variant.build()
         assert len(fake) == len(args._fields) + 1

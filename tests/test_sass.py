@@ -90,7 +90,10 @@ def test_machine_code(cubins, name):
         assert "UTMALDG" in sass, f"{name} has no TMA load"
 
 
-@pytest.mark.parametrize("name", [v.name for v in compile_mod.all_variants() if v.name != "metadata"])
+WGMMA_VARIANTS = [v.name for v in compile_mod.all_variants() if v.name.startswith(("decode", "sparse"))]
+
+
+@pytest.mark.parametrize("name", WGMMA_VARIANTS)
 def test_wgmmas_are_not_serialized(cubins, name):
     """Where ptxas cannot prove that no register of an in-flight WGMMA is touched (a
     branch on a value it does not see as warp-uniform, say: a reducing barrier's result),
@@ -101,6 +104,17 @@ def test_wgmmas_are_not_serialized(cubins, name):
     waits = len(re.findall(r"\bWARPGROUP\.DEPBAR\b", sass))
     assert hgmmas > 0, f"{name} has no WGMMA"
     assert waits * 8 <= hgmmas, f"{name}: {waits} WGMMA waits for {hgmmas} WGMMAs (serialized?)"
+
+
+@pytest.mark.parametrize("name", [v.name for v in compile_mod.all_variants() if v.name.startswith("merge")])
+def test_the_merge_moves_rows_in_16_byte_pieces(cubins, name):
+    """``kernels/merge_states.py``: a lane loads and stores a row's values 16 bytes at a
+    time (the variant's fake tensors promise rows on 16 bytes); only the lse values go
+    one at a time."""
+    sass = sass_of(cubins[name])
+    assert re.search(r"\bLDG\.E\.128\b", sass) and re.search(r"\bSTG\.E\.128\b", sass), name
+    narrow_loads = re.findall(r"\bLDG\.E(?:\.(?:U8|S8|U16|S16|64))?\b(?!\.128)", sass)
+    assert len(narrow_loads) <= 2, f"{name}: {len(narrow_loads)} loads narrower than 16 bytes (the two lse)"
 
 
 def test_register_budgets_are_checked_against_the_launch():

@@ -32,6 +32,7 @@ def test_ops_are_registered():
 
     assert hasattr(torch.ops.flashmla_cute, "get_mla_metadata")
     assert hasattr(torch.ops.flashmla_cute, "flash_mla_with_kvcache")
+    assert hasattr(torch.ops.flashmla_cute, "merge_attention_states")
 
 
 def test_fake_implementations_give_shapes():
@@ -44,6 +45,8 @@ def test_fake_implementations_give_shapes():
         torch.ops.flashmla_cute.flash_mla_with_kvcache,
         (x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits, None, True),
     )
+    out, lse = flashmla_cute.flash_mla_with_kvcache(x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits)
+    torch.library.opcheck(torch.ops.flashmla_cute.merge_attention_states, (out, lse, out.clone(), lse + 1))
 
 
 def test_compiled_step_cpu():
@@ -53,3 +56,25 @@ def test_compiled_step_cpu():
 @pytest.mark.gpu
 def test_compiled_step_gpu(requires_hopper):
     check("cuda")
+
+
+def check_merge(device):
+    """Two halves' results merged in a compiled step (a context-parallel decode's last
+    step) equal the eager merge."""
+    x = make_decode_inputs(2, 1, 16, seqlens=[300, 90], device=device)
+    out, lse = flash_mla_reference(x.q, x.k_cache, x.block_table, x.cache_seqlens, 512)
+    halves = (out, lse, (out * 0.5).to(out.dtype), lse - 1.0)
+    torch._dynamo.reset()
+    step = torch.compile(flashmla_cute.merge_attention_states, fullgraph=True,
+                         backend="aot_eager" if device == "cpu" else "inductor")
+    for got, expected in zip(step(*halves), flashmla_cute.merge_attention_states(*halves)):
+        torch.testing.assert_close(got, expected)
+
+
+def test_compiled_merge_cpu():
+    check_merge("cpu")
+
+
+@pytest.mark.gpu
+def test_compiled_merge_gpu(requires_hopper):
+    check_merge("cuda")

@@ -40,7 +40,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from .launch_args import ALIGN_BYTES, CombineArgs, DecodeArgs, MetadataArgs, SparseDecodeArgs
+from .launch_args import ALIGN_BYTES, CombineArgs, DecodeArgs, MergeArgs, MetadataArgs, SparseDecodeArgs
 from .scheduler import BLOCK_SIZE, METADATA_INTS
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -53,6 +53,11 @@ ARCHS = ("sm_90a",)
 DTYPES = ("bfloat16", "float16")
 HEAD_DIMS = ((576, 512),)
 """(d, dv) pairs the decode kernel is built for."""
+
+MERGE_DTYPES = DTYPES + ("float32",)
+"""Output dtypes the merge kernel is built for (float32: results kept unrounded between
+merges, as a context-parallel merge of several ranks does)."""
+MERGE_HEAD_DIMS_V = tuple(sorted({dv for _, dv in HEAD_DIMS}))
 
 _compiled: dict[str, Any] = {}
 _lock = threading.Lock()
@@ -69,7 +74,7 @@ class Variant:
 def _cutlass_dtype(name: str):
     import cutlass
 
-    return {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16}[name]
+    return {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16, "float32": cutlass.Float32}[name]
 
 
 def _fake(dtype, shape, stride, align=None):
@@ -164,6 +169,31 @@ def combine_variant(dtype: str, head_dim_v: int = 512) -> Variant:
     return Variant(f"combine_{dtype}_dv{head_dim_v}", build)
 
 
+def merge_variant(dtype: str, head_dim_v: int = 512) -> Variant:
+    """The merge of two results over disjoint keys (``merge.merge_attention_states``)."""
+
+    def build():
+        import cutlass
+
+        from .kernels.merge_states import MlaMergeStates
+
+        dt = _cutlass_dtype(dtype)
+        b, s_q, h_q = (_i32() for _ in range(3))
+        row_stride = ALIGN_BYTES * 8 // dt.width  # in elements: rows start on 16 bytes
+
+        def values():
+            strides = tuple(_stride(row_stride) for _ in range(3))
+            return _fake(dt, (b, s_q, h_q, head_dim_v), strides + (1,), ALIGN_BYTES)
+
+        def lse():
+            return _fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride()))
+
+        args = MergeArgs(out_a=values(), lse_a=lse(), out_b=values(), lse_b=lse(), out=values(), lse=lse())
+        return MlaMergeStates(dt, head_dim_v), args + (_stream(),)
+
+    return Variant(f"merge_{dtype}_dv{head_dim_v}", build)
+
+
 def metadata_variant() -> Variant:
     def build():
         import cutlass
@@ -253,6 +283,7 @@ def all_variants() -> list[Variant]:
             for causal in (False, True):
                 variants.append(decode_variant(dtype, causal, d, dv))
     variants += sparse_decode_variants()  # every option but the layout and the extra cache is a runtime value
+    variants += [merge_variant(dtype, dv) for dtype in MERGE_DTYPES for dv in MERGE_HEAD_DIMS_V]
     return variants
 
 

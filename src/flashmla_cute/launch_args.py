@@ -72,6 +72,18 @@ class CombineArgs(NamedTuple):
     heads_per_kv: Any  # int
 
 
+class MergeArgs(NamedTuple):
+    """``kernels.merge_states.MlaMergeStates``'s arguments: two results over disjoint
+    keys and the merged one (``merge.merge_attention_states``)."""
+
+    out_a: Any  # [b, s_q, h_q, dv]
+    lse_a: Any  # [b, h_q, s_q] float32
+    out_b: Any  # [b, s_q, h_q, dv]
+    lse_b: Any  # [b, h_q, s_q] float32
+    out: Any  # [b, s_q, h_q, dv], written
+    lse: Any  # [b, h_q, s_q] float32, written
+
+
 class MetadataArgs(NamedTuple):
     """``kernels.metadata.MlaMetadata``'s arguments: the plan's inputs and outputs."""
 

@@ -13,8 +13,12 @@ A half that sees no key contributes nothing. FlashMLA marks such a row with
 Both are read as "empty" here, whatever the row's ``out`` holds. Two empty halves give
 ``out = 0`` and ``lse = +inf``, FlashMLA's convention.
 
-Plain torch: runs on any device, without host synchronization (it can be captured in a
-CUDA graph).
+On a Hopper GPU, for 16- and 32-bit float results of ``dv = 512`` whose rows start on
+16 bytes, the merge is one kernel (``kernels/merge_states.py``); anything else is merged
+by tensor operations, on any device. Both follow the rules above, run without host
+synchronization (they can be captured in a CUDA graph) and agree to the last bit or two
+of the output's dtype. Under ``torch.compile`` the merge is the custom op
+``torch.ops.flashmla_cute.merge_attention_states``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from __future__ import annotations
 import math
 
 import torch
+
+from . import runtime
+from .compile import MERGE_HEAD_DIMS_V
+from .launch_args import ALIGN_BYTES, MergeArgs
 
 
 def merge_attention_states(
@@ -46,8 +54,35 @@ def merge_attention_states(
     Raises TypeError or ValueError, naming the argument, for mismatched shapes, dtypes
     or devices.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.flashmla_cute.merge_attention_states(out_a, lse_a, out_b, lse_b)
     _check(out_a, lse_a, out_b, lse_b)
+    if _kernel_merges(out_a, out_b):
+        out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
+        lse = torch.empty(lse_a.shape, dtype=torch.float32, device=out_a.device)
+        runtime.merge_fn(out_a.dtype, out_a.shape[-1])(*MergeArgs(out_a, lse_a, out_b, lse_b, out, lse))
+        return out, lse
+    return _merge_with_tensor_operations(out_a, lse_a, out_b, lse_b)
 
+
+def _kernel_merges(out_a: torch.Tensor, out_b: torch.Tensor) -> bool:
+    """Whether the merge kernel takes these results: on a Hopper GPU, in a dtype and with a
+    ``dv`` it is built for, every row starting on 16 bytes (its loads and stores are of 16
+    bytes)."""
+    if out_a.device.type != "cuda" or out_a.numel() == 0:
+        return False
+    if out_a.dtype not in runtime.MERGE_DTYPE_NAMES or out_a.shape[-1] not in MERGE_HEAD_DIMS_V:
+        return False
+    index = out_a.device.index if out_a.device.index is not None else torch.cuda.current_device()
+    if runtime.device_capability(index) != runtime.REQUIRED_CAPABILITY:
+        return False
+    row_step = ALIGN_BYTES // out_a.element_size()
+    return all(t.stride(-1) == 1 and t.data_ptr() % ALIGN_BYTES == 0
+               and all(stride % row_step == 0 for stride in t.stride()[:-1]) for t in (out_a, out_b))
+
+
+def _merge_with_tensor_operations(out_a, lse_a, out_b, lse_b):
+    """The merge on any device, for any floating dtype and ``dv``."""
     # Both halves side by side, lse brought to out's row order ([2, b, s_q, h_q]), so that
     # every step is one tensor operation for both: at decode sizes the merge's time is its
     # operations' launches (about twenty), not their arithmetic.
@@ -66,7 +101,8 @@ def merge_attention_states(
     outs = torch.stack((out_a, out_b)).float().masked_fill(empty[..., None], 0.0)
     out = (outs * weights[..., None]).sum(0).to(out_a.dtype)
 
-    lse = torch.where(total > 0, shift + torch.log(total), math.inf)
+    # Two empty halves: +inf. (A NaN lse makes the total NaN, and the row's lse with it.)
+    lse = torch.where(empty.all(0), math.inf, shift + torch.log(total))
     return out, lse.transpose(1, 2).contiguous()
 
 

@@ -1,7 +1,7 @@
-"""``torch.library`` custom ops for the two public functions, so that a decode step
+"""``torch.library`` custom ops for the public functions, so that a decode step
 compiled with ``torch.compile(fullgraph=True)`` calls our kernels.
 
-This module sits on top of ``interface``: the ops run the public functions (which,
+This module sits on top of ``interface`` and ``merge``: the ops run the public functions (which,
 outside tracing, do the work), and nothing in the package imports this module back.
 The package's ``__init__`` imports it last, which registers the ops; while
 torch.compile traces, the public functions look them up on ``torch.ops`` (eager calls
@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import interface, scheduler
+from . import interface, merge, scheduler
 
 NAMESPACE = "flashmla_cute"
 
@@ -56,3 +56,16 @@ def _(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadat
       softmax_scale=None, causal=False):
     b, s_q, h_q, _ = q.shape
     return q.new_empty((b, s_q, h_q, head_dim_v)), q.new_empty((b, h_q, s_q), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::merge_attention_states", mutates_args=())
+def merge_attention_states_op(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return merge.merge_attention_states(out_a, lse_a, out_b, lse_b)
+
+
+@merge_attention_states_op.register_fake
+def _(out_a, lse_a, out_b, lse_b):
+    b, s_q, h_q, _ = out_a.shape
+    return out_a.new_empty(out_a.shape), out_a.new_empty((b, h_q, s_q), dtype=torch.float32)

@@ -30,6 +30,7 @@ from .launch_args import DecodeArgs, MetadataArgs
 from .scheduler import METADATA_INTS, split_workspace_elems
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+MERGE_DTYPE_NAMES = {getattr(torch, name): name for name in compile_mod.MERGE_DTYPES}
 
 REQUIRED_CAPABILITY = (9, 0)
 """The kernels use Hopper-only instructions (TMA, WGMMA): sm_90."""
@@ -70,6 +71,12 @@ def combine_fn(dtype: torch.dtype, dv: int):
     """The combine kernel launched on its own, over a workspace in the decode kernel's
     layout (the decode call launches it itself; this tests the merge alone)."""
     return compile_mod.get(compile_mod.combine_variant(_DTYPE_NAMES[dtype], dv))
+
+
+@functools.lru_cache(maxsize=None)
+def merge_fn(dtype: torch.dtype, dv: int):
+    """The merge of two results over disjoint keys (``merge.merge_attention_states``)."""
+    return compile_mod.get(compile_mod.merge_variant(MERGE_DTYPE_NAMES[dtype], dv))
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,135 @@
+"""merge_attention_states on a Hopper GPU: one kernel for the results the decode kernels
+return (dv 512, 16- and 32-bit floats, rows on 16 bytes), with the tensor operations'
+rules and answers; anything else still merges, by the tensor operations."""
+
+import math
+
+import pytest
+import torch
+
+from flashmla_cute import merge, merge_attention_states
+from flashmla_cute.testing import cosine_distance, make_decode_inputs
+
+from test_merge import attend, split_at_page
+
+pytestmark = pytest.mark.gpu
+
+DV = 512
+
+
+def random_halves(b, s_q, h_q, dtype, device, seed=0, dv=DV):
+    """Two (out, lse) results with every kind of row: both halves seen, a half empty
+    (lse +inf or -inf, its values NaN), both empty."""
+    gen = torch.Generator().manual_seed(seed)
+    outs = [torch.randn(b, s_q, h_q, dv, generator=gen).to(dtype) for _ in range(2)]
+    lses = [torch.randn(b, h_q, s_q, generator=gen) * 4 for _ in range(2)]
+    for out, lse, row, mark in ((outs[0], lses[0], (0, 1, 0), math.inf), (outs[1], lses[1], (0, 2, 0), -math.inf),
+                                (outs[0], lses[0], (b - 1, 0, s_q - 1), math.inf)):
+        lse[row] = mark
+        out[row[0], row[2], row[1]] = math.nan
+    lses[1][b - 1, 0, s_q - 1] = -math.inf  # that row empty in both halves
+    return [t.to(device) for t in (outs[0], lses[0], outs[1], lses[1])]
+
+
+def count_operations(fn):
+    """How many tensor operations ``fn()`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOperations(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountOperations.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountOperations():
+        fn()
+    return CountOperations.count
+
+
+def assert_same_merge(got, expected, dtype):
+    """The kernel's result against the tensor operations': the same NaN / inf pattern,
+    values within a rounding of the output's dtype (both compute in float32)."""
+    (out, lse), (ref_out, ref_lse) = got, expected
+    assert out.dtype == ref_out.dtype and lse.dtype == torch.float32
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape and lse.is_contiguous()
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=2 * ulp, rtol=2 * ulp)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("b,s_q,h_q", [(1, 1, 16), (3, 2, 128), (5, 1, 64)])
+def test_the_kernel_merges_as_the_tensor_operations(requires_hopper, dtype, b, s_q, h_q):
+    halves = random_halves(b, s_q, h_q, dtype, requires_hopper, seed=b)
+    assert merge._kernel_merges(halves[0], halves[2])
+
+    got = merge_attention_states(*halves)
+    expected = merge._merge_with_tensor_operations(*halves)
+
+    assert_same_merge(got, expected, dtype)
+    out, lse = got
+    assert torch.isfinite(out).all(), "an empty half's NaN values reached the result"
+    assert torch.isposinf(lse[b - 1, 0, s_q - 1]) and (out[b - 1, s_q - 1, 0] == 0).all()
+
+
+def test_the_kernel_is_one_launch(requires_hopper):
+    halves = random_halves(4, 1, 128, torch.bfloat16, requires_hopper)
+    merge_attention_states(*halves)  # compiled or loaded before counting
+    # Two outputs allocated, then the kernel (which torch does not see as an operation).
+    assert count_operations(lambda: merge_attention_states(*halves)) <= 2
+
+
+def test_merged_decode_halves_equal_attention_over_the_whole(requires_hopper):
+    x = make_decode_inputs(4, 2, 128, seqlens=[700, 250, 1300, 0], dtype=torch.bfloat16, seed=7,
+                           device=requires_hopper)
+    head, tail = split_at_page(x, 3)
+    halves = [attend(head, causal=False), attend(tail, causal=True)]
+    whole_out, whole_lse = attend(x, causal=True)
+
+    out, lse = merge_attention_states(*halves[0], *halves[1])
+
+    assert cosine_distance(out.float(), whole_out.float()) < 1e-5
+    assert cosine_distance(lse, whole_lse) < 1e-5
+
+
+def test_a_nan_lse_gives_a_nan_row_in_both_paths(requires_hopper):
+    out_a, lse_a, out_b, lse_b = random_halves(2, 1, 16, torch.bfloat16, requires_hopper)
+    lse_a[1, 3, 0] = math.nan
+    for out, lse in (merge_attention_states(out_a, lse_a, out_b, lse_b),
+                     merge._merge_with_tensor_operations(out_a, lse_a, out_b, lse_b)):
+        assert torch.isnan(lse[1, 3, 0]) and torch.isnan(out[1, 0, 3]).all()
+
+
+@pytest.mark.parametrize("layout", ["other dv", "rows off 16 bytes", "float64"])
+def test_what_the_kernel_does_not_take_merges_by_tensor_operations(requires_hopper, layout):
+    dtype = torch.float64 if layout == "float64" else torch.bfloat16
+    dv = 320 if layout == "other dv" else DV
+    out_a, lse_a, out_b, lse_b = random_halves(2, 2, 16, dtype, requires_hopper, dv=dv)
+    if layout == "rows off 16 bytes":
+        wide = torch.randn(2, 2, 16, DV + 4, dtype=dtype, device=requires_hopper)
+        wide[..., :DV] = out_a
+        out_a = wide[..., :DV]  # rows 1032 bytes apart
+    assert not merge._kernel_merges(out_a, out_b)
+
+    got = merge_attention_states(out_a, lse_a, out_b, lse_b)
+
+    assert_same_merge(got, merge._merge_with_tensor_operations(out_a.contiguous(), lse_a, out_b, lse_b), dtype)
+
+
+def test_the_kernel_merges_under_cuda_graph_replay(requires_hopper):
+    halves = random_halves(3, 2, 64, torch.bfloat16, requires_hopper)
+    expected = merge_attention_states(*halves)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        captured = merge_attention_states(*halves)
+    torch.cuda.current_stream().wait_stream(stream)
+    for t in captured:
+        t.zero_()
+
+    graph.replay()
+
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0], expected[0]) and torch.equal(captured[1], expected[1])
