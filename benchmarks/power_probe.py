@@ -1,6 +1,7 @@
 """The SM clock and board power that each implementation runs a decode case at, sustained.
 
     python benchmarks/power_probe.py [--case B,SEQLEN,H_Q,S_Q ...] [--seconds 4] [--rounds 2]
+                                     [--walks F,...]
 
 A board held at its power limit (an H200's 700 W under the compute-bound cases) sets the
 SM clock by the power drawn, so two kernels of equal cycles a call can differ in time,
@@ -9,8 +10,13 @@ implementation (ours, and each FlashMLA build that imports) runs calls back to b
 SECONDS while ``nvidia-smi`` samples the SM clock and the board's power every 50 ms; the
 implementations take turns, ``--rounds`` times. Printed per turn: the time a call (the
 loop's), the median clock and power over the turn's second half, and the cycles a call
-(time x clock). Fixed lengths, bf16, inputs drawn once per case.
+(time x clock). Fixed lengths, bf16, inputs drawn once per case. ``--walks`` adds
+ours under the walked plan with fixed cost F a fragment (``plan_probe.plan_kinds``' walk:
+at 0 or 1 it spreads the blocks over every SM part, splitting sequences as FlashMLA's
+planner does).
 """
+
+import itertools
 
 import argparse
 import os
@@ -26,10 +32,28 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flashmla_cute.testing import make_decode_inputs  # noqa: E402
 from kernel_times import ours, peers  # noqa: E402
+from plan_probe import PARTS, plan_kinds, scheduler, scheduler_overridden  # noqa: E402
 
 CASES = ["128,4096,128,1", "128,4096,64,2", "128,8192,128,2", "128,8192,16,1"]
 SAMPLE_MS = 50
 CALLS_A_BATCH = 20  # calls enqueued between synchronizations
+
+
+def ours_walked(overhead: int):
+    """``make(x, s_q, h_q) -> step``: ours under the walked plan with fixed cost ``overhead``."""
+
+    def make(x, s_q, h_q):
+        import flashmla_cute
+
+        parts = max(PARTS // scheduler.num_query_tiles(s_q * h_q), 1)
+        with scheduler_overridden(FIXED_OVERHEAD_BLOCKS=overhead):
+            rows, fragments = plan_kinds(scheduler.plan_blocks(x.cache_seqlens.tolist()), parts)["walk"]
+        meta = torch.tensor(rows, dtype=torch.int32, device="cuda")
+        splits = torch.tensor([0] + list(itertools.accumulate(fragments)), dtype=torch.int32, device="cuda")
+        return lambda: flashmla_cute.flash_mla_with_kvcache(
+            x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits, causal=s_q > 1)
+
+    return make
 
 
 class Sampler:
@@ -84,11 +108,14 @@ def main() -> int:
     parser.add_argument("--case", action="append", help="B,SEQLEN,H_Q,S_Q (repeatable)")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--walks", default="", help="ours also under walked plans of these fixed costs, e.g. 0,1")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("power_probe.py needs a CUDA GPU.", file=sys.stderr)
         return 1
-    makers = {"ours": ours, **peers()}
+    makers = {"ours": ours}
+    makers.update({f"ours walk F={f}": ours_walked(int(f)) for f in args.walks.split(",") if f})
+    makers.update(peers())
     sampler = Sampler(torch.cuda.current_device())
     try:
         for case in args.case or CASES:
