@@ -20,6 +20,7 @@ that many times and keeps each plan's best.
     python benchmarks/plan_probe.py "b1 sk1024 h16 s1" [more cases] [--payloads 2,4,8]
     python benchmarks/plan_probe.py "b32 sk1024 h16 s1" --largest 4,5 --timing flushed --rounds 3
     python benchmarks/plan_probe.py "b128 sk8192 h128 s1" --kinds --timing flushed --rounds 3
+    python benchmarks/plan_probe.py "b128 sk4096 h16 s1" --kinds --kinds-overhead 0 --timing flushed
 """
 
 import argparse
@@ -119,6 +120,8 @@ def main():
     mode.add_argument("--overheads", default=None, help="fixed costs of a fragment to time, e.g. 2,3,4,5,6")
     mode.add_argument("--largest", default=None, help="largest fragments of balanced plans to time, e.g. 4,5,8")
     mode.add_argument("--kinds", action="store_true", help="time the balanced, packed and walked plans")
+    parser.add_argument("--kinds-overhead", type=int, default=None,
+                        help="the fixed cost of a fragment the --kinds plans are built with (default the package's)")
     parser.add_argument("--timing", choices=("graph", "flushed"), default="graph")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="seed of varied lengths and of the inputs")
@@ -152,7 +155,9 @@ def main():
                 else:
                     plans[f"balanced, largest {largest}"] = plan
         elif args.kinds:
-            plans.update(plan_kinds(blocks, parts_all))
+            overhead = scheduler.FIXED_OVERHEAD_BLOCKS if args.kinds_overhead is None else args.kinds_overhead
+            with scheduler_overridden(FIXED_OVERHEAD_BLOCKS=overhead):
+                plans.update(plan_kinds(blocks, parts_all))
         else:
             for payload in map(int, (args.payloads or ",".join(map(str, PAYLOADS))).split(",")):
                 fixed = lambda total, parts, batch, payload=payload: max(payload, -(-total // parts))
