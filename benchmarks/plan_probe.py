@@ -103,6 +103,18 @@ def plan_kinds(blocks: list[int], parts: int) -> dict:
     return kinds
 
 
+def plan_call(x, s_q: int, rows: list[list[int]], fragments: list[int]):
+    """A decode call of inputs ``x`` (on the GPU) under the plan ``(rows, fragments)``."""
+    import torch
+
+    import flashmla_cute
+
+    meta = torch.tensor(rows, dtype=torch.int32, device="cuda")
+    splits = torch.tensor([0] + list(itertools.accumulate(fragments)), dtype=torch.int32, device="cuda")
+    return lambda: flashmla_cute.flash_mla_with_kvcache(
+        x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits, causal=s_q > 1)
+
+
 def plan_summary(rows: list[list[int]], fragments: list[int], blocks: list[int]) -> str:
     """Parts used, fragments in all, sequences split and the longest part's blocks."""
     parts = [scheduler.part_fragments(row, blocks) for row in rows]
@@ -165,13 +177,7 @@ def main():
                     label = f"payload {payload:2d} parts {parts:3d}"
                     plans[label] = host_plan(x.cache_seqlens, parts, payload_of=fixed)
 
-        def call(rows, fragments):
-            meta = torch.tensor(rows, dtype=torch.int32, device="cuda")
-            splits = torch.tensor([0] + list(itertools.accumulate(fragments)), dtype=torch.int32, device="cuda")
-            return lambda: flashmla_cute.flash_mla_with_kvcache(
-                x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits, causal=s_q > 1)
-
-        calls = {label: call(*plan) for label, plan in plans.items()}
+        calls = {label: plan_call(x, s_q, *plan) for label, plan in plans.items()}
         best = {label: float("inf") for label in plans}
         for _ in range(args.rounds):
             for label, fn in calls.items():

@@ -16,8 +16,6 @@ at 0 or 1 it spreads the blocks over every SM part, splitting sequences as Flash
 planner does).
 """
 
-import itertools
-
 import argparse
 import os
 import statistics
@@ -32,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flashmla_cute.testing import make_decode_inputs  # noqa: E402
 from kernel_times import ours, peers  # noqa: E402
-from plan_probe import PARTS, plan_kinds, scheduler, scheduler_overridden  # noqa: E402
+from plan_probe import PARTS, plan_call, plan_kinds, scheduler, scheduler_overridden  # noqa: E402
 
 CASES = ["128,4096,128,1", "128,4096,64,2", "128,8192,128,2", "128,8192,16,1"]
 SAMPLE_MS = 50
@@ -43,15 +41,10 @@ def ours_walked(overhead: int):
     """``make(x, s_q, h_q) -> step``: ours under the walked plan with fixed cost ``overhead``."""
 
     def make(x, s_q, h_q):
-        import flashmla_cute
-
         parts = max(PARTS // scheduler.num_query_tiles(s_q * h_q), 1)
         with scheduler_overridden(FIXED_OVERHEAD_BLOCKS=overhead):
             rows, fragments = plan_kinds(scheduler.plan_blocks(x.cache_seqlens.tolist()), parts)["walk"]
-        meta = torch.tensor(rows, dtype=torch.int32, device="cuda")
-        splits = torch.tensor([0] + list(itertools.accumulate(fragments)), dtype=torch.int32, device="cuda")
-        return lambda: flashmla_cute.flash_mla_with_kvcache(
-            x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits, causal=s_q > 1)
+        return plan_call(x, s_q, rows, fragments)
 
     return make
 

@@ -130,11 +130,8 @@ def test_large_lse_values_do_not_overflow():
 MAX_MERGE_OPERATIONS = 26  # the merge's tensor operations (views included), as written
 
 
-@pytest.mark.parametrize("s_q", [1, 2])
-def test_the_merge_is_a_few_tensor_operations_whatever_the_batch(s_q):
-    # At decode sizes a merge's time is its operations' launches, not their arithmetic
-    # (benchmarks/NOTES.md, "The context-parallel example's exchange and merge"): their
-    # number must not grow with the batch or the heads.
+def count_operations(fn) -> int:
+    """How many tensor operations (views included) ``fn()`` dispatches."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountOperations(TorchDispatchMode):
@@ -146,13 +143,21 @@ def test_the_merge_is_a_few_tensor_operations_whatever_the_batch(s_q):
             self.count += 1
             return func(*args, **(kwargs or {}))
 
+    with CountOperations() as ops:
+        fn()
+    return ops.count
+
+
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_the_merge_is_a_few_tensor_operations_whatever_the_batch(s_q):
+    # At decode sizes a merge's time is its operations' launches, not their arithmetic
+    # (benchmarks/NOTES.md, "The context-parallel example's exchange and merge"): their
+    # number must not grow with the batch or the heads.
     counts = []
     for b, h_q in ((1, 16), (4, 128), (32, 64)):
         out_a, out_b = (torch.randn(b, s_q, h_q, DV, dtype=torch.bfloat16) for _ in range(2))
         lse_a, lse_b = (torch.randn(b, h_q, s_q) for _ in range(2))
-        with CountOperations() as ops:
-            merge_attention_states(out_a, lse_a, out_b, lse_b)
-        counts.append(ops.count)
+        counts.append(count_operations(lambda: merge_attention_states(out_a, lse_a, out_b, lse_b)))
     assert len(set(counts)) == 1 and counts[0] <= MAX_MERGE_OPERATIONS, counts
 
 

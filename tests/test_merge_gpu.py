@@ -10,7 +10,7 @@ import torch
 from flashmla_cute import merge, merge_attention_states
 from flashmla_cute.testing import cosine_distance, make_decode_inputs
 
-from test_merge import attend, split_at_page
+from test_merge import attend, count_operations, split_at_page
 
 pytestmark = pytest.mark.gpu
 
@@ -29,22 +29,6 @@ def random_halves(b, s_q, h_q, dtype, device, seed=0, dv=DV):
         out[row[0], row[2], row[1]] = math.nan
     lses[1][b - 1, 0, s_q - 1] = -math.inf  # that row empty in both halves
     return [t.to(device) for t in (outs[0], lses[0], outs[1], lses[1])]
-
-
-def count_operations(fn):
-    """How many tensor operations ``fn()`` dispatches."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOperations(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            CountOperations.count += 1
-            return func(*args, **(kwargs or {}))
-
-    with CountOperations():
-        fn()
-    return CountOperations.count
 
 
 def assert_same_merge(got, expected, dtype):

@@ -45,7 +45,7 @@ def num_sm_parts_for(device: torch.device, num_heads_per_head_k: int, num_heads_
     """How many SM parts ``get_mla_metadata`` plans for on ``device``."""
     if device.type != "cuda":
         return scheduler.num_sm_parts(scheduler.DEFAULT_NUM_SMS, num_heads_per_head_k, num_heads_k)
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = runtime.index_of(device)
     key = (index, num_heads_per_head_k, num_heads_k)
     parts = _parts_cache.get(key)
     if parts is None:

@@ -73,8 +73,7 @@ def _kernel_merges(out_a: torch.Tensor, out_b: torch.Tensor) -> bool:
         return False
     if out_a.dtype not in runtime.MERGE_DTYPE_NAMES or out_a.shape[-1] not in MERGE_HEAD_DIMS_V:
         return False
-    index = out_a.device.index if out_a.device.index is not None else torch.cuda.current_device()
-    if runtime.device_capability(index) != runtime.REQUIRED_CAPABILITY:
+    if not runtime.is_hopper(runtime.index_of(out_a.device)):
         return False
     row_step = ALIGN_BYTES // out_a.element_size()
     return all(t.stride(-1) == 1 and t.data_ptr() % ALIGN_BYTES == 0

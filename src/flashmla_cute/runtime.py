@@ -41,11 +41,21 @@ def device_capability(index: int) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
 
 
+def index_of(device: torch.device) -> int:
+    """The index of a CUDA ``device`` (``cuda`` alone: the current device's)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def is_hopper(index: int) -> bool:
+    """Whether CUDA device ``index`` is an sm_90 GPU, which the kernels are built for."""
+    return device_capability(index) == REQUIRED_CAPABILITY
+
+
 def require_hopper(device: torch.device) -> int:
     """The CUDA device index of ``device``; RuntimeError unless it is an sm_90 GPU."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = index_of(device)
     capability = device_capability(index)
-    if capability != REQUIRED_CAPABILITY:
+    if not is_hopper(index):
         raise RuntimeError(
             f"flashmla_cute's kernels need a Hopper GPU (compute capability 9.0, sm_90); "
             f"cuda:{index} is {torch.cuda.get_device_name(index)} with compute capability "
@@ -55,9 +65,9 @@ def require_hopper(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def num_sms(device_index: int) -> int:
-    """Multiprocessor count of a CUDA device."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def num_sms(index: int) -> int:
+    """Multiprocessor count of CUDA device ``index``."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
