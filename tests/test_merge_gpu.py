@@ -117,3 +117,72 @@ def test_the_kernel_merges_under_cuda_graph_replay(requires_hopper):
 
     torch.cuda.synchronize()
     assert torch.equal(captured[0], expected[0]) and torch.equal(captured[1], expected[1])
+
+
+# ------------------------------------------------------------ the fast path
+# A configuration the kernel took once goes straight to the compiled kernel on later
+# calls; its entry refuses what the Python checks would, and the refused call takes
+# the checked path: the same results and the same errors either way.
+
+
+def raised(fn, *args) -> BaseException:
+    with pytest.raises(Exception) as info:
+        fn(*args)
+    return info.value
+
+
+def test_repeat_calls_skip_the_python_checks(requires_hopper, monkeypatch):
+    halves = random_halves(3, 2, 64, torch.bfloat16, requires_hopper)
+    expected = merge_attention_states(*halves)
+
+    def refuse(*args):
+        raise AssertionError("the checked path ran")
+
+    monkeypatch.setattr(merge, "_check", refuse)
+    out, lse = merge_attention_states(*halves)
+    assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
+
+
+def spoiled(halves, case):
+    """The good halves with one argument spoiled in a way the configuration's key does
+    not see (out_a keeps its shape, dtype and device)."""
+    out_a, lse_a, out_b, lse_b = halves
+    b, s_q, h_q, dv = out_a.shape
+    if case == "out_b other dv":
+        out_b = torch.randn(b, s_q, h_q, dv // 2, dtype=out_a.dtype, device=out_a.device)
+    elif case == "out_b other dtype":
+        out_b = out_b.half()
+    elif case == "lse_a other shape":
+        lse_a = lse_a[:, :-1]
+    elif case == "lse_b float64":
+        lse_b = lse_b.double()
+    elif case == "lse_b 4-d":
+        lse_b = lse_b[..., None]
+    elif case == "out_b a list":
+        out_b = [1.0]
+    return out_a, lse_a, out_b, lse_b
+
+
+@pytest.mark.parametrize("case", ["out_b other dv", "out_b other dtype", "lse_a other shape", "lse_b float64",
+                                  "lse_b 4-d", "out_b a list"])
+def test_bad_arguments_after_a_known_configuration_fail_as_the_checks_say(requires_hopper, case):
+    halves = random_halves(2, 2, 16, torch.bfloat16, requires_hopper)
+    merge_attention_states(*halves)  # the fast path now serves this configuration
+    args = spoiled(halves, case)
+
+    expected = raised(merge._check, *args)
+    actual = raised(merge_attention_states, *args)
+
+    assert (type(actual), str(actual)) == (type(expected), str(expected))
+
+
+def test_rows_off_16_bytes_after_a_known_configuration_merge_by_tensor_operations(requires_hopper):
+    out_a, lse_a, out_b, lse_b = random_halves(2, 2, 16, torch.bfloat16, requires_hopper)
+    merge_attention_states(out_a, lse_a, out_b, lse_b)  # the fast path now serves this configuration
+    wide = torch.randn(2, 2, 16, DV + 4, dtype=out_a.dtype, device=requires_hopper)
+    wide[..., :DV] = out_a
+    off = wide[..., :DV]  # out_a's shape, dtype and device; rows 1032 bytes apart
+
+    got = merge_attention_states(off, lse_a, out_b, lse_b)
+
+    assert_same_merge(got, merge._merge_with_tensor_operations(out_a, lse_a, out_b, lse_b), torch.bfloat16)

@@ -158,7 +158,7 @@ def flash_mla_with_kvcache(
         launch = sparse_launch(problem, q.device)
         result = launch_sparse(launch, plan, q, k_cache, indices, topk_length, attn_sink, *extras,
                                problem.softmax_scale)
-        interface._remember(_known_sparse, key, (launch, config))
+        runtime.remember(_known_sparse, key, (launch, config))
     else:
         result = sparse_mla_reference(q, k_cache, indices, topk_length, attn_sink, problem.softmax_scale,
                                       extra_k_cache=extra_k_cache, extra_indices=extra_indices_in_kvcache,

@@ -29,15 +29,6 @@ import torch
 
 from . import checks, runtime, scheduler
 
-_MAX_REMEMBERED = 4096  # configurations per table; a full table is cleared
-
-
-def _remember(table: dict, key, value) -> None:
-    if len(table) >= _MAX_REMEMBERED:
-        table.clear()
-    table[key] = value
-
-
 _parts_cache: dict[tuple[int, int, int], int] = {}
 
 
@@ -115,7 +106,7 @@ def _checked_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k):
         result = runtime.plan_on_gpu(cache_seqlens, num_parts)
         # The ints as the caller passed them: the fast path keys on them, types included.
         key = _plan_key(cache_seqlens.get_device(), num_heads_per_head_k, num_heads_k)
-        _remember(_known_plans, key, num_parts)
+        runtime.remember(_known_plans, key, num_parts)
         return result
     checks.check_lengths_on_host(cache_seqlens)
     return scheduler.plan_torch(cache_seqlens, num_parts)
@@ -230,7 +221,7 @@ def _checked_decode(
                                        num_splits, problem.softmax_scale)
         # head_dim_v and causal as the caller passed them: the fast path keys on them, types included.
         key = _decode_key(q, k_cache, tile_scheduler_metadata, num_splits, head_dim_v, causal)
-        _remember(_known_decodes, key, launch)
+        runtime.remember(_known_decodes, key, launch)
         return result
     if q.device.type != "cpu":
         raise RuntimeError(f"q must be a CUDA (sm_90) or CPU tensor, got device {q.device}")

@@ -15,7 +15,13 @@ Both are read as "empty" here, whatever the row's ``out`` holds. Two empty halve
 
 On a Hopper GPU, for 16- and 32-bit float results of ``dv = 512`` whose rows start on
 16 bytes, the merge is one kernel (``kernels/merge_states.py``); anything else is merged
-by tensor operations, on any device. Both follow the rules above, run without host
+by tensor operations, on any device. A call the kernel took once has its
+configuration remembered (out_a's shape, dtype and device, the other tensors' devices):
+later calls with it go straight to the compiled kernel, whose entry checks in C what the
+key leaves out (the other tensors' dtypes, ranks and extents against out_a's, strides,
+16-byte alignment) and refuses anything else before launching; a refused call takes the
+checked path, which raises our own error or merges by tensor operations. So the fast
+path changes what a valid call costs the host, not its result or which calls fail. Both follow the rules above, run without host
 synchronization (they can be captured in a CUDA graph) and agree to the last bit or two
 of the output's dtype. Under ``torch.compile`` the merge is the custom op
 ``torch.ops.flashmla_cute.merge_attention_states``.
@@ -56,13 +62,40 @@ def merge_attention_states(
     """
     if torch.compiler.is_compiling():
         return torch.ops.flashmla_cute.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    try:  # the fast path
+        merge_fn = _known_merges[_merge_key(out_a, lse_a, out_b, lse_b)]
+        return _launch(merge_fn, out_a, lse_a, out_b, lse_b)
+    except Exception:
+        pass  # first call of this configuration, one the kernel does not take, or a bad argument
+    return _checked_merge(out_a, lse_a, out_b, lse_b)
+
+
+# _merge_key -> the compiled merge, for configurations the checks passed and the kernel took.
+_known_merges: dict[tuple, object] = {}
+
+
+def _merge_key(out_a, lse_a, out_b, lse_b) -> tuple:
+    return (out_a.shape, out_a.dtype, out_a.get_device(), lse_a.get_device(), out_b.get_device(),
+            lse_b.get_device())
+
+
+def _checked_merge(out_a, lse_a, out_b, lse_b):
     _check(out_a, lse_a, out_b, lse_b)
-    if _kernel_merges(out_a, out_b):
-        out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
-        lse = torch.empty(lse_a.shape, dtype=torch.float32, device=out_a.device)
-        runtime.merge_fn(out_a.dtype, out_a.shape[-1])(*MergeArgs(out_a, lse_a, out_b, lse_b, out, lse))
-        return out, lse
-    return _merge_with_tensor_operations(out_a, lse_a, out_b, lse_b)
+    if not _kernel_merges(out_a, out_b):
+        return _merge_with_tensor_operations(out_a, lse_a, out_b, lse_b)
+    merge_fn = runtime.merge_fn(out_a.dtype, out_a.shape[-1])
+    result = _launch(merge_fn, out_a, lse_a, out_b, lse_b)
+    runtime.remember(_known_merges, _merge_key(out_a, lse_a, out_b, lse_b), merge_fn)
+    return result
+
+
+def _launch(merge_fn, out_a, lse_a, out_b, lse_b):
+    """The merge kernel into fresh outputs (its entry refuses, before launching, what it
+    was not compiled for)."""
+    out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
+    lse = torch.empty(lse_a.shape, dtype=torch.float32, device=out_a.device)
+    merge_fn(*MergeArgs(out_a, lse_a, out_b, lse_b, out, lse))
+    return out, lse
 
 
 def _kernel_merges(out_a: torch.Tensor, out_b: torch.Tensor) -> bool:

@@ -35,6 +35,17 @@ MERGE_DTYPE_NAMES = {getattr(torch, name): name for name in compile_mod.MERGE_DT
 REQUIRED_CAPABILITY = (9, 0)
 """The kernels use Hopper-only instructions (TMA, WGMMA): sm_90."""
 
+MAX_REMEMBERED = 4096
+"""Configurations one fast path's table keeps (``remember``)."""
+
+
+def remember(table: dict, key, value) -> None:
+    """``table[key] = value`` in a fast path's table of configurations that the checks
+    accepted (``interface``, ``api``, ``merge``); a full table is cleared first."""
+    if len(table) >= MAX_REMEMBERED:
+        table.clear()
+    table[key] = value
+
 
 @functools.lru_cache(maxsize=None)
 def device_capability(index: int) -> tuple[int, int]:
