@@ -15,15 +15,19 @@ Both are read as "empty" here, whatever the row's ``out`` holds. Two empty halve
 
 On a Hopper GPU, for 16- and 32-bit float results of ``dv = 512`` whose rows start on
 16 bytes, the merge is one kernel (``kernels/merge_states.py``); anything else is merged
-by tensor operations, on any device. A call the kernel took once has its
-configuration remembered (out_a's shape, dtype and device, the other tensors' devices):
-later calls with it go straight to the compiled kernel, whose entry checks in C what the
-key leaves out (the other tensors' dtypes, ranks and extents against out_a's, strides,
-16-byte alignment) and refuses anything else before launching; a refused call takes the
-checked path, which raises our own error or merges by tensor operations. So the fast
-path changes what a valid call costs the host, not its result or which calls fail. Both follow the rules above, run without host
+by tensor operations, on any device. Both follow the rules above, run without host
 synchronization (they can be captured in a CUDA graph) and agree to the last bit or two
-of the output's dtype. Under ``torch.compile`` the merge is the custom op
+of the output's dtype.
+
+A call the kernel took has its configuration remembered (out_a's shape, dtype and
+device, the other tensors' devices): later calls with it go straight to the compiled
+kernel, whose entry checks in C what the key leaves out (the other tensors' dtypes,
+ranks and extents against out_a's, strides, 16-byte alignment) and refuses anything else
+before launching; a refused call takes the checked path, which raises our own error or
+merges by tensor operations. So this fast path changes what a valid call costs the
+host, not its result or which calls fail.
+
+Under ``torch.compile`` the merge is the custom op
 ``torch.ops.flashmla_cute.merge_attention_states``.
 """
 
