@@ -22,8 +22,8 @@ Warp roles (384 threads):
   "hi" chunks (the rest), which are also released separately, so that the next block's
   first chunks load while the current pair of blocks is still being finished. In a
   stream (a long run of one sequence read by one query tile, the memory-bound case, or
-  by two) a page's hi chunks are also asked of L2 when its lo half is copied
-  (``load_k``).
+  by two) a page's hi chunks are also asked of L2 when its lo half is copied, by the
+  first query tile's producer (``load_k``).
 - warpgroups 1 and 2: the consumers, "left" and "right". The 64x512 fp32 output O is
   split by columns: left owns ``O_L = O[:, :256]``, right ``O_R = O[:, 256:]``. Blocks
   are taken in pairs ``(K0, K1)`` and the two consumers run a variant of FlashMLA's
@@ -507,13 +507,18 @@ class MlaDecodeSm90:
         In a ``stream``, the page's hi chunks are asked of L2 as its lo half is copied:
         the hi half is released later (after ``P0 V0_R``), and the stream is bound by
         the bytes in flight (sk8192 h16 s1 0.7% faster; with four query tiles or short
-        runs, 1-5% slower: benchmarks/NOTES.md, "a block's hi half asked of L2")."""
+        runs, 1-5% slower: benchmarks/NOTES.md, "a block's hi half asked of L2"). Where
+        two query tiles share the stream only the first tile's producer asks: both
+        CTAs read each page at about the same time, so one request brings it for both,
+        and the second's would only add L2 requests, which cost clock at the power limit
+        (0.4-2% faster on an H200: NOTES, "the two-tile streams' hi prefetch asked by
+        one of the two tiles")."""
         page = work.mBlockTable[batch, block]
         src = tKgK[None, 0, None, work.kv_head, page]
         dst = tKsK[None, None, kv_state.index]
         if const_expr(self.lo.start in chunks):
             kv.load(kv_state, tma_k, src, dst, cache_policy, self.lo)
-            if stream:
+            if stream & (work.m_tile == 0):
                 for c in cutlass.range_constexpr(self.hi.start, self.hi.stop):
                     cute.prefetch(tma_k, src[None, c])
         if const_expr(self.hi.start in chunks):
