@@ -10,6 +10,7 @@ import torch
 from flashmla_cute import merge, merge_attention_states
 from flashmla_cute.testing import cosine_distance, make_decode_inputs
 
+from test_fast_path_gpu import raised
 from test_merge import attend, count_operations, split_at_page
 
 pytestmark = pytest.mark.gpu
@@ -29,6 +30,14 @@ def random_halves(b, s_q, h_q, dtype, device, seed=0, dv=DV):
         out[row[0], row[2], row[1]] = math.nan
     lses[1][b - 1, 0, s_q - 1] = -math.inf  # that row empty in both halves
     return [t.to(device) for t in (outs[0], lses[0], outs[1], lses[1])]
+
+
+def rows_off_16_bytes(out):
+    """``out``'s values in a view whose rows are ``dv + 4`` values apart (1032 bytes in
+    bf16), so that they do not all start on 16 bytes."""
+    wide = torch.randn(*out.shape[:-1], out.shape[-1] + 4, dtype=out.dtype, device=out.device)
+    wide[..., :out.shape[-1]] = out
+    return wide[..., :out.shape[-1]]
 
 
 def assert_same_merge(got, expected, dtype):
@@ -91,9 +100,7 @@ def test_what_the_kernel_does_not_take_merges_by_tensor_operations(requires_hopp
     dv = 320 if layout == "other dv" else DV
     out_a, lse_a, out_b, lse_b = random_halves(2, 2, 16, dtype, requires_hopper, dv=dv)
     if layout == "rows off 16 bytes":
-        wide = torch.randn(2, 2, 16, DV + 4, dtype=dtype, device=requires_hopper)
-        wide[..., :DV] = out_a
-        out_a = wide[..., :DV]  # rows 1032 bytes apart
+        out_a = rows_off_16_bytes(out_a)
     assert not merge._kernel_merges(out_a, out_b)
 
     got = merge_attention_states(out_a, lse_a, out_b, lse_b)
@@ -123,12 +130,6 @@ def test_the_kernel_merges_under_cuda_graph_replay(requires_hopper):
 # A configuration the kernel took once goes straight to the compiled kernel on later
 # calls; its entry refuses what the Python checks would, and the refused call takes
 # the checked path: the same results and the same errors either way.
-
-
-def raised(fn, *args) -> BaseException:
-    with pytest.raises(Exception) as info:
-        fn(*args)
-    return info.value
 
 
 def test_repeat_calls_skip_the_python_checks(requires_hopper, monkeypatch):
@@ -179,9 +180,7 @@ def test_bad_arguments_after_a_known_configuration_fail_as_the_checks_say(requir
 def test_rows_off_16_bytes_after_a_known_configuration_merge_by_tensor_operations(requires_hopper):
     out_a, lse_a, out_b, lse_b = random_halves(2, 2, 16, torch.bfloat16, requires_hopper)
     merge_attention_states(out_a, lse_a, out_b, lse_b)  # the fast path now serves this configuration
-    wide = torch.randn(2, 2, 16, DV + 4, dtype=out_a.dtype, device=requires_hopper)
-    wide[..., :DV] = out_a
-    off = wide[..., :DV]  # out_a's shape, dtype and device; rows 1032 bytes apart
+    off = rows_off_16_bytes(out_a)  # out_a's shape, dtype and device
 
     got = merge_attention_states(off, lse_a, out_b, lse_b)
 

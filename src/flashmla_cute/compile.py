@@ -97,8 +97,10 @@ def _stride(divisibility: int = 1):
     return cute.sym_int64(divisibility=divisibility)
 
 
-def _s16():
-    return _stride(ALIGN_BYTES // 2)  # in 16-bit elements
+def _row_strides(dtype, count: int) -> tuple:
+    """The strides of a tensor of ``dtype`` whose last mode is contiguous and whose rows
+    start on ``ALIGN_BYTES``: ``count`` strides in whole 16-byte units, then 1."""
+    return tuple(_stride(ALIGN_BYTES * 8 // dtype.width) for _ in range(count)) + (1,)
 
 
 def _stream():
@@ -127,13 +129,13 @@ def decode_variant(dtype: str, causal: bool, head_dim: int = 576, head_dim_v: in
         b, h_kv, q_rows, s_q, h_q = (_i32() for _ in range(5))
         d, dv = head_dim, head_dim_v
         args = DecodeArgs(
-            q=_fake(dt, (b, 1, q_rows, d), (_s16(), _s16(), _s16(), 1), ALIGN_BYTES),
-            k=_fake(dt, (_i32(), BLOCK_SIZE, h_kv, d), (_s16(), _s16(), _s16(), 1), ALIGN_BYTES),
+            q=_fake(dt, (b, 1, q_rows, d), _row_strides(dt, 3), ALIGN_BYTES),
+            k=_fake(dt, (_i32(), BLOCK_SIZE, h_kv, d), _row_strides(dt, 3), ALIGN_BYTES),
             block_table=_fake(cutlass.Int32, (b, _i32()), (_stride(), 1)),
             seqlens=_fake(cutlass.Int32, (b,), (1,)),
             meta=_plan_rows(),
             num_splits=_fake(cutlass.Int32, (_i32(),), (1,)),
-            o=_fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), ALIGN_BYTES),
+            o=_fake(dt, (b, s_q, h_q, dv), _row_strides(dt, 3), ALIGN_BYTES),
             lse=_fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
             accum=_fake(cutlass.Float32, (_i32(),), (1,), ALIGN_BYTES),
             softmax_scale=Float32(1.0),
@@ -159,7 +161,7 @@ def combine_variant(dtype: str, head_dim_v: int = 512) -> Variant:
             accum=_fake(cutlass.Float32, (_i32(),), (1,), ALIGN_BYTES),
             meta=_plan_rows(),
             num_splits=_fake(cutlass.Int32, (_i32(),), (1,)),
-            o=_fake(dt, (b, s_q, h_q, dv), (_s16(), _s16(), _s16(), 1), ALIGN_BYTES),
+            o=_fake(dt, (b, s_q, h_q, dv), _row_strides(dt, 3), ALIGN_BYTES),
             lse=_fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
             heads_per_kv=Int32(1),
         ) + (_stream(),)
@@ -179,11 +181,9 @@ def merge_variant(dtype: str, head_dim_v: int = 512) -> Variant:
 
         dt = _cutlass_dtype(dtype)
         b, s_q, h_q = (_i32() for _ in range(3))
-        row_stride = ALIGN_BYTES * 8 // dt.width  # in elements: rows start on 16 bytes
 
         def values():
-            strides = tuple(_stride(row_stride) for _ in range(3))
-            return _fake(dt, (b, s_q, h_q, head_dim_v), strides + (1,), ALIGN_BYTES)
+            return _fake(dt, (b, s_q, h_q, head_dim_v), _row_strides(dt, 3), ALIGN_BYTES)
 
         def lse():
             return _fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride()))
@@ -236,8 +236,9 @@ def sparse_decode_variant(layout_name: str = "v32", has_extra: bool = False, pai
         from .kernels.sparse_pair_sm90 import SparsePairDecodeSm90
 
         b, s_q, h_q = (_i32() for _ in range(3))
+        bf16 = cutlass.BFloat16
         args = SparseDecodeArgs(
-            q=_fake(cutlass.BFloat16, (b, s_q, h_q, layout.head_dim), (_s16(), _s16(), _s16(), 1), ALIGN_BYTES),
+            q=_fake(bf16, (b, s_q, h_q, layout.head_dim), _row_strides(bf16, 3), ALIGN_BYTES),
             k_cache=sparse_cache_fake(layout),
             indices=_fake(cutlass.Int32, (b, s_q, _i32()), (_stride(), _stride(), 1)),
             topk_length=_fake(cutlass.Int32, (_i32(),), (1,)),
@@ -245,7 +246,7 @@ def sparse_decode_variant(layout_name: str = "v32", has_extra: bool = False, pai
             extra_indices=_fake(cutlass.Int32, (_i32(), _i32(), _i32()), (_stride(), _stride(), 1)),
             extra_topk_length=_fake(cutlass.Int32, (_i32(),), (1,)),
             sink=_fake(cutlass.Float32, (_i32(),), (1,)),
-            o=_fake(cutlass.BFloat16, (b, s_q, h_q, fp8_cache.VALUE_DIM), (_s16(), _s16(), _s16(), 1), ALIGN_BYTES),
+            o=_fake(bf16, (b, s_q, h_q, fp8_cache.VALUE_DIM), _row_strides(bf16, 3), ALIGN_BYTES),
             lse=_fake(cutlass.Float32, (b, h_q, s_q), (_stride(), _stride(), _stride())),
             accum=_fake(cutlass.Float32, (_i32(),), (1,), ALIGN_BYTES),
             num_splits=_fake(cutlass.Int32, (_i32(),), (1,)),

@@ -18,9 +18,10 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
 
+from ..launch_args import ALIGN_BYTES
 from .combine import finite_or_zero, fold_fragments
 
-PIECE_BYTES = 16  # a lane's load or store of a row at once
+PIECE_BYTES = ALIGN_BYTES  # a lane's load or store of a row at once: rows start on 16 bytes
 MERGE_WARPS = 4  # rows a CTA merges, a warp each
 HALVES = 2
 
