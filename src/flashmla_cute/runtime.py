@@ -29,7 +29,7 @@ from . import compile as compile_mod
 from .launch_args import DecodeArgs, MetadataArgs
 from .scheduler import METADATA_INTS, split_workspace_elems
 
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPE_NAMES = {getattr(torch, name): name for name in compile_mod.DTYPES}
 MERGE_DTYPE_NAMES = {getattr(torch, name): name for name in compile_mod.MERGE_DTYPES}
 
 REQUIRED_CAPABILITY = (9, 0)
