@@ -8,7 +8,12 @@ picks (``get_mla_metadata``) is timed first, then, by the option given:
 - ``--largest``: balanced plans (every sequence in ``ceil(n / m)`` nearly equal
   fragments, one a part) of the largest fragments ``m`` given, where they fit the parts;
 - ``--kinds``: the balanced, packed and walked plans the host builds for the case, each
-  where it can be built.
+  where it can be built;
+- ``--tails``: the package plan with the last ``T`` blocks of every part's last fragment
+  cut off into parts of their own, ``piece`` blocks each, launched after the others
+  (``tailed_plan``): the GPU's block scheduler hands those to whichever SMs finish
+  first, so that SMs that stream slower do less. Each piece is a fragment more, and
+  every sequence that gives up a tail is merged.
 
 Cases are named as ``bench_decode.py`` names them; with ``var`` (``"b64 sk2048 h32 s2
 var"``) the lengths are drawn as the benchmark draws them, from ``--seed`` (the benchmark's
@@ -21,6 +26,7 @@ that many times and keeps each plan's best.
     python benchmarks/plan_probe.py "b32 sk1024 h16 s1" --largest 4,5 --timing flushed --rounds 3
     python benchmarks/plan_probe.py "b128 sk8192 h128 s1" --kinds --timing flushed --rounds 3
     python benchmarks/plan_probe.py "b128 sk4096 h16 s1" --kinds --kinds-overhead 0 --timing flushed
+    python benchmarks/plan_probe.py "b128 sk8192 h16 s1" --tails 8:4,16:4 --timing flushed --rounds 3
 """
 
 import argparse
@@ -103,6 +109,30 @@ def plan_kinds(blocks: list[int], parts: int) -> dict:
     return kinds
 
 
+def tailed_plan(rows: list[list[int]], fragments: list[int], tail: int, piece: int):
+    """(rows, fragments): the plan ``(rows, fragments)`` without its empty parts, and with
+    the last ``tail`` blocks of each part's last fragment (where that fragment has at
+    least ``2 tail``) moved into parts of ``piece`` blocks, appended after the others in
+    the order of the parts they came from; each piece is a fragment of its sequence,
+    numbered after the plan's own."""
+    B_BATCH, B_BLOCK, E_BATCH, E_BLOCK, B_SPLIT = (scheduler.BEGIN_BATCH, scheduler.BEGIN_BLOCK, scheduler.END_BATCH,
+                                                   scheduler.END_BLOCK, scheduler.BEGIN_SPLIT)
+    owners = [list(row) for row in rows if row[B_BATCH] <= row[E_BATCH]]
+    fragments = list(fragments)
+    pieces = []
+    for row in owners:
+        batch, end = row[E_BATCH], row[E_BLOCK]
+        first = row[B_BLOCK] if row[B_BATCH] == batch else 0
+        if end - first < 2 * tail:
+            continue
+        row[E_BLOCK] = end - tail
+        for begin in range(end - tail, end, piece):
+            pieces.append([0] * scheduler.METADATA_INTS)
+            pieces[-1][:B_SPLIT + 1] = [batch, begin, batch, min(begin + piece, end), fragments[batch]]
+            fragments[batch] += 1
+    return owners + pieces, fragments
+
+
 def plan_call(x, s_q: int, rows: list[list[int]], fragments: list[int]):
     """A decode call of inputs ``x`` (on the GPU) under the plan ``(rows, fragments)``."""
     import torch
@@ -132,6 +162,8 @@ def main():
     mode.add_argument("--overheads", default=None, help="fixed costs of a fragment to time, e.g. 2,3,4,5,6")
     mode.add_argument("--largest", default=None, help="largest fragments of balanced plans to time, e.g. 4,5,8")
     mode.add_argument("--kinds", action="store_true", help="time the balanced, packed and walked plans")
+    mode.add_argument("--tails", default=None,
+                      help="TAIL:PIECE,... : the package plan with each part's last TAIL blocks in parts of PIECE")
     parser.add_argument("--kinds-overhead", type=int, default=None,
                         help="the fixed cost of a fragment the --kinds plans are built with (default the package's)")
     parser.add_argument("--timing", choices=("graph", "flushed"), default="graph")
@@ -170,6 +202,10 @@ def main():
             overhead = scheduler.FIXED_OVERHEAD_BLOCKS if args.kinds_overhead is None else args.kinds_overhead
             with scheduler_overridden(FIXED_OVERHEAD_BLOCKS=overhead):
                 plans.update(plan_kinds(blocks, parts_all))
+        elif args.tails:
+            for spec in args.tails.split(","):
+                tail, piece = map(int, spec.split(":"))
+                plans[f"tails {tail} in pieces of {piece}"] = tailed_plan(*plans["package plan"], tail, piece)
         else:
             for payload in map(int, (args.payloads or ",".join(map(str, PAYLOADS))).split(",")):
                 fixed = lambda total, parts, batch, payload=payload: max(payload, -(-total // parts))
@@ -178,6 +214,10 @@ def main():
                     plans[label] = host_plan(x.cache_seqlens, parts, payload_of=fixed)
 
         calls = {label: plan_call(x, s_q, *plan) for label, plan in plans.items()}
+        # Every plan's output against the package plan's: a plan changes only the order
+        # of a sum.
+        expected = calls["package plan"]()[0].float()
+        differs = {label: (fn()[0].float() - expected).abs().max().item() for label, fn in calls.items()}
         best = {label: float("inf") for label in plans}
         for _ in range(args.rounds):
             for label, fn in calls.items():
@@ -185,7 +225,8 @@ def main():
                 best[label] = min(best[label], us)
         print(name)
         for label, (rows, fragments) in plans.items():
-            print(f"  {label:28s} {plan_summary(rows, fragments, blocks)}, {best[label]:8.1f} us", flush=True)
+            print(f"  {label:28s} {plan_summary(rows, fragments, blocks)}, {best[label]:8.1f} us, "
+                  f"max |out - package plan's| {differs[label]:.1e}", flush=True)
 
 
 if __name__ == "__main__":
