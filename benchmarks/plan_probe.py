@@ -109,21 +109,26 @@ def plan_kinds(blocks: list[int], parts: int) -> dict:
     return kinds
 
 
-def tailed_plan(rows: list[list[int]], fragments: list[int], tail: int, piece: int):
+def tailed_plan(rows: list[list[int]], fragments: list[int], blocks: list[int], tail: int, piece: int,
+                longest_only: bool = False):
     """(rows, fragments): the plan ``(rows, fragments)`` without its empty parts, and with
     the last ``tail`` blocks of each part's last fragment (where that fragment has at
-    least ``2 tail``) moved into parts of ``piece`` blocks, appended after the others in
-    the order of the parts they came from; each piece is a fragment of its sequence,
+    least ``tail + 2``; with ``longest_only``, only of the parts within ``tail`` blocks of
+    the longest) moved into parts of ``piece`` blocks, appended after the others in the
+    order of the parts they came from; each piece is a fragment of its sequence,
     numbered after the plan's own."""
     B_BATCH, B_BLOCK, E_BATCH, E_BLOCK, B_SPLIT = (scheduler.BEGIN_BATCH, scheduler.BEGIN_BLOCK, scheduler.END_BATCH,
                                                    scheduler.END_BLOCK, scheduler.BEGIN_SPLIT)
     owners = [list(row) for row in rows if row[B_BATCH] <= row[E_BATCH]]
     fragments = list(fragments)
+    sizes = [sum(last - first for _, first, last in scheduler.part_fragments(row, blocks)) for row in owners]
     pieces = []
-    for row in owners:
+    for row, size in zip(owners, sizes):
+        if longest_only and size < max(sizes) - tail:
+            continue
         batch, end = row[E_BATCH], row[E_BLOCK]
         first = row[B_BLOCK] if row[B_BATCH] == batch else 0
-        if end - first < 2 * tail:
+        if end - first < tail + 2:
             continue
         row[E_BLOCK] = end - tail
         for begin in range(end - tail, end, piece):
@@ -163,7 +168,8 @@ def main():
     mode.add_argument("--largest", default=None, help="largest fragments of balanced plans to time, e.g. 4,5,8")
     mode.add_argument("--kinds", action="store_true", help="time the balanced, packed and walked plans")
     mode.add_argument("--tails", default=None,
-                      help="TAIL:PIECE,... : the package plan with each part's last TAIL blocks in parts of PIECE")
+                      help="TAIL:PIECE[:longest],... : the package plan with each part's last TAIL blocks in parts "
+                           "of PIECE (with :longest, only the parts within TAIL blocks of the longest)")
     parser.add_argument("--kinds-overhead", type=int, default=None,
                         help="the fixed cost of a fragment the --kinds plans are built with (default the package's)")
     parser.add_argument("--timing", choices=("graph", "flushed"), default="graph")
@@ -204,8 +210,9 @@ def main():
                 plans.update(plan_kinds(blocks, parts_all))
         elif args.tails:
             for spec in args.tails.split(","):
-                tail, piece = map(int, spec.split(":"))
-                plans[f"tails {tail} in pieces of {piece}"] = tailed_plan(*plans["package plan"], tail, piece)
+                tail, piece, *longest = spec.split(":")
+                label = f"tails {tail} in pieces of {piece}" + (" of the longest" if longest else "")
+                plans[label] = tailed_plan(*plans["package plan"], blocks, int(tail), int(piece), bool(longest))
         else:
             for payload in map(int, (args.payloads or ",".join(map(str, PAYLOADS))).split(",")):
                 fixed = lambda total, parts, batch, payload=payload: max(payload, -(-total // parts))
@@ -225,7 +232,7 @@ def main():
                 best[label] = min(best[label], us)
         print(name)
         for label, (rows, fragments) in plans.items():
-            print(f"  {label:28s} {plan_summary(rows, fragments, blocks)}, {best[label]:8.1f} us, "
+            print(f"  {label:40s} {plan_summary(rows, fragments, blocks)}, {best[label]:8.1f} us, "
                   f"max |out - package plan's| {differs[label]:.1e}", flush=True)
 
 
