@@ -3,6 +3,7 @@ and, when they can be imported, FlashMLA itself timed on the same inputs.
 
     python benchmarks/bench_decode.py [--cases all|quick|serving] [--check] [--json PATH] [--csv PATH]
                                       [--plot FILE.png] [--dtype bfloat16] [--no-peers]
+    python benchmarks/bench_decode.py --cases all --confirm 2   # the cases behind, twice more
     python benchmarks/bench_decode.py --plot-from results.json --plot FILE.png   # no GPU needed
 
 Measures, in one process:
@@ -33,6 +34,11 @@ from CUDA events around single calls after an L2 flush; each implementation is t
 ``--rounds`` rounds (3), the order turned by one place a round, and its time is the median
 of its rounds (at the board's power limit, what ran just before a kernel moves its clock).
 Cases whose inputs are smaller than 4x L2 rotate between several input sets.
+
+``--confirm RUNS`` times every case behind the faster peer (ratio below 1.00) ``RUNS`` more
+times once the table is done, on the same inputs, and reports each one's ratio as the
+median of its runs, the table's included: the rule for a case near 1.00, whose ratio one
+run cannot settle at the board's power limit.
 
 ``--json`` and ``--csv`` write every number (device, date, ceilings, every column of every
 case); ``--plot`` draws GB/s and TFLOPS per case and implementation with the ceilings
@@ -437,6 +443,34 @@ def geometric_mean(values) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def confirm_behind(rows: list[dict], rerun: Callable[[int], float], runs: int) -> list[dict]:
+    """The rows behind the faster peer (``ratio`` below 1), each timed ``runs`` more times:
+    ``rerun(n)`` times the case of ``rows[n]`` again and returns its ratio. The reruns go
+    in passes over those cases, after the whole table, as later runs would. Writes each
+    such row's ``ratio_runs`` (the table's ratio first) and ``ratio_median``; returns those
+    rows."""
+    behind = [n for n, row in enumerate(rows) if row["ratio"] < 1.0]
+    for n in behind:
+        rows[n]["ratio_runs"] = [rows[n]["ratio"]]
+    for _ in range(runs):
+        for n in behind:
+            rows[n]["ratio_runs"].append(rerun(n))
+    for n in behind:
+        rows[n]["ratio_median"] = statistics.median(rows[n]["ratio_runs"])
+    return [rows[n] for n in behind]
+
+
+def print_confirmation(behind: list[dict], runs: int) -> None:
+    """Each case behind in the table with its ratios over ``runs`` + 1 runs and their
+    median, and how many are at or above 1.00 by the median."""
+    print(f"cases behind in the table, timed {runs} more times (ratio of each run; median):")
+    for row in behind:
+        ratios = " / ".join(f"{ratio:.3f}" for ratio in row["ratio_runs"])
+        print(f"  {Case.of_row(row).name}: {ratios}; median {row['ratio_median']:.3f}")
+    level = sum(1 for row in behind if row["ratio_median"] >= 1.0)
+    print(f"by the median: {level} of {len(behind)} at or above 1.00")
+
+
 def ratio_summary(rows: list[dict], peers: list[str]) -> dict:
     """Geometric means over the cases: of ``ratio`` (the faster peer per case) and of each
     peer's time over ours."""
@@ -666,12 +700,19 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
                         help="dtype of q and the KV cache (default: bfloat16)")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the copy and matmul measurements")
+    parser.add_argument("--confirm", type=int, default=0, metavar="RUNS",
+                        help="time every case behind the faster peer RUNS more times after the table and report "
+                        "its median ratio over the runs (needs a peer; default: 0)")
     parser.add_argument("--lengths-multiple", type=positive_int, default=1, metavar="TOKENS",
                         help="round every sequence length up to a multiple of TOKENS (64: no partial last "
                         "block; 128: no odd block count), to time what a sequence's last blocks cost (default: 1)")
     args = parser.parse_args(argv)
     if args.plot_from and not args.plot:
         parser.error("--plot-from needs --plot FILE.png (where to draw)")
+    if args.confirm < 0:
+        parser.error(f"--confirm must be >= 0 (more runs of the cases behind), got {args.confirm}")
+    if args.confirm and args.no_peers:
+        parser.error("--confirm needs the peers' ratios: leave out --no-peers")
     if not selected_cases(args):
         parser.error(f"--match {args.match!r}: no case of --cases {args.cases} matches "
                      f"(names look like {CASE_SETS[args.cases][0].name!r})")
@@ -722,11 +763,16 @@ def main(argv=None) -> int:
         print(f"matmul: bf16 {MATMUL_N}^3 in {matmul['ms']:.3f} ms: {matmul['tflops']:.0f} TFLOPS", flush=True)
 
     cases = selected_cases(args)
+
+    def timed(n: int, check: bool) -> dict:
+        i, case = cases[n]
+        return run_case(modules, testing, case, dtype, timer, l2, check, args.seed + 1000 * i, rounds=args.rounds,
+                        lengths_multiple=args.lengths_multiple)
+
     rows = []
     for n, (i, case) in enumerate(cases):
         start = time.perf_counter()
-        r = run_case(modules, testing, case, dtype, timer, l2, args.check, args.seed + 1000 * i, rounds=args.rounds,
-                     lengths_multiple=args.lengths_multiple)
+        r = timed(n, args.check)
         r["gbps_vs_copy"] = r["gbps"] / copy["gbps"]
         r["tflops_vs_matmul"] = r["tflops"] / matmul["tflops"]
         rows.append(r)
@@ -736,6 +782,9 @@ def main(argv=None) -> int:
         print(f"[{n + 1}/{len(cases)}] {case.name}: {r['ms']:.3f} ms, {r['gbps']:.0f} GB/s, "
               f"{r['tflops']:.1f} TFLOPS{extra} ({time.perf_counter() - start:.1f} s)", flush=True)
 
+    behind = []
+    if peers and args.confirm:
+        behind = confirm_behind(rows, lambda n: timed(n, False)["ratio"], args.confirm)
     summary = ratio_summary(rows, peers)
     record = run_record(timer, l2, args, dtype=args.dtype, copy=copy, matmul=matmul, peers=peers, geomean=summary,
                         cases=rows)
@@ -747,6 +796,8 @@ def main(argv=None) -> int:
         plot(record, args.plot)
 
     print_table(rows, copy, matmul, args.check, peers, summary, args.cases)
+    if peers and args.confirm:
+        print_confirmation(behind, args.confirm)
     return 0
 
 

@@ -259,3 +259,39 @@ def test_every_implementation_is_timed_in_rounds_in_turned_orders_and_keeps_its_
     assert order[3:] == [ours, feb, head, feb, head, ours, head, ours, feb]  # after one untimed call each
     assert (result["ms"], result["flash_mla_ms"], result["flash_mla_head_ms"]) == (2.0, 5.0, 8.0)
     assert result["ms_rounds"] == [3.0, 1.0, 2.0]
+
+
+def test_confirm_times_only_the_cases_behind_again_in_passes_and_keeps_the_median(bench):
+    rows = [{"ratio": 1.02}, {"ratio": 0.97}, {"ratio": 0.995}]
+    again = {1: iter([1.01, 0.98]), 2: iter([1.004, 1.003])}
+    order = []
+
+    def rerun(n):
+        order.append(n)
+        return next(again[n])
+
+    behind = bench.confirm_behind(rows, rerun, runs=2)
+    assert order == [1, 2, 1, 2]  # passes over the cases behind, after the table
+    assert behind == [rows[1], rows[2]]
+    assert rows[1]["ratio_runs"] == [0.97, 1.01, 0.98] and rows[1]["ratio_median"] == 0.98
+    assert rows[2]["ratio_runs"] == [0.995, 1.004, 1.003] and rows[2]["ratio_median"] == 1.003
+    assert "ratio_runs" not in rows[0]  # ahead in the table: not timed again
+    assert rows[1]["ratio"] == 0.97  # the table's own ratio stays the first run's
+
+
+def test_confirm_needs_peers_and_a_count_of_at_least_zero(bench):
+    assert bench.parse_args([]).confirm == 0
+    assert bench.parse_args(["--confirm", "2"]).confirm == 2
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--confirm", "-1"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--confirm", "2", "--no-peers"])
+
+
+def test_confirmation_prints_each_case_behind_with_its_runs_and_median(bench, capsys):
+    row = {**bench.Case(128, 4096, 64, 2)._asdict(), "ratio": 0.97, "ratio_runs": [0.97, 1.01, 0.98],
+           "ratio_median": 0.98}
+    bench.print_confirmation([row], 2)
+    out = capsys.readouterr().out
+    assert "b128 sk4096 h64 s2: 0.970 / 1.010 / 0.980; median 0.980" in out
+    assert "by the median: 0 of 1 at or above 1.00" in out
