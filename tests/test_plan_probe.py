@@ -39,3 +39,43 @@ def test_plan_kinds_are_the_host_plans():
     assert sum(kinds["walk"][1]) > 128  # the walk splits sequences
     summary = plan_probe.plan_summary(*kinds["packed"], blocks)
     assert summary.split() == " 64 parts,  128 fragments,   0 split, longest  256 blocks".split()
+
+
+def test_tailed_plan_moves_each_parts_last_blocks_into_pieces_after_the_parts():
+    # b = 4 sequences of 20 blocks, one a part, with an empty part: tails of 6 blocks in
+    # pieces of 4 (4 + 2), numbered after each sequence's own fragment.
+    blocks = [20] * 4
+    rows = [[i, 0, i, 20, 0, 0, 0, 0] for i in range(4)] + [[4, 0, 3, 0, 0, 0, 0, 0]]
+    tailed, fragments = plan_probe.tailed_plan(rows, [1] * 4, blocks, 6, 4)
+    assert tailed[:4] == [[i, 0, i, 14, 0, 0, 0, 0] for i in range(4)]  # the empty part dropped
+    assert tailed[4:] == [row for i in range(4) for row in ([i, 14, i, 18, 1, 0, 0, 0], [i, 18, i, 20, 2, 0, 0, 0])]
+    assert fragments == [3] * 4
+    assert rows[0] == [0, 0, 0, 20, 0, 0, 0, 0]  # the plan given is left as it was
+
+
+def test_tailed_plan_keeps_every_block_once_and_cuts_only_where_asked():
+    # The walk's plan of varied lengths: every block in exactly one part, every
+    # fragment number of a sequence once; with longest_only, only the parts within the
+    # tail of the longest give blocks up, and a last fragment too short keeps them.
+    seqlens = torch.tensor([3000 + 40 * i for i in range(128)], dtype=torch.int32)
+    blocks = scheduler.plan_blocks(seqlens.tolist())
+    meta, splits = scheduler.plan_torch(seqlens, 66)
+    fragments = [q - p for p, q in zip(splits.tolist(), splits.tolist()[1:])]
+    for longest_only in (False, True):
+        rows, counts = plan_probe.tailed_plan(meta.tolist(), fragments, blocks, 8, 4, longest_only)
+        seen, numbers = {}, {}
+        for row in rows:
+            for batch, first, last in scheduler.part_fragments(row, blocks):
+                for block in range(first, last):
+                    seen[batch, block] = seen.get((batch, block), 0) + 1
+        assert sorted(seen) == [(i, k) for i, n in enumerate(blocks) for k in range(n)]
+        assert set(seen.values()) == {1}
+        pieces = rows[sum(1 for row in meta.tolist() if row[0] <= row[2]):]
+        for batch, _, _, _, number, *_ in pieces:
+            numbers.setdefault(batch, []).append(number)
+        for batch, taken in numbers.items():
+            assert taken == list(range(fragments[batch], counts[batch]))
+        assert all(last - first == 4 for _, first, _, last, *_ in pieces)
+    every, longest = (len(plan_probe.tailed_plan(meta.tolist(), fragments, blocks, 8, 4, only)[0])
+                      for only in (False, True))
+    assert longest < every
