@@ -27,7 +27,7 @@ from cutlass import Float32, Int32, pipeline
 from cutlass.cute.nvgpu import cpasync
 
 from ..scheduler import ROWS_PER_TILE
-from .utils import accumulators
+from .utils import WARP_THREADS, accumulators
 
 VEC = 4  # partial values a thread loads at once (8 bytes): a row's piece
 THREADS_PER_ROW = 128  # one row's 512 values, as pieces of VEC
@@ -39,7 +39,7 @@ COMBINE_THREADS = THREADS_PER_ROW * COMBINE_FRAGMENT_GROUPS
 # than a thread group merges, GROUP_ROW_FRAGMENTS, go to ``launch_staged``.)
 FRAGS_IN_FLIGHT = 8
 GROUP_ROW_FRAGMENTS = 8  # a sequence of at most this many fragments is merged a thread group per row
-WARPS_PER_CTA = COMBINE_THREADS // 32
+WARPS_PER_CTA = COMBINE_THREADS // WARP_THREADS
 WARP_ROW_FRAGMENTS = 4  # a sequence of at most this many fragments is merged a warp per row
 # The staged merge (``launch_staged``): a CTA's thread groups take a row each, and the
 # rows' fragments come into shared memory by bulk copies, STAGED_ROUND_FRAGMENTS of each
@@ -192,9 +192,9 @@ class MlaCombine:
                 if num_frags <= WARP_ROW_FRAGMENTS:
                     # Very few (a large batch's split sequences): a warp per row, so that
                     # the CTA has 16 rows in flight rather than 4.
-                    for row in cutlass.range(first_row(row_group, row_groups, tidx // 32, WARPS_PER_CTA, rows), rows,
+                    for row in cutlass.range(first_row(row_group, row_groups, tidx // WARP_THREADS, WARPS_PER_CTA, rows), rows,
                                              row_groups * WARPS_PER_CTA, unroll=1):
-                        self.merge_row_by_warp(mOAccum, mLseAccum, mO, mLse, mSink, has_sink, tidx % 32, batch,
+                        self.merge_row_by_warp(mOAccum, mLseAccum, mO, mLse, mSink, has_sink, tidx % WARP_THREADS, batch,
                                                kv_head, row, first, num_frags, heads_per_kv)
                 elif num_frags <= GROUP_ROW_FRAGMENTS:
                     # Few fragments: each thread group merges rows of its own, a row's
@@ -250,7 +250,7 @@ class MlaCombine:
         warp: lane ``l`` takes the row's 8-byte pieces ``l, l + 32, ...``, and every
         fragment's loads are issued at once (the slots past the last fragment are not
         read and weigh 0)."""
-        pieces_per_lane = THREADS_PER_ROW // 32
+        pieces_per_lane = THREADS_PER_ROW // WARP_THREADS
         # A lane's pieces side by side: value e of piece i at i * VEC + e.
         pieces = cute.make_rmem_tensor((WARP_ROW_FRAGMENTS, pieces_per_lane * VEC), Float32)
         lses = cute.make_rmem_tensor((WARP_ROW_FRAGMENTS,), Float32)
@@ -260,7 +260,7 @@ class MlaCombine:
                 k = first + f
                 lses[f] = mLseAccum[k, kv_head, row]
                 for i in cutlass.range_constexpr(pieces_per_lane):
-                    piece = cute.local_tile(mOAccum[k, kv_head, row, None], (VEC,), (lane + 32 * i,)).load()
+                    piece = cute.local_tile(mOAccum[k, kv_head, row, None], (VEC,), (lane + WARP_THREADS * i,)).load()
                     piece = piece.to(Float32)
                     for e in cutlass.range_constexpr(VEC):
                         pieces[f, i * VEC + e] = piece[e]
@@ -269,7 +269,7 @@ class MlaCombine:
         row_max, total = fold_fragments(acc, -Float32.inf, Float32(0.0), lses, pieces, 0, num_frags)
         for i in cutlass.range_constexpr(pieces_per_lane):
             self.store_row(mO, mLse, mSink, has_sink, cute.local_tile(acc, (VEC,), (i,)), row_max, total, batch,
-                           kv_head, row, heads_per_kv, lane + 32 * i)
+                           kv_head, row, heads_per_kv, lane + WARP_THREADS * i)
 
     @cute.jit
     def merge_row_by_all_groups(self, mOAccum, mLseAccum, mO, mLse, mSink, has_sink, groups, barrier, group,

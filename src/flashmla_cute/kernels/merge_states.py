@@ -20,6 +20,7 @@ from cutlass import Float32
 
 from ..launch_args import ALIGN_BYTES
 from .combine import finite_or_zero, fold_fragments
+from .utils import WARP_THREADS
 
 PIECE_BYTES = ALIGN_BYTES  # a lane's load or store of a row at once: rows start on 16 bytes
 MERGE_WARPS = 4  # rows a CTA merges, a warp each
@@ -36,7 +37,7 @@ class MlaMergeStates:
     ``[b, s_q, h_q, dv]`` in ``dtype``, lse float32 ``[b, h_q, s_q]``."""
 
     def __init__(self, dtype, head_dim_v: int = 512):
-        row_piece = 32 * piece_values(dtype)
+        row_piece = WARP_THREADS * piece_values(dtype)
         if head_dim_v % row_piece != 0:
             raise ValueError(f"head_dim_v must be a multiple of {row_piece} for {dtype}, got {head_dim_v}")
         self.dtype = dtype
@@ -47,23 +48,23 @@ class MlaMergeStates:
                  mOut: cute.Tensor, mLse: cute.Tensor, stream):
         rows = mOut.shape[0] * mOut.shape[1] * mOut.shape[2]
         self.kernel(mOutA, mLseA, mOutB, mLseB, mOut, mLse).launch(
-            grid=[(rows + MERGE_WARPS - 1) // MERGE_WARPS, 1, 1], block=[MERGE_WARPS * 32, 1, 1], stream=stream)
+            grid=[(rows + MERGE_WARPS - 1) // MERGE_WARPS, 1, 1], block=[MERGE_WARPS * WARP_THREADS, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mOutA: cute.Tensor, mLseA: cute.Tensor, mOutB: cute.Tensor, mLseB: cute.Tensor,
                mOut: cute.Tensor, mLse: cute.Tensor):
         tidx, _, _ = cute.arch.thread_idx()
         cta, _, _ = cute.arch.block_idx()
-        lane = tidx % 32
+        lane = tidx % WARP_THREADS
         s_q, h_q = mOut.shape[1], mOut.shape[2]
         # Rows in the outputs' memory order, so that a CTA's warps read neighbouring rows.
-        row = cta * MERGE_WARPS + tidx // 32
+        row = cta * MERGE_WARPS + tidx // WARP_THREADS
         if row < mOut.shape[0] * s_q * h_q:
             head = row % h_q
             s = (row // h_q) % s_q
             batch = row // (h_q * s_q)
             vec = piece_values(self.dtype)
-            pieces_per_lane = self.head_dim_v // (32 * vec)
+            pieces_per_lane = self.head_dim_v // (WARP_THREADS * vec)
             # A lane's pieces side by side: value e of piece i at i * vec + e.
             pieces = cute.make_rmem_tensor((HALVES, pieces_per_lane * vec), Float32)
             lses = cute.make_rmem_tensor((HALVES,), Float32)
@@ -76,7 +77,7 @@ class MlaMergeStates:
                 # An empty half weighs 0 and its values stay unread (they may be NaN).
                 if lse != -Float32.inf:
                     for i in cutlass.range_constexpr(pieces_per_lane):
-                        piece = cute.local_tile(mHalf[batch, s, head, None], (vec,), (lane + 32 * i,)).load()
+                        piece = cute.local_tile(mHalf[batch, s, head, None], (vec,), (lane + WARP_THREADS * i,)).load()
                         piece = piece.to(Float32)
                         for e in cutlass.range_constexpr(vec):
                             pieces[half, i * vec + e] = piece[e]
@@ -95,6 +96,6 @@ class MlaMergeStates:
             for i in cutlass.range_constexpr(pieces_per_lane):
                 for e in cutlass.range_constexpr(vec):
                     out_piece[e] = (acc[i * vec + e] * inv_total).to(self.dtype)
-                cute.autovec_copy(out_piece, cute.local_tile(mOut[batch, s, head, None], (vec,), (lane + 32 * i,)))
+                cute.autovec_copy(out_piece, cute.local_tile(mOut[batch, s, head, None], (vec,), (lane + WARP_THREADS * i,)))
             if lane == 0:
                 mLse[batch, head, s] = merged_lse

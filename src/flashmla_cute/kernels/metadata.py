@@ -48,16 +48,17 @@ from ..scheduler import (
     PACKED_MAX_BATCH,
     SHORT_SEQUENCE_BLOCKS,
 )
+from .utils import WARP_THREADS
 
 PLAN_THREADS = 1024
 PLAN_CHUNK = PLAN_THREADS  # sequences whose cost ends are in shared memory at once: one a thread
-PLAN_WARPS = PLAN_THREADS // 32
+PLAN_WARPS = PLAN_THREADS // WARP_THREADS
 assert PACKED_MAX_BATCH <= PLAN_CHUNK  # a packed attempt walks the first chunk only
 
 
 @cute.jit
 def _warp_inclusive_sum(x: Int32, lane: Int32) -> Int32:
-    for offset in cutlass.range_constexpr(5):
+    for offset in cutlass.range_constexpr(WARP_THREADS.bit_length() - 1):  # log2 of the warp's width
         y = cute.arch.shuffle_sync_up(x, offset=1 << offset)
         if lane >= (1 << offset):
             x = x + y
@@ -107,23 +108,23 @@ class MlaMetadata:
     def block_sum(self, x: Int32, warp_sums: cute.Tensor, tidx: Int32) -> Int32:
         """The sum of ``x`` over the CTA, in every thread."""
         x = cute.arch.warp_reduction(x, lambda u, v: u + v)
-        if tidx % 32 == 0:
-            warp_sums[tidx // 32] = x
+        if tidx % WARP_THREADS == 0:
+            warp_sums[tidx // WARP_THREADS] = x
         cute.arch.sync_threads()
-        x = cute.arch.warp_reduction(warp_sums[tidx % 32], lambda u, v: u + v)
+        x = cute.arch.warp_reduction(warp_sums[tidx % WARP_THREADS], lambda u, v: u + v)
         cute.arch.sync_threads()  # warp_sums may be written again
         return x
 
     @cute.jit
     def block_inclusive_sum(self, x: Int32, warp_sums: cute.Tensor, tidx: Int32):
         """(the sum of ``x`` over threads ``0 .. tidx``, its sum over the CTA)."""
-        lane = tidx % 32
+        lane = tidx % WARP_THREADS
         incl = _warp_inclusive_sum(x, lane)
-        if lane == 31:
-            warp_sums[tidx // 32] = incl
+        if lane == WARP_THREADS - 1:
+            warp_sums[tidx // WARP_THREADS] = incl
         cute.arch.sync_threads()
         warp_incl = _warp_inclusive_sum(warp_sums[lane], lane)
-        warp_before = cute.arch.shuffle_sync(warp_incl - warp_sums[lane], tidx // 32)
+        warp_before = cute.arch.shuffle_sync(warp_incl - warp_sums[lane], tidx // WARP_THREADS)
         cta_total = cute.arch.shuffle_sync(warp_incl, PLAN_WARPS - 1)
         cute.arch.sync_threads()  # warp_sums may be written again
         return warp_before + incl, cta_total
@@ -220,7 +221,7 @@ class MlaMetadata:
         packed plan's walk (whole sequences, ``budget + F`` a part, no last part taking
         the rest); warp 0 walks, from the first chunk of sequences (in shared memory).
         Returns (the parts filled, whether every sequence got its parts)."""
-        lane = tidx % 32
+        lane = tidx % WARP_THREADS
         b = mSeqlens.shape[0]
         num_parts = mMeta.shape[0]
         F = FIXED_OVERHEAD_BLOCKS
@@ -284,8 +285,8 @@ class MlaMetadata:
                                 split = Int32(0)
                                 block = Int32(0)
                                 batch = batch + whole
-                            cur_end = cute.arch.shuffle_sync(end_i, whole % 32)  # valid when whole < 32
-                            stepping = whole == 32 and batch < last
+                            cur_end = cute.arch.shuffle_sync(end_i, whole % WARP_THREADS)  # valid when whole < WARP_THREADS
+                            stepping = whole == WARP_THREADS and batch < last
                         if batch == last and batch < b:
                             stopped = Int32(1)  # the next sequence's cost end is in the next chunk
                     if stopped == 0:

@@ -15,7 +15,8 @@ TMA_EVICT_NORMAL = 0x1000000000000000
 
 
 REGISTER_FILE = 65536  # 32-bit registers of an SM
-WARPGROUP_THREADS = 128  # four warps: the unit of WGMMA and of setmaxnreg
+WARP_THREADS = 32
+WARPGROUP_THREADS = 4 * WARP_THREADS  # four warps: the unit of WGMMA and of setmaxnreg
 # A 128-byte swizzle atom of a K-major 16-bit tile in shared memory (the kernels' Q and K
 # tiles): ATOM_ROWS rows of ATOM_COLUMNS columns, 1 KB; a tile's 64-column chunk is a
 # column of such atoms, and one TMA copy.
