@@ -138,6 +138,21 @@ def tailed_plan(rows: list[list[int]], fragments: list[int], blocks: list[int], 
     return owners + pieces, fragments
 
 
+def tail_specs(text: str) -> list[tuple[int, int, bool]]:
+    """``--tails``'s value, ``TAIL:PIECE[:longest],...``, as (tail, piece, longest only)
+    triples; refuses anything else, and counts below 1 (an ``argparse`` type)."""
+    specs = []
+    for spec in text.split(","):
+        fields = spec.split(":")
+        if len(fields) not in (2, 3) or not all(f.isdigit() for f in fields[:2]) or fields[2:] not in ([], ["longest"]):
+            raise argparse.ArgumentTypeError(f"{spec!r}: expected TAIL:PIECE or TAIL:PIECE:longest, e.g. 8:4")
+        tail, piece = int(fields[0]), int(fields[1])
+        if tail < 1 or piece < 1:
+            raise argparse.ArgumentTypeError(f"{spec!r}: TAIL and PIECE must be at least 1 block")
+        specs.append((tail, piece, len(fields) == 3))
+    return specs
+
+
 def plan_call(x, s_q: int, rows: list[list[int]], fragments: list[int]):
     """A decode call of inputs ``x`` (on the GPU) under the plan ``(rows, fragments)``."""
     import torch
@@ -167,7 +182,7 @@ def main():
     mode.add_argument("--overheads", default=None, help="fixed costs of a fragment to time, e.g. 2,3,4,5,6")
     mode.add_argument("--largest", default=None, help="largest fragments of balanced plans to time, e.g. 4,5,8")
     mode.add_argument("--kinds", action="store_true", help="time the balanced, packed and walked plans")
-    mode.add_argument("--tails", default=None,
+    mode.add_argument("--tails", type=tail_specs, default=None,
                       help="TAIL:PIECE[:longest],... : the package plan with each part's last TAIL blocks in parts "
                            "of PIECE (with :longest, only the parts within TAIL blocks of the longest)")
     parser.add_argument("--kinds-overhead", type=int, default=None,
@@ -209,10 +224,9 @@ def main():
             with scheduler_overridden(FIXED_OVERHEAD_BLOCKS=overhead):
                 plans.update(plan_kinds(blocks, parts_all))
         elif args.tails:
-            for spec in args.tails.split(","):
-                tail, piece, *longest = spec.split(":")
+            for tail, piece, longest in args.tails:
                 label = f"tails {tail} in pieces of {piece}" + (" of the longest" if longest else "")
-                plans[label] = tailed_plan(*plans["package plan"], blocks, int(tail), int(piece), bool(longest))
+                plans[label] = tailed_plan(*plans["package plan"], blocks, tail, piece, longest)
         else:
             for payload in map(int, (args.payloads or ",".join(map(str, PAYLOADS))).split(",")):
                 fixed = lambda total, parts, batch, payload=payload: max(payload, -(-total // parts))

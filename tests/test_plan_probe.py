@@ -1,8 +1,10 @@
 """benchmarks/plan_probe.py: the parts that run without a GPU (case names and the plans it
 builds by hand)."""
 
+import argparse
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import load_script
 
@@ -79,3 +81,10 @@ def test_tailed_plan_keeps_every_block_once_and_cuts_only_where_asked():
     every, longest = (len(plan_probe.tailed_plan(meta.tolist(), fragments, blocks, 8, 4, only)[0])
                       for only in (False, True))
     assert longest < every
+
+
+def test_tails_option_reads_tail_and_piece_and_refuses_anything_else():
+    assert plan_probe.tail_specs("8:4,16:8:longest") == [(8, 4, False), (16, 8, True)]
+    for bad in ("8", "8:x", "8:4:shortest", "0:4", "8:0", "8:4:longest:1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            plan_probe.tail_specs(bad)
