@@ -192,9 +192,10 @@ class MlaCombine:
                 if num_frags <= WARP_ROW_FRAGMENTS:
                     # Very few (a large batch's split sequences): a warp per row, so that
                     # the CTA has 16 rows in flight rather than 4.
-                    for row in cutlass.range(first_row(row_group, row_groups, tidx // WARP_THREADS, WARPS_PER_CTA, rows), rows,
+                    warp, lane = tidx // WARP_THREADS, tidx % WARP_THREADS
+                    for row in cutlass.range(first_row(row_group, row_groups, warp, WARPS_PER_CTA, rows), rows,
                                              row_groups * WARPS_PER_CTA, unroll=1):
-                        self.merge_row_by_warp(mOAccum, mLseAccum, mO, mLse, mSink, has_sink, tidx % WARP_THREADS, batch,
+                        self.merge_row_by_warp(mOAccum, mLseAccum, mO, mLse, mSink, has_sink, lane, batch,
                                                kv_head, row, first, num_frags, heads_per_kv)
                 elif num_frags <= GROUP_ROW_FRAGMENTS:
                     # Few fragments: each thread group merges rows of its own, a row's

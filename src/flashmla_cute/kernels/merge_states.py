@@ -48,7 +48,8 @@ class MlaMergeStates:
                  mOut: cute.Tensor, mLse: cute.Tensor, stream):
         rows = mOut.shape[0] * mOut.shape[1] * mOut.shape[2]
         self.kernel(mOutA, mLseA, mOutB, mLseB, mOut, mLse).launch(
-            grid=[(rows + MERGE_WARPS - 1) // MERGE_WARPS, 1, 1], block=[MERGE_WARPS * WARP_THREADS, 1, 1], stream=stream)
+            grid=[(rows + MERGE_WARPS - 1) // MERGE_WARPS, 1, 1], block=[MERGE_WARPS * WARP_THREADS, 1, 1],
+            stream=stream)
 
     @cute.kernel
     def kernel(self, mOutA: cute.Tensor, mLseA: cute.Tensor, mOutB: cute.Tensor, mLseB: cute.Tensor,
@@ -93,9 +94,10 @@ class MlaMergeStates:
                 merged_lse = finite_or_zero(row_max) + cute.math.log(total, fastmath=False)
                 inv_total = 1.0 / total
             out_piece = cute.make_rmem_tensor((vec,), self.dtype)
+            out_row = mOut[batch, s, head, None]
             for i in cutlass.range_constexpr(pieces_per_lane):
                 for e in cutlass.range_constexpr(vec):
                     out_piece[e] = (acc[i * vec + e] * inv_total).to(self.dtype)
-                cute.autovec_copy(out_piece, cute.local_tile(mOut[batch, s, head, None], (vec,), (lane + WARP_THREADS * i,)))
+                cute.autovec_copy(out_piece, cute.local_tile(out_row, (vec,), (lane + WARP_THREADS * i,)))
             if lane == 0:
                 mLse[batch, head, s] = merged_lse

@@ -285,7 +285,8 @@ class MlaMetadata:
                                 split = Int32(0)
                                 block = Int32(0)
                                 batch = batch + whole
-                            cur_end = cute.arch.shuffle_sync(end_i, whole % WARP_THREADS)  # valid when whole < WARP_THREADS
+                            # valid when whole < WARP_THREADS
+                            cur_end = cute.arch.shuffle_sync(end_i, whole % WARP_THREADS)
                             stepping = whole == WARP_THREADS and batch < last
                         if batch == last and batch < b:
                             stopped = Int32(1)  # the next sequence's cost end is in the next chunk
