@@ -14,6 +14,7 @@ from flashmla_cute.api import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla
 from flashmla_cute.sparse_reference import sparse_mla_reference
 from flashmla_cute.sparse_testing import make_sparse_decode_inputs
 from flashmla_cute.testing import make_decode_inputs
+from test_arguments import misaligned, padded_rows
 
 
 def sparse_call(inp, plan=None, **overrides):
@@ -131,6 +132,15 @@ BAD_SPARSE = {
                                 r"them\), got 65537 pages of 32768 = 2147516416"),
     "indices row stride": ("index rows 2**32 apart", ValueError,
                            r"indices.stride\(1\) must be at most 4294967295 elements"),
+    # The kernel's 16-byte loads and stores, refused on every device as on the GPU.
+    "q rows off 16 bytes": ("q padded rows", ValueError,
+                            r"q strides must be multiples of 8 elements \(16 bytes\) in all but the last dimension"),
+    "q misaligned": ("q misaligned", ValueError, "q data pointer must be 16-byte aligned"),
+    "cache misaligned": ("cache misaligned", ValueError, "k_cache data pointer must be 16-byte aligned"),
+    "extra cache misaligned": ("extra misaligned", ValueError, "extra_k_cache data pointer must be 16-byte aligned"),
+    "model1 pages off 16 bytes": ("model1 page stride 9352", ValueError,
+                                  r"k_cache strides must be multiples of 16 elements \(16 bytes\) in the page "
+                                  r"dimension, got strides \(9352, 584, 584, 1\)"),
     "q dtype": ("q fp16", TypeError, "q must have dtype torch.bfloat16"),
     "d_qk": ("q 512", ValueError, r"q.shape\[3\] \(d_qk\) must be 576 for k_cache's V3.2 layout"),
     "d_qk model1": ("model1 with q 576", ValueError, r"q.shape\[3\] \(d_qk\) must be 512 for k_cache's MODEL1 layout"),
@@ -186,6 +196,12 @@ def bad_overrides(inp, what):
                                                                   device="meta")),
         "index rows 2**32 apart": lambda: dict(indices=torch.empty(2**35, dtype=torch.int32, device="meta").as_strided(
             idx.shape, (idx.shape[2], 2**32, 1))),
+        "q padded rows": lambda: dict(q=padded_rows(q)),
+        "q misaligned": lambda: dict(q=misaligned(q)),
+        "cache misaligned": lambda: dict(k_cache=misaligned(cache)),
+        "extra misaligned": lambda: dict(extra_k_cache=misaligned(cache), extra_indices_in_kvcache=idx),
+        "model1 page stride 9352": lambda: dict(q=model1_q, k_cache=torch.zeros(4 * 9352, dtype=torch.uint8).as_strided(
+            (4, 16, 1, 584), (9352, 584, 584, 1))),
         "q fp16": lambda: dict(q=q.half()),
         "q 512": lambda: dict(q=q[..., :512]),
         "s_q 5": lambda: dict(q=torch.zeros(2, 5, 16, 576, dtype=torch.bfloat16)),
@@ -241,6 +257,17 @@ def test_sparse_pages_of_up_to_2_31_bytes_are_accepted():
         assert (problem.num_blocks, problem.page_size) == (1, page_size)
         assert (problem.extra_num_blocks, problem.extra_page_size) == (3, page_size)
         assert page_size * bytes_per_token <= sparse_checks.MAX_PAGE_BYTES == 2**31 - 1
+
+
+def test_a_dimension_of_one_may_have_any_stride():
+    # Its stride is never used: q of one query token with an odd token stride is taken,
+    # and gives the reference's result.
+    one_token = make_sparse_decode_inputs(2, 1, 16, 200, 128, 16, seed=12)
+    q = torch.empty(2 * 16 * 576 + 8, dtype=torch.bfloat16).as_strided(one_token.q.shape, (16 * 576 + 8, 3, 576, 1))
+    q.copy_(one_token.q)
+    got = sparse_call(one_token, q=q, attn_sink=None, topk_length=None)
+    want = sparse_mla_reference(one_token.q, one_token.k_cache, one_token.indices, None, None, one_token.softmax_scale)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_dense_refuses_sparse_arguments():

@@ -28,6 +28,7 @@ import math
 import torch
 
 from . import interface, runtime, sparse_checks
+from .launch_args import ALIGN_BYTES
 from .sparse_reference import sparse_mla_reference
 
 __all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache"]
@@ -130,7 +131,7 @@ def flash_mla_with_kvcache(
             raise ValueError  # the checks decide
         if type(softmax_scale) is not float or not 0.0 < softmax_scale < math.inf:
             raise TypeError
-        if any(x is not None and x.data_ptr() % sparse_checks.VECTOR_BYTES for x in (q, k_cache, extra_k_cache)):
+        if any(x is not None and x.data_ptr() % ALIGN_BYTES for x in (q, k_cache, extra_k_cache)):
             raise ValueError
         from .sparse_runtime import launch_sparse
 

@@ -22,7 +22,7 @@ import torch
 
 from . import scheduler
 from .compile import HEAD_DIMS
-from .launch_args import ALIGN_BYTES
+from .launch_args import alignment_fault
 
 PAGE_SIZE = scheduler.BLOCK_SIZE
 """Tokens per page of the paged KV cache."""
@@ -36,11 +36,6 @@ SUPPORTED_HEAD_DIMS = frozenset(HEAD_DIMS)
 MAX_S_Q = 4
 """The most query tokens per sequence (``q.shape[1]``) a call takes: the largest ``s_q``
 the GPU tests check against the reference."""
-
-TMA_ALIGN_BYTES = ALIGN_BYTES
-"""TMA needs 16-byte aligned base addresses and strides that are multiples of 16 bytes
-(``launch_args.ALIGN_BYTES``, what the kernels are compiled for)."""
-
 
 class DecodeProblem(NamedTuple):
     """The sizes and options of one validated ``flash_mla_with_kvcache`` call
@@ -156,18 +151,9 @@ def check_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor) -> None:
     if k_cache.shape[0] < 1:
         raise ValueError("k_cache must hold at least one page (k_cache.shape[0] >= 1), got 0")
     for name, x in (("q", q), ("k_cache", k_cache)):
-        multiple = TMA_ALIGN_BYTES // x.element_size()
-        strides = x.stride()
-        if any(s % multiple != 0 for s in strides[:-1]):
-            raise ValueError(
-                f"{name} strides must be multiples of {multiple} elements ({TMA_ALIGN_BYTES} bytes, "
-                f"a TMA requirement) in all but the last dimension, got strides {tuple(strides)}"
-            )
-        if x.data_ptr() % TMA_ALIGN_BYTES != 0:
-            raise ValueError(
-                f"{name} data pointer must be {TMA_ALIGN_BYTES}-byte aligned (a TMA requirement), "
-                f"got address {x.data_ptr():#x}"
-            )
+        fault = alignment_fault(x)
+        if fault is not None:
+            raise ValueError(f"{name} {fault} (a TMA requirement)")
 
 
 def check_decode_args(

@@ -19,6 +19,21 @@ the vectorized stores of the outputs assume it (a row's start), and the compiled
 functions are specialized for it (``compile``); the checks refuse other tensors."""
 
 
+def alignment_fault(x, dims=None, dims_name: str = "all but the last dimension") -> str | None:
+    """What in tensor ``x`` breaks ``ALIGN_BYTES``, worded to follow the tensor's name, or
+    None where nothing does: the stride of a dimension in ``dims`` (by default all but the
+    last; ``dims_name`` says which in the message), or the data pointer. The one rule that
+    the argument checks raise on and that the merge tests before taking its kernel."""
+    multiple = ALIGN_BYTES // x.element_size()
+    strides = tuple(x.stride())
+    if any(strides[dim] % multiple != 0 for dim in (range(x.dim() - 1) if dims is None else dims)):
+        return (f"strides must be multiples of {multiple} elements ({ALIGN_BYTES} bytes) in {dims_name}, "
+                f"got strides {strides}")
+    if x.data_ptr() % ALIGN_BYTES != 0:
+        return f"data pointer must be {ALIGN_BYTES}-byte aligned, got address {x.data_ptr():#x}"
+    return None
+
+
 class DecodeArgs(NamedTuple):
     """``kernels.decode_sm90.MlaDecodeSm90``'s arguments."""
 

@@ -39,7 +39,7 @@ import torch
 
 from . import runtime
 from .compile import MERGE_HEAD_DIMS_V
-from .launch_args import ALIGN_BYTES, MergeArgs
+from .launch_args import MergeArgs, alignment_fault
 
 
 def merge_attention_states(
@@ -112,9 +112,7 @@ def _kernel_merges(out_a: torch.Tensor, out_b: torch.Tensor) -> bool:
         return False
     if not runtime.is_hopper(runtime.index_of(out_a.device)):
         return False
-    row_step = ALIGN_BYTES // out_a.element_size()
-    return all(t.stride(-1) == 1 and t.data_ptr() % ALIGN_BYTES == 0
-               and all(stride % row_step == 0 for stride in t.stride()[:-1]) for t in (out_a, out_b))
+    return all(t.stride(-1) == 1 and alignment_fault(t) is None for t in (out_a, out_b))
 
 
 def _merge_with_tensor_operations(out_a, lse_a, out_b, lse_b):

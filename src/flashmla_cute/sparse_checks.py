@@ -4,7 +4,7 @@ MODEL1 layout, ``fp8_cache``), with or without an extra cache.
 As in ``checks.py``: a bad argument raises ``TypeError`` (Python type or dtype) or
 ``ValueError`` (value, shape, layout, device) naming the argument and what was
 expected; only tensor metadata is read (no host synchronization), and CPU and GPU calls
-are refused alike. The GPU adds only alignment needs (``check_sparse_kernel_layout``).
+are refused alike, the kernel's alignment needs included (``check_sparse_kernel_layout``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import fp8_cache
-from .launch_args import ALIGN_BYTES
+from .launch_args import alignment_fault
 from .checks import (
     _check_contiguous,
     _check_device,
@@ -41,10 +41,6 @@ HEAD_TILE = 64
 
 MAX_HEADS = 2 * HEAD_TILE
 """Query heads sharing the one latent KV head: up to 128."""
-
-VECTOR_BYTES = ALIGN_BYTES
-"""The kernel reads the cache, q and the output 16 bytes at a time (``launch_args.ALIGN_BYTES``,
-what it is compiled for)."""
 
 MAX_STRIDE = 2**32 - 1
 """The largest cache page stride (in bytes) and index-tensor stride of the batch and
@@ -167,8 +163,7 @@ def check_sparse_decode_args(
                     ("extra_indices_in_kvcache", extra_indices_in_kvcache), ("extra_topk_length", extra_topk_length)):
         if x is not None:
             _check_device(name, x, q)
-    if q.is_cuda:
-        check_sparse_kernel_layout(q, k_cache, extra_k_cache)
+    check_sparse_kernel_layout(q, k_cache, extra_k_cache)
 
     return SparseDecodeProblem(
         b=b, s_q=s_q, h_q=h_q, topk=topk, num_blocks=num_blocks, page_size=page_size,
@@ -241,23 +236,17 @@ def _check_vector(name: str, x, dtype: torch.dtype, extent_name: str, extent: in
 
 
 def check_sparse_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor, extra_k_cache: torch.Tensor | None = None) -> None:
-    """What the GPU kernel needs beyond ``check_sparse_decode_args``: 16-byte aligned
-    data pointers and strides in whole 16-byte units for ``q`` and the caches (of a
-    MODEL1 cache only the page stride counts: its token rows are 576 bytes in the page)."""
+    """What the kernel's 16-byte loads and stores need beyond shapes and dtypes:
+    ``launch_args.ALIGN_BYTES``-aligned data pointers and strides in whole 16-byte units
+    for ``q`` and the caches (of a MODEL1 cache only the page stride counts: its token
+    rows are 576 bytes in the page; the stride of a dimension of size 1 is never used).
+    ``check_sparse_decode_args`` calls this on every device; it looks only at metadata."""
     for name, x in (("q", q), ("k_cache", k_cache), ("extra_k_cache", extra_k_cache)):
         if x is None:
             continue
-        multiple = VECTOR_BYTES // x.element_size()
-        strides = x.stride()
-        checked_dims = 1 if name != "q" and x.shape[-1] == fp8_cache.MODEL1.bytes_per_token else x.dim() - 1
-        # The stride of a dimension of size 1 is never used.
-        if any(s % multiple != 0 for s, n in zip(strides[:checked_dims], x.shape[:checked_dims]) if n > 1):
-            raise ValueError(
-                f"{name} strides must be multiples of {multiple} elements ({VECTOR_BYTES} bytes) on the GPU "
-                f"in {'the page dimension' if checked_dims == 1 else 'all but the last dimension'}, "
-                f"got strides {tuple(strides)}"
-            )
-        if x.data_ptr() % VECTOR_BYTES != 0:
-            raise ValueError(
-                f"{name} data pointer must be {VECTOR_BYTES}-byte aligned on the GPU, got address {x.data_ptr():#x}"
-            )
+        pages_only = name != "q" and x.shape[-1] == fp8_cache.MODEL1.bytes_per_token
+        checked = range(1) if pages_only else range(x.dim() - 1)
+        fault = alignment_fault(x, [dim for dim in checked if x.shape[dim] > 1],
+                                "the page dimension" if pages_only else "all but the last dimension")
+        if fault is not None:
+            raise ValueError(f"{name} {fault}")
