@@ -17,7 +17,7 @@ import torch
 import flashmla_cute
 from flashmla_cute import checks, runtime, scheduler
 from flashmla_cute.reference import flash_mla_reference
-from flashmla_cute.testing import make_decode_inputs
+from flashmla_cute.testing import assert_equal_up_to_rounding, make_decode_inputs
 
 B, S_Q, H_Q, H_KV, D, DV = 3, 2, 16, 1, 576, 512
 SEQLENS = [0, 70, 130]
@@ -119,19 +119,23 @@ BAD = {
     "head_dim_v_256": (setter("head_dim_v", lambda x: 256), ValueError, "head_dim_v must be 512 with d = 576, got 256"),
     "head_dim_v_448": (setter("head_dim_v", lambda x: 448), ValueError, "head_dim_v must be 512 with d = 576, got 448"),
     "block_table_int64": (setter("block_table", lambda x: x.long()), TypeError, "block_table must have dtype torch.int32"),
+    "block_table_uint32": (setter("block_table", lambda x: x.to(torch.uint32)), TypeError, "block_table must have dtype torch.int32, got torch.uint32"),
     "block_table_rank1": (setter("block_table", lambda x: x[:, 0].contiguous()), ValueError, "block_table must have 2 dimensions"),
     "block_table_rows": (setter("block_table", lambda x: torch.cat([x, x[:1]])), ValueError, "block_table.shape[0] must equal the batch size b = 3"),
     "block_table_strided": (setter("block_table", strided), ValueError, "block_table must have a contiguous last dimension"),
     "cache_seqlens_int64": (setter("cache_seqlens", lambda x: x.long()), TypeError, "cache_seqlens must have dtype torch.int32, got torch.int64"),
+    "cache_seqlens_uint32": (setter("cache_seqlens", lambda x: x.to(torch.uint32)), TypeError, "cache_seqlens must have dtype torch.int32, got torch.uint32"),
     "cache_seqlens_rank2": (setter("cache_seqlens", lambda x: x[:, None]), ValueError, "cache_seqlens must have 1 dimension"),
     "cache_seqlens_length": (setter("cache_seqlens", lambda x: x[:2]), ValueError, "cache_seqlens.shape[0] must equal the batch size b = 3"),
     "cache_seqlens_strided": (setter("cache_seqlens", every_other), ValueError, "cache_seqlens must be contiguous"),
     "metadata_int64": (setter("tile_scheduler_metadata", lambda x: x.long()), TypeError, "tile_scheduler_metadata must have dtype torch.int32"),
+    "metadata_uint32": (setter("tile_scheduler_metadata", lambda x: x.to(torch.uint32)), TypeError, "tile_scheduler_metadata must have dtype torch.int32"),
     "metadata_rank1": (setter("tile_scheduler_metadata", lambda x: x.flatten()), ValueError, "tile_scheduler_metadata must have 2 dimensions"),
     "metadata_width": (setter("tile_scheduler_metadata", lambda x: x[:, :7].contiguous()), ValueError, "tile_scheduler_metadata must have shape [num_sm_parts >= 1, 8]"),
     "metadata_no_parts": (setter("tile_scheduler_metadata", lambda x: x[:0]), ValueError, "tile_scheduler_metadata must have shape"),
     "metadata_transposed": (setter("tile_scheduler_metadata", lambda x: x.t().contiguous().t()), ValueError, "tile_scheduler_metadata must be contiguous"),
     "num_splits_int64": (setter("num_splits", lambda x: x.long()), TypeError, "num_splits must have dtype torch.int32"),
+    "num_splits_uint32": (setter("num_splits", lambda x: x.to(torch.uint32)), TypeError, "num_splits must have dtype torch.int32"),
     "num_splits_length": (setter("num_splits", lambda x: x[:-1]), ValueError, "num_splits must have shape [b + 1] = [4]"),
     "num_splits_rank2": (setter("num_splits", lambda x: x[None]), ValueError, "num_splits must have shape [b + 1]"),
     "num_splits_strided": (setter("num_splits", every_other), ValueError, "num_splits must be contiguous"),
@@ -154,6 +158,12 @@ BAD = {
     "k_cache_no_pages": (setter("k_cache", lambda x: x[:0]), ValueError, "k_cache must hold at least one page"),
     "q_padded_rows": (setter("q", padded_rows), ValueError, "q strides must be multiples of 8 elements"),
     "k_cache_padded_rows": (setter("k_cache", padded_rows), ValueError, "k_cache strides must be multiples of 8 elements"),
+    # A size-1 dimension's stride too (k_cache's one KV head here).
+    "k_cache_odd_head_stride": (setter("k_cache", lambda x: x.as_strided(x.shape, (*x.stride()[:2], 5, 1))), ValueError,
+                                "k_cache strides must be multiples of 8 elements"),
+    # q's heads a slice of wider rows: the kernel sees a copy of q's rows (s_q 2), yet q is refused.
+    "q_heads_of_wider_rows": (setter("q", lambda x: padded_rows(torch.cat([x, x[:, :, :1]], dim=2))[:, :, :-1]),
+                              ValueError, "q strides must be multiples of 8 elements"),
     "q_misaligned": (setter("q", misaligned), ValueError, "q data pointer must be 16-byte aligned"),
     "k_cache_misaligned": (setter("k_cache", misaligned), ValueError, "k_cache data pointer must be 16-byte aligned"),
     "fp16_q_bf16_cache": (setter("q", lambda x: x.half()), TypeError, "k_cache must have q's dtype torch.float16, got torch.bfloat16"),
@@ -183,6 +193,7 @@ def test_bad_arguments_by_position():
 BAD_METADATA = {
     "seqlens_list": (lambda s: ([1, 2], 16, 1), TypeError, "cache_seqlens must be a torch.Tensor"),
     "seqlens_int64": (lambda s: (s.long(), 16, 1), TypeError, "cache_seqlens must have dtype torch.int32, got torch.int64"),
+    "seqlens_uint32": (lambda s: (s.to(torch.uint32), 16, 1), TypeError, "cache_seqlens must have dtype torch.int32, got torch.uint32"),
     "seqlens_float": (lambda s: (s.float(), 16, 1), TypeError, "cache_seqlens must have dtype torch.int32"),
     "seqlens_rank2": (lambda s: (s[None], 16, 1), ValueError, "cache_seqlens must have 1 dimension"),
     "seqlens_empty": (lambda s: (s[:0], 16, 1), ValueError, "cache_seqlens must hold at least one sequence"),
@@ -325,7 +336,8 @@ def test_cpu_call_is_the_reference(dtype, causal):
     )
     assert out.dtype == dtype and out.shape == (B, S_Q, H_Q, DV)
     assert lse.dtype == torch.float32 and lse.shape == (B, H_Q, S_Q)
-    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert_equal_up_to_rounding(out, ref_out)
+    assert_equal_up_to_rounding(lse, ref_lse)
     assert (out[0] == 0).all() and torch.isposinf(lse[0]).all()  # the empty sequence
     assert not torch.isnan(out).any()
 

@@ -10,7 +10,7 @@ import flashmla_cute
 from flashmla_cute import checks, interface, runtime
 from flashmla_cute.reference import flash_mla_reference
 from flashmla_cute.testing import cosine_distance, make_decode_inputs
-from test_arguments import BAD, BAD_METADATA, H_KV, H_Q, S_Q, SEQLENS, every_other
+from test_arguments import BAD, BAD_METADATA, H_KV, H_Q, S_Q, SEQLENS, every_other, misaligned
 
 pytestmark = pytest.mark.gpu
 
@@ -44,6 +44,21 @@ def test_bad_decode_argument_fails_as_on_the_cpu(requires_hopper, case):
     actual = raised(flashmla_cute.flash_mla_with_kvcache, **args)
     assert (type(actual), str(actual)) == (type(expected), str(expected))
     assert type(actual) is error and text in str(actual)  # test_arguments' expectation on the CPU
+
+
+def test_misaligned_q_of_several_kv_heads_fails_as_on_the_cpu(requires_hopper):
+    # With s_q > 1 and several KV heads the kernel sees a copy of q's rows, aligned
+    # wherever q is: the fast path tests q's address itself.
+    inp = make_decode_inputs(2, 2, 16, h_kv=2, seqlens=[70, 130], device="cuda", seed=1)
+    meta, num_splits = flashmla_cute.get_mla_metadata(inp.cache_seqlens, 2 * 16 // 2, 2)
+    args = dict(q=inp.q, k_cache=inp.k_cache, block_table=inp.block_table, cache_seqlens=inp.cache_seqlens,
+                head_dim_v=512, tile_scheduler_metadata=meta, num_splits=num_splits)
+    flashmla_cute.flash_mla_with_kvcache(**args)  # the fast path now serves this configuration
+    args["q"] = misaligned(inp.q)
+    expected = raised(checks.check_decode_args, **args)
+    actual = raised(flashmla_cute.flash_mla_with_kvcache, **args)
+    assert (type(actual), str(actual)) == (type(expected), str(expected))
+    assert "q data pointer must be 16-byte aligned" in str(actual)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_METADATA))

@@ -14,6 +14,7 @@ from flashmla_cute import fp8_cache
 from flashmla_cute.fp8_cache import MODEL1, V32
 from flashmla_cute.sparse_reference import sparse_mla_reference
 from flashmla_cute.sparse_testing import make_sparse_decode_inputs, page_bytes
+from flashmla_cute.testing import assert_equal_up_to_rounding
 
 LAYOUTS = pytest.mark.parametrize("layout", [V32, MODEL1], ids=lambda layout: layout.name)
 
@@ -139,7 +140,8 @@ def test_dequantized_cache_gives_the_same_result(layout):
     inp = make_sparse_decode_inputs(2, 2, 8, 100, 64, 16, seed=7, layout=layout, with_sink=True)
     from_fp8 = sparse_mla_reference(inp.q, inp.k_cache, inp.indices, attn_sink=inp.attn_sink)
     from_bf16 = sparse_mla_reference(inp.q, dequantized(inp.k_cache), inp.indices, attn_sink=inp.attn_sink)
-    assert torch.equal(from_fp8[0], from_bf16[0]) and torch.equal(from_fp8[1], from_bf16[1])
+    assert_equal_up_to_rounding(from_fp8[0], from_bf16[0])
+    assert_equal_up_to_rounding(from_fp8[1], from_bf16[1])
 
 
 def test_every_index_invalid_gives_zero_and_posinf():
@@ -160,7 +162,8 @@ def test_out_of_range_and_negative_indices_are_invalid(layout):
     keep = torch.cat([bad[..., :10], bad[..., 50:]], dim=-1)
     out_bad, lse_bad = sparse_mla_reference(inp.q, inp.k_cache, bad)
     out_keep, lse_keep = sparse_mla_reference(inp.q, inp.k_cache, keep)
-    assert torch.equal(out_bad, out_keep) and torch.equal(lse_bad, lse_keep)
+    assert_equal_up_to_rounding(out_bad, out_keep)
+    assert_equal_up_to_rounding(lse_bad, lse_keep)
 
 
 def test_topk_length_uses_the_first_entries_only():
@@ -183,9 +186,9 @@ def test_sink_conventions(layout, extra_topk):
     plain_out, plain_lse = sparse_mla_reference(inp.q, inp.k_cache, inp.indices, **extra_args(inp))
     sink = torch.tensor([math.inf, -math.inf, 0.0, 3.0])
     out, lse = sparse_mla_reference(inp.q, inp.k_cache, inp.indices, attn_sink=sink, **extra_args(inp))
-    assert torch.equal(lse, plain_lse), "the sink does not change lse"
+    assert_equal_up_to_rounding(lse, plain_lse)  # the sink does not change lse
     assert bool((out[:, :, 0] == 0).all()), "+inf sink: out 0"
-    assert torch.equal(out[:, :, 1], plain_out[:, :, 1]), "-inf sink: out unchanged"
+    assert_equal_up_to_rounding(out[:, :, 1], plain_out[:, :, 1])  # -inf sink: out unchanged
     for h in (2, 3):
         factor = torch.sigmoid(plain_lse[:, h, :] - sink[h])  # exp(lse) / (exp(lse) + exp(sink))
         expected = (plain_out[:, :, h].float() * factor[:, :, None]).to(torch.bfloat16)
@@ -205,7 +208,8 @@ def test_default_scale_is_d_to_the_minus_half(layout):
     inp = make_sparse_decode_inputs(1, 1, 2, 64, 64, 8, seed=6, layout=layout)
     default = sparse_mla_reference(inp.q, inp.k_cache, inp.indices)
     explicit = sparse_mla_reference(inp.q, inp.k_cache, inp.indices, softmax_scale=layout.head_dim ** -0.5)
-    assert torch.equal(default[0], explicit[0]) and torch.equal(default[1], explicit[1])
+    assert_equal_up_to_rounding(default[0], explicit[0])
+    assert_equal_up_to_rounding(default[1], explicit[1])
 
 
 # ---------------------------------------------------------------- with an extra cache
@@ -237,7 +241,8 @@ def test_extra_cache_may_be_given_as_float_keys():
     from_fp8 = sparse_mla_reference(inp.q, inp.k_cache, inp.indices, attn_sink=inp.attn_sink, **extra_args(inp))
     from_bf16 = sparse_mla_reference(inp.q, inp.k_cache, inp.indices, attn_sink=inp.attn_sink,
                                      **{**extra_args(inp), "extra_k_cache": dequantized(inp.extra_k_cache)})
-    assert torch.equal(from_fp8[0], from_bf16[0]) and torch.equal(from_fp8[1], from_bf16[1])
+    assert_equal_up_to_rounding(from_fp8[0], from_bf16[0])
+    assert_equal_up_to_rounding(from_fp8[1], from_bf16[1])
 
 
 def test_no_valid_entry_in_either_cache_gives_zero_and_posinf():
@@ -255,7 +260,8 @@ def test_rows_without_main_entries_attend_to_the_extra_cache_alone():
                                     **extra_args(inp))
     exp_out, exp_lse = sparse_mla_reference(inp.q, inp.extra_k_cache, inp.extra_indices, inp.extra_topk_length,
                                             inp.attn_sink, inp.softmax_scale)
-    assert torch.equal(out, exp_out) and torch.equal(lse, exp_lse)
+    assert_equal_up_to_rounding(out, exp_out)
+    assert_equal_up_to_rounding(lse, exp_lse)
 
 
 def test_extra_arguments_are_checked():

@@ -11,8 +11,10 @@ Calls flow one way: this module -> ``checks.py`` (or the fast path) -> ``runtime
 checks for CPU and CUDA tensors) and, on CUDA, remembers the call's configuration in a
 table here. The *fast* path serves configurations in that table: the key of a call is
 everything its validity and its launch depend on besides what the compiled function
-checks itself (see ``runtime``): the shapes of q, k_cache and the plan, dtype, device,
-head_dim_v and causal, with their Python types. Anything it does not serve, and any
+checks itself (see ``runtime``): the shapes and strides of q and k_cache, the shapes of
+the plan, every tensor's dtype, the device, head_dim_v and causal, with their Python
+types (and, where q reaches the kernel as a copy of its rows, q's alignment, checked
+on the fast path). Anything it does not serve, and any
 argument the compiled function refuses, goes through the checked path, whose checks
 say what is wrong in our own words; so the fast path never changes what a call
 computes or which calls fail, only what a valid call costs on the host.
@@ -28,6 +30,7 @@ import math
 import torch
 
 from . import checks, runtime, scheduler
+from .launch_args import ALIGN_BYTES
 
 _parts_cache: dict[tuple[int, int, int], int] = {}
 
@@ -46,13 +49,16 @@ def num_sm_parts_for(device: torch.device, num_heads_per_head_k: int, num_heads_
     return parts
 
 
-# (device index, num_heads_per_head_k and its type, num_heads_k and its type) -> parts
+# (cache_seqlens' device index and dtype, num_heads_per_head_k and its type, num_heads_k
+# and its type) -> parts
 _known_plans: dict[tuple, int] = {}
 
 
-def _plan_key(device_index, num_heads_per_head_k, num_heads_k) -> tuple:
-    # With the types: 16.0 and True hash like 16 and 1, and the checks refuse them.
-    return (device_index, num_heads_per_head_k, type(num_heads_per_head_k), num_heads_k, type(num_heads_k))
+def _plan_key(cache_seqlens, num_heads_per_head_k, num_heads_k) -> tuple:
+    # With the types: 16.0 and True hash like 16 and 1, and the checks refuse them. With
+    # the dtype: the compiled function takes uint32 for int32, the checks do not.
+    return (cache_seqlens.get_device(), cache_seqlens.dtype, num_heads_per_head_k, type(num_heads_per_head_k),
+            num_heads_k, type(num_heads_k))
 
 
 def get_mla_metadata(
@@ -91,7 +97,7 @@ def get_mla_metadata(
     if torch.compiler.is_compiling():
         return torch.ops.flashmla_cute.get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
     try:  # the fast path
-        num_parts = _known_plans[_plan_key(cache_seqlens.get_device(), num_heads_per_head_k, num_heads_k)]
+        num_parts = _known_plans[_plan_key(cache_seqlens, num_heads_per_head_k, num_heads_k)]
         if cache_seqlens.shape[0] >= 1:
             return runtime.plan_on_gpu(cache_seqlens, num_parts)
     except Exception:
@@ -105,7 +111,7 @@ def _checked_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k):
     if cache_seqlens.device.type == "cuda":
         result = runtime.plan_on_gpu(cache_seqlens, num_parts)
         # The ints as the caller passed them: the fast path keys on them, types included.
-        key = _plan_key(cache_seqlens.get_device(), num_heads_per_head_k, num_heads_k)
+        key = _plan_key(cache_seqlens, num_heads_per_head_k, num_heads_k)
         runtime.remember(_known_plans, key, num_parts)
         return result
     checks.check_lengths_on_host(cache_seqlens)
@@ -115,9 +121,15 @@ def _checked_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k):
 _known_decodes: dict[tuple, runtime.DecodeLaunch] = {}
 
 
-def _decode_key(q, k_cache, tile_scheduler_metadata, num_splits, head_dim_v, causal) -> tuple:
-    return (q.shape, q.dtype, q.get_device(), k_cache.shape, tile_scheduler_metadata.shape[0], num_splits.shape[0],
-            head_dim_v, type(head_dim_v), causal, type(causal))
+def _decode_key(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v,
+                causal) -> tuple:
+    # Beside the shapes: q's and k_cache's strides, which the checks hold to 16 bytes in
+    # every dimension while the compiled function skips those of size 1 (and with s_q > 1
+    # sees q's rows, a copy where the KV heads are several); the integer tensors' dtypes,
+    # for the compiled function takes uint32 for int32.
+    return (q.shape, q.stride(), q.dtype, q.get_device(), k_cache.shape, k_cache.stride(), block_table.dtype,
+            cache_seqlens.dtype, tile_scheduler_metadata.dtype, tile_scheduler_metadata.shape[0], num_splits.dtype,
+            num_splits.shape[0], head_dim_v, type(head_dim_v), causal, type(causal))
 
 
 def flash_mla_with_kvcache(
@@ -192,7 +204,10 @@ def flash_mla_with_kvcache(
             softmax_scale, causal,
         )
     try:  # the fast path
-        launch = _known_decodes[_decode_key(q, k_cache, tile_scheduler_metadata, num_splits, head_dim_v, causal)]
+        launch = _known_decodes[_decode_key(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
+                                            num_splits, head_dim_v, causal)]
+        if launch.gather_rows and q.data_ptr() % ALIGN_BYTES:
+            raise ValueError  # the checks decide: the kernel sees q's rows, a copy where the KV heads are several
         if softmax_scale is None:
             scale = launch.default_scale
         elif type(softmax_scale) is float and 0.0 < softmax_scale < math.inf:
@@ -220,7 +235,8 @@ def _checked_decode(
         result = runtime.launch_decode(launch, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
                                        num_splits, problem.softmax_scale)
         # head_dim_v and causal as the caller passed them: the fast path keys on them, types included.
-        key = _decode_key(q, k_cache, tile_scheduler_metadata, num_splits, head_dim_v, causal)
+        key = _decode_key(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v,
+                          causal)
         runtime.remember(_known_decodes, key, launch)
         return result
     if q.device.type != "cpu":
