@@ -193,19 +193,57 @@ def test_reads_what_the_kernel_before_it_wrote(requires_hopper):
     assert cosine_distance(lse, ref_lse) < TOL
 
 
-def test_length_past_the_block_table_gives_nan_not_a_read_out_of_bounds(requires_hopper):
+# Lengths the block table cannot hold: one token more, in a sequence split over parts
+# or taken whole by one; a length of 2**31 - 1 (its block count wraps in 32 bits); and
+# garbage lengths whose costs sum past 2**31 (the plan's sums wrap in 32 bits).
+PAST_THE_TABLE = {
+    "split": ([100, 700, 300, 64], [1]),
+    "whole": ([100] * 200, [1]),
+    "2**31 - 1": ([100, 700, 300, 64], [1]),
+    "garbage": ([100] * 160, list(range(1, 160, 2))),
+}
+
+
+@pytest.mark.parametrize("case", list(PAST_THE_TABLE))
+def test_length_past_the_block_table_gives_nan_not_a_read_out_of_bounds(requires_hopper, case):
     import flashmla_cute
 
-    inputs = make_decode_inputs(4, 1, 16, seqlens=[100, 700, 300, 64], device="cuda", seed=3)
-    width = inputs.block_table.shape[1]
+    lengths, bad = PAST_THE_TABLE[case]
+    inputs = make_decode_inputs(len(lengths), 1, 16, seqlens=lengths, device="cuda", seed=3)
     ok_seqlens = inputs.cache_seqlens.clone()
-    inputs.cache_seqlens[1] = width * 64 + 1  # one token more than the table can hold
+    if case == "garbage":
+        gen = torch.Generator().manual_seed(4)
+        inputs.cache_seqlens[bad] = torch.randint(2**31 - 2**20, 2**31 - 1, (len(bad),), generator=gen,
+                                                  dtype=torch.int32).cuda()
+    else:
+        inputs.cache_seqlens[1] = 2**31 - 1 if case == "2**31 - 1" else inputs.block_table.shape[1] * 64 + 1
     meta, num_splits = flashmla_cute.get_mla_metadata(inputs.cache_seqlens, 16, 1)
+    fragments = int(num_splits[2] - num_splits[1])
+    assert fragments > 1 if case == "split" else fragments == 1 if case == "whole" else True
     out, lse = flashmla_cute.flash_mla_with_kvcache(
         inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512, meta, num_splits
     )
-    assert torch.isnan(out[1]).all()
-    keep = [0, 2, 3]
+    assert torch.isnan(out[bad]).all() and torch.isnan(lse[bad]).all()
+    keep = [i for i in range(len(lengths)) if i not in bad]
     ref_out, ref_lse = flash_mla_reference(inputs.q, inputs.k_cache, inputs.block_table, ok_seqlens, 512)
     assert cosine_distance(out[keep].float(), ref_out[keep].float()) < TOL
     assert cosine_distance(lse[keep], ref_lse[keep]) < TOL
+
+
+def test_negative_length_is_an_empty_sequence(requires_hopper):
+    # Not checked on the GPU (a host synchronization): it reads nothing, as length 0.
+    import flashmla_cute
+
+    inputs = make_decode_inputs(3, 2, 16, seqlens=[100, 700, 300], device="cuda", seed=5)
+    inputs.cache_seqlens[1] = -5
+    meta, num_splits = flashmla_cute.get_mla_metadata(inputs.cache_seqlens, 32, 1)
+    out, lse = flashmla_cute.flash_mla_with_kvcache(
+        inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512, meta, num_splits, causal=True
+    )
+    assert (out[1] == 0).all() and torch.isposinf(lse[1]).all()
+    ok_seqlens = inputs.cache_seqlens.clone()
+    ok_seqlens[1] = 0
+    ref_out, ref_lse = flash_mla_reference(inputs.q, inputs.k_cache, inputs.block_table, ok_seqlens, 512,
+                                           causal=True)
+    assert cosine_distance(out.float(), ref_out.float()) < TOL
+    assert cosine_distance(lse, ref_lse) < TOL

@@ -33,6 +33,26 @@ def test_gpu_plan_equals_torch_plan(requires_hopper, b):
         assert torch.equal(meta.cpu(), ref_meta), (b, num_parts)
 
 
+@pytest.mark.parametrize("case", ["near 2**31", "garbage", "negative garbage"])
+def test_gpu_plan_of_lengths_no_cache_holds(requires_hopper, case):
+    # Lengths within 64 of 2**31 (their block counts wrap in 32 bits) and garbage whose
+    # costs sum past 2**31: still the specification's plan, with which the decode kernel
+    # reads nothing past the block table (test_decode_gpu).
+    from flashmla_cute import runtime
+
+    gen = torch.Generator().manual_seed(9)
+    seqlens = {
+        "near 2**31": torch.tensor([2**31 - 1, 2**31 - 63, 2**31 - 64, 2**31 - 65] * 16),
+        "garbage": torch.randint(0, 2**31 - 1, (256,), generator=gen),
+        "negative garbage": torch.randint(-2**31, 2**31 - 1, (1300,), generator=gen),
+    }[case].to(torch.int32)
+    for num_parts in (1, 66, 132, 500):
+        meta, num_splits = runtime.plan_on_gpu(seqlens.cuda(), num_parts)
+        ref_meta, ref_splits = scheduler.plan_torch(seqlens, num_parts)
+        assert torch.equal(num_splits.cpu(), ref_splits), num_parts
+        assert torch.equal(meta.cpu(), ref_meta), num_parts
+
+
 def test_gpu_balanced_plan_over_several_chunks(requires_hopper):
     # More sequences than the planner's CTA has threads, and parts enough for a balanced
     # plan: its rows are written chunk by chunk, the parts numbered across the chunks.

@@ -136,7 +136,7 @@ def check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k) -> tup
 def check_lengths_on_host(cache_seqlens: torch.Tensor) -> None:
     """Refuse negative lengths by reading ``cache_seqlens``: only for CPU tensors, where
     reading costs no synchronization. On CUDA the values stay unchecked (FlashMLA does
-    the same), and a negative length gives a meaningless plan."""
+    the same), and a negative length reads as an empty sequence."""
     negative = (cache_seqlens < 0).nonzero()
     if negative.numel():
         i = int(negative[0, 0])

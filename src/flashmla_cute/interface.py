@@ -75,8 +75,8 @@ def get_mla_metadata(
     Args:
         cache_seqlens: int32 ``[b]``, tokens in the KV cache of each sequence (>= 0).
             On CPU tensors a negative length raises ValueError; on CUDA the values are
-            not read (that would need a host synchronization) and a negative length
-            gives a meaningless plan.
+            not read (that would need a host synchronization): a negative length is
+            planned as an empty sequence, and any int32 length gets a plan.
         num_heads_per_head_k: query rows that share one KV head,
             ``s_q * h_q // h_kv``.
         num_heads_k: number of KV heads ``h_kv`` (1 for DeepSeek's MLA).
@@ -158,9 +158,10 @@ def flash_mla_with_kvcache(
         cache_seqlens: int32 ``[b]``: tokens in the cache of each sequence (they include
             the ``s_q`` new tokens). Cache slots at or past a sequence's length are never
             read. On the GPU the values are not checked (that would need a host
-            synchronization): a length over ``64 * max_blocks`` makes that sequence's
-            output NaN (nothing is read past the table), and page indices outside
-            ``[0, num_blocks)`` read as zeros. On CPU tensors the reference reads them
+            synchronization): a length over ``64 * max_blocks`` (up to 2**31 - 1) makes
+            that sequence's output and lse NaN (nothing is read past the table), a
+            negative length reads nothing (out 0, lse +inf, as an empty sequence), and
+            page indices outside ``[0, num_blocks)`` read as zeros. On CPU tensors the reference reads them
             and raises ValueError for a length or a used page index that does not fit.
         head_dim_v: width of the values and of the output: 512.
         tile_scheduler_metadata, num_splits: the plan from ``get_mla_metadata``, which

@@ -415,9 +415,12 @@ class MlaCombine:
         s = row // heads_per_kv
         head = kv_head * heads_per_kv + (row - s * heads_per_kv)
         # Every fragment empty for this row: it sees no key (FlashMLA: out 0, lse +inf).
+        # A NaN total (the NaN partials of a sequence longer than its block table holds,
+        # decode_sm90's epilogue) takes the other branch: out and lse NaN, as for a whole
+        # such sequence.
         inv_total = Float32(0.0)
         lse = Float32.inf
-        if total > 0.0:
+        if total != 0.0:
             ref = finite_or_zero(row_max)
             lse = ref + cute.math.log(total, fastmath=False)
             divisor = total

@@ -23,14 +23,16 @@ CTA loads the next chunk, and the walk goes on. The specification's other two pl
   where it does not place every sequence, the walk starts over.
 
 The kernel reads ``cache_seqlens`` on the device and never synchronizes with the host
-(it can be captured in a CUDA graph).
+(it can be captured in a CUDA graph). Costs and their sums are 64-bit: lengths no cache
+can hold (up to 2**31 - 1 tokens each, garbage included) still give the specification's
+plan, which the decode kernel reads nothing past the block table for.
 """
 
 from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, const_expr
+from cutlass import Float64, Int32, Int64, const_expr
 
 from ..scheduler import (
     BALANCED_SLACK_BLOCKS,
@@ -57,7 +59,7 @@ assert PACKED_MAX_BATCH <= PLAN_CHUNK  # a packed attempt walks the first chunk 
 
 
 @cute.jit
-def _warp_inclusive_sum(x: Int32, lane: Int32) -> Int32:
+def _warp_inclusive_sum(x, lane: Int32):
     for offset in cutlass.range_constexpr(WARP_THREADS.bit_length() - 1):  # log2 of the warp's width
         y = cute.arch.shuffle_sync_up(x, offset=1 << offset)
         if lane >= (1 << offset):
@@ -74,7 +76,8 @@ class MlaMetadata:
 
     @cute.jit
     def num_blocks(self, mSeqlens: cute.Tensor, i: Int32) -> Int32:
-        return cutlass.max((mSeqlens[i] + BLOCK_SIZE - 1) // BLOCK_SIZE, 1)
+        """``scheduler.plan_blocks``: in 64 bits, as a length near 2**31 would wrap."""
+        return Int32(cutlass.max((Int64(mSeqlens[i]) + BLOCK_SIZE - 1) // BLOCK_SIZE, Int64(1)))
 
     @cute.jit
     def sequence_blocks(self, mSeqlens: cute.Tensor, blocks: cute.Tensor, i: Int32, tidx: Int32) -> Int32:
@@ -88,24 +91,24 @@ class MlaMetadata:
         return n
 
     @cute.jit
-    def payload(self, total: Int32, num_parts: Int32, b: Int32) -> Int32:
+    def payload(self, total: Int64, num_parts: Int32, b: Int32) -> Int64:
         """``scheduler.payload_of``, with the same integer result."""
         per_sequence = (total + BLOCKS_PER_FRAGMENT_MERGE * b - 1) // (BLOCKS_PER_FRAGMENT_MERGE * b)
         # ceil(sqrt(x)) exactly: the float estimate is off by at most one either way.
-        root = Int32(cute.math.sqrt(Float32(per_sequence)))
+        root = Int64(cute.math.sqrt(Float64(per_sequence)))
         if root * root < per_sequence:
             root = root + 1
         if (root - 1) * (root - 1) >= per_sequence:
             root = root - 1
         if root * root < per_sequence:
             root = root + 1
-        least = Int32(MIN_PAYLOAD)
-        if total <= (FIXED_OVERHEAD_BLOCKS + SHORT_SEQUENCE_BLOCKS) * b:
-            least = Int32(MIN_PAYLOAD_SHORT)
+        least = Int64(MIN_PAYLOAD)
+        if total <= (FIXED_OVERHEAD_BLOCKS + SHORT_SEQUENCE_BLOCKS) * Int64(b):
+            least = Int64(MIN_PAYLOAD_SHORT)
         return cutlass.max((total + num_parts - 1) // num_parts, root, least)
 
     @cute.jit
-    def block_sum(self, x: Int32, warp_sums: cute.Tensor, tidx: Int32) -> Int32:
+    def block_sum(self, x: Int64, warp_sums: cute.Tensor, tidx: Int32) -> Int64:
         """The sum of ``x`` over the CTA, in every thread."""
         x = cute.arch.warp_reduction(x, lambda u, v: u + v)
         if tidx % WARP_THREADS == 0:
@@ -116,7 +119,7 @@ class MlaMetadata:
         return x
 
     @cute.jit
-    def block_inclusive_sum(self, x: Int32, warp_sums: cute.Tensor, tidx: Int32):
+    def block_inclusive_sum(self, x: Int64, warp_sums: cute.Tensor, tidx: Int32):
         """(the sum of ``x`` over threads ``0 .. tidx``, its sum over the CTA)."""
         lane = tidx % WARP_THREADS
         incl = _warp_inclusive_sum(x, lane)
@@ -131,7 +134,7 @@ class MlaMetadata:
 
     @cute.jit
     def load_chunk(self, mSeqlens: cute.Tensor, cost_end: cute.Tensor, blocks: cute.Tensor, warp_sums: cute.Tensor,
-                   tidx: Int32, first: Int32, cost_before: Int32):
+                   tidx: Int32, first: Int32, cost_before: Int64):
         """Sequence ``first + t``'s block count into ``blocks[t]`` and the end of its cost
         on the whole cost line (``cost_before`` + the costs of the chunk up to it) into
         ``cost_end[t]``; past the batch, costs are 0."""
@@ -139,7 +142,7 @@ class MlaMetadata:
         n = Int32(0)
         if i < mSeqlens.shape[0]:
             n = self.num_blocks(mSeqlens, i)
-        cost = n + FIXED_OVERHEAD_BLOCKS if i < mSeqlens.shape[0] else Int32(0)
+        cost = Int64(n) + FIXED_OVERHEAD_BLOCKS if i < mSeqlens.shape[0] else Int64(0)
         incl, _ = self.block_inclusive_sum(cost, warp_sums, tidx)
         cost_end[tidx] = cost_before + incl
         blocks[tidx] = n
@@ -147,12 +150,12 @@ class MlaMetadata:
 
     @cute.jit
     def balanced_fragment_blocks(self, mSeqlens: cute.Tensor, blocks: cute.Tensor, warp_sums: cute.Tensor,
-                                 tidx: Int32, num_parts: Int32, payload: Int32) -> Int32:
+                                 tidx: Int32, num_parts: Int32, payload: Int64) -> Int64:
         """``scheduler.balanced_fragment_blocks``, in every thread."""
-        largest = Int32(0)
+        largest = Int64(0)
         for slack in cutlass.range_constexpr(BALANCED_SLACK_BLOCKS + 1):
             m = payload + slack
-            needed = Int32(0)
+            needed = Int64(0)
             for i in cutlass.range(tidx, mSeqlens.shape[0], PLAN_THREADS, unroll=1):
                 needed = needed + (self.sequence_blocks(mSeqlens, blocks, i, tidx) + m - 1) // m
             needed = self.block_sum(needed, warp_sums, tidx)
@@ -162,7 +165,7 @@ class MlaMetadata:
 
     @cute.jit
     def write_balanced_plan(self, mSeqlens: cute.Tensor, mMeta: cute.Tensor, mNumSplits: cute.Tensor,
-                            blocks: cute.Tensor, warp_sums: cute.Tensor, tidx: Int32, largest: Int32) -> Int32:
+                            blocks: cute.Tensor, warp_sums: cute.Tensor, tidx: Int32, largest: Int64) -> Int32:
         """The balanced plan's rows and ``num_splits``: thread ``t`` writes those of
         sequences ``t``, ``t + PLAN_THREADS``, ...; returns the parts it fills."""
         parts_before = Int32(0)  # parts of the sequences of the chunks before
@@ -172,8 +175,9 @@ class MlaMetadata:
             k = Int32(0)
             if i < mSeqlens.shape[0]:
                 n = self.sequence_blocks(mSeqlens, blocks, i, tidx)
-                k = (n + largest - 1) // largest
-            incl, chunk_parts = self.block_inclusive_sum(k, warp_sums, tidx)
+                k = Int32((n + largest - 1) // largest)  # at most n
+            incl_wide, chunk_parts_wide = self.block_inclusive_sum(Int64(k), warp_sums, tidx)
+            incl, chunk_parts = Int32(incl_wide), Int32(chunk_parts_wide)  # at most the parts
             if i < mSeqlens.shape[0]:
                 mNumSplits[i + 1] = parts_before + incl
                 size = n // k
@@ -215,8 +219,8 @@ class MlaMetadata:
 
     @cute.jit
     def walk(self, mMeta: cute.Tensor, mNumSplits: cute.Tensor, mSeqlens: cute.Tensor, cost_end: cute.Tensor,
-             blocks: cute.Tensor, warp_sums: cute.Tensor, walk_state: cute.Tensor, tidx: Int32, total: Int32,
-             budget: Int32, packing: cutlass.Constexpr):
+             blocks: cute.Tensor, warp_sums: cute.Tensor, walk_state: cute.Tensor, tidx: Int32, total: Int64,
+             budget: Int64, packing: cutlass.Constexpr):
         """The plan's rows and ``num_splits`` by the walk (``packing`` False), or by the
         packed plan's walk (whole sequences, ``budget + F`` a part, no last part taking
         the rest); warp 0 walks, from the first chunk of sequences (in shared memory).
@@ -233,11 +237,11 @@ class MlaMetadata:
         block = Int32(0)
         split = Int32(0)  # fragments of ``batch`` so far
         frags_before = Int32(0)  # fragments of the sequences before ``batch``
-        prev_end = Int32(0)
+        prev_end = Int64(0)
         prev_blocks = Int32(0)
         # The part being filled: where it began, and where its budget ends on the cost line.
         in_part = Int32(0)
-        target = Int32(0)
+        target = Int64(0)
         begin_batch = Int32(0)
         begin_block = Int32(0)
         begin_split = Int32(0)
@@ -269,7 +273,7 @@ class MlaMetadata:
                         stepping = True
                         while stepping:
                             i = batch + lane
-                            end_i = Int32(0)
+                            end_i = Int64(0)
                             blocks_i = Int32(0)
                             if i < last:
                                 end_i = cost_end[i - first]
@@ -298,8 +302,9 @@ class MlaMetadata:
                             if batch == begin_batch:
                                 failed = Int32(1)  # the next sequence does not fit an empty part
                         elif batch < b and left > F:
-                            # Split the next sequence after ``left - F`` of its blocks.
-                            block = block + left - F
+                            # Split the next sequence after ``left - F`` of its blocks
+                            # (fewer than it has: it does not end by ``target``).
+                            block = block + Int32(left - F)
                             split = split + 1
                             end_batch = batch
                             end_block = block
@@ -331,9 +336,9 @@ class MlaMetadata:
 
         @cute.struct
         class Storage:
-            cost_end: cute.struct.MemRange[Int32, PLAN_CHUNK]
+            cost_end: cute.struct.MemRange[Int64, PLAN_CHUNK]
             blocks: cute.struct.MemRange[Int32, PLAN_CHUNK]
-            warp_sums: cute.struct.MemRange[Int32, PLAN_WARPS]
+            warp_sums: cute.struct.MemRange[Int64, PLAN_WARPS]
             walk_state: cute.struct.MemRange[Int32, 3]  # (walk stopped at the chunk's end, parts filled, done)
 
         storage = cutlass.memory.SmemAllocator().allocate(Storage)
@@ -342,17 +347,17 @@ class MlaMetadata:
         warp_sums = storage.warp_sums.get_tensor(cute.make_layout((PLAN_WARPS,)))
         walk_state = storage.walk_state.get_tensor(cute.make_layout((3,)))
 
-        total = Int32(0)
+        total = Int64(0)
         if b > PLAN_CHUNK:
             for i in cutlass.range(tidx, b, PLAN_THREADS, unroll=1):
                 total = total + self.num_blocks(mSeqlens, i) + F
             total = self.block_sum(total, warp_sums, tidx)
-        self.load_chunk(mSeqlens, cost_end, blocks, warp_sums, tidx, Int32(0), Int32(0))
+        self.load_chunk(mSeqlens, cost_end, blocks, warp_sums, tidx, Int32(0), Int64(0))
         if b <= PLAN_CHUNK:
             total = cost_end[b - 1]
         payload = self.payload(total, num_parts, b)
         budget = payload + F  # what one part of the walk may take, overheads included
-        largest = Int32(0)
+        largest = Int64(0)
         if b <= num_parts:  # else each sequence's fragment alone needs more parts than there are
             largest = self.balanced_fragment_blocks(mSeqlens, blocks, warp_sums, tidx, num_parts, payload)
         if tidx == 0:
