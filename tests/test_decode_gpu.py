@@ -230,6 +230,28 @@ def test_length_past_the_block_table_gives_nan_not_a_read_out_of_bounds(requires
     assert cosine_distance(lse[keep], ref_lse[keep]) < TOL
 
 
+def test_page_indices_outside_the_cache_read_as_zeros(requires_hopper):
+    # Not checked on the GPU (a host synchronization): a used table entry past the cache,
+    # or negative, reads a page of zeros (the reference: the same entries pointing at a
+    # page of zeros appended to the cache).
+    import flashmla_cute
+
+    inputs = make_decode_inputs(3, 1, 16, seqlens=[100, 700, 300], device="cuda", seed=7)
+    num_blocks = inputs.k_cache.shape[0]
+    ref_cache = torch.cat([inputs.k_cache, torch.zeros_like(inputs.k_cache[:1])])
+    ref_table = inputs.block_table.clone()
+    for i, j, index in ((1, 0, num_blocks), (1, 3, -1), (1, 5, 2**31 - 1), (2, 1, -(2**31))):
+        inputs.block_table[i, j] = index
+        ref_table[i, j] = num_blocks
+    meta, num_splits = flashmla_cute.get_mla_metadata(inputs.cache_seqlens, 16, 1)
+    out, lse = flashmla_cute.flash_mla_with_kvcache(
+        inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512, meta, num_splits
+    )
+    ref_out, ref_lse = flash_mla_reference(inputs.q, ref_cache, ref_table, inputs.cache_seqlens, 512)
+    assert cosine_distance(out.float(), ref_out.float()) < TOL
+    assert cosine_distance(lse, ref_lse) < TOL
+
+
 def test_negative_length_is_an_empty_sequence(requires_hopper):
     # Not checked on the GPU (a host synchronization): it reads nothing, as length 0.
     import flashmla_cute

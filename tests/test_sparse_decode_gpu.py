@@ -246,12 +246,32 @@ def test_a_cache_of_one_page_whatever_its_page_stride(requires_hopper):
     assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1])
 
 
-def test_out_of_range_indices_are_ignored(requires_hopper):
-    inp = make_sparse_decode_inputs(4, 1, 64, 300, 128, 16, seed=4, varlen=False, device=requires_hopper)
-    num_tokens = inp.k_cache.shape[0] * inp.k_cache.shape[1]
-    inp.indices[..., 64:80] = num_tokens
-    inp.indices[..., 80:96] = 2**31 - 1
-    inp.indices[..., 96:112] = -(2**31)
+@pytest.mark.parametrize("layout,h_q", [(V32, 64), (V32, 128), (MODEL1, 64)], ids=["V3.2-h64", "V3.2-h128", "MODEL1"])
+def test_out_of_range_indices_are_ignored(requires_hopper, layout, h_q):
+    # In the main cache and, for MODEL1, the extra one; 128 heads take the pair kernel.
+    extra = dict(extra_topk=128, extra_page_size=8) if layout is MODEL1 else {}
+    inp = make_sparse_decode_inputs(4, 1, h_q, 300, 128, 16, seed=4, layout=layout, varlen=False,
+                                    device=requires_hopper, **extra)
+    caches = [(inp.indices, inp.k_cache)] + ([(inp.extra_indices, inp.extra_k_cache)] if extra else [])
+    for indices, cache in caches:
+        num_tokens = cache.shape[0] * cache.shape[1]
+        indices[..., 64:80] = num_tokens
+        indices[..., 80:96] = 2**31 - 1
+        indices[..., 96:112] = -(2**31)
+    check(inp)
+
+
+@pytest.mark.parametrize("layout", [V32, MODEL1], ids=lambda layout: layout.name)
+def test_topk_lengths_past_topk_or_negative_count_as_topk_or_0(requires_hopper, layout):
+    # Not checked on the GPU (a host synchronization): the reference's rule, an entry
+    # counts where its position is below the length.
+    extra = dict(extra_topk=128, extra_page_size=8) if layout is MODEL1 else {}
+    inp = make_sparse_decode_inputs(4, 2, 64, 300, 128, 16, seed=6, layout=layout, with_sink=True,
+                                    device=requires_hopper, **extra)
+    lengths = torch.tensor([-3, 128 + 50, -(2**31), 2**31 - 1], dtype=torch.int32, device=requires_hopper)
+    inp.topk_length = lengths
+    if extra:
+        inp.extra_topk_length = lengths.flip(0).contiguous()
     check(inp)
 
 
