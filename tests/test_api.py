@@ -5,6 +5,7 @@ argument is refused with a message naming it."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,6 +165,16 @@ BAD_SPARSE = {
                     r"extra_indices_in_kvcache must have shape \[b, s_q, topk\] = \[2, 2, topk\]"),
     "extra length dtype": ("extra length int64", TypeError, "extra_topk_length must have dtype torch.int32"),
     "scale": (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be a finite positive float"),
+    "scale past float": (dict(softmax_scale=10**400), ValueError,
+                         "softmax_scale must be a finite positive float, got an int of 401 digits"),
+    "causal numpy bool": (dict(causal=np.bool_(False)), TypeError, "causal must be a bool, got numpy.bool"),
+    # The default scale is q's width to the -1/2: a q without one is refused, not divided by.
+    "q 0-dim, default scale": (dict(q=torch.tensor(1.0, dtype=torch.bfloat16), softmax_scale=None), ValueError,
+                               r"q must have 4 dimensions \[b, s_q, h_q, 576\]"),
+    "q of width 0, default scale": ("q width 0", ValueError, r"q.shape\[3\] \(d_qk\) must be 576"),
+    "plan marked initialized": (dict(tile_scheduler_metadata=FlashMLASchedMeta(have_initialized=True)), ValueError,
+                                "tile_scheduler_metadata is marked initialized but holds no configuration"),
+    "all on meta": ("all meta", ValueError, r"q must be a CUDA \(sm_90\) or CPU tensor, got device meta"),
 }
 
 
@@ -206,6 +217,9 @@ def bad_overrides(inp, what):
         "model1 page stride 9352": lambda: dict(q=model1_q, k_cache=torch.zeros(4 * 9352, dtype=torch.uint8).as_strided(
             (4, 16, 1, 584), (9352, 584, 584, 1))),
         "q fp16": lambda: dict(q=q.half()),
+        "q width 0": lambda: dict(q=q[..., :0], softmax_scale=None),
+        "all meta": lambda: dict(q=q.to("meta"), k_cache=cache.to("meta"), indices=idx.to("meta"),
+                                 attn_sink=inp.attn_sink.to("meta"), topk_length=inp.topk_length.to("meta")),
         "q 512": lambda: dict(q=q[..., :512]),
         "s_q 5": lambda: dict(q=torch.zeros(2, 5, 16, 576, dtype=torch.bfloat16)),
         "h_q 192": lambda: dict(q=torch.zeros(2, 2, 192, 576, dtype=torch.bfloat16), attn_sink=None),
@@ -272,6 +286,24 @@ def test_a_dimension_of_one_may_have_any_stride():
     want = sparse_mla_reference(one_token.q, one_token.k_cache, one_token.indices, None, None, one_token.softmax_scale)
     assert_equal_up_to_rounding(got[0], want[0])
     assert_equal_up_to_rounding(got[1], want[1])
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda d: dict(q=torch.tensor(1.0, dtype=torch.bfloat16)), r"q must have 4 dimensions \[b, s_q, h_q, d\]"),
+    (lambda d: dict(q=d.q[:, :, :0]), r"q.shape\[2\] \(h_q\) must be >= 1, got 0"),
+    (lambda d: dict(q=d.q[:, :0]), r"q.shape\[1\] \(s_q, query tokens per sequence\) must be in \[1, 4\], got 0"),
+    (lambda d: dict(cache_seqlens=d.cache_seqlens.to("meta")), r"cache_seqlens must be a CUDA \(sm_90\) or CPU tensor"),
+], ids=["q 0-dim", "h_q 0", "s_q 0", "lengths on meta"])
+def test_dense_refusals_name_the_argument_before_the_plan_is_made(bad, message):
+    # The plan is made from q's and k_cache's sizes: they are checked first, in the
+    # Feb-2025 API's words, not as the plan's arguments.
+    d = make_decode_inputs(2, 1, 8, h_kv=1, d=576, dtype=torch.bfloat16, seqlens=[5, 70], seed=1)
+    args = dict(q=d.q, k_cache=d.k_cache, block_table=d.block_table, cache_seqlens=d.cache_seqlens)
+    args.update(bad(d))
+    plan, _ = get_mla_metadata()
+    with pytest.raises(ValueError, match=message):
+        flash_mla_with_kvcache(args["q"], args["k_cache"], args["block_table"], args["cache_seqlens"], 512, plan)
+    assert not plan.have_initialized
 
 
 def test_dense_refuses_sparse_arguments():

@@ -147,8 +147,11 @@ BAD = {
     "scale_negative": (setter("softmax_scale", lambda x: -0.1), ValueError, "softmax_scale must be a finite positive float"),
     "scale_nan": (setter("softmax_scale", lambda x: math.nan), ValueError, "softmax_scale must be a finite positive float"),
     "scale_inf": (setter("softmax_scale", lambda x: math.inf), ValueError, "softmax_scale must be a finite positive float"),
+    "scale_past_float": (setter("softmax_scale", lambda x: 10**400), ValueError,
+                         "softmax_scale must be a finite positive float, got an int of 401 digits"),
     "causal_int": (setter("causal", lambda x: 1), TypeError, "causal must be a bool"),
     "causal_none": (setter("causal", lambda x: None), TypeError, "causal must be a bool"),
+    "causal_numpy_bool": (setter("causal", lambda x: np.bool_(x)), TypeError, "causal must be a bool, got numpy.bool"),
     "k_cache_other_device": (setter("k_cache", lambda x: x.to("meta")), ValueError, "k_cache must be on q's device"),
     "block_table_other_device": (setter("block_table", lambda x: x.to("meta")), ValueError, "block_table must be on q's device"),
     "cache_seqlens_other_device": (setter("cache_seqlens", lambda x: x.to("meta")), ValueError, "cache_seqlens must be on q's device"),
@@ -276,6 +279,18 @@ def test_checks_read_no_tensor_values():
             args[key] = value.to("meta")
     problem = checks.check_decode_args(**args)
     assert problem.b == B
+
+
+def test_calls_on_the_meta_device_are_refused():
+    # The checks take meta tensors (above); a call, which computes, refuses them.
+    args = good_args()
+    for key, value in args.items():
+        if isinstance(value, torch.Tensor):
+            args[key] = value.to("meta")
+    with pytest.raises(ValueError, match=r"q must be a CUDA \(sm_90\) or CPU tensor, got device meta"):
+        flashmla_cute.flash_mla_with_kvcache(**args)
+    with pytest.raises(ValueError, match=r"cache_seqlens must be a CUDA \(sm_90\) or CPU tensor, got device meta"):
+        flashmla_cute.get_mla_metadata(args["cache_seqlens"], S_Q * H_Q // H_KV, H_KV)
 
 
 def meta_decode_args(b: int, s_q: int, h_q: int, num_parts: int) -> dict:

@@ -140,6 +140,19 @@ def test_zero_rows(layout):
 
 
 @LAYOUTS
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_a_group_holding_inf_or_nan_reads_back_nan_and_no_other_group_changes(layout, bad):
+    kv = random_kv(layout, 2, 3, seed=8)
+    spoiled = kv.clone()
+    spoiled[1, 2, 0, 5] = bad  # in the first scale group
+    back = DEQUANTIZE[layout](QUANTIZE[layout](spoiled))
+    assert bool(back[1, 2, 0, :layout.group_size].isnan().all())
+    expected = DEQUANTIZE[layout](QUANTIZE[layout](kv))
+    assert torch.equal(back[1, 2, 0, layout.group_size:], expected[1, 2, 0, layout.group_size:])
+    assert torch.equal(back[:1], expected[:1])
+
+
+@LAYOUTS
 def test_dequantize_reads_a_padded_page_stride_of_any_byte_dtype(layout):
     cache = QUANTIZE[layout](random_kv(layout, 3, 4, seed=4))
     padded = with_page_stride(cache, cache.stride(0) + 1000)  # not a whole number of tokens
@@ -162,6 +175,17 @@ def test_dequantize_tokens_gathers_the_named_tokens(layout):
 @pytest.mark.parametrize("last_dim,layout", [(656, V32), (584, MODEL1)])
 def test_layout_of_tells_the_layouts_apart_by_the_last_dimension(last_dim, layout):
     assert fp8_cache.layout_of(torch.zeros(2, 3, 1, last_dim, dtype=torch.uint8)) is layout
+
+
+def test_a_layout_must_be_one_of_the_two():
+    kv = torch.zeros(1, 2, 1, 576)
+    for layout in ("v32", None, fp8_cache.V32.name):
+        with pytest.raises(TypeError, match=r"layout must be fp8_cache.V32 or fp8_cache.MODEL1, got"):
+            fp8_cache.quantize_kv_cache(kv, layout)
+        with pytest.raises(TypeError, match=r"layout must be fp8_cache.V32 or fp8_cache.MODEL1, got"):
+            fp8_cache.cache_bytes(torch.zeros(1, 2, 1, 656, dtype=torch.uint8), layout)
+    with pytest.raises(TypeError, match="k_cache must be a torch.Tensor, got list"):
+        fp8_cache.layout_of([656])
 
 
 def test_layout_of_refuses_other_widths_naming_the_argument():

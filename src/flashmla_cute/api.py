@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from . import interface, runtime, sparse_checks
+from . import checks, interface, runtime, sparse_checks
 from .launch_args import ALIGN_BYTES
 from .sparse_reference import sparse_mla_reference
 
@@ -117,8 +117,8 @@ def flash_mla_with_kvcache(
         )
     if num_splits is not None:
         raise ValueError("num_splits must be None (the plan lives in tile_scheduler_metadata)")
-    if softmax_scale is None and isinstance(q, torch.Tensor):
-        softmax_scale = q.shape[-1] ** -0.5
+    if softmax_scale is None and isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] > 0:
+        softmax_scale = q.shape[-1] ** -0.5  # else the checks name what is wrong with q
     if indices is None:
         return _dense(q, k_cache, block_table, cache_seqlens, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache,
                       attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
@@ -152,6 +152,7 @@ def flash_mla_with_kvcache(
         extra_topk=problem.extra_topk if has_extra else None,
     )
     _check_plan(plan, config)
+    checks.check_host_device("q", q)
     if q.is_cuda:
         runtime.require_hopper(q.device)
         from .sparse_runtime import launch_sparse, sparse_launch
@@ -188,20 +189,14 @@ def _dense(q, k_cache, block_table, cache_seqlens, head_dim_v, plan, softmax_sca
                     ("extra_topk_length", extra_topk_length)):
         if x is not None:
             raise ValueError(f"{name} must be None without indices (it is an argument of sparse decoding)")
-    if not isinstance(is_fp8_kvcache, bool):
-        raise TypeError(f"is_fp8_kvcache must be a bool, got {type(is_fp8_kvcache).__name__}")
+    checks.check_bool("is_fp8_kvcache", is_fp8_kvcache)
     if is_fp8_kvcache:
         raise ValueError("is_fp8_kvcache must be False without indices: FP8 caches are supported for sparse decoding only")
     for name, x in (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor for dense decoding (indices None), got {type(x).__name__}")
-    for name, x, dims in (("q", q, "[b, s_q, h_q, d]"), ("k_cache", k_cache, "[num_blocks, 64, h_kv, d]")):
-        if x.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions {dims}, got shape {tuple(x.shape)}")
-    b, s_q, h_q, _ = q.shape
-    h_kv = k_cache.shape[2]
-    if h_kv < 1 or h_q % h_kv != 0:
-        raise ValueError(f"q.shape[2] (h_q = {h_q}) must be a multiple of k_cache.shape[2] (h_kv = {h_kv} >= 1)")
+    # What the plan is made from, checked before it is made (the rest: flash_mla_with_kvcache).
+    b, s_q, h_q, _, _, h_kv = checks.check_query_and_cache(q, k_cache)
     config = FlashMLASchedMeta.Config(
         b=b, s_q=s_q, h_q=h_q, page_block_size=k_cache.shape[1], h_k=h_kv, causal=causal, is_fp8_kvcache=False,
         topk=None, extra_page_block_size=None, extra_topk=None,
@@ -223,6 +218,11 @@ def _check_plan(plan: FlashMLASchedMeta, config: FlashMLASchedMeta.Config) -> No
     """ValueError naming every field in which ``config`` differs from the plan's."""
     if not plan.have_initialized:
         return
+    if not isinstance(plan.config, FlashMLASchedMeta.Config):
+        raise ValueError(
+            f"tile_scheduler_metadata is marked initialized but holds no configuration (config "
+            f"{type(plan.config).__name__}): use the FlashMLASchedMeta from get_mla_metadata(), filled by its first call"
+        )
     changed = [
         f"{field.name} {getattr(plan.config, field.name)!r} -> {getattr(config, field.name)!r}"
         for field in dataclasses.fields(config)

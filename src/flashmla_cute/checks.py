@@ -68,7 +68,11 @@ def checked_softmax_scale(softmax_scale, d: int) -> float:
         return d ** -0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    scale = float(softmax_scale)
+    try:
+        scale = float(softmax_scale)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"softmax_scale must be a finite positive float, got an int of "
+                         f"{len(str(abs(int(softmax_scale))))} digits") from None
     if not (math.isfinite(scale) and scale > 0.0):
         raise ValueError(f"softmax_scale must be a finite positive float, got {scale}")
     return scale
@@ -88,6 +92,27 @@ def _check_rank(name: str, x: torch.Tensor, rank: int, dims: str) -> None:
     if x.dim() != rank:
         plural = "s" if rank > 1 else ""
         raise ValueError(f"{name} must have {rank} dimension{plural} {dims}, got shape {tuple(x.shape)}")
+
+
+def type_name(value) -> str:
+    """``value``'s type for a message: ``bool``, or ``numpy.bool`` where a builtin's name
+    would mislead (numpy's bool is no bool here)."""
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type_name(value)}")
+    return value
+
+
+def check_host_device(name: str, x: torch.Tensor) -> None:
+    """Refuse a tensor that is on neither a CUDA device nor the CPU (``meta`` and the like):
+    where a call goes to a kernel or the reference, after the checks, which look at
+    metadata only and so take meta tensors."""
+    if x.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{name} must be a CUDA (sm_90) or CPU tensor, got device {x.device}")
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
@@ -156,29 +181,11 @@ def check_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor) -> None:
             raise ValueError(f"{name} {fault} (a TMA requirement)")
 
 
-def check_decode_args(
-    q,
-    k_cache,
-    block_table,
-    cache_seqlens,
-    head_dim_v,
-    tile_scheduler_metadata,
-    num_splits,
-    softmax_scale=None,
-    causal=False,
-) -> DecodeProblem:
-    """Validate ``flash_mla_with_kvcache``'s arguments and return the problem's sizes."""
-    for name, x in (
-        ("q", q),
-        ("k_cache", k_cache),
-        ("block_table", block_table),
-        ("cache_seqlens", cache_seqlens),
-        ("tile_scheduler_metadata", tile_scheduler_metadata),
-        ("num_splits", num_splits),
-    ):
-        _check_tensor(name, x)
-
-    # q and k_cache
+def check_query_and_cache(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """Dense decoding's ``q`` and ``k_cache`` (tensors): dtypes, ranks, sizes and last
+    dimensions; returns ``(b, s_q, h_q, d, num_blocks, h_kv)``. The first of
+    ``check_decode_args``'s checks, which the current API's dense calls also run before
+    they plan."""
     _check_dtype("q", q, SUPPORTED_DTYPES)
     if k_cache.dtype != q.dtype:
         raise TypeError(f"k_cache must have q's dtype {q.dtype}, got {k_cache.dtype}")
@@ -205,6 +212,32 @@ def check_decode_args(
         raise ValueError(f"q.shape[2] (h_q = {h_q}) must be a multiple of k_cache.shape[2] (h_kv = {h_kv})")
     _check_last_dim_contiguous("q", q)
     _check_last_dim_contiguous("k_cache", k_cache)
+    return b, s_q, h_q, d, num_blocks, h_kv
+
+
+def check_decode_args(
+    q,
+    k_cache,
+    block_table,
+    cache_seqlens,
+    head_dim_v,
+    tile_scheduler_metadata,
+    num_splits,
+    softmax_scale=None,
+    causal=False,
+) -> DecodeProblem:
+    """Validate ``flash_mla_with_kvcache``'s arguments and return the problem's sizes."""
+    for name, x in (
+        ("q", q),
+        ("k_cache", k_cache),
+        ("block_table", block_table),
+        ("cache_seqlens", cache_seqlens),
+        ("tile_scheduler_metadata", tile_scheduler_metadata),
+        ("num_splits", num_splits),
+    ):
+        _check_tensor(name, x)
+
+    b, s_q, h_q, d, num_blocks, h_kv = check_query_and_cache(q, k_cache)
 
     dv = _check_int("head_dim_v", head_dim_v)
     if (d, dv) not in SUPPORTED_HEAD_DIMS:
@@ -243,8 +276,7 @@ def check_decode_args(
 
     # Options
     scale = checked_softmax_scale(softmax_scale, d)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_bool("causal", causal)
 
     # Devices
     for name, x in (

@@ -74,6 +74,10 @@ FP8_MAX = 448.0
 MIN_SCALED_AMAX = 1e-4
 """Floor of ``amax / FP8_MAX`` before rounding up: all-zero groups get scale 2**-13."""
 
+NON_FINITE_EXPONENT = 128.0
+"""The scale exponent of a group holding inf or NaN: 2**128 is inf in float32, and as a
+UE8M0 byte (the exponent plus 127) it is 255, the format's NaN."""
+
 CACHE_DTYPES = (torch.float8_e4m3fn, torch.int8, torch.uint8)
 """dtypes a V3.2 FP8 cache may be viewed as."""
 
@@ -83,7 +87,11 @@ def _scale_exponents(latent: torch.Tensor, group_size: int) -> torch.Tensor:
     of latent values ``[..., groups * group_size]``: each group's largest magnitude over
     ``FP8_MAX``, floored at ``MIN_SCALED_AMAX``, rounded up to a power of two."""
     amax = latent.float().abs().unflatten(-1, (-1, group_size)).amax(dim=-1)
-    return torch.ceil(torch.log2(torch.clamp_min(amax / FP8_MAX, MIN_SCALED_AMAX)))
+    exponents = torch.ceil(torch.log2(torch.clamp_min(amax / FP8_MAX, MIN_SCALED_AMAX)))
+    # A group holding inf or NaN gets the scale 2**128, inf in float32 (MODEL1's byte 255):
+    # the whole group then reads back NaN, as V3.2's float scale of inf makes it, rather
+    # than its finite values scaled by whatever a non-finite exponent would cast to.
+    return torch.where(torch.isfinite(amax), exponents, NON_FINITE_EXPONENT)
 
 
 def _check_kv(kv, head_dim: int) -> None:
@@ -101,7 +109,8 @@ def quantize_v32_kv_cache(kv: torch.Tensor) -> torch.Tensor:
     dtype: the rope part is stored as bfloat16) into the V3.2 FP8 layout.
 
     Returns a contiguous float8_e4m3fn tensor ``[num_blocks, page_size, 1, 656]`` on
-    ``kv``'s device (view it as uint8 to read the bytes).
+    ``kv``'s device (view it as uint8 to read the bytes). A scale group holding inf or
+    NaN reads back NaN, all of it (in both layouts).
     """
     _check_kv(kv, HEAD_DIM)
     num_blocks, page_size = kv.shape[:2]
@@ -165,7 +174,8 @@ def quantize_model1_kv_cache(kv: torch.Tensor) -> torch.Tensor:
     into the MODEL1 FP8 layout.
 
     Returns a float8_e4m3fn view ``[num_blocks, page_size, 1, 584]`` with page stride
-    ``model1_page_bytes(page_size)``, on ``kv``'s device.
+    ``model1_page_bytes(page_size)``, on ``kv``'s device. A scale group holding inf or
+    NaN reads back NaN, all of it (in both layouts).
     """
     _check_kv(kv, MODEL1_HEAD_DIM)
     num_blocks, page_size = kv.shape[:2]
@@ -278,7 +288,9 @@ VALUE_DIM = 512
 
 def layout_of(cache: torch.Tensor, name: str = "k_cache") -> Fp8Layout:
     """The layout of an FP8 cache tensor, from its last dimension (656: V3.2, 584:
-    MODEL1); ValueError naming ``name`` otherwise."""
+    MODEL1); TypeError or ValueError naming ``name`` otherwise."""
+    if not isinstance(cache, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cache).__name__}")
     for layout in LAYOUTS:
         if cache.dim() == 4 and cache.shape[3] == layout.bytes_per_token:
             return layout
@@ -305,15 +317,22 @@ def page_parts(raw: torch.Tensor, layout: Fp8Layout) -> tuple[torch.Tensor, torc
     return rows, scales
 
 
+def _check_layout(layout) -> None:
+    if not any(layout is known for known in LAYOUTS):
+        raise TypeError(f"layout must be fp8_cache.V32 or fp8_cache.MODEL1, got {layout!r}")
+
+
 def quantize_kv_cache(kv: torch.Tensor, layout: Fp8Layout) -> torch.Tensor:
     """``kv [num_blocks, page_size, 1, layout.head_dim]`` quantized into ``layout``
     (``quantize_v32_kv_cache`` or ``quantize_model1_kv_cache``)."""
+    _check_layout(layout)
     return quantize_v32_kv_cache(kv) if layout is V32 else quantize_model1_kv_cache(kv)
 
 
 def cache_bytes(cache: torch.Tensor, layout: Fp8Layout, name: str = "k_cache") -> torch.Tensor:
     """``cache`` as uint8, checked against ``layout`` (see ``v32_cache_bytes`` and
     ``model1_cache_bytes``); errors name the argument ``name``."""
+    _check_layout(layout)
     return v32_cache_bytes(cache, name) if layout is V32 else model1_cache_bytes(cache, name)
 
 

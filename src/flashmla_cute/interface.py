@@ -107,6 +107,7 @@ def get_mla_metadata(
 
 def _checked_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k):
     heads_per_k, heads_k = checks.check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k)
+    checks.check_host_device("cache_seqlens", cache_seqlens)
     num_parts = num_sm_parts_for(cache_seqlens.device, heads_per_k, heads_k)
     if cache_seqlens.device.type == "cuda":
         result = runtime.plan_on_gpu(cache_seqlens, num_parts)
@@ -240,8 +241,7 @@ def _checked_decode(
                           causal)
         runtime.remember(_known_decodes, key, launch)
         return result
-    if q.device.type != "cpu":
-        raise RuntimeError(f"q must be a CUDA (sm_90) or CPU tensor, got device {q.device}")
+    checks.check_host_device("q", q)
 
     from .reference import flash_mla_reference
 

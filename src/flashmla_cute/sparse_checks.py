@@ -23,6 +23,7 @@ from .checks import (
     _check_last_dim_contiguous,
     _check_rank,
     _check_tensor,
+    check_bool,
     checked_softmax_scale,
 )
 
@@ -101,12 +102,10 @@ def check_sparse_decode_args(
         raise ValueError("extra_k_cache and extra_indices_in_kvcache must be given together (or both None)")
     if extra_topk_length is not None and not has_extra:
         raise ValueError("extra_topk_length needs extra_k_cache and extra_indices_in_kvcache")
-    if not isinstance(is_fp8_kvcache, bool):
-        raise TypeError(f"is_fp8_kvcache must be a bool, got {type(is_fp8_kvcache).__name__}")
+    check_bool("is_fp8_kvcache", is_fp8_kvcache)
     if not is_fp8_kvcache:
         raise ValueError("is_fp8_kvcache must be True with indices: sparse decoding reads an FP8 KV cache")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_bool("causal", causal)
     if causal:
         raise ValueError("causal must be False with indices: the indices say which tokens each query sees")
 
