@@ -221,7 +221,8 @@ def _check_plan(plan: FlashMLASchedMeta, config: FlashMLASchedMeta.Config) -> No
     if not isinstance(plan.config, FlashMLASchedMeta.Config):
         raise ValueError(
             f"tile_scheduler_metadata is marked initialized but holds no configuration (config "
-            f"{type(plan.config).__name__}): use the FlashMLASchedMeta from get_mla_metadata(), filled by its first call"
+            f"{type(plan.config).__name__}): use the FlashMLASchedMeta from get_mla_metadata(), "
+            f"filled by its first call"
         )
     changed = [
         f"{field.name} {getattr(plan.config, field.name)!r} -> {getattr(config, field.name)!r}"

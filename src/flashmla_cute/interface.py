@@ -13,11 +13,11 @@ table here. The *fast* path serves configurations in that table: the key of a ca
 everything its validity and its launch depend on besides what the compiled function
 checks itself (see ``runtime``): the shapes and strides of q and k_cache, the shapes of
 the plan, every tensor's dtype, the device, head_dim_v and causal, with their Python
-types (and, where q reaches the kernel as a copy of its rows, q's alignment, checked
-on the fast path). Anything it does not serve, and any
-argument the compiled function refuses, goes through the checked path, whose checks
-say what is wrong in our own words; so the fast path never changes what a call
-computes or which calls fail, only what a valid call costs on the host.
+types (and, where q reaches the kernel as a copy of its rows, q's alignment, checked on
+the fast path). Anything it does not serve, and any argument the compiled function
+refuses, goes through the checked path, whose checks say what is wrong in our own
+words; so the fast path never changes what a call computes or which calls fail, only
+what a valid call costs on the host.
 
 While ``torch.compile`` traces, the functions dispatch to the custom ops of ``ops.py``
 (looked up on ``torch.ops``, so this module does not import that one).
