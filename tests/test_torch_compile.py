@@ -78,3 +78,54 @@ def test_compiled_merge_cpu():
 @pytest.mark.gpu
 def test_compiled_merge_gpu(requires_hopper):
     check_merge("cuda")
+
+
+def bad_step(q, k_cache, block_table, cache_seqlens, heads=32, head_dim_v=512, softmax_scale=None, causal=True):
+    meta, splits = flashmla_cute.get_mla_metadata(cache_seqlens, heads, 1)
+    return flashmla_cute.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, meta, splits,
+                                                softmax_scale, causal)
+
+
+# What a call gets wrong: a Python scalar (refused while tracing) or q (refused when the
+# op runs), and the eager call's exception and the start of its message.
+BAD_COMPILED = {
+    "causal 1": (dict(causal=1), TypeError, "causal must be a bool, got int"),
+    "head_dim_v -1": (dict(head_dim_v=-1), ValueError, "head_dim_v must be >= 1, got -1"),
+    "head_dim_v float": (dict(head_dim_v=512.0), TypeError, "head_dim_v must be an int, got float"),
+    "scale str": (dict(softmax_scale="a"), TypeError, "softmax_scale must be a float or None, got str"),
+    "no heads": (dict(heads=0), ValueError, "num_heads_per_head_k must be >= 1, got 0"),
+    "q float32": (lambda q: q.float(), TypeError, "q must have dtype torch.bfloat16 or torch.float16, got "
+                                                  "torch.float32"),
+    "q 3-D": (lambda q: q[:, 0], ValueError, "q must have 4 dimensions"),
+}
+
+
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph breaks", "fullgraph"])
+@pytest.mark.parametrize("case", list(BAD_COMPILED))
+def test_compiled_calls_refuse_what_eager_calls_refuse(case, fullgraph):
+    # Without fullgraph: the eager exception. With it: a bad q raises the eager exception
+    # when the op runs; a bad scalar fails the trace with torch.compile's error, which
+    # carries the eager message. A schema never converts a bad scalar (1 into True).
+    x = make_decode_inputs(2, 2, 16, seqlens=[10, 70])
+    bad, error, message = BAD_COMPILED[case]
+    scalars = bad if isinstance(bad, dict) else {}
+    q = x.q if isinstance(bad, dict) else bad(x.q)
+    args = (q, x.k_cache, x.block_table, x.cache_seqlens)
+    with pytest.raises(error, match=message):
+        bad_step(*args, **scalars)
+    torch._dynamo.reset()
+    compiled = torch.compile(bad_step, fullgraph=fullgraph, backend="eager")
+    with pytest.raises(Exception) as info:
+        compiled(*args, **scalars)
+    assert message in str(info.value)
+    if not (fullgraph and scalars):
+        assert type(info.value) is error
+
+
+def test_compiled_merge_refuses_what_the_eager_merge_refuses():
+    out = torch.zeros(2, 3, 4)
+    lse = torch.zeros(2, 4, 3)
+    torch._dynamo.reset()
+    compiled = torch.compile(flashmla_cute.merge_attention_states, fullgraph=True, backend="eager")
+    with pytest.raises(ValueError, match=r"out_a must be \[b, s_q, h_q, dv\], got shape \(2, 3, 4\)"):
+        compiled(out, lse, out, lse)

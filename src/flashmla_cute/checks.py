@@ -107,6 +107,18 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+# The calls' Python scalars on their own, for torch.compile's traces: they would otherwise
+# go to the custom ops' schemas, which convert some (1 into True). They read no tensor.
+def check_metadata_scalars(num_heads_per_head_k, num_heads_k) -> tuple[int, int]:
+    return _check_int("num_heads_per_head_k", num_heads_per_head_k), _check_int("num_heads_k", num_heads_k)
+
+
+def check_decode_scalars(head_dim_v, softmax_scale, causal) -> None:
+    _check_int("head_dim_v", head_dim_v)
+    checked_softmax_scale(softmax_scale, 1)
+    check_bool("causal", causal)
+
+
 def check_host_device(name: str, x: torch.Tensor) -> None:
     """Refuse a tensor that is on neither a CUDA device nor the CPU (``meta`` and the like):
     where a call goes to a kernel or the reference, after the checks, which look at
@@ -153,9 +165,7 @@ def check_metadata_args(cache_seqlens, num_heads_per_head_k, num_heads_k) -> tup
     if cache_seqlens.shape[0] < 1:
         raise ValueError("cache_seqlens must hold at least one sequence (b >= 1), got shape (0,)")
     _check_contiguous("cache_seqlens", cache_seqlens)
-    num_heads_per_head_k = _check_int("num_heads_per_head_k", num_heads_per_head_k)
-    num_heads_k = _check_int("num_heads_k", num_heads_k)
-    return num_heads_per_head_k, num_heads_k
+    return check_metadata_scalars(num_heads_per_head_k, num_heads_k)
 
 
 def check_lengths_on_host(cache_seqlens: torch.Tensor) -> None:

@@ -95,6 +95,7 @@ def get_mla_metadata(
     Under ``torch.compile`` this is the custom op ``torch.ops.flashmla_cute.get_mla_metadata``.
     """
     if torch.compiler.is_compiling():
+        checks.check_metadata_scalars(num_heads_per_head_k, num_heads_k)
         return torch.ops.flashmla_cute.get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
     try:  # the fast path
         num_parts = _known_plans[_plan_key(cache_seqlens, num_heads_per_head_k, num_heads_k)]
@@ -201,6 +202,7 @@ def flash_mla_with_kvcache(
     ``torch.ops.flashmla_cute.flash_mla_with_kvcache``.
     """
     if torch.compiler.is_compiling():
+        checks.check_decode_scalars(head_dim_v, softmax_scale, causal)
         return torch.ops.flashmla_cute.flash_mla_with_kvcache(
             q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
             softmax_scale, causal,

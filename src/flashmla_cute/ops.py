@@ -6,7 +6,10 @@ outside tracing, do the work), and nothing in the package imports this module ba
 The package's ``__init__`` imports it last, which registers the ops; while
 torch.compile traces, the public functions look them up on ``torch.ops`` (eager calls
 go straight to the implementation and skip the dispatcher's per-call cost). The fake
-implementations give output shapes and dtypes without running anything.
+implementations give output shapes and dtypes without running anything, and never fail:
+a bad tensor argument is refused when the op runs, with the eager call's exception.
+(The Python scalars are checked by the public functions before the ops' schemas
+convert them.)
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def flash_mla_with_kvcache_op(
 @flash_mla_with_kvcache_op.register_fake
 def _(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
       softmax_scale=None, causal=False):
+    if q.dim() != 4:  # refused when the op runs
+        return q.new_empty(q.shape), q.new_empty(q.shape, dtype=torch.float32)
     b, s_q, h_q, _ = q.shape
     return q.new_empty((b, s_q, h_q, head_dim_v)), q.new_empty((b, h_q, s_q), dtype=torch.float32)
 
@@ -67,5 +72,7 @@ def merge_attention_states_op(
 
 @merge_attention_states_op.register_fake
 def _(out_a, lse_a, out_b, lse_b):
+    if out_a.dim() != 4:  # refused when the op runs
+        return out_a.new_empty(out_a.shape), out_a.new_empty(lse_a.shape, dtype=torch.float32)
     b, s_q, h_q, _ = out_a.shape
     return out_a.new_empty(out_a.shape), out_a.new_empty((b, h_q, s_q), dtype=torch.float32)
