@@ -113,7 +113,7 @@ def flash_mla_with_kvcache(
     if not isinstance(plan, FlashMLASchedMeta):
         raise TypeError(
             f"tile_scheduler_metadata must be the FlashMLASchedMeta from flashmla_cute.api.get_mla_metadata(), "
-            f"got {type(plan).__name__}"
+            f"got {checks.type_name(plan)}"
         )
     if num_splits is not None:
         raise ValueError("num_splits must be None (the plan lives in tile_scheduler_metadata)")
@@ -194,7 +194,8 @@ def _dense(q, k_cache, block_table, cache_seqlens, head_dim_v, plan, softmax_sca
         raise ValueError("is_fp8_kvcache must be False without indices: FP8 caches are supported for sparse decoding only")
     for name, x in (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor for dense decoding (indices None), got {type(x).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor for dense decoding (indices None), "
+                            f"got {checks.type_name(x)}")
     # What the plan is made from, checked before it is made (the rest: flash_mla_with_kvcache).
     b, s_q, h_q, _, _, h_kv = checks.check_query_and_cache(q, k_cache)
     config = FlashMLASchedMeta.Config(
@@ -221,7 +222,7 @@ def _check_plan(plan: FlashMLASchedMeta, config: FlashMLASchedMeta.Config) -> No
     if not isinstance(plan.config, FlashMLASchedMeta.Config):
         raise ValueError(
             f"tile_scheduler_metadata is marked initialized but holds no configuration (config "
-            f"{type(plan.config).__name__}): use the FlashMLASchedMeta from get_mla_metadata(), "
+            f"{checks.type_name(plan.config)}): use the FlashMLASchedMeta from get_mla_metadata(), "
             f"filled by its first call"
         )
     changed = [

@@ -67,7 +67,7 @@ def checked_softmax_scale(softmax_scale, d: int) -> float:
     if softmax_scale is None:
         return d ** -0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        raise TypeError(f"softmax_scale must be a float or None, got {type_name(softmax_scale)}")
     try:
         scale = float(softmax_scale)
     except OverflowError:  # an int past float's range
@@ -80,7 +80,7 @@ def checked_softmax_scale(softmax_scale, d: int) -> float:
 
 def _check_tensor(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(x)}")
 
 
 def _check_dtype(name: str, x: torch.Tensor, dtypes) -> None:
@@ -95,8 +95,9 @@ def _check_rank(name: str, x: torch.Tensor, rank: int, dims: str) -> None:
 
 
 def type_name(value) -> str:
-    """``value``'s type for a message: ``bool``, or ``numpy.bool`` where a builtin's name
-    would mislead (numpy's bool is no bool here)."""
+    """``value``'s type for a message: a builtin's name (``bool``), any other qualified by
+    its module (``numpy.bool``, ``torch.Tensor``), so that numpy's bool or int is not
+    mistaken for Python's."""
     kind = type(value)
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
@@ -129,7 +130,7 @@ def check_host_device(name: str, x: torch.Tensor) -> None:
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, got {type_name(value)}")
     value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")

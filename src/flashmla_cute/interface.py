@@ -163,8 +163,9 @@ def flash_mla_with_kvcache(
             synchronization): a length over ``64 * max_blocks`` (up to 2**31 - 1) makes
             that sequence's output and lse NaN (nothing is read past the table), a
             negative length reads nothing (out 0, lse +inf, as an empty sequence), and
-            page indices outside ``[0, num_blocks)`` read as zeros. On CPU tensors the reference reads them
-            and raises ValueError for a length or a used page index that does not fit.
+            page indices outside ``[0, num_blocks)`` read as zeros. On CPU tensors the
+            reference reads them and raises ValueError for a length or a used page index
+            that does not fit.
         head_dim_v: width of the values and of the output: 512.
         tile_scheduler_metadata, num_splits: the plan from ``get_mla_metadata``, which
             must have been called on the same ``cache_seqlens`` (same values) with
