@@ -151,6 +151,8 @@ BAD_SPARSE = {
     "s_q": ("s_q 5", ValueError, r"q.shape\[1\] \(s_q\) must be in \[1, 4\], got 5"),
     "h_q": ("h_q 192", ValueError, r"q.shape\[2\] \(h_q\) must be in \[1, 128\]"),
     "head_dim_v": (dict(head_dim_v=576), ValueError, "head_dim_v must be 512"),
+    "head_dim_v numpy float": (dict(head_dim_v=np.float64(512)), TypeError,
+                               "head_dim_v must be an int, got numpy.float64"),
     "sink dtype": ("sink bf16", TypeError, "attn_sink must have dtype torch.float32"),
     "sink shape": ("sink 8", ValueError, r"attn_sink must have shape \[h_q\] = \[16\], got \(8,\)"),
     "topk_length dtype": ("topk_length int64", TypeError, "topk_length must have dtype torch.int32"),

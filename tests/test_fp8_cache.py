@@ -186,6 +186,8 @@ def test_a_layout_must_be_one_of_the_two():
             fp8_cache.cache_bytes(torch.zeros(1, 2, 1, 656, dtype=torch.uint8), layout)
     with pytest.raises(TypeError, match="k_cache must be a torch.Tensor, got list"):
         fp8_cache.layout_of([656])
+    with pytest.raises(TypeError, match="kv must be a torch.Tensor, got numpy.ndarray"):
+        fp8_cache.quantize_kv_cache(kv.numpy(), fp8_cache.V32)
 
 
 def test_layout_of_refuses_other_widths_naming_the_argument():

@@ -178,7 +178,8 @@ def _bad(**changes):
         (_bad(lse_a=torch.zeros(2, 2, 4)), ValueError, r"lse_a must be \[b, h_q, s_q\] = \(2, 4, 2\)"),
         (_bad(lse_b=torch.zeros(2, 4, 2, dtype=torch.float64)), TypeError, "lse_b must be float32"),
         (_bad(lse_b=torch.zeros(2, 4, 2, device="meta")), ValueError, "lse_b must be on out_a's device"),
-        (_bad(out_b=[1.0]), TypeError, "out_b must be a torch.Tensor"),
+        (_bad(out_b=[1.0]), TypeError, "out_b must be a torch.Tensor, got list"),
+        (_bad(lse_a=torch.zeros(2, 4, 2).numpy()), TypeError, "lse_a must be a torch.Tensor, got numpy.ndarray"),
     ],
 )
 def test_bad_arguments_are_refused_naming_the_argument(args, error, message):

@@ -191,7 +191,9 @@ def _dense(q, k_cache, block_table, cache_seqlens, head_dim_v, plan, softmax_sca
             raise ValueError(f"{name} must be None without indices (it is an argument of sparse decoding)")
     checks.check_bool("is_fp8_kvcache", is_fp8_kvcache)
     if is_fp8_kvcache:
-        raise ValueError("is_fp8_kvcache must be False without indices: FP8 caches are supported for sparse decoding only")
+        raise ValueError(
+            "is_fp8_kvcache must be False without indices: FP8 caches are supported for sparse decoding only"
+        )
     for name, x in (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor for dense decoding (indices None), "

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import type_name
+
 LATENT_DIM = 512
 """Latent ("NoPE") values per token: the value vector, and the first part of the key."""
 
@@ -97,7 +99,7 @@ def _scale_exponents(latent: torch.Tensor, group_size: int) -> torch.Tensor:
 def _check_kv(kv, head_dim: int) -> None:
     """``kv`` is a floating-point ``[num_blocks, page_size, 1, head_dim]`` tensor."""
     if not isinstance(kv, torch.Tensor):
-        raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+        raise TypeError(f"kv must be a torch.Tensor, got {type_name(kv)}")
     if not kv.is_floating_point():
         raise TypeError(f"kv must have a floating-point dtype, got {kv.dtype}")
     if kv.dim() != 4 or kv.shape[2] != 1 or kv.shape[3] != head_dim:
@@ -201,7 +203,9 @@ def page_stride_of(cache: torch.Tensor, bytes_per_token: int) -> int:
     return cache.stride(0) if cache.shape[0] > 1 else cache.shape[1] * bytes_per_token
 
 
-def model1_token_bytes(cache: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def model1_token_bytes(
+    cache: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The bytes of tokens ``slots`` of pages ``pages`` (integer tensors of one shape
     ``[...]``, in range) of a MODEL1 cache: ``(rows [..., 576], scales [..., 8])`` uint8."""
     rows, scales = page_parts(model1_cache_bytes(cache), MODEL1)
@@ -241,7 +245,7 @@ def model1_cache_bytes(cache: torch.Tensor, name: str = "k_cache") -> torch.Tens
 
 def _check_cache_tensor(cache, bytes_per_token: int, layout_name: str, name: str) -> None:
     if not isinstance(cache, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(cache).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(cache)}")
     if cache.dtype not in CACHE_DTYPES:
         raise TypeError(f"{name} must have dtype torch.float8_e4m3fn, torch.int8 or torch.uint8, got {cache.dtype}")
     if cache.dim() != 4 or cache.shape[2] != 1 or cache.shape[3] != bytes_per_token:
@@ -290,7 +294,7 @@ def layout_of(cache: torch.Tensor, name: str = "k_cache") -> Fp8Layout:
     """The layout of an FP8 cache tensor, from its last dimension (656: V3.2, 584:
     MODEL1); TypeError or ValueError naming ``name`` otherwise."""
     if not isinstance(cache, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(cache).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(cache)}")
     for layout in LAYOUTS:
         if cache.dim() == 4 and cache.shape[3] == layout.bytes_per_token:
             return layout

@@ -38,6 +38,7 @@ import math
 import torch
 
 from . import runtime
+from .checks import type_name
 from .compile import MERGE_HEAD_DIMS_V
 from .launch_args import MergeArgs, alignment_fault
 
@@ -144,7 +145,7 @@ def _check(out_a, lse_a, out_b, lse_b) -> None:
     args = {"out_a": out_a, "lse_a": lse_a, "out_b": out_b, "lse_b": lse_b}
     for name, t in args.items():
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor, got {type_name(t)}")
     if out_a.dim() != 4:
         raise ValueError(f"out_a must be [b, s_q, h_q, dv], got shape {tuple(out_a.shape)}")
     if not out_a.dtype.is_floating_point:

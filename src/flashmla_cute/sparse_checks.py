@@ -25,6 +25,7 @@ from .checks import (
     _check_tensor,
     check_bool,
     checked_softmax_scale,
+    type_name,
 )
 
 HEAD_DIM_V = fp8_cache.VALUE_DIM
@@ -131,7 +132,7 @@ def check_sparse_decode_args(
 
     dv = head_dim_v
     if isinstance(dv, bool) or not isinstance(dv, numbers.Integral):
-        raise TypeError(f"head_dim_v must be an int, got {type(dv).__name__}")
+        raise TypeError(f"head_dim_v must be an int, got {type_name(dv)}")
     if dv != HEAD_DIM_V:
         raise ValueError(f"head_dim_v must be {HEAD_DIM_V} for sparse decoding, got {dv}")
 
@@ -180,7 +181,8 @@ def _check_cache(name: str, cache, layout: fp8_cache.Fp8Layout) -> tuple[int, in
     num_blocks, page_size = cache.shape[:2]
     if page_size < 1:
         raise ValueError(f"{name}.shape[1] (page block size) must be >= 1, got {page_size}")
-    if layout is fp8_cache.V32 and (cache.stride(3) != 1 or (page_size > 1 and cache.stride(1) != layout.bytes_per_token)):
+    tokens_apart = page_size > 1 and cache.stride(1) != layout.bytes_per_token
+    if layout is fp8_cache.V32 and (cache.stride(3) != 1 or tokens_apart):
         raise ValueError(
             f"{name} must hold each page's tokens back to back: strides (any, {layout.bytes_per_token}, any, 1), "
             f"got {tuple(cache.stride())}"
@@ -234,7 +236,9 @@ def _check_vector(name: str, x, dtype: torch.dtype, extent_name: str, extent: in
     _check_contiguous(name, x)
 
 
-def check_sparse_kernel_layout(q: torch.Tensor, k_cache: torch.Tensor, extra_k_cache: torch.Tensor | None = None) -> None:
+def check_sparse_kernel_layout(
+    q: torch.Tensor, k_cache: torch.Tensor, extra_k_cache: torch.Tensor | None = None
+) -> None:
     """What the kernel's 16-byte loads and stores need beyond shapes and dtypes:
     ``launch_args.ALIGN_BYTES``-aligned data pointers and strides in whole 16-byte units
     for ``q`` and the caches (of a MODEL1 cache only the page stride counts: its token
