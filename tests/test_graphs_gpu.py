@@ -1,6 +1,8 @@
 """get_mla_metadata + flash_mla_with_kvcache captured in one CUDA graph: replays with new
 cache_seqlens and block_table contents (changed in place) match the reference."""
 
+import gc
+
 import pytest
 import torch
 
@@ -115,3 +117,34 @@ def test_two_graphs_on_two_streams_share_a_sparse_plan(requires_hopper):
     replays_match(queries, captured, reference)
     ref_out, _ = reference(queries[2])
     assert cosine_distance(eager[0].float(), ref_out.float()) < 1e-5
+
+
+def test_a_plan_captured_after_warm_ups_is_the_graphs_own(requires_hopper):
+    # The warm-ups make the plan's configuration repeat on the capture stream, where outside
+    # a capture the runtime hands out slots of a slab it keeps (runtime._plan_outputs). The
+    # graph's plan must live in the graph's own memory: once the runtime lets its slabs go
+    # and new tensors on that stream take their memory, replays must leave those alone.
+    from flashmla_cute import runtime
+
+    x = make_decode_inputs(2, 1, 64, seqlens=[8000, 50], device="cuda", seed=2)
+    plan_bytes = []
+
+    def step():
+        meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, 64, 1)
+        if torch.cuda.is_current_stream_capturing():
+            plan_bytes.extend(t.untyped_storage().nbytes() for t in (meta, splits))
+        return flashmla_cute.flash_mla_with_kvcache(x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits)
+
+    stream = torch.cuda.Stream()
+    graph, (out, lse) = capture_graph(step, stream=stream)
+    runtime._plan_slabs.clear()  # what the runtime does when more configurations come
+    gc.collect()
+    with torch.cuda.stream(stream):  # the caching allocator reuses a stream's freed memory on it
+        others = [torch.full((n // 4,), -7, dtype=torch.int32, device="cuda") for n in plan_bytes for _ in range(4)]
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(bool((t == -7).all()) for t in others), "a replay wrote its plan into memory the graph does not own"
+    ref_out, ref_lse = flash_mla_reference(x.q, x.k_cache, x.block_table, x.cache_seqlens, 512)
+    assert cosine_distance(out.float(), ref_out.float()) < 1e-5
+    assert cosine_distance(lse, ref_lse) < 1e-5

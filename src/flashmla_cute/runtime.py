@@ -128,8 +128,15 @@ def _plan_outputs(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Te
     ``torch.empty``'s would be, for a tenth of the host time. Slabs are kept per stream:
     the caching allocator recycles a slab's memory, once all its tensors are gone, only
     for work ordered after the stream it was allocated on.
+
+    A plan made while the stream is captured into a CUDA graph gets tensors of its own
+    from the graph's memory pool, as ``split_workspace`` does: a slot of a slab made
+    outside the capture would be freed with the slab's last other tensor, while the
+    graph's replays still write the plan there.
     """
     global _last_plan_key
+    if torch._C._cuda_isCurrentStreamCapturing():
+        return _fresh_plan_outputs(cache_seqlens, num_parts)
     device = cache_seqlens.get_device()
     b = cache_seqlens.shape[0]
     key = (device, torch._C._cuda_getCurrentRawStream(device), num_parts, b)
@@ -138,9 +145,7 @@ def _plan_outputs(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Te
         return free.pop()
     if key != _last_plan_key:  # a configuration seen once may not come back
         _last_plan_key = key
-        # new_empty keeps cache_seqlens' dtype and device; the compiled function
-        # rejects a cache_seqlens that is not int32 before it writes anything.
-        return cache_seqlens.new_empty(num_parts, METADATA_INTS), cache_seqlens.new_empty(b + 1)
+        return _fresh_plan_outputs(cache_seqlens, num_parts)
     metas = cache_seqlens.new_empty(PLAN_SLAB, num_parts, METADATA_INTS).unbind(0)
     splits = cache_seqlens.new_empty(PLAN_SLAB, b + 1).unbind(0)
     free = list(zip(metas, splits))
@@ -149,6 +154,12 @@ def _plan_outputs(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Te
         _plan_slabs.clear()
     _plan_slabs[key] = free
     return result
+
+
+def _fresh_plan_outputs(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # new_empty keeps cache_seqlens' dtype and device; the compiled function rejects a
+    # cache_seqlens that is not int32 before it writes anything.
+    return cache_seqlens.new_empty(num_parts, METADATA_INTS), cache_seqlens.new_empty(cache_seqlens.shape[0] + 1)
 
 
 def plan_on_gpu(cache_seqlens: torch.Tensor, num_parts: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -249,13 +249,14 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - start_s) * 1e3
 
 
-def capture_graph(step: Callable[[], object], calls: int = 1, warmups: int = 3):
+def capture_graph(step: Callable[[], object], calls: int = 1, warmups: int = 3, stream=None):
     """``(graph, result)``: a CUDA graph of ``calls`` calls of ``step`` and what the last
-    one returned (its outputs, rewritten by every replay). Captured on a new stream after
-    ``warmups`` calls on it, which do the first-use work (compiles, buffers kept for
-    later calls) outside the capture, as serving engines capture a graph per batch size."""
+    one returned (its outputs, rewritten by every replay). Captured on ``stream`` (a new
+    one by default) after ``warmups`` calls on it, which do the first-use work (compiles,
+    buffers kept for later calls) outside the capture, as serving engines capture a graph
+    per batch size."""
     graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
+    stream = torch.cuda.Stream() if stream is None else stream
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(warmups):
