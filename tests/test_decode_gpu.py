@@ -269,3 +269,26 @@ def test_negative_length_is_an_empty_sequence(requires_hopper):
                                            causal=True)
     assert cosine_distance(out.float(), ref_out.float()) < TOL
     assert cosine_distance(lse, ref_lse) < TOL
+
+
+@pytest.mark.parametrize("s_q, h_q", [(1, 16), (2, 64)])
+def test_a_nan_key_gives_nan_out_and_lse(requires_hopper, s_q, h_q):
+    # A NaN in a token within a sequence's length (a corrupt cache) makes every row that
+    # sees it NaN, out and lse, as in the reference: in a sequence taken whole (0) and in
+    # one split across SMs (1). The sequence without one is unchanged.
+    import flashmla_cute
+
+    inputs = make_decode_inputs(3, s_q, h_q, seqlens=[100, 8000, 300], device="cuda", seed=6)
+    for i, token in ((0, 40), (1, 5000)):
+        inputs.k_cache[inputs.block_table[i, token // 64], token % 64, 0, 7] = math.nan
+    meta, num_splits = flashmla_cute.get_mla_metadata(inputs.cache_seqlens, s_q * h_q, 1)
+    assert int(num_splits[1] - num_splits[0]) == 1 and int(num_splits[2] - num_splits[1]) > 1
+    out, lse = flashmla_cute.flash_mla_with_kvcache(
+        inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512, meta, num_splits, causal=s_q > 1
+    )
+    ref_out, ref_lse = flash_mla_reference(inputs.q, inputs.k_cache, inputs.block_table, inputs.cache_seqlens, 512,
+                                           causal=s_q > 1)
+    assert torch.isnan(ref_out[:2]).all() and torch.isnan(ref_lse[:2]).all()
+    assert torch.isnan(out[:2]).all() and torch.isnan(lse[:2]).all()
+    assert cosine_distance(out[2:].float(), ref_out[2:].float()) < TOL
+    assert cosine_distance(lse[2:], ref_lse[2:]) < TOL

@@ -302,3 +302,26 @@ def test_cuda_graph_capture(requires_hopper):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+
+
+@pytest.mark.parametrize("h_q", [64, 128])
+@pytest.mark.parametrize("b, topk", [(132, 64), (1, 2048)], ids=["whole", "split"])
+def test_a_nan_key_gives_nan_out_and_lse(requires_hopper, b, topk, h_q):
+    """A valid token whose bytes read back NaN (the quantizers make a group holding inf or
+    NaN do so): every row that sees it gets NaN out and NaN lse, as in the reference, in a
+    query token decoded whole and in one split across SMs; the other rows are unchanged."""
+    inp = make_sparse_decode_inputs(b, 1, h_q, 4096, topk, 64, seed=4, device=requires_hopper)
+    token = int(inp.indices[0, 0, 0])
+    page = inp.k_cache.shape[1]
+    inp.k_cache.view(torch.uint8)[token // page, token % page, 0, :8] = NAN_BYTE
+    out, lse = run_kernel(inp)
+    exp_out, exp_lse = sparse_mla_reference(inp.q, inp.k_cache, inp.indices, inp.topk_length, inp.attn_sink,
+                                            inp.softmax_scale)
+    sees_it = exp_lse.isnan()
+    assert bool(sees_it[0].all())
+    assert torch.equal(lse.isnan(), sees_it)
+    assert torch.equal(out.isnan().all(-1), sees_it.transpose(1, 2))
+    clean = ~sees_it.transpose(1, 2)
+    if clean.any():  # b = 1: its one query token sees the token
+        assert cosine_distance(out[clean], exp_out[clean]) < 1e-5
+        assert cosine_distance(lse[~sees_it], exp_lse[~sees_it]) < 1e-5

@@ -789,7 +789,7 @@ class MlaDecodeSm90:
             total = t.stats[r, STAT_SUM_L] + t.stats[r, STAT_SUM_R]
             inv = Float32(0.0)
             lse = -Float32.inf
-            if total > 0.0:
+            if total != 0.0:  # a NaN sum (a NaN key) gives NaN out and lse, as the reference does
                 inv = cute.arch.rcp_approx(total)
                 lse = t.row_max[i] * work.softmax_scale + cute.math.log(total, fastmath=False)
             if seqlen > table_tokens:

@@ -609,13 +609,13 @@ class SparseDecodeSm90:
         writes_lse = (t.wg == 0) & t.lane_writes_row
         inv = Float32(0.0)
         lse = -Float32.inf
-        if total > 0.0:
+        if total != 0.0:  # a NaN sum (a NaN key) gives NaN out and lse, as the reference does
             lse = row_max * softmax_scale + cute.math.log(total, fastmath=False)
             inv = cute.arch.rcp_approx(total)
         if head < h_q:
             if splits == 1:
                 factor = inv
-                if (total > 0.0) & (has_sink != 0):
+                if (total != 0.0) & (has_sink != 0):
                     # exp(lse) / (exp(lse) + exp(sink)): +inf sink gives 0, -inf leaves 1.
                     factor = inv / (1.0 + cute.math.exp(mSink[head] - lse, fastmath=False))
                 if total == 0.0:
