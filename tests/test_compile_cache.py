@@ -93,3 +93,37 @@ def test_concurrent_fill_leaves_one_complete_entry(tmp_path):
     assert len(stems) == 1, names
     # What is on disk loads.
     assert callable(compile_mod.load_or_compile(compile_mod.metadata_variant(), tmp_path, ARCH))
+
+
+def test_a_file_cut_short_is_compiled_again(tmp_path, monkeypatch):
+    # A shared library cut short (a copy cut off, a crash before its bytes reached the
+    # disk) loads without an error and faults when called: it must be rebuilt instead.
+    variant = compile_mod.metadata_variant()
+    compile_mod.compile_into_cache(variant, tmp_path, ARCH)  # not loaded: this process maps nothing of it
+    paths = compile_mod.cache_paths(variant, ARCH, tmp_path)
+    for path in (paths["so"], paths["o"]):
+        if path.exists():
+            assert compile_mod.is_whole_elf(path)
+            path.write_bytes(path.read_bytes()[: path.stat().st_size * 4 // 5])
+            assert not compile_mod.is_whole_elf(path)
+    compiles = []
+    real = compile_mod.compile_variant
+    monkeypatch.setattr(compile_mod, "compile_variant", lambda *a, **k: compiles.append(1) or real(*a, **k))
+    assert callable(compile_mod.load_or_compile(variant, tmp_path, ARCH))
+    assert compiles == [1]
+    assert compile_mod.is_whole_elf(paths["o"])
+
+
+def test_cache_files_are_readable_by_others_under_the_umask(tmp_path):
+    # mkstemp's files are 0600: a cache filled by one user would be compiled again by
+    # every other one. Files get what open() would give under the umask.
+    import os
+
+    old = os.umask(0o022)
+    try:
+        compile_mod.compile_into_cache(compile_mod.metadata_variant(), tmp_path, ARCH)
+    finally:
+        os.umask(old)
+    modes = {p.suffix: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes[".o"] == modes[".cubin"] == 0o644
+    assert modes.get(".so", 0o755) == 0o755

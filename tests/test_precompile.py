@@ -61,3 +61,17 @@ def test_out_reuses_the_disk_cache(tmp_path, capsys, monkeypatch):
     # And the plain form finds it cached too.
     assert precompile.main(["--only", "metadata"]) == 0
     assert "metadata: cached" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["cache", "out"])
+def test_a_folder_that_cannot_be_written_is_refused_before_compiling(where, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setattr(compile_mod, "compile_variant", lambda *a, **k: pytest.fail("compiled"))
+    if where == "cache":
+        monkeypatch.setenv("FLASHMLA_CUTE_CACHE_DIR", str(blocker / "cache"))
+        err = refused(["--only", "metadata"], capsys)
+        assert f"the compile cache (FLASHMLA_CUTE_CACHE_DIR) {blocker / 'cache'} is not a folder" in err
+    else:
+        err = refused(["--only", "metadata", "--out", str(blocker)], capsys)
+        assert f"--out {blocker} is not a folder files can be written into" in err

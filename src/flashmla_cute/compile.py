@@ -34,6 +34,7 @@ import functools
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -340,17 +341,54 @@ def cache_key(variant: Variant, arch: str) -> str:
     return f"{variant.name}-{arch}-dsl{dsl}-{_source_hash_cached()}"
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Run ``write(tmp_path)`` then rename the result to ``path`` (atomic on POSIX)."""
+def _atomic_write(path: Path, write: Callable[[str], None], executable: bool = False) -> None:
+    """Run ``write(tmp_path)`` then rename the result to ``path`` (atomic on POSIX), its
+    bytes on disk first (a crash never leaves a name on a partial file) and its mode what
+    ``open`` would give under the umask (``mkstemp``'s 0600 would keep the cache from
+    other users)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.chmod(tmp, (0o777 if executable else 0o666) & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    try:  # Linux shows it; setting it to read it back would change it for other threads meanwhile
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def is_whole_elf(path: Path) -> bool:
+    """Whether ``path`` is a 64-bit ELF file (a shared library or an object file) that
+    holds all of its section headers, which come last: a file cut short (a copy cut off,
+    a crash before its bytes reached the disk) loads without an error and faults when
+    called, so it is rebuilt instead."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 64 or head[:5] != b"\x7fELF\x02":
+        return False
+    (section_headers,) = struct.unpack_from("<Q", head, 0x28)
+    entry_size, entries = struct.unpack_from("<HH", head, 0x3A)
+    return section_headers + entry_size * entries <= size
 
 
 def _link_shared(obj: Path, so: Path) -> bool:
@@ -369,7 +407,7 @@ def _link_shared(obj: Path, so: Path) -> bool:
         subprocess.run([compiler, "-shared", "-o", tmp, str(obj), *libs, *rpaths], check=True, capture_output=True)
 
     try:
-        _atomic_write(so, link)
+        _atomic_write(so, link, executable=True)
     except (OSError, subprocess.CalledProcessError):
         return False
     return True
@@ -419,13 +457,13 @@ def load_or_compile(variant: Variant, directory: Path | None = None, arch: str |
     arch = target_arch() if arch is None else arch
     paths = cache_paths(variant, arch, directory)
     for path in (paths["so"], paths["o"]):
-        if path.exists():
+        if is_whole_elf(path):
             try:
                 return _load(path, variant.name)
             except Exception:  # a corrupt or foreign file: rebuild it below
                 pass
     compiled = compile_into_cache(variant, directory, arch)
-    if paths["so"].exists():
+    if is_whole_elf(paths["so"]):
         return _load(paths["so"], variant.name)
     return compiled
 

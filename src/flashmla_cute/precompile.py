@@ -16,7 +16,9 @@ import concurrent.futures
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from . import compile as compile_mod
 
@@ -34,7 +36,18 @@ def _is_cached(variant: compile_mod.Variant, arch: str, want_cubin: bool) -> boo
     paths = compile_mod.cache_paths(variant, arch)
     if want_cubin:
         return paths["cubin"].exists()
-    return paths["so"].exists() or paths["o"].exists()
+    return compile_mod.is_whole_elf(paths["so"]) or compile_mod.is_whole_elf(paths["o"])
+
+
+def _folder_fault(folder: Path) -> str | None:
+    """Why no file can be written into ``folder`` (made if missing), or None."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
 
 
 def _parser(names: list[str]) -> argparse.ArgumentParser:
@@ -68,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only {args.only!r} matches no variant; the variants are: {', '.join(names)}")
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    # Refused before anything compiles: with nowhere to write, every variant would compile
+    # for nothing.
+    for what, folder in (("the compile cache (FLASHMLA_CUTE_CACHE_DIR)", compile_mod.cache_dir()),
+                         ("--out", None if args.out is None else Path(args.out))):
+        fault = None if folder is None else _folder_fault(folder)
+        if fault is not None:
+            parser.error(f"{what} {folder} is not a folder files can be written into: {fault}")
 
     # The DSL reads the target architecture when it is imported (in the workers too, which
     # inherit the environment); without a GPU it cannot detect one.
@@ -83,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
                 futures = {v.name: pool.submit(_compile, v.name, args.arch) for v in todo}
                 seconds = {name: future.result() for name, future in futures.items()}
+    missing = [v.name for v in todo if not _is_cached(v, args.arch, want_cubin=args.out is not None)]
+    if missing:
+        print(f"not stored in {compile_mod.cache_dir()} (out of space?): {', '.join(missing)}", file=sys.stderr)
+        return 1
 
     for variant in variants:
         took = f"{seconds[variant.name]:.1f} s" if variant.name in seconds else "cached"
