@@ -108,6 +108,7 @@ BAD_SPARSE = {
     "not fp8": (dict(is_fp8_kvcache=False), ValueError, "is_fp8_kvcache must be True with indices"),
     "indices dtype": ("indices int64", TypeError, "indices must have dtype torch.int32"),
     "indices rank": ("indices rank", ValueError, r"indices must have 3 dimensions \[b, s_q, topk\]"),
+    "indices sparse": ("indices sparse", ValueError, r"indices must be a strided \(dense\) tensor, got layout torch.sparse_coo"),
     "indices batch": ("indices batch", ValueError, r"indices must have shape \[b, s_q, topk\] = \[2, 2, topk\]"),
     "topk multiple": ("topk 100", ValueError, "topk.*multiple of 64"),
     "topk too big": ("topk 16448", ValueError, r"topk.*\[64, 16384\], got 16448"),
@@ -167,6 +168,7 @@ BAD_SPARSE = {
                     r"extra_indices_in_kvcache must have shape \[b, s_q, topk\] = \[2, 2, topk\]"),
     "extra length dtype": ("extra length int64", TypeError, "extra_topk_length must have dtype torch.int32"),
     "scale": (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be a finite positive float"),
+    "scale past float32": (dict(softmax_scale=1e39), ValueError, "softmax_scale must be within float32's normal range"),
     "scale past float": (dict(softmax_scale=10**400), ValueError,
                          "softmax_scale must be a finite positive float, got an int of 401 digits"),
     "causal numpy bool": (dict(causal=np.bool_(False)), TypeError, "causal must be a bool, got numpy.bool"),
@@ -189,6 +191,7 @@ def bad_overrides(inp, what):
     return {
         "indices int64": lambda: dict(indices=idx.long()),
         "indices rank": lambda: dict(indices=idx[0]),
+        "indices sparse": lambda: dict(indices=idx.to_sparse()),
         "indices batch": lambda: dict(indices=idx[:1]),
         "topk 100": lambda: dict(indices=torch.zeros(2, 2, 100, dtype=torch.int32)),
         "topk 16448": lambda: dict(indices=torch.zeros(2, 2, 16448, dtype=torch.int32)),

@@ -94,6 +94,8 @@ BAD = {
     "cache_seqlens_list": (setter("cache_seqlens", lambda x: x.tolist()), TypeError, "cache_seqlens must be a torch.Tensor"),
     "metadata_none": (setter("tile_scheduler_metadata", lambda x: None), TypeError, "tile_scheduler_metadata must be a torch.Tensor"),
     "num_splits_none": (setter("num_splits", lambda x: None), TypeError, "num_splits must be a torch.Tensor"),
+    "q_sparse": (setter("q", lambda x: x.to_sparse()), ValueError, "q must be a strided (dense) tensor, got layout torch.sparse_coo"),
+    "block_table_sparse": (setter("block_table", lambda x: x.to_sparse()), ValueError, "block_table must be a strided (dense) tensor, got layout torch.sparse_coo"),
     "q_float32": (setter("q", lambda x: x.float()), TypeError, "q must have dtype torch.bfloat16 or torch.float16, got torch.float32"),
     "q_int": (setter("q", lambda x: x.to(torch.int32)), TypeError, "q must have dtype"),
     "k_cache_other_dtype": (setter("k_cache", lambda x: x.half()), TypeError, "k_cache must have q's dtype torch.bfloat16, got torch.float16"),
@@ -147,6 +149,10 @@ BAD = {
     "scale_negative": (setter("softmax_scale", lambda x: -0.1), ValueError, "softmax_scale must be a finite positive float"),
     "scale_nan": (setter("softmax_scale", lambda x: math.nan), ValueError, "softmax_scale must be a finite positive float"),
     "scale_inf": (setter("softmax_scale", lambda x: math.inf), ValueError, "softmax_scale must be a finite positive float"),
+    "scale_below_float32": (setter("softmax_scale", lambda x: 1e-40), ValueError,
+                            "softmax_scale must be within float32's normal range [1.175494e-38, 3.402823e+38], got 1e-40"),
+    "scale_above_float32": (setter("softmax_scale", lambda x: 1e39), ValueError,
+                            "softmax_scale must be within float32's normal range"),
     "scale_past_float": (setter("softmax_scale", lambda x: 10**400), ValueError,
                          "softmax_scale must be a finite positive float, got an int of 401 digits"),
     "causal_int": (setter("causal", lambda x: 1), TypeError, "causal must be a bool"),
@@ -195,6 +201,7 @@ def test_bad_arguments_by_position():
 
 BAD_METADATA = {
     "seqlens_list": (lambda s: ([1, 2], 16, 1), TypeError, "cache_seqlens must be a torch.Tensor"),
+    "seqlens_sparse": (lambda s: (s.to_sparse(), 16, 1), ValueError, "cache_seqlens must be a strided (dense) tensor, got layout torch.sparse_coo"),
     "seqlens_int64": (lambda s: (s.long(), 16, 1), TypeError, "cache_seqlens must have dtype torch.int32, got torch.int64"),
     "seqlens_uint32": (lambda s: (s.to(torch.uint32), 16, 1), TypeError, "cache_seqlens must have dtype torch.int32, got torch.uint32"),
     "seqlens_float": (lambda s: (s.float(), 16, 1), TypeError, "cache_seqlens must have dtype torch.int32"),

@@ -188,6 +188,10 @@ def test_a_layout_must_be_one_of_the_two():
         fp8_cache.layout_of([656])
     with pytest.raises(TypeError, match="kv must be a torch.Tensor, got numpy.ndarray"):
         fp8_cache.quantize_kv_cache(kv.numpy(), fp8_cache.V32)
+    with pytest.raises(ValueError, match=r"kv must be a strided \(dense\) tensor, got layout torch.sparse_coo"):
+        fp8_cache.quantize_kv_cache(kv.to_sparse(), fp8_cache.V32)
+    with pytest.raises(ValueError, match=r"k_cache must be a strided \(dense\) tensor, got layout torch.sparse_coo"):
+        fp8_cache.layout_of(torch.zeros(1, 2, 1, 656, dtype=torch.uint8).to_sparse())
 
 
 def test_layout_of_refuses_other_widths_naming_the_argument():
@@ -233,9 +237,9 @@ def test_refusals_name_the_argument(quantize, dequantize, key_width, bytes_per_t
         quantize(torch.zeros(1, 2, 1, 1088 - key_width))
     with pytest.raises(TypeError, match="kv must have a floating-point dtype"):
         quantize(torch.zeros(1, 2, 1, key_width, dtype=torch.int32))
-    with pytest.raises(ValueError, match=rf"k_cache must have shape \[num_blocks, page_size, 1, {bytes_per_token}\]"):
+    with pytest.raises(ValueError, match=rf"^cache must have shape \[num_blocks, page_size, 1, {bytes_per_token}\]"):
         dequantize(torch.zeros(1, 2, 1, other_bytes, dtype=torch.uint8))
-    with pytest.raises(TypeError, match="k_cache must have dtype"):
+    with pytest.raises(TypeError, match="^cache must have dtype"):
         dequantize(torch.zeros(1, 2, 1, bytes_per_token, dtype=torch.bfloat16))
 
 
@@ -276,9 +280,9 @@ def test_model1_bytes_of_a_tiny_cache():
 def test_model1_refuses_pages_that_overlap():
     storage = torch.zeros(4 * 584 * 2, dtype=torch.uint8)
     overlapping = storage.as_strided((2, 4, 1, 584), (4 * 584 - 1, 584, 584, 1))
-    with pytest.raises(ValueError, match=r"k_cache must be a MODEL1 cache view.*page stride >= page_size \* 584"):
+    with pytest.raises(ValueError, match=r"^cache must be a MODEL1 cache view.*page stride >= page_size \* 584"):
         dequantize_model1_kv_cache(overlapping)
-    with pytest.raises(ValueError, match="k_cache must be a MODEL1 cache view"):
+    with pytest.raises(ValueError, match="^cache must be a MODEL1 cache view"):
         first = torch.zeros(1, dtype=torch.long)
         fp8_cache.dequantize_tokens(overlapping, MODEL1, first, first)
 
@@ -291,3 +295,13 @@ def test_same_bytes_on_gpu(requires_hopper, layout):
     gpu = QUANTIZE[layout](kv.to(requires_hopper))
     assert torch.equal(page_bytes(gpu).cpu(), page_bytes(cpu))
     assert torch.equal(DEQUANTIZE[layout](gpu).cpu(), DEQUANTIZE[layout](cpu))
+
+
+def test_the_helpers_name_their_own_arguments():
+    for page_size, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="page_size must be"):
+            fp8_cache.model1_page_bytes(page_size)
+    assert fp8_cache.model1_page_bytes(2) % fp8_cache.MODEL1_PAGE_ALIGN == 0
+    for dequantize in (fp8_cache.dequantize_v32_kv_cache, fp8_cache.dequantize_model1_kv_cache):
+        with pytest.raises(TypeError, match="^cache must be a torch.Tensor, got list"):
+            dequantize([1])

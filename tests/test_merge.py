@@ -180,6 +180,8 @@ def _bad(**changes):
         (_bad(lse_b=torch.zeros(2, 4, 2, device="meta")), ValueError, "lse_b must be on out_a's device"),
         (_bad(out_b=[1.0]), TypeError, "out_b must be a torch.Tensor, got list"),
         (_bad(lse_a=torch.zeros(2, 4, 2).numpy()), TypeError, "lse_a must be a torch.Tensor, got numpy.ndarray"),
+        (_bad(out_a=torch.zeros(2, 2, 4, 8).to_sparse()), ValueError, r"out_a must be a strided \(dense\) tensor, got layout torch.sparse_coo"),
+        (_bad(lse_b=torch.zeros(2, 4, 2).to_sparse()), ValueError, r"lse_b must be a strided \(dense\) tensor, got layout torch.sparse_coo"),
     ],
 )
 def test_bad_arguments_are_refused_naming_the_argument(args, error, message):

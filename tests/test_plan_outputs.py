@@ -42,5 +42,5 @@ def test_a_plan_made_in_a_capture_owns_its_memory(stream):
     stream["capturing"] = False
     assert not any(is_slab_slot(t) for pair in captured for t in pair)
     assert [t.shape for t in captured[0]] == [(PARTS, runtime.METADATA_INTS), (5,)]
-    kept = {slot.untyped_storage().data_ptr() for slots in runtime._plan_slabs.values() for pair in slots for slot in pair}
+    kept = {t.untyped_storage().data_ptr() for slots in runtime._plan_slabs.values() for pair in slots for t in pair}
     assert not kept & {t.untyped_storage().data_ptr() for pair in captured for t in pair}

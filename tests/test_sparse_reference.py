@@ -285,3 +285,16 @@ def test_extra_arguments_are_checked():
     with pytest.raises(ValueError, match="extra_k_cache must be a MODEL1 cache view"):
         sparse_mla_reference(inp.q, inp.k_cache, inp.indices, extra_k_cache=overlapping,
                              extra_indices=inp.extra_indices)
+
+
+def test_the_reference_refuses_what_it_cannot_read():
+    inp = make_sparse_decode_inputs(2, 1, 4, 300, 64, 16, seed=1)
+    args = (inp.q, inp.k_cache, inp.indices, None, None, inp.softmax_scale)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got NoneType"):
+        sparse_mla_reference(None, *args[1:])
+    with pytest.raises(TypeError, match="indices must have an integer dtype, got torch.float32"):
+        sparse_mla_reference(inp.q, inp.k_cache, inp.indices.float(), *args[3:])
+    with pytest.raises(ValueError, match=r"topk_length must be \[b\] = \[2\], got \(1,\)"):
+        sparse_mla_reference(inp.q, inp.k_cache, inp.indices, torch.tensor([64], dtype=torch.int32), *args[4:])
+    with pytest.raises(ValueError, match=r"attn_sink must be \[h_q\] = \[4\], got \(1,\)"):
+        sparse_mla_reference(*args[:4], torch.zeros(1), inp.softmax_scale)

@@ -23,12 +23,12 @@ the same checks (``sparse_checks``).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
 from . import checks, interface, runtime, sparse_checks
 from .launch_args import ALIGN_BYTES
+from .no_backward import without_backward
 from .sparse_reference import sparse_mla_reference
 
 __all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache"]
@@ -122,14 +122,22 @@ def flash_mla_with_kvcache(
     if indices is None:
         return _dense(q, k_cache, block_table, cache_seqlens, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache,
                       attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
+    result = _sparse(q, k_cache, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+                     extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
+    if any(x is not None and x.requires_grad for x in (q, k_cache, attn_sink, extra_k_cache)):
+        return without_backward("flash_mla_with_kvcache", result, q, k_cache, attn_sink, extra_k_cache)
+    return result
 
+
+def _sparse(q, k_cache, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
+            extra_indices_in_kvcache, topk_length, extra_topk_length):
     extras = (extra_k_cache, extra_indices_in_kvcache, extra_topk_length)
     key = _sparse_key(q, k_cache, indices, topk_length, attn_sink, *extras, head_dim_v, causal, is_fp8_kvcache)
     try:  # the fast path: a configuration seen before, on the GPU
         launch, config = _known_sparse[key]
         if plan.have_initialized and plan.config != config:
             raise ValueError  # the checks decide
-        if type(softmax_scale) is not float or not 0.0 < softmax_scale < math.inf:
+        if not checks.is_valid_scale(softmax_scale):
             raise TypeError
         if any(x is not None and x.data_ptr() % ALIGN_BYTES for x in (q, k_cache, extra_k_cache)):
             raise ValueError
@@ -162,9 +170,10 @@ def flash_mla_with_kvcache(
                                problem.softmax_scale)
         runtime.remember(_known_sparse, key, (launch, config))
     else:
-        result = sparse_mla_reference(q, k_cache, indices, topk_length, attn_sink, problem.softmax_scale,
-                                      extra_k_cache=extra_k_cache, extra_indices=extra_indices_in_kvcache,
-                                      extra_topk_length=extra_topk_length)
+        with torch.no_grad():  # as the kernel's outputs: no_backward
+            result = sparse_mla_reference(q, k_cache, indices, topk_length, attn_sink, problem.softmax_scale,
+                                          extra_k_cache=extra_k_cache, extra_indices=extra_indices_in_kvcache,
+                                          extra_topk_length=extra_topk_length)
     _record_plan(plan, config)
     return result
 
@@ -198,6 +207,7 @@ def _dense(q, k_cache, block_table, cache_seqlens, head_dim_v, plan, softmax_sca
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor for dense decoding (indices None), "
                             f"got {checks.type_name(x)}")
+        checks.check_strided(name, x)
     # What the plan is made from, checked before it is made (the rest: flash_mla_with_kvcache).
     b, s_q, h_q, _, _, h_kv = checks.check_query_and_cache(q, k_cache)
     config = FlashMLASchedMeta.Config(

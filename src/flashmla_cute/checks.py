@@ -33,6 +33,10 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = frozenset(HEAD_DIMS)
 """``(d, head_dim_v)`` pairs the kernels are built for (CPU tensors are held to them too)."""
 
+SOFTMAX_SCALE_RANGE = (2.0**-126, float(torch.finfo(torch.float32).max))
+"""The scales the kernels and the references take (both scale in float32): float32's
+normal range, so that a scale is neither flushed to zero nor rounded to infinity."""
+
 MAX_S_Q = 4
 """The most query tokens per sequence (``q.shape[1]``) a call takes: the largest ``s_q``
 the GPU tests check against the reference."""
@@ -75,12 +79,31 @@ def checked_softmax_scale(softmax_scale, d: int) -> float:
                          f"{len(str(abs(int(softmax_scale))))} digits") from None
     if not (math.isfinite(scale) and scale > 0.0):
         raise ValueError(f"softmax_scale must be a finite positive float, got {scale}")
+    low, high = SOFTMAX_SCALE_RANGE
+    if not low <= scale <= high:
+        raise ValueError(f"softmax_scale must be within float32's normal range [{low:.7g}, {high:.7g}], got {scale}")
     return scale
+
+
+def is_valid_scale(softmax_scale) -> bool:
+    """What ``checked_softmax_scale`` accepts of a given float, in one comparison (the fast
+    paths' test; anything else goes to the checks, which name what is wrong)."""
+    return type(softmax_scale) is float and SOFTMAX_SCALE_RANGE[0] <= softmax_scale <= SOFTMAX_SCALE_RANGE[1]
 
 
 def _check_tensor(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type_name(x)}")
+    check_strided(name, x)
+
+
+def check_strided(name: str, x: torch.Tensor) -> None:
+    """A dense tensor with strides, which is what the kernels and the references index: not
+    a sparse, nested or other layout (whose strides and data pointer torch would refuse
+    deep inside a call, with its own message)."""
+    if x.layout != torch.strided or x.is_nested:
+        kind = "a nested tensor" if x.is_nested else f"layout {x.layout}"
+        raise ValueError(f"{name} must be a strided (dense) tensor, got {kind}")
 
 
 def _check_dtype(name: str, x: torch.Tensor, dtypes) -> None:

@@ -41,11 +41,12 @@ device torch supports.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 
-from .checks import type_name
+from .checks import _check_tensor, type_name
 
 LATENT_DIM = 512
 """Latent ("NoPE") values per token: the value vector, and the first part of the key."""
@@ -98,8 +99,7 @@ def _scale_exponents(latent: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def _check_kv(kv, head_dim: int) -> None:
     """``kv`` is a floating-point ``[num_blocks, page_size, 1, head_dim]`` tensor."""
-    if not isinstance(kv, torch.Tensor):
-        raise TypeError(f"kv must be a torch.Tensor, got {type_name(kv)}")
+    _check_tensor("kv", kv)
     if not kv.is_floating_point():
         raise TypeError(f"kv must have a floating-point dtype, got {kv.dtype}")
     if kv.dim() != 4 or kv.shape[2] != 1 or kv.shape[3] != head_dim:
@@ -131,7 +131,7 @@ def dequantize_v32_kv_cache(cache: torch.Tensor) -> torch.Tensor:
     ``[num_blocks, page_size, 1, 656]`` (float8_e4m3fn, int8 or uint8; the page stride
     may exceed ``page_size * 656``). Latent values are ``fp8 * scale`` rounded once to
     bfloat16; rope values are copied."""
-    raw = v32_cache_bytes(cache)
+    raw = v32_cache_bytes(cache, "cache")
     latent = raw[..., :SCALES_OFFSET].view(torch.float8_e4m3fn).float()
     scales = raw[..., SCALES_OFFSET:ROPE_OFFSET].contiguous().view(torch.float32)
     rope = raw[..., ROPE_OFFSET:].contiguous().view(torch.bfloat16)
@@ -168,6 +168,10 @@ UE8M0_BIAS = 127
 
 def model1_page_bytes(page_size: int) -> int:
     """Bytes of one padded MODEL1 page (``k_cache.stride(0)`` of ``quantize_model1_kv_cache``)."""
+    if isinstance(page_size, bool) or not isinstance(page_size, numbers.Integral):
+        raise TypeError(f"page_size must be an int, got {type_name(page_size)}")
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
     return -(-page_size * MODEL1_BYTES_PER_TOKEN // MODEL1_PAGE_ALIGN) * MODEL1_PAGE_ALIGN
 
 
@@ -208,7 +212,7 @@ def model1_token_bytes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The bytes of tokens ``slots`` of pages ``pages`` (integer tensors of one shape
     ``[...]``, in range) of a MODEL1 cache: ``(rows [..., 576], scales [..., 8])`` uint8."""
-    rows, scales = page_parts(model1_cache_bytes(cache), MODEL1)
+    rows, scales = page_parts(model1_cache_bytes(cache, "cache"), MODEL1)
     return rows[pages, slots], scales[pages, slots]
 
 
@@ -224,7 +228,7 @@ def dequantize_model1_tokens(rows: torch.Tensor, scales: torch.Tensor) -> torch.
 
 def dequantize_model1_kv_cache(cache: torch.Tensor) -> torch.Tensor:
     """The bfloat16 keys ``[num_blocks, page_size, 1, 512]`` of a MODEL1 FP8 cache."""
-    return dequantize_model1_tokens(*page_parts(model1_cache_bytes(cache), MODEL1))[:, :, None, :]
+    return dequantize_model1_tokens(*page_parts(model1_cache_bytes(cache, "cache"), MODEL1))[:, :, None, :]
 
 
 def model1_cache_bytes(cache: torch.Tensor, name: str = "k_cache") -> torch.Tensor:
@@ -244,8 +248,7 @@ def model1_cache_bytes(cache: torch.Tensor, name: str = "k_cache") -> torch.Tens
 
 
 def _check_cache_tensor(cache, bytes_per_token: int, layout_name: str, name: str) -> None:
-    if not isinstance(cache, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(cache)}")
+    _check_tensor(name, cache)
     if cache.dtype not in CACHE_DTYPES:
         raise TypeError(f"{name} must have dtype torch.float8_e4m3fn, torch.int8 or torch.uint8, got {cache.dtype}")
     if cache.dim() != 4 or cache.shape[2] != 1 or cache.shape[3] != bytes_per_token:
@@ -293,8 +296,7 @@ VALUE_DIM = 512
 def layout_of(cache: torch.Tensor, name: str = "k_cache") -> Fp8Layout:
     """The layout of an FP8 cache tensor, from its last dimension (656: V3.2, 584:
     MODEL1); TypeError or ValueError naming ``name`` otherwise."""
-    if not isinstance(cache, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type_name(cache)}")
+    _check_tensor(name, cache)
     for layout in LAYOUTS:
         if cache.dim() == 4 and cache.shape[3] == layout.bytes_per_token:
             return layout
@@ -342,7 +344,7 @@ def cache_bytes(cache: torch.Tensor, layout: Fp8Layout, name: str = "k_cache") -
 
 def dequantize_tokens(cache: torch.Tensor, layout: Fp8Layout, pages: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """The bfloat16 keys ``[..., head_dim]`` of tokens ``slots`` of pages ``pages``."""
-    return dequantize_token_bytes(cache_bytes(cache, layout), layout, pages, slots)
+    return dequantize_token_bytes(cache_bytes(cache, layout, "cache"), layout, pages, slots)
 
 
 def dequantize_token_bytes(raw: torch.Tensor, layout: Fp8Layout, pages: torch.Tensor,

@@ -25,12 +25,11 @@ While ``torch.compile`` traces, the functions dispatch to the custom ops of ``op
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import checks, runtime, scheduler
 from .launch_args import ALIGN_BYTES
+from .no_backward import without_backward
 
 _parts_cache: dict[tuple[int, int, int], int] = {}
 
@@ -188,8 +187,9 @@ def flash_mla_with_kvcache(
         or with ``causal`` a sequence shorter than ``s_q``) gets ``out = 0`` and
         ``softmax_lse = +inf``.
 
-    On the GPU, split sequences need an fp32 workspace (partial results, about
-    ``(b + num_sm_parts) * s_q * h_q * 2 KB``). The first call with a given
+    On the GPU, split sequences need a workspace (partial results in the output's 16-bit
+    dtype and their fp32 log-sum-exps, about ``(b + num_sm_parts) * s_q * h_q * 1 KB``;
+    ``scheduler.split_workspace_elems``). The first call with a given
     ``tile_scheduler_metadata`` allocates it and keeps it on that tensor for the
     following calls with it on the same CUDA stream (the layers of one decoding step);
     it is freed with the metadata. A call on another stream allocates its own.
@@ -215,17 +215,20 @@ def flash_mla_with_kvcache(
             raise ValueError  # the checks decide: the kernel sees q's rows, a copy where the KV heads are several
         if softmax_scale is None:
             scale = launch.default_scale
-        elif type(softmax_scale) is float and 0.0 < softmax_scale < math.inf:
+        elif checks.is_valid_scale(softmax_scale):
             scale = softmax_scale
         else:
             raise TypeError  # the checks decide
-        return runtime.launch_decode(launch, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
-                                     num_splits, scale)
-    except Exception:
-        pass  # first call of this configuration, CPU tensors, or a bad argument
-    return _checked_decode(
-        q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits, softmax_scale, causal
-    )
+        result = runtime.launch_decode(launch, q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
+                                       num_splits, scale)
+    except Exception:  # first call of this configuration, CPU tensors, or a bad argument
+        result = None
+    if result is None:
+        result = _checked_decode(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                                 num_splits, softmax_scale, causal)
+    if q.requires_grad or k_cache.requires_grad:
+        return without_backward("flash_mla_with_kvcache", result, q, k_cache)
+    return result
 
 
 def _checked_decode(
@@ -249,6 +252,6 @@ def _checked_decode(
     from .reference import flash_mla_reference
 
     checks.check_lengths_on_host(cache_seqlens)
-    return flash_mla_reference(
-        q, k_cache, block_table, cache_seqlens, problem.dv, softmax_scale=problem.softmax_scale, causal=problem.causal,
-    )
+    with torch.no_grad():  # as the kernel's outputs: no_backward
+        return flash_mla_reference(q, k_cache, block_table, cache_seqlens, problem.dv,
+                                   softmax_scale=problem.softmax_scale, causal=problem.causal)

@@ -38,9 +38,10 @@ import math
 import torch
 
 from . import runtime
-from .checks import type_name
+from .checks import _check_tensor
 from .compile import MERGE_HEAD_DIMS_V
 from .launch_args import MergeArgs, alignment_fault
+from .no_backward import without_backward
 
 
 def merge_attention_states(
@@ -69,10 +70,14 @@ def merge_attention_states(
         return torch.ops.flashmla_cute.merge_attention_states(out_a, lse_a, out_b, lse_b)
     try:  # the fast path
         merge_fn = _known_merges[_merge_key(out_a, lse_a, out_b, lse_b)]
-        return _launch(merge_fn, out_a, lse_a, out_b, lse_b)
-    except Exception:
-        pass  # first call of this configuration, one the kernel does not take, or a bad argument
-    return _checked_merge(out_a, lse_a, out_b, lse_b)
+        result = _launch(merge_fn, out_a, lse_a, out_b, lse_b)
+    except Exception:  # first call of this configuration, one the kernel does not take, or a bad argument
+        result = None
+    if result is None:
+        result = _checked_merge(out_a, lse_a, out_b, lse_b)
+    if out_a.requires_grad or lse_a.requires_grad or out_b.requires_grad or lse_b.requires_grad:
+        return without_backward("merge_attention_states", result, out_a, lse_a, out_b, lse_b)
+    return result
 
 
 # _merge_key -> the compiled merge, for configurations the checks passed and the kernel took.
@@ -116,6 +121,7 @@ def _kernel_merges(out_a: torch.Tensor, out_b: torch.Tensor) -> bool:
     return all(t.stride(-1) == 1 and alignment_fault(t) is None for t in (out_a, out_b))
 
 
+@torch.no_grad()  # as the kernel's outputs: no_backward
 def _merge_with_tensor_operations(out_a, lse_a, out_b, lse_b):
     """The merge on any device, for any floating dtype and ``dv``."""
     # Both halves side by side, lse brought to out's row order ([2, b, s_q, h_q]), so that
@@ -144,8 +150,7 @@ def _merge_with_tensor_operations(out_a, lse_a, out_b, lse_b):
 def _check(out_a, lse_a, out_b, lse_b) -> None:
     args = {"out_a": out_a, "lse_a": lse_a, "out_b": out_b, "lse_b": lse_b}
     for name, t in args.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type_name(t)}")
+        _check_tensor(name, t)
     if out_a.dim() != 4:
         raise ValueError(f"out_a must be [b, s_q, h_q, dv], got shape {tuple(out_a.shape)}")
     if not out_a.dtype.is_floating_point:

@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 
 from . import fp8_cache
+from .checks import _check_tensor
 
 _CHUNK_ELEMENTS = 1 << 25
 """Soft bound on the float32 elements of one chunk's gathered keys."""
@@ -90,6 +91,7 @@ def sparse_mla_reference(
         ``(out, lse)``: ``out [b, s_q, h_q, head_dim_v]`` bfloat16 and
         ``lse [b, h_q, s_q]`` float32 (natural log).
     """
+    _check_tensor("q", q)
     if q.dim() != 4:
         raise ValueError(f"q must be [b, s_q, h_q, d], got {tuple(q.shape)}")
     if (extra_k_cache is None) != (extra_indices is None):
@@ -97,6 +99,8 @@ def sparse_mla_reference(
     if extra_topk_length is not None and extra_k_cache is None:
         raise ValueError("extra_topk_length needs extra_k_cache and extra_indices")
     b, s_q, h_q, d = q.shape
+    if attn_sink is not None and tuple(attn_sink.shape) != (h_q,):
+        raise ValueError(f"attn_sink must be [h_q] = [{h_q}], got {tuple(attn_sink.shape)}")
     sources = [_key_source(q, k_cache, indices, topk_length, ("k_cache", "indices"))]
     if extra_k_cache is not None:
         sources.append(_key_source(q, extra_k_cache, extra_indices, extra_topk_length,
@@ -140,6 +144,11 @@ def _key_source(q, cache, indices, topk_length, names) -> _KeySource:
     are the cache's and the indices' argument names, for the errors."""
     cache_name, indices_name = names
     b, s_q, _, d = q.shape
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"{indices_name} must have an integer dtype, got {indices.dtype}")
+    if topk_length is not None and tuple(topk_length.shape) != (b,):
+        length_name = "topk_length" if indices_name == "indices" else "extra_topk_length"
+        raise ValueError(f"{length_name} must be [b] = [{b}], got {tuple(topk_length.shape)}")
     if cache.dim() != 4 or indices.dim() != 3:
         raise ValueError(
             f"{cache_name} must be [num_blocks, page_size, 1, bytes or d] and {indices_name} [b, s_q, topk], "
