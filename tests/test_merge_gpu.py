@@ -185,3 +185,18 @@ def test_rows_off_16_bytes_after_a_known_configuration_merge_by_tensor_operation
     got = merge_attention_states(off, lse_a, out_b, lse_b)
 
     assert_same_merge(got, merge._merge_with_tensor_operations(out_a, lse_a, out_b, lse_b), torch.bfloat16)
+
+
+def test_a_size_one_dimension_may_have_any_stride(requires_hopper):
+    # Its stride addresses nothing: the kernel takes such a call whether it comes first
+    # (the checked path) or after a known configuration (the fast path, whose compiled
+    # entry skips the strides of size-1 dimensions), so the result never depends on
+    # which call came first.
+    out_a, lse_a, out_b, lse_b = random_halves(1, 2, 16, torch.bfloat16, requires_hopper)
+    odd = torch.empty(3 + out_a.numel(), dtype=out_a.dtype, device=out_a.device)
+    odd = odd.as_strided(out_a.shape, (out_a.stride(0) + 3, *out_a.stride()[1:]), storage_offset=0)
+    odd.copy_(out_a)
+    assert merge._kernel_merges(odd, out_b)
+    first = merge_attention_states(odd, lse_a, out_b, lse_b)
+    known = merge_attention_states(out_a, lse_a, out_b, lse_b)
+    assert torch.equal(first[0], known[0]) and torch.equal(first[1], known[1])

@@ -111,14 +111,17 @@ def _launch(merge_fn, out_a, lse_a, out_b, lse_b):
 def _kernel_merges(out_a: torch.Tensor, out_b: torch.Tensor) -> bool:
     """Whether the merge kernel takes these results: on a Hopper GPU, in a dtype and with a
     ``dv`` it is built for, every row starting on 16 bytes (its loads and stores are of 16
-    bytes)."""
+    bytes). A dimension of size 1 may have any stride, as the compiled entry's check
+    allows (its stride is never used): the fast path, which that check guards, and the
+    checked path take the same calls to the kernel."""
     if out_a.device.type != "cuda" or out_a.numel() == 0:
         return False
     if out_a.dtype not in runtime.MERGE_DTYPE_NAMES or out_a.shape[-1] not in MERGE_HEAD_DIMS_V:
         return False
     if not runtime.is_hopper(runtime.index_of(out_a.device)):
         return False
-    return all(t.stride(-1) == 1 and alignment_fault(t) is None for t in (out_a, out_b))
+    row_dims = [dim for dim in range(out_a.dim() - 1) if out_a.shape[dim] > 1]
+    return all(t.stride(-1) == 1 and alignment_fault(t, row_dims) is None for t in (out_a, out_b))
 
 
 @torch.no_grad()  # as the kernel's outputs: no_backward
