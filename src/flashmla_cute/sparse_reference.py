@@ -101,10 +101,10 @@ def sparse_mla_reference(
     b, s_q, h_q, d = q.shape
     if attn_sink is not None and tuple(attn_sink.shape) != (h_q,):
         raise ValueError(f"attn_sink must be [h_q] = [{h_q}], got {tuple(attn_sink.shape)}")
-    sources = [_key_source(q, k_cache, indices, topk_length, ("k_cache", "indices"))]
+    sources = [_key_source(q, k_cache, indices, topk_length, ("k_cache", "indices", "topk_length"))]
     if extra_k_cache is not None:
         sources.append(_key_source(q, extra_k_cache, extra_indices, extra_topk_length,
-                                   ("extra_k_cache", "extra_indices")))
+                                   ("extra_k_cache", "extra_indices", "extra_topk_length")))
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
     device = q.device
 
@@ -141,13 +141,12 @@ def sparse_mla_reference(
 
 def _key_source(q, cache, indices, topk_length, names) -> _KeySource:
     """The checked cache and valid entries of one (cache, indices, topk_length); ``names``
-    are the cache's and the indices' argument names, for the errors."""
-    cache_name, indices_name = names
+    are the cache's, the indices' and the lengths' argument names, for the errors."""
+    cache_name, indices_name, length_name = names
     b, s_q, _, d = q.shape
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise TypeError(f"{indices_name} must have an integer dtype, got {indices.dtype}")
     if topk_length is not None and tuple(topk_length.shape) != (b,):
-        length_name = "topk_length" if indices_name == "indices" else "extra_topk_length"
         raise ValueError(f"{length_name} must be [b] = [{b}], got {tuple(topk_length.shape)}")
     if cache.dim() != 4 or indices.dim() != 3:
         raise ValueError(
