@@ -231,3 +231,13 @@ def test_equal_up_to_rounding_allows_one_step_of_the_dtype_and_nothing_else():
         spoil(y)
         with pytest.raises(AssertionError):
             assert_equal_up_to_rounding(y, x)
+
+
+def test_rejects_what_is_not_a_tensor_by_name():
+    x = make_decode_inputs(1, 1, 16, seqlens=[70], seed=1)
+    args = [x.q, x.k_cache, x.block_table, x.cache_seqlens]
+    for i, name in enumerate(("q", "k_cache", "block_table", "cache_seqlens")):
+        bad = list(args)
+        bad[i] = bad[i].tolist()
+        with pytest.raises(TypeError, match=f"^{name} must be a torch.Tensor, got list"):
+            flash_mla_reference(*bad, 512)

@@ -28,8 +28,7 @@ import math
 
 import torch
 
-PAGE_SIZE = 64
-"""Tokens per page of the paged KV cache."""
+from .checks import PAGE_SIZE, _check_tensor
 
 _CHUNK_ELEMENTS = 1 << 25
 """Soft bound on the float32 elements of one batch chunk's gathered keys (or scores)."""
@@ -63,6 +62,8 @@ def flash_mla_reference(
     Reads ``cache_seqlens`` and ``block_table`` on the host (this synchronizes a CUDA
     device); raises ValueError for lengths or page indices that do not fit the inputs.
     """
+    for name, x in (("q", q), ("k_cache", k_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        _check_tensor(name, x)
     if q.dim() != 4 or k_cache.dim() != 4:
         raise ValueError(
             f"q must be [b, s_q, h_q, d] and k_cache [num_blocks, 64, h_kv, d], "

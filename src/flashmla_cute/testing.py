@@ -15,8 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-PAGE_SIZE = 64
-"""Tokens per page of the paged KV cache."""
+from .checks import PAGE_SIZE
 
 GARBAGE_PAGE_INDEX = 2147480000
 """Written into every ``block_table`` entry past a sequence's last page: a kernel that
