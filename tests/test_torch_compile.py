@@ -93,6 +93,7 @@ BAD_COMPILED = {
     "head_dim_v -1": (dict(head_dim_v=-1), ValueError, "head_dim_v must be >= 1, got -1"),
     "head_dim_v float": (dict(head_dim_v=512.0), TypeError, "head_dim_v must be an int, got float"),
     "scale str": (dict(softmax_scale="a"), TypeError, "softmax_scale must be a float or None, got str"),
+    "scale -1": (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be a finite positive float, got -1.0"),
     "no heads": (dict(heads=0), ValueError, "num_heads_per_head_k must be >= 1, got 0"),
     "q float32": (lambda q: q.float(), TypeError, "q must have dtype torch.bfloat16 or torch.float16, got "
                                                   "torch.float32"),
@@ -129,3 +130,56 @@ def test_compiled_merge_refuses_what_the_eager_merge_refuses():
     compiled = torch.compile(flashmla_cute.merge_attention_states, fullgraph=True, backend="eager")
     with pytest.raises(ValueError, match=r"out_a must be \[b, s_q, h_q, dv\], got shape \(2, 3, 4\)"):
         compiled(out, lse, out, lse)
+
+
+def current_api_step(q, k_cache, block_table, cache_seqlens, softmax_scale=None):
+    from flashmla_cute import api
+
+    plan, _ = api.get_mla_metadata()
+    return api.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, plan, None, softmax_scale)
+
+
+def feb_api_step(q, k_cache, block_table, cache_seqlens, softmax_scale=None):
+    meta, splits = flashmla_cute.get_mla_metadata(cache_seqlens, q.shape[1] * q.shape[2], k_cache.shape[2])
+    return flashmla_cute.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, meta, splits,
+                                                softmax_scale)
+
+
+@pytest.mark.parametrize("scale", [None, 0.05, "from q"], ids=["default scale", "scale given", "scale from q"])
+@pytest.mark.parametrize("step", [feb_api_step, current_api_step], ids=["Feb-2025 API", "current API"])
+def test_dense_steps_compile_whole_with_dynamic_shapes(step, scale):
+    # With dynamic=True every size and float is traced: a scale is then a symbolic float,
+    # whose value is checked when the op runs.
+    x = make_decode_inputs(2, 1, 16, seqlens=[50, 87])
+    args = (x.q, x.k_cache, x.block_table, x.cache_seqlens)
+
+    def run(*tensors):
+        return step(*tensors, tensors[0].shape[-1] ** -0.5 if scale == "from q" else scale)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run, dynamic=True, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(*args), run(*args)):
+        assert torch.equal(got, expected)
+
+
+def test_sparse_calls_run_eagerly_under_compile():
+    # No custom op: the sparse call is a graph break, and with fullgraph=True torch's
+    # error names the function it may not trace.
+    from flashmla_cute import api
+    from flashmla_cute.sparse_testing import make_sparse_decode_inputs
+
+    x = make_sparse_decode_inputs(2, 1, 64, 300, 64, 16, seed=3)
+
+    def step(q):
+        plan, _ = api.get_mla_metadata()
+        out, lse = api.flash_mla_with_kvcache(q, x.k_cache, None, None, 512, plan, softmax_scale=x.softmax_scale,
+                                              is_fp8_kvcache=True, indices=x.indices)
+        return out * 2, lse
+
+    expected = step(x.q)
+    torch._dynamo.reset()
+    for got, want in zip(torch.compile(step, backend="aot_eager")(x.q), expected):
+        assert torch.equal(got, want)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="_sparse"):
+        torch.compile(step, fullgraph=True, backend="aot_eager")(x.q)

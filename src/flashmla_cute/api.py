@@ -117,13 +117,16 @@ def flash_mla_with_kvcache(
         )
     if num_splits is not None:
         raise ValueError("num_splits must be None (the plan lives in tile_scheduler_metadata)")
-    if softmax_scale is None and isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] > 0:
-        softmax_scale = q.shape[-1] ** -0.5  # else the checks name what is wrong with q
-    if indices is None:
+    if indices is None:  # the dense call's default scale is the same, q.shape[-1] ** -0.5
         return _dense(q, k_cache, block_table, cache_seqlens, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache,
                       attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
-    result = _sparse(q, k_cache, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
-                     extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
+    if softmax_scale is None and isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] > 0:
+        softmax_scale = q.shape[-1] ** -0.5  # else the checks name what is wrong with q
+    # Sparse calls have no custom op: under torch.compile they run eagerly, a graph break
+    # (with fullgraph=True, torch's error names the disabled function).
+    sparse = _sparse_untraced if torch.compiler.is_compiling() else _sparse
+    result = sparse(q, k_cache, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
+                    extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
     if any(x is not None and x.requires_grad for x in (q, k_cache, attn_sink, extra_k_cache)):
         return without_backward("flash_mla_with_kvcache", result, q, k_cache, attn_sink, extra_k_cache)
     return result
@@ -176,6 +179,9 @@ def _sparse(q, k_cache, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache,
                                           extra_topk_length=extra_topk_length)
     _record_plan(plan, config)
     return result
+
+
+_sparse_untraced = torch.compiler.disable(_sparse)
 
 
 _known_sparse: dict[tuple, tuple] = {}

@@ -70,8 +70,7 @@ def checked_softmax_scale(softmax_scale, d: int) -> float:
     """``softmax_scale`` as a float: ``d ** -0.5`` for None, else a finite positive real."""
     if softmax_scale is None:
         return d ** -0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-        raise TypeError(f"softmax_scale must be a float or None, got {type_name(softmax_scale)}")
+    _check_scale_type(softmax_scale)
     try:
         scale = float(softmax_scale)
     except OverflowError:  # an int past float's range
@@ -83,6 +82,11 @@ def checked_softmax_scale(softmax_scale, d: int) -> float:
     if not low <= scale <= high:
         raise ValueError(f"softmax_scale must be within float32's normal range [{low:.7g}, {high:.7g}], got {scale}")
     return scale
+
+
+def _check_scale_type(softmax_scale) -> None:
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale must be a float or None, got {type_name(softmax_scale)}")
 
 
 def is_valid_scale(softmax_scale) -> bool:
@@ -139,7 +143,10 @@ def check_metadata_scalars(num_heads_per_head_k, num_heads_k) -> tuple[int, int]
 
 def check_decode_scalars(head_dim_v, softmax_scale, causal) -> None:
     _check_int("head_dim_v", head_dim_v)
-    checked_softmax_scale(softmax_scale, 1)
+    if softmax_scale is not None:
+        # Its type only: a traced float (dynamic=True) has no value to check here, so
+        # its value is checked when the op runs (which the schema leaves as it is).
+        _check_scale_type(softmax_scale)
     check_bool("causal", causal)
 
 
