@@ -28,6 +28,7 @@ import torch
 
 from . import checks, interface, runtime, sparse_checks
 from .launch_args import ALIGN_BYTES
+from .lse_layout import in_layout
 from .no_backward import without_backward
 from .sparse_reference import sparse_mla_reference
 
@@ -174,9 +175,10 @@ def _sparse(q, k_cache, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache,
         runtime.remember(_known_sparse, key, (launch, config))
     else:
         with torch.no_grad():  # as the kernel's outputs: no_backward
-            result = sparse_mla_reference(q, k_cache, indices, topk_length, attn_sink, problem.softmax_scale,
-                                          extra_k_cache=extra_k_cache, extra_indices=extra_indices_in_kvcache,
-                                          extra_topk_length=extra_topk_length)
+            out, lse = sparse_mla_reference(q, k_cache, indices, topk_length, attn_sink, problem.softmax_scale,
+                                            extra_k_cache=extra_k_cache, extra_indices=extra_indices_in_kvcache,
+                                            extra_topk_length=extra_topk_length)
+        result = out, in_layout(lse, by_query_token=True)
     _record_plan(plan, config)
     return result
 

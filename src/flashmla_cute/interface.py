@@ -29,6 +29,7 @@ import torch
 
 from . import checks, runtime, scheduler
 from .launch_args import ALIGN_BYTES
+from .lse_layout import dense_by_query_token, in_layout
 from .no_backward import without_backward
 
 _parts_cache: dict[tuple[int, int, int], int] = {}
@@ -253,5 +254,6 @@ def _checked_decode(
 
     checks.check_lengths_on_host(cache_seqlens)
     with torch.no_grad():  # as the kernel's outputs: no_backward
-        return flash_mla_reference(q, k_cache, block_table, cache_seqlens, problem.dv,
-                                   softmax_scale=problem.softmax_scale, causal=problem.causal)
+        out, lse = flash_mla_reference(q, k_cache, block_table, cache_seqlens, problem.dv,
+                                       softmax_scale=problem.softmax_scale, causal=problem.causal)
+    return out, in_layout(lse, dense_by_query_token(problem.h_kv))

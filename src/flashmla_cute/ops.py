@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from . import interface, merge, scheduler
+from .lse_layout import dense_by_query_token, empty_lse
 
 NAMESPACE = "flashmla_cute"
 
@@ -60,7 +61,8 @@ def _(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadat
     if q.dim() != 4:  # refused when the op runs
         return q.new_empty(q.shape), q.new_empty(q.shape, dtype=torch.float32)
     b, s_q, h_q, _ = q.shape
-    return q.new_empty((b, s_q, h_q, head_dim_v)), q.new_empty((b, h_q, s_q), dtype=torch.float32)
+    by_query_token = k_cache.dim() == 4 and dense_by_query_token(k_cache.shape[2])
+    return q.new_empty((b, s_q, h_q, head_dim_v)), empty_lse(b, h_q, s_q, by_query_token, q.device)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::merge_attention_states", mutates_args=())

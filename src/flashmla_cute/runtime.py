@@ -27,6 +27,7 @@ import torch
 
 from . import compile as compile_mod
 from .launch_args import DecodeArgs, MetadataArgs
+from .lse_layout import dense_by_query_token, lse_strides
 from .scheduler import METADATA_INTS, split_workspace_elems
 
 _DTYPE_NAMES = {getattr(torch, name): name for name in compile_mod.DTYPES}
@@ -180,6 +181,7 @@ class DecodeLaunch(NamedTuple):
     device_index: int
     out_shape: tuple  # (b, s_q, h_q, dv)
     lse_shape: tuple  # (b, h_q, s_q)
+    lse_strides: tuple  # FlashMLA's layout (lse_layout)
     workspace_elems: int
     h_kv: int
     heads_per_kv: int
@@ -253,6 +255,7 @@ def decode_launch(problem, dtype: torch.dtype, device_index: int) -> DecodeLaunc
         device_index=device_index,
         out_shape=(p.b, p.s_q, p.h_q, p.dv),
         lse_shape=(p.b, p.h_q, p.s_q),
+        lse_strides=lse_strides(p.b, p.h_q, p.s_q, dense_by_query_token(p.h_kv)),
         workspace_elems=elems,
         h_kv=p.h_kv,
         heads_per_kv=p.heads_per_kv,
@@ -267,7 +270,7 @@ def launch_decode(launch: DecodeLaunch, q, k_cache, block_table, cache_seqlens, 
     launches nothing) on arguments that do not match what it was compiled for."""
     workspace = split_workspace(meta, launch.workspace_elems, launch.device_index)
     out = q.new_empty(launch.out_shape)
-    lse = workspace.new_empty(launch.lse_shape)
+    lse = workspace.new_empty_strided(launch.lse_shape, launch.lse_strides)
     rows = query_rows(q, launch.h_kv) if launch.gather_rows else q
     launch.fn(*DecodeArgs(q=rows, k=k_cache, block_table=block_table, seqlens=cache_seqlens, meta=meta,
                           num_splits=num_splits, o=out, lse=lse, accum=workspace, softmax_scale=scale,

@@ -13,6 +13,7 @@ import torch
 from . import compile as compile_mod
 from . import fp8_cache, runtime
 from .launch_args import SparseDecodeArgs
+from .lse_layout import lse_strides
 from .sparse_checks import SparseDecodeProblem
 from .sparse_plan import SparsePlan, plan_splits
 
@@ -49,6 +50,7 @@ class SparseLaunch(NamedTuple):
     layout: fp8_cache.Fp8Layout
     out_shape: tuple  # (b, s_q, h_q, 512)
     lse_shape: tuple  # (b, h_q, s_q)
+    lse_strides: tuple  # FlashMLA's layout: by query token (lse_layout)
     accum_elems: int  # the split query tokens' fragments' partials (SparsePlan.workspace_elems)
     num_splits: torch.Tensor  # the combine kernel's fragment offsets (SparsePlan.fragment_offsets)
     plan: SparsePlan
@@ -70,6 +72,7 @@ def sparse_launch(problem: SparseDecodeProblem, device: torch.device) -> SparseL
         layout=problem.layout,
         out_shape=(b, s_q, h_q, fp8_cache.VALUE_DIM),
         lse_shape=(b, h_q, s_q),
+        lse_strides=lse_strides(b, h_q, s_q, by_query_token=True),
         accum_elems=plan.workspace_elems(b, s_q, h_q),
         num_splits=split_offsets(b, plan, device),
         plan=plan,
@@ -88,7 +91,7 @@ def launch_sparse(launch: SparseLaunch, plan, q, k_cache, indices, topk_length, 
     for."""
     accum = runtime.split_workspace(plan, launch.accum_elems, launch.device_index)
     out = q.new_empty(launch.out_shape)
-    lse = accum.new_empty(launch.lse_shape)
+    lse = accum.new_empty_strided(launch.lse_shape, launch.lse_strides)
     no_length, no_sink = _absent(q.device)
     # The kernel reads the caches' bytes (any of the checks' one-byte dtypes) and makes
     # its own views of them.
