@@ -630,6 +630,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+DENSE_RECORD_KEYS = ("device", "time", "copy", "matmul", "cases")  # what ``plot`` reads of a record
+
+
+def saved_dense_record(path: str) -> dict:
+    """The record of a dense run that this script saved with ``--json`` at ``path``, for
+    ``--plot-from``; an argument error for a file that cannot be read or that is not one
+    (bench_sparse.py's JSON, say, has no copy ceiling)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e}") from None
+    missing = [key for key in DENSE_RECORD_KEYS if not isinstance(record, dict) or key not in record]
+    if missing or not isinstance(record["cases"], list):
+        raise argparse.ArgumentTypeError(f"{path} is not a dense table this script wrote with --json "
+                                         f"(it lacks {', '.join(missing) or 'a list of cases'})")
+    return record
+
+
 def add_run_args(parser: argparse.ArgumentParser, check_help: str, no_peers_help: str) -> None:
     """The flags every benchmark script of this folder takes besides its cases."""
     parser.add_argument("--check", action="store_true", help=check_help)
@@ -695,7 +713,7 @@ def parse_args(argv=None):
     parser.add_argument("--csv", metavar="PATH", default=None, help="also write every number to this CSV file")
     parser.add_argument("--plot", metavar="FILE.png", default=None,
                         help="draw GB/s and TFLOPS per case with the ceilings into this image (needs matplotlib)")
-    parser.add_argument("--plot-from", metavar="JSON", default=None,
+    parser.add_argument("--plot-from", metavar="JSON", type=saved_dense_record, default=None,
                         help="with --plot: draw from a JSON this script wrote, instead of running (no GPU needed)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
                         help="dtype of q and the KV cache (default: bfloat16)")
@@ -707,12 +725,17 @@ def parse_args(argv=None):
                         help="round every sequence length up to a multiple of TOKENS (64: no partial last "
                         "block; 128: no odd block count), to time what a sequence's last blocks cost (default: 1)")
     args = parser.parse_args(argv)
-    if args.plot_from and not args.plot:
+    if args.plot_from is not None and not args.plot:
         parser.error("--plot-from needs --plot FILE.png (where to draw)")
     if args.confirm < 0:
         parser.error(f"--confirm must be >= 0 (more runs of the cases behind), got {args.confirm}")
     if args.confirm and args.no_peers:
         parser.error("--confirm needs the peers' ratios: leave out --no-peers")
+    if args.match is not None:
+        try:
+            re.compile(args.match)
+        except re.error as e:
+            parser.error(f"--match {args.match!r} is not a regular expression: {e}")
     if not selected_cases(args):
         parser.error(f"--match {args.match!r}: no case of --cases {args.cases} matches "
                      f"(names look like {CASE_SETS[args.cases][0].name!r})")
@@ -730,8 +753,8 @@ def selected_cases(args) -> list[tuple[int, Case]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.plot_from:
-        plot(json.loads(Path(args.plot_from).read_text()), args.plot)
+    if args.plot_from is not None:
+        plot(args.plot_from, args.plot)  # the record, read by the parser
         return 0
     if args.plot:
         import_pyplot()  # fail now, not after the whole run

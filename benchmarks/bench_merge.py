@@ -12,12 +12,15 @@ two paths' results are compared first (the largest difference, in units of the d
 epsilon).
 """
 
+import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_decode, host_costs, kernel_times
+from bench_decode import no_hopper_reason  # noqa: E402
 from flashmla_cute import merge, merge_attention_states  # noqa: E402
 from host_costs import per_call_us  # noqa: E402
 from kernel_times import graph_time  # noqa: E402
@@ -37,10 +40,14 @@ def halves(b, s_q, h_q, dtype):
     return out[0], lse[0], out[1], lse[1]
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("bench_merge.py needs a CUDA GPU.", file=sys.stderr)
-        return 1
+def main(argv=None) -> int:
+    # No options: the parser gives --help and refuses arguments the benchmark would ignore.
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    # The merge kernel runs on Hopper GPUs only: elsewhere both paths would be the tensor operations.
+    reason = no_hopper_reason("bench_merge.py")
+    if reason:
+        print(reason, file=sys.stderr)
+        return 2
     paths = {"kernel": merge_attention_states, "tensor ops": merge._merge_with_tensor_operations}
     print(f"{'case':28s} {'max diff':>9s}  " + "  ".join(f"{p + ' enqueue/wall/graph us':>34s}" for p in paths))
     for b, s_q, h_q, dtype in CASES:

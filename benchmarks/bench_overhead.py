@@ -27,6 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+from bench_decode import positive_int  # noqa: E402
+
 B, SEQLEN, H_Q, S_Q, H_KV = 1, 100, 16, 1, 1
 D, DV = 576, 512
 
@@ -110,12 +115,14 @@ def graph_us(fn, calls: int = 100, replays: int = 20) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=500, help="calls per batch (default: 500)")
-    parser.add_argument("--batches", type=int, default=20, help="batches (default: 20)")
+    parser.add_argument("--calls", type=positive_int, default=500, help="calls per batch (default: 500)")
+    parser.add_argument("--batches", type=positive_int, default=20, help="batches (default: 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up calls (default: 5)")
     parser.add_argument("--pin", action="store_true", help="run on one CPU core")
     args = parser.parse_args(argv)
+    if not args.warmup >= 0:  # NaN too
+        parser.error(f"--warmup must be >= 0 seconds, got {args.warmup:g}")
     if args.pin:
         os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
 

@@ -21,7 +21,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_decode
 import flashmla_cute  # noqa: E402
+from bench_decode import no_hopper_reason  # noqa: E402
 from flashmla_cute.testing import capture_graph, make_decode_inputs, random_seqlens  # noqa: E402
 
 # (b, seqlen, h_q, s_q, varlen)
@@ -29,6 +31,7 @@ ANCHORS = [(128, 8192, 16, 1, False), (128, 8192, 64, 1, False), (128, 8192, 128
            (128, 8192, 128, 2, False), (1, 100, 16, 1, False)]
 SERVING = [(b, seqlen, h_q, 1, False) for b in (1, 8, 32) for seqlen in (1024, 16384) for h_q in (16, 128)]
 SERVING += [(4, 32768, 16, 1, False), (64, 2048, 32, 2, True)]
+CASE_SETS = {"anchors": ANCHORS, "serving": SERVING, "all": ANCHORS + SERVING}  # and "plans": no decode cases
 CALLS = 10
 PLAN_BATCHES = (1, 8, 32, 128, 512, 4096)
 PLAN_ROWS = (16, 256)  # s_q * h_q per KV head: 132 and 33 SM parts on an H100
@@ -170,17 +173,33 @@ def case_name(b, seqlen, h_q, s_q, varlen):
     return f"b{b} sk{seqlen} h{h_q} s{s_q}" + (" var" if varlen else "")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", choices=("anchors", "serving", "all", "plans"), default="anchors")
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", choices=(*CASE_SETS, "plans"), default="anchors")
     parser.add_argument("--only", metavar="NAME", help="only the case with this name, e.g. 'b1 sk100 h16 s1'")
     parser.add_argument("--no-peers", action="store_true", help="time this package only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.only is not None:
+        names = [case_name(*c) for c in CASE_SETS.get(args.cases, [])]
+        if not names:
+            parser.error(f"--only picks a decode case; --cases {args.cases} has none")
+        if args.only not in names:
+            parser.error(f"--only {args.only!r}: no case of --cases {args.cases} has that name; "
+                         f"its cases are {', '.join(map(repr, names))}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    reason = no_hopper_reason("kernel_times.py")
+    if reason:
+        print(reason, file=sys.stderr)
+        return 2
     if args.cases == "plans":
         time_plans(not args.no_peers)
-        return
-    cases = {"anchors": ANCHORS, "serving": SERVING, "all": ANCHORS + SERVING}[args.cases]
-    if args.only:
+        return 0
+    cases = CASE_SETS[args.cases]
+    if args.only is not None:
         cases = [c for c in cases if case_name(*c) == args.only]
     impls = {"ours": ours, **({} if args.no_peers else peers())}
     for b, seqlen, h_q, s_q, varlen in cases:
@@ -195,7 +214,8 @@ def main():
             line.append(f"  {name:<17} {wall:8.1f} us per call in a graph  [kernels: {parts}; "
                         f"{tail:.1f} after the decode kernel's end]")
         print(case_name(b, seqlen, h_q, s_q, varlen), *line, sep="\n", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,9 +18,9 @@ token, so they run non-causal.
 
 Rank 0 then computes the same attention on one device over the whole context and prints
 the cosine distance of the merged result to it, with PASS (out and lse under 1e-5) or
-FAIL; every rank exits with status 1 on FAIL. With ``--iters`` > 1 it also prints the
-median time of each rank's attention, of the exchange (``all_gather``), of the merge, and
-of the single-device attention over the whole context. At these sizes (a few hundred
+FAIL; every rank exits with status 1 on FAIL. It also prints the median time over
+``--iters`` calls of each rank's attention, of the exchange (``all_gather``), of the merge,
+and of the single-device attention over the whole context. At these sizes (a few hundred
 kilobytes a rank) the exchange takes far longer than moving its bytes would: its time is
 mostly the host's. The merge is one kernel a pair of ranks on Hopper GPUs (float32
 results: the merge rounds once, at the end).
@@ -150,6 +150,18 @@ def parse_args(argv=None):
     return args
 
 
+def rank_gpu_problem(local_rank: int) -> str | None:
+    """Why GPU ``local_rank`` cannot run a rank with ``--backend nccl``, or None. Checked
+    before ``torch.cuda.set_device``, which without that GPU (a CPU-only torch, no GPU,
+    fewer GPUs than ranks) fails with torch's own error, not a hint to use gloo."""
+    if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
+        return f"cuda:{local_rank} is not there ({torch.cuda.device_count()} CUDA GPUs found)"
+    device = torch.device("cuda", local_rank)
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return f"cuda:{local_rank} is {torch.cuda.get_device_name(device)}"
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if "RANK" not in os.environ:
@@ -158,12 +170,13 @@ def main(argv=None) -> int:
         return 2
     if args.backend == "nccl":
         local_rank = int(os.environ["LOCAL_RANK"])
+        problem = rank_gpu_problem(local_rank)
+        if problem:
+            print(f"--backend nccl needs a Hopper (sm_90) GPU per rank; {problem}. Use --backend gloo to run on "
+                  "the CPU.", file=sys.stderr)
+            return 2
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        if torch.cuda.get_device_capability(device) != (9, 0):
-            print(f"--backend nccl needs a Hopper (sm_90) GPU per rank; cuda:{local_rank} is "
-                  f"{torch.cuda.get_device_name(device)}. Use --backend gloo to run on the CPU.", file=sys.stderr)
-            return 2
     else:
         device = torch.device("cpu")
     dist.init_process_group(args.backend)

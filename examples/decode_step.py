@@ -12,6 +12,7 @@ reference on the CPU.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -42,7 +43,9 @@ def make_paged_cache(seqlens: torch.Tensor, h_kv: int, dtype, device, gen):
     return k_cache.to(device), block_table.to(device)
 
 
-def main() -> None:
+def main(argv=None) -> int:
+    # No options: the parser gives --help and refuses arguments the example would ignore.
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     device = pick_device()
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(0)

@@ -9,20 +9,23 @@ token's top-k cache tokens at random (as the model's indexer would), and runs
 ``flash_mla_with_kvcache`` with ``indices`` for a few layers that share one plan. With
 MODEL1 each query token also attends to an extra cache, its sequence's most recent
 tokens (``extra_k_cache``, ``extra_indices_in_kvcache``, ``extra_topk_length``), in the
-same softmax. On a Hopper GPU the CuTe DSL kernel runs (compiled on first use) and is
-compared with the float32 reference; elsewhere the same calls run the reference on the CPU.
+same softmax. On a Hopper GPU the CuTe DSL kernel runs (compiled on first use);
+elsewhere the same calls run the reference on the CPU. Each layer's result is compared
+with the float32 reference by cosine distance, with PASS (out and lse under 1e-5) or
+FAIL; the example exits with status 1 if a layer fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from flashmla_cute import fp8_cache
 from flashmla_cute.api import flash_mla_with_kvcache, get_mla_metadata
 from flashmla_cute.sparse_reference import sparse_mla_reference
-from flashmla_cute.testing import cosine_distance
+from flashmla_cute.testing import reference_verdict
 
 DV = fp8_cache.VALUE_DIM  # value width: 512 in both layouts
 LAYOUTS = {layout.key: layout for layout in fp8_cache.LAYOUTS}  # "v32" and "model1"
@@ -53,10 +56,10 @@ def cache_indices(positions: torch.Tensor, block_table: torch.Tensor, page: int)
     return torch.where(positions >= 0, pages * page + positions % page, -1).to(torch.int32)
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layout", choices=tuple(LAYOUTS), default="v32")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = pick_device()
     gen = torch.Generator().manual_seed(0)
     b, s_q, h_q, topk, num_layers = 4, 2, 128, 512, 3  # s_q = 2: one extra MTP token
@@ -88,18 +91,19 @@ def main() -> None:
     reference_extra = {k.replace("_in_kvcache", ""): v for k, v in extra.items()}
 
     plan, _ = get_mla_metadata()  # filled by the first call, reused by the others
+    all_passed = True
     for layer in range(num_layers):
         q = torch.randn(b, s_q, h_q, layout.head_dim, generator=gen).to(torch.bfloat16).to(device)
         out, lse = flash_mla_with_kvcache(
             q, k_cache, None, None, DV, plan, is_fp8_kvcache=True, indices=indices, attn_sink=attn_sink, **extra,
         )
         ref_out, ref_lse = sparse_mla_reference(q, k_cache, indices, attn_sink=attn_sink, **reference_extra)
-        print(
-            f"layer {layer}: out {tuple(out.shape)} {out.dtype}, lse {tuple(lse.shape)}; "
-            f"cosine distance to the reference {cosine_distance(out, ref_out):.2e} (out), "
-            f"{cosine_distance(lse, ref_lse):.2e} (lse)"
-        )
+        passed, verdict = reference_verdict(out, lse, ref_out, ref_lse)
+        all_passed &= passed
+        print(f"layer {layer}: out {tuple(out.shape)} {out.dtype}, lse {tuple(lse.shape)}; "
+              f"against the float32 reference: {verdict}")
+    return 0 if all_passed else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -46,12 +46,14 @@ def test_every_anchor_is_a_case_and_case_names_are_unique(bench):
     assert bench.Case(64, 2048, 32, 2, True).name == "b64 sk2048 h32 s2 var"
 
 
-def test_arguments(bench):
+def test_arguments(bench, tmp_path):
     args = bench.parse_args(["--cases", "serving", "--check", "--csv", "r.csv", "--plot", "r.png"])
     assert (args.cases, args.check, args.csv, args.plot, args.no_peers) == ("serving", True, "r.csv", "r.png", False)
     assert bench.parse_args([]).cases == "all"
+    source = tmp_path / "r.json"
+    source.write_text(json.dumps(synthetic_record(bench, ())))
     with pytest.raises(SystemExit):
-        bench.parse_args(["--plot-from", "r.json"])  # nowhere to draw
+        bench.parse_args(["--plot-from", str(source)])  # nowhere to draw
     with pytest.raises(SystemExit):
         bench.parse_args(["--cases", "huge"])
 
@@ -63,6 +65,23 @@ def test_match_picks_cases_by_name_and_refuses_a_pattern_that_picks_none(bench):
     assert [c for _, c in bench.selected_cases(bench.parse_args(["--cases", "quick"]))] == bench.CASE_SETS["quick"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--cases", "serving", "--match", "b128"])  # the serving cases have no b = 128
+
+
+def test_match_must_be_a_regular_expression(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--match", "("])
+    assert "--match '(' is not a regular expression" in capsys.readouterr().err
+
+
+def test_plot_from_must_be_a_saved_dense_table(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--plot-from", str(tmp_path / "missing.json"), "--plot", "r.png"])
+    assert "argument --plot-from: cannot read" in capsys.readouterr().err
+    sparse = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "h100-sparse.json"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--plot-from", str(sparse), "--plot", "r.png"])  # bench_sparse.py's: no copy ceiling
+    err = capsys.readouterr().err
+    assert "argument --plot-from:" in err and "lacks copy" in err
 
 
 def test_a_matched_case_keeps_its_position_in_the_whole_set_so_its_inputs_are_the_same(bench):

@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import load_script
 
@@ -40,3 +41,21 @@ def test_tail_is_measured_from_each_calls_decode_kernel_end_to_its_last_kernel_e
 
 def test_tail_is_not_a_number_without_a_decode_kernel():
     assert math.isnan(kernel_times.tail_after_decode([("flash_fwd_mla_combine_kernel", 0.0, 1.0)]))
+
+
+def test_only_picks_a_case_of_the_chosen_set_and_names_them_when_none_matches(capsys):
+    assert kernel_times.parse_args(["--only", "b1 sk100 h16 s1"]).only == "b1 sk100 h16 s1"
+    with pytest.raises(SystemExit):
+        kernel_times.parse_args(["--cases", "serving", "--only", "b1 sk100 h16 s1"])  # an anchor, not a serving case
+    assert "--only 'b1 sk100 h16 s1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        kernel_times.parse_args(["--only", "bogus"])
+    assert "'b128 sk8192 h16 s1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        kernel_times.parse_args(["--cases", "plans", "--only", "b1 sk100 h16 s1"])
+
+
+def test_without_a_gpu_it_exits_2_saying_why(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert kernel_times.main(["--cases", "plans"]) == 2
+    assert "kernel_times.py needs a CUDA GPU" in capsys.readouterr().err
