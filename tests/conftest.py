@@ -69,3 +69,11 @@ def requires_hopper():
     import torch
 
     return torch.device("cuda", torch.cuda.current_device())
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def each_device(request):
+    """The test once with CPU tensors and once on a Hopper GPU (skipped without one)."""
+    if request.param == "cuda":
+        request.getfixturevalue("requires_hopper")
+    return request.param

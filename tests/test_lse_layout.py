@@ -13,7 +13,6 @@ from flashmla_cute.sparse_reference import sparse_mla_reference
 from flashmla_cute.sparse_testing import make_sparse_decode_inputs
 from flashmla_cute.testing import make_decode_inputs
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 B, S_Q, H_Q = 2, 2, 16
 
 
@@ -21,12 +20,9 @@ def by_query_token(lse):
     return lse.stride() == (S_Q * H_Q, 1, H_Q)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("h_kv", [1, 2])
-def test_dense_lse_by_query_token_with_one_kv_head(request, device, h_kv):
-    if device == "cuda":
-        request.getfixturevalue("requires_hopper")
-    x = make_decode_inputs(B, S_Q, H_Q, h_kv=h_kv, seqlens=[300, 70], device=device, seed=1)
+def test_dense_lse_by_query_token_with_one_kv_head(each_device, h_kv):
+    x = make_decode_inputs(B, S_Q, H_Q, h_kv=h_kv, seqlens=[300, 70], device=each_device, seed=1)
     meta, splits = flashmla_cute.get_mla_metadata(x.cache_seqlens, S_Q * H_Q // h_kv, h_kv)
     _, lse = flashmla_cute.flash_mla_with_kvcache(x.q, x.k_cache, x.block_table, x.cache_seqlens, 512, meta, splits,
                                                   causal=True)
@@ -37,11 +33,8 @@ def test_dense_lse_by_query_token_with_one_kv_head(request, device, h_kv):
         assert lse.transpose(1, 2).view(B * S_Q, H_Q).shape == (B * S_Q, H_Q)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_sparse_lse_by_query_token(request, device):
-    if device == "cuda":
-        request.getfixturevalue("requires_hopper")
-    x = make_sparse_decode_inputs(B, S_Q, 64, 300, 64, 16, seed=2, device=device)
+def test_sparse_lse_by_query_token(each_device):
+    x = make_sparse_decode_inputs(B, S_Q, 64, 300, 64, 16, seed=2, device=each_device)
     plan, _ = api.get_mla_metadata()
     _, lse = api.flash_mla_with_kvcache(x.q, x.k_cache, None, None, 512, plan, softmax_scale=x.softmax_scale,
                                         is_fp8_kvcache=True, indices=x.indices)
