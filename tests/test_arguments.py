@@ -124,6 +124,9 @@ BAD = {
     "block_table_uint32": (setter("block_table", lambda x: x.to(torch.uint32)), TypeError, "block_table must have dtype torch.int32, got torch.uint32"),
     "block_table_rank1": (setter("block_table", lambda x: x[:, 0].contiguous()), ValueError, "block_table must have 2 dimensions"),
     "block_table_rows": (setter("block_table", lambda x: torch.cat([x, x[:1]])), ValueError, "block_table.shape[0] must equal the batch size b = 3"),
+    # Rows that share one storage of 2**25 entries (128 MiB, never written)
+    "block_table_too_wide": (setter("block_table", lambda x: torch.empty(2**25, dtype=x.dtype, device=x.device).expand(x.shape[0], -1)),
+                             ValueError, "block_table.shape[1] must be at most 33554431 (the pages of the longest int32 length), got 33554432"),
     "block_table_strided": (setter("block_table", strided), ValueError, "block_table must have a contiguous last dimension"),
     "cache_seqlens_int64": (setter("cache_seqlens", lambda x: x.long()), TypeError, "cache_seqlens must have dtype torch.int32, got torch.int64"),
     "cache_seqlens_uint32": (setter("cache_seqlens", lambda x: x.to(torch.uint32)), TypeError, "cache_seqlens must have dtype torch.int32, got torch.uint32"),

@@ -83,6 +83,38 @@ def test_empty_sequences_with_a_block_table_of_width_0(requires_hopper):
     assert (out == 0).all() and torch.isposinf(lse).all()
 
 
+def test_a_sequence_longer_than_a_table_of_width_0_gives_nan(requires_hopper):
+    # As any sequence longer than its table (PAST_THE_TABLE below), taken whole: NaN out
+    # and NaN lse, not the +inf of a sequence without keys; the empty one beside it is one.
+    import flashmla_cute
+
+    inputs = make_decode_inputs(2, 1, 16, seqlens=[5, 0], device="cuda", seed=8)
+    meta, num_splits = flashmla_cute.get_mla_metadata(inputs.cache_seqlens, 16, 1)
+    out, lse = flashmla_cute.flash_mla_with_kvcache(
+        inputs.q, inputs.k_cache, inputs.block_table[:, :0], inputs.cache_seqlens, 512, meta, num_splits
+    )
+    assert torch.isnan(out[0]).all() and torch.isnan(lse[0]).all()
+    assert (out[1] == 0).all() and torch.isposinf(lse[1]).all()
+
+
+@pytest.mark.parametrize("h_q,h_kv", [(100, 1), (20, 5), (48, 1)])
+def test_head_counts_off_the_mma_tiles(requires_hopper, h_q, h_kv):
+    # Query rows a KV head that fill no whole tile of 16 or 64 rows, split and whole.
+    inputs = make_decode_inputs(5, 2, h_q, h_kv=h_kv, seqlens=[9000, 1, 130, 0, 700], device="cuda", seed=h_q)
+    run_and_check(inputs, h_q, 2, causal=True)
+
+
+def test_a_split_whose_last_fragment_some_rows_cannot_see(requires_hopper):
+    # Length 129 at s_q 4, split over many parts: the first query token sees 126 keys,
+    # so in the last fragment some rows see nothing and others one key or more.
+    import flashmla_cute
+
+    inputs = make_decode_inputs(1, MAX_S_Q, 64, seqlens=[129], device="cuda", seed=9)
+    _, num_splits = flashmla_cute.get_mla_metadata(inputs.cache_seqlens, MAX_S_Q * 64, 1)
+    assert int(num_splits[1] - num_splits[0]) > 1
+    run_and_check(inputs, 64, MAX_S_Q, causal=True)
+
+
 def test_one_long_sequence(requires_hopper):
     inputs = make_decode_inputs(1, 1, 128, seqlens=[65536], device="cuda")
     run_and_check(inputs, 128, 1, causal=False)

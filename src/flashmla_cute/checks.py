@@ -37,6 +37,10 @@ SOFTMAX_SCALE_RANGE = (2.0**-126, float(torch.finfo(torch.float32).max))
 """The scales the kernels and the references take (both scale in float32): float32's
 normal range, so that a scale is neither flushed to zero nor rounded to infinity."""
 
+MAX_TABLE_BLOCKS = (2**31 - 1) // PAGE_SIZE
+"""The widest ``block_table`` a call takes: the pages of the longest int32 length (the
+kernels count a row's tokens in 32 bits)."""
+
 MAX_S_Q = 4
 """The most query tokens per sequence (``q.shape[1]``) a call takes: the largest ``s_q``
 the GPU tests check against the reference."""
@@ -291,6 +295,9 @@ def check_decode_args(
     if block_table.shape[0] != b:
         raise ValueError(f"block_table.shape[0] must equal the batch size b = {b}, got {block_table.shape[0]}")
     _check_last_dim_contiguous("block_table", block_table)
+    if block_table.shape[1] > MAX_TABLE_BLOCKS:
+        raise ValueError(f"block_table.shape[1] must be at most {MAX_TABLE_BLOCKS} (the pages of the longest int32 "
+                         f"length), got {block_table.shape[1]}")
     _check_dtype("cache_seqlens", cache_seqlens, (torch.int32,))
     _check_rank("cache_seqlens", cache_seqlens, 1, "[b]")
     if cache_seqlens.shape[0] != b:

@@ -792,7 +792,7 @@ class MlaDecodeSm90:
             if total != 0.0:  # a NaN sum (a NaN key) gives NaN out and lse, as the reference does
                 inv = cute.arch.rcp_approx(total)
                 lse = t.row_max[i] * work.softmax_scale + cute.math.log(total, fastmath=False)
-            if seqlen > table_tokens:
+            if seqlen > table_tokens:  # NaN, not lse +inf below: the table holds no key of it
                 inv = Float32.nan
                 lse = Float32.nan
             s = row // heads_per_kv
@@ -809,7 +809,7 @@ class MlaDecodeSm90:
                                         row < rows_per_kv)
             if wg == 0 and t.lane_writes_row and row < rows_per_kv:
                 if whole:
-                    if total == 0.0:
+                    if (total == 0.0) & (seqlen <= table_tokens):
                         lse = Float32.inf  # no visible key: FlashMLA's convention
                     mLse[batch, head, s] = lse
                 else:
