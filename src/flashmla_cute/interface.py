@@ -214,6 +214,8 @@ def flash_mla_with_kvcache(
                                             num_splits, head_dim_v, causal)]
         if launch.gather_rows and q.data_ptr() % ALIGN_BYTES:
             raise ValueError  # the checks decide: the kernel sees q's rows, a copy where the KV heads are several
+        if block_table.shape[1] > checks.MAX_TABLE_BLOCKS:
+            raise ValueError  # the checks decide: the key leaves out the table's width, which grows with the lengths
         if softmax_scale is None:
             scale = launch.default_scale
         elif checks.is_valid_scale(softmax_scale):
