@@ -325,3 +325,29 @@ def test_a_nan_key_gives_nan_out_and_lse(requires_hopper, b, topk, h_q):
     if clean.any():  # b = 1: its one query token sees the token
         assert cosine_distance(out[clean], exp_out[clean]) < 1e-5
         assert cosine_distance(lse[~sees_it], exp_lse[~sees_it]) < 1e-5
+
+
+def test_a_batch_past_65535_sequences_with_a_query_token_in_many_shares(requires_hopper):
+    # The plan keeps all but the last sequence whole and cuts that one's topk in more
+    # than 8 shares, which the staged merge takes: its grid must hold every sequence
+    # (on x, the one dimension without a limit of 65535). Every sequence reads the same
+    # tokens with the same query, so each must equal one sequence's reference.
+    from flashmla_cute.fp8_cache import quantize_v32_kv_cache
+    from flashmla_cute.sparse_plan import plan_splits
+
+    h_q, topk = 16, 2048
+    device = requires_hopper
+    num_sms = runtime.num_sms(device.index)
+    b = next(b for b in range(65536, 70000) if plan_splits(b, 1, h_q, topk, num_sms).splits > 8)  # 65605 at 132 SMs
+    gen = torch.Generator().manual_seed(12)
+    cache = quantize_v32_kv_cache(torch.randn(4, 64, 1, 576, generator=gen).to(device))
+    q_one = torch.randn(1, 1, h_q, 576, generator=gen).to(device, torch.bfloat16)
+    q = q_one.expand(b, -1, -1, -1).contiguous()
+    indices = (torch.arange(topk, dtype=torch.int32, device=device) % 256).view(1, 1, topk).expand(b, 1, topk)
+    assert plan_splits(b, 1, h_q, topk, num_sms).whole_batches < b
+    out, lse = flash_mla_with_kvcache(q, cache, None, None, 512, get_mla_metadata()[0], softmax_scale=576**-0.5,
+                                      is_fp8_kvcache=True, indices=indices)
+    ref_out, ref_lse = sparse_mla_reference(q_one, cache, indices[:1], None, None, 576**-0.5)
+    for i in (0, b - 1):  # a whole sequence, and the one in shares
+        assert cosine_distance(out[i:i + 1], ref_out) < 1e-5
+        assert cosine_distance(lse[i:i + 1], ref_lse) < 1e-5

@@ -314,14 +314,15 @@ class MlaCombine:
         takes. Launched on ``stream`` as the programmatic dependent of the kernel before
         it (the arguments as ``launch``'s).
 
-        Grid ``(row blocks, h_kv, b)``: CTA ``(i, h, q)`` merges rows
+        Grid ``(b, h_kv, row blocks)``: CTA ``(q, h, i)`` merges rows
         ``STAGED_ROWS_PER_CTA i ..`` of KV head ``h`` of sequence ``q`` (nothing where
         that sequence is whole), thread group ``g`` row ``g`` of them, a thread one
-        8-byte piece; CTA (0, 0, 0) always waits for the kernel before it."""
+        8-byte piece; CTA (0, 0, 0) always waits for the kernel before it. The batch is
+        on x, the one dimension without a limit of 65535 (sparse batches are not capped)."""
         rows = mOAccum.shape[2]
         row_blocks = (rows + STAGED_ROWS_PER_CTA - 1) // STAGED_ROWS_PER_CTA
         self.staged_kernel(mOAccum, mLseAccum, mNumSplits, mO, mLse, mSink, has_sink, heads_per_kv).launch(
-            grid=[row_blocks, mOAccum.shape[1], mO.shape[0]], block=[COMBINE_THREADS, 1, 1], stream=stream,
+            grid=[mO.shape[0], mOAccum.shape[1], row_blocks], block=[COMBINE_THREADS, 1, 1], stream=stream,
             use_pdl=True, min_blocks_per_mp=1,
         )
 
@@ -329,7 +330,7 @@ class MlaCombine:
     def staged_kernel(self, mOAccum: cute.Tensor, mLseAccum: cute.Tensor, mNumSplits: cute.Tensor, mO: cute.Tensor,
                       mLse: cute.Tensor, mSink: cute.Tensor, has_sink: Int32, heads_per_kv: Int32):
         tidx, _, _ = cute.arch.thread_idx()
-        row_block, kv_head, batch = cute.arch.block_idx()
+        batch, kv_head, row_block = cute.arch.block_idx()
         dv = self.head_dim_v
         row_bytes = dv * self.dtype.width // 8
 
