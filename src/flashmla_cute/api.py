@@ -125,12 +125,10 @@ def flash_mla_with_kvcache(
         softmax_scale = q.shape[-1] ** -0.5  # else the checks name what is wrong with q
     # Sparse calls have no custom op: under torch.compile they run eagerly, a graph break
     # (with fullgraph=True, torch's error names the disabled function).
-    sparse = _sparse_untraced if torch.compiler.is_compiling() else _sparse
+    sparse = _untraced_sparse() if torch.compiler.is_compiling() else _sparse
     result = sparse(q, k_cache, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink,
                     extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length)
-    if any(x is not None and x.requires_grad for x in (q, k_cache, attn_sink, extra_k_cache)):
-        return without_backward("flash_mla_with_kvcache", result, q, k_cache, attn_sink, extra_k_cache)
-    return result
+    return without_backward("flash_mla_with_kvcache", result, q, k_cache, attn_sink, extra_k_cache)
 
 
 def _sparse(q, k_cache, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache, indices, attn_sink, extra_k_cache,
@@ -183,7 +181,16 @@ def _sparse(q, k_cache, head_dim_v, plan, softmax_scale, causal, is_fp8_kvcache,
     return result
 
 
-_sparse_untraced = torch.compiler.disable(_sparse)
+_sparse_untraced = None
+
+
+def _untraced_sparse():
+    # Made when first traced, not at import: torch.compiler.disable imports torch._dynamo,
+    # which would double the package's import time for every eager user.
+    global _sparse_untraced
+    if _sparse_untraced is None:
+        _sparse_untraced = torch.compiler.disable(_sparse)
+    return _sparse_untraced
 
 
 _known_sparse: dict[tuple, tuple] = {}
